@@ -1,0 +1,80 @@
+//! `clx-pool stop`: signals the supervisor that holds the database's lock
+//! and waits until the lock is released (the supervisor has exited). With no
+//! supervisor running, it stops the orphaned workers a crashed one left.
+
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+
+use super::target;
+use crate::cli::DbArgs;
+use crate::db::{self, Db};
+use crate::lock::{self, SupervisorLock};
+use crate::procs;
+use crate::supervisor::cleanup;
+
+pub async fn run(args: &DbArgs, timeout: Duration) -> anyhow::Result<i32> {
+    let t = target(args)?;
+    let db_path = t.db_path;
+    let started = Instant::now();
+    let deadline = started + timeout;
+    if let Some(pid) = lock::running_supervisor(&db_path) {
+        let mut pid = pid;
+        // The lock file is written right after the lock is taken.
+        while pid <= 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            pid = lock::running_supervisor(&db_path).unwrap_or(-1);
+        }
+        if pid > 0 {
+            procs::signal_process(pid, Signal::SIGTERM)?;
+            eprintln!(
+                "stopping the supervisor (pid {pid}) of {} ...",
+                db_path.display()
+            );
+            while lock::running_supervisor(&db_path).is_some() {
+                if Instant::now() >= deadline {
+                    anyhow::bail!(
+                        "the supervisor (pid {pid}) is still running after {}; it may still be stopping workers (see its log), or use a longer --timeout",
+                        humantime::format_duration(timeout)
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            println!(
+                "stopped the supervisor of {} in {:.2}s",
+                db_path.display(),
+                started.elapsed().as_secs_f64()
+            );
+            return Ok(0);
+        }
+    }
+    if !db_path.exists() {
+        println!(
+            "no supervisor is running for {} (there is no database there)",
+            db_path.display()
+        );
+        return Ok(0);
+    }
+    // Hold the lock while cleaning so no `start` runs meanwhile.
+    let _lock = SupervisorLock::acquire(&db_path)?;
+    let grace = t
+        .config
+        .as_ref()
+        .map(|c| c.pool.stop_timeout)
+        .unwrap_or(Duration::from_secs(10));
+    let path = db_path.clone();
+    let conn = tokio::task::spawn_blocking(move || db::open(&path)).await??;
+    let report = cleanup::orphans(&Db::new(conn, &db_path), grace).await?;
+    if report.is_empty() {
+        println!(
+            "no supervisor is running for {}; nothing to stop",
+            db_path.display()
+        );
+    } else {
+        println!(
+            "no supervisor is running for {}; {report}",
+            db_path.display()
+        );
+    }
+    Ok(0)
+}

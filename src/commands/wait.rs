@@ -1,0 +1,115 @@
+//! `clx-pool wait --ready | --drained`: polls the database until the
+//! condition holds or the timeout passes (exit 1, saying what is missing).
+
+use std::time::{Duration, Instant};
+
+use super::target;
+use crate::cli::DbArgs;
+use crate::db;
+use crate::lock;
+
+const POLL: Duration = Duration::from_millis(20);
+
+pub async fn run(args: &DbArgs, ready: bool, timeout: Duration) -> anyhow::Result<i32> {
+    let t = target(args)?;
+    let deadline = Instant::now() + timeout;
+    let mut last_state = String::from("the database does not exist yet");
+    loop {
+        if t.db_path.exists() {
+            let conn = db::open_existing(&t.db_path)?;
+            if ready {
+                match ready_state(&conn, &t.db_path)? {
+                    Ready::Yes(n) => {
+                        println!("all {n} workers registered");
+                        return Ok(0);
+                    }
+                    Ready::Failed(slots) => {
+                        eprintln!(
+                            "error: the pool cannot become ready: slot(s) {} were given up (see `clx-pool stats --events`)",
+                            slots.join(", ")
+                        );
+                        return Ok(1);
+                    }
+                    Ready::No(why) => last_state = why,
+                }
+            } else {
+                let c = db::jobs::counts(&conn, None)?;
+                if c.pending == 0 && c.processing == 0 {
+                    if c.failed > 0 {
+                        let failed = db::jobs::list(&conn, Some("failed"), 1000)?;
+                        eprintln!(
+                            "error: the queue is drained, but {} job(s) failed:",
+                            c.failed
+                        );
+                        for j in failed {
+                            eprintln!(
+                                "  job {} ({}, {} -> {}): {}",
+                                j.id,
+                                j.job_type,
+                                j.input_file,
+                                j.output_file,
+                                j.error.unwrap_or_default()
+                            );
+                        }
+                        return Ok(1);
+                    }
+                    println!("drained: {} job(s) completed", c.completed);
+                    return Ok(0);
+                }
+                last_state = format!("{} pending, {} processing", c.pending, c.processing);
+            }
+        }
+        if Instant::now() >= deadline {
+            eprintln!(
+                "error: timed out after {}: {last_state}",
+                humantime::format_duration(timeout)
+            );
+            return Ok(1);
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+enum Ready {
+    Yes(usize),
+    No(String),
+    Failed(Vec<String>),
+}
+
+fn ready_state(conn: &rusqlite::Connection, db_path: &std::path::Path) -> anyhow::Result<Ready> {
+    if lock::running_supervisor(db_path).is_none() {
+        return Ok(Ready::No("no supervisor is running".into()));
+    }
+    let has_tables: bool = conn.query_row(
+        "SELECT EXISTS(SELECT 1 FROM sqlite_master WHERE name = 'clx_pool_supervisor')",
+        [],
+        |r| r.get(0),
+    )?;
+    if !has_tables {
+        return Ok(Ready::No("the supervisor is starting".into()));
+    }
+    let Some(sup) = db::pool::supervisor(conn)? else {
+        return Ok(Ready::No("the supervisor is starting".into()));
+    };
+    if sup.state == "stopping" || sup.state == "stopped" {
+        return Ok(Ready::No(format!("the supervisor is {}", sup.state)));
+    }
+    let slots = db::pool::slots(conn)?;
+    let failed: Vec<String> = slots
+        .iter()
+        .filter(|s| s.state == "failed")
+        .map(|s| format!("{}-{}", s.worker_type, s.slot))
+        .collect();
+    if !failed.is_empty() {
+        return Ok(Ready::Failed(failed));
+    }
+    let running = slots.iter().filter(|s| s.state == "running").count();
+    if running as i64 == sup.expected_workers && sup.state == "running" {
+        Ok(Ready::Yes(running))
+    } else {
+        Ok(Ready::No(format!(
+            "{running} of {} workers registered",
+            sup.expected_workers
+        )))
+    }
+}

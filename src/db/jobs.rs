@@ -1,0 +1,319 @@
+//! The CLX job queue: submitting, claiming, finishing and recovering jobs.
+//! Every state change is one guarded statement or transaction, so two
+//! workers never get the same job and a late write from a worker that was
+//! declared dead never overwrites the outcome of a later attempt.
+
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::Serialize;
+
+/// A job as a worker sees it after claiming it.
+#[derive(Debug, Clone)]
+pub struct ClaimedJob {
+    pub id: i64,
+    pub input_file: String,
+    pub output_file: String,
+    pub content_hash: String,
+    pub payload: String,
+    /// The attempt number this claim is (1 for the first).
+    pub attempt: i64,
+}
+
+pub struct NewJob<'a> {
+    pub job_type: &'a str,
+    pub input_file: &'a str,
+    pub output_file: &'a str,
+    pub content_hash: &'a str,
+    pub payload: &'a str,
+    pub priority: i64,
+    pub max_attempts: i64,
+}
+
+pub fn submit(conn: &Connection, job: &NewJob) -> rusqlite::Result<i64> {
+    conn.execute(
+        "INSERT INTO jobs (job_type, status, priority, input_file, output_file, content_hash, payload, max_attempts)
+         VALUES (?1, 'pending', ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![job.job_type, job.priority, job.input_file, job.output_file, job.content_hash, job.payload, job.max_attempts],
+    )?;
+    Ok(conn.last_insert_rowid())
+}
+
+/// Claims the oldest highest-priority pending job of `job_type` for the
+/// worker row `worker_row`, marking the worker busy in the same transaction.
+/// The pending-job lookup is a plain read, so idle polling takes no write lock.
+pub fn claim(
+    conn: &mut Connection,
+    job_type: &str,
+    worker_row: i64,
+) -> rusqlite::Result<Option<ClaimedJob>> {
+    loop {
+        let candidate: Option<i64> = conn
+            .query_row(
+                "SELECT id FROM jobs
+                 WHERE status = 'pending' AND job_type = ?1
+                   AND COALESCE(attempts, 0) < COALESCE(max_attempts, 3)
+                 ORDER BY priority DESC, created_at, id LIMIT 1",
+                [job_type],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let Some(id) = candidate else { return Ok(None) };
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let job = tx
+            .query_row(
+                "UPDATE jobs SET status = 'processing', started_at = CURRENT_TIMESTAMP,
+                        worker_id = ?2, attempts = COALESCE(attempts, 0) + 1, completed_at = NULL
+                 WHERE id = ?1 AND status = 'pending'
+                 RETURNING id, input_file, output_file, content_hash, payload, attempts",
+                params![id, worker_row],
+                |r| {
+                    Ok(ClaimedJob {
+                        id: r.get(0)?,
+                        input_file: r.get(1)?,
+                        output_file: r.get(2)?,
+                        content_hash: r.get(3)?,
+                        payload: r.get(4)?,
+                        attempt: r.get(5)?,
+                    })
+                },
+            )
+            .optional()?;
+        if let Some(job) = job {
+            tx.execute(
+                "UPDATE workers SET status = 'busy', last_heartbeat = CURRENT_TIMESTAMP WHERE id = ?1",
+                [worker_row],
+            )?;
+            tx.commit()?;
+            return Ok(Some(job));
+        }
+        // Another worker took it between our read and our write: look again.
+        tx.commit()?;
+    }
+}
+
+/// Outcome of one job run, as the worker saw it.
+pub enum Outcome<'a> {
+    Completed,
+    Failed(&'a str),
+}
+
+/// Records a job's outcome and sets the worker idle with fresh statistics.
+/// Returns false when the job was no longer this worker's (it was declared
+/// dead or hung meanwhile and the job was given to another attempt).
+pub fn finish(
+    conn: &mut Connection,
+    job: &ClaimedJob,
+    worker_row: i64,
+    outcome: Outcome,
+    seconds: f64,
+) -> rusqlite::Result<bool> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let (status, error) = match outcome {
+        Outcome::Completed => ("completed", None),
+        Outcome::Failed(e) => ("failed", Some(e)),
+    };
+    let changed = tx.execute(
+        "UPDATE jobs SET status = ?1, completed_at = CURRENT_TIMESTAMP, error = ?2
+         WHERE id = ?3 AND worker_id = ?4 AND status = 'processing' AND attempts = ?5",
+        params![status, error, job.id, worker_row, job.attempt],
+    )?;
+    if changed == 1 && status == "completed" {
+        tx.execute(
+            "INSERT INTO results_cache (output_file, content_hash, result_metadata)
+             VALUES (?1, ?2, ?3)
+             ON CONFLICT(output_file, content_hash) DO UPDATE SET
+                 last_accessed = CURRENT_TIMESTAMP, result_metadata = excluded.result_metadata",
+            params![
+                job.output_file,
+                job.content_hash,
+                format!("{{\"job_id\": {}}}", job.id)
+            ],
+        )?;
+    }
+    let (done, failed) = if status == "completed" {
+        (1, 0)
+    } else {
+        (0, 1)
+    };
+    tx.execute(
+        "UPDATE workers SET
+            status = CASE WHEN status = 'busy' THEN 'idle' ELSE status END,
+            last_heartbeat = CURRENT_TIMESTAMP,
+            avg_processing_time = (COALESCE(avg_processing_time, 0) * (COALESCE(jobs_processed, 0) + COALESCE(jobs_failed, 0)) + ?2)
+                                  / (COALESCE(jobs_processed, 0) + COALESCE(jobs_failed, 0) + 1),
+            jobs_processed = COALESCE(jobs_processed, 0) + ?3,
+            jobs_failed = COALESCE(jobs_failed, 0) + ?4
+         WHERE id = ?1",
+        params![worker_row, seconds, done, failed],
+    )?;
+    tx.commit()?;
+    Ok(changed == 1)
+}
+
+/// Gives a job back to the queue without counting the attempt (the worker
+/// is shutting down; the job did nothing wrong).
+pub fn give_back(conn: &Connection, job: &ClaimedJob, worker_row: i64) -> rusqlite::Result<bool> {
+    let n = conn.execute(
+        "UPDATE jobs SET status = 'pending', started_at = NULL, worker_id = NULL, attempts = attempts - 1
+         WHERE id = ?1 AND worker_id = ?2 AND status = 'processing' AND attempts = ?3",
+        params![job.id, worker_row, job.attempt],
+    )?;
+    Ok(n == 1)
+}
+
+/// Puts back every job the worker row held in `processing`: to `pending`, or
+/// to `failed` once its attempts are used up. Returns the ids put back and
+/// the ids failed. Call inside the transaction that marks the worker dead.
+pub fn recover(
+    conn: &Connection,
+    worker_row: i64,
+    worker_id: &str,
+    cause: &str,
+) -> rusqlite::Result<(Vec<i64>, Vec<i64>)> {
+    let failed: Vec<i64> = conn
+        .prepare(
+            "UPDATE jobs SET status = 'failed', completed_at = CURRENT_TIMESTAMP,
+                error = 'gave up after ' || attempts || ' attempts: worker ' || ?2 || ' ' || ?3 || ' while processing this job'
+             WHERE status = 'processing' AND worker_id = ?1 AND attempts >= COALESCE(max_attempts, 3)
+             RETURNING id",
+        )?
+        .query_map(params![worker_row, worker_id, cause], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    let requeued: Vec<i64> = conn
+        .prepare(
+            "UPDATE jobs SET status = 'pending', started_at = NULL, worker_id = NULL,
+                error = 'attempt ' || attempts || ': worker ' || ?2 || ' ' || ?3
+             WHERE status = 'processing' AND worker_id = ?1
+             RETURNING id",
+        )?
+        .query_map(params![worker_row, worker_id, cause], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    Ok((requeued, failed))
+}
+
+/// Job counts per status (all four statuses always present).
+#[derive(Debug, Default, Clone, Serialize, PartialEq, Eq)]
+pub struct JobCounts {
+    pub pending: i64,
+    pub processing: i64,
+    pub completed: i64,
+    pub failed: i64,
+}
+
+pub fn counts(conn: &Connection, job_type: Option<&str>) -> rusqlite::Result<JobCounts> {
+    let mut c = JobCounts::default();
+    let mut stmt = conn.prepare(
+        "SELECT status, COUNT(*) FROM jobs WHERE ?1 IS NULL OR job_type = ?1 GROUP BY status",
+    )?;
+    let rows = stmt.query_map([job_type], |r| {
+        Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+    })?;
+    for row in rows {
+        let (status, n) = row?;
+        match status.as_str() {
+            "pending" => c.pending = n,
+            "processing" => c.processing = n,
+            "completed" => c.completed = n,
+            "failed" => c.failed = n,
+            _ => {}
+        }
+    }
+    Ok(c)
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct JobRow {
+    pub id: i64,
+    pub job_type: String,
+    pub status: String,
+    pub input_file: String,
+    pub output_file: String,
+    pub attempts: i64,
+    pub error: Option<String>,
+}
+
+/// Jobs in `status`, oldest first, for listings.
+pub fn list(conn: &Connection, status: Option<&str>, limit: i64) -> rusqlite::Result<Vec<JobRow>> {
+    conn.prepare(
+        "SELECT id, job_type, status, input_file, output_file, COALESCE(attempts, 0), error FROM jobs
+         WHERE ?1 IS NULL OR status = ?1 ORDER BY id LIMIT ?2",
+    )?
+    .query_map(params![status, limit], |r| {
+        Ok(JobRow {
+            id: r.get(0)?,
+            job_type: r.get(1)?,
+            status: r.get(2)?,
+            input_file: r.get(3)?,
+            output_file: r.get(4)?,
+            attempts: r.get(5)?,
+            error: r.get(6)?,
+        })
+    })?
+    .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::db::{schema, workers};
+
+    fn queue() -> Connection {
+        let conn = Connection::open_in_memory().unwrap();
+        schema::migrate(&conn).unwrap();
+        conn
+    }
+
+    fn job<'a>(job_type: &'a str, input: &'a str, priority: i64) -> NewJob<'a> {
+        NewJob {
+            job_type,
+            input_file: input,
+            output_file: "out",
+            content_hash: "h",
+            payload: "{}",
+            priority,
+            max_attempts: 2,
+        }
+    }
+
+    #[test]
+    fn claims_by_priority_then_age_and_only_own_type() {
+        let mut conn = queue();
+        let w = workers::register(&conn, "t", "w1").unwrap();
+        submit(&conn, &job("t", "a", 0)).unwrap();
+        submit(&conn, &job("t", "b", 5)).unwrap();
+        submit(&conn, &job("other", "c", 9)).unwrap();
+        assert_eq!(claim(&mut conn, "t", w).unwrap().unwrap().input_file, "b");
+        assert_eq!(claim(&mut conn, "t", w).unwrap().unwrap().input_file, "a");
+        assert!(claim(&mut conn, "t", w).unwrap().is_none());
+    }
+
+    #[test]
+    fn recovery_requeues_then_fails_and_blocks_late_writes() {
+        let mut conn = queue();
+        let w1 = workers::register(&conn, "t", "w1").unwrap();
+        let w2 = workers::register(&conn, "t", "w2").unwrap();
+        let id = submit(&conn, &job("t", "a", 0)).unwrap();
+        let first = claim(&mut conn, "t", w1).unwrap().unwrap();
+        assert_eq!(
+            recover(&conn, w1, "w1", "was killed").unwrap(),
+            (vec![id], vec![])
+        );
+        let second = claim(&mut conn, "t", w2).unwrap().unwrap();
+        assert_eq!(second.attempt, 2);
+        // The first worker's late write must not count.
+        assert!(!finish(&mut conn, &first, w1, Outcome::Completed, 0.1).unwrap());
+        assert_eq!(
+            recover(&conn, w2, "w2", "was killed").unwrap(),
+            (vec![], vec![id])
+        );
+        let (status, error): (String, String) = conn
+            .query_row("SELECT status, error FROM jobs WHERE id = ?1", [id], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .unwrap();
+        assert_eq!(status, "failed");
+        assert!(
+            error.contains("gave up after 2 attempts: worker w2 was killed"),
+            "{error}"
+        );
+    }
+}

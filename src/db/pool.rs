@@ -1,0 +1,271 @@
+//! clx-pool's own records: the supervisor that owns the database, the slot
+//! behind each worker (the process running it, its restarts) and the
+//! restart history. CLX workers never read these tables.
+
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::Serialize;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SupervisorRecord {
+    pub pid: i64,
+    pub proc_start: Option<i64>,
+    pub hostname: Option<String>,
+    pub config_path: Option<String>,
+    pub workspace_path: Option<String>,
+    pub state: String,
+    pub expected_workers: i64,
+    pub started_at: String,
+    pub ready_at: Option<String>,
+    pub stopped_at: Option<String>,
+}
+
+pub struct NewSupervisor<'a> {
+    pub pid: i64,
+    pub proc_start: Option<i64>,
+    pub hostname: &'a str,
+    pub config_path: &'a str,
+    pub workspace_path: &'a str,
+    pub expected_workers: i64,
+}
+
+/// Records a new supervisor run and forgets the slots of the previous one.
+pub fn begin_run(conn: &mut Connection, s: &NewSupervisor) -> rusqlite::Result<()> {
+    let tx = conn.transaction()?;
+    tx.execute(
+        "INSERT OR REPLACE INTO clx_pool_supervisor
+            (id, pid, proc_start, hostname, config_path, workspace_path, state, expected_workers, started_at, ready_at, stopped_at)
+         VALUES (1, ?1, ?2, ?3, ?4, ?5, 'starting', ?6, CURRENT_TIMESTAMP, NULL, NULL)",
+        params![s.pid, s.proc_start, s.hostname, s.config_path, s.workspace_path, s.expected_workers],
+    )?;
+    tx.execute("DELETE FROM clx_pool_slots", [])?;
+    tx.commit()
+}
+
+pub fn set_state(conn: &Connection, state: &str) -> rusqlite::Result<()> {
+    let extra = match state {
+        "running" => ", ready_at = COALESCE(ready_at, CURRENT_TIMESTAMP)",
+        "stopped" => ", stopped_at = CURRENT_TIMESTAMP",
+        _ => "",
+    };
+    conn.execute(
+        &format!("UPDATE clx_pool_supervisor SET state = ?1{extra} WHERE id = 1"),
+        [state],
+    )?;
+    Ok(())
+}
+
+pub fn supervisor(conn: &Connection) -> rusqlite::Result<Option<SupervisorRecord>> {
+    conn.query_row(
+        "SELECT pid, proc_start, hostname, config_path, workspace_path, state, expected_workers,
+                started_at, ready_at, stopped_at FROM clx_pool_supervisor WHERE id = 1",
+        [],
+        |r| {
+            Ok(SupervisorRecord {
+                pid: r.get(0)?,
+                proc_start: r.get(1)?,
+                hostname: r.get(2)?,
+                config_path: r.get(3)?,
+                workspace_path: r.get(4)?,
+                state: r.get(5)?,
+                expected_workers: r.get(6)?,
+                started_at: r.get(7)?,
+                ready_at: r.get(8)?,
+                stopped_at: r.get(9)?,
+            })
+        },
+    )
+    .optional()
+}
+
+/// Slot states: `starting` (process launched, not registered yet),
+/// `running` (registered), `backoff` (waiting to restart), `failed` (given
+/// up), `stopped`.
+pub fn upsert_slot(
+    conn: &Connection,
+    worker_type: &str,
+    slot: u32,
+    mode: &str,
+    state: &str,
+) -> rusqlite::Result<()> {
+    conn.execute(
+        "INSERT INTO clx_pool_slots (worker_type, slot, execution_mode, state) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT(worker_type, slot) DO UPDATE SET
+             execution_mode = excluded.execution_mode, state = excluded.state, updated_at = CURRENT_TIMESTAMP",
+        params![worker_type, slot, mode, state],
+    )?;
+    Ok(())
+}
+
+/// Records the process now running in a slot (before it registers), so that
+/// a later `start` or `stop` can find it even if this supervisor crashes.
+pub fn slot_launched(
+    conn: &Connection,
+    worker_type: &str,
+    slot: u32,
+    worker_id: &str,
+    pid: Option<i64>,
+    proc_start: Option<i64>,
+) -> rusqlite::Result<()> {
+    conn.execute(
+        "UPDATE clx_pool_slots SET state = 'starting', worker_id = ?3, worker_row = NULL, pid = ?4, proc_start = ?5,
+             updated_at = CURRENT_TIMESTAMP
+         WHERE worker_type = ?1 AND slot = ?2",
+        params![worker_type, slot, worker_id, pid, proc_start],
+    )?;
+    Ok(())
+}
+
+pub fn slot_registered(
+    conn: &Connection,
+    worker_type: &str,
+    slot: u32,
+    worker_row: i64,
+) -> rusqlite::Result<()> {
+    conn.execute(
+        "UPDATE clx_pool_slots SET state = 'running', worker_row = ?3, updated_at = CURRENT_TIMESTAMP
+         WHERE worker_type = ?1 AND slot = ?2",
+        params![worker_type, slot, worker_row],
+    )?;
+    Ok(())
+}
+
+pub fn set_slot_state(
+    conn: &Connection,
+    worker_type: &str,
+    slot: u32,
+    state: &str,
+) -> rusqlite::Result<()> {
+    conn.execute(
+        "UPDATE clx_pool_slots SET state = ?3, updated_at = CURRENT_TIMESTAMP WHERE worker_type = ?1 AND slot = ?2",
+        params![worker_type, slot, state],
+    )?;
+    Ok(())
+}
+
+/// A worker that ended, as the supervisor saw it.
+pub struct WorkerEnd<'a> {
+    pub worker_type: &'a str,
+    pub slot: u32,
+    pub worker_id: &'a str,
+    pub worker_row: Option<i64>,
+    /// `died`, `hung`, `no-register`, `stopped`, `spawn-failed`.
+    pub event: &'a str,
+    pub cause: &'a str,
+    pub log_tail: &'a str,
+    /// Counts as a restart of the slot (false for a clean stop).
+    pub restart: bool,
+}
+
+/// In one transaction: marks the worker dead, puts its jobs back (or fails
+/// them), clears the slot's process and records the event. Returns
+/// (jobs requeued, jobs failed).
+pub fn record_end(
+    conn: &mut Connection,
+    end: &WorkerEnd,
+) -> rusqlite::Result<(Vec<i64>, Vec<i64>)> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let mut held = None;
+    let (mut requeued, mut failed) = (Vec::new(), Vec::new());
+    if let Some(row) = end.worker_row {
+        held = tx
+            .query_row(
+                "SELECT id FROM jobs WHERE worker_id = ?1 AND status = 'processing' ORDER BY id LIMIT 1",
+                [row],
+                |r| r.get::<_, i64>(0),
+            )
+            .optional()?;
+        tx.execute("UPDATE workers SET status = 'dead' WHERE id = ?1", [row])?;
+        (requeued, failed) = super::jobs::recover(&tx, row, end.worker_id, end.cause)?;
+    }
+    tx.execute(
+        "UPDATE clx_pool_slots SET pid = NULL, proc_start = NULL, worker_row = NULL,
+             restarts = restarts + ?3, last_cause = CASE WHEN ?3 = 1 THEN ?4 ELSE last_cause END,
+             updated_at = CURRENT_TIMESTAMP
+         WHERE worker_type = ?1 AND slot = ?2",
+        params![end.worker_type, end.slot, end.restart as i64, end.cause],
+    )?;
+    tx.execute(
+        "INSERT INTO clx_pool_events (worker_type, slot, worker_id, event, cause, job_id, log_tail)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![
+            end.worker_type,
+            end.slot,
+            end.worker_id,
+            end.event,
+            end.cause,
+            held,
+            end.log_tail
+        ],
+    )?;
+    tx.commit()?;
+    Ok((requeued, failed))
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SlotRow {
+    pub worker_type: String,
+    pub slot: u32,
+    pub execution_mode: String,
+    pub state: String,
+    pub worker_id: Option<String>,
+    pub pid: Option<i64>,
+    pub proc_start: Option<i64>,
+    pub restarts: i64,
+    pub last_cause: Option<String>,
+}
+
+pub fn slots(conn: &Connection) -> rusqlite::Result<Vec<SlotRow>> {
+    conn.prepare(
+        "SELECT worker_type, slot, execution_mode, state, worker_id, pid, proc_start, restarts, last_cause
+         FROM clx_pool_slots ORDER BY worker_type, slot",
+    )?
+    .query_map([], |r| {
+        Ok(SlotRow {
+            worker_type: r.get(0)?,
+            slot: r.get(1)?,
+            execution_mode: r.get(2)?,
+            state: r.get(3)?,
+            worker_id: r.get(4)?,
+            pid: r.get(5)?,
+            proc_start: r.get(6)?,
+            restarts: r.get(7)?,
+            last_cause: r.get(8)?,
+        })
+    })?
+    .collect()
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EventRow {
+    pub at: String,
+    pub worker_type: String,
+    pub slot: u32,
+    pub worker_id: Option<String>,
+    pub event: String,
+    pub cause: Option<String>,
+    pub job_id: Option<i64>,
+    pub log_tail: Option<String>,
+}
+
+pub fn recent_events(conn: &Connection, limit: i64) -> rusqlite::Result<Vec<EventRow>> {
+    let mut rows: Vec<EventRow> = conn
+        .prepare(
+            "SELECT at, worker_type, slot, worker_id, event, cause, job_id, log_tail
+             FROM clx_pool_events ORDER BY id DESC LIMIT ?1",
+        )?
+        .query_map([limit], |r| {
+            Ok(EventRow {
+                at: r.get(0)?,
+                worker_type: r.get(1)?,
+                slot: r.get(2)?,
+                worker_id: r.get(3)?,
+                event: r.get(4)?,
+                cause: r.get(5)?,
+                job_id: r.get(6)?,
+                log_tail: r.get(7)?,
+            })
+        })?
+        .collect::<Result<_, _>>()?;
+    rows.reverse();
+    Ok(rows)
+}

@@ -1,0 +1,153 @@
+//! Direct mode: a worker is a child process leading its own process group,
+//! with stdout and stderr drained into its log, killed by the kernel if the
+//! supervisor dies (parent-death signal), stopped with SIGTERM to the group,
+//! SIGKILL after the grace time, then checked until the group is empty.
+
+use std::os::fd::OwnedFd;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::Context;
+use nix::fcntl::OFlag;
+use nix::sys::signal::Signal;
+use process_wrap::tokio::{KillOnDrop, ProcessGroup, TokioChildWrapper, TokioCommandWrap};
+use tokio::net::unix::pipe;
+
+use super::{ExitCause, Launch, Running};
+use crate::logs::{self, RotatingLog, Tail};
+use crate::procs;
+
+pub struct DirectWorker {
+    child: Box<dyn TokioChildWrapper>,
+    pgid: i32,
+    exit: Option<ExitCause>,
+}
+
+pub fn launch(spec: &Launch) -> anyhow::Result<Running> {
+    let mut log = RotatingLog::open(&spec.log_path, spec.log_max_size, spec.log_keep)
+        .with_context(|| format!("opening the worker log {}", spec.log_path.display()))?;
+    let (read_end, write_end) =
+        nix::unistd::pipe2(OFlag::O_CLOEXEC).context("creating the worker's output pipe")?;
+    let write_end_2: OwnedFd = write_end
+        .try_clone()
+        .context("duplicating the output pipe")?;
+    let parent = std::process::id() as i32;
+    let memory_limit = spec.memory_limit;
+
+    let mut cmd = TokioCommandWrap::with_new(&spec.argv[0], |c| {
+        c.args(&spec.argv[1..])
+            .envs(spec.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .current_dir(&spec.cwd)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(write_end))
+            .stderr(Stdio::from(write_end_2));
+        // SAFETY: the closure runs in the forked child before exec and calls
+        // only async-signal-safe syscalls (prctl, getppid, setrlimit); it
+        // allocates nothing and takes no locks.
+        unsafe {
+            c.pre_exec(move || {
+                // The worker dies with the supervisor, however the supervisor dies.
+                nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
+                // The supervisor may have died before prctl took effect.
+                if nix::unistd::getppid().as_raw() != parent {
+                    return Err(std::io::Error::from_raw_os_error(nix::libc::ESRCH));
+                }
+                if let Some(bytes) = memory_limit {
+                    nix::sys::resource::setrlimit(
+                        nix::sys::resource::Resource::RLIMIT_DATA,
+                        bytes,
+                        bytes,
+                    )?;
+                }
+                Ok(())
+            });
+        }
+    });
+    cmd.wrap(ProcessGroup::leader()).wrap(KillOnDrop);
+    logs::mark(
+        &mut log,
+        &format!(
+            "starting worker {} ({})",
+            spec.worker_id,
+            spec.argv.join(" ")
+        ),
+    );
+    let spawned = cmd.spawn();
+    // Close our copies of the pipe's write end, or the drain never sees EOF.
+    drop(cmd);
+    let child = match spawned {
+        Ok(child) => child,
+        Err(e) => {
+            logs::mark(&mut log, &format!("could not start {}: {e}", spec.argv[0]));
+            return Err(anyhow::Error::new(e).context(format!("starting `{}`", spec.argv[0])));
+        }
+    };
+    let pid = child
+        .id()
+        .map(|p| p as i32)
+        .context("worker exited before its pid was read")?;
+    let tail = Tail::default();
+    let reader =
+        pipe::Receiver::from_owned_fd(read_end).context("reading the worker's output pipe")?;
+    tokio::spawn(logs::drain(reader, log, tail.clone()));
+    Ok(Running {
+        worker_id: spec.worker_id.clone(),
+        pid: Some(pid),
+        proc_start: procs::start_ticks(pid),
+        tail,
+        inner: DirectWorker {
+            child,
+            pgid: pid,
+            exit: None,
+        },
+    })
+}
+
+impl DirectWorker {
+    /// Waits for the group leader (the worker itself) to exit, then kills
+    /// whatever it left in its group.
+    pub async fn wait(&mut self) -> ExitCause {
+        if let Some(exit) = &self.exit {
+            return exit.clone();
+        }
+        let cause = match self.child.inner_mut().wait().await {
+            Ok(status) => exit_cause(status),
+            Err(e) => ExitCause::Unknown(e.to_string()),
+        };
+        self.exit = Some(cause.clone());
+        // Job commands the worker started die with it.
+        let _ = procs::signal_group(self.pgid, Signal::SIGKILL);
+        cause
+    }
+
+    pub async fn stop(&mut self, grace: Duration) -> ExitCause {
+        if self.exit.is_none() {
+            let _ = procs::signal_group(self.pgid, Signal::SIGTERM);
+            if tokio::time::timeout(grace, self.wait()).await.is_err() {
+                tracing::warn!(
+                    pgid = self.pgid,
+                    "worker ignored SIGTERM for {}; killing it",
+                    humantime::format_duration(grace)
+                );
+                let _ = procs::signal_group(self.pgid, Signal::SIGKILL);
+            }
+        }
+        let cause = self.wait().await;
+        if !procs::ensure_group_gone(self.pgid, Duration::from_secs(5)).await {
+            tracing::error!(
+                pgid = self.pgid,
+                "processes of the worker's group survived SIGKILL"
+            );
+        }
+        cause
+    }
+}
+
+fn exit_cause(status: std::process::ExitStatus) -> ExitCause {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(c), _) => ExitCause::Code(c),
+        (None, Some(s)) => ExitCause::Signal(s),
+        _ => ExitCause::Unknown(format!("{status}")),
+    }
+}

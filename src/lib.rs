@@ -1,0 +1,104 @@
+//! clx-pool: a pool supervisor for CLX workers. `run` dispatches a parsed
+//! command line and turns errors into one clear message and an exit code
+//! (0 ok, 1 runtime failure, 2 usage or config error).
+
+pub mod cli;
+pub mod commands;
+pub mod config;
+pub mod db;
+pub mod executor;
+pub mod lock;
+pub mod logs;
+pub mod procs;
+pub mod supervisor;
+pub mod worker;
+
+use cli::{Cli, Command};
+use tracing_subscriber::EnvFilter;
+
+/// An error in what the user asked for (exit code 2), as opposed to a
+/// failure while doing it (exit code 1).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+/// Runs one command and returns the process exit code.
+pub fn run(cli: Cli) -> i32 {
+    let multi_thread = matches!(cli.command, Command::Start { .. });
+    let mut builder = if multi_thread {
+        tokio::runtime::Builder::new_multi_thread()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    };
+    let runtime = match builder.enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return 1;
+        }
+    };
+    let result = runtime.block_on(dispatch(cli));
+    // Don't wait for leftover blocking tasks (a stats --watch sleeping, …).
+    runtime.shutdown_timeout(std::time::Duration::from_millis(100));
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            if let Some(c) = e.downcast_ref::<config::ConfigError>() {
+                eprintln!("error: {c}");
+                2
+            } else if let Some(u) = e.downcast_ref::<UsageError>() {
+                eprintln!("error: {u}");
+                2
+            } else {
+                eprintln!("error: {e:#}");
+                1
+            }
+        }
+    }
+}
+
+fn init_logging(cli: &Cli, default_level: &str) {
+    let level = match (cli.verbose, &cli.log_level) {
+        (0, Some(l)) => l.to_ascii_lowercase(),
+        (0, None) => default_level.to_ascii_lowercase(),
+        (1, _) => "debug".into(),
+        _ => "trace".into(),
+    };
+    let level = match level.as_str() {
+        "warning" => "warn".to_string(),
+        "critical" => "error".to_string(),
+        _ => level,
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
+    match &cli.command {
+        Command::Start { config } => {
+            let cfg = config::Config::load(config)?;
+            init_logging(&cli, &cfg.pool.log_level);
+            supervisor::run(cfg).await?;
+            Ok(0)
+        }
+        Command::Worker(args) => {
+            let level = std::env::var("LOG_LEVEL").unwrap_or_else(|_| "info".into());
+            init_logging(&cli, &level);
+            worker::run(worker::WorkerOptions {
+                job_command: args.job_command.clone(),
+                heartbeat_interval: args.heartbeat_interval,
+                poll_interval: args.poll_interval,
+            })
+            .await?;
+            Ok(0)
+        }
+        other => {
+            init_logging(&cli, "warn");
+            commands::run(other).await
+        }
+    }
+}

@@ -1,0 +1,161 @@
+//! `clx-pool start`: owns the database (through the supervisor lock),
+//! cleans what an earlier run left, runs one task per worker slot, and on
+//! SIGINT/SIGTERM (which `clx-pool stop` sends) stops every worker in
+//! parallel before exiting.
+
+pub mod cleanup;
+pub mod policy;
+pub mod registry;
+pub mod slot;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::config::{Config, ExecutionMode};
+use crate::db::{self, Db};
+use crate::lock::SupervisorLock;
+use slot::{Slot, SlotReady};
+
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let config = Arc::new(config);
+    let pool = &config.pool;
+    let started = Instant::now();
+    for w in &config.workers {
+        match w.execution_mode {
+            ExecutionMode::Docker => anyhow::bail!(
+                "{}:{}: workers `{}` use execution_mode = \"docker\", which this build of clx-pool cannot run yet; use \"direct\"",
+                config.path.display(),
+                w.line,
+                w.worker_type
+            ),
+            ExecutionMode::Auto => {
+                info!(worker_type = %w.worker_type, "execution_mode = \"auto\": running directly (no docker support in this build)")
+            }
+            ExecutionMode::Direct => {}
+        }
+    }
+
+    let _lock = SupervisorLock::acquire(&pool.db_path)?;
+    for dir in [&pool.workspace_path, &pool.log_dir] {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let db_path = pool.db_path.clone();
+    let conn = tokio::task::spawn_blocking(move || db::open(&db_path)).await??;
+    let db = Db::new(conn, &pool.db_path);
+
+    let report = cleanup::orphans(&db, pool.stop_timeout).await?;
+    if !report.is_empty() {
+        warn!("cleaned up after an earlier run of this database: {report}");
+    }
+
+    let me = std::process::id() as i64;
+    let record = (
+        crate::procs::start_ticks(me as i32),
+        nix::unistd::gethostname()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        config.path.to_string_lossy().into_owned(),
+        pool.workspace_path.to_string_lossy().into_owned(),
+        config.total_workers() as i64,
+    );
+    let after_row = db
+        .call(move |c| {
+            db::pool::begin_run(
+                c,
+                &db::pool::NewSupervisor {
+                    pid: me,
+                    proc_start: record.0,
+                    hostname: &record.1,
+                    config_path: &record.2,
+                    workspace_path: &record.3,
+                    expected_workers: record.4,
+                },
+            )?;
+            db::workers::max_row(c)
+        })
+        .await?;
+
+    let token = CancellationToken::new();
+    let mut signals = JoinSet::new();
+    for kind in [SignalKind::interrupt(), SignalKind::terminate()] {
+        let mut s = signal(kind).context("installing signal handlers")?;
+        let token = token.clone();
+        signals.spawn(async move {
+            s.recv().await;
+            info!("signal received: stopping all workers");
+            token.cancel();
+        });
+    }
+
+    let registry = registry::Registry::spawn(db.clone(), after_row, token.child_token());
+    let (ready_tx, mut ready_rx) = mpsc::unbounded_channel();
+    let mut slots = JoinSet::new();
+    for worker in &config.workers {
+        let worker = Arc::new(worker.clone());
+        for index in 0..worker.count {
+            let slot = Slot {
+                config: config.clone(),
+                worker: worker.clone(),
+                index,
+                db: db.clone(),
+                registry: registry.clone(),
+                token: token.clone(),
+                ready: ready_tx.clone(),
+            };
+            slots.spawn(slot.run());
+        }
+    }
+    drop(ready_tx);
+    let total = config.total_workers();
+    info!(workers = total, db = %pool.db_path.display(), "starting pool");
+
+    let (mut registered, mut failed) = (0u32, 0u32);
+    while registered + failed < total {
+        tokio::select! {
+            _ = token.cancelled() => break,
+            msg = ready_rx.recv() => match msg {
+                Some(SlotReady::Registered) => registered += 1,
+                Some(SlotReady::Failed) => failed += 1,
+                None => break,
+            },
+        }
+    }
+    if !token.is_cancelled() {
+        let elapsed = started.elapsed();
+        if failed == 0 {
+            info!(
+                workers = total,
+                "all {total} workers registered in {:.3}s",
+                elapsed.as_secs_f64()
+            );
+        } else {
+            error!(
+                "{registered} of {total} workers registered; {failed} slots failed (see `clx-pool stats`)"
+            );
+        }
+        let _ = db.call(|c| db::pool::set_state(c, "running")).await;
+        token.cancelled().await;
+    }
+
+    let _ = db.call(|c| db::pool::set_state(c, "stopping")).await;
+    let stopping = Instant::now();
+    while let Some(res) = slots.join_next().await {
+        if let Err(e) = res {
+            error!("a slot task failed: {e}");
+        }
+    }
+    let _ = db.call(|c| db::pool::set_state(c, "stopped")).await;
+    info!(
+        "all workers stopped in {:.3}s",
+        stopping.elapsed().as_secs_f64()
+    );
+    signals.abort_all();
+    Ok(())
+}

@@ -1,0 +1,262 @@
+//! `clx-pool worker`: the built-in CLX worker. It speaks the worker protocol
+//! of SPEC §4 itself and runs a command once per job, so any command-line
+//! converter becomes a CLX worker. It registers, claims jobs atomically,
+//! keeps its heartbeat fresh while idle (at `--heartbeat-interval`, not on
+//! every poll), and on SIGTERM gives its current job back, marks itself
+//! dead and exits.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use rusqlite::Connection;
+use tokio::io::AsyncReadExt;
+use tokio::signal::unix::{Signal, SignalKind, signal};
+use tracing::{info, warn};
+
+use crate::db::{self, jobs};
+
+pub struct WorkerOptions {
+    pub job_command: Vec<String>,
+    pub heartbeat_interval: Duration,
+    pub poll_interval: Duration,
+}
+
+/// How much of a failed command's stderr goes into the job's `error`.
+const ERROR_TAIL: usize = 2000;
+
+struct Identity {
+    worker_type: String,
+    worker_id: String,
+    db_path: PathBuf,
+    workspace: PathBuf,
+}
+
+fn identity() -> anyhow::Result<Identity> {
+    let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    let worker_type = var("WORKER_TYPE").context(
+        "WORKER_TYPE is not set (the supervisor sets it; set it by hand to run a worker yourself)",
+    )?;
+    let worker_id = var("WORKER_ID")
+        .or_else(|| var("HOSTNAME"))
+        .or_else(|| {
+            nix::unistd::gethostname()
+                .ok()
+                .map(|h| h.to_string_lossy().into_owned())
+        })
+        .context("neither WORKER_ID nor HOSTNAME is set")?;
+    let db_path = PathBuf::from(var("DB_PATH").context("DB_PATH is not set")?);
+    let workspace = PathBuf::from(var("WORKSPACE_PATH").unwrap_or_else(|| ".".into()));
+    Ok(Identity {
+        worker_type,
+        worker_id,
+        db_path,
+        workspace,
+    })
+}
+
+pub async fn run(opts: WorkerOptions) -> anyhow::Result<()> {
+    if opts.job_command.is_empty() {
+        bail!("no job command given: run `clx-pool worker -- COMMAND [ARGS...]`");
+    }
+    let me = identity()?;
+    let mut conn = db::open_existing(&me.db_path)?;
+    let row = db::workers::register(&conn, &me.worker_type, &me.worker_id).with_context(|| {
+        format!(
+            "registering worker {} in {}",
+            me.worker_id,
+            me.db_path.display()
+        )
+    })?;
+    info!(worker = %me.worker_id, row, worker_type = %me.worker_type, "registered");
+
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut last_heartbeat = Instant::now();
+    // `PRAGMA data_version` changes only when another connection commits:
+    // while it stands still, nothing new can have been queued.
+    let mut nothing_since: Option<i64> = None;
+    let mut stopping = false;
+    while !stopping {
+        let version: i64 = conn.query_row("PRAGMA data_version", [], |r| r.get(0))?;
+        if nothing_since != Some(version) {
+            match jobs::claim(&mut conn, &me.worker_type, row)? {
+                Some(job) => {
+                    stopping = run_job(
+                        &mut conn,
+                        &me,
+                        row,
+                        &job,
+                        &opts.job_command,
+                        &mut sigterm,
+                        &mut sigint,
+                    )
+                    .await?;
+                    last_heartbeat = Instant::now();
+                    nothing_since = None;
+                    continue;
+                }
+                None => nothing_since = Some(version),
+            }
+        }
+        if last_heartbeat.elapsed() >= opts.heartbeat_interval {
+            db::workers::heartbeat(&conn, row)?;
+            last_heartbeat = Instant::now();
+        }
+        tokio::select! {
+            biased;
+            _ = sigterm.recv() => stopping = true,
+            _ = sigint.recv() => stopping = true,
+            _ = tokio::time::sleep(opts.poll_interval) => {}
+        }
+    }
+    db::workers::set_status(&conn, row, "dead")?;
+    info!(worker = %me.worker_id, "stopped");
+    Ok(())
+}
+
+fn resolve(workspace: &Path, file: &str) -> PathBuf {
+    let p = Path::new(file);
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        workspace.join(p)
+    }
+}
+
+/// Runs one job. Returns true if the worker was asked to stop meanwhile (the
+/// job has then been given back).
+async fn run_job(
+    conn: &mut Connection,
+    me: &Identity,
+    row: i64,
+    job: &jobs::ClaimedJob,
+    command: &[String],
+    sigterm: &mut Signal,
+    sigint: &mut Signal,
+) -> anyhow::Result<bool> {
+    let started = Instant::now();
+    let input = resolve(&me.workspace, &job.input_file);
+    let output = resolve(&me.workspace, &job.output_file);
+    if let Some(dir) = output.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    info!(job = job.id, attempt = job.attempt, input = %input.display(), "job started");
+    let spawned = tokio::process::Command::new(&command[0])
+        .args(&command[1..])
+        .env("CLX_INPUT_FILE", &input)
+        .env("CLX_OUTPUT_FILE", &output)
+        .env("CLX_PAYLOAD", &job.payload)
+        .env("CLX_JOB_ID", job.id.to_string())
+        .env("CLX_JOB_TYPE", &me.worker_type)
+        .current_dir(&me.workspace)
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn();
+    let mut child = match spawned {
+        Ok(c) => c,
+        Err(e) => {
+            let msg = format!("could not run `{}`: {e}", command[0]);
+            warn!(job = job.id, "{msg}");
+            jobs::finish(
+                conn,
+                job,
+                row,
+                jobs::Outcome::Failed(&msg),
+                started.elapsed().as_secs_f64(),
+            )?;
+            return Ok(false);
+        }
+    };
+    let mut stderr = child.stderr.take().expect("stderr is piped");
+    let collect = async move {
+        let mut tail: Vec<u8> = Vec::new();
+        let mut buf = [0u8; 8192];
+        let mut out = tokio::io::stderr();
+        loop {
+            match stderr.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    use tokio::io::AsyncWriteExt;
+                    let _ = out.write_all(&buf[..n]).await;
+                    tail.extend_from_slice(&buf[..n]);
+                    if tail.len() > 2 * ERROR_TAIL {
+                        tail.drain(..tail.len() - ERROR_TAIL);
+                    }
+                }
+            }
+        }
+        tail
+    };
+    let result = tokio::select! {
+        biased;
+        _ = sigterm.recv() => None,
+        _ = sigint.recv() => None,
+        r = async { let tail = collect.await; (child.wait().await, tail) } => Some(r),
+    };
+    let Some((status, tail)) = result else {
+        let _ = child.start_kill();
+        let _ = child.wait().await;
+        jobs::give_back(conn, job, row)?;
+        info!(
+            job = job.id,
+            "asked to stop: gave the job back to the queue"
+        );
+        return Ok(true);
+    };
+    let seconds = started.elapsed().as_secs_f64();
+    let failure = match status {
+        Ok(s) if s.success() => {
+            if output.exists() {
+                None
+            } else {
+                Some(format!(
+                    "`{}` exited 0 but did not write {}",
+                    command[0],
+                    output.display()
+                ))
+            }
+        }
+        Ok(s) => {
+            let text = String::from_utf8_lossy(&tail);
+            let text = text.trim();
+            let text = last_chars(text, ERROR_TAIL);
+            let what = match s.code() {
+                Some(c) => format!("exited with code {c}"),
+                None => format!("was killed ({s})"),
+            };
+            Some(if text.is_empty() {
+                format!("`{}` {what}", command[0])
+            } else {
+                format!("`{}` {what}: {text}", command[0])
+            })
+        }
+        Err(e) => Some(format!("waiting for `{}`: {e}", command[0])),
+    };
+    let outcome = match &failure {
+        None => jobs::Outcome::Completed,
+        Some(e) => jobs::Outcome::Failed(e),
+    };
+    if !jobs::finish(conn, job, row, outcome, seconds)? {
+        warn!(
+            job = job.id,
+            "the job was taken from this worker meanwhile; its result was not recorded"
+        );
+    } else if let Some(e) = failure {
+        warn!(job = job.id, "job failed: {e}");
+    } else {
+        info!(job = job.id, seconds, "job completed");
+    }
+    Ok(false)
+}
+
+/// The last `n` bytes of `s`, moved forward to a character boundary.
+fn last_chars(s: &str, n: usize) -> &str {
+    let mut start = s.len().saturating_sub(n);
+    while !s.is_char_boundary(start) {
+        start += 1;
+    }
+    &s[start..]
+}
