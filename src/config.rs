@@ -227,9 +227,7 @@ impl Config {
                 message: format!("cannot read the config file: {e}"),
             }])
         })?;
-        let env: Vec<(String, String)> = std::env::vars()
-            .filter(|(k, _)| k.starts_with("CLX_POOL_"))
-            .collect();
+        let env: Vec<(String, String)> = std::env::vars().filter(|(k, _)| k.starts_with("CLX_POOL_")).collect();
         Config::parse(path, &text, &env)
     }
 
@@ -253,12 +251,7 @@ impl Config {
         let mut pool_table = match raw.pool {
             Some(toml::Value::Table(t)) => t,
             Some(_) => {
-                v.push(
-                    Section::Pool,
-                    None,
-                    "pool",
-                    "must be a table ([pool])".into(),
-                );
+                v.push(Section::Pool, None, "pool", "must be a table ([pool])".into());
                 toml::Table::new()
             }
             None => toml::Table::new(),
@@ -281,15 +274,17 @@ impl Config {
                     continue;
                 }
             };
-            let raw_worker: RawWorker =
-                v.section(Section::Worker(i), &format!("workers[{i}]"), &table, &[]);
+            let raw_worker: RawWorker = v.section(Section::Worker(i), &format!("workers[{i}]"), &table, &[]);
             if let Some(w) = v.worker(i, raw_worker) {
                 if let Some(first) = seen_types.insert(w.worker_type.clone(), i) {
                     v.push(
                         Section::Worker(i),
                         Some("worker_type"),
                         &format!("workers[{i}].worker_type"),
-                        format!("`{}` is already configured by workers[{first}]; use one entry per type", w.worker_type),
+                        format!(
+                            "`{}` is already configured by workers[{first}]; use one entry per type",
+                            w.worker_type
+                        ),
                     );
                 }
                 workers.push(w);
@@ -313,11 +308,7 @@ impl Config {
 
 /// Puts `CLX_POOL_<KEY>` values into the `[pool]` table; returns the keys set
 /// that way so problems with them name the variable, not the file.
-fn apply_env_overrides(
-    table: &mut toml::Table,
-    env: &[(String, String)],
-    v: &mut Validator,
-) -> Vec<String> {
+fn apply_env_overrides(table: &mut toml::Table, env: &[(String, String)], v: &mut Validator) -> Vec<String> {
     let mut keys = Vec::new();
     for (name, value) in env {
         let Some(key) = name.strip_prefix("CLX_POOL_") else {
@@ -394,10 +385,7 @@ impl<'a> Validator<'a> {
             && self.env_keys.iter().any(|k| k == key)
         {
             self.problems.push(Problem {
-                file: PathBuf::from(format!(
-                    "environment variable CLX_POOL_{}",
-                    key.to_ascii_uppercase()
-                )),
+                file: PathBuf::from(format!("environment variable CLX_POOL_{}", key.to_ascii_uppercase())),
                 line: None,
                 field: String::new(),
                 message,
@@ -424,25 +412,31 @@ impl<'a> Validator<'a> {
         env_keys: &[String],
     ) -> T {
         self.env_keys = env_keys.to_vec();
-        match T::deserialize(toml::Value::Table(table.clone())) {
-            Ok(t) => return t,
-            Err(_) => {
-                for (key, value) in table {
-                    let mut one = toml::Table::new();
-                    one.insert(key.clone(), value.clone());
-                    if let Err(e) = T::deserialize(toml::Value::Table(one)) {
-                        let msg = e.message().trim().to_string();
-                        let msg = if msg.starts_with("unknown field") {
-                            format!("unknown key `{key}`{}", expected_suffix(&msg))
-                        } else {
-                            msg
-                        };
-                        self.push(section, Some(key), &format!("{name}.{key}"), msg);
-                    }
+        if let Ok(t) = T::deserialize(toml::Value::Table(table.clone())) {
+            return t;
+        }
+        let mut good = toml::Table::new();
+        for (key, value) in table {
+            let mut one = toml::Table::new();
+            one.insert(key.clone(), value.clone());
+            match T::deserialize(toml::Value::Table(one)) {
+                Ok(_) => {
+                    good.insert(key.clone(), value.clone());
+                }
+                Err(e) => {
+                    let msg = e.message().trim().to_string();
+                    let msg = if msg.starts_with("unknown field") {
+                        format!("unknown key `{key}`{}", expected_suffix(&msg))
+                    } else {
+                        msg
+                    };
+                    self.push(section, Some(key), &format!("{name}.{key}"), msg);
                 }
             }
         }
-        T::default()
+        // Keys that are fine on their own are fine together (all optional),
+        // so the rest of the entry is still validated.
+        T::deserialize(toml::Value::Table(good)).unwrap_or_default()
     }
 
     fn resolve(&self, p: PathBuf) -> PathBuf {
@@ -469,19 +463,14 @@ impl<'a> Validator<'a> {
     fn pool(&mut self, raw: RawPool) -> Option<PoolConfig> {
         let before = self.problems.len();
         let db_path = self.resolve(raw.db_path.unwrap_or_else(|| PathBuf::from("jobs.db")));
-        let workspace_path = self.resolve(
-            raw.workspace_path
-                .unwrap_or_else(|| PathBuf::from("workspace")),
-        );
+        let workspace_path = self.resolve(raw.workspace_path.unwrap_or_else(|| PathBuf::from("workspace")));
         let log_dir = match raw.log_dir {
             Some(p) => self.resolve(p),
             None => db_path.parent().unwrap_or(Path::new(".")).join("logs"),
         };
         let log_level = raw.log_level.unwrap_or_else(|| "info".into());
-        if ![
-            "trace", "debug", "info", "warn", "warning", "error", "critical",
-        ]
-        .contains(&log_level.to_ascii_lowercase().as_str())
+        if !["trace", "debug", "info", "warn", "warning", "error", "critical"]
+            .contains(&log_level.to_ascii_lowercase().as_str())
         {
             self.push(
                 Section::Pool,
@@ -490,19 +479,10 @@ impl<'a> Validator<'a> {
                 format!("unknown level `{log_level}`; use one of trace, debug, info, warn, error"),
             );
         }
-        let check_interval =
-            self.positive("check_interval", raw.check_interval, Duration::from_secs(2));
-        let heartbeat_timeout = self.positive(
-            "heartbeat_timeout",
-            raw.heartbeat_timeout,
-            Duration::from_secs(30),
-        );
+        let check_interval = self.positive("check_interval", raw.check_interval, Duration::from_secs(2));
+        let heartbeat_timeout = self.positive("heartbeat_timeout", raw.heartbeat_timeout, Duration::from_secs(30));
         let stop_timeout = raw.stop_timeout.unwrap_or(Duration::from_secs(10));
-        let startup_timeout = self.positive(
-            "startup_timeout",
-            raw.startup_timeout,
-            Duration::from_secs(30),
-        );
+        let startup_timeout = self.positive("startup_timeout", raw.startup_timeout, Duration::from_secs(30));
         let log_max_size = match raw.log_max_size {
             None => 10 * 1024 * 1024,
             Some(s) => match parse_size(&s) {
@@ -532,16 +512,8 @@ impl<'a> Validator<'a> {
             }
         };
         let restart = RestartConfig {
-            backoff_initial: self.positive(
-                "restart_backoff",
-                raw.restart_backoff,
-                Duration::from_millis(500),
-            ),
-            backoff_max: self.positive(
-                "restart_backoff_max",
-                raw.restart_backoff_max,
-                Duration::from_secs(60),
-            ),
+            backoff_initial: self.positive("restart_backoff", raw.restart_backoff, Duration::from_millis(500)),
+            backoff_max: self.positive("restart_backoff_max", raw.restart_backoff_max, Duration::from_secs(60)),
             healthy_after: raw.healthy_after.unwrap_or(Duration::from_secs(10)),
             burst_limit: match raw.restart_limit {
                 None => 5,
@@ -556,11 +528,7 @@ impl<'a> Validator<'a> {
                     1
                 }
             },
-            burst_window: self.positive(
-                "restart_window",
-                raw.restart_window,
-                Duration::from_secs(10),
-            ),
+            burst_window: self.positive("restart_window", raw.restart_window, Duration::from_secs(10)),
         };
         if self.problems.len() > before {
             return None;
@@ -637,9 +605,7 @@ impl<'a> Validator<'a> {
                         s,
                         Some("memory_limit"),
                         &f("memory_limit"),
-                        format!(
-                            "`{m}` is not a memory size of at least 4m (e.g. \"512m\", \"1g\")"
-                        ),
+                        format!("`{m}` is not a memory size of at least 4m (e.g. \"512m\", \"1g\")"),
                     );
                     None
                 }
@@ -679,9 +645,7 @@ impl<'a> Validator<'a> {
             (Some(c), None) => Some(WorkerProgram::Command(c)),
             (None, Some(c)) => Some(WorkerProgram::JobCommand(c)),
             (None, None) => match KNOWN_TYPES.iter().find(|(t, _)| *t == worker_type) {
-                Some((_, cmd)) => Some(WorkerProgram::Command(
-                    cmd.iter().map(|s| s.to_string()).collect(),
-                )),
+                Some((_, cmd)) => Some(WorkerProgram::Command(cmd.iter().map(|s| s.to_string()).collect())),
                 None => {
                     if execution_mode != ExecutionMode::Docker && !worker_type.is_empty() {
                         self.push(
@@ -723,20 +687,14 @@ fn expected_suffix(msg: &str) -> String {
 }
 
 fn valid_type_name(t: &str) -> bool {
-    !t.is_empty()
-        && t.len() <= 64
-        && t.chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    !t.is_empty() && t.len() <= 64 && t.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
 
 /// Parses sizes the way Docker does: a number with an optional b/k/m/g
 /// suffix (powers of 1024), e.g. "512m", "1g", "10MB".
 pub fn parse_size(s: &str) -> Option<u64> {
     let s = s.trim().to_ascii_lowercase();
-    let s = s
-        .strip_suffix("ib")
-        .or_else(|| s.strip_suffix('b'))
-        .unwrap_or(&s);
+    let s = s.strip_suffix("ib").or_else(|| s.strip_suffix('b')).unwrap_or(&s);
     let (num, mult) = match s.chars().last()? {
         'k' => (&s[..s.len() - 1], 1u64 << 10),
         'm' => (&s[..s.len() - 1], 1 << 20),
@@ -771,11 +729,7 @@ pub fn normalize(p: &Path) -> PathBuf {
 }
 
 fn line_of_offset(text: &str, offset: usize) -> usize {
-    text[..offset.min(text.len())]
-        .bytes()
-        .filter(|&b| b == b'\n')
-        .count()
-        + 1
+    text[..offset.min(text.len())].bytes().filter(|&b| b == b'\n').count() + 1
 }
 
 /// Where each `[pool]` / `[[workers]]` header and key sits in the file, found
@@ -795,12 +749,7 @@ impl KeyLines {
             let line_no = n + 1;
             let t = line.trim();
             if t.starts_with("[[") {
-                let name = t
-                    .trim_start_matches('[')
-                    .split(']')
-                    .next()
-                    .unwrap_or("")
-                    .trim();
+                let name = t.trim_start_matches('[').split(']').next().unwrap_or("").trim();
                 current = if name == "workers" {
                     workers += 1;
                     let s = Section::Worker(workers - 1);
@@ -810,12 +759,7 @@ impl KeyLines {
                     None
                 };
             } else if t.starts_with('[') {
-                let name = t
-                    .trim_start_matches('[')
-                    .split(']')
-                    .next()
-                    .unwrap_or("")
-                    .trim();
+                let name = t.trim_start_matches('[').split(']').next().unwrap_or("").trim();
                 current = if name == "pool" {
                     headers.push((Section::Pool, line_no));
                     Some(Section::Pool)
@@ -845,10 +789,7 @@ impl KeyLines {
         {
             return Some(*line);
         }
-        self.headers
-            .iter()
-            .find(|(s, _)| *s == section)
-            .map(|(_, l)| *l)
+        self.headers.iter().find(|(s, _)| *s == section).map(|(_, l)| *l)
     }
 }
 
@@ -861,19 +802,12 @@ mod tests {
     }
 
     fn problems(text: &str) -> Vec<String> {
-        parse(text)
-            .unwrap_err()
-            .0
-            .iter()
-            .map(|p| p.to_string())
-            .collect()
+        parse(text).unwrap_err().0.iter().map(|p| p.to_string()).collect()
     }
 
     #[test]
     fn defaults_and_relative_paths() {
-        let c =
-            parse("[pool]\ndb_path = \"data/jobs.db\"\n[[workers]]\nworker_type = \"notebook\"\n")
-                .unwrap();
+        let c = parse("[pool]\ndb_path = \"data/jobs.db\"\n[[workers]]\nworker_type = \"notebook\"\n").unwrap();
         assert_eq!(c.pool.db_path, PathBuf::from("/cfg/data/jobs.db"));
         assert_eq!(c.pool.workspace_path, PathBuf::from("/cfg/workspace"));
         assert_eq!(c.pool.log_dir, PathBuf::from("/cfg/data/logs"));
@@ -890,12 +824,8 @@ mod tests {
         let p = problems(
             "[pool]\ncheck_interval = \"2 parsecs\"\n\n[[workers]]\nworker_type = \"notebook\"\ncuont = 2\ncount = -1\n\n[[workers]]\nworker_type = \"x\"\nexecution_mode = \"docker\"\n",
         );
-        assert_eq!(p.len(), 4, "{p:#?}");
-        assert!(
-            p[0].starts_with("/cfg/pool.toml:2: pool.check_interval:"),
-            "{}",
-            p[0]
-        );
+        assert_eq!(p.len(), 4, "{p:#?}"); // interval, cuont, count, image
+        assert!(p[0].starts_with("/cfg/pool.toml:2: pool.check_interval:"), "{}", p[0]);
         assert!(
             p.iter()
                 .any(|s| s.starts_with("/cfg/pool.toml:6: workers[0].cuont: unknown key `cuont`")),
@@ -923,15 +853,8 @@ mod tests {
     #[test]
     fn unknown_types_need_a_command() {
         let p = problems("[[workers]]\nworker_type = \"upper\"\n");
-        assert!(
-            p[0].contains("needs `command` or `job_command`"),
-            "{}",
-            p[0]
-        );
-        let c = parse(
-            "[[workers]]\nworker_type = \"upper\"\njob_command = [\"tr\", \"a-z\", \"A-Z\"]\n",
-        )
-        .unwrap();
+        assert!(p[0].contains("needs `command` or `job_command`"), "{}", p[0]);
+        let c = parse("[[workers]]\nworker_type = \"upper\"\njob_command = [\"tr\", \"a-z\", \"A-Z\"]\n").unwrap();
         assert!(matches!(c.workers[0].program, WorkerProgram::JobCommand(_)));
     }
 
@@ -941,12 +864,7 @@ mod tests {
             ("CLX_POOL_STOP_TIMEOUT".to_string(), "3s".to_string()),
             ("CLX_POOL_DB_PATH".to_string(), "/data/x.db".to_string()),
         ];
-        let c = Config::parse(
-            Path::new("/cfg/pool.toml"),
-            "[pool]\nstop_timeout = \"10s\"\n",
-            &env,
-        )
-        .unwrap();
+        let c = Config::parse(Path::new("/cfg/pool.toml"), "[pool]\nstop_timeout = \"10s\"\n", &env).unwrap();
         assert_eq!(c.pool.stop_timeout, Duration::from_secs(3));
         assert_eq!(c.pool.db_path, PathBuf::from("/data/x.db"));
         let env = vec![("CLX_POOL_STOP_TIMEOUT".to_string(), "soon".to_string())];

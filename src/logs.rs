@@ -68,11 +68,7 @@ impl RotatingLog {
             }
             let _ = std::fs::rename(&self.path, numbered(1));
         }
-        self.file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.path)
-            .ok();
+        self.file = OpenOptions::new().create(true).append(true).open(&self.path).ok();
         self.size = 0;
     }
 }

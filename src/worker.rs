@@ -35,9 +35,8 @@ struct Identity {
 
 fn identity() -> anyhow::Result<Identity> {
     let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-    let worker_type = var("WORKER_TYPE").context(
-        "WORKER_TYPE is not set (the supervisor sets it; set it by hand to run a worker yourself)",
-    )?;
+    let worker_type = var("WORKER_TYPE")
+        .context("WORKER_TYPE is not set (the supervisor sets it; set it by hand to run a worker yourself)")?;
     let worker_id = var("WORKER_ID")
         .or_else(|| var("HOSTNAME"))
         .or_else(|| {
@@ -62,13 +61,8 @@ pub async fn run(opts: WorkerOptions) -> anyhow::Result<()> {
     }
     let me = identity()?;
     let mut conn = db::open_existing(&me.db_path)?;
-    let row = db::workers::register(&conn, &me.worker_type, &me.worker_id).with_context(|| {
-        format!(
-            "registering worker {} in {}",
-            me.worker_id,
-            me.db_path.display()
-        )
-    })?;
+    let row = db::workers::register(&conn, &me.worker_type, &me.worker_id)
+        .with_context(|| format!("registering worker {} in {}", me.worker_id, me.db_path.display()))?;
     info!(worker = %me.worker_id, row, worker_type = %me.worker_type, "registered");
 
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -83,16 +77,7 @@ pub async fn run(opts: WorkerOptions) -> anyhow::Result<()> {
         if nothing_since != Some(version) {
             match jobs::claim(&mut conn, &me.worker_type, row)? {
                 Some(job) => {
-                    stopping = run_job(
-                        &mut conn,
-                        &me,
-                        row,
-                        &job,
-                        &opts.job_command,
-                        &mut sigterm,
-                        &mut sigint,
-                    )
-                    .await?;
+                    stopping = run_job(&mut conn, &me, row, &job, &opts.job_command, &mut sigterm, &mut sigint).await?;
                     last_heartbeat = Instant::now();
                     nothing_since = None;
                     continue;
@@ -143,8 +128,8 @@ async fn run_job(
         let _ = std::fs::create_dir_all(dir);
     }
     info!(job = job.id, attempt = job.attempt, input = %input.display(), "job started");
-    let spawned = tokio::process::Command::new(&command[0])
-        .args(&command[1..])
+    let mut cmd = tokio::process::Command::new(&command[0]);
+    cmd.args(&command[1..])
         .env("CLX_INPUT_FILE", &input)
         .env("CLX_OUTPUT_FILE", &output)
         .env("CLX_PAYLOAD", &job.payload)
@@ -154,7 +139,19 @@ async fn run_job(
         .stdin(Stdio::null())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
-        .spawn();
+        // Its own group: a stop signal for the worker does not reach the
+        // command, so the worker alone decides what becomes of the job.
+        .process_group(0);
+    // SAFETY: runs in the forked child before exec and only makes the
+    // async-signal-safe prctl syscall.
+    unsafe {
+        cmd.pre_exec(|| {
+            // The command dies with the worker, even if the worker is SIGKILLed.
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
+            Ok(())
+        });
+    }
+    let spawned = cmd.spawn();
     let mut child = match spawned {
         Ok(c) => c,
         Err(e) => {
@@ -170,6 +167,7 @@ async fn run_job(
             return Ok(false);
         }
     };
+    let pgid = child.id();
     let mut stderr = child.stderr.take().expect("stderr is piped");
     let collect = async move {
         let mut tail: Vec<u8> = Vec::new();
@@ -196,17 +194,21 @@ async fn run_job(
         _ = sigint.recv() => None,
         r = async { let tail = collect.await; (child.wait().await, tail) } => Some(r),
     };
+    let kill_group = |_: &tokio::process::Child| {
+        if let Some(pgid) = pgid {
+            let _ = crate::procs::signal_group(pgid as i32, nix::sys::signal::Signal::SIGKILL);
+        }
+    };
     let Some((status, tail)) = result else {
-        let _ = child.start_kill();
+        kill_group(&child);
         let _ = child.wait().await;
         jobs::give_back(conn, job, row)?;
-        info!(
-            job = job.id,
-            "asked to stop: gave the job back to the queue"
-        );
+        info!(job = job.id, "asked to stop: gave the job back to the queue");
         return Ok(true);
     };
     let seconds = started.elapsed().as_secs_f64();
+    // Whatever the command left running in the background goes too.
+    kill_group(&child);
     let failure = match status {
         Ok(s) if s.success() => {
             if output.exists() {

@@ -17,12 +17,7 @@ pub async fn run(path: &Path) -> anyhow::Result<i32> {
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or_else(|| PathBuf::from("."));
     for w in &config.workers {
-        let at = format!(
-            "{}:{}: workers `{}`",
-            config.path.display(),
-            w.line,
-            w.worker_type
-        );
+        let at = format!("{}:{}: workers `{}`", config.path.display(), w.line, w.worker_type);
         if w.execution_mode == ExecutionMode::Docker {
             problems.push(format!(
                 "{at}: execution_mode = \"docker\" is not supported by this build of clx-pool"
@@ -56,12 +51,7 @@ pub async fn run(path: &Path) -> anyhow::Result<i32> {
         ("log_dir", &config.pool.log_dir),
         (
             "db_path folder",
-            &config
-                .pool
-                .db_path
-                .parent()
-                .unwrap_or(Path::new("."))
-                .to_path_buf(),
+            &config.pool.db_path.parent().unwrap_or(Path::new(".")).to_path_buf(),
         ),
     ] {
         match nearest_existing(dir) {

@@ -25,9 +25,7 @@ pub fn run(args: &DbArgs, status: Option<&str>, limit: i64, json: bool) -> anyho
     }
     let mut table = Table::new();
     table.load_preset(comfy_table::presets::NOTHING);
-    table.set_header([
-        "ID", "TYPE", "STATUS", "ATTEMPTS", "INPUT", "OUTPUT", "ERROR",
-    ]);
+    table.set_header(["ID", "TYPE", "STATUS", "ATTEMPTS", "INPUT", "OUTPUT", "ERROR"]);
     for j in rows {
         let error = j
             .error

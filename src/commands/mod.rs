@@ -44,9 +44,7 @@ pub async fn run(cmd: &Command) -> anyhow::Result<i32> {
             content_hash: content_hash.as_deref(),
             workspace: workspace.as_deref(),
         }),
-        Command::Wait {
-            db, ready, timeout, ..
-        } => wait::run(db, *ready, *timeout).await,
+        Command::Wait { db, ready, timeout, .. } => wait::run(db, *ready, *timeout).await,
         Command::Jobs {
             db,
             status,
@@ -76,10 +74,10 @@ pub fn target(args: &DbArgs) -> anyhow::Result<Target> {
     }
     if let Some(db) = &args.db {
         let db_path = crate::config::normalize(&std::path::absolute(db)?);
-        return Ok(Target {
-            db_path,
-            config: None,
-        });
+        return Ok(Target { db_path, config: None });
     }
-    Err(UsageError("which pool? name its config with --config FILE, its database with --db FILE, or set CLX_DB_PATH".into()).into())
+    Err(UsageError(
+        "which pool? name its config with --config FILE, its database with --db FILE, or set CLX_DB_PATH".into(),
+    )
+    .into())
 }

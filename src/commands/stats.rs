@@ -128,20 +128,17 @@ pub fn render(s: &Stats) -> String {
     let mut t = Table::new();
     t.load_preset(comfy_table::presets::NOTHING);
     t.set_header([
-        "TYPE", "MODE", "SLOTS", "RUNNING", "STARTING", "BACKOFF", "FAILED", "RESTARTS", "IDLE",
-        "BUSY", "HUNG", "DEAD",
+        "TYPE", "MODE", "SLOTS", "RUNNING", "STARTING", "BACKOFF", "FAILED", "RESTARTS", "IDLE", "BUSY", "HUNG", "DEAD",
     ]);
     let empty = BTreeMap::new();
     for ty in types {
         let p = s.pools.get(ty);
         let w = s.workers.get(ty).unwrap_or(&empty);
         let n = |k: &str| w.get(k).copied().unwrap_or(0).to_string();
-        let pn =
-            |f: fn(&PoolStats) -> i64| p.map(|p| f(p).to_string()).unwrap_or_else(|| "-".into());
+        let pn = |f: fn(&PoolStats) -> i64| p.map(|p| f(p).to_string()).unwrap_or_else(|| "-".into());
         t.add_row(vec![
             ty.clone(),
-            p.map(|p| p.execution_mode.clone())
-                .unwrap_or_else(|| "-".into()),
+            p.map(|p| p.execution_mode.clone()).unwrap_or_else(|| "-".into()),
             pn(|p| p.slots),
             pn(|p| p.running),
             pn(|p| p.starting),
@@ -174,21 +171,14 @@ pub fn render(s: &Stats) -> String {
                 e.worker_id.as_deref().unwrap_or("-"),
                 e.event,
                 e.cause.as_deref().unwrap_or(""),
-                e.job_id
-                    .map(|j| format!(" (holding job {j})"))
-                    .unwrap_or_default()
+                e.job_id.map(|j| format!(" (holding job {j})")).unwrap_or_default()
             ));
         }
     }
     out
 }
 
-pub async fn run(
-    args: &DbArgs,
-    json: bool,
-    watch: Option<Duration>,
-    events: bool,
-) -> anyhow::Result<i32> {
+pub async fn run(args: &DbArgs, json: bool, watch: Option<Duration>, events: bool) -> anyhow::Result<i32> {
     let t = target(args)?;
     loop {
         let s = collect(&t.db_path, events)?;

@@ -27,10 +27,7 @@ pub async fn run(args: &DbArgs, timeout: Duration) -> anyhow::Result<i32> {
         }
         if pid > 0 {
             procs::signal_process(pid, Signal::SIGTERM)?;
-            eprintln!(
-                "stopping the supervisor (pid {pid}) of {} ...",
-                db_path.display()
-            );
+            eprintln!("stopping the supervisor (pid {pid}) of {} ...", db_path.display());
             while lock::running_supervisor(&db_path).is_some() {
                 if Instant::now() >= deadline {
                     anyhow::bail!(
@@ -66,15 +63,9 @@ pub async fn run(args: &DbArgs, timeout: Duration) -> anyhow::Result<i32> {
     let conn = tokio::task::spawn_blocking(move || db::open(&path)).await??;
     let report = cleanup::orphans(&Db::new(conn, &db_path), grace).await?;
     if report.is_empty() {
-        println!(
-            "no supervisor is running for {}; nothing to stop",
-            db_path.display()
-        );
+        println!("no supervisor is running for {}; nothing to stop", db_path.display());
     } else {
-        println!(
-            "no supervisor is running for {}; {report}",
-            db_path.display()
-        );
+        println!("no supervisor is running for {}; {report}", db_path.display());
     }
     Ok(0)
 }

@@ -87,9 +87,5 @@ fn hash_input(path: &Path, payload: &str) -> std::io::Result<String> {
         hasher.update(&buf[..n]);
     }
     hasher.update(payload.as_bytes());
-    Ok(hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect())
+    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }

@@ -37,10 +37,7 @@ pub async fn run(args: &DbArgs, ready: bool, timeout: Duration) -> anyhow::Resul
                 if c.pending == 0 && c.processing == 0 {
                     if c.failed > 0 {
                         let failed = db::jobs::list(&conn, Some("failed"), 1000)?;
-                        eprintln!(
-                            "error: the queue is drained, but {} job(s) failed:",
-                            c.failed
-                        );
+                        eprintln!("error: the queue is drained, but {} job(s) failed:", c.failed);
                         for j in failed {
                             eprintln!(
                                 "  job {} ({}, {} -> {}): {}",

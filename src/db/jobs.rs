@@ -32,7 +32,15 @@ pub fn submit(conn: &Connection, job: &NewJob) -> rusqlite::Result<i64> {
     conn.execute(
         "INSERT INTO jobs (job_type, status, priority, input_file, output_file, content_hash, payload, max_attempts)
          VALUES (?1, 'pending', ?2, ?3, ?4, ?5, ?6, ?7)",
-        params![job.job_type, job.priority, job.input_file, job.output_file, job.content_hash, job.payload, job.max_attempts],
+        params![
+            job.job_type,
+            job.priority,
+            job.input_file,
+            job.output_file,
+            job.content_hash,
+            job.payload,
+            job.max_attempts
+        ],
     )?;
     Ok(conn.last_insert_rowid())
 }
@@ -40,11 +48,7 @@ pub fn submit(conn: &Connection, job: &NewJob) -> rusqlite::Result<i64> {
 /// Claims the oldest highest-priority pending job of `job_type` for the
 /// worker row `worker_row`, marking the worker busy in the same transaction.
 /// The pending-job lookup is a plain read, so idle polling takes no write lock.
-pub fn claim(
-    conn: &mut Connection,
-    job_type: &str,
-    worker_row: i64,
-) -> rusqlite::Result<Option<ClaimedJob>> {
+pub fn claim(conn: &mut Connection, job_type: &str, worker_row: i64) -> rusqlite::Result<Option<ClaimedJob>> {
     loop {
         let candidate: Option<i64> = conn
             .query_row(
@@ -122,18 +126,10 @@ pub fn finish(
              VALUES (?1, ?2, ?3)
              ON CONFLICT(output_file, content_hash) DO UPDATE SET
                  last_accessed = CURRENT_TIMESTAMP, result_metadata = excluded.result_metadata",
-            params![
-                job.output_file,
-                job.content_hash,
-                format!("{{\"job_id\": {}}}", job.id)
-            ],
+            params![job.output_file, job.content_hash, format!("{{\"job_id\": {}}}", job.id)],
         )?;
     }
-    let (done, failed) = if status == "completed" {
-        (1, 0)
-    } else {
-        (0, 1)
-    };
+    let (done, failed) = if status == "completed" { (1, 0) } else { (0, 1) };
     tx.execute(
         "UPDATE workers SET
             status = CASE WHEN status = 'busy' THEN 'idle' ELSE status END,
@@ -201,12 +197,9 @@ pub struct JobCounts {
 
 pub fn counts(conn: &Connection, job_type: Option<&str>) -> rusqlite::Result<JobCounts> {
     let mut c = JobCounts::default();
-    let mut stmt = conn.prepare(
-        "SELECT status, COUNT(*) FROM jobs WHERE ?1 IS NULL OR job_type = ?1 GROUP BY status",
-    )?;
-    let rows = stmt.query_map([job_type], |r| {
-        Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
-    })?;
+    let mut stmt =
+        conn.prepare("SELECT status, COUNT(*) FROM jobs WHERE ?1 IS NULL OR job_type = ?1 GROUP BY status")?;
+    let rows = stmt.query_map([job_type], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
     for row in rows {
         let (status, n) = row?;
         match status.as_str() {
@@ -293,18 +286,12 @@ mod tests {
         let w2 = workers::register(&conn, "t", "w2").unwrap();
         let id = submit(&conn, &job("t", "a", 0)).unwrap();
         let first = claim(&mut conn, "t", w1).unwrap().unwrap();
-        assert_eq!(
-            recover(&conn, w1, "w1", "was killed").unwrap(),
-            (vec![id], vec![])
-        );
+        assert_eq!(recover(&conn, w1, "w1", "was killed").unwrap(), (vec![id], vec![]));
         let second = claim(&mut conn, "t", w2).unwrap().unwrap();
         assert_eq!(second.attempt, 2);
         // The first worker's late write must not count.
         assert!(!finish(&mut conn, &first, w1, Outcome::Completed, 0.1).unwrap());
-        assert_eq!(
-            recover(&conn, w2, "w2", "was killed").unwrap(),
-            (vec![], vec![id])
-        );
+        assert_eq!(recover(&conn, w2, "w2", "was killed").unwrap(), (vec![], vec![id]));
         let (status, error): (String, String) = conn
             .query_row("SELECT status, error FROM jobs WHERE id = ?1", [id], |r| {
                 Ok((r.get(0)?, r.get(1)?))

@@ -27,8 +27,7 @@ pub fn open(path: &Path) -> anyhow::Result<Connection> {
     if let Some(dir) = path.parent()
         && !dir.as_os_str().is_empty()
     {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("creating the database folder {}", dir.display()))?;
+        std::fs::create_dir_all(dir).with_context(|| format!("creating the database folder {}", dir.display()))?;
     }
     let conn = open_existing(path)?;
     schema::migrate(&conn).with_context(|| format!("preparing the database {}", path.display()))?;
@@ -38,8 +37,7 @@ pub fn open(path: &Path) -> anyhow::Result<Connection> {
 /// Opens a database without creating or migrating it (for commands that only
 /// read, and for workers, which never change the schema).
 pub fn open_existing(path: &Path) -> anyhow::Result<Connection> {
-    let conn = Connection::open(path)
-        .with_context(|| format!("opening the database {}", path.display()))?;
+    let conn = Connection::open(path).with_context(|| format!("opening the database {}", path.display()))?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
     conn.pragma_update(None, "journal_mode", "WAL")
         .with_context(|| format!("switching {} to WAL mode", path.display()))?;

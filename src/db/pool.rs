@@ -80,13 +80,7 @@ pub fn supervisor(conn: &Connection) -> rusqlite::Result<Option<SupervisorRecord
 /// Slot states: `starting` (process launched, not registered yet),
 /// `running` (registered), `backoff` (waiting to restart), `failed` (given
 /// up), `stopped`.
-pub fn upsert_slot(
-    conn: &Connection,
-    worker_type: &str,
-    slot: u32,
-    mode: &str,
-    state: &str,
-) -> rusqlite::Result<()> {
+pub fn upsert_slot(conn: &Connection, worker_type: &str, slot: u32, mode: &str, state: &str) -> rusqlite::Result<()> {
     conn.execute(
         "INSERT INTO clx_pool_slots (worker_type, slot, execution_mode, state) VALUES (?1, ?2, ?3, ?4)
          ON CONFLICT(worker_type, slot) DO UPDATE SET
@@ -115,12 +109,7 @@ pub fn slot_launched(
     Ok(())
 }
 
-pub fn slot_registered(
-    conn: &Connection,
-    worker_type: &str,
-    slot: u32,
-    worker_row: i64,
-) -> rusqlite::Result<()> {
+pub fn slot_registered(conn: &Connection, worker_type: &str, slot: u32, worker_row: i64) -> rusqlite::Result<()> {
     conn.execute(
         "UPDATE clx_pool_slots SET state = 'running', worker_row = ?3, updated_at = CURRENT_TIMESTAMP
          WHERE worker_type = ?1 AND slot = ?2",
@@ -129,12 +118,7 @@ pub fn slot_registered(
     Ok(())
 }
 
-pub fn set_slot_state(
-    conn: &Connection,
-    worker_type: &str,
-    slot: u32,
-    state: &str,
-) -> rusqlite::Result<()> {
+pub fn set_slot_state(conn: &Connection, worker_type: &str, slot: u32, state: &str) -> rusqlite::Result<()> {
     conn.execute(
         "UPDATE clx_pool_slots SET state = ?3, updated_at = CURRENT_TIMESTAMP WHERE worker_type = ?1 AND slot = ?2",
         params![worker_type, slot, state],
@@ -159,10 +143,7 @@ pub struct WorkerEnd<'a> {
 /// In one transaction: marks the worker dead, puts its jobs back (or fails
 /// them), clears the slot's process and records the event. Returns
 /// (jobs requeued, jobs failed).
-pub fn record_end(
-    conn: &mut Connection,
-    end: &WorkerEnd,
-) -> rusqlite::Result<(Vec<i64>, Vec<i64>)> {
+pub fn record_end(conn: &mut Connection, end: &WorkerEnd) -> rusqlite::Result<(Vec<i64>, Vec<i64>)> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let mut held = None;
     let (mut requeued, mut failed) = (Vec::new(), Vec::new());

@@ -114,11 +114,9 @@ pub fn migrate(conn: &Connection) -> rusqlite::Result<()> {
             version INTEGER PRIMARY KEY,
             applied_at TIMESTAMP DEFAULT CURRENT_TIMESTAMP)",
     )?;
-    let current: i64 = conn.query_row(
-        "SELECT COALESCE(MAX(version), 0) FROM clx_pool_schema",
-        [],
-        |r| r.get(0),
-    )?;
+    let current: i64 = conn.query_row("SELECT COALESCE(MAX(version), 0) FROM clx_pool_schema", [], |r| {
+        r.get(0)
+    })?;
     for (i, sql) in POOL_MIGRATIONS.iter().enumerate() {
         let version = i as i64 + 1;
         if version <= current {
@@ -133,10 +131,7 @@ pub fn migrate(conn: &Connection) -> rusqlite::Result<()> {
         )?;
         if !done {
             tx.execute_batch(sql)?;
-            tx.execute(
-                "INSERT INTO clx_pool_schema (version) VALUES (?1)",
-                params![version],
-            )?;
+            tx.execute("INSERT INTO clx_pool_schema (version) VALUES (?1)", params![version])?;
         }
         tx.commit()?;
     }

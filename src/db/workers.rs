@@ -22,20 +22,15 @@ pub fn heartbeat(conn: &Connection, row: i64) -> rusqlite::Result<()> {
 }
 
 pub fn set_status(conn: &Connection, row: i64, status: &str) -> rusqlite::Result<()> {
-    conn.execute(
-        "UPDATE workers SET status = ?2 WHERE id = ?1",
-        params![row, status],
-    )?;
+    conn.execute("UPDATE workers SET status = ?2 WHERE id = ?1", params![row, status])?;
     Ok(())
 }
 
 /// Rows registered after `after_row` that are not dead: `(row, container_id)`.
 pub fn registered_since(conn: &Connection, after_row: i64) -> rusqlite::Result<Vec<(i64, String)>> {
-    conn.prepare_cached(
-        "SELECT id, container_id FROM workers WHERE id > ?1 AND status != 'dead' ORDER BY id",
-    )?
-    .query_map([after_row], |r| Ok((r.get(0)?, r.get(1)?)))?
-    .collect()
+    conn.prepare_cached("SELECT id, container_id FROM workers WHERE id > ?1 AND status != 'dead' ORDER BY id")?
+        .query_map([after_row], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect()
 }
 
 pub fn max_row(conn: &Connection) -> rusqlite::Result<i64> {
@@ -45,15 +40,9 @@ pub fn max_row(conn: &Connection) -> rusqlite::Result<i64> {
 /// Worker counts per type, then per status.
 pub fn counts(conn: &Connection) -> rusqlite::Result<BTreeMap<String, BTreeMap<String, i64>>> {
     let mut out: BTreeMap<String, BTreeMap<String, i64>> = BTreeMap::new();
-    let mut stmt = conn.prepare(
-        "SELECT worker_type, status, COUNT(*) FROM workers GROUP BY worker_type, status",
-    )?;
+    let mut stmt = conn.prepare("SELECT worker_type, status, COUNT(*) FROM workers GROUP BY worker_type, status")?;
     let rows = stmt.query_map([], |r| {
-        Ok((
-            r.get::<_, String>(0)?,
-            r.get::<_, String>(1)?,
-            r.get::<_, i64>(2)?,
-        ))
+        Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?))
     })?;
     for row in rows {
         let (t, s, n) = row?;

@@ -26,11 +26,8 @@ pub struct DirectWorker {
 pub fn launch(spec: &Launch) -> anyhow::Result<Running> {
     let mut log = RotatingLog::open(&spec.log_path, spec.log_max_size, spec.log_keep)
         .with_context(|| format!("opening the worker log {}", spec.log_path.display()))?;
-    let (read_end, write_end) =
-        nix::unistd::pipe2(OFlag::O_CLOEXEC).context("creating the worker's output pipe")?;
-    let write_end_2: OwnedFd = write_end
-        .try_clone()
-        .context("duplicating the output pipe")?;
+    let (read_end, write_end) = nix::unistd::pipe2(OFlag::O_CLOEXEC).context("creating the worker's output pipe")?;
+    let write_end_2: OwnedFd = write_end.try_clone().context("duplicating the output pipe")?;
     let parent = std::process::id() as i32;
     let memory_limit = spec.memory_limit;
 
@@ -53,11 +50,7 @@ pub fn launch(spec: &Launch) -> anyhow::Result<Running> {
                     return Err(std::io::Error::from_raw_os_error(nix::libc::ESRCH));
                 }
                 if let Some(bytes) = memory_limit {
-                    nix::sys::resource::setrlimit(
-                        nix::sys::resource::Resource::RLIMIT_DATA,
-                        bytes,
-                        bytes,
-                    )?;
+                    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_DATA, bytes, bytes)?;
                 }
                 Ok(())
             });
@@ -66,11 +59,7 @@ pub fn launch(spec: &Launch) -> anyhow::Result<Running> {
     cmd.wrap(ProcessGroup::leader()).wrap(KillOnDrop);
     logs::mark(
         &mut log,
-        &format!(
-            "starting worker {} ({})",
-            spec.worker_id,
-            spec.argv.join(" ")
-        ),
+        &format!("starting worker {} ({})", spec.worker_id, spec.argv.join(" ")),
     );
     let spawned = cmd.spawn();
     // Close our copies of the pipe's write end, or the drain never sees EOF.
@@ -87,8 +76,7 @@ pub fn launch(spec: &Launch) -> anyhow::Result<Running> {
         .map(|p| p as i32)
         .context("worker exited before its pid was read")?;
     let tail = Tail::default();
-    let reader =
-        pipe::Receiver::from_owned_fd(read_end).context("reading the worker's output pipe")?;
+    let reader = pipe::Receiver::from_owned_fd(read_end).context("reading the worker's output pipe")?;
     tokio::spawn(logs::drain(reader, log, tail.clone()));
     Ok(Running {
         worker_id: spec.worker_id.clone(),
@@ -134,10 +122,7 @@ impl DirectWorker {
         }
         let cause = self.wait().await;
         if !procs::ensure_group_gone(self.pgid, Duration::from_secs(5)).await {
-            tracing::error!(
-                pgid = self.pgid,
-                "processes of the worker's group survived SIGKILL"
-            );
+            tracing::error!(pgid = self.pgid, "processes of the worker's group survived SIGKILL");
         }
         cause
     }

@@ -20,8 +20,7 @@ pub struct CleanupReport {
 
 impl CleanupReport {
     pub fn is_empty(&self) -> bool {
-        self.processes_stopped + self.workers_marked_dead + self.jobs_requeued + self.jobs_failed
-            == 0
+        self.processes_stopped + self.workers_marked_dead + self.jobs_requeued + self.jobs_failed == 0
     }
 }
 

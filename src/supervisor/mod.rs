@@ -136,9 +136,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 elapsed.as_secs_f64()
             );
         } else {
-            error!(
-                "{registered} of {total} workers registered; {failed} slots failed (see `clx-pool stats`)"
-            );
+            error!("{registered} of {total} workers registered; {failed} slots failed (see `clx-pool stats`)");
         }
         let _ = db.call(|c| db::pool::set_state(c, "running")).await;
         token.cancelled().await;
@@ -152,10 +150,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     }
     let _ = db.call(|c| db::pool::set_state(c, "stopped")).await;
-    info!(
-        "all workers stopped in {:.3}s",
-        stopping.elapsed().as_secs_f64()
-    );
+    info!("all workers stopped in {:.3}s", stopping.elapsed().as_secs_f64());
     signals.abort_all();
     Ok(())
 }

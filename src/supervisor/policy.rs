@@ -80,17 +80,14 @@ mod tests {
         });
         let t0 = Instant::now();
         let delays: Vec<_> = (0..10)
-            .map(|i| {
-                match p.on_failure(t0 + Duration::from_secs(100 * i), Duration::from_millis(1)) {
+            .map(
+                |i| match p.on_failure(t0 + Duration::from_secs(100 * i), Duration::from_millis(1)) {
                     Decision::RestartAfter(d) => d.as_millis(),
                     Decision::GiveUp => panic!("gave up"),
-                }
-            })
+                },
+            )
             .collect();
-        assert_eq!(
-            delays,
-            vec![0, 500, 1000, 2000, 4000, 8000, 16000, 32000, 60000, 60000]
-        );
+        assert_eq!(delays, vec![0, 500, 1000, 2000, 4000, 8000, 16000, 32000, 60000, 60000]);
     }
 
     #[test]

@@ -82,10 +82,7 @@ impl Registry {
                 }
             }
             let after = last_row;
-            match db
-                .call(move |c| db::workers::registered_since(c, after))
-                .await
-            {
+            match db.call(move |c| db::workers::registered_since(c, after)).await {
                 Ok(rows) => {
                     let mut st = self.inner.state.lock().unwrap_or_else(|e| e.into_inner());
                     for (row, cid) in rows {

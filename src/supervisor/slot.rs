@@ -63,8 +63,7 @@ impl Slot {
                     exe,
                     "worker".into(),
                     "--heartbeat-interval".into(),
-                    humantime::format_duration(heartbeat_interval(pool.heartbeat_timeout))
-                        .to_string(),
+                    humantime::format_duration(heartbeat_interval(pool.heartbeat_timeout)).to_string(),
                     "--".into(),
                 ];
                 argv.extend(c.iter().cloned());
@@ -74,10 +73,7 @@ impl Slot {
         let mut env: Vec<(String, String)> = vec![
             ("WORKER_TYPE".into(), t.clone()),
             ("WORKER_ID".into(), worker_id.clone()),
-            (
-                "DB_PATH".into(),
-                pool.db_path.to_string_lossy().into_owned(),
-            ),
+            ("DB_PATH".into(), pool.db_path.to_string_lossy().into_owned()),
             (
                 "WORKSPACE_PATH".into(),
                 pool.workspace_path.to_string_lossy().into_owned(),
@@ -163,10 +159,7 @@ impl Slot {
                 .as_ref()
                 .map(|r| r.worker_id.clone())
                 .unwrap_or(spec.worker_id.clone());
-            let tail = running
-                .as_ref()
-                .map(|r| r.tail.lines(20))
-                .unwrap_or_default();
+            let tail = running.as_ref().map(|r| r.tail.lines(20)).unwrap_or_default();
             if tail.is_empty() {
                 warn!(worker = %worker_id, slot = %self.name(), "worker {cause}");
             } else {
@@ -208,11 +201,7 @@ impl Slot {
 
     /// Waits for registration, then for the worker's end. Ok(()) means the
     /// supervisor is shutting down; Err carries why the worker is gone.
-    async fn supervise(
-        &self,
-        running: &mut Running,
-        announced: &mut bool,
-    ) -> Result<(), (Failure, Option<i64>)> {
+    async fn supervise(&self, running: &mut Running, announced: &mut bool) -> Result<(), (Failure, Option<i64>)> {
         let registered = self.registry.expect(&running.worker_id);
         let row = tokio::select! {
             biased;
@@ -252,12 +241,8 @@ impl Slot {
         self.db
             .call(move |c| {
                 use rusqlite::OptionalExtension;
-                c.query_row(
-                    "SELECT id FROM workers WHERE container_id = ?1",
-                    [id],
-                    |r| r.get(0),
-                )
-                .optional()
+                c.query_row("SELECT id FROM workers WHERE container_id = ?1", [id], |r| r.get(0))
+                    .optional()
             })
             .await
             .ok()

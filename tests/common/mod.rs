@@ -1,0 +1,246 @@
+//! Test helpers: a pool in a temp directory driven through the real
+//! binary, polling with deadlines, and guards that end every process a test
+//! started, also when the test fails.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use rusqlite::Connection;
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_clx-pool")
+}
+
+/// Polls `cond` every 10 ms until it returns Some, or panics after `limit`.
+pub fn wait_for<T>(what: &str, limit: Duration, mut cond: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = cond() {
+            return v;
+        }
+        if Instant::now() >= deadline {
+            panic!("timed out after {limit:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A pool directory: config, database, workspace, logs.
+pub struct Pool {
+    pub dir: tempfile::TempDir,
+    pub supervisor: Option<Child>,
+}
+
+impl Pool {
+    /// Creates a pool whose config is `[pool]` defaults for tests plus `workers`
+    /// (TOML text of `[[workers]]` entries). `pool_extra` is added to `[pool]`.
+    pub fn new(pool_extra: &str, workers: &str) -> Pool {
+        let dir = tempfile::Builder::new().prefix("clx-pool-test-").tempdir().unwrap();
+        let mut pool = String::from("[pool]\ndb_path = \"jobs.db\"\nworkspace_path = \"workspace\"\n");
+        for (key, value) in [("stop_timeout", "\"3s\""), ("startup_timeout", "\"10s\"")] {
+            if !pool_extra.contains(key) {
+                pool.push_str(&format!("{key} = {value}\n"));
+            }
+        }
+        let config = format!("{pool}{pool_extra}\n\n{workers}\n");
+        std::fs::write(dir.path().join("pool.toml"), config).unwrap();
+        std::fs::create_dir_all(dir.path().join("workspace")).unwrap();
+        Pool { dir, supervisor: None }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    pub fn config(&self) -> PathBuf {
+        self.path("pool.toml")
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        self.path("jobs.db")
+    }
+
+    /// Runs a clx-pool command against this pool's config and waits for it.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        let mut cmd = Command::new(bin());
+        cmd.args(args);
+        if !args
+            .iter()
+            .any(|a| *a == "--db" || *a == "--config" || *a == "check" || *a == "start")
+        {
+            cmd.arg("--db").arg(self.db_path());
+        }
+        cmd.stdin(Stdio::null()).output().unwrap()
+    }
+
+    /// Starts the supervisor in the background (stderr to supervisor.log).
+    pub fn start(&mut self) {
+        let log = std::fs::File::create(self.path("supervisor.log")).unwrap();
+        let child = Command::new(bin())
+            .args(["start", "--config"])
+            .arg(self.config())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.supervisor = Some(child);
+    }
+
+    /// Starts the supervisor and waits until every worker has registered.
+    pub fn start_ready(&mut self) {
+        self.start();
+        let out = self.cli(&["wait", "--ready", "--timeout", "30s"]);
+        assert!(
+            out.status.success(),
+            "pool did not become ready: {}\n{}",
+            stderr(&out),
+            self.supervisor_log()
+        );
+    }
+
+    pub fn supervisor_log(&self) -> String {
+        std::fs::read_to_string(self.path("supervisor.log")).unwrap_or_default()
+    }
+
+    pub fn conn(&self) -> Connection {
+        let c = Connection::open(self.db_path()).unwrap();
+        c.busy_timeout(Duration::from_secs(10)).unwrap();
+        c
+    }
+
+    pub fn query_i64(&self, sql: &str) -> i64 {
+        self.conn().query_row(sql, [], |r| r.get(0)).unwrap()
+    }
+
+    /// Like `query_i64`, but None while the database or table is not there yet.
+    pub fn try_i64(&self, sql: &str) -> Option<i64> {
+        if !self.db_path().exists() {
+            return None;
+        }
+        self.conn().query_row(sql, [], |r| r.get(0)).ok()
+    }
+
+    pub fn query_strings(&self, sql: &str) -> Vec<String> {
+        let c = self.conn();
+        let mut stmt = c.prepare(sql).unwrap();
+        stmt.query_map([], |r| r.get::<_, String>(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    }
+
+    /// Writes a workspace file and queues a job for it; returns the job id.
+    pub fn submit(&self, job_type: &str, name: &str, content: &str) -> i64 {
+        std::fs::write(self.path("workspace").join(name), content).unwrap();
+        let out = self.cli(&[
+            "submit",
+            job_type,
+            name,
+            &format!("out/{name}"),
+            "--workspace",
+            self.path("workspace").to_str().unwrap(),
+        ]);
+        assert!(out.status.success(), "submit failed: {}", stderr(&out));
+        stdout(&out).trim().parse().unwrap()
+    }
+
+    pub fn output(&self, name: &str) -> Option<String> {
+        std::fs::read_to_string(self.path("workspace/out").join(name)).ok()
+    }
+
+    /// Live processes started for this pool (their environment names its database).
+    pub fn processes(&self) -> Vec<i32> {
+        processes_with_env(&format!("DB_PATH={}", self.db_path().display()))
+    }
+
+    /// Waits for the supervisor to exit and returns its exit code.
+    pub fn wait_supervisor_exit(&mut self, limit: Duration) -> i32 {
+        let child = self.supervisor.as_mut().expect("supervisor started");
+        let status = wait_for("the supervisor to exit", limit, || child.try_wait().unwrap());
+        status.code().unwrap_or(-1)
+    }
+
+    pub fn supervisor_pid(&self) -> i32 {
+        self.supervisor.as_ref().unwrap().id() as i32
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.supervisor.take() {
+            if child.try_wait().ok().flatten().is_none() {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(child.id() as i32),
+                    nix::sys::signal::Signal::SIGTERM,
+                );
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        for pid in self.processes() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+}
+
+/// Pids of live processes whose environment contains `needle` (a
+/// `NAME=value` pair), zombies excluded.
+pub fn processes_with_env(needle: &str) -> Vec<i32> {
+    let me = std::process::id() as i32;
+    let mut found = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return found;
+    };
+    for entry in dir.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else {
+            continue;
+        };
+        if env.split(|&b| b == 0).any(|kv| kv == needle.as_bytes()) && !is_zombie(pid) {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+fn is_zombie(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| s.rfind(')').map(|i| s[i + 2..].starts_with('Z')).unwrap_or(true))
+        .unwrap_or(true)
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A TOML `[[workers]]` entry for built-in workers running `sh -c script`.
+pub fn sh_workers(worker_type: &str, count: u32, script: &str) -> String {
+    format!(
+        "[[workers]]\nworker_type = \"{worker_type}\"\ncount = {count}\njob_command = [\"sh\", \"-c\", {}]\n",
+        toml_str(script)
+    )
+}
+
+pub fn toml_str(s: &str) -> String {
+    toml::Value::String(s.to_string()).to_string()
+}
+
+pub fn repo_path(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
