@@ -24,13 +24,17 @@ pub struct UsageError(pub String);
 
 /// Runs one command and returns the process exit code.
 pub fn run(cli: Cli) -> i32 {
-    let multi_thread = matches!(cli.command, Command::Start { .. });
-    let mut builder = if multi_thread {
-        tokio::runtime::Builder::new_multi_thread()
-    } else {
-        tokio::runtime::Builder::new_current_thread()
-    };
-    let runtime = match builder.enable_all().build() {
+    // One thread runs every command, the supervisor included: its work is
+    // waiting, and children spawned from the main thread keep their
+    // parent-death signal armed for the supervisor's whole life (Linux
+    // fires it when the spawning *thread* exits). Database calls go to a
+    // small blocking pool; they share one connection, so more threads
+    // would only queue on its lock.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .max_blocking_threads(2)
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

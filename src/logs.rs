@@ -99,7 +99,7 @@ impl Tail {
 /// Copies everything from `reader` into `log` and `tail` until every writer
 /// has closed the pipe.
 pub async fn drain(mut reader: pipe::Receiver, mut log: RotatingLog, tail: Tail) {
-    let mut buf = vec![0u8; 64 * 1024];
+    let mut buf = [0u8; 8 * 1024];
     loop {
         match reader.read(&mut buf).await {
             Ok(0) | Err(_) => break,
