@@ -90,10 +90,21 @@ pub struct WorkerConfig {
     pub image: Option<String>,
     pub memory_limit: Option<u64>,
     pub max_job_time: Duration,
+    /// This type's idle-heartbeat limit (the pool's unless overridden).
+    pub heartbeat_timeout: Duration,
+    /// The optional zero-CPU rule: a busy worker whose process tree used
+    /// less than `percent` of one CPU over `window` is hung.
+    pub hung_cpu: Option<HungCpu>,
     pub program: WorkerProgram,
     pub env: BTreeMap<String, String>,
     /// Line of the `[[workers]]` header, for messages about this entry.
     pub line: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HungCpu {
+    pub window: Duration,
+    pub percent: f64,
 }
 
 /// One problem found in a config file.
@@ -188,6 +199,11 @@ struct RawWorker {
     memory_limit: Option<String>,
     #[serde(default, with = "humantime_serde")]
     max_job_time: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    heartbeat_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    hung_cpu_window: Option<Duration>,
+    hung_cpu_percent: Option<f64>,
     command: Option<Vec<String>>,
     job_command: Option<Vec<String>>,
     env: Option<BTreeMap<String, String>>,
@@ -275,7 +291,8 @@ impl Config {
                 }
             };
             let raw_worker: RawWorker = v.section(Section::Worker(i), &format!("workers[{i}]"), &table, &[]);
-            if let Some(w) = v.worker(i, raw_worker) {
+            let pool_heartbeat = pool.as_ref().map(|p| p.heartbeat_timeout).unwrap_or(Duration::from_secs(30));
+            if let Some(w) = v.worker(i, raw_worker, pool_heartbeat) {
                 if let Some(first) = seen_types.insert(w.worker_type.clone(), i) {
                     v.push(
                         Section::Worker(i),
@@ -549,7 +566,7 @@ impl<'a> Validator<'a> {
         })
     }
 
-    fn worker(&mut self, i: usize, raw: RawWorker) -> Option<WorkerConfig> {
+    fn worker(&mut self, i: usize, raw: RawWorker, pool_heartbeat: Duration) -> Option<WorkerConfig> {
         let before = self.problems.len();
         let s = Section::Worker(i);
         let f = |k: &str| format!("workers[{i}].{k}");
@@ -620,6 +637,27 @@ impl<'a> Validator<'a> {
                 "must be greater than 0".into(),
             );
         }
+        let heartbeat_timeout = raw.heartbeat_timeout.unwrap_or(pool_heartbeat);
+        if heartbeat_timeout.is_zero() {
+            self.push(s, Some("heartbeat_timeout"), &f("heartbeat_timeout"), "must be greater than 0".into());
+        }
+        let hung_cpu = match (raw.hung_cpu_window, raw.hung_cpu_percent) {
+            (None, None) => None,
+            (None, Some(_)) => {
+                self.push(s, Some("hung_cpu_percent"), &f("hung_cpu_window"), "missing; hung_cpu_percent needs a hung_cpu_window".into());
+                None
+            }
+            (Some(window), percent) => {
+                let percent = percent.unwrap_or(1.0);
+                if window.is_zero() {
+                    self.push(s, Some("hung_cpu_window"), &f("hung_cpu_window"), "must be greater than 0".into());
+                }
+                if !(0.0..=100.0).contains(&percent) {
+                    self.push(s, Some("hung_cpu_percent"), &f("hung_cpu_percent"), format!("must be between 0 and 100, got {percent}"));
+                }
+                Some(HungCpu { window, percent })
+            }
+        };
         for (key, cmd) in [("command", &raw.command), ("job_command", &raw.job_command)] {
             if let Some(cmd) = cmd
                 && (cmd.is_empty() || cmd[0].is_empty())
@@ -672,6 +710,8 @@ impl<'a> Validator<'a> {
             image: raw.image,
             memory_limit,
             max_job_time,
+            heartbeat_timeout,
+            hung_cpu,
             program: program.unwrap_or(WorkerProgram::Command(Vec::new())),
             env: raw.env.unwrap_or_default(),
             line: self.lines.find(s, None).unwrap_or(1),

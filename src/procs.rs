@@ -131,3 +131,177 @@ mod tests {
         assert!(!is_same_process(me, t + 1));
     }
 }
+
+/// One line of `/proc/<pid>/stat`, the fields clx-pool uses.
+#[derive(Debug, Clone, Copy)]
+pub struct ProcStat {
+    pub pid: i32,
+    pub ppid: i32,
+    pub state: char,
+    /// utime + stime, in clock ticks.
+    pub cpu_ticks: u64,
+    /// Resident pages.
+    pub rss_pages: u64,
+}
+
+pub fn stat(pid: i32) -> Option<ProcStat> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &s[s.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // rest starts at field 3 (state): index = field - 3.
+    Some(ProcStat {
+        pid,
+        state: f.first()?.chars().next()?,
+        ppid: f.get(1)?.parse().ok()?,
+        cpu_ticks: f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?,
+        rss_pages: f.get(21)?.parse().ok()?,
+    })
+}
+
+/// Every process on the host, read once.
+pub fn all() -> Vec<ProcStat> {
+    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(stat)
+        .collect()
+}
+
+/// CPU ticks and resident bytes of `root` and all its descendants, from a
+/// snapshot taken with [`all`].
+pub fn tree_usage(snapshot: &[ProcStat], root: i32) -> Option<(u64, u64)> {
+    let mut children: std::collections::HashMap<i32, Vec<&ProcStat>> = std::collections::HashMap::new();
+    let mut root_stat = None;
+    for p in snapshot {
+        children.entry(p.ppid).or_default().push(p);
+        if p.pid == root {
+            root_stat = Some(p);
+        }
+    }
+    let mut stack = vec![root_stat?];
+    let (mut ticks, mut pages) = (0, 0);
+    while let Some(p) = stack.pop() {
+        ticks += p.cpu_ticks;
+        pages += p.rss_pages;
+        if let Some(c) = children.get(&p.pid) {
+            stack.extend(c.iter().copied());
+        }
+    }
+    Some((ticks, pages * page_size()))
+}
+
+pub fn page_size() -> u64 {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE).ok().flatten().map(|v| v as u64).unwrap_or(4096)
+}
+
+pub fn clock_ticks_per_second() -> u64 {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().map(|v| v as u64).unwrap_or(100)
+}
+
+/// The number of OOM kills on this host since boot (`/proc/vmstat`).
+pub fn oom_kills() -> Option<u64> {
+    std::fs::read_to_string("/proc/vmstat")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("oom_kill ").and_then(|v| v.trim().parse().ok()))
+}
+
+/// Pids of the worker processes this supervisor spawned: tokio reaps those
+/// itself, so [`reap_strays`] must leave them alone. Only touched from the
+/// runtime thread, between a spawn and the wait that reaps it.
+static SPAWNED: std::sync::LazyLock<std::sync::Mutex<std::collections::HashSet<i32>>> =
+    std::sync::LazyLock::new(Default::default);
+
+pub fn track(pid: i32) {
+    SPAWNED.lock().unwrap_or_else(|e| e.into_inner()).insert(pid);
+}
+
+pub fn untrack(pid: i32) {
+    SPAWNED.lock().unwrap_or_else(|e| e.into_inner()).remove(&pid);
+}
+
+/// Direct children of this process (threads included).
+pub fn own_children() -> Vec<i32> {
+    let mut out = Vec::new();
+    if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
+        for t in tasks.flatten() {
+            if let Ok(text) = std::fs::read_to_string(t.path().join("children")) {
+                out.extend(text.split_whitespace().filter_map(|p| p.parse::<i32>().ok()));
+            }
+        }
+    }
+    out
+}
+
+/// Kills what escaped the process group of worker `worker_id` (a `setsid`
+/// grandchild, a daemonized helper) once the group itself is gone. As child
+/// subreaper the supervisor has inherited such orphans; they still carry
+/// the worker's `WORKER_ID` in their environment. Returns how many were
+/// killed (with their descendants).
+pub fn kill_escaped(worker_id: &str) -> usize {
+    let tracked = SPAWNED.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let strays: Vec<i32> = own_children().into_iter().filter(|p| !tracked.contains(p)).collect();
+    if strays.is_empty() {
+        return 0;
+    }
+    let tag = format!("WORKER_ID={worker_id}");
+    let snapshot = all();
+    let mut killed = 0;
+    for pid in strays {
+        let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else { continue };
+        if !env.split(|&b| b == 0).any(|kv| kv == tag.as_bytes()) {
+            continue;
+        }
+        for p in subtree(&snapshot, pid) {
+            let _ = signal_process(p, Signal::SIGKILL);
+            killed += 1;
+        }
+    }
+    killed
+}
+
+/// `root` and its descendants in `snapshot`.
+fn subtree(snapshot: &[ProcStat], root: i32) -> Vec<i32> {
+    let mut out = vec![root];
+    let mut i = 0;
+    while i < out.len() {
+        let parent = out[i];
+        out.extend(snapshot.iter().filter(|p| p.ppid == parent && p.pid != parent).map(|p| p.pid));
+        i += 1;
+    }
+    out
+}
+
+/// Processes left by an earlier run of the pool whose database is `db`:
+/// workers and their descendants carry `DB_PATH=<db>` and a clx-pool
+/// `WORKER_ID=direct-…` in their environment.
+pub fn find_pool_leftovers(db: &std::path::Path) -> Vec<i32> {
+    let me = std::process::id() as i32;
+    let db_tag = format!("DB_PATH={}", db.display());
+    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| pid != me && !is_zombie(pid))
+        .filter(|&pid| {
+            let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else { return false };
+            let mut vars = env.split(|&b| b == 0);
+            let (mut has_db, mut has_id) = (false, false);
+            for kv in &mut vars {
+                has_db |= kv == db_tag.as_bytes();
+                has_id |= kv.starts_with(b"WORKER_ID=direct-");
+            }
+            has_db && has_id
+        })
+        .collect()
+}
+
+/// Reaps zombie children that are not workers we spawned: as a child
+/// subreaper, the supervisor inherits the orphaned descendants of its
+/// workers and must collect them when they exit.
+pub fn reap_strays() {
+    let me = std::process::id() as i32;
+    let ours = SPAWNED.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    for p in all() {
+        if p.ppid == me && p.state == 'Z' && !ours.contains(&p.pid) {
+            let _ = nix::sys::wait::waitpid(Pid::from_raw(p.pid), Some(nix::sys::wait::WaitPidFlag::WNOHANG));
+        }
+    }
+}

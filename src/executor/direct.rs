@@ -20,7 +20,12 @@ use crate::procs;
 pub struct DirectWorker {
     child: Box<dyn TokioChildWrapper>,
     pgid: i32,
+    worker_id: String,
     exit: Option<ExitCause>,
+    /// The host's OOM-kill count when the worker started.
+    oom_kills_at_start: Option<u64>,
+    /// Set once we send SIGKILL ourselves, so that exit is not blamed on OOM.
+    killed_by_us: bool,
 }
 
 pub fn launch(spec: &Launch) -> anyhow::Result<Running> {
@@ -86,43 +91,61 @@ pub fn launch(spec: &Launch) -> anyhow::Result<Running> {
         inner: DirectWorker {
             child,
             pgid: pid,
+            worker_id: spec.worker_id.clone(),
             exit: None,
+            oom_kills_at_start: procs::oom_kills(),
+            killed_by_us: false,
         },
     })
 }
 
 impl DirectWorker {
     /// Waits for the group leader (the worker itself) to exit, then kills
-    /// whatever it left in its group.
+    /// whatever it left: its process group, and descendants that escaped
+    /// the group. Cancel-safe: the only await is the child's wait.
     pub async fn wait(&mut self) -> ExitCause {
         if let Some(exit) = &self.exit {
             return exit.clone();
         }
-        let cause = match self.child.inner_mut().wait().await {
+        let mut cause = match self.child.inner_mut().wait().await {
             Ok(status) => exit_cause(status),
             Err(e) => ExitCause::Unknown(e.to_string()),
         };
+        procs::untrack(self.pgid);
+        if cause == ExitCause::Signal(Signal::SIGKILL as i32)
+            && !self.killed_by_us
+            && let (Some(before), Some(now)) = (self.oom_kills_at_start, procs::oom_kills())
+            && now > before
+        {
+            cause = ExitCause::Oom;
+        }
         self.exit = Some(cause.clone());
-        // Job commands the worker started die with it.
         let _ = procs::signal_group(self.pgid, Signal::SIGKILL);
+        let escaped = procs::kill_escaped(&self.worker_id);
+        if escaped > 0 {
+            tracing::info!(worker = %self.worker_id, escaped, "killed processes that had left the worker's process group");
+        }
         cause
     }
 
     pub async fn stop(&mut self, grace: Duration) -> ExitCause {
         if self.exit.is_none() {
             let _ = procs::signal_group(self.pgid, Signal::SIGTERM);
+            // A stopped (SIGSTOP) worker must run to see the SIGTERM.
+            let _ = procs::signal_group(self.pgid, Signal::SIGCONT);
             if tokio::time::timeout(grace, self.wait()).await.is_err() {
                 tracing::warn!(
-                    pgid = self.pgid,
-                    "worker ignored SIGTERM for {}; killing it",
+                    worker = %self.worker_id,
+                    "worker did not exit within {} of SIGTERM; sending SIGKILL",
                     humantime::format_duration(grace)
                 );
+                self.killed_by_us = true;
                 let _ = procs::signal_group(self.pgid, Signal::SIGKILL);
             }
         }
         let cause = self.wait().await;
         if !procs::ensure_group_gone(self.pgid, Duration::from_secs(5)).await {
-            tracing::error!(pgid = self.pgid, "processes of the worker's group survived SIGKILL");
+            tracing::error!(worker = %self.worker_id, pgid = self.pgid, "processes of the worker's group survived SIGKILL");
         }
         cause
     }

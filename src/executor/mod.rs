@@ -31,6 +31,8 @@ pub struct Launch {
 pub enum ExitCause {
     Code(i32),
     Signal(i32),
+    /// SIGKILLed while the kernel's OOM killer was at work.
+    Oom,
     Unknown(String),
 }
 
@@ -42,6 +44,7 @@ impl fmt::Display for ExitCause {
                 Ok(sig) => write!(f, "was killed by {sig}"),
                 Err(_) => write!(f, "was killed by signal {s}"),
             },
+            ExitCause::Oom => write!(f, "was killed by the kernel's OOM killer (out of memory)"),
             ExitCause::Unknown(e) => write!(f, "ended ({e})"),
         }
     }

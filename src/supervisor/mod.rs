@@ -4,6 +4,7 @@
 //! parallel before exiting.
 
 pub mod cleanup;
+pub mod monitor;
 pub mod policy;
 pub mod registry;
 pub mod slot;
@@ -43,6 +44,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
 
     let _lock = SupervisorLock::acquire(&pool.db_path)?;
+    // Orphaned descendants of workers (a `setsid` grandchild whose parent
+    // died) become our children instead of init's, so none escapes `stop`.
+    nix::sys::prctl::set_child_subreaper(true).context("becoming a child subreaper")?;
     for dir in [&pool.workspace_path, &pool.log_dir] {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
@@ -97,9 +101,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let registry = registry::Registry::spawn(db.clone(), after_row, token.child_token());
     let (ready_tx, mut ready_rx) = mpsc::unbounded_channel();
     let mut slots = JoinSet::new();
+    let mut hung_senders = std::collections::HashMap::new();
     for worker in &config.workers {
         let worker = Arc::new(worker.clone());
         for index in 0..worker.count {
+            let (hung_tx, hung) = mpsc::unbounded_channel();
+            hung_senders.insert((worker.worker_type.clone(), index), hung_tx);
             let slot = Slot {
                 config: config.clone(),
                 worker: worker.clone(),
@@ -108,11 +115,26 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 registry: registry.clone(),
                 token: token.clone(),
                 ready: ready_tx.clone(),
+                hung,
             };
             slots.spawn(slot.run());
         }
     }
     drop(ready_tx);
+    let monitor = monitor::Monitor { config: config.clone(), db: db.clone(), token: token.clone(), slots: hung_senders };
+    let monitor = tokio::spawn(monitor.run());
+    // As child subreaper the supervisor inherits its workers' orphaned
+    // descendants; collect them as they exit.
+    let mut sigchld = signal(SignalKind::child()).context("installing the SIGCHLD handler")?;
+    let reaper_token = token.clone();
+    let reaper = tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = reaper_token.cancelled() => return,
+                _ = sigchld.recv() => crate::procs::reap_strays(),
+            }
+        }
+    });
     let total = config.total_workers();
     info!(workers = total, db = %pool.db_path.display(), "starting pool");
 
@@ -149,6 +171,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             error!("a slot task failed: {e}");
         }
     }
+    let _ = monitor.await;
+    reaper.abort();
+    crate::procs::reap_strays();
     let _ = db.call(|c| db::pool::set_state(c, "stopped")).await;
     info!("all workers stopped in {:.3}s", stopping.elapsed().as_secs_f64());
     signals.abort_all();

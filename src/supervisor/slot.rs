@@ -10,6 +10,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use super::monitor::Hung;
 use super::policy::{Decision, RestartPolicy};
 use super::registry::Registry;
 use crate::config::{Config, WorkerConfig, WorkerProgram};
@@ -31,11 +32,14 @@ pub struct Slot {
     pub registry: Registry,
     pub token: CancellationToken,
     pub ready: mpsc::UnboundedSender<SlotReady>,
+    /// Reports from the monitor that this slot's worker is hung.
+    pub hung: mpsc::UnboundedReceiver<Hung>,
 }
 
 /// Why a worker stopped being useful.
 enum Failure {
     Died(String),
+    Hung(String),
     NoRegister,
     SpawnFailed(String),
 }
@@ -102,7 +106,7 @@ impl Slot {
         }
     }
 
-    pub async fn run(self) {
+    pub async fn run(mut self) {
         let t = self.worker.worker_type.clone();
         let index = self.index;
         let mut policy = RestartPolicy::new(self.config.pool.restart.clone());
@@ -146,6 +150,7 @@ impl Slot {
             let ran_for = started.elapsed();
             let (event, cause) = match &failure {
                 Failure::Died(c) => ("died", c.clone()),
+                Failure::Hung(reason) => ("hung", format!("was hung ({reason})")),
                 Failure::NoRegister => (
                     "no-register",
                     format!(
@@ -201,7 +206,9 @@ impl Slot {
 
     /// Waits for registration, then for the worker's end. Ok(()) means the
     /// supervisor is shutting down; Err carries why the worker is gone.
-    async fn supervise(&self, running: &mut Running, announced: &mut bool) -> Result<(), (Failure, Option<i64>)> {
+    async fn supervise(&mut self, running: &mut Running, announced: &mut bool) -> Result<(), (Failure, Option<i64>)> {
+        // Reports about an earlier worker of this slot are stale.
+        while self.hung.try_recv().is_ok() {}
         let registered = self.registry.expect(&running.worker_id);
         let row = tokio::select! {
             biased;
@@ -228,10 +235,21 @@ impl Slot {
             *announced = true;
             let _ = self.ready.send(SlotReady::Registered);
         }
-        tokio::select! {
-            biased;
-            _ = self.token.cancelled() => Ok(()),
-            cause = running.wait() => Err((Failure::Died(cause.to_string()), Some(row))),
+        loop {
+            tokio::select! {
+                biased;
+                _ = self.token.cancelled() => return Ok(()),
+                cause = running.wait() => return Err((Failure::Died(cause.to_string()), Some(row))),
+                Some(hung) = self.hung.recv() => {
+                    if hung.worker_row != row {
+                        continue;
+                    }
+                    let _ = self.db.call(move |c| db::workers::set_status(c, row, "hung")).await;
+                    let cause = running.stop(self.config.pool.stop_timeout).await;
+                    info!(worker = %running.worker_id, slot = %self.name(), "stopped the hung worker ({cause})");
+                    return Err((Failure::Hung(hung.reason), Some(row)));
+                }
+            }
         }
     }
 

@@ -1,0 +1,215 @@
+//! The monitor's periodic check, for what sends no event: heartbeats that
+//! stopped, jobs that run too long, busy workers that use no CPU. Ages are
+//! computed in SQL from UTC `CURRENT_TIMESTAMP` text, never against local
+//! time. It also writes each worker's CPU and memory use (its whole process
+//! tree, from `/proc`) into `workers.cpu_usage` / `memory_usage`, all rows
+//! in one transaction per tick. A hung worker is reported to its slot,
+//! which stops and replaces it.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+use crate::config::{Config, WorkerConfig};
+use crate::db::Db;
+use crate::procs;
+
+/// A worker found hung: its row and why.
+#[derive(Debug, Clone)]
+pub struct Hung {
+    pub worker_row: i64,
+    pub reason: String,
+}
+
+pub type SlotKey = (String, u32);
+
+pub struct Monitor {
+    pub config: Arc<Config>,
+    pub db: Db,
+    pub token: CancellationToken,
+    pub slots: HashMap<SlotKey, mpsc::UnboundedSender<Hung>>,
+}
+
+#[derive(Debug)]
+struct Observed {
+    key: SlotKey,
+    row: i64,
+    pid: Option<i32>,
+    status: String,
+    heartbeat_age: i64,
+    /// The job in hand: (id, seconds since it started).
+    job: Option<(i64, i64)>,
+}
+
+/// A CPU sample of one worker's process tree.
+#[derive(Clone, Copy)]
+struct Sample {
+    at: Instant,
+    ticks: u64,
+}
+
+#[derive(Default)]
+struct State {
+    /// Latest sample per worker row, for `cpu_usage`.
+    last: HashMap<i64, Sample>,
+    /// Start of the current low-CPU window per (worker row, job).
+    window: HashMap<(i64, i64), Sample>,
+    /// Rows already reported hung (the slot is replacing them).
+    reported: HashSet<i64>,
+}
+
+impl Monitor {
+    pub async fn run(self) {
+        let mut tick = tokio::time::interval(self.config.pool.check_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut state = State::default();
+        loop {
+            tokio::select! {
+                _ = self.token.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            if let Err(e) = self.check(&mut state).await {
+                warn!("monitor check failed: {e:#}");
+            }
+            procs::reap_strays();
+        }
+    }
+
+    async fn check(&self, state: &mut State) -> anyhow::Result<()> {
+        let observed = self.db.call(observe).await?;
+        let snapshot = tokio::task::spawn_blocking(procs::all).await?;
+        let hz = procs::clock_ticks_per_second() as f64;
+        let now = Instant::now();
+        let mut usage = Vec::new();
+        let by_type: HashMap<&str, &WorkerConfig> =
+            self.config.workers.iter().map(|w| (w.worker_type.as_str(), w)).collect();
+        let live: HashSet<i64> = observed.iter().map(|o| o.row).collect();
+        state.last.retain(|row, _| live.contains(row));
+        state.window.retain(|(row, _), _| live.contains(row));
+        state.reported.retain(|row| live.contains(row));
+
+        for o in &observed {
+            let Some(wc) = by_type.get(o.key.0.as_str()) else { continue };
+            let sample = o
+                .pid
+                .and_then(|pid| procs::tree_usage(&snapshot, pid))
+                .map(|(ticks, rss)| (Sample { at: now, ticks }, rss));
+            if let Some((s, rss)) = sample {
+                let cpu = state.last.get(&o.row).map(|p| cpu_percent(p, &s, hz));
+                state.last.insert(o.row, s);
+                usage.push((o.row, cpu, rss as f64 / (1024.0 * 1024.0)));
+            }
+            if state.reported.contains(&o.row) {
+                continue;
+            }
+            let reason = match o.job {
+                Some((job, age)) if age as f64 > wc.max_job_time.as_secs_f64() => Some(format!(
+                    "job {job} has run for {}, longer than max_job_time {}",
+                    humantime::format_duration(Duration::from_secs(age as u64)),
+                    humantime::format_duration(wc.max_job_time)
+                )),
+                Some((job, _)) => match (wc.hung_cpu, sample) {
+                    (Some(rule), Some((s, _))) => {
+                        let start = *state.window.entry((o.row, job)).or_insert(s);
+                        let elapsed = s.at.duration_since(start.at);
+                        if elapsed >= rule.window {
+                            let pct = cpu_percent(&start, &s, hz);
+                            state.window.insert((o.row, job), s);
+                            (pct < rule.percent).then(|| {
+                                format!(
+                                    "job {job} used {pct:.1}% CPU over {} (hung_cpu_percent {})",
+                                    humantime::format_duration(Duration::from_secs(elapsed.as_secs())),
+                                    rule.percent
+                                )
+                            })
+                        } else {
+                            None
+                        }
+                    }
+                    _ => None,
+                },
+                None if o.status == "idle" && o.heartbeat_age as f64 > wc.heartbeat_timeout.as_secs_f64() => {
+                    Some(format!(
+                        "its heartbeat is {} old, older than heartbeat_timeout {}",
+                        humantime::format_duration(Duration::from_secs(o.heartbeat_age as u64)),
+                        humantime::format_duration(wc.heartbeat_timeout)
+                    ))
+                }
+                None => None,
+            };
+            if let Some(reason) = reason
+                && let Some(tx) = self.slots.get(&o.key)
+            {
+                warn!(slot = %format!("{}-{}", o.key.0, o.key.1), "worker is hung: {reason}");
+                state.reported.insert(o.row);
+                let _ = tx.send(Hung { worker_row: o.row, reason });
+            }
+        }
+        if !usage.is_empty() {
+            self.db
+                .call(move |c| {
+                    let tx = c.transaction()?;
+                    {
+                        let mut stmt = tx.prepare_cached(
+                            "UPDATE workers SET cpu_usage = COALESCE(?2, cpu_usage), memory_usage = ?3 WHERE id = ?1",
+                        )?;
+                        for (row, cpu, mem) in usage {
+                            stmt.execute(rusqlite::params![row, cpu, mem])?;
+                        }
+                    }
+                    tx.commit()
+                })
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+fn cpu_percent(from: &Sample, to: &Sample, hz: f64) -> f64 {
+    let secs = to.at.duration_since(from.at).as_secs_f64();
+    if secs <= 0.0 {
+        return 0.0;
+    }
+    (to.ticks.saturating_sub(from.ticks) as f64 / hz) / secs * 100.0
+}
+
+/// Every registered worker of a running slot, with its heartbeat age and
+/// the age of the job it holds, all computed by SQLite in UTC.
+fn observe(c: &mut rusqlite::Connection) -> rusqlite::Result<Vec<Observed>> {
+    let mut stmt = c.prepare_cached(
+        "SELECT s.worker_type, s.slot, w.id, s.pid, w.status,
+                COALESCE(unixepoch('now') - unixepoch(w.last_heartbeat), 0),
+                j.id, unixepoch('now') - unixepoch(j.started_at)
+         FROM clx_pool_slots s
+         JOIN workers w ON w.id = s.worker_row
+         LEFT JOIN jobs j ON j.worker_id = w.id AND j.status = 'processing'
+         WHERE s.state = 'running'
+         ORDER BY s.worker_type, s.slot, j.started_at",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        let job: Option<i64> = r.get(6)?;
+        let age: Option<i64> = r.get(7)?;
+        Ok(Observed {
+            key: (r.get(0)?, r.get(1)?),
+            row: r.get(2)?,
+            pid: r.get::<_, Option<i64>>(3)?.map(|p| p as i32),
+            status: r.get(4)?,
+            heartbeat_age: r.get(5)?,
+            job: job.map(|j| (j, age.unwrap_or(0))),
+        })
+    })?;
+    let mut out: Vec<Observed> = Vec::new();
+    for o in rows {
+        let o = o?;
+        // Several jobs in hand: the oldest (first) decides.
+        if out.last().is_some_and(|l| l.row == o.row) {
+            continue;
+        }
+        out.push(o);
+    }
+    Ok(out)
+}
