@@ -291,7 +291,10 @@ impl Config {
                 }
             };
             let raw_worker: RawWorker = v.section(Section::Worker(i), &format!("workers[{i}]"), &table, &[]);
-            let pool_heartbeat = pool.as_ref().map(|p| p.heartbeat_timeout).unwrap_or(Duration::from_secs(30));
+            let pool_heartbeat = pool
+                .as_ref()
+                .map(|p| p.heartbeat_timeout)
+                .unwrap_or(Duration::from_secs(30));
             if let Some(w) = v.worker(i, raw_worker, pool_heartbeat) {
                 if let Some(first) = seen_types.insert(w.worker_type.clone(), i) {
                     v.push(
@@ -639,21 +642,41 @@ impl<'a> Validator<'a> {
         }
         let heartbeat_timeout = raw.heartbeat_timeout.unwrap_or(pool_heartbeat);
         if heartbeat_timeout.is_zero() {
-            self.push(s, Some("heartbeat_timeout"), &f("heartbeat_timeout"), "must be greater than 0".into());
+            self.push(
+                s,
+                Some("heartbeat_timeout"),
+                &f("heartbeat_timeout"),
+                "must be greater than 0".into(),
+            );
         }
         let hung_cpu = match (raw.hung_cpu_window, raw.hung_cpu_percent) {
             (None, None) => None,
             (None, Some(_)) => {
-                self.push(s, Some("hung_cpu_percent"), &f("hung_cpu_window"), "missing; hung_cpu_percent needs a hung_cpu_window".into());
+                self.push(
+                    s,
+                    Some("hung_cpu_percent"),
+                    &f("hung_cpu_window"),
+                    "missing; hung_cpu_percent needs a hung_cpu_window".into(),
+                );
                 None
             }
             (Some(window), percent) => {
                 let percent = percent.unwrap_or(1.0);
                 if window.is_zero() {
-                    self.push(s, Some("hung_cpu_window"), &f("hung_cpu_window"), "must be greater than 0".into());
+                    self.push(
+                        s,
+                        Some("hung_cpu_window"),
+                        &f("hung_cpu_window"),
+                        "must be greater than 0".into(),
+                    );
                 }
                 if !(0.0..=100.0).contains(&percent) {
-                    self.push(s, Some("hung_cpu_percent"), &f("hung_cpu_percent"), format!("must be between 0 and 100, got {percent}"));
+                    self.push(
+                        s,
+                        Some("hung_cpu_percent"),
+                        &f("hung_cpu_percent"),
+                        format!("must be between 0 and 100, got {percent}"),
+                    );
                 }
                 Some(HungCpu { window, percent })
             }

@@ -160,7 +160,9 @@ pub fn stat(pid: i32) -> Option<ProcStat> {
 
 /// Every process on the host, read once.
 pub fn all() -> Vec<ProcStat> {
-    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
     dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
         .filter_map(stat)
         .collect()
@@ -190,11 +192,19 @@ pub fn tree_usage(snapshot: &[ProcStat], root: i32) -> Option<(u64, u64)> {
 }
 
 pub fn page_size() -> u64 {
-    nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE).ok().flatten().map(|v| v as u64).unwrap_or(4096)
+    nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .map(|v| v as u64)
+        .unwrap_or(4096)
 }
 
 pub fn clock_ticks_per_second() -> u64 {
-    nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().map(|v| v as u64).unwrap_or(100)
+    nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .map(|v| v as u64)
+        .unwrap_or(100)
 }
 
 /// The number of OOM kills on this host since boot (`/proc/vmstat`).
@@ -219,78 +229,71 @@ pub fn untrack(pid: i32) {
     SPAWNED.lock().unwrap_or_else(|e| e.into_inner()).remove(&pid);
 }
 
-/// Direct children of this process (threads included).
-pub fn own_children() -> Vec<i32> {
-    let mut out = Vec::new();
-    if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
-        for t in tasks.flatten() {
-            if let Ok(text) = std::fs::read_to_string(t.path().join("children")) {
-                out.extend(text.split_whitespace().filter_map(|p| p.parse::<i32>().ok()));
-            }
-        }
-    }
-    out
-}
-
-/// Kills what escaped the process group of worker `worker_id` (a `setsid`
-/// grandchild, a daemonized helper) once the group itself is gone. As child
-/// subreaper the supervisor has inherited such orphans; they still carry
-/// the worker's `WORKER_ID` in their environment. Returns how many were
-/// killed (with their descendants).
-pub fn kill_escaped(worker_id: &str) -> usize {
-    let tracked = SPAWNED.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    let strays: Vec<i32> = own_children().into_iter().filter(|p| !tracked.contains(p)).collect();
-    if strays.is_empty() {
-        return 0;
-    }
-    let tag = format!("WORKER_ID={worker_id}");
-    let snapshot = all();
-    let mut killed = 0;
-    for pid in strays {
-        let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else { continue };
-        if !env.split(|&b| b == 0).any(|kv| kv == tag.as_bytes()) {
-            continue;
-        }
-        for p in subtree(&snapshot, pid) {
-            let _ = signal_process(p, Signal::SIGKILL);
-            killed += 1;
-        }
-    }
-    killed
-}
-
-/// `root` and its descendants in `snapshot`.
-fn subtree(snapshot: &[ProcStat], root: i32) -> Vec<i32> {
-    let mut out = vec![root];
-    let mut i = 0;
-    while i < out.len() {
-        let parent = out[i];
-        out.extend(snapshot.iter().filter(|p| p.ppid == parent && p.pid != parent).map(|p| p.pid));
-        i += 1;
-    }
-    out
-}
-
-/// Processes left by an earlier run of the pool whose database is `db`:
-/// workers and their descendants carry `DB_PATH=<db>` and a clx-pool
-/// `WORKER_ID=direct-…` in their environment.
-pub fn find_pool_leftovers(db: &std::path::Path) -> Vec<i32> {
+/// Live processes (not this one) whose environment satisfies `pred`,
+/// which sees the `NAME=value` entries one by one.
+fn find_by_env(mut pred: impl FnMut(&mut dyn Iterator<Item = &[u8]>) -> bool) -> Vec<i32> {
     let me = std::process::id() as i32;
-    let db_tag = format!("DB_PATH={}", db.display());
-    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
     dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
         .filter(|&pid| pid != me && !is_zombie(pid))
         .filter(|&pid| {
-            let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else { return false };
-            let mut vars = env.split(|&b| b == 0);
-            let (mut has_db, mut has_id) = (false, false);
-            for kv in &mut vars {
-                has_db |= kv == db_tag.as_bytes();
-                has_id |= kv.starts_with(b"WORKER_ID=direct-");
-            }
-            has_db && has_id
+            let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else {
+                return false;
+            };
+            pred(&mut env.split(|&b| b == 0))
         })
         .collect()
+}
+
+/// Every process started by worker `worker_id`, wherever it went: its job
+/// commands, their children, helpers that left the worker's process group
+/// with `setsid`. They all inherit `WORKER_ID` from the worker.
+pub fn find_worker_processes(worker_id: &str) -> Vec<i32> {
+    let tag = format!("WORKER_ID={worker_id}");
+    find_by_env(|vars| {
+        for kv in vars {
+            if kv == tag.as_bytes() {
+                return true;
+            }
+        }
+        false
+    })
+}
+
+/// Processes of any worker of the pool whose database is `db`: they carry
+/// `DB_PATH=<db>` and a clx-pool `WORKER_ID=direct-…`.
+pub fn find_pool_processes(db: &std::path::Path) -> Vec<i32> {
+    let db_tag = format!("DB_PATH={}", db.display());
+    find_by_env(|vars| {
+        let (mut has_db, mut has_id) = (false, false);
+        for kv in vars {
+            has_db |= kv == db_tag.as_bytes();
+            has_id |= kv.starts_with(b"WORKER_ID=direct-");
+        }
+        has_db && has_id
+    })
+}
+
+/// SIGKILLs what `find` returns until it returns nothing or `limit` passes;
+/// returns how many processes the first look found.
+pub async fn sweep(find: impl Fn() -> Vec<i32>, limit: Duration) -> usize {
+    let first = find();
+    if first.is_empty() {
+        return 0;
+    }
+    let deadline = Instant::now() + limit;
+    let mut left = first.clone();
+    while !left.is_empty() && Instant::now() < deadline {
+        for &pid in &left {
+            let _ = signal_process(pid, Signal::SIGKILL);
+        }
+        reap_strays();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        left = find();
+    }
+    first.len()
 }
 
 /// Reaps zombie children that are not workers we spawned: as a child

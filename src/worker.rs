@@ -143,11 +143,16 @@ async fn run_job(
         // command, so the worker alone decides what becomes of the job.
         .process_group(0);
     // SAFETY: runs in the forked child before exec and only makes the
-    // async-signal-safe prctl syscall.
+    // async-signal-safe prctl and getppid syscalls.
+    let me = std::process::id() as i32;
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
             // The command dies with the worker, even if the worker is SIGKILLed.
             nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
+            // The worker may have died before prctl took effect.
+            if nix::unistd::getppid().as_raw() != me {
+                return Err(std::io::Error::from_raw_os_error(nix::libc::ESRCH));
+            }
             Ok(())
         });
     }
@@ -202,8 +207,15 @@ async fn run_job(
     let Some((status, tail)) = result else {
         kill_group(&child);
         let _ = child.wait().await;
-        jobs::give_back(conn, job, row)?;
-        info!(job = job.id, "asked to stop: gave the job back to the queue");
+        let status: String = conn.query_row("SELECT status FROM workers WHERE id = ?1", [row], |r| r.get(0))?;
+        if status == "hung" {
+            // The supervisor declared this worker hung: the attempt counts,
+            // and the supervisor puts the job back (or fails it).
+            info!(job = job.id, "stopped as hung: leaving the job to the supervisor");
+        } else {
+            jobs::give_back(conn, job, row)?;
+            info!(job = job.id, "asked to stop: gave the job back to the queue");
+        }
         return Ok(true);
     };
     let seconds = started.elapsed().as_secs_f64();

@@ -74,9 +74,9 @@ enum Ready {
 }
 
 fn ready_state(conn: &rusqlite::Connection, db_path: &std::path::Path) -> anyhow::Result<Ready> {
-    if lock::running_supervisor(db_path).is_none() {
+    let Some(pid) = lock::running_supervisor(db_path) else {
         return Ok(Ready::No("no supervisor is running".into()));
-    }
+    };
     let has_tables: bool = conn.query_row(
         "SELECT EXISTS(SELECT 1 FROM sqlite_master WHERE name = 'clx_pool_supervisor')",
         [],
@@ -88,6 +88,10 @@ fn ready_state(conn: &rusqlite::Connection, db_path: &std::path::Path) -> anyhow
     let Some(sup) = db::pool::supervisor(conn)? else {
         return Ok(Ready::No("the supervisor is starting".into()));
     };
+    // The record may still be an earlier run's until this one has cleaned up.
+    if sup.pid != i64::from(pid) {
+        return Ok(Ready::No("the supervisor is starting".into()));
+    }
     if sup.state == "stopping" || sup.state == "stopped" {
         return Ok(Ready::No(format!("the supervisor is {}", sup.state)));
     }

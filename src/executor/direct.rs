@@ -101,8 +101,8 @@ pub fn launch(spec: &Launch) -> anyhow::Result<Running> {
 
 impl DirectWorker {
     /// Waits for the group leader (the worker itself) to exit, then kills
-    /// whatever it left: its process group, and descendants that escaped
-    /// the group. Cancel-safe: the only await is the child's wait.
+    /// what is left in its process group. Cancel-safe: the only await is the
+    /// child's wait.
     pub async fn wait(&mut self) -> ExitCause {
         if let Some(exit) = &self.exit {
             return exit.clone();
@@ -121,10 +121,6 @@ impl DirectWorker {
         }
         self.exit = Some(cause.clone());
         let _ = procs::signal_group(self.pgid, Signal::SIGKILL);
-        let escaped = procs::kill_escaped(&self.worker_id);
-        if escaped > 0 {
-            tracing::info!(worker = %self.worker_id, escaped, "killed processes that had left the worker's process group");
-        }
         cause
     }
 
@@ -148,6 +144,16 @@ impl DirectWorker {
             tracing::error!(worker = %self.worker_id, pgid = self.pgid, "processes of the worker's group survived SIGKILL");
         }
         cause
+    }
+
+    /// Kills every process the worker started that is still alive outside
+    /// its group (job commands in their own groups, `setsid` helpers).
+    pub async fn sweep(&self) {
+        let id = self.worker_id.clone();
+        let n = procs::sweep(move || procs::find_worker_processes(&id), Duration::from_secs(5)).await;
+        if n > 0 {
+            tracing::info!(worker = %self.worker_id, processes = n, "killed what the worker left running");
+        }
     }
 }
 

@@ -70,6 +70,11 @@ impl Running {
     pub async fn stop(&mut self, grace: Duration) -> ExitCause {
         self.inner.stop(grace).await
     }
+
+    /// After the worker ended: kills whatever it started that outlived it.
+    pub async fn sweep(&self) {
+        self.inner.sweep().await
+    }
 }
 
 /// Starts a worker.

@@ -50,20 +50,11 @@ pub async fn orphans(db: &Db, grace: Duration) -> anyhow::Result<CleanupReport> 
             report.processes_stopped += 1;
         }
     }
-    // Descendants that had left their worker's process group (setsid) and
-    // were not in any recorded group: found by the environment they carry.
-    let leftovers = procs::find_pool_leftovers(db.path());
-    if !leftovers.is_empty() {
-        for &pid in &leftovers {
-            let _ = procs::signal_process(pid, nix::sys::signal::Signal::SIGKILL);
-        }
-        let deadline = std::time::Instant::now() + Duration::from_secs(2);
-        while !procs::find_pool_leftovers(db.path()).is_empty() && std::time::Instant::now() < deadline {
-            procs::reap_strays();
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        report.processes_stopped += leftovers.len();
-    }
+    // Descendants that had left their worker's process group (setsid, job
+    // commands), found by the environment they inherited.
+    let db_path = db.path().to_path_buf();
+    report.processes_stopped +=
+        procs::sweep(move || procs::find_pool_processes(&db_path), Duration::from_secs(5)).await;
     let (dead, requeued, failed) = db
         .call(|c| {
             let r = db::workers::bury_all(c, "was left behind by a supervisor that is gone")?;

@@ -121,7 +121,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     }
     drop(ready_tx);
-    let monitor = monitor::Monitor { config: config.clone(), db: db.clone(), token: token.clone(), slots: hung_senders };
+    let monitor = monitor::Monitor {
+        config: config.clone(),
+        db: db.clone(),
+        token: token.clone(),
+        slots: hung_senders,
+    };
     let monitor = tokio::spawn(monitor.run());
     // As child subreaper the supervisor inherits its workers' orphaned
     // descendants; collect them as they exit.
@@ -170,6 +175,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         if let Err(e) = res {
             error!("a slot task failed: {e}");
         }
+    }
+    // Whatever the stopped workers left outside their process groups.
+    let db_path = pool.db_path.clone();
+    let swept = crate::procs::sweep(
+        move || crate::procs::find_pool_processes(&db_path),
+        std::time::Duration::from_secs(5),
+    )
+    .await;
+    if swept > 0 {
+        info!(processes = swept, "killed processes the workers left running");
     }
     let _ = monitor.await;
     reaper.abort();

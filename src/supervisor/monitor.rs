@@ -85,15 +85,21 @@ impl Monitor {
         let hz = procs::clock_ticks_per_second() as f64;
         let now = Instant::now();
         let mut usage = Vec::new();
-        let by_type: HashMap<&str, &WorkerConfig> =
-            self.config.workers.iter().map(|w| (w.worker_type.as_str(), w)).collect();
+        let by_type: HashMap<&str, &WorkerConfig> = self
+            .config
+            .workers
+            .iter()
+            .map(|w| (w.worker_type.as_str(), w))
+            .collect();
         let live: HashSet<i64> = observed.iter().map(|o| o.row).collect();
         state.last.retain(|row, _| live.contains(row));
         state.window.retain(|(row, _), _| live.contains(row));
         state.reported.retain(|row| live.contains(row));
 
         for o in &observed {
-            let Some(wc) = by_type.get(o.key.0.as_str()) else { continue };
+            let Some(wc) = by_type.get(o.key.0.as_str()) else {
+                continue;
+            };
             let sample = o
                 .pid
                 .and_then(|pid| procs::tree_usage(&snapshot, pid))
@@ -146,7 +152,10 @@ impl Monitor {
             {
                 warn!(slot = %format!("{}-{}", o.key.0, o.key.1), "worker is hung: {reason}");
                 state.reported.insert(o.row);
-                let _ = tx.send(Hung { worker_row: o.row, reason });
+                let _ = tx.send(Hung {
+                    worker_row: o.row,
+                    reason,
+                });
             }
         }
         if !usage.is_empty() {

@@ -170,6 +170,9 @@ impl Slot {
             } else {
                 warn!(worker = %worker_id, slot = %self.name(), "worker {cause}; last output:\n{tail}");
             }
+            if let Some(r) = &running {
+                r.sweep().await;
+            }
             self.record_end(&worker_id, worker_row, event, &cause, &tail, true)
                 .await;
             drop(running);

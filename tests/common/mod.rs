@@ -31,6 +31,8 @@ pub fn wait_for<T>(what: &str, limit: Duration, mut cond: impl FnMut() -> Option
 pub struct Pool {
     pub dir: tempfile::TempDir,
     pub supervisor: Option<Child>,
+    /// Extra environment for the supervisor and every command (e.g. TZ).
+    pub env: Vec<(String, String)>,
 }
 
 impl Pool {
@@ -47,7 +49,17 @@ impl Pool {
         let config = format!("{pool}{pool_extra}\n\n{workers}\n");
         std::fs::write(dir.path().join("pool.toml"), config).unwrap();
         std::fs::create_dir_all(dir.path().join("workspace")).unwrap();
-        Pool { dir, supervisor: None }
+        Pool {
+            dir,
+            supervisor: None,
+            env: Vec::new(),
+        }
+    }
+
+    /// Runs the supervisor and commands with `TZ=zone`.
+    pub fn tz(mut self, zone: &str) -> Pool {
+        self.env.push(("TZ".into(), zone.into()));
+        self
     }
 
     pub fn path(&self, rel: &str) -> PathBuf {
@@ -65,7 +77,7 @@ impl Pool {
     /// Runs a clx-pool command against this pool's config and waits for it.
     pub fn cli(&self, args: &[&str]) -> Output {
         let mut cmd = Command::new(bin());
-        cmd.args(args);
+        cmd.args(args).envs(self.env.iter().map(|(k, v)| (k, v)));
         if !args
             .iter()
             .any(|a| *a == "--db" || *a == "--config" || *a == "check" || *a == "start")
@@ -79,6 +91,7 @@ impl Pool {
     pub fn start(&mut self) {
         let log = std::fs::File::create(self.path("supervisor.log")).unwrap();
         let child = Command::new(bin())
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .args(["start", "--config"])
             .arg(self.config())
             .stdin(Stdio::null())
@@ -161,6 +174,33 @@ impl Pool {
         let child = self.supervisor.as_mut().expect("supervisor started");
         let status = wait_for("the supervisor to exit", limit, || child.try_wait().unwrap());
         status.code().unwrap_or(-1)
+    }
+
+    /// The pid and worker id of the worker in slot `slot` of `worker_type`
+    /// once it is running.
+    pub fn slot_worker(&self, worker_type: &str, slot: u32) -> (i32, String) {
+        self.conn()
+            .query_row(
+                "SELECT pid, worker_id FROM clx_pool_slots WHERE worker_type = ?1 AND slot = ?2 AND state = 'running'",
+                rusqlite::params![worker_type, slot],
+                |r| Ok((r.get::<_, i64>(0)? as i32, r.get(1)?)),
+            )
+            .unwrap()
+    }
+
+    /// Waits until slot `slot` runs a worker other than `old_id`; returns its id.
+    pub fn wait_replacement(&self, worker_type: &str, slot: u32, old_id: &str, limit: Duration) -> String {
+        wait_for(&format!("a replacement for {old_id}"), limit, || {
+            let (id, state): (Option<String>, String) = self
+                .conn()
+                .query_row(
+                    "SELECT worker_id, state FROM clx_pool_slots WHERE worker_type = ?1 AND slot = ?2",
+                    rusqlite::params![worker_type, slot],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .ok()?;
+            (state == "running" && id.as_deref() != Some(old_id)).then_some(id?)
+        })
     }
 
     pub fn supervisor_pid(&self) -> i32 {

@@ -31,8 +31,16 @@ def on_term(signum, frame):
     stopping = True
 
 
-signal.signal(signal.SIGTERM, on_term)
+# Test switches: a worker that ignores SIGTERM, and one that starts a helper
+# in a session of its own (as Jupyter starts kernels).
+if os.environ.get("TEST_IGNORE_TERM"):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+else:
+    signal.signal(signal.SIGTERM, on_term)
 signal.signal(signal.SIGINT, on_term)
+if os.environ.get("TEST_SETSID_HELPER"):
+    import subprocess
+    subprocess.Popen(["setsid", "sleep", "300"])
 
 db = sqlite3.connect(db_path, timeout=30, isolation_level=None)
 db.execute("PRAGMA busy_timeout = 30000")
