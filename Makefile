@@ -2,8 +2,12 @@
 CARGO ?= cargo
 CONFIG ?= config/pool.toml
 BIN := target/release/clx-pool
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
+IMAGE ?= clx-pool/test:$(VERSION)
+TARGET := x86_64-unknown-linux-gnu
+STATIC_BIN := target/$(TARGET)/release/clx-pool
 
-.PHONY: build run demo test lint fmt clean
+.PHONY: build run demo test lint fmt clean docker-image
 
 build:
 	$(CARGO) build --release
@@ -21,6 +25,12 @@ test:
 	else \
 		$(CARGO) test --no-fail-fast; \
 	fi
+
+# A tiny image of the built-in worker (statically linked clx-pool + busybox),
+# made without any registry; the docker tests and the docker demo use it.
+docker-image:
+	RUSTFLAGS='-C target-feature=+crt-static' $(CARGO) build --release --target $(TARGET)
+	sh scripts/docker-image.sh $(STATIC_BIN) $(IMAGE)
 
 lint:
 	$(CARGO) fmt --check

@@ -96,6 +96,9 @@ pub struct WorkerConfig {
     /// less than `percent` of one CPU over `window` is hung.
     pub hung_cpu: Option<HungCpu>,
     pub program: WorkerProgram,
+    /// Neither `command` nor `job_command` was given: docker mode runs the
+    /// image's own entrypoint and command.
+    pub image_default: bool,
     pub env: BTreeMap<String, String>,
     /// Line of the `[[workers]]` header, for messages about this entry.
     pub line: usize,
@@ -693,6 +696,7 @@ impl<'a> Validator<'a> {
                 );
             }
         }
+        let image_default = raw.command.is_none() && raw.job_command.is_none();
         let program = match (raw.command, raw.job_command) {
             (Some(_), Some(_)) => {
                 self.push(
@@ -736,6 +740,7 @@ impl<'a> Validator<'a> {
             heartbeat_timeout,
             hung_cpu,
             program: program.unwrap_or(WorkerProgram::Command(Vec::new())),
+            image_default,
             env: raw.env.unwrap_or_default(),
             line: self.lines.find(s, None).unwrap_or(1),
         })

@@ -5,11 +5,14 @@
 use std::path::{Path, PathBuf};
 
 use crate::config::{Config, ExecutionMode, WorkerProgram};
+use crate::executor::docker;
 use crate::lock;
 
 pub async fn run(path: &Path) -> anyhow::Result<i32> {
     let config = Config::load(path)?;
     let mut problems = Vec::new();
+    let mut docker: Option<Result<bollard::Docker, String>> = None;
+    let mut network_checked = false;
     let cwd = config
         .path
         .parent()
@@ -18,11 +21,36 @@ pub async fn run(path: &Path) -> anyhow::Result<i32> {
         .unwrap_or_else(|| PathBuf::from("."));
     for w in &config.workers {
         let at = format!("{}:{}: workers `{}`", config.path.display(), w.line, w.worker_type);
-        if w.execution_mode == ExecutionMode::Docker {
-            problems.push(format!(
-                "{at}: execution_mode = \"docker\" is not supported by this build of clx-pool"
-            ));
-            continue;
+        if w.execution_mode != ExecutionMode::Direct {
+            let image = w.image.clone().unwrap_or_default();
+            let client = match docker.get_or_insert(docker::connect().await.map_err(|e| format!("{e:#}"))) {
+                Ok(client) => Some(client.clone()),
+                Err(e) if w.execution_mode == ExecutionMode::Docker => {
+                    problems.push(format!("{at}: execution_mode = \"docker\" needs a Docker engine: {e}"));
+                    continue;
+                }
+                Err(e) => {
+                    println!("note: workers `{}`: auto mode will run directly ({e})", w.worker_type);
+                    None
+                }
+            };
+            if let Some(client) = client {
+                if !image.is_empty() && docker::image_exists(&client, &image).await {
+                    println!("ok: workers `{}`: image {image} is on this host", w.worker_type);
+                    check_network(&client, &config.pool.network, &mut network_checked, &mut problems).await;
+                    continue;
+                }
+                if w.execution_mode == ExecutionMode::Docker {
+                    problems.push(format!(
+                        "{at}: the image {image} is not on this host; get it with `docker pull {image}`"
+                    ));
+                    continue;
+                }
+                println!(
+                    "note: workers `{}`: auto mode will run directly (image `{image}` is not on this host)",
+                    w.worker_type
+                );
+            }
         }
         let (what, program) = match &w.program {
             WorkerProgram::Command(c) => ("command", &c[0]),
@@ -114,4 +142,26 @@ fn nearest_existing(p: &Path) -> Option<PathBuf> {
 
 fn is_writable(p: &Path) -> bool {
     nix::unistd::access(p, nix::unistd::AccessFlags::W_OK).is_ok()
+}
+
+/// Reports whether the pool's docker network exists, is ambiguous, or will
+/// be created by `start`.
+async fn check_network(client: &bollard::Docker, network: &str, checked: &mut bool, problems: &mut Vec<String>) {
+    if std::mem::replace(checked, true) || ["none", "host", "bridge", "default"].contains(&network) {
+        return;
+    }
+    let filters = std::collections::HashMap::from([("name", vec![network.to_string()])]);
+    let opts = bollard::query_parameters::ListNetworksOptionsBuilder::default()
+        .filters(&filters)
+        .build();
+    match client.list_networks(Some(opts)).await {
+        Ok(list) => match list.iter().filter(|n| n.name.as_deref() == Some(network)).count() {
+            0 => println!("note: docker network {network} does not exist yet; start will create it"),
+            1 => println!("ok: docker network {network} exists"),
+            n => problems.push(format!(
+                "pool.network: {n} docker networks are named {network}, so the name is ambiguous; remove all but one (`docker network ls`)"
+            )),
+        },
+        Err(e) => problems.push(format!("pool.network: cannot list docker networks: {e}")),
+    }
 }

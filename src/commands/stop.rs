@@ -61,7 +61,7 @@ pub async fn run(args: &DbArgs, timeout: Duration) -> anyhow::Result<i32> {
         .unwrap_or(Duration::from_secs(10));
     let path = db_path.clone();
     let conn = tokio::task::spawn_blocking(move || db::open(&path)).await??;
-    let report = cleanup::orphans(&Db::new(conn, &db_path), grace).await?;
+    let report = cleanup::orphans(&Db::new(conn, &db_path), grace, None).await?;
     if report.is_empty() {
         println!("no supervisor is running for {}; nothing to stop", db_path.display());
     } else {

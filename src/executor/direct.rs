@@ -14,6 +14,7 @@ use process_wrap::tokio::{KillOnDrop, ProcessGroup, TokioChildWrapper, TokioComm
 use tokio::net::unix::pipe;
 
 use super::{ExitCause, Launch, Running};
+use crate::config::WorkerProgram;
 use crate::logs::{self, RotatingLog, Tail};
 use crate::procs;
 
@@ -29,6 +30,36 @@ pub struct DirectWorker {
 }
 
 pub fn launch(spec: &Launch) -> anyhow::Result<Running> {
+    let worker_id = format!(
+        "direct-{}-{}-{}",
+        spec.worker_type,
+        spec.slot,
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    let argv = match &spec.program {
+        WorkerProgram::Command(c) => c.clone(),
+        WorkerProgram::JobCommand(c) => {
+            let exe = std::env::current_exe().context("finding the clx-pool executable for the built-in worker")?;
+            let mut argv = vec![
+                exe.to_string_lossy().into_owned(),
+                "worker".into(),
+                "--heartbeat-interval".into(),
+                humantime::format_duration(spec.heartbeat_interval).to_string(),
+                "--".into(),
+            ];
+            argv.extend(c.iter().cloned());
+            argv
+        }
+    };
+    let mut env: Vec<(String, String)> = vec![
+        ("WORKER_TYPE".into(), spec.worker_type.clone()),
+        ("WORKER_ID".into(), worker_id.clone()),
+        ("DB_PATH".into(), spec.db_path.to_string_lossy().into_owned()),
+        ("WORKSPACE_PATH".into(), spec.workspace.to_string_lossy().into_owned()),
+        ("LOG_LEVEL".into(), spec.log_level.clone()),
+        ("USE_SQLITE_QUEUE".into(), "true".into()),
+    ];
+    env.extend(spec.extra_env.iter().cloned());
     let mut log = RotatingLog::open(&spec.log_path, spec.log_max_size, spec.log_keep)
         .with_context(|| format!("opening the worker log {}", spec.log_path.display()))?;
     let (read_end, write_end) = nix::unistd::pipe2(OFlag::O_CLOEXEC).context("creating the worker's output pipe")?;
@@ -36,9 +67,9 @@ pub fn launch(spec: &Launch) -> anyhow::Result<Running> {
     let parent = std::process::id() as i32;
     let memory_limit = spec.memory_limit;
 
-    let mut cmd = TokioCommandWrap::with_new(&spec.argv[0], |c| {
-        c.args(&spec.argv[1..])
-            .envs(spec.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+    let mut cmd = TokioCommandWrap::with_new(&argv[0], |c| {
+        c.args(&argv[1..])
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .current_dir(&spec.cwd)
             .stdin(Stdio::null())
             .stdout(Stdio::from(write_end))
@@ -62,18 +93,15 @@ pub fn launch(spec: &Launch) -> anyhow::Result<Running> {
         }
     });
     cmd.wrap(ProcessGroup::leader()).wrap(KillOnDrop);
-    logs::mark(
-        &mut log,
-        &format!("starting worker {} ({})", spec.worker_id, spec.argv.join(" ")),
-    );
+    logs::mark(&mut log, &format!("starting worker {worker_id} ({})", argv.join(" ")));
     let spawned = cmd.spawn();
     // Close our copies of the pipe's write end, or the drain never sees EOF.
     drop(cmd);
     let child = match spawned {
         Ok(child) => child,
         Err(e) => {
-            logs::mark(&mut log, &format!("could not start {}: {e}", spec.argv[0]));
-            return Err(anyhow::Error::new(e).context(format!("starting `{}`", spec.argv[0])));
+            logs::mark(&mut log, &format!("could not start {}: {e}", argv[0]));
+            return Err(anyhow::Error::new(e).context(format!("starting `{}`", argv[0])));
         }
     };
     let pid = child
@@ -83,20 +111,15 @@ pub fn launch(spec: &Launch) -> anyhow::Result<Running> {
     let tail = Tail::default();
     let reader = pipe::Receiver::from_owned_fd(read_end).context("reading the worker's output pipe")?;
     tokio::spawn(logs::drain(reader, log, tail.clone()));
-    Ok(Running {
-        worker_id: spec.worker_id.clone(),
-        pid: Some(pid),
-        proc_start: procs::start_ticks(pid),
-        tail,
-        inner: DirectWorker {
-            child,
-            pgid: pid,
-            worker_id: spec.worker_id.clone(),
-            exit: None,
-            oom_kills_at_start: procs::oom_kills(),
-            killed_by_us: false,
-        },
-    })
+    let worker = DirectWorker {
+        child,
+        pgid: pid,
+        worker_id: worker_id.clone(),
+        exit: None,
+        oom_kills_at_start: procs::oom_kills(),
+        killed_by_us: false,
+    };
+    Ok(Running::direct(worker_id, pid, tail, worker))
 }
 
 impl DirectWorker {

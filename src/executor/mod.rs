@@ -1,24 +1,34 @@
 //! Executors start one worker and report how it ended. The supervisor's
-//! slots use only [`Launch`] and [`Running`], so restart policy, job
-//! recovery and history are one piece of code for every execution mode.
+//! slots use only [`Mode::launch`] and [`Running`], so restart policy, job
+//! recovery and history are one piece of code for both execution modes.
 
 pub mod direct;
+pub mod docker;
 
 use std::fmt;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
+use crate::config::WorkerProgram;
 use crate::logs::Tail;
 
-/// Everything needed to start one worker in one slot.
+/// Everything needed to start one worker in one slot, whatever the mode.
 #[derive(Debug, Clone)]
 pub struct Launch {
     pub worker_type: String,
     pub slot: u32,
-    /// The id the worker will register with (`WORKER_ID` in direct mode).
-    pub worker_id: String,
-    pub argv: Vec<String>,
-    pub env: Vec<(String, String)>,
+    pub program: WorkerProgram,
+    /// No command was configured: docker runs the image's own.
+    pub image_default: bool,
+    /// The entry's `env`.
+    pub extra_env: Vec<(String, String)>,
+    pub db_path: PathBuf,
+    pub workspace: PathBuf,
+    pub log_level: String,
+    /// Passed to the built-in worker.
+    pub heartbeat_interval: Duration,
+    /// Working directory of a direct worker (the config file's folder).
     pub cwd: PathBuf,
     pub memory_limit: Option<u64>,
     pub log_path: PathBuf,
@@ -26,12 +36,40 @@ pub struct Launch {
     pub log_keep: u32,
 }
 
+/// How a slot runs its workers (for `auto` entries, decided at start).
+#[derive(Clone)]
+pub enum Mode {
+    Direct,
+    Docker {
+        engine: Arc<docker::DockerEngine>,
+        image: String,
+        network: String,
+    },
+}
+
+impl Mode {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Mode::Direct => "direct",
+            Mode::Docker { .. } => "docker",
+        }
+    }
+
+    /// Starts a worker.
+    pub async fn launch(&self, spec: &Launch) -> anyhow::Result<Running> {
+        match self {
+            Mode::Direct => direct::launch(spec),
+            Mode::Docker { engine, image, network } => engine.launch(spec, image, network).await,
+        }
+    }
+}
+
 /// How a worker ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ExitCause {
     Code(i32),
     Signal(i32),
-    /// SIGKILLed while the kernel's OOM killer was at work.
+    /// Killed by the kernel's OOM killer.
     Oom,
     Unknown(String),
 }
@@ -50,34 +88,65 @@ impl fmt::Display for ExitCause {
     }
 }
 
+enum Inner {
+    Direct(direct::DirectWorker),
+    Docker(docker::DockerWorker),
+}
+
 /// A started worker.
 pub struct Running {
+    /// The id it registers with: `WORKER_ID` (direct) or the short container id (docker).
     pub worker_id: String,
+    /// The worker's process (direct mode).
     pub pid: Option<i32>,
     pub proc_start: Option<i64>,
     pub tail: Tail,
-    inner: direct::DirectWorker,
+    inner: Inner,
 }
 
 impl Running {
+    fn direct(worker_id: String, pid: i32, tail: Tail, w: direct::DirectWorker) -> Running {
+        Running {
+            worker_id,
+            pid: Some(pid),
+            proc_start: crate::procs::start_ticks(pid),
+            tail,
+            inner: Inner::Direct(w),
+        }
+    }
+
+    fn docker(worker_id: String, tail: Tail, w: docker::DockerWorker) -> Running {
+        Running {
+            worker_id,
+            pid: None,
+            proc_start: None,
+            tail,
+            inner: Inner::Docker(w),
+        }
+    }
+
     /// Resolves when the worker has exited. Cancel-safe (for `select!`).
     pub async fn wait(&mut self) -> ExitCause {
-        self.inner.wait().await
+        match &mut self.inner {
+            Inner::Direct(w) => w.wait().await,
+            Inner::Docker(w) => w.wait().await,
+        }
     }
 
     /// Stops the worker: SIGTERM, SIGKILL after `grace`, and makes sure
-    /// nothing it started is left.
+    /// nothing of it is left.
     pub async fn stop(&mut self, grace: Duration) -> ExitCause {
-        self.inner.stop(grace).await
+        match &mut self.inner {
+            Inner::Direct(w) => w.stop(grace).await,
+            Inner::Docker(w) => w.stop(grace).await,
+        }
     }
 
-    /// After the worker ended: kills whatever it started that outlived it.
+    /// After the worker ended: removes whatever of it outlived it.
     pub async fn sweep(&self) {
-        self.inner.sweep().await
+        match &self.inner {
+            Inner::Direct(w) => w.sweep().await,
+            Inner::Docker(w) => w.sweep().await,
+        }
     }
-}
-
-/// Starts a worker.
-pub fn launch(spec: &Launch) -> anyhow::Result<Running> {
-    direct::launch(spec)
 }

@@ -5,13 +5,16 @@
 //! runs and by `stop` when no supervisor is running.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::db::{self, Db};
+use crate::executor::docker::{self, DockerEngine};
 use crate::procs;
 
 #[derive(Debug, Default)]
 pub struct CleanupReport {
+    pub containers_removed: usize,
     pub processes_stopped: usize,
     pub workers_marked_dead: usize,
     pub jobs_requeued: usize,
@@ -20,7 +23,12 @@ pub struct CleanupReport {
 
 impl CleanupReport {
     pub fn is_empty(&self) -> bool {
-        self.processes_stopped + self.workers_marked_dead + self.jobs_requeued + self.jobs_failed == 0
+        self.containers_removed
+            + self.processes_stopped
+            + self.workers_marked_dead
+            + self.jobs_requeued
+            + self.jobs_failed
+            == 0
     }
 }
 
@@ -28,17 +36,37 @@ impl fmt::Display for CleanupReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "stopped {} orphaned worker process(es), marked {} stale worker row(s) dead, put {} job(s) back in the queue, failed {} job(s) with no attempts left",
-            self.processes_stopped, self.workers_marked_dead, self.jobs_requeued, self.jobs_failed
+            "removed {} container(s), stopped {} orphaned worker process(es), marked {} stale worker row(s) dead, put {} job(s) back in the queue, failed {} job(s) with no attempts left",
+            self.containers_removed,
+            self.processes_stopped,
+            self.workers_marked_dead,
+            self.jobs_requeued,
+            self.jobs_failed
         )
     }
 }
 
 /// Call only while holding the supervisor lock or after checking that no
 /// supervisor runs.
-pub async fn orphans(db: &Db, grace: Duration) -> anyhow::Result<CleanupReport> {
+pub async fn orphans(db: &Db, grace: Duration, engine: Option<Arc<DockerEngine>>) -> anyhow::Result<CleanupReport> {
     let slots = db.call(|c| db::pool::slots(c)).await?;
     let mut report = CleanupReport::default();
+    // Containers outlive a crashed supervisor; find them by label. Docker
+    // is asked only if this pool used it (or is about to).
+    let engine = match engine {
+        Some(e) => Some(e),
+        None if slots.iter().any(|s| s.execution_mode.starts_with("docker")) => match docker::connect().await {
+            Ok(client) => Some(DockerEngine::new(client, db.path())),
+            Err(e) => {
+                tracing::warn!("cannot look for this pool's leftover containers: {e:#}");
+                None
+            }
+        },
+        None => None,
+    };
+    if let Some(engine) = engine {
+        report.containers_removed = engine.remove_pool_containers().await?;
+    }
     let mut stops = tokio::task::JoinSet::new();
     for s in slots {
         if let Some(pid) = s.pid {

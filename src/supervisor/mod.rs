@@ -21,6 +21,8 @@ use tracing::{error, info, warn};
 
 use crate::config::{Config, ExecutionMode};
 use crate::db::{self, Db};
+use crate::executor::Mode;
+use crate::executor::docker::{self, DockerEngine};
 use crate::lock::SupervisorLock;
 use slot::{Slot, SlotReady};
 
@@ -28,21 +30,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let config = Arc::new(config);
     let pool = &config.pool;
     let started = Instant::now();
-    for w in &config.workers {
-        match w.execution_mode {
-            ExecutionMode::Docker => anyhow::bail!(
-                "{}:{}: workers `{}` use execution_mode = \"docker\", which this build of clx-pool cannot run yet; use \"direct\"",
-                config.path.display(),
-                w.line,
-                w.worker_type
-            ),
-            ExecutionMode::Auto => {
-                info!(worker_type = %w.worker_type, "execution_mode = \"auto\": running directly (no docker support in this build)")
-            }
-            ExecutionMode::Direct => {}
-        }
-    }
-
     let _lock = SupervisorLock::acquire(&pool.db_path)?;
     // Orphaned descendants of workers (a `setsid` grandchild whose parent
     // died) become our children instead of init's, so none escapes `stop`.
@@ -54,7 +41,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let conn = tokio::task::spawn_blocking(move || db::open(&db_path)).await??;
     let db = Db::new(conn, &pool.db_path);
 
-    let report = cleanup::orphans(&db, pool.stop_timeout).await?;
+    // Docker is touched only when an entry may use it.
+    let (engine, modes) = resolve_modes(&config).await?;
+    let report = cleanup::orphans(&db, pool.stop_timeout, engine.clone()).await?;
     if !report.is_empty() {
         warn!("cleaned up after an earlier run of this database: {report}");
     }
@@ -102,7 +91,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let (ready_tx, mut ready_rx) = mpsc::unbounded_channel();
     let mut slots = JoinSet::new();
     let mut hung_senders = std::collections::HashMap::new();
-    for worker in &config.workers {
+    for (worker, (mode, mode_label)) in config.workers.iter().zip(modes) {
         let worker = Arc::new(worker.clone());
         for index in 0..worker.count {
             let (hung_tx, hung) = mpsc::unbounded_channel();
@@ -116,6 +105,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 token: token.clone(),
                 ready: ready_tx.clone(),
                 hung,
+                mode: mode.clone(),
+                mode_label: mode_label.clone(),
             };
             slots.spawn(slot.run());
         }
@@ -126,6 +117,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         db: db.clone(),
         token: token.clone(),
         slots: hung_senders,
+        engine: engine.clone(),
     };
     let monitor = tokio::spawn(monitor.run());
     // As child subreaper the supervisor inherits its workers' orphaned
@@ -186,6 +178,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     if swept > 0 {
         info!(processes = swept, "killed processes the workers left running");
     }
+    if let Some(engine) = &engine
+        && let Ok(n) = engine.remove_pool_containers().await
+        && n > 0
+    {
+        info!(containers = n, "removed leftover containers");
+    }
     let _ = monitor.await;
     reaper.abort();
     crate::procs::reap_strays();
@@ -193,4 +191,95 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     info!("all workers stopped in {:.3}s", stopping.elapsed().as_secs_f64());
     signals.abort_all();
     Ok(())
+}
+
+/// Decides how each `[[workers]]` entry runs: `docker` needs a reachable
+/// engine and the image on this host (clx-pool never pulls), `auto` falls
+/// back to direct without them. Connects to Docker only if some entry may
+/// use it; a pool of direct entries never touches Docker.
+async fn resolve_modes(config: &Config) -> anyhow::Result<(Option<Arc<DockerEngine>>, Vec<(Mode, String)>)> {
+    let pool = &config.pool;
+    let mut engine = None;
+    let mut engine_error = None;
+    if config.workers.iter().any(|w| w.execution_mode != ExecutionMode::Direct) {
+        match docker::connect().await {
+            Ok(client) => engine = Some(DockerEngine::new(client, &pool.db_path)),
+            Err(e) => engine_error = Some(e),
+        }
+    }
+    let mut network_ready = false;
+    let mut modes = Vec::new();
+    for w in &config.workers {
+        let at = format!("{}:{}: workers `{}`", config.path.display(), w.line, w.worker_type);
+        let image = w.image.clone().unwrap_or_default();
+        let docker_ok = match (&engine, w.execution_mode) {
+            (_, ExecutionMode::Direct) => false,
+            (None, ExecutionMode::Docker) => {
+                anyhow::bail!(
+                    "{at}: execution_mode = \"docker\" needs a Docker engine: {:#}",
+                    engine_error.as_ref().expect("an error when there is no engine")
+                )
+            }
+            (Some(e), ExecutionMode::Docker) => {
+                if !docker::image_exists(&e.client, &image).await {
+                    anyhow::bail!(
+                        "{at}: the image {image} is not on this host; clx-pool never pulls: get it with `docker pull {image}`{}",
+                        build_hint(&image)
+                    );
+                }
+                true
+            }
+            (None, ExecutionMode::Auto) => {
+                info!(worker_type = %w.worker_type, "execution_mode = \"auto\": running directly ({:#})", engine_error.as_ref().expect("an error when there is no engine"));
+                false
+            }
+            (Some(e), ExecutionMode::Auto) => {
+                if image.is_empty() {
+                    info!(worker_type = %w.worker_type, "execution_mode = \"auto\": running directly (no image configured)");
+                    false
+                } else if docker::image_exists(&e.client, &image).await {
+                    info!(worker_type = %w.worker_type, image, "execution_mode = \"auto\": running in docker");
+                    true
+                } else {
+                    info!(worker_type = %w.worker_type, image, "execution_mode = \"auto\": running directly (the image is not on this host)");
+                    false
+                }
+            }
+        };
+        let auto = if w.execution_mode == ExecutionMode::Auto {
+            " (auto)"
+        } else {
+            ""
+        };
+        if docker_ok {
+            let engine = engine.clone().expect("docker_ok implies an engine");
+            if !network_ready {
+                engine
+                    .ensure_network(&pool.network)
+                    .await
+                    .with_context(|| format!("{at}: preparing the docker network"))?;
+                network_ready = true;
+            }
+            modes.push((
+                Mode::Docker {
+                    engine,
+                    image,
+                    network: pool.network.clone(),
+                },
+                format!("docker{auto}"),
+            ));
+        } else {
+            modes.push((Mode::Direct, format!("direct{auto}")));
+        }
+    }
+    Ok((engine, modes))
+}
+
+/// For the project's own test image, where it comes from.
+fn build_hint(image: &str) -> &'static str {
+    if image.starts_with("clx-pool/") {
+        " (or build it: `make docker-image`)"
+    } else {
+        ""
+    }
 }

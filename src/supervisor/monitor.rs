@@ -16,6 +16,7 @@ use tracing::warn;
 
 use crate::config::{Config, WorkerConfig};
 use crate::db::Db;
+use crate::executor::docker::DockerEngine;
 use crate::procs;
 
 /// A worker found hung: its row and why.
@@ -32,24 +33,29 @@ pub struct Monitor {
     pub db: Db,
     pub token: CancellationToken,
     pub slots: HashMap<SlotKey, mpsc::UnboundedSender<Hung>>,
+    /// For the CPU and memory of docker workers.
+    pub engine: Option<Arc<DockerEngine>>,
 }
 
 #[derive(Debug)]
 struct Observed {
     key: SlotKey,
     row: i64,
+    /// The worker's process (direct) …
     pid: Option<i32>,
+    /// … or its container (docker).
+    container: Option<String>,
     status: String,
     heartbeat_age: i64,
     /// The job in hand: (id, seconds since it started).
     job: Option<(i64, i64)>,
 }
 
-/// A CPU sample of one worker's process tree.
+/// A CPU sample of one worker (its process tree, or its container).
 #[derive(Clone, Copy)]
 struct Sample {
     at: Instant,
-    ticks: u64,
+    cpu_seconds: f64,
 }
 
 #[derive(Default)]
@@ -84,6 +90,23 @@ impl Monitor {
         let snapshot = tokio::task::spawn_blocking(procs::all).await?;
         let hz = procs::clock_ticks_per_second() as f64;
         let now = Instant::now();
+        // Containers are sampled concurrently: one-shot stats are fast,
+        // but each is a round trip to the engine.
+        let container_usage: HashMap<i64, (f64, u64)> = match &self.engine {
+            Some(engine) => {
+                let asks = observed.iter().filter_map(|o| {
+                    let id = o.container.clone()?;
+                    let row = o.row;
+                    Some(async move { engine.usage(&id).await.map(|u| (row, u)) })
+                });
+                futures_util::future::join_all(asks)
+                    .await
+                    .into_iter()
+                    .flatten()
+                    .collect()
+            }
+            None => HashMap::new(),
+        };
         let mut usage = Vec::new();
         let by_type: HashMap<&str, &WorkerConfig> = self
             .config
@@ -100,12 +123,13 @@ impl Monitor {
             let Some(wc) = by_type.get(o.key.0.as_str()) else {
                 continue;
             };
-            let sample = o
-                .pid
-                .and_then(|pid| procs::tree_usage(&snapshot, pid))
-                .map(|(ticks, rss)| (Sample { at: now, ticks }, rss));
+            let measured = match o.pid {
+                Some(pid) => procs::tree_usage(&snapshot, pid).map(|(ticks, rss)| (ticks as f64 / hz, rss)),
+                None => container_usage.get(&o.row).copied(),
+            };
+            let sample = measured.map(|(cpu_seconds, rss)| (Sample { at: now, cpu_seconds }, rss));
             if let Some((s, rss)) = sample {
-                let cpu = state.last.get(&o.row).map(|p| cpu_percent(p, &s, hz));
+                let cpu = state.last.get(&o.row).map(|p| cpu_percent(p, &s));
                 state.last.insert(o.row, s);
                 usage.push((o.row, cpu, rss as f64 / (1024.0 * 1024.0)));
             }
@@ -123,7 +147,7 @@ impl Monitor {
                         let start = *state.window.entry((o.row, job)).or_insert(s);
                         let elapsed = s.at.duration_since(start.at);
                         if elapsed >= rule.window {
-                            let pct = cpu_percent(&start, &s, hz);
+                            let pct = cpu_percent(&start, &s);
                             state.window.insert((o.row, job), s);
                             (pct < rule.percent).then(|| {
                                 format!(
@@ -178,19 +202,19 @@ impl Monitor {
     }
 }
 
-fn cpu_percent(from: &Sample, to: &Sample, hz: f64) -> f64 {
+fn cpu_percent(from: &Sample, to: &Sample) -> f64 {
     let secs = to.at.duration_since(from.at).as_secs_f64();
     if secs <= 0.0 {
         return 0.0;
     }
-    (to.ticks.saturating_sub(from.ticks) as f64 / hz) / secs * 100.0
+    (to.cpu_seconds - from.cpu_seconds).max(0.0) / secs * 100.0
 }
 
 /// Every registered worker of a running slot, with its heartbeat age and
 /// the age of the job it holds, all computed by SQLite in UTC.
 fn observe(c: &mut rusqlite::Connection) -> rusqlite::Result<Vec<Observed>> {
     let mut stmt = c.prepare_cached(
-        "SELECT s.worker_type, s.slot, w.id, s.pid, w.status,
+        "SELECT s.worker_type, s.slot, w.id, s.pid, w.status, s.execution_mode, s.worker_id,
                 COALESCE(unixepoch('now') - unixepoch(w.last_heartbeat), 0),
                 j.id, unixepoch('now') - unixepoch(j.started_at)
          FROM clx_pool_slots s
@@ -200,14 +224,16 @@ fn observe(c: &mut rusqlite::Connection) -> rusqlite::Result<Vec<Observed>> {
          ORDER BY s.worker_type, s.slot, j.started_at",
     )?;
     let rows = stmt.query_map([], |r| {
-        let job: Option<i64> = r.get(6)?;
-        let age: Option<i64> = r.get(7)?;
+        let job: Option<i64> = r.get(8)?;
+        let age: Option<i64> = r.get(9)?;
+        let mode: String = r.get(5)?;
         Ok(Observed {
             key: (r.get(0)?, r.get(1)?),
             row: r.get(2)?,
             pid: r.get::<_, Option<i64>>(3)?.map(|p| p as i32),
+            container: if mode.starts_with("docker") { r.get(6)? } else { None },
             status: r.get(4)?,
-            heartbeat_age: r.get(5)?,
+            heartbeat_age: r.get(7)?,
             job: job.map(|j| (j, age.unwrap_or(0))),
         })
     })?;

@@ -13,9 +13,9 @@ use tracing::{error, info, warn};
 use super::monitor::Hung;
 use super::policy::{Decision, RestartPolicy};
 use super::registry::Registry;
-use crate::config::{Config, WorkerConfig, WorkerProgram};
+use crate::config::{Config, WorkerConfig};
 use crate::db::{self, Db};
-use crate::executor::{self, Launch, Running};
+use crate::executor::{Launch, Mode, Running};
 
 /// What a slot tells the supervisor the first time it settles.
 #[derive(Debug)]
@@ -34,6 +34,9 @@ pub struct Slot {
     pub ready: mpsc::UnboundedSender<SlotReady>,
     /// Reports from the monitor that this slot's worker is hung.
     pub hung: mpsc::UnboundedReceiver<Hung>,
+    pub mode: Mode,
+    /// How `stats` shows the mode (e.g. "docker (auto)").
+    pub mode_label: String,
 }
 
 /// Why a worker stopped being useful.
@@ -51,47 +54,16 @@ impl Slot {
 
     fn launch_spec(&self) -> Launch {
         let pool = &self.config.pool;
-        let t = &self.worker.worker_type;
-        let worker_id = format!(
-            "direct-{t}-{}-{}",
-            self.index,
-            &uuid::Uuid::new_v4().simple().to_string()[..8]
-        );
-        let argv = match &self.worker.program {
-            WorkerProgram::Command(c) => c.clone(),
-            WorkerProgram::JobCommand(c) => {
-                let exe = std::env::current_exe()
-                    .map(|p| p.to_string_lossy().into_owned())
-                    .unwrap_or_else(|_| "clx-pool".into());
-                let mut argv = vec![
-                    exe,
-                    "worker".into(),
-                    "--heartbeat-interval".into(),
-                    humantime::format_duration(heartbeat_interval(pool.heartbeat_timeout)).to_string(),
-                    "--".into(),
-                ];
-                argv.extend(c.iter().cloned());
-                argv
-            }
-        };
-        let mut env: Vec<(String, String)> = vec![
-            ("WORKER_TYPE".into(), t.clone()),
-            ("WORKER_ID".into(), worker_id.clone()),
-            ("DB_PATH".into(), pool.db_path.to_string_lossy().into_owned()),
-            (
-                "WORKSPACE_PATH".into(),
-                pool.workspace_path.to_string_lossy().into_owned(),
-            ),
-            ("LOG_LEVEL".into(), pool.log_level.to_ascii_uppercase()),
-            ("USE_SQLITE_QUEUE".into(), "true".into()),
-        ];
-        env.extend(self.worker.env.iter().map(|(k, v)| (k.clone(), v.clone())));
         Launch {
-            worker_type: t.clone(),
+            worker_type: self.worker.worker_type.clone(),
             slot: self.index,
-            worker_id,
-            argv,
-            env,
+            program: self.worker.program.clone(),
+            image_default: self.worker.image_default,
+            extra_env: self.worker.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            db_path: pool.db_path.clone(),
+            workspace: pool.workspace_path.clone(),
+            log_level: pool.log_level.to_ascii_uppercase(),
+            heartbeat_interval: heartbeat_interval(self.worker.heartbeat_timeout),
             cwd: self
                 .config
                 .path
@@ -111,7 +83,7 @@ impl Slot {
         let index = self.index;
         let mut policy = RestartPolicy::new(self.config.pool.restart.clone());
         let mut announced = false;
-        let mode = self.worker.execution_mode.to_string();
+        let mode = self.mode_label.clone();
         let _ = self
             .db
             .call({
@@ -123,7 +95,7 @@ impl Slot {
         while !self.token.is_cancelled() {
             let spec = self.launch_spec();
             let started = Instant::now();
-            let (failure, worker_row, running) = match executor::launch(&spec) {
+            let (failure, worker_row, running) = match self.mode.launch(&spec).await {
                 Err(e) => (Failure::SpawnFailed(format!("{e:#}")), None, None),
                 Ok(mut running) => {
                     self.record_launch(&running).await;
@@ -163,7 +135,7 @@ impl Slot {
             let worker_id = running
                 .as_ref()
                 .map(|r| r.worker_id.clone())
-                .unwrap_or(spec.worker_id.clone());
+                .unwrap_or_else(|| format!("{}-{}", self.mode.name(), self.name()));
             let tail = running.as_ref().map(|r| r.tail.lines(20)).unwrap_or_default();
             if tail.is_empty() {
                 warn!(worker = %worker_id, slot = %self.name(), "worker {cause}");

@@ -178,10 +178,11 @@ impl Pool {
 
     /// The pid and worker id of the worker in slot `slot` of `worker_type`
     /// once it is running.
+    /// (pid, worker id); the pid is 0 for a container.
     pub fn slot_worker(&self, worker_type: &str, slot: u32) -> (i32, String) {
         self.conn()
             .query_row(
-                "SELECT pid, worker_id FROM clx_pool_slots WHERE worker_type = ?1 AND slot = ?2 AND state = 'running'",
+                "SELECT COALESCE(pid, 0), worker_id FROM clx_pool_slots WHERE worker_type = ?1 AND slot = ?2 AND state = 'running'",
                 rusqlite::params![worker_type, slot],
                 |r| Ok((r.get::<_, i64>(0)? as i32, r.get(1)?)),
             )
@@ -227,7 +228,64 @@ impl Drop for Pool {
         for pid in self.processes() {
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
         }
+        let config = std::fs::read_to_string(self.config()).unwrap_or_default();
+        if config.contains("\"docker\"") || config.contains("\"auto\"") {
+            for id in self.containers() {
+                let _ = Command::new("docker").args(["rm", "-f", &id]).output();
+            }
+        }
     }
+}
+
+impl Pool {
+    /// Ids of this pool's containers, running or not (found by label).
+    pub fn containers(&self) -> Vec<String> {
+        let label = format!(
+            "label=clx-pool.db-id={}",
+            clx_pool::executor::docker::db_id(&self.db_path())
+        );
+        let out = Command::new("docker").args(["ps", "-aq", "--filter", &label]).output();
+        match out {
+            Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).lines().map(str::to_string).collect(),
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// The test image (`make docker-image`).
+pub fn test_image() -> String {
+    format!("clx-pool/test:{}", env!("CARGO_PKG_VERSION"))
+}
+
+/// True when a Docker engine answers and the test image is there. Without
+/// them a test is skipped with a message on a developer machine, and fails
+/// under CI=true, where .ci/run provides both.
+pub fn docker_ready() -> bool {
+    let engine = Command::new("docker")
+        .arg("info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    let image = engine
+        && Command::new("docker")
+            .args(["image", "inspect", &test_image()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+    let problem = if !engine {
+        "no Docker engine answers (start dockerd)"
+    } else if !image {
+        "the test image is missing (run `make docker-image`)"
+    } else {
+        return true;
+    };
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("docker tests cannot run under CI: {problem}");
+    }
+    eprintln!("SKIPPED: {problem}");
+    false
 }
 
 /// Pids of live processes whose environment contains `needle` (a

@@ -1,0 +1,431 @@
+//! Docker mode: a worker is a container created from the entry's image,
+//! with the database folder bind-mounted at `/db`, the workspace at
+//! `/workspace`, the memory limit, the pool's network, and labels naming the
+//! pool's database so every command can find its containers. Deaths come
+//! from the engine's event stream (`die`), with a slow inspect as a
+//! fallback; exit code and OOM flag come from inspecting the container.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use bollard::Docker;
+use bollard::models::{ContainerCreateBody, HostConfig, NetworkCreateRequest};
+use bollard::query_parameters::{
+    CreateContainerOptionsBuilder, EventsOptionsBuilder, ListContainersOptionsBuilder, ListNetworksOptionsBuilder,
+    LogsOptionsBuilder, RemoveContainerOptionsBuilder, StatsOptionsBuilder, StopContainerOptionsBuilder,
+};
+use futures_util::StreamExt;
+use sha2::{Digest, Sha256};
+use tokio::sync::Notify;
+
+use super::{ExitCause, Launch, Running};
+use crate::config::WorkerProgram;
+use crate::logs::{self, RotatingLog, Tail};
+
+/// Label keys on every container clx-pool creates.
+pub const LABEL_DB_ID: &str = "clx-pool.db-id";
+pub const LABEL_DB: &str = "clx-pool.db";
+pub const LABEL_TYPE: &str = "clx-pool.worker-type";
+pub const LABEL_SLOT: &str = "clx-pool.slot";
+
+/// How long to wait for the engine to answer before calling it unreachable.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A short, stable identity of a database path, used in container names and
+/// labels so two pools on one host never collide.
+pub fn db_id(db: &Path) -> String {
+    let digest = Sha256::digest(db.to_string_lossy().as_bytes());
+    digest.iter().take(4).map(|b| format!("{b:02x}")).collect()
+}
+
+/// Where the engine is expected, for messages.
+pub fn engine_address() -> String {
+    std::env::var("DOCKER_HOST").unwrap_or_else(|_| "unix:///var/run/docker.sock".into())
+}
+
+/// Connects to the engine named by `DOCKER_HOST` (or the local socket) and
+/// checks that it answers.
+pub async fn connect() -> anyhow::Result<Docker> {
+    let attempt = async {
+        let docker = Docker::connect_with_defaults()?;
+        let docker = docker.negotiate_version().await?;
+        docker.ping().await?;
+        Ok::<_, bollard::errors::Error>(docker)
+    };
+    match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
+        Ok(Ok(d)) => Ok(d),
+        Ok(Err(e)) => anyhow::bail!("no Docker engine answers at {}: {e}", engine_address()),
+        Err(_) => anyhow::bail!(
+            "the Docker engine at {} did not answer within {}s",
+            engine_address(),
+            CONNECT_TIMEOUT.as_secs()
+        ),
+    }
+}
+
+pub async fn image_exists(docker: &Docker, image: &str) -> bool {
+    docker.inspect_image(image).await.is_ok()
+}
+
+/// The engine as one pool uses it: its client, its database's identity and
+/// the deaths its event stream reported.
+pub struct DockerEngine {
+    pub client: Docker,
+    db_id: String,
+    db_path: PathBuf,
+    deaths: Mutex<HashSet<String>>,
+    died: Notify,
+}
+
+impl DockerEngine {
+    /// Wraps a connected client for the pool of `db_path` and starts
+    /// following its containers' `die` events.
+    pub fn new(client: Docker, db_path: &Path) -> Arc<DockerEngine> {
+        let engine = Arc::new(DockerEngine {
+            client,
+            db_id: db_id(db_path),
+            db_path: db_path.to_path_buf(),
+            deaths: Mutex::new(HashSet::new()),
+            died: Notify::new(),
+        });
+        let e = engine.clone();
+        tokio::spawn(async move { e.follow_events().await });
+        engine
+    }
+
+    fn label_filter(&self) -> HashMap<&'static str, Vec<String>> {
+        HashMap::from([("label", vec![format!("{LABEL_DB_ID}={}", self.db_id)])])
+    }
+
+    async fn follow_events(self: Arc<Self>) {
+        // Replaying from a second ago covers containers that die before
+        // the subscription is established.
+        let mut since = unix_now() - 1;
+        loop {
+            let mut filters = self.label_filter();
+            filters.insert("type", vec!["container".into()]);
+            filters.insert("event", vec!["die".into()]);
+            let opts = EventsOptionsBuilder::default()
+                .since(&since.to_string())
+                .filters(&filters)
+                .build();
+            let mut stream = self.client.events(Some(opts));
+            while let Some(msg) = stream.next().await {
+                match msg {
+                    Ok(ev) => {
+                        if let Some(id) = ev.actor.and_then(|a| a.id) {
+                            self.deaths.lock().unwrap_or_else(|e| e.into_inner()).insert(id);
+                            self.died.notify_waiters();
+                        }
+                        since = ev.time.unwrap_or(since);
+                    }
+                    Err(e) => {
+                        tracing::warn!("docker event stream: {e}");
+                        break;
+                    }
+                }
+            }
+            if Arc::strong_count(&self) == 1 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
+    /// Makes sure `network` exists (listing first: an old engine accepts
+    /// two networks of one name, after which the name is ambiguous).
+    pub async fn ensure_network(&self, network: &str) -> anyhow::Result<()> {
+        if ["none", "host", "bridge", "default"].contains(&network) || network.starts_with("container:") {
+            return Ok(());
+        }
+        let filters = HashMap::from([("name", vec![network.to_string()])]);
+        let existing = self
+            .client
+            .list_networks(Some(ListNetworksOptionsBuilder::default().filters(&filters).build()))
+            .await
+            .with_context(|| format!("listing docker networks named {network}"))?;
+        if existing.iter().any(|n| n.name.as_deref() == Some(network)) {
+            return Ok(());
+        }
+        self.client
+            .create_network(NetworkCreateRequest {
+                name: network.to_string(),
+                driver: Some("bridge".into()),
+                ..Default::default()
+            })
+            .await
+            .with_context(|| format!("creating the docker network {network}"))?;
+        tracing::info!(network, "created the docker network");
+        Ok(())
+    }
+
+    /// Removes every container of this pool, running or not; returns how many.
+    pub async fn remove_pool_containers(&self) -> anyhow::Result<usize> {
+        let opts = ListContainersOptionsBuilder::default()
+            .all(true)
+            .filters(&self.label_filter())
+            .build();
+        let list = self
+            .client
+            .list_containers(Some(opts))
+            .await
+            .context("listing the pool's containers")?;
+        let removals = list
+            .iter()
+            .filter_map(|c| c.id.clone())
+            .map(|id| async move { self.remove(&id).await });
+        let n = futures_util::future::join_all(removals).await.len();
+        Ok(n)
+    }
+
+    async fn remove(&self, id: &str) {
+        let opts = RemoveContainerOptionsBuilder::default().force(true).build();
+        if let Err(e) = self.client.remove_container(id, Some(opts)).await
+            && !is_not_found(&e)
+        {
+            tracing::warn!(container = id, "removing container: {e}");
+        }
+    }
+
+    /// Total CPU seconds and memory in use (without the page cache) of a
+    /// container: one fast one-shot sample.
+    pub async fn usage(&self, id: &str) -> Option<(f64, u64)> {
+        let opts = StatsOptionsBuilder::default().stream(false).one_shot(true).build();
+        let stats = self.client.stats(id, Some(opts)).next().await?.ok()?;
+        let cpu_ns = stats.cpu_stats.as_ref()?.cpu_usage.as_ref()?.total_usage?;
+        let mem = stats.memory_stats.as_ref()?;
+        let cache = mem
+            .stats
+            .as_ref()
+            .and_then(|s| s.get("total_inactive_file").or_else(|| s.get("inactive_file")).copied())
+            .unwrap_or(0);
+        Some((cpu_ns as f64 / 1e9, mem.usage?.saturating_sub(cache)))
+    }
+
+    pub async fn launch(self: &Arc<Self>, spec: &Launch, image: &str, network: &str) -> anyhow::Result<Running> {
+        let name = format!("clx-{}-worker-{}-{}", spec.worker_type, spec.slot, self.db_id);
+        // A container of that name from an earlier run goes first.
+        self.remove(&name).await;
+        let db_file = spec
+            .db_path
+            .file_name()
+            .context("db_path has no file name")?
+            .to_string_lossy()
+            .into_owned();
+        let db_dir = spec.db_path.parent().unwrap_or(Path::new("/"));
+        let mut env = vec![
+            format!("WORKER_TYPE={}", spec.worker_type),
+            format!("DB_PATH=/db/{db_file}"),
+            "WORKSPACE_PATH=/workspace".to_string(),
+            format!("LOG_LEVEL={}", spec.log_level),
+            "USE_SQLITE_QUEUE=true".to_string(),
+        ];
+        env.extend(spec.extra_env.iter().map(|(k, v)| format!("{k}={v}")));
+        // `command` is the whole argv, as in direct mode: it replaces the
+        // image's entrypoint too. `job_command` runs the built-in worker,
+        // which must be the image's entrypoint (as in `make docker-image`).
+        let mut entrypoint = None;
+        let cmd = match &spec.program {
+            WorkerProgram::JobCommand(c) => {
+                let mut argv = vec![
+                    "worker".to_string(),
+                    "--heartbeat-interval".into(),
+                    humantime::format_duration(spec.heartbeat_interval).to_string(),
+                    "--".into(),
+                ];
+                argv.extend(c.iter().cloned());
+                Some(argv)
+            }
+            WorkerProgram::Command(c) if !spec.image_default && !c.is_empty() => {
+                entrypoint = Some(vec![c[0].clone()]);
+                Some(c[1..].to_vec())
+            }
+            WorkerProgram::Command(_) => None,
+        };
+        let labels = HashMap::from([
+            (LABEL_DB_ID.to_string(), self.db_id.clone()),
+            (LABEL_DB.to_string(), self.db_path.display().to_string()),
+            (LABEL_TYPE.to_string(), spec.worker_type.clone()),
+            (LABEL_SLOT.to_string(), spec.slot.to_string()),
+        ]);
+        let host_config = HostConfig {
+            binds: Some(vec![
+                format!("{}:/db", db_dir.display()),
+                format!("{}:/workspace", spec.workspace.display()),
+            ]),
+            memory: spec.memory_limit.map(|m| m as i64),
+            // No swap beyond the limit: exceeding it is an OOM kill.
+            memory_swap: spec.memory_limit.map(|m| m as i64),
+            network_mode: Some(network.to_string()),
+            // Minimal images have no /tmp, which SQLite needs for temp files.
+            tmpfs: Some(HashMap::from([("/tmp".to_string(), "rw,mode=1777".to_string())])),
+            ..Default::default()
+        };
+        let body = ContainerCreateBody {
+            image: Some(image.to_string()),
+            env: Some(env),
+            entrypoint,
+            cmd,
+            labels: Some(labels),
+            host_config: Some(host_config),
+            ..Default::default()
+        };
+        let created = self
+            .client
+            .create_container(Some(CreateContainerOptionsBuilder::default().name(&name).build()), body)
+            .await
+            .with_context(|| format!("creating container {name} from {image}"))?;
+        let id = created.id;
+        let mut log = RotatingLog::open(&spec.log_path, spec.log_max_size, spec.log_keep)
+            .with_context(|| format!("opening the worker log {}", spec.log_path.display()))?;
+        logs::mark(
+            &mut log,
+            &format!("starting container {name} ({}) from {image}", &id[..12]),
+        );
+        if let Err(e) = self.client.start_container(&id, None).await {
+            self.remove(&id).await;
+            return Err(anyhow::Error::new(e).context(format!("starting container {name}")));
+        }
+        let tail = Tail::default();
+        let stream = self.client.logs(
+            &id,
+            Some(
+                LogsOptionsBuilder::default()
+                    .follow(true)
+                    .stdout(true)
+                    .stderr(true)
+                    .build(),
+            ),
+        );
+        tokio::spawn(drain_logs(stream, log, tail.clone()));
+        Ok(Running::docker(
+            id[..12].to_string(),
+            tail,
+            DockerWorker {
+                engine: self.clone(),
+                id,
+                name,
+                exit: None,
+            },
+        ))
+    }
+}
+
+async fn drain_logs(
+    mut stream: impl futures_util::Stream<Item = Result<bollard::container::LogOutput, bollard::errors::Error>> + Unpin,
+    mut log: RotatingLog,
+    tail: Tail,
+) {
+    while let Some(Ok(chunk)) = stream.next().await {
+        let bytes = chunk.into_bytes();
+        log.write(&bytes);
+        tail.push(&bytes);
+    }
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+fn is_not_found(e: &bollard::errors::Error) -> bool {
+    matches!(
+        e,
+        bollard::errors::Error::DockerResponseServerError {
+            status_code: 404 | 304,
+            ..
+        }
+    )
+}
+
+pub struct DockerWorker {
+    engine: Arc<DockerEngine>,
+    id: String,
+    name: String,
+    exit: Option<ExitCause>,
+}
+
+impl DockerWorker {
+    /// Resolves when the container has exited: on its `die` event, or at
+    /// worst on the next inspect (every few seconds, should events stall).
+    /// Cancel-safe.
+    pub async fn wait(&mut self) -> ExitCause {
+        if let Some(exit) = &self.exit {
+            return exit.clone();
+        }
+        loop {
+            let notified = self.engine.died.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self
+                .engine
+                .deaths
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&self.id)
+            {
+                break;
+            }
+            tokio::select! {
+                _ = notified => {}
+                _ = tokio::time::sleep(Duration::from_secs(5)) => {
+                    if !self.is_running().await {
+                        break;
+                    }
+                }
+            }
+        }
+        let cause = self.exit_cause().await;
+        self.exit = Some(cause.clone());
+        cause
+    }
+
+    async fn is_running(&self) -> bool {
+        match self.engine.client.inspect_container(&self.id, None).await {
+            Ok(info) => info.state.and_then(|s| s.running).unwrap_or(false),
+            Err(_) => false,
+        }
+    }
+
+    async fn exit_cause(&self) -> ExitCause {
+        match self.engine.client.inspect_container(&self.id, None).await {
+            Ok(info) => {
+                let state = info.state.unwrap_or_default();
+                let code = state.exit_code.unwrap_or(-1) as i32;
+                if state.oom_killed == Some(true) {
+                    ExitCause::Oom
+                } else if code > 128 && code < 160 {
+                    ExitCause::Signal(code - 128)
+                } else {
+                    ExitCause::Code(code)
+                }
+            }
+            Err(e) => ExitCause::Unknown(format!("container {} vanished: {e}", self.name)),
+        }
+    }
+
+    /// `docker stop` with the grace time (SIGTERM, then SIGKILL), then remove.
+    pub async fn stop(&mut self, grace: Duration) -> ExitCause {
+        if self.exit.is_none() {
+            let t = grace.as_secs_f64().ceil() as i32;
+            let opts = StopContainerOptionsBuilder::default().t(t).build();
+            if let Err(e) = self.engine.client.stop_container(&self.id, Some(opts)).await
+                && !is_not_found(&e)
+            {
+                tracing::warn!(container = %self.name, "docker stop: {e}");
+            }
+        }
+        let cause = self.wait().await;
+        self.engine.remove(&self.id).await;
+        cause
+    }
+
+    pub async fn sweep(&self) {
+        self.engine.remove(&self.id).await;
+    }
+}
