@@ -73,7 +73,7 @@ pub async fn run(opts: WorkerOptions) -> anyhow::Result<()> {
     let mut nothing_since: Option<i64> = None;
     let mut stopping = false;
     while !stopping {
-        let version: i64 = conn.query_row("PRAGMA data_version", [], |r| r.get(0))?;
+        let version: i64 = conn.prepare_cached("PRAGMA data_version")?.query_row([], |r| r.get(0))?;
         if nothing_since != Some(version) {
             match jobs::claim(&mut conn, &me.worker_type, row)? {
                 Some(job) => {

@@ -51,14 +51,13 @@ pub fn submit(conn: &Connection, job: &NewJob) -> rusqlite::Result<i64> {
 pub fn claim(conn: &mut Connection, job_type: &str, worker_row: i64) -> rusqlite::Result<Option<ClaimedJob>> {
     loop {
         let candidate: Option<i64> = conn
-            .query_row(
+            .prepare_cached(
                 "SELECT id FROM jobs
                  WHERE status = 'pending' AND job_type = ?1
                    AND COALESCE(attempts, 0) < COALESCE(max_attempts, 3)
                  ORDER BY priority DESC, created_at, id LIMIT 1",
-                [job_type],
-                |r| r.get(0),
-            )
+            )?
+            .query_row([job_type], |r| r.get(0))
             .optional()?;
         let Some(id) = candidate else { return Ok(None) };
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
