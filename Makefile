@@ -7,7 +7,7 @@ IMAGE ?= clx-pool/test:$(VERSION)
 TARGET := x86_64-unknown-linux-gnu
 STATIC_BIN := target/$(TARGET)/release/clx-pool
 
-.PHONY: build run demo test lint fmt clean docker-image
+.PHONY: build run demo test lint fmt clean docker-image bench bench-quick
 
 build:
 	$(CARGO) build --release
@@ -31,6 +31,14 @@ test:
 docker-image:
 	RUSTFLAGS='-C target-feature=+crt-static' $(CARGO) build --release --target $(TARGET)
 	sh scripts/docker-image.sh $(STATIC_BIN) $(IMAGE)
+
+# Benchmarks against supervisord (installed into bench/work/venv from PyPI);
+# results in bench/results.json and bench/results.md.
+bench: build
+	python3 bench/run.py
+
+bench-quick: build
+	python3 bench/run.py --quick
 
 lint:
 	$(CARGO) fmt --check

@@ -129,7 +129,11 @@ pub struct WorkerArgs {
     /// How often to look for new jobs.
     #[arg(long, default_value = "20ms", value_parser = humantime::parse_duration)]
     pub poll_interval: Duration,
+    /// Benchmarking aid: complete every claimed job at once without running
+    /// anything, to measure the queue alone.
+    #[arg(long, hide = true)]
+    pub no_command: bool,
     /// The command to run per job, with CLX_INPUT_FILE, CLX_OUTPUT_FILE, CLX_PAYLOAD and CLX_JOB_ID set.
-    #[arg(last = true, required = true, value_name = "COMMAND")]
+    #[arg(last = true, required_unless_present = "no_command", value_name = "COMMAND")]
     pub job_command: Vec<String>,
 }

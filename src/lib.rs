@@ -94,6 +94,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             init_logging(&cli, &level);
             worker::run(worker::WorkerOptions {
                 job_command: args.job_command.clone(),
+                no_command: args.no_command,
                 heartbeat_interval: args.heartbeat_interval,
                 poll_interval: args.poll_interval,
             })

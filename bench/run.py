@@ -1,0 +1,651 @@
+#!/usr/bin/env python3
+"""clx-pool benchmarks, side by side with supervisord 4.3.
+
+`make bench` (full, under 10 minutes on 2 cores) and `make bench-quick`
+(a smaller set, under 2 minutes) run this with the release binary. Results go
+to bench/results.json and bench/results.md, and the table is printed.
+
+Every figure comes from the outside: registration and job times from the
+shared SQLite database (the same rows any CLX tool reads), process presence,
+RSS and CPU from /proc, durations from time.monotonic(). Nothing here asserts
+a timing; it only reports. supervisord is installed from PyPI into a private
+virtualenv (bench/work/venv) and runs the very same worker processes.
+"""
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.join(ROOT, "target", "release", "clx-pool")
+PY_WORKER = os.path.join(ROOT, "tests", "workers", "clx_protocol_worker.py")
+WORK = os.path.join(ROOT, "bench", "work")
+VENV = os.path.join(WORK, "venv")
+SUPERVISOR_VERSION = "4.3.0"
+HZ = os.sysconf("SC_CLK_TCK")
+
+
+def clx_schema():
+    """The CLX version-1 DDL, read from the one place that defines it."""
+    src = open(os.path.join(ROOT, "src", "db", "schema.rs")).read()
+    return re.search(r'pub const CLX_SCHEMA: &str = r#"(.*?)"#;', src, re.S).group(1)
+
+
+# ---------------------------------------------------------------- helpers
+
+def poll(cond, limit=60.0, every=0.001):
+    end = time.monotonic() + limit
+    while True:
+        v = cond()
+        if v:
+            return v
+        if time.monotonic() > end:
+            raise TimeoutError("condition not met within %.0fs" % limit)
+        time.sleep(every)
+
+
+def tagged_pids(db):
+    """Live processes whose environment names this database."""
+    needle = ("DB_PATH=" + db).encode()
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open("/proc/%s/environ" % name, "rb") as f:
+                env = f.read().split(b"\0")
+            with open("/proc/%s/stat" % name) as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if needle in env and state != "Z":
+            found.append(int(name))
+    return found
+
+
+def proc_status(pid, key):
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def cpu_seconds(pid):
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / HZ
+
+
+def summary(samples):
+    s = sorted(samples)
+    p95 = s[min(len(s) - 1, int(round(0.95 * (len(s) - 1))))]
+    return {"median": statistics.median(s), "min": s[0], "max": s[-1], "p95": p95, "runs": len(s)}
+
+
+class Db:
+    def __init__(self, path):
+        self.path = path
+        self.c = sqlite3.connect(path, timeout=30, isolation_level=None)
+        self.c.execute("PRAGMA busy_timeout = 30000")
+
+    def one(self, sql, *args):
+        try:
+            return self.c.execute(sql, args).fetchone()
+        except sqlite3.OperationalError:
+            return None
+
+    def val(self, sql, *args):
+        r = self.one(sql, *args)
+        return r[0] if r else None
+
+
+def count_writes(path):
+    """Row writes to workers and jobs, counted by triggers (bench DBs only)."""
+    c = sqlite3.connect(path, isolation_level=None)
+    c.executescript("""
+        CREATE TABLE IF NOT EXISTS bench_writes (n INTEGER NOT NULL);
+        INSERT INTO bench_writes SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM bench_writes);
+        CREATE TRIGGER IF NOT EXISTS bw1 AFTER UPDATE ON workers BEGIN UPDATE bench_writes SET n = n + 1; END;
+        CREATE TRIGGER IF NOT EXISTS bw2 AFTER INSERT ON workers BEGIN UPDATE bench_writes SET n = n + 1; END;
+        CREATE TRIGGER IF NOT EXISTS bw3 AFTER UPDATE ON jobs BEGIN UPDATE bench_writes SET n = n + 1; END;
+    """)
+    c.close()
+
+
+# ---------------------------------------------------------------- pools
+
+class ClxPool:
+    """A clx-pool supervisor on a fresh database."""
+
+    tool = "clx-pool"
+
+    def __init__(self, n, kind="builtin", extra_pool="", job_command=("true",)):
+        self.dir = tempfile.mkdtemp(prefix="clx-bench-", dir=WORK)
+        self.db = os.path.join(self.dir, "jobs.db")
+        os.makedirs(os.path.join(self.dir, "workspace"))
+        if kind == "builtin":
+            program = "job_command = %s" % json.dumps(list(job_command))
+        elif kind == "queue-only":
+            program = "command = %s" % json.dumps([BIN, "worker", "--no-command"])
+        elif kind == "python":
+            program = "command = %s" % json.dumps([sys.executable, PY_WORKER])
+        elif kind == "python-ignore-term":
+            program = "command = %s\nenv = { TEST_IGNORE_TERM = \"1\" }" % json.dumps([sys.executable, PY_WORKER])
+        self.n = n
+        with open(os.path.join(self.dir, "pool.toml"), "w") as f:
+            f.write('[pool]\ndb_path = "jobs.db"\nworkspace_path = "workspace"\nstop_timeout = "2s"\n'
+                    'startup_timeout = "60s"\n'
+                    # Restart measurements kill the same slots repeatedly: treat
+                    # every run as healthy so no backoff or breaker interferes.
+                    'healthy_after = "10ms"\nrestart_limit = 100000\n'
+                    + extra_pool +
+                    '\n[[workers]]\nworker_type = "t"\ncount = %d\n%s\n' % (n, program))
+        self.proc = None
+
+    def start(self):
+        self.t0 = time.monotonic()
+        self.proc = subprocess.Popen([BIN, "start", "--config", os.path.join(self.dir, "pool.toml")],
+                                     stdout=subprocess.DEVNULL, stderr=open(os.path.join(self.dir, "sup.log"), "w"))
+        return self
+
+    def connect(self):
+        poll(lambda: os.path.exists(self.db), 30)
+        self.dbc = Db(self.db)
+        return self.dbc
+
+    def registered(self):
+        return self.dbc.val("SELECT COUNT(*) FROM workers WHERE status != 'dead'") or 0
+
+    def worker_pids(self):
+        return [r[0] for r in self.dbc.c.execute("SELECT pid FROM clx_pool_slots WHERE state = 'running'")]
+
+    def stop(self):
+        subprocess.run([BIN, "stop", "--db", self.db, "--timeout", "60s"], check=True, capture_output=True)
+        self.proc.wait(30)
+
+    def close(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        for pid in tagged_pids(self.db):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def ensure_supervisord():
+    exe = os.path.join(VENV, "bin", "supervisord")
+    if not os.path.exists(exe):
+        subprocess.run([sys.executable, "-m", "venv", VENV], check=True)
+        subprocess.run([os.path.join(VENV, "bin", "pip"), "install", "-q", "supervisor==" + SUPERVISOR_VERSION],
+                       check=True)
+    return exe
+
+
+class Supervisord:
+    """supervisord running the same workers, configured the way one would
+    for this job: autorestart, stop as a group, per-process logs."""
+
+    tool = "supervisord"
+
+    def __init__(self, n, kind="builtin"):
+        self.dir = tempfile.mkdtemp(prefix="sv-bench-", dir=WORK)
+        self.db = os.path.join(self.dir, "jobs.db")
+        os.makedirs(os.path.join(self.dir, "workspace"))
+        c = sqlite3.connect(self.db)
+        c.execute("PRAGMA journal_mode = WAL")
+        c.executescript(clx_schema())
+        c.close()
+        # Each (re)started process needs a fresh WORKER_ID, as clx-pool gives
+        # its workers: a shell exec sets it from its pid.
+        if kind == "builtin":
+            cmd = "sh -c 'exec env WORKER_ID=sv-%%(process_num)d-$$ %s worker --heartbeat-interval 10s -- true'" % BIN
+        elif kind == "python-ignore-term":
+            cmd = "sh -c 'exec env WORKER_ID=sv-%%(process_num)d-$$ TEST_IGNORE_TERM=1 %s %s'" % (sys.executable, PY_WORKER)
+        else:
+            cmd = "sh -c 'exec env WORKER_ID=sv-%%(process_num)d-$$ %s %s'" % (sys.executable, PY_WORKER)
+        self.n = n
+        self.conf = os.path.join(self.dir, "supervisord.conf")
+        with open(self.conf, "w") as f:
+            f.write("""[supervisord]
+nodaemon=true
+logfile=%(d)s/supervisord.log
+pidfile=%(d)s/supervisord.pid
+childlogdir=%(d)s
+
+[unix_http_server]
+file=%(d)s/supervisor.sock
+
+[rpcinterface:supervisor]
+supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
+
+[supervisorctl]
+serverurl=unix://%(d)s/supervisor.sock
+
+[program:w]
+command=%(cmd)s
+numprocs=%(n)d
+process_name=%%(program_name)s_%%(process_num)d
+autorestart=true
+startsecs=0
+startretries=100000
+stopasgroup=true
+killasgroup=true
+stopwaitsecs=2
+stdout_logfile=%(d)s/%%(program_name)s_%%(process_num)d.log
+redirect_stderr=true
+environment=WORKER_TYPE="t",DB_PATH="%(db)s",WORKSPACE_PATH="%(d)s/workspace",LOG_LEVEL="INFO",USE_SQLITE_QUEUE="true"
+""" % {"d": self.dir, "cmd": cmd, "n": n, "db": self.db})
+        self.proc = None
+
+    def start(self):
+        self.t0 = time.monotonic()
+        self.proc = subprocess.Popen([ensure_supervisord(), "-c", self.conf],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return self
+
+    def connect(self):
+        self.dbc = Db(self.db)
+        return self.dbc
+
+    def registered(self):
+        return self.dbc.val("SELECT COUNT(*) FROM workers WHERE status != 'dead'") or 0
+
+    def worker_pids(self):
+        # The workers are supervisord's children (the shell exec'd the worker).
+        me = self.proc.pid
+        pids = []
+        for pid in tagged_pids(self.db):
+            try:
+                with open("/proc/%d/stat" % pid) as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == me:
+                        pids.append(pid)
+            except OSError:
+                pass
+        return pids
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(60)
+
+    def close(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        for pid in tagged_pids(self.db):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- scenarios
+
+RESULTS = []
+
+
+def record(scenario, n, tool, unit, samples, what, how):
+    row = {"scenario": scenario, "n": n, "tool": tool, "unit": unit, "what": what, "how": how}
+    row.update(summary(samples))
+    row["samples"] = [round(x, 6) for x in samples]
+    RESULTS.append(row)
+    print("  %-28s N=%-4s %-12s median %10.4f %s (min %.4f, max %.4f, %d runs)" % (
+        scenario, n, tool, row["median"], unit, row["min"], row["max"], row["runs"]), flush=True)
+
+
+def start_pool(cls, n, kind="builtin"):
+    pool = cls(n, kind).start()
+    pool.connect()
+    poll(lambda: pool.registered() >= n, 120)
+    return pool, time.monotonic() - pool.t0
+
+
+def bench_start(cls, n, reps, kind="builtin", scenario="start"):
+    samples = []
+    for _ in range(reps):
+        pool = None
+        try:
+            pool, t = start_pool(cls, n, kind)
+            samples.append(t)
+        finally:
+            if pool:
+                pool.close()
+    record(scenario, n, cls.tool, "s", samples, "start command to all N workers registered",
+           "rows in workers, polled every 1 ms")
+
+
+def bench_restart(cls, n, kills):
+    pool, _ = start_pool(cls, n)
+    samples = []
+    try:
+        for i in range(kills):
+            pids = sorted(pool.worker_pids())
+            victim = pids[i % len(pids)]
+            before = pool.dbc.val("SELECT COALESCE(MAX(id), 0) FROM workers")
+            t = time.monotonic()
+            os.kill(victim, signal.SIGKILL)
+            poll(lambda: pool.dbc.val("SELECT COUNT(*) FROM workers WHERE id > ?", before) >= 1, 30)
+            samples.append(time.monotonic() - t)
+            # Let the pool settle (the replacement is up) before the next kill.
+            poll(lambda: len(pool.worker_pids()) == n, 30)
+            time.sleep(0.05)
+    finally:
+        pool.close()
+    record("restart", n, cls.tool, "s", samples, "kill -9 of a worker to its replacement registered",
+           "%d kills, new row in workers polled every 1 ms" % kills)
+
+
+def bench_recovery(n, kills):
+    script = 'm="$WORKSPACE_PATH/seen-$CLX_JOB_ID"; if [ ! -e "$m" ]; then touch "$m"; sleep 60; fi; touch "$CLX_OUTPUT_FILE"'
+    pool = ClxPool(n, "builtin", job_command=["sh", "-c", script]).start()
+    samples = []
+    try:
+        pool.connect()
+        poll(lambda: pool.registered() >= n, 60)
+        open(os.path.join(pool.dir, "workspace", "in"), "w").close()
+        for i in range(kills):
+            cur = pool.dbc.c.execute("INSERT INTO jobs (job_type, status, input_file, output_file, content_hash, payload)"
+                                     " VALUES ('t', 'pending', 'in', ?, 'h', '{}')", ("out%d" % i,))
+            job = cur.lastrowid
+            poll(lambda: pool.dbc.val("SELECT worker_id FROM jobs WHERE id = ? AND status = 'processing'", job), 30)
+            # Wait until the job command runs, then kill its worker.
+            time.sleep(0.05)
+            row = pool.dbc.val("SELECT worker_id FROM jobs WHERE id = ?", job)
+            pid = pool.dbc.val("SELECT pid FROM clx_pool_slots WHERE worker_row = ?", row)
+            t = time.monotonic()
+            os.kill(pid, signal.SIGKILL)
+            poll(lambda: pool.dbc.val("SELECT 1 FROM jobs WHERE id = ? AND attempts = 2 AND status != 'pending'", job), 30)
+            samples.append(time.monotonic() - t)
+            poll(lambda: pool.dbc.val("SELECT status FROM jobs WHERE id = ?", job) == "completed", 30)
+            poll(lambda: len(pool.worker_pids()) == n, 30)
+    finally:
+        pool.close()
+    record("job recovery", n, "clx-pool", "s", samples, "kill -9 of a busy worker to its job claimed again",
+           "%d kills; jobs.attempts = 2 and claimed, polled every 1 ms" % kills)
+
+
+def bench_stop(cls, n, reps, kind="builtin"):
+    samples = []
+    for _ in range(reps):
+        pool, _ = start_pool(cls, n, kind)
+        try:
+            t = time.monotonic()
+            pool.stop()
+            poll(lambda: not tagged_pids(pool.db), 60, 0.002)
+            samples.append(time.monotonic() - t)
+        finally:
+            pool.close()
+    name = "stop" if kind == "builtin" else "stop (SIGTERM ignored)"
+    record(name, n, cls.tool, "s", samples, "stop to all N worker processes gone",
+           "clx-pool stop / SIGTERM to supervisord; /proc scanned every 2 ms" +
+           ("; workers ignore SIGTERM, grace 2 s" if kind != "builtin" else ""))
+
+
+def bench_footprint(cls, n, seconds):
+    pool, _ = start_pool(cls, n)
+    try:
+        count_writes(pool.db)
+        time.sleep(1.0)
+        pid = pool.proc.pid
+        w0 = pool.dbc.val("SELECT n FROM bench_writes")
+        c0, t0 = cpu_seconds(pid), time.monotonic()
+        time.sleep(seconds)
+        c1, t1 = cpu_seconds(pid), time.monotonic()
+        w1 = pool.dbc.val("SELECT n FROM bench_writes")
+        rss = proc_status(pid, "VmHWM")
+        # CPU of the workers too: what the whole idle pool costs.
+        worker_cpu = 0.0
+        for p in pool.worker_pids():
+            try:
+                worker_cpu += cpu_seconds(p)
+            except OSError:
+                pass
+    finally:
+        pool.close()
+    record("supervisor peak RSS", n, cls.tool, "MB", [rss / 1e6], "VmHWM of the supervisor process",
+           "/proc/<pid>/status after %ds idle" % seconds)
+    record("supervisor CPU idle", n, cls.tool, "%", [(c1 - c0) / (t1 - t0) * 100],
+           "supervisor CPU while the pool idles", "utime+stime over %ds, /proc/<pid>/stat" % seconds)
+    record("idle DB writes", n, cls.tool, "rows/s", [(w1 - w0) / (t1 - t0)],
+           "row writes to workers and jobs while idle", "triggers counting writes over %ds" % seconds)
+
+
+def bench_throughput(workers, jobs, kind):
+    pool = ClxPool(workers, kind, job_command=["cp", "{input}", "{output}"]).start()
+    try:
+        pool.connect()
+        poll(lambda: pool.registered() >= workers, 60)
+        with open(os.path.join(pool.dir, "workspace", "in.txt"), "w") as f:
+            f.write("x")
+        c = pool.dbc.c
+        c.execute("BEGIN")
+        c.executemany("INSERT INTO jobs (job_type, status, input_file, output_file, content_hash, payload)"
+                      " VALUES ('t', 'pending', 'in.txt', ?, 'h', '{}')", [("out/%d" % i,) for i in range(jobs)])
+        c.execute("COMMIT")
+        t = time.monotonic()
+        poll(lambda: pool.dbc.val("SELECT COUNT(*) FROM jobs WHERE status = 'completed'") == jobs, 600, 0.005)
+        elapsed = time.monotonic() - t
+    finally:
+        pool.close()
+    name = "throughput" if kind == "builtin" else "throughput (queue only)"
+    how = "%d jobs inserted in one transaction, then all completed; job_command [cp, {input}, {output}]" % jobs if kind == "builtin" \
+        else "%d jobs; workers claim and complete without running a command" % jobs
+    record(name, workers, "clx-pool", "jobs/s", [jobs / elapsed], "jobs per second, submit to all completed", how)
+
+
+def bench_pickup(workers, samples_n):
+    pool = ClxPool(workers, "queue-only").start()
+    samples = []
+    try:
+        pool.connect()
+        poll(lambda: pool.registered() >= workers, 60)
+        c = pool.dbc.c
+        for i in range(samples_n):
+            cur = c.execute("INSERT INTO jobs (job_type, status, input_file, output_file, content_hash, payload)"
+                            " VALUES ('t', 'pending', 'in', 'out', 'h', '{}')")
+            job = cur.lastrowid
+            t = time.monotonic()
+            poll(lambda: pool.dbc.val("SELECT status FROM jobs WHERE id = ?", job) != "pending", 10, 0.0005)
+            samples.append(time.monotonic() - t)
+            time.sleep(0.03)
+    finally:
+        pool.close()
+    row_samples = samples
+    record("pickup latency", workers, "clx-pool", "s", row_samples, "job inserted to claimed by an idle worker",
+           "%d jobs one at a time, status polled every 0.5 ms" % samples_n)
+
+
+# ---------------------------------------------------------------- report
+
+GOALS = {
+    ("start", 50): ("<= 1 s", lambda v: v <= 1.0),
+    ("restart", 10): ("p50 <= 0.2 s", lambda v: v <= 0.2),
+    ("restart", 50): ("p50 <= 0.2 s", lambda v: v <= 0.2),
+    ("job recovery", 4): ("<= 0.3 s", lambda v: v <= 0.3),
+    ("stop", 50): ("<= 0.5 s", lambda v: v <= 0.5),
+    ("supervisor peak RSS", 50): ("<= 10 MB", lambda v: v <= 10),
+    ("idle DB writes", 50): ("<= 50 /s", lambda v: v <= 50),
+    ("throughput", 4): (">= 1000 jobs/s", lambda v: v >= 1000),
+    ("pickup latency", 4): ("p50 <= 50 ms", lambda v: v <= 0.05),
+}
+
+
+def fmt(v, unit):
+    if unit == "s":
+        return "%.1f ms" % (v * 1000) if v < 1 else "%.2f s" % v
+    if unit == "MB":
+        return "%.1f MB" % v
+    if unit == "%":
+        return "%.2f %%" % v
+    return "%.0f %s" % (v, unit)
+
+
+def machine():
+    cpu = "unknown"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = 0
+    for line in open("/proc/meminfo"):
+        if line.startswith("MemTotal"):
+            mem = int(line.split()[1]) // 1024 // 1024
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": mem, "kernel": platform.release(),
+            "python": platform.python_version(), "supervisord": SUPERVISOR_VERSION,
+            "clx_pool": subprocess.run([BIN, "--version"], capture_output=True, text=True).stdout.strip()}
+
+
+def write_reports(mode, started):
+    rows = {}
+    order = []
+    for r in RESULTS:
+        key = (r["scenario"], r["n"])
+        if key not in rows:
+            rows[key] = {}
+            order.append(key)
+        rows[key][r["tool"]] = r
+    lines = ["| scenario | N | clx-pool | supervisord | clx-pool / supervisord | goal |",
+             "|---|---:|---:|---:|---:|---|"]
+    for key in order:
+        tools = rows[key]
+        clx = tools.get("clx-pool")
+        sv = tools.get("supervisord")
+        main = clx or sv
+        unit = main["unit"]
+        val = lambda r: fmt(r["median"], unit) if r else "–"
+        extra = ""
+        if main["scenario"] in ("restart", "pickup latency") and main["runs"] > 2:
+            extra = " (p95 %s)" % fmt(main["p95"], unit)
+        ratio = "–"
+        if clx and sv and sv["median"] > 0:
+            ratio = "%.2f" % (clx["median"] / sv["median"])
+        goal = ""
+        if (key in GOALS) and clx:
+            text, ok = GOALS[key]
+            v = clx["median"]
+            goal = "%s: %s" % (text, "met" if ok(v) else "**missed**")
+        lines.append("| %s | %s | %s%s | %s | %s | %s |" % (key[0], key[1], val(clx), extra, val(sv), ratio, goal))
+    table = "\n".join(lines)
+    m = machine()
+    doc = {"mode": mode, "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+           "duration_s": round(time.monotonic() - started, 1), "machine": m, "results": RESULTS}
+    with open(os.path.join(ROOT, "bench", "results.json"), "w") as f:
+        json.dump(doc, f, indent=2)
+    md = """# clx-pool benchmark results
+
+`make bench%s` on %s (%s cores, %s GiB, Linux %s), %s, %s; took %.0f s.
+Medians of several runs (min/max and every sample in results.json). Ratio
+below 1 means clx-pool is faster or smaller.
+
+%s
+
+How each figure is measured:
+
+%s
+
+## Reading the table
+
+- *start*, *restart* and *stop* run the same worker process under both
+  supervisors (the built-in worker with a trivial job command; under
+  supervisord a shell exec gives each process its own WORKER_ID). Times are
+  taken from outside: rows appearing in the shared database, processes
+  vanishing from /proc.
+- *job recovery* has no supervisord figure: supervisord restarts a process
+  but knows nothing of the job it held, which stays `processing` forever.
+- *stop (SIGTERM ignored)* is bounded below by the 2 s grace time both
+  supervisors are given.
+- *throughput* is end to end (insert to completed) with the job command
+  `["cp", "{input}", "{output}"]` (one process per job); *queue only*
+  completes jobs without a command, so the difference is the cost of
+  starting a process per job.
+- *idle DB writes* counts row writes (triggers on workers and jobs): the
+  heartbeats of idle workers, and the supervisor's per-tick CPU/memory
+  figures, which go into one transaction per tick.
+- *start (python workers)* runs `tests/workers/clx_protocol_worker.py`,
+  a standard-library Python CLX worker, under clx-pool: what a realistic
+  Python worker pool costs.
+""" % ("-quick" if mode == "quick" else "", m["cpu"], m["cores"], m["memory_gib"], m["kernel"], m["clx_pool"],
+       "supervisord " + m["supervisord"], time.monotonic() - started, table,
+       "\n".join("- %s, N=%s, %s: %s (%s)" % (r["scenario"], r["n"], r["tool"], r["what"], r["how"])
+                 for r in RESULTS if r["tool"] != "supervisord"))
+    with open(os.path.join(ROOT, "bench", "results.md"), "w") as f:
+        f.write(md)
+    print()
+    print(table)
+    print("\nwritten: bench/results.json, bench/results.md")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="the smaller set (under 2 minutes)")
+    args = ap.parse_args()
+    if not os.path.exists(BIN):
+        sys.exit("build first: cargo build --release")
+    os.makedirs(WORK, exist_ok=True)
+    ensure_supervisord()
+    started = time.monotonic()
+    quick = args.quick
+
+    print("== start")
+    for n, reps in ([(1, 3), (10, 3)] if quick else [(1, 5), (10, 5), (50, 5), (200, 3)]):
+        bench_start(ClxPool, n, reps)
+        bench_start(Supervisord, n, reps)
+    print("== restart")
+    for n, kills in ([(10, 10)] if quick else [(1, 20), (10, 20), (50, 20)]):
+        bench_restart(ClxPool, n, kills)
+        bench_restart(Supervisord, n, kills)
+    print("== job recovery")
+    bench_recovery(4, 5 if quick else 15)
+    print("== stop")
+    for n, reps in ([(10, 3)] if quick else [(10, 3), (50, 3), (200, 2)]):
+        bench_stop(ClxPool, n, reps)
+        bench_stop(Supervisord, n, reps)
+    for n in ([10] if quick else [10, 50]):
+        bench_stop(ClxPool, n, 1 if quick else 2, "python-ignore-term")
+        bench_stop(Supervisord, n, 1 if quick else 2, "python-ignore-term")
+    print("== footprint")
+    for n in ([10] if quick else [50, 200]):
+        bench_footprint(ClxPool, n, 5 if quick else 30)
+        bench_footprint(Supervisord, n, 5 if quick else 30)
+    print("== throughput")
+    for w in ([4] if quick else [1, 4, 8]):
+        bench_throughput(w, 500 if quick else 2000, "builtin")
+        bench_throughput(w, 500 if quick else 2000, "queue-only")
+    bench_pickup(4, 20 if quick else 50)
+    print("== python workers under clx-pool")
+    for n in ([10] if quick else [10, 50]):
+        samples = []
+        for _ in range(1 if quick else 3):
+            pool, t = start_pool(ClxPool, n, "python")
+            samples.append(t)
+            pool.close()
+        record("start (python workers)", n, "clx-pool", "s", samples,
+               "start to all N Python protocol workers registered", "rows in workers, polled every 1 ms")
+    write_reports("quick" if quick else "full", started)
+
+
+if __name__ == "__main__":
+    main()
