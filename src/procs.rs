@@ -158,37 +158,32 @@ pub fn stat(pid: i32) -> Option<ProcStat> {
     })
 }
 
-/// Every process on the host, read once.
-pub fn all() -> Vec<ProcStat> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .filter_map(stat)
-        .collect()
-}
-
-/// CPU ticks and resident bytes of `root` and all its descendants, from a
-/// snapshot taken with [`all`].
-pub fn tree_usage(snapshot: &[ProcStat], root: i32) -> Option<(u64, u64)> {
-    let mut children: std::collections::HashMap<i32, Vec<&ProcStat>> = std::collections::HashMap::new();
-    let mut root_stat = None;
-    for p in snapshot {
-        children.entry(p.ppid).or_default().push(p);
-        if p.pid == root {
-            root_stat = Some(p);
-        }
-    }
-    let mut stack = vec![root_stat?];
-    let (mut ticks, mut pages) = (0, 0);
-    while let Some(p) = stack.pop() {
-        ticks += p.cpu_ticks;
-        pages += p.rss_pages;
-        if let Some(c) = children.get(&p.pid) {
-            stack.extend(c.iter().copied());
+/// CPU ticks and resident bytes of `root` and its descendants, found
+/// through `/proc/<pid>/task/<tid>/children` (no scan of every process).
+pub fn tree_usage_of(root: i32) -> Option<(u64, u64)> {
+    let first = stat(root)?;
+    let (mut ticks, mut pages) = (first.cpu_ticks, first.rss_pages);
+    let mut stack = children_of(root);
+    while let Some(pid) = stack.pop() {
+        if let Some(p) = stat(pid) {
+            ticks += p.cpu_ticks;
+            pages += p.rss_pages;
+            stack.extend(children_of(pid));
         }
     }
     Some((ticks, pages * page_size()))
+}
+
+fn children_of(pid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in tasks.flatten() {
+            if let Ok(text) = std::fs::read_to_string(t.path().join("children")) {
+                out.extend(text.split_whitespace().filter_map(|p| p.parse::<i32>().ok()));
+            }
+        }
+    }
+    out
 }
 
 pub fn page_size() -> u64 {
@@ -302,9 +297,9 @@ pub async fn sweep(find: impl Fn() -> Vec<i32>, limit: Duration) -> usize {
 pub fn reap_strays() {
     let me = std::process::id() as i32;
     let ours = SPAWNED.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    for p in all() {
-        if p.ppid == me && p.state == 'Z' && !ours.contains(&p.pid) {
-            let _ = nix::sys::wait::waitpid(Pid::from_raw(p.pid), Some(nix::sys::wait::WaitPidFlag::WNOHANG));
+    for pid in children_of(me) {
+        if !ours.contains(&pid) && stat(pid).is_some_and(|p| p.state == 'Z') {
+            let _ = nix::sys::wait::waitpid(Pid::from_raw(pid), Some(nix::sys::wait::WaitPidFlag::WNOHANG));
         }
     }
 }

@@ -66,7 +66,20 @@ struct State {
     window: HashMap<(i64, i64), Sample>,
     /// Rows already reported hung (the slot is replacing them).
     reported: HashSet<i64>,
+    /// What was last written per row: when, CPU %, MiB.
+    written: HashMap<i64, (Instant, Option<f64>, f64)>,
+    /// When usage was last sampled for every worker.
+    sampled_at: Option<Instant>,
 }
+
+/// How often CPU and memory are sampled when no zero-CPU rule needs every
+/// tick: an idle pool should cost next to nothing.
+const USAGE_PERIOD: Duration = Duration::from_secs(10);
+/// Figures are rewritten only when they moved this much (or went stale), so
+/// an idle pool's rows are not rewritten every period.
+const CPU_STEP: f64 = 1.0;
+const MEM_STEP_MIB: f64 = 1.0;
+const REWRITE_AFTER: Duration = Duration::from_secs(60);
 
 impl Monitor {
     pub async fn run(self) {
@@ -87,14 +100,41 @@ impl Monitor {
 
     async fn check(&self, state: &mut State) -> anyhow::Result<()> {
         let observed = self.db.call(observe).await?;
-        let snapshot = tokio::task::spawn_blocking(procs::all).await?;
         let hz = procs::clock_ticks_per_second() as f64;
         let now = Instant::now();
+        let cpu_rule = |t: &str| {
+            self.config
+                .workers
+                .iter()
+                .any(|w| w.worker_type == t && w.hung_cpu.is_some())
+        };
+        let period_due = state.sampled_at.is_none_or(|t| now.duration_since(t) >= USAGE_PERIOD);
+        if period_due {
+            state.sampled_at = Some(now);
+        }
+        // Sample a worker when its type has the zero-CPU rule, when it is
+        // new, or once per period.
+        let due: HashSet<i64> = observed
+            .iter()
+            .filter(|o| period_due || cpu_rule(&o.key.0) || !state.written.contains_key(&o.row))
+            .map(|o| o.row)
+            .collect();
+        let pids: Vec<(i64, i32)> = observed
+            .iter()
+            .filter(|o| due.contains(&o.row))
+            .filter_map(|o| Some((o.row, o.pid?)))
+            .collect();
+        let process_usage: HashMap<i64, (u64, u64)> = tokio::task::spawn_blocking(move || {
+            pids.into_iter()
+                .filter_map(|(row, pid)| Some((row, procs::tree_usage_of(pid)?)))
+                .collect()
+        })
+        .await?;
         // Containers are sampled concurrently: one-shot stats are fast,
         // but each is a round trip to the engine.
         let container_usage: HashMap<i64, (f64, u64)> = match &self.engine {
             Some(engine) => {
-                let asks = observed.iter().filter_map(|o| {
+                let asks = observed.iter().filter(|o| due.contains(&o.row)).filter_map(|o| {
                     let id = o.container.clone()?;
                     let row = o.row;
                     Some(async move { engine.usage(&id).await.map(|u| (row, u)) })
@@ -118,20 +158,37 @@ impl Monitor {
         state.last.retain(|row, _| live.contains(row));
         state.window.retain(|(row, _), _| live.contains(row));
         state.reported.retain(|row| live.contains(row));
+        state.written.retain(|row, _| live.contains(row));
 
         for o in &observed {
             let Some(wc) = by_type.get(o.key.0.as_str()) else {
                 continue;
             };
             let measured = match o.pid {
-                Some(pid) => procs::tree_usage(&snapshot, pid).map(|(ticks, rss)| (ticks as f64 / hz, rss)),
+                Some(_) => process_usage.get(&o.row).map(|&(ticks, rss)| (ticks as f64 / hz, rss)),
                 None => container_usage.get(&o.row).copied(),
             };
             let sample = measured.map(|(cpu_seconds, rss)| (Sample { at: now, cpu_seconds }, rss));
             if let Some((s, rss)) = sample {
                 let cpu = state.last.get(&o.row).map(|p| cpu_percent(p, &s));
                 state.last.insert(o.row, s);
-                usage.push((o.row, cpu, rss as f64 / (1024.0 * 1024.0)));
+                let mem = rss as f64 / (1024.0 * 1024.0);
+                let moved = match state.written.get(&o.row) {
+                    None => true,
+                    Some(&(at, old_cpu, old_mem)) => {
+                        now.duration_since(at) >= REWRITE_AFTER
+                            || (mem - old_mem).abs() >= MEM_STEP_MIB
+                            || match (cpu, old_cpu) {
+                                (Some(c), Some(o)) => (c - o).abs() >= CPU_STEP,
+                                (Some(_), None) => true,
+                                _ => false,
+                            }
+                    }
+                };
+                if moved {
+                    state.written.insert(o.row, (now, cpu, mem));
+                    usage.push((o.row, cpu, mem));
+                }
             }
             if state.reported.contains(&o.row) {
                 continue;
