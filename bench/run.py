@@ -138,11 +138,15 @@ class ClxPool:
             program = "job_command = %s" % json.dumps(list(job_command))
         elif kind == "queue-only":
             program = "command = %s" % json.dumps([BIN, "worker", "--no-command"])
+        elif kind == "docker":
+            program = 'job_command = ["true"]\nexecution_mode = "docker"\nimage = "%s"' % test_image()
         elif kind == "python":
             program = "command = %s" % json.dumps([sys.executable, PY_WORKER])
         elif kind == "python-ignore-term":
             program = "command = %s\nenv = { TEST_IGNORE_TERM = \"1\" }" % json.dumps([sys.executable, PY_WORKER])
         self.n = n
+        if kind == "docker":
+            extra_pool += 'network = "none"\n'
         with open(os.path.join(self.dir, "pool.toml"), "w") as f:
             f.write('[pool]\ndb_path = "jobs.db"\nworkspace_path = "workspace"\nstop_timeout = "2s"\n'
                     'startup_timeout = "60s"\n'
@@ -338,6 +342,7 @@ def bench_restart(cls, n, kills):
     pool, _ = start_pool(cls, n)
     samples = []
     try:
+        poll(lambda: len(pool.worker_pids()) == n, 30)
         for i in range(kills):
             pids = sorted(pool.worker_pids())
             victim = pids[i % len(pids)]
@@ -401,11 +406,12 @@ def bench_stop(cls, n, reps, kind="builtin"):
            ("; workers ignore SIGTERM, grace 2 s" if kind != "builtin" else ""))
 
 
-def bench_footprint(cls, n, seconds):
+def bench_footprint(cls, n, seconds, settle):
     pool, _ = start_pool(cls, n)
     try:
         count_writes(pool.db)
-        time.sleep(1.0)
+        # Past start-up: the first heartbeats and usage figures are written.
+        time.sleep(settle)
         pid = pool.proc.pid
         w0 = pool.dbc.val("SELECT n FROM bench_writes")
         c0, t0 = cpu_seconds(pid), time.monotonic()
@@ -423,11 +429,11 @@ def bench_footprint(cls, n, seconds):
     finally:
         pool.close()
     record("supervisor peak RSS", n, cls.tool, "MB", [rss / 1e6], "VmHWM of the supervisor process",
-           "/proc/<pid>/status after %ds idle" % seconds)
+           "/proc/<pid>/status after %ds idle" % (seconds + settle))
     record("supervisor CPU idle", n, cls.tool, "%", [(c1 - c0) / (t1 - t0) * 100],
            "supervisor CPU while the pool idles", "utime+stime over %ds, /proc/<pid>/stat" % seconds)
     record("idle DB writes", n, cls.tool, "rows/s", [(w1 - w0) / (t1 - t0)],
-           "row writes to workers and jobs while idle", "triggers counting writes over %ds" % seconds)
+           "row writes to workers and jobs while idle", "triggers counting writes over %ds, after %ds to settle" % (seconds, settle))
 
 
 def bench_throughput(workers, jobs, kind):
@@ -473,6 +479,79 @@ def bench_pickup(workers, samples_n):
     row_samples = samples
     record("pickup latency", workers, "clx-pool", "s", row_samples, "job inserted to claimed by an idle worker",
            "%d jobs one at a time, status polled every 0.5 ms" % samples_n)
+
+
+def test_image():
+    version = re.search(r'^version = "(.*)"', open(os.path.join(ROOT, "Cargo.toml")).read(), re.M).group(1)
+    return "clx-pool/test:" + version
+
+
+def docker_ready():
+    ok = subprocess.run(["docker", "image", "inspect", test_image()], capture_output=True).returncode == 0
+    if not ok:
+        print("  (docker scenarios skipped: no engine or no %s; run `make docker-image`)" % test_image())
+    return ok
+
+
+def docker_api(method, path):
+    """One request to the local engine's socket, without the docker CLI's
+    own start-up time in the measurement."""
+    import http.client
+    import socket
+
+    class Conn(http.client.HTTPConnection):
+        def connect(self):
+            self.sock = socket.socket(socket.AF_UNIX)
+            self.sock.connect("/var/run/docker.sock")
+
+    c = Conn("localhost")
+    c.request(method, path)
+    r = c.getresponse()
+    r.read()
+    return r.status
+
+
+def pool_containers(db_path):
+    import hashlib
+    db_id = hashlib.sha256(db_path.encode()).hexdigest()[:8]
+    out = subprocess.run(["docker", "ps", "-aq", "--filter", "label=clx-pool.db-id=" + db_id],
+                         capture_output=True, text=True).stdout
+    return out.split()
+
+
+def bench_docker(n, reps, kills):
+    samples, stops = [], []
+    for _ in range(reps):
+        pool, t = start_pool(ClxPool, n, "docker")
+        samples.append(t)
+        if kills and len(samples) == 1:
+            restarts = []
+            try:
+                for i in range(kills):
+                    cid = pool.dbc.val("SELECT worker_id FROM clx_pool_slots WHERE slot = ? AND state = 'running'", i % n)
+                    before = pool.dbc.val("SELECT COALESCE(MAX(id), 0) FROM workers")
+                    t0 = time.monotonic()
+                    docker_api("POST", "/containers/%s/kill" % cid)
+                    poll(lambda: pool.dbc.val("SELECT COUNT(*) FROM workers WHERE id > ?", before) >= 1, 60)
+                    restarts.append(time.monotonic() - t0)
+                    poll(lambda: pool.dbc.val("SELECT COUNT(*) FROM clx_pool_slots WHERE state = 'running'") == n, 60)
+            except Exception:
+                pool.close()
+                raise
+            record("docker restart", n, "clx-pool", "s", restarts,
+                   "docker kill (API) of a container to its replacement registered",
+                   "%d kills, new row in workers polled every 1 ms" % kills)
+        try:
+            t0 = time.monotonic()
+            pool.stop()
+            poll(lambda: not pool_containers(pool.db), 60, 0.01)
+            stops.append(time.monotonic() - t0)
+        finally:
+            pool.close()
+    record("docker stop", n, "clx-pool", "s", stops, "stop to every container removed",
+           "clx-pool stop, then docker ps by label every 10 ms")
+    record("docker start", n, "clx-pool", "s", samples, "start to all N containers registered",
+           "rows in workers, polled every 1 ms")
 
 
 # ---------------------------------------------------------------- report
@@ -628,13 +707,16 @@ def main():
         bench_stop(Supervisord, n, 1 if quick else 2, "python-ignore-term")
     print("== footprint")
     for n in ([10] if quick else [50, 200]):
-        bench_footprint(ClxPool, n, 5 if quick else 30)
-        bench_footprint(Supervisord, n, 5 if quick else 30)
+        bench_footprint(ClxPool, n, 5 if quick else 30, 2 if quick else 12)
+        bench_footprint(Supervisord, n, 5 if quick else 30, 2 if quick else 12)
     print("== throughput")
     for w in ([4] if quick else [1, 4, 8]):
         bench_throughput(w, 500 if quick else 2000, "builtin")
         bench_throughput(w, 500 if quick else 2000, "queue-only")
     bench_pickup(4, 20 if quick else 50)
+    print("== docker mode")
+    if docker_ready():
+        bench_docker(10, 1 if quick else 3, 5 if quick else 10)
     print("== python workers under clx-pool")
     for n in ([10] if quick else [10, 50]):
         samples = []

@@ -75,11 +75,10 @@ struct State {
 /// How often CPU and memory are sampled when no zero-CPU rule needs every
 /// tick: an idle pool should cost next to nothing.
 const USAGE_PERIOD: Duration = Duration::from_secs(10);
-/// Figures are rewritten only when they moved this much (or went stale), so
-/// an idle pool's rows are not rewritten every period.
+/// Figures are rewritten only when they moved this much, so an idle pool's
+/// rows are not rewritten every period.
 const CPU_STEP: f64 = 1.0;
 const MEM_STEP_MIB: f64 = 1.0;
-const REWRITE_AFTER: Duration = Duration::from_secs(60);
 
 impl Monitor {
     pub async fn run(self) {
@@ -175,12 +174,11 @@ impl Monitor {
                 let mem = rss as f64 / (1024.0 * 1024.0);
                 let moved = match state.written.get(&o.row) {
                     None => true,
-                    Some(&(at, old_cpu, old_mem)) => {
-                        now.duration_since(at) >= REWRITE_AFTER
-                            || (mem - old_mem).abs() >= MEM_STEP_MIB
+                    Some(&(_, old_cpu, old_mem)) => {
+                        (mem - old_mem).abs() >= MEM_STEP_MIB
                             || match (cpu, old_cpu) {
                                 (Some(c), Some(o)) => (c - o).abs() >= CPU_STEP,
-                                (Some(_), None) => true,
+                                (Some(c), None) => c >= CPU_STEP,
                                 _ => false,
                             }
                     }
