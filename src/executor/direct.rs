@@ -108,6 +108,8 @@ pub fn launch(spec: &Launch) -> anyhow::Result<Running> {
         .id()
         .map(|p| p as i32)
         .context("worker exited before its pid was read")?;
+    // tokio reaps this one; reap_strays must leave it alone.
+    procs::track(pid);
     let tail = Tail::default();
     let reader = pipe::Receiver::from_owned_fd(read_end).context("reading the worker's output pipe")?;
     tokio::spawn(logs::drain(reader, log, tail.clone()));

@@ -49,6 +49,19 @@ struct Observed {
     heartbeat_age: i64,
     /// The job in hand: (id, seconds since it started).
     job: Option<(i64, i64)>,
+    /// No memory figure was written for it yet (a new worker).
+    unmeasured: bool,
+}
+
+/// Which workers a tick looks at: on most ticks only those that could be
+/// hung (heartbeat or job older than the smallest limit), so an idle pool's
+/// tick reads next to nothing; every `USAGE_PERIOD` all of them.
+struct Filter {
+    min_heartbeat: i64,
+    min_job_time: i64,
+    /// Some type has the zero-CPU rule: every busy worker is looked at.
+    all_busy: bool,
+    everything: bool,
 }
 
 /// A CPU sample of one worker (its process tree, or its container).
@@ -74,7 +87,7 @@ struct State {
 
 /// How often CPU and memory are sampled when no zero-CPU rule needs every
 /// tick: an idle pool should cost next to nothing.
-const USAGE_PERIOD: Duration = Duration::from_secs(10);
+const USAGE_PERIOD: Duration = Duration::from_secs(30);
 /// Figures are rewritten only when they moved this much, so an idle pool's
 /// rows are not rewritten every period.
 const CPU_STEP: f64 = 1.0;
@@ -98,24 +111,42 @@ impl Monitor {
     }
 
     async fn check(&self, state: &mut State) -> anyhow::Result<()> {
-        let observed = self.db.call(observe).await?;
-        let hz = procs::clock_ticks_per_second() as f64;
         let now = Instant::now();
+        let period_due = state.sampled_at.is_none_or(|t| now.duration_since(t) >= USAGE_PERIOD);
+        if period_due {
+            state.sampled_at = Some(now);
+        }
+        let filter = Filter {
+            min_heartbeat: self
+                .config
+                .workers
+                .iter()
+                .map(|w| w.heartbeat_timeout.as_secs())
+                .min()
+                .unwrap_or(0) as i64,
+            min_job_time: self
+                .config
+                .workers
+                .iter()
+                .map(|w| w.max_job_time.as_secs())
+                .min()
+                .unwrap_or(0) as i64,
+            all_busy: self.config.workers.iter().any(|w| w.hung_cpu.is_some()),
+            everything: period_due,
+        };
+        let observed = self.db.call(move |c| observe(c, &filter)).await?;
+        let hz = procs::clock_ticks_per_second() as f64;
         let cpu_rule = |t: &str| {
             self.config
                 .workers
                 .iter()
                 .any(|w| w.worker_type == t && w.hung_cpu.is_some())
         };
-        let period_due = state.sampled_at.is_none_or(|t| now.duration_since(t) >= USAGE_PERIOD);
-        if period_due {
-            state.sampled_at = Some(now);
-        }
         // Sample a worker when its type has the zero-CPU rule, when it is
         // new, or once per period.
         let due: HashSet<i64> = observed
             .iter()
-            .filter(|o| period_due || cpu_rule(&o.key.0) || !state.written.contains_key(&o.row))
+            .filter(|o| period_due || cpu_rule(&o.key.0) || o.unmeasured)
             .map(|o| o.row)
             .collect();
         let pids: Vec<(i64, i32)> = observed
@@ -153,11 +184,14 @@ impl Monitor {
             .iter()
             .map(|w| (w.worker_type.as_str(), w))
             .collect();
-        let live: HashSet<i64> = observed.iter().map(|o| o.row).collect();
-        state.last.retain(|row, _| live.contains(row));
-        state.window.retain(|(row, _), _| live.contains(row));
-        state.reported.retain(|row| live.contains(row));
-        state.written.retain(|row, _| live.contains(row));
+        // Only a full observation tells which workers are gone.
+        if period_due {
+            let live: HashSet<i64> = observed.iter().map(|o| o.row).collect();
+            state.last.retain(|row, _| live.contains(row));
+            state.window.retain(|(row, _), _| live.contains(row));
+            state.reported.retain(|row| live.contains(row));
+            state.written.retain(|row, _| live.contains(row));
+        }
 
         for o in &observed {
             let Some(wc) = by_type.get(o.key.0.as_str()) else {
@@ -267,18 +301,24 @@ fn cpu_percent(from: &Sample, to: &Sample) -> f64 {
 
 /// Every registered worker of a running slot, with its heartbeat age and
 /// the age of the job it holds, all computed by SQLite in UTC.
-fn observe(c: &mut rusqlite::Connection) -> rusqlite::Result<Vec<Observed>> {
+fn observe(c: &mut rusqlite::Connection, f: &Filter) -> rusqlite::Result<Vec<Observed>> {
     let mut stmt = c.prepare_cached(
-        "SELECT s.worker_type, s.slot, w.id, s.pid, w.status, s.execution_mode, s.worker_id,
-                COALESCE(unixepoch('now') - unixepoch(w.last_heartbeat), 0),
-                j.id, unixepoch('now') - unixepoch(j.started_at)
-         FROM clx_pool_slots s
-         JOIN workers w ON w.id = s.worker_row
-         LEFT JOIN jobs j ON j.worker_id = w.id AND j.status = 'processing'
-         WHERE s.state = 'running'
-         ORDER BY s.worker_type, s.slot, j.started_at",
+        "SELECT * FROM (
+            SELECT s.worker_type, s.slot, w.id, s.pid, w.status, s.execution_mode, s.worker_id,
+                   COALESCE(unixepoch('now') - unixepoch(w.last_heartbeat), 0) AS hb_age,
+                   j.id AS job, unixepoch('now') - unixepoch(j.started_at) AS job_age,
+                   w.memory_usage IS NULL AS unmeasured, j.started_at AS job_started
+            FROM clx_pool_slots s
+            JOIN workers w ON w.id = s.worker_row
+            LEFT JOIN jobs j ON j.worker_id = w.id AND j.status = 'processing'
+            WHERE s.state = 'running')
+         WHERE ?4 OR unmeasured
+            OR (job IS NULL AND hb_age > ?1)
+            OR (job IS NOT NULL AND (job_age > ?2 OR ?3))
+         ORDER BY worker_type, slot, job_started",
     )?;
-    let rows = stmt.query_map([], |r| {
+    let params = rusqlite::params![f.min_heartbeat, f.min_job_time, f.all_busy, f.everything];
+    let rows = stmt.query_map(params, |r| {
         let job: Option<i64> = r.get(8)?;
         let age: Option<i64> = r.get(9)?;
         let mode: String = r.get(5)?;
@@ -290,6 +330,7 @@ fn observe(c: &mut rusqlite::Connection) -> rusqlite::Result<Vec<Observed>> {
             status: r.get(4)?,
             heartbeat_age: r.get(7)?,
             job: job.map(|j| (j, age.unwrap_or(0))),
+            unmeasured: r.get(10)?,
         })
     })?;
     let mut out: Vec<Observed> = Vec::new();
