@@ -504,3 +504,28 @@ fn worker_printing_megabytes_keeps_working_and_its_log_rotates() {
         assert!(size <= 1024 * 1024, "{name} is {size} bytes, over log_max_size");
     }
 }
+
+#[test]
+fn exit_causes_survive_a_busy_reaper() {
+    // With the monitor (and its reaper of orphaned descendants) ticking
+    // every millisecond, each killed worker's own exit status must still
+    // reach its slot: the reaper leaves the workers it spawned alone.
+    let mut pool = Pool::new("check_interval = \"1ms\"\n", &sh_workers("copy", 3, "true")).tz(ZONES[0]);
+    pool.start_ready();
+    for round in 0..3 {
+        for slot in 0..3 {
+            let (pid, worker) = pool.slot_worker("copy", slot);
+            signal(pid, Signal::SIGKILL);
+            pool.wait_replacement("copy", slot, &worker, Duration::from_secs(10));
+            let cause: String = pool
+                .conn()
+                .query_row(
+                    "SELECT cause FROM clx_pool_events WHERE worker_id = ?1",
+                    [&worker],
+                    |r| r.get(0),
+                )
+                .unwrap();
+            assert_eq!(cause, "was killed by SIGKILL", "round {round}, slot {slot}");
+        }
+    }
+}
