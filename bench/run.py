@@ -125,7 +125,33 @@ def count_writes(path):
 
 # ---------------------------------------------------------------- pools
 
-class ClxPool:
+class Supervised:
+    """What both supervisors under test share: a database to watch and a
+    clean end, whatever happened."""
+
+    proc = None
+    db = ""
+    dir = ""
+
+    def registered(self):
+        return self.dbc.val("SELECT COUNT(*) FROM workers WHERE status != 'dead'") or 0
+
+    def close(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        for pid in tagged_pids(self.db):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class ClxPool(Supervised):
     """A clx-pool supervisor on a fresh database."""
 
     tool = "clx-pool"
@@ -168,9 +194,6 @@ class ClxPool:
         self.dbc = Db(self.db)
         return self.dbc
 
-    def registered(self):
-        return self.dbc.val("SELECT COUNT(*) FROM workers WHERE status != 'dead'") or 0
-
     def worker_pids(self):
         return [r[0] for r in self.dbc.c.execute("SELECT pid FROM clx_pool_slots WHERE state = 'running'")]
 
@@ -178,19 +201,6 @@ class ClxPool:
         subprocess.run([BIN, "stop", "--db", self.db, "--timeout", "60s"], check=True, capture_output=True)
         self.proc.wait(30)
 
-    def close(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        for pid in tagged_pids(self.db):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def ensure_supervisord():
@@ -202,7 +212,7 @@ def ensure_supervisord():
     return exe
 
 
-class Supervisord:
+class Supervisord(Supervised):
     """supervisord running the same workers, configured the way one would
     for this job: autorestart, stop as a group, per-process logs."""
 
@@ -268,9 +278,6 @@ environment=WORKER_TYPE="t",DB_PATH="%(db)s",WORKSPACE_PATH="%(d)s/workspace",LO
         self.dbc = Db(self.db)
         return self.dbc
 
-    def registered(self):
-        return self.dbc.val("SELECT COUNT(*) FROM workers WHERE status != 'dead'") or 0
-
     def worker_pids(self):
         # The workers are supervisord's children (the shell exec'd the worker).
         me = self.proc.pid
@@ -288,19 +295,6 @@ environment=WORKER_TYPE="t",DB_PATH="%(db)s",WORKSPACE_PATH="%(d)s/workspace",LO
         self.proc.send_signal(signal.SIGTERM)
         self.proc.wait(60)
 
-    def close(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        for pid in tagged_pids(self.db):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- scenarios
