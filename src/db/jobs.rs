@@ -62,29 +62,26 @@ pub fn claim(conn: &mut Connection, job_type: &str, worker_row: i64) -> rusqlite
         let Some(id) = candidate else { return Ok(None) };
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let job = tx
-            .query_row(
+            .prepare_cached(
                 "UPDATE jobs SET status = 'processing', started_at = CURRENT_TIMESTAMP,
                         worker_id = ?2, attempts = COALESCE(attempts, 0) + 1, completed_at = NULL
                  WHERE id = ?1 AND status = 'pending'
                  RETURNING id, input_file, output_file, content_hash, payload, attempts",
-                params![id, worker_row],
-                |r| {
-                    Ok(ClaimedJob {
-                        id: r.get(0)?,
-                        input_file: r.get(1)?,
-                        output_file: r.get(2)?,
-                        content_hash: r.get(3)?,
-                        payload: r.get(4)?,
-                        attempt: r.get(5)?,
-                    })
-                },
-            )
+            )?
+            .query_row(params![id, worker_row], |r| {
+                Ok(ClaimedJob {
+                    id: r.get(0)?,
+                    input_file: r.get(1)?,
+                    output_file: r.get(2)?,
+                    content_hash: r.get(3)?,
+                    payload: r.get(4)?,
+                    attempt: r.get(5)?,
+                })
+            })
             .optional()?;
         if let Some(job) = job {
-            tx.execute(
-                "UPDATE workers SET status = 'busy', last_heartbeat = CURRENT_TIMESTAMP WHERE id = ?1",
-                [worker_row],
-            )?;
+            tx.prepare_cached("UPDATE workers SET status = 'busy', last_heartbeat = CURRENT_TIMESTAMP WHERE id = ?1")?
+                .execute([worker_row])?;
             tx.commit()?;
             return Ok(Some(job));
         }
@@ -114,32 +111,34 @@ pub fn finish(
         Outcome::Completed => ("completed", None),
         Outcome::Failed(e) => ("failed", Some(e)),
     };
-    let changed = tx.execute(
-        "UPDATE jobs SET status = ?1, completed_at = CURRENT_TIMESTAMP, error = ?2
+    let changed = tx
+        .prepare_cached(
+            "UPDATE jobs SET status = ?1, completed_at = CURRENT_TIMESTAMP, error = ?2
          WHERE id = ?3 AND worker_id = ?4 AND status = 'processing' AND attempts = ?5",
-        params![status, error, job.id, worker_row, job.attempt],
-    )?;
+        )?
+        .execute(params![status, error, job.id, worker_row, job.attempt])?;
     if changed == 1 && status == "completed" {
-        tx.execute(
+        tx.prepare_cached(
             "INSERT INTO results_cache (output_file, content_hash, result_metadata)
              VALUES (?1, ?2, ?3)
              ON CONFLICT(output_file, content_hash) DO UPDATE SET
                  last_accessed = CURRENT_TIMESTAMP, result_metadata = excluded.result_metadata",
-            params![job.output_file, job.content_hash, format!("{{\"job_id\": {}}}", job.id)],
-        )?;
+        )?
+        .execute(params![
+            job.output_file,
+            job.content_hash,
+            format!("{{\"job_id\": {}}}", job.id)
+        ])?;
     }
     let (done, failed) = if status == "completed" { (1, 0) } else { (0, 1) };
-    tx.execute(
-        "UPDATE workers SET
+    tx.prepare_cached("UPDATE workers SET
             status = CASE WHEN status = 'busy' THEN 'idle' ELSE status END,
             last_heartbeat = CURRENT_TIMESTAMP,
             avg_processing_time = (COALESCE(avg_processing_time, 0) * (COALESCE(jobs_processed, 0) + COALESCE(jobs_failed, 0)) + ?2)
                                   / (COALESCE(jobs_processed, 0) + COALESCE(jobs_failed, 0) + 1),
             jobs_processed = COALESCE(jobs_processed, 0) + ?3,
             jobs_failed = COALESCE(jobs_failed, 0) + ?4
-         WHERE id = ?1",
-        params![worker_row, seconds, done, failed],
-    )?;
+         WHERE id = ?1")?.execute(params![worker_row, seconds, done, failed])?;
     tx.commit()?;
     Ok(changed == 1)
 }
