@@ -95,14 +95,7 @@ fn docker_kill_is_noticed_and_the_job_completes_on_the_replacement() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(pool.output("k.txt").as_deref(), Some("kept"));
     assert_eq!(pool.query_i64(&format!("SELECT attempts FROM jobs WHERE id = {id}")), 2);
-    let cause: String = pool
-        .conn()
-        .query_row(
-            "SELECT cause FROM clx_pool_events WHERE worker_id = ?1",
-            [&container],
-            |r| r.get(0),
-        )
-        .unwrap();
+    let cause: String = pool.cause_of(&container);
     assert_eq!(cause, "was killed by SIGKILL");
     assert_eq!(pool.containers().len(), 1, "the killed container was removed");
 }

@@ -61,11 +61,6 @@ fn python_worker_crash_mid_job_requeues_the_job_for_the_replacement() {
     assert_eq!(pool.output("c.txt").as_deref(), Some("zyx"));
     assert_eq!(pool.query_i64("SELECT attempts FROM jobs"), 2);
     assert_eq!(pool.query_i64("SELECT restarts FROM clx_pool_slots"), 1);
-    let cause: String = pool
-        .conn()
-        .query_row("SELECT cause FROM clx_pool_events WHERE event = 'died'", [], |r| {
-            r.get(0)
-        })
-        .unwrap();
+    let cause: String = pool.first_cause("died");
     assert_eq!(cause, "exited with code 17");
 }

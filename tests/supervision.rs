@@ -158,12 +158,7 @@ fn job_running_past_max_job_time_is_killed_and_retried() {
         );
         assert_eq!(pool.output("a.txt").as_deref(), Some("late but done"));
         assert_eq!(pool.query_i64(&format!("SELECT attempts FROM jobs WHERE id = {id}")), 2);
-        let cause: String = pool
-            .conn()
-            .query_row("SELECT cause FROM clx_pool_events WHERE event = 'hung'", [], |r| {
-                r.get(0)
-            })
-            .unwrap();
+        let cause: String = pool.first_cause("hung");
         assert!(
             cause.contains(&format!("job {id} has run for")) && cause.contains("longer than max_job_time 2s"),
             "{zone}: {cause}"
@@ -201,14 +196,7 @@ fn idle_worker_that_stops_heartbeating_is_replaced() {
             took >= Duration::from_secs(2),
             "{zone}: replaced after {took:?}, before the heartbeat could be 2s old"
         );
-        let cause: String = pool
-            .conn()
-            .query_row(
-                "SELECT cause FROM clx_pool_events WHERE worker_id = ?1",
-                [&worker],
-                |r| r.get(0),
-            )
-            .unwrap();
+        let cause: String = pool.cause_of(&worker);
         assert!(
             cause.contains("heartbeat") && cause.contains("older than heartbeat_timeout 2s"),
             "{zone}: {cause}"
@@ -235,12 +223,7 @@ fn busy_worker_using_no_cpu_is_hung_when_the_rule_is_on() {
     let id = pool.submit("copy", "a.txt", "z");
     let out = pool.cli(&["wait", "--drained", "--timeout", "30s"]);
     assert!(out.status.success(), "{}", stderr(&out));
-    let cause: String = pool
-        .conn()
-        .query_row("SELECT cause FROM clx_pool_events WHERE event = 'hung'", [], |r| {
-            r.get(0)
-        })
-        .unwrap();
+    let cause: String = pool.first_cause("hung");
     assert!(
         cause.contains(&format!("job {id} used")) && cause.contains("CPU over"),
         "{cause}"
@@ -517,14 +500,7 @@ fn exit_causes_survive_a_busy_reaper() {
             let (pid, worker) = pool.slot_worker("copy", slot);
             signal(pid, Signal::SIGKILL);
             pool.wait_replacement("copy", slot, &worker, Duration::from_secs(10));
-            let cause: String = pool
-                .conn()
-                .query_row(
-                    "SELECT cause FROM clx_pool_events WHERE worker_id = ?1",
-                    [&worker],
-                    |r| r.get(0),
-                )
-                .unwrap();
+            let cause: String = pool.cause_of(&worker);
             assert_eq!(cause, "was killed by SIGKILL", "round {round}, slot {slot}");
         }
     }

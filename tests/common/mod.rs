@@ -204,6 +204,28 @@ impl Pool {
         })
     }
 
+    /// The recorded cause of the end of worker `worker_id`.
+    pub fn cause_of(&self, worker_id: &str) -> String {
+        self.conn()
+            .query_row(
+                "SELECT cause FROM clx_pool_events WHERE worker_id = ?1",
+                [worker_id],
+                |r| r.get(0),
+            )
+            .unwrap()
+    }
+
+    /// The cause of the first recorded event of kind `event` (died, hung, …).
+    pub fn first_cause(&self, event: &str) -> String {
+        self.conn()
+            .query_row(
+                "SELECT cause FROM clx_pool_events WHERE event = ?1 ORDER BY id LIMIT 1",
+                [event],
+                |r| r.get(0),
+            )
+            .unwrap()
+    }
+
     pub fn supervisor_pid(&self) -> i32 {
         self.supervisor.as_ref().unwrap().id() as i32
     }
