@@ -265,3 +265,38 @@ fn wait_times_out_with_exit_1() {
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("timed out after 200ms"), "{}", stderr(&out));
 }
+
+#[test]
+fn submitting_a_type_no_pool_takes_warns_but_queues() {
+    let mut pool = Pool::new("", &sh_workers("upper", 1, UPPER));
+    pool.start_ready();
+    std::fs::write(pool.path("workspace/x.txt"), "x").unwrap();
+    let ws = pool.path("workspace");
+    let out = pool.cli(&[
+        "submit",
+        "lower",
+        "x.txt",
+        "out/x.txt",
+        "--workspace",
+        ws.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("the running pool has no `lower` workers (it has: upper)"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        pool.query_i64("SELECT COUNT(*) FROM jobs WHERE job_type = 'lower' AND status = 'pending'"),
+        1
+    );
+    let known = pool.cli(&[
+        "submit",
+        "upper",
+        "x.txt",
+        "out/y.txt",
+        "--workspace",
+        ws.to_str().unwrap(),
+    ]);
+    assert!(!stderr(&known).contains("warning"), "{}", stderr(&known));
+}

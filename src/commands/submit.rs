@@ -71,6 +71,7 @@ pub fn run(s: Submit) -> anyhow::Result<i32> {
     )
     .with_context(|| format!("queueing the job in {}", t.db_path.display()))?;
     println!("{id}");
+    warn_if_no_pool_takes(&conn, &t.db_path, s.job_type)?;
     Ok(0)
 }
 
@@ -88,4 +89,22 @@ fn hash_input(path: &Path, payload: &str) -> std::io::Result<String> {
     }
     hasher.update(payload.as_bytes());
     Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Queueing a job no running pool can take is allowed (a pool may come
+/// later), but worth a word: it would otherwise wait silently.
+fn warn_if_no_pool_takes(conn: &rusqlite::Connection, db: &Path, job_type: &str) -> anyhow::Result<()> {
+    if crate::lock::running_supervisor(db).is_none() {
+        return Ok(());
+    }
+    let types: Vec<String> = db::pool::slots(conn)?.into_iter().map(|s| s.worker_type).collect();
+    if !types.is_empty() && !types.iter().any(|t| t == job_type) {
+        let mut known = types;
+        known.dedup();
+        eprintln!(
+            "warning: the running pool has no `{job_type}` workers (it has: {}); the job waits until one does",
+            known.join(", ")
+        );
+    }
+    Ok(())
 }
