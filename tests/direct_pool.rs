@@ -127,10 +127,16 @@ fn stop_from_another_process_ends_everything() {
     );
     pool.start_ready();
     pool.submit("slow", "s.txt", "s");
-    wait_for("the slow job to start", Duration::from_secs(10), || {
-        (pool.query_i64("SELECT COUNT(*) FROM jobs WHERE status = 'processing'") == 1).then_some(())
-    });
-    assert!(pool.processes().len() >= 5, "workers and the job command are running");
+    // Claimed first, then started: wait for the job command itself.
+    wait_for(
+        "the 4 workers and the job command to run",
+        Duration::from_secs(10),
+        || {
+            (pool.query_i64("SELECT COUNT(*) FROM jobs WHERE status = 'processing'") == 1
+                && pool.processes().len() >= 5)
+                .then_some(())
+        },
+    );
     let out = pool.cli(&["stop", "--timeout", "30s"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stdout(&out).contains("stopped the supervisor"), "{}", stdout(&out));

@@ -84,8 +84,9 @@ fn docker_kill_is_noticed_and_the_job_completes_on_the_replacement() {
     let mut pool = Pool::new(NO_NETWORK, &docker_workers("copy", 1, "docker", SLOW_FIRST));
     pool.start_ready();
     let id = pool.submit("copy", "k.txt", "kept");
-    wait_for("the job to be claimed", Duration::from_secs(20), || {
-        (pool.query_i64("SELECT COUNT(*) FROM jobs WHERE status = 'processing'") == 1).then_some(())
+    // The job command marks its first attempt before it starts to sleep.
+    wait_for("the job's first attempt to run", Duration::from_secs(20), || {
+        pool.path(&format!("workspace/attempted-{id}")).exists().then_some(())
     });
     let (_, container) = pool.slot_worker("copy", 0);
     docker(&["kill", &container]);

@@ -369,8 +369,9 @@ fn killed_supervisor_leaves_no_worker_and_next_start_cleans_up() {
     .tz(ZONES[1]);
     pool.start_ready();
     let id = pool.submit("copy", "a.txt", "survives");
-    wait_for("the job to be claimed", Duration::from_secs(10), || {
-        (pool.query_i64("SELECT COUNT(*) FROM jobs WHERE status = 'processing'") == 1).then_some(())
+    // The job command marks its first attempt before it starts to sleep.
+    wait_for("the job's first attempt to run", Duration::from_secs(10), || {
+        pool.path(&format!("workspace/attempted-{id}")).exists().then_some(())
     });
     let workers: Vec<i32> = pool
         .conn()
