@@ -63,16 +63,6 @@ pub enum ExecutionMode {
     Auto,
 }
 
-impl fmt::Display for ExecutionMode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            ExecutionMode::Docker => "docker",
-            ExecutionMode::Direct => "direct",
-            ExecutionMode::Auto => "auto",
-        })
-    }
-}
-
 /// What a direct worker process runs.
 #[derive(Debug, Clone, PartialEq)]
 pub enum WorkerProgram {

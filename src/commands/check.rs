@@ -147,21 +147,15 @@ fn is_writable(p: &Path) -> bool {
 /// Reports whether the pool's docker network exists, is ambiguous, or will
 /// be created by `start`.
 async fn check_network(client: &bollard::Docker, network: &str, checked: &mut bool, problems: &mut Vec<String>) {
-    if std::mem::replace(checked, true) || ["none", "host", "bridge", "default"].contains(&network) {
+    if std::mem::replace(checked, true) || docker::is_predefined_network(network) {
         return;
     }
-    let filters = std::collections::HashMap::from([("name", vec![network.to_string()])]);
-    let opts = bollard::query_parameters::ListNetworksOptionsBuilder::default()
-        .filters(&filters)
-        .build();
-    match client.list_networks(Some(opts)).await {
-        Ok(list) => match list.iter().filter(|n| n.name.as_deref() == Some(network)).count() {
-            0 => println!("note: docker network {network} does not exist yet; start will create it"),
-            1 => println!("ok: docker network {network} exists"),
-            n => problems.push(format!(
-                "pool.network: {n} docker networks are named {network}, so the name is ambiguous; remove all but one (`docker network ls`)"
-            )),
-        },
-        Err(e) => problems.push(format!("pool.network: cannot list docker networks: {e}")),
+    match docker::networks_named(client, network).await {
+        Ok(0) => println!("note: docker network {network} does not exist yet; start will create it"),
+        Ok(1) => println!("ok: docker network {network} exists"),
+        Ok(n) => problems.push(format!(
+            "pool.network: {n} docker networks are named {network}, so the name is ambiguous; remove all but one (`docker network ls`)"
+        )),
+        Err(e) => problems.push(format!("pool.network: {e:#}")),
     }
 }

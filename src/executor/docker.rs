@@ -70,6 +70,22 @@ pub async fn image_exists(docker: &Docker, image: &str) -> bool {
     docker.inspect_image(image).await.is_ok()
 }
 
+/// Networks Docker itself provides, used as they are.
+pub fn is_predefined_network(network: &str) -> bool {
+    ["none", "host", "bridge", "default"].contains(&network) || network.starts_with("container:")
+}
+
+/// How many networks carry exactly this name (the engine's name filter
+/// matches substrings).
+pub async fn networks_named(docker: &Docker, network: &str) -> anyhow::Result<usize> {
+    let filters = HashMap::from([("name", vec![network.to_string()])]);
+    let list = docker
+        .list_networks(Some(ListNetworksOptionsBuilder::default().filters(&filters).build()))
+        .await
+        .with_context(|| format!("listing docker networks named {network}"))?;
+    Ok(list.iter().filter(|n| n.name.as_deref() == Some(network)).count())
+}
+
 /// The engine as one pool uses it: its client, its database's identity and
 /// the deaths its event stream reported.
 pub struct DockerEngine {
@@ -138,16 +154,7 @@ impl DockerEngine {
     /// Makes sure `network` exists (listing first: an old engine accepts
     /// two networks of one name, after which the name is ambiguous).
     pub async fn ensure_network(&self, network: &str) -> anyhow::Result<()> {
-        if ["none", "host", "bridge", "default"].contains(&network) || network.starts_with("container:") {
-            return Ok(());
-        }
-        let filters = HashMap::from([("name", vec![network.to_string()])]);
-        let existing = self
-            .client
-            .list_networks(Some(ListNetworksOptionsBuilder::default().filters(&filters).build()))
-            .await
-            .with_context(|| format!("listing docker networks named {network}"))?;
-        if existing.iter().any(|n| n.name.as_deref() == Some(network)) {
+        if is_predefined_network(network) || networks_named(&self.client, network).await? > 0 {
             return Ok(());
         }
         self.client

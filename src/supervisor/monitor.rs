@@ -56,6 +56,7 @@ struct Observed {
 /// Which workers a tick looks at: on most ticks only those that could be
 /// hung (heartbeat or job older than the smallest limit), so an idle pool's
 /// tick reads next to nothing; every `USAGE_PERIOD` all of them.
+#[derive(Clone, Copy)]
 struct Filter {
     min_heartbeat: i64,
     min_job_time: i64,
@@ -79,8 +80,8 @@ struct State {
     window: HashMap<(i64, i64), Sample>,
     /// Rows already reported hung (the slot is replacing them).
     reported: HashSet<i64>,
-    /// What was last written per row: when, CPU %, MiB.
-    written: HashMap<i64, (Instant, Option<f64>, f64)>,
+    /// What was last written per row: CPU %, MiB.
+    written: HashMap<i64, (Option<f64>, f64)>,
     /// When usage was last sampled for every worker.
     sampled_at: Option<Instant>,
 }
@@ -98,41 +99,34 @@ impl Monitor {
         let mut tick = tokio::time::interval(self.config.pool.check_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut state = State::default();
+        let w = &self.config.workers;
+        let limits = Filter {
+            min_heartbeat: w.iter().map(|w| w.heartbeat_timeout.as_secs()).min().unwrap_or(0) as i64,
+            min_job_time: w.iter().map(|w| w.max_job_time.as_secs()).min().unwrap_or(0) as i64,
+            all_busy: w.iter().any(|w| w.hung_cpu.is_some()),
+            everything: false,
+        };
         loop {
             tokio::select! {
                 _ = self.token.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            if let Err(e) = self.check(&mut state).await {
+            if let Err(e) = self.check(&mut state, &limits).await {
                 warn!("monitor check failed: {e:#}");
             }
             procs::reap_strays();
         }
     }
 
-    async fn check(&self, state: &mut State) -> anyhow::Result<()> {
+    async fn check(&self, state: &mut State, limits: &Filter) -> anyhow::Result<()> {
         let now = Instant::now();
         let period_due = state.sampled_at.is_none_or(|t| now.duration_since(t) >= USAGE_PERIOD);
         if period_due {
             state.sampled_at = Some(now);
         }
         let filter = Filter {
-            min_heartbeat: self
-                .config
-                .workers
-                .iter()
-                .map(|w| w.heartbeat_timeout.as_secs())
-                .min()
-                .unwrap_or(0) as i64,
-            min_job_time: self
-                .config
-                .workers
-                .iter()
-                .map(|w| w.max_job_time.as_secs())
-                .min()
-                .unwrap_or(0) as i64,
-            all_busy: self.config.workers.iter().any(|w| w.hung_cpu.is_some()),
             everything: period_due,
+            ..*limits
         };
         let observed = self.db.call(move |c| observe(c, &filter)).await?;
         let hz = procs::clock_ticks_per_second() as f64;
@@ -208,7 +202,7 @@ impl Monitor {
                 let mem = rss as f64 / (1024.0 * 1024.0);
                 let moved = match state.written.get(&o.row) {
                     None => true,
-                    Some(&(_, old_cpu, old_mem)) => {
+                    Some(&(old_cpu, old_mem)) => {
                         (mem - old_mem).abs() >= MEM_STEP_MIB
                             || match (cpu, old_cpu) {
                                 (Some(c), Some(o)) => (c - o).abs() >= CPU_STEP,
@@ -218,7 +212,7 @@ impl Monitor {
                     }
                 };
                 if moved {
-                    state.written.insert(o.row, (now, cpu, mem));
+                    state.written.insert(o.row, (cpu, mem));
                     usage.push((o.row, cpu, mem));
                 }
             }
