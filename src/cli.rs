@@ -129,6 +129,10 @@ pub struct WorkerArgs {
     /// How often to look for new jobs.
     #[arg(long, default_value = "20ms", value_parser = humantime::parse_duration)]
     pub poll_interval: Duration,
+    /// Where this worker runs (direct or docker); under CLM it takes only
+    /// jobs meant for that mode (or for any).
+    #[arg(long, default_value = "direct", value_parser = ["direct", "docker"])]
+    pub execution_mode: String,
     /// Benchmarking aid: complete every claimed job at once without running
     /// anything, to measure the queue alone.
     #[arg(long, hide = true)]

@@ -11,12 +11,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
-/// Worker types CLX knows, with the command that runs each one directly.
-pub const KNOWN_TYPES: &[(&str, &[&str])] = &[
-    ("notebook", &["python3", "-m", "nb"]),
-    ("drawio", &["python3", "-m", "drawio_converter"]),
-    ("plantuml", &["python3", "-m", "plantuml_converter"]),
-];
+use crate::vocab::Protocol;
 
 /// A fully validated configuration, with every path absolute.
 #[derive(Debug, Clone)]
@@ -29,6 +24,9 @@ pub struct Config {
 
 #[derive(Debug, Clone)]
 pub struct PoolConfig {
+    /// The generation of workers; unset, the database decides (a new one
+    /// gets CLX).
+    pub protocol: Option<Protocol>,
     pub db_path: PathBuf,
     pub workspace_path: PathBuf,
     pub log_dir: PathBuf,
@@ -63,10 +61,14 @@ pub enum ExecutionMode {
     Auto,
 }
 
-/// What a direct worker process runs.
+/// What a worker process runs.
 #[derive(Debug, Clone, PartialEq)]
 pub enum WorkerProgram {
-    /// A CLX worker program that speaks the protocol itself.
+    /// Neither `command` nor `job_command` was given: the protocol's worker
+    /// program for the type (direct mode), or the image's own entrypoint
+    /// and command (docker mode).
+    Default,
+    /// A worker program that speaks the protocol itself.
     Command(Vec<String>),
     /// The built-in worker running this command once per job.
     JobCommand(Vec<String>),
@@ -86,9 +88,6 @@ pub struct WorkerConfig {
     /// less than `percent` of one CPU over `window` is hung.
     pub hung_cpu: Option<HungCpu>,
     pub program: WorkerProgram,
-    /// Neither `command` nor `job_command` was given: docker mode runs the
-    /// image's own entrypoint and command.
-    pub image_default: bool,
     pub env: BTreeMap<String, String>,
     /// Line of the `[[workers]]` header, for messages about this entry.
     pub line: usize,
@@ -156,6 +155,7 @@ struct RawFile {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawPool {
+    protocol: Option<Protocol>,
     db_path: Option<PathBuf>,
     workspace_path: Option<PathBuf>,
     log_dir: Option<PathBuf>,
@@ -204,6 +204,7 @@ struct RawWorker {
 
 /// `[pool]` keys that `CLX_POOL_<KEY>` environment variables may override.
 const POOL_KEYS: &[&str] = &[
+    "protocol",
     "db_path",
     "workspace_path",
     "log_dir",
@@ -288,7 +289,8 @@ impl Config {
                 .as_ref()
                 .map(|p| p.heartbeat_timeout)
                 .unwrap_or(Duration::from_secs(30));
-            if let Some(w) = v.worker(i, raw_worker, pool_heartbeat) {
+            let protocol = pool.as_ref().and_then(|p| p.protocol);
+            if let Some(w) = v.worker(i, raw_worker, pool_heartbeat, protocol) {
                 if let Some(first) = seen_types.insert(w.worker_type.clone(), i) {
                     v.push(
                         Section::Worker(i),
@@ -316,6 +318,49 @@ impl Config {
 
     pub fn total_workers(&self) -> u32 {
         self.workers.iter().map(|w| w.count).sum()
+    }
+
+    /// Checks the entries against the protocol the database turned out to
+    /// serve: each entry that may run directly without a command needs a
+    /// type that protocol knows.
+    pub fn check_protocol(&self, protocol: Protocol) -> Result<(), ConfigError> {
+        let problems: Vec<Problem> = self
+            .workers
+            .iter()
+            .enumerate()
+            .filter(|(_, w)| {
+                w.program == WorkerProgram::Default
+                    && w.execution_mode != ExecutionMode::Docker
+                    && protocol.default_command(&w.worker_type).is_none()
+            })
+            .map(|(i, w)| Problem {
+                file: self.path.clone(),
+                line: Some(w.line),
+                field: format!("workers[{i}].command"),
+                message: format!(
+                    "{} (the database serves protocol {protocol})",
+                    missing_command_message(&w.worker_type, &[protocol])
+                ),
+            })
+            .collect();
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError(problems))
+        }
+    }
+}
+
+impl WorkerConfig {
+    /// The argv of a direct worker under `protocol`: its `command`, the
+    /// built-in worker's job command, or the protocol's default program.
+    /// None only for a `Default` type the protocol does not know (refused
+    /// by [`Config::check_protocol`]).
+    pub fn direct_program(&self, protocol: Protocol) -> Option<WorkerProgram> {
+        match &self.program {
+            WorkerProgram::Default => protocol.default_command(&self.worker_type).map(WorkerProgram::Command),
+            other => Some(other.clone()),
+        }
     }
 }
 
@@ -547,6 +592,7 @@ impl<'a> Validator<'a> {
             return None;
         }
         Some(PoolConfig {
+            protocol: raw.protocol,
             db_path,
             workspace_path,
             log_dir,
@@ -562,7 +608,13 @@ impl<'a> Validator<'a> {
         })
     }
 
-    fn worker(&mut self, i: usize, raw: RawWorker, pool_heartbeat: Duration) -> Option<WorkerConfig> {
+    fn worker(
+        &mut self,
+        i: usize,
+        raw: RawWorker,
+        pool_heartbeat: Duration,
+        protocol: Option<Protocol>,
+    ) -> Option<WorkerConfig> {
         let before = self.problems.len();
         let s = Section::Worker(i);
         let f = |k: &str| format!("workers[{i}].{k}");
@@ -686,7 +738,6 @@ impl<'a> Validator<'a> {
                 );
             }
         }
-        let image_default = raw.command.is_none() && raw.job_command.is_none();
         let program = match (raw.command, raw.job_command) {
             (Some(_), Some(_)) => {
                 self.push(
@@ -699,23 +750,28 @@ impl<'a> Validator<'a> {
             }
             (Some(c), None) => Some(WorkerProgram::Command(c)),
             (None, Some(c)) => Some(WorkerProgram::JobCommand(c)),
-            (None, None) => match KNOWN_TYPES.iter().find(|(t, _)| *t == worker_type) {
-                Some((_, cmd)) => Some(WorkerProgram::Command(cmd.iter().map(|s| s.to_string()).collect())),
-                None => {
-                    if execution_mode != ExecutionMode::Docker && !worker_type.is_empty() {
-                        self.push(
-                            s,
-                            Some("worker_type"),
-                            &f("command"),
-                            format!(
-                                "missing; `{worker_type}` is not a known type ({}), so it needs `command` or `job_command`",
-                                KNOWN_TYPES.iter().map(|(t, _)| *t).collect::<Vec<_>>().join(", ")
-                            ),
-                        );
+            (None, None) => {
+                // Which protocols could run this type without a command; with
+                // `protocol` unset the database decides later, so either will do.
+                let one;
+                let protocols: &[Protocol] = match protocol {
+                    Some(p) => {
+                        one = [p];
+                        &one
                     }
-                    None
+                    None => Protocol::ALL,
+                };
+                let known = protocols.iter().any(|p| p.default_command(&worker_type).is_some());
+                if !known && execution_mode != ExecutionMode::Docker && !worker_type.is_empty() {
+                    self.push(
+                        s,
+                        Some("worker_type"),
+                        &f("command"),
+                        missing_command_message(&worker_type, protocols),
+                    );
                 }
-            },
+                Some(WorkerProgram::Default)
+            }
         };
         if self.problems.len() > before {
             return None;
@@ -729,12 +785,19 @@ impl<'a> Validator<'a> {
             max_job_time,
             heartbeat_timeout,
             hung_cpu,
-            program: program.unwrap_or(WorkerProgram::Command(Vec::new())),
-            image_default,
+            program: program.unwrap_or(WorkerProgram::Default),
             env: raw.env.unwrap_or_default(),
             line: self.lines.find(s, None).unwrap_or(1),
         })
     }
+}
+
+fn missing_command_message(worker_type: &str, protocols: &[Protocol]) -> String {
+    let known: Vec<String> = protocols.iter().map(|p| format!("{p}: {}", p.type_names())).collect();
+    format!(
+        "missing; `{worker_type}` is not a known type ({}), so it needs `command` or `job_command`",
+        known.join("; ")
+    )
 }
 
 fn expected_suffix(msg: &str) -> String {
@@ -871,10 +934,12 @@ mod tests {
         assert_eq!(c.pool.log_dir, PathBuf::from("/cfg/data/logs"));
         assert_eq!(c.pool.heartbeat_timeout, Duration::from_secs(30));
         assert_eq!(c.workers[0].count, 1);
+        assert_eq!(c.workers[0].program, WorkerProgram::Default);
         assert_eq!(
-            c.workers[0].program,
-            WorkerProgram::Command(vec!["python3".into(), "-m".into(), "nb".into()])
+            c.workers[0].direct_program(Protocol::Clx),
+            Some(WorkerProgram::Command(vec!["python3".into(), "-m".into(), "nb".into()]))
         );
+        assert_eq!(c.pool.protocol, None);
     }
 
     #[test]
@@ -914,6 +979,36 @@ mod tests {
         assert!(p[0].contains("needs `command` or `job_command`"), "{}", p[0]);
         let c = parse("[[workers]]\nworker_type = \"upper\"\njob_command = [\"tr\", \"a-z\", \"A-Z\"]\n").unwrap();
         assert!(matches!(c.workers[0].program, WorkerProgram::JobCommand(_)));
+    }
+
+    #[test]
+    fn protocol_decides_which_types_need_no_command() {
+        let c = parse("[pool]\nprotocol = \"clm\"\n[[workers]]\nworker_type = \"jupyterlite\"\n").unwrap();
+        assert_eq!(c.pool.protocol, Some(Protocol::Clm));
+        assert_eq!(
+            c.workers[0].direct_program(Protocol::Clm),
+            Some(WorkerProgram::Command(vec![
+                "python3".into(),
+                "-m".into(),
+                "clm.workers.jupyterlite".into()
+            ]))
+        );
+        let p = problems("[pool]\nprotocol = \"clx\"\n[[workers]]\nworker_type = \"jupyterlite\"\n");
+        assert!(
+            p[0].starts_with("/cfg/pool.toml:4: workers[0].command: missing; `jupyterlite` is not a known type (clx:"),
+            "{p:?}"
+        );
+        // Unset, the database decides: accepted now, checked against it later.
+        let c = parse("[[workers]]\nworker_type = \"jupyterlite\"\n").unwrap();
+        assert!(c.check_protocol(Protocol::Clm).is_ok());
+        let e = c.check_protocol(Protocol::Clx).unwrap_err().to_string();
+        assert!(e.contains("/cfg/pool.toml:1: workers[0].command: missing"), "{e}");
+        assert!(e.contains("the database serves protocol clx"), "{e}");
+        let p = problems("[pool]\nprotocol = \"clz\"\n");
+        assert!(
+            p[0].starts_with("/cfg/pool.toml:2: pool.protocol: unknown variant `clz`"),
+            "{p:?}"
+        );
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod lock;
 pub mod logs;
 pub mod procs;
 pub mod supervisor;
+pub mod vocab;
 pub mod worker;
 
 use cli::{Cli, Command};
@@ -52,6 +53,9 @@ pub fn run(cli: Cli) -> i32 {
                 2
             } else if let Some(u) = e.downcast_ref::<UsageError>() {
                 eprintln!("error: {u}");
+                2
+            } else if let Some(r) = e.downcast_ref::<db::Refused>() {
+                eprintln!("error: {r}");
                 2
             } else {
                 eprintln!("error: {e:#}");
@@ -97,6 +101,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 no_command: args.no_command,
                 heartbeat_interval: args.heartbeat_interval,
                 poll_interval: args.poll_interval,
+                execution_mode: args.execution_mode.clone(),
             })
             .await?;
             Ok(0)

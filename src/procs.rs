@@ -252,17 +252,18 @@ pub fn find_worker_processes(worker_id: &str) -> Vec<i32> {
     })
 }
 
-/// Processes of any worker of the pool whose database is `db`: they carry
-/// `DB_PATH=<db>` and a clx-pool `WORKER_ID=direct-…`.
+/// Processes of any worker of the pool whose database is `db`, and what
+/// they started: they inherited the pool tag (`CLX_SUPERVISOR_DB=<db>`),
+/// which the workers of other programs on the same database lack.
 pub fn find_pool_processes(db: &std::path::Path) -> Vec<i32> {
-    let db_tag = format!("DB_PATH={}", db.display());
+    let tag = format!("{}={}", crate::executor::POOL_TAG_VAR, db.display());
     find_by_env(|vars| {
-        let (mut has_db, mut has_id) = (false, false);
         for kv in vars {
-            has_db |= kv == db_tag.as_bytes();
-            has_id |= kv.starts_with(b"WORKER_ID=direct-");
+            if kv == tag.as_bytes() {
+                return true;
+            }
         }
-        has_db && has_id
+        false
     })
 }
 

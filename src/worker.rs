@@ -1,9 +1,11 @@
-//! `clx-pool worker`: the built-in CLX worker. It speaks the worker protocol
-//! of SPEC §4 itself and runs a command once per job, so any command-line
-//! converter becomes a CLX worker. It registers, claims jobs atomically,
-//! keeps its heartbeat fresh while idle (at `--heartbeat-interval`, not on
-//! every poll), and on SIGTERM gives its current job back, marks itself
-//! dead and exits.
+//! `clx-pool worker`: the built-in worker. It speaks the worker protocol of
+//! the database it is given (CLX, SPEC §4, or CLM, SPEC §7) itself and runs
+//! a command once per job, so any command-line converter becomes a worker.
+//! It registers (or activates the row its supervisor pre-registered),
+//! claims jobs atomically, keeps its heartbeat fresh while idle (at
+//! `--heartbeat-interval`, not on every poll), stops when its row is gone,
+//! and on SIGTERM gives its current job back, marks itself dead (CLX) or
+//! removes its row (CLM, as CLM's workers do) and exits.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -16,6 +18,7 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 use tracing::{info, warn};
 
 use crate::db::{self, jobs};
+use crate::vocab::{Protocol, WorkerStatus};
 
 pub struct WorkerOptions {
     pub job_command: Vec<String>,
@@ -23,6 +26,8 @@ pub struct WorkerOptions {
     pub no_command: bool,
     pub heartbeat_interval: Duration,
     pub poll_interval: Duration,
+    /// `direct` or `docker`.
+    pub execution_mode: String,
 }
 
 /// How much of a failed command's stderr goes into the job's `error`.
@@ -33,6 +38,8 @@ struct Identity {
     worker_id: String,
     db_path: PathBuf,
     workspace: PathBuf,
+    /// The row the supervisor pre-registered (`CLM_WORKER_ID`).
+    preregistered: Option<i64>,
 }
 
 fn identity() -> anyhow::Result<Identity> {
@@ -47,14 +54,55 @@ fn identity() -> anyhow::Result<Identity> {
                 .map(|h| h.to_string_lossy().into_owned())
         })
         .context("neither WORKER_ID nor HOSTNAME is set")?;
-    let db_path = PathBuf::from(var("DB_PATH").context("DB_PATH is not set")?);
+    let db_path = PathBuf::from(
+        var("CLM_JOBS_DB_PATH")
+            .or_else(|| var("DB_PATH"))
+            .context("neither CLM_JOBS_DB_PATH (CLM) nor DB_PATH (CLX) is set")?,
+    );
     let workspace = PathBuf::from(var("WORKSPACE_PATH").unwrap_or_else(|| ".".into()));
+    let preregistered = match var("CLM_WORKER_ID") {
+        None => None,
+        Some(v) => Some(
+            v.parse()
+                .with_context(|| format!("CLM_WORKER_ID is not a row id: {v}"))?,
+        ),
+    };
     Ok(Identity {
         worker_type,
         worker_id,
         db_path,
         workspace,
+        preregistered,
     })
+}
+
+/// How long a worker waits for the row its supervisor pre-registered to
+/// become visible (CLM's workers wait as long).
+const ACTIVATION_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Registers, or activates the pre-registered row; returns the row id.
+async fn register(conn: &Connection, protocol: Protocol, me: &Identity) -> anyhow::Result<i64> {
+    let Some(row) = me.preregistered else {
+        let row = db::workers::register(conn, protocol, &me.worker_type, &me.worker_id)
+            .with_context(|| format!("registering worker {} in {}", me.worker_id, me.db_path.display()))?;
+        info!(worker = %me.worker_id, row, worker_type = %me.worker_type, %protocol, "registered");
+        return Ok(row);
+    };
+    let deadline = Instant::now() + ACTIVATION_TIMEOUT;
+    loop {
+        match db::workers::activate(conn, row) {
+            Ok(true) => {
+                info!(worker = %me.worker_id, row, worker_type = %me.worker_type, %protocol, "activated the pre-registered row");
+                return Ok(row);
+            }
+            Ok(false) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(100)).await,
+            Ok(false) => bail!(
+                "the pre-registered worker row {row} (CLM_WORKER_ID) is not in {}",
+                me.db_path.display()
+            ),
+            Err(e) => return Err(e).with_context(|| format!("activating worker row {row}")),
+        }
+    }
 }
 
 pub async fn run(opts: WorkerOptions) -> anyhow::Result<()> {
@@ -62,10 +110,13 @@ pub async fn run(opts: WorkerOptions) -> anyhow::Result<()> {
         bail!("no job command given: run `clx-pool worker -- COMMAND [ARGS...]`");
     }
     let me = identity()?;
-    let mut conn = db::open_existing(&me.db_path)?;
-    let row = db::workers::register(&conn, &me.worker_type, &me.worker_id)
-        .with_context(|| format!("registering worker {} in {}", me.worker_id, me.db_path.display()))?;
-    info!(worker = %me.worker_id, row, worker_type = %me.worker_type, "registered");
+    let (mut conn, protocol) = db::open_existing(&me.db_path)?;
+    let row = register(&conn, protocol, &me).await?;
+    let claimant = jobs::Claimant {
+        protocol,
+        worker_row: row,
+        execution_mode: &opts.execution_mode,
+    };
 
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
@@ -79,7 +130,7 @@ pub async fn run(opts: WorkerOptions) -> anyhow::Result<()> {
             .prepare_cached("PRAGMA data_version")?
             .query_row([], |r| r.get(0))?;
         if nothing_since != Some(version) {
-            match jobs::claim(&mut conn, &me.worker_type, row)? {
+            match jobs::claim(&mut conn, &me.worker_type, claimant)? {
                 Some(job) if opts.no_command => {
                     jobs::finish(&mut conn, &job, row, jobs::Outcome::Completed, 0.0)?;
                     nothing_since = None;
@@ -95,7 +146,10 @@ pub async fn run(opts: WorkerOptions) -> anyhow::Result<()> {
             }
         }
         if last_heartbeat.elapsed() >= opts.heartbeat_interval {
-            db::workers::heartbeat(&conn, row)?;
+            if !db::workers::heartbeat(&conn, row)? {
+                info!(worker = %me.worker_id, row, "my worker row is gone (deregistered): stopping");
+                return Ok(());
+            }
             last_heartbeat = Instant::now();
         }
         tokio::select! {
@@ -105,7 +159,10 @@ pub async fn run(opts: WorkerOptions) -> anyhow::Result<()> {
             _ = tokio::time::sleep(opts.poll_interval) => {}
         }
     }
-    db::workers::set_status(&conn, row, "dead")?;
+    match protocol {
+        Protocol::Clx => db::workers::set_status(&conn, row, WorkerStatus::Dead)?,
+        Protocol::Clm => db::workers::deregister(&conn, row)?,
+    }
     info!(worker = %me.worker_id, "stopped");
     Ok(())
 }
@@ -217,8 +274,7 @@ async fn run_job(
     let Some((status, tail)) = result else {
         kill_group(&child);
         let _ = child.wait().await;
-        let status: String = conn.query_row("SELECT status FROM workers WHERE id = ?1", [row], |r| r.get(0))?;
-        if status == "hung" {
+        if db::workers::status(conn, row)? == Some(WorkerStatus::Hung) {
             // The supervisor declared this worker hung: the attempt counts,
             // and the supervisor puts the job back (or fails it).
             info!(job = job.id, "stopped as hung: leaving the job to the supervisor");

@@ -1,15 +1,19 @@
 //! `clx-pool check`: validates a config (exit 2 on problems, like `start`)
-//! and the environment it needs (exit 1): commands on PATH, folders that
-//! can be created, no supervisor conflict.
+//! and the environment it needs (exit 1): the database's protocol, commands
+//! on PATH, Python modules that import, folders that can be created, no
+//! supervisor conflict.
 
 use std::path::{Path, PathBuf};
 
-use crate::config::{Config, ExecutionMode, WorkerProgram};
+use crate::config::{Config, ExecutionMode, WorkerConfig, WorkerProgram};
+use crate::db;
 use crate::executor::docker;
 use crate::lock;
+use crate::vocab::Protocol;
 
 pub async fn run(path: &Path) -> anyhow::Result<i32> {
     let config = Config::load(path)?;
+    let protocol = check_protocol(&config)?;
     let mut problems = Vec::new();
     let mut docker: Option<Result<bollard::Docker, String>> = None;
     let mut network_checked = false;
@@ -23,7 +27,10 @@ pub async fn run(path: &Path) -> anyhow::Result<i32> {
         let at = format!("{}:{}: workers `{}`", config.path.display(), w.line, w.worker_type);
         if w.execution_mode != ExecutionMode::Direct {
             let image = w.image.clone().unwrap_or_default();
-            let client = match docker.get_or_insert(docker::connect().await.map_err(|e| format!("{e:#}"))) {
+            if docker.is_none() {
+                docker = Some(docker::connect().await.map_err(|e| format!("{e:#}")));
+            }
+            let client = match docker.as_ref().expect("just connected") {
                 Ok(client) => Some(client.clone()),
                 Err(e) if w.execution_mode == ExecutionMode::Docker => {
                     problems.push(format!("{at}: execution_mode = \"docker\" needs a Docker engine: {e}"));
@@ -52,10 +59,14 @@ pub async fn run(path: &Path) -> anyhow::Result<i32> {
                 );
             }
         }
-        let (what, program) = match &w.program {
-            WorkerProgram::Command(c) => ("command", &c[0]),
-            WorkerProgram::JobCommand(c) => ("job_command", &c[0]),
+        let (what, argv) = match w.direct_program(protocol) {
+            Some(WorkerProgram::Command(c)) if w.program == WorkerProgram::Default => ("default command", c),
+            Some(WorkerProgram::Command(c)) => ("command", c),
+            Some(WorkerProgram::JobCommand(c)) => ("job_command", c),
+            // Refused by check_protocol above.
+            Some(WorkerProgram::Default) | None => continue,
         };
+        let program = &argv[0];
         let path_var = w
             .env
             .get("PATH")
@@ -63,11 +74,19 @@ pub async fn run(path: &Path) -> anyhow::Result<i32> {
             .or_else(|| std::env::var("PATH").ok())
             .unwrap_or_default();
         match find_program(program, &cwd, &path_var) {
-            Some(found) => println!(
-                "ok: workers `{}`: {what} `{program}` is {}",
-                w.worker_type,
-                found.display()
-            ),
+            Some(found) => {
+                println!(
+                    "ok: workers `{}`: {what} `{program}` is {}",
+                    w.worker_type,
+                    found.display()
+                );
+                if let Some(module) = python_module(&argv) {
+                    match module_imports(&found, module, w, &cwd).await {
+                        Ok(()) => println!("ok: workers `{}`: `{program} -m {module}` imports", w.worker_type),
+                        Err(e) => problems.push(format!("{at}: {what}: `{program} -m {module}` {e}")),
+                    }
+                }
+            }
             None => problems.push(format!(
                 "{at}: {what} `{program}` was not found (not on PATH, not a file relative to {})",
                 cwd.display()
@@ -105,7 +124,7 @@ pub async fn run(path: &Path) -> anyhow::Result<i32> {
     }
     if problems.is_empty() {
         println!(
-            "{}: ok ({} workers in {} pools)",
+            "{}: ok ({} workers in {} pools, protocol {protocol})",
             config.path.display(),
             config.total_workers(),
             config.workers.len()
@@ -117,6 +136,67 @@ pub async fn run(path: &Path) -> anyhow::Result<i32> {
         }
         Ok(1)
     }
+}
+
+/// The protocol the pool will speak: the database's if it exists (which
+/// must agree with a configured one), else the configured one, else CLX.
+/// Prints it, and checks the entries against it (exit 2 as in `start`).
+fn check_protocol(config: &Config) -> anyhow::Result<Protocol> {
+    let db = &config.pool.db_path;
+    let wanted = config.pool.protocol;
+    let protocol = match db::open_read_only(db)? {
+        Some(found) => {
+            let p = db::decide(db, &found, wanted)?;
+            println!("ok: protocol {p} (the database {} serves it)", db.display());
+            p
+        }
+        None => {
+            let p = wanted.unwrap_or(Protocol::Clx);
+            let why = if wanted.is_some() { "configured" } else { "the default" };
+            println!("ok: protocol {p} ({why}; {} will be created)", db.display());
+            p
+        }
+    };
+    config.check_protocol(protocol)?;
+    Ok(protocol)
+}
+
+/// `X` of an argv `[python…, -m, X, …]`.
+fn python_module(argv: &[String]) -> Option<&str> {
+    let name = Path::new(&argv[0]).file_name()?.to_str()?;
+    if !name.starts_with("python") {
+        return None;
+    }
+    let i = argv.iter().position(|a| a == "-m")?;
+    argv.get(i + 1).map(String::as_str)
+}
+
+/// Imports `module` (and, for a package, finds its `__main__`) with the
+/// entry's interpreter and environment, as `python -m` would.
+async fn module_imports(python: &Path, module: &str, w: &WorkerConfig, cwd: &Path) -> Result<(), String> {
+    let probe = "import importlib, importlib.util, sys\n\
+                 m = sys.argv[1]\n\
+                 mod = importlib.import_module(m)\n\
+                 if hasattr(mod, '__path__') and importlib.util.find_spec(m + '.__main__') is None:\n\
+                 \x20   sys.exit(m + ' is a package without __main__')\n";
+    let run = tokio::process::Command::new(python)
+        .args(["-c", probe, module])
+        .envs(&w.env)
+        .current_dir(cwd)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = match tokio::time::timeout(std::time::Duration::from_secs(60), run).await {
+        Err(_) => return Err("did not finish importing within 60s".into()),
+        Ok(Err(e)) => return Err(format!("could not be run: {e}")),
+        Ok(Ok(out)) => out,
+    };
+    if out.status.success() {
+        return Ok(());
+    }
+    let err = String::from_utf8_lossy(&out.stderr);
+    let last = err.trim().lines().last().unwrap_or("").trim().to_string();
+    Err(format!("fails to import: {last}"))
 }
 
 fn find_program(program: &str, cwd: &Path, path_var: &str) -> Option<PathBuf> {

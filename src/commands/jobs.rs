@@ -6,18 +6,15 @@ use super::target;
 use crate::UsageError;
 use crate::cli::DbArgs;
 use crate::db;
+use crate::vocab::JobStatus;
 
 pub fn run(args: &DbArgs, status: Option<&str>, limit: i64, json: bool) -> anyhow::Result<i32> {
-    if let Some(s) = status
-        && !["pending", "processing", "completed", "failed"].contains(&s)
-    {
-        return Err(UsageError(format!(
-            "--status must be pending, processing, completed or failed, not `{s}`"
-        ))
-        .into());
-    }
+    let status: Option<JobStatus> = match status {
+        None => None,
+        Some(s) => Some(s.parse().map_err(|e| UsageError(format!("--status: {e}")))?),
+    };
     let t = target(args)?;
-    let conn = db::open_for_reading(&t.db_path)?;
+    let (conn, _) = db::open_for_reading(&t.db_path)?;
     let rows = db::jobs::list(&conn, status, limit)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
@@ -39,7 +36,7 @@ pub fn run(args: &DbArgs, status: Option<&str>, limit: i64, json: bool) -> anyho
         table.add_row(vec![
             j.id.to_string(),
             j.job_type,
-            j.status,
+            j.status.to_string(),
             j.attempts.to_string(),
             j.input_file,
             j.output_file,

@@ -13,12 +13,16 @@ use super::target;
 use crate::cli::DbArgs;
 use crate::db::{self, jobs::JobCounts, pool::EventRow};
 use crate::lock;
+use crate::vocab::{Protocol, SlotState, SupervisorState};
 
 #[derive(Debug, Serialize)]
 pub struct Stats {
     pub db_path: String,
+    /// The generation of workers the database serves: `clx` or `clm`.
+    pub protocol: Protocol,
     pub supervisor: SupervisorStats,
-    /// Worker rows per type, then per CLX status (idle, busy, hung, dead).
+    /// Worker rows per type, then per status (idle, busy, hung, dead; and
+    /// created under CLM).
     pub workers: BTreeMap<String, BTreeMap<String, i64>>,
     /// The supervisor's slots per type.
     pub pools: BTreeMap<String, PoolStats>,
@@ -32,7 +36,7 @@ pub struct SupervisorStats {
     pub running: bool,
     pub pid: Option<i64>,
     /// starting, running, stopping, stopped; null if no pool ever ran here.
-    pub state: Option<String>,
+    pub state: Option<SupervisorState>,
     pub started_at: Option<String>,
     pub ready_at: Option<String>,
     pub stopped_at: Option<String>,
@@ -53,7 +57,7 @@ pub struct PoolStats {
 }
 
 pub fn collect(db_path: &Path, events: bool) -> anyhow::Result<Stats> {
-    let conn = db::open_for_reading(db_path)?;
+    let (conn, protocol) = db::open_for_reading(db_path)?;
     let running_pid = lock::running_supervisor(db_path);
     let record = db::pool::supervisor(&conn)?;
     let supervisor = SupervisorStats {
@@ -64,9 +68,9 @@ pub fn collect(db_path: &Path, events: bool) -> anyhow::Result<Stats> {
             .filter(|_| running_pid.is_some()),
         state: record.as_ref().map(|r| {
             if running_pid.is_some() {
-                r.state.clone()
+                r.state
             } else {
-                "stopped".into()
+                SupervisorState::Stopped
             }
         }),
         started_at: record.as_ref().map(|r| r.started_at.clone()),
@@ -81,18 +85,19 @@ pub fn collect(db_path: &Path, events: bool) -> anyhow::Result<Stats> {
         p.execution_mode = s.execution_mode.clone();
         p.slots += 1;
         p.restarts += s.restarts;
-        match s.state.as_str() {
-            "running" => p.running += 1,
-            "starting" => p.starting += 1,
-            "backoff" => p.backoff += 1,
-            "failed" => p.failed += 1,
-            _ => p.stopped += 1,
-        }
+        *match s.state {
+            SlotState::Running => &mut p.running,
+            SlotState::Starting => &mut p.starting,
+            SlotState::Backoff => &mut p.backoff,
+            SlotState::Failed => &mut p.failed,
+            SlotState::Stopped => &mut p.stopped,
+        } += 1;
     }
     Ok(Stats {
         db_path: db_path.display().to_string(),
+        protocol,
         supervisor,
-        workers: db::workers::counts(&conn)?,
+        workers: db::workers::counts(&conn, protocol)?,
         pools,
         jobs: db::jobs::counts(&conn, None)?,
         events: if events {
@@ -109,7 +114,7 @@ pub fn render(s: &Stats) -> String {
     let line = match (sup.running, &sup.state) {
         (true, state) => format!(
             "supervisor: {} (pid {}, since {} UTC, {} workers configured)",
-            state.as_deref().unwrap_or("starting"),
+            state.unwrap_or(SupervisorState::Starting),
             sup.pid.unwrap_or(0),
             sup.started_at.as_deref().unwrap_or("?"),
             sup.expected_workers
@@ -120,7 +125,10 @@ pub fn render(s: &Stats) -> String {
         ),
         (false, None) => "supervisor: not running (no pool has run on this database)".into(),
     };
-    out.push_str(&format!("database:   {}\n{line}\n\n", s.db_path));
+    out.push_str(&format!(
+        "database:   {}\nprotocol:   {}\n{line}\n\n",
+        s.db_path, s.protocol
+    ));
 
     let mut types: Vec<&String> = s.workers.keys().chain(s.pools.keys()).collect();
     types.sort();
@@ -154,9 +162,13 @@ pub fn render(s: &Stats) -> String {
     out.push_str(&format!("{t}\n\n"));
     let j = &s.jobs;
     out.push_str(&format!(
-        "jobs: {} pending, {} processing, {} completed, {} failed\n",
+        "jobs: {} pending, {} processing, {} completed, {} failed",
         j.pending, j.processing, j.completed, j.failed
     ));
+    if s.protocol == Protocol::Clm {
+        out.push_str(&format!(", {} cancelled", j.cancelled));
+    }
+    out.push('\n');
     if let Some(events) = &s.events {
         out.push_str("\nrecent worker events:\n");
         if events.is_empty() {

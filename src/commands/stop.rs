@@ -60,8 +60,9 @@ pub async fn run(args: &DbArgs, timeout: Duration) -> anyhow::Result<i32> {
         .map(|c| c.pool.stop_timeout)
         .unwrap_or(Duration::from_secs(10));
     let path = db_path.clone();
-    let conn = tokio::task::spawn_blocking(move || db::open(&path)).await??;
-    let report = cleanup::orphans(&Db::new(conn, &db_path), grace, None).await?;
+    let wanted = t.config.as_ref().and_then(|c| c.pool.protocol);
+    let (conn, protocol) = tokio::task::spawn_blocking(move || db::open(&path, wanted)).await??;
+    let report = cleanup::orphans(&Db::new(conn, &db_path, protocol), grace, None).await?;
     if report.is_empty() {
         println!("no supervisor is running for {}; nothing to stop", db_path.display());
     } else {

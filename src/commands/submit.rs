@@ -31,7 +31,8 @@ pub fn run(s: Submit) -> anyhow::Result<i32> {
     if s.max_attempts < 1 {
         return Err(UsageError("--max-attempts must be at least 1".into()).into());
     }
-    let conn = db::open(&t.db_path)?;
+    let wanted = t.config.as_ref().and_then(|c| c.pool.protocol);
+    let (conn, _) = db::open(&t.db_path, wanted)?;
     let hash = match s.content_hash {
         Some(h) => h.to_string(),
         None => {

@@ -7,6 +7,7 @@ use super::target;
 use crate::cli::DbArgs;
 use crate::db;
 use crate::lock;
+use crate::vocab::{JobStatus, SlotState, SupervisorState};
 
 const POLL: Duration = Duration::from_millis(20);
 
@@ -15,8 +16,7 @@ pub async fn run(args: &DbArgs, ready: bool, timeout: Duration) -> anyhow::Resul
     let deadline = Instant::now() + timeout;
     let mut last_state = String::from("the database does not exist yet");
     loop {
-        if t.db_path.exists() {
-            let conn = db::open_existing(&t.db_path)?;
+        if let Some((conn, _)) = db::open_if_ready(&t.db_path)? {
             if ready {
                 match ready_state(&conn, &t.db_path)? {
                     Ready::Yes(n) => {
@@ -36,7 +36,7 @@ pub async fn run(args: &DbArgs, ready: bool, timeout: Duration) -> anyhow::Resul
                 let c = db::jobs::counts(&conn, None)?;
                 if c.pending == 0 && c.processing == 0 {
                     if c.failed > 0 {
-                        let failed = db::jobs::list(&conn, Some("failed"), 1000)?;
+                        let failed = db::jobs::list(&conn, Some(JobStatus::Failed), 1000)?;
                         eprintln!("error: the queue is drained, but {} job(s) failed:", c.failed);
                         for j in failed {
                             eprintln!(
@@ -50,7 +50,11 @@ pub async fn run(args: &DbArgs, ready: bool, timeout: Duration) -> anyhow::Resul
                         }
                         return Ok(1);
                     }
-                    println!("drained: {} job(s) completed", c.completed);
+                    if c.cancelled > 0 {
+                        println!("drained: {} job(s) completed, {} cancelled", c.completed, c.cancelled);
+                    } else {
+                        println!("drained: {} job(s) completed", c.completed);
+                    }
                     return Ok(0);
                 }
                 last_state = format!("{} pending, {} processing", c.pending, c.processing);
@@ -92,20 +96,20 @@ fn ready_state(conn: &rusqlite::Connection, db_path: &std::path::Path) -> anyhow
     if sup.pid != i64::from(pid) {
         return Ok(Ready::No("the supervisor is starting".into()));
     }
-    if sup.state == "stopping" || sup.state == "stopped" {
+    if matches!(sup.state, SupervisorState::Stopping | SupervisorState::Stopped) {
         return Ok(Ready::No(format!("the supervisor is {}", sup.state)));
     }
     let slots = db::pool::slots(conn)?;
     let failed: Vec<String> = slots
         .iter()
-        .filter(|s| s.state == "failed")
+        .filter(|s| s.state == SlotState::Failed)
         .map(|s| format!("{}-{}", s.worker_type, s.slot))
         .collect();
     if !failed.is_empty() {
         return Ok(Ready::Failed(failed));
     }
-    let running = slots.iter().filter(|s| s.state == "running").count();
-    if running as i64 == sup.expected_workers && sup.state == "running" {
+    let running = slots.iter().filter(|s| s.state == SlotState::Running).count();
+    if running as i64 == sup.expected_workers && sup.state == SupervisorState::Running {
         Ok(Ready::Yes(running))
     } else {
         Ok(Ready::No(format!(

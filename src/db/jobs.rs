@@ -6,6 +6,8 @@
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 
+use crate::vocab::{JobStatus, Protocol};
+
 /// A job as a worker sees it after claiming it.
 #[derive(Debug, Clone)]
 pub struct ClaimedJob {
@@ -45,20 +47,49 @@ pub fn submit(conn: &Connection, job: &NewJob) -> rusqlite::Result<i64> {
     Ok(conn.last_insert_rowid())
 }
 
+/// Who claims a job: the worker's row, and under CLM the execution mode it
+/// runs in (a job tagged for the other mode is not its to take).
+#[derive(Debug, Clone, Copy)]
+pub struct Claimant<'a> {
+    pub protocol: Protocol,
+    pub worker_row: i64,
+    /// `direct` or `docker`.
+    pub execution_mode: &'a str,
+}
+
 /// Claims the oldest highest-priority pending job of `job_type` for the
-/// worker row `worker_row`, marking the worker busy in the same transaction.
-/// The pending-job lookup is a plain read, so idle polling takes no write lock.
-pub fn claim(conn: &mut Connection, job_type: &str, worker_row: i64) -> rusqlite::Result<Option<ClaimedJob>> {
+/// claimant, marking the worker busy in the same transaction. The
+/// pending-job lookup is a plain read, so idle polling takes no write lock.
+/// Under CLM it follows CLM's own rules: jobs tagged for another execution
+/// mode are left alone, and a worker whose session is set takes only that
+/// session's jobs (or untagged ones).
+pub fn claim(conn: &mut Connection, job_type: &str, who: Claimant) -> rusqlite::Result<Option<ClaimedJob>> {
+    let worker_row = who.worker_row;
     loop {
-        let candidate: Option<i64> = conn
-            .prepare_cached(
-                "SELECT id FROM jobs
-                 WHERE status = 'pending' AND job_type = ?1
-                   AND COALESCE(attempts, 0) < COALESCE(max_attempts, 3)
-                 ORDER BY priority DESC, created_at, id LIMIT 1",
-            )?
-            .query_row([job_type], |r| r.get(0))
-            .optional()?;
+        let candidate: Option<i64> = match who.protocol {
+            Protocol::Clx => conn
+                .prepare_cached(
+                    "SELECT id FROM jobs
+                     WHERE status = 'pending' AND job_type = ?1
+                       AND COALESCE(attempts, 0) < COALESCE(max_attempts, 3)
+                     ORDER BY priority DESC, created_at, id LIMIT 1",
+                )?
+                .query_row([job_type], |r| r.get(0))
+                .optional()?,
+            Protocol::Clm => conn
+                .prepare_cached(
+                    "SELECT id FROM jobs
+                     WHERE status = 'pending' AND job_type = ?1
+                       AND COALESCE(attempts, 0) < COALESCE(max_attempts, 3)
+                       AND (execution_mode IS NULL OR execution_mode = ?2)
+                       AND (session_id IS NULL
+                            OR session_id IS (SELECT session_id FROM workers WHERE id = ?3)
+                            OR (SELECT session_id FROM workers WHERE id = ?3) IS NULL)
+                     ORDER BY priority DESC, created_at, id LIMIT 1",
+                )?
+                .query_row(params![job_type, who.execution_mode, worker_row], |r| r.get(0))
+                .optional()?,
+        };
         let Some(id) = candidate else { return Ok(None) };
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let job = tx
@@ -108,8 +139,8 @@ pub fn finish(
 ) -> rusqlite::Result<bool> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let (status, error) = match outcome {
-        Outcome::Completed => ("completed", None),
-        Outcome::Failed(e) => ("failed", Some(e)),
+        Outcome::Completed => (JobStatus::Completed, None),
+        Outcome::Failed(e) => (JobStatus::Failed, Some(e)),
     };
     let changed = tx
         .prepare_cached(
@@ -117,7 +148,7 @@ pub fn finish(
          WHERE id = ?3 AND worker_id = ?4 AND status = 'processing' AND attempts = ?5",
         )?
         .execute(params![status, error, job.id, worker_row, job.attempt])?;
-    if changed == 1 && status == "completed" {
+    if changed == 1 && status == JobStatus::Completed {
         tx.prepare_cached(
             "INSERT INTO results_cache (output_file, content_hash, result_metadata)
              VALUES (?1, ?2, ?3)
@@ -130,7 +161,7 @@ pub fn finish(
             format!("{{\"job_id\": {}}}", job.id)
         ])?;
     }
-    let (done, failed) = if status == "completed" { (1, 0) } else { (0, 1) };
+    let (done, failed) = if status == JobStatus::Completed { (1, 0) } else { (0, 1) };
     tx.prepare_cached("UPDATE workers SET
             status = CASE WHEN status = 'busy' THEN 'idle' ELSE status END,
             last_heartbeat = CURRENT_TIMESTAMP,
@@ -184,29 +215,31 @@ pub fn recover(
     Ok((requeued, failed))
 }
 
-/// Job counts per status (all four statuses always present).
+/// Job counts per status (every status always present; `cancelled` is
+/// always 0 in a CLX database).
 #[derive(Debug, Default, Clone, Serialize, PartialEq, Eq)]
 pub struct JobCounts {
     pub pending: i64,
     pub processing: i64,
     pub completed: i64,
     pub failed: i64,
+    pub cancelled: i64,
 }
 
 pub fn counts(conn: &Connection, job_type: Option<&str>) -> rusqlite::Result<JobCounts> {
     let mut c = JobCounts::default();
     let mut stmt =
         conn.prepare("SELECT status, COUNT(*) FROM jobs WHERE ?1 IS NULL OR job_type = ?1 GROUP BY status")?;
-    let rows = stmt.query_map([job_type], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+    let rows = stmt.query_map([job_type], |r| Ok((r.get::<_, JobStatus>(0)?, r.get::<_, i64>(1)?)))?;
     for row in rows {
         let (status, n) = row?;
-        match status.as_str() {
-            "pending" => c.pending = n,
-            "processing" => c.processing = n,
-            "completed" => c.completed = n,
-            "failed" => c.failed = n,
-            _ => {}
-        }
+        *match status {
+            JobStatus::Pending => &mut c.pending,
+            JobStatus::Processing => &mut c.processing,
+            JobStatus::Completed => &mut c.completed,
+            JobStatus::Failed => &mut c.failed,
+            JobStatus::Cancelled => &mut c.cancelled,
+        } = n;
     }
     Ok(c)
 }
@@ -215,7 +248,7 @@ pub fn counts(conn: &Connection, job_type: Option<&str>) -> rusqlite::Result<Job
 pub struct JobRow {
     pub id: i64,
     pub job_type: String,
-    pub status: String,
+    pub status: JobStatus,
     pub input_file: String,
     pub output_file: String,
     pub attempts: i64,
@@ -223,7 +256,7 @@ pub struct JobRow {
 }
 
 /// Jobs in `status`, oldest first, for listings.
-pub fn list(conn: &Connection, status: Option<&str>, limit: i64) -> rusqlite::Result<Vec<JobRow>> {
+pub fn list(conn: &Connection, status: Option<JobStatus>, limit: i64) -> rusqlite::Result<Vec<JobRow>> {
     conn.prepare(
         "SELECT id, job_type, status, input_file, output_file, COALESCE(attempts, 0), error FROM jobs
          WHERE ?1 IS NULL OR status = ?1 ORDER BY id LIMIT ?2",
@@ -249,8 +282,16 @@ mod tests {
 
     fn queue() -> Connection {
         let conn = Connection::open_in_memory().unwrap();
-        schema::migrate(&conn).unwrap();
+        schema::prepare(&conn, None).unwrap();
         conn
+    }
+
+    fn clx(worker_row: i64) -> Claimant<'static> {
+        Claimant {
+            protocol: Protocol::Clx,
+            worker_row,
+            execution_mode: "direct",
+        }
     }
 
     fn job<'a>(job_type: &'a str, input: &'a str, priority: i64) -> NewJob<'a> {
@@ -268,24 +309,24 @@ mod tests {
     #[test]
     fn claims_by_priority_then_age_and_only_own_type() {
         let mut conn = queue();
-        let w = workers::register(&conn, "t", "w1").unwrap();
+        let w = workers::register(&conn, Protocol::Clx, "t", "w1").unwrap();
         submit(&conn, &job("t", "a", 0)).unwrap();
         submit(&conn, &job("t", "b", 5)).unwrap();
         submit(&conn, &job("other", "c", 9)).unwrap();
-        assert_eq!(claim(&mut conn, "t", w).unwrap().unwrap().input_file, "b");
-        assert_eq!(claim(&mut conn, "t", w).unwrap().unwrap().input_file, "a");
-        assert!(claim(&mut conn, "t", w).unwrap().is_none());
+        assert_eq!(claim(&mut conn, "t", clx(w)).unwrap().unwrap().input_file, "b");
+        assert_eq!(claim(&mut conn, "t", clx(w)).unwrap().unwrap().input_file, "a");
+        assert!(claim(&mut conn, "t", clx(w)).unwrap().is_none());
     }
 
     #[test]
     fn recovery_requeues_then_fails_and_blocks_late_writes() {
         let mut conn = queue();
-        let w1 = workers::register(&conn, "t", "w1").unwrap();
-        let w2 = workers::register(&conn, "t", "w2").unwrap();
+        let w1 = workers::register(&conn, Protocol::Clx, "t", "w1").unwrap();
+        let w2 = workers::register(&conn, Protocol::Clx, "t", "w2").unwrap();
         let id = submit(&conn, &job("t", "a", 0)).unwrap();
-        let first = claim(&mut conn, "t", w1).unwrap().unwrap();
+        let first = claim(&mut conn, "t", clx(w1)).unwrap().unwrap();
         assert_eq!(recover(&conn, w1, "w1", "was killed").unwrap(), (vec![id], vec![]));
-        let second = claim(&mut conn, "t", w2).unwrap().unwrap();
+        let second = claim(&mut conn, "t", clx(w2)).unwrap().unwrap();
         assert_eq!(second.attempt, 2);
         // The first worker's late write must not count.
         assert!(!finish(&mut conn, &first, w1, Outcome::Completed, 0.1).unwrap());

@@ -1,7 +1,8 @@
 //! The SQLite file shared by the supervisor, the workers and the CLI.
 //!
-//! `schema` creates the CLX version-1 tables exactly as the Python workers
-//! expect them and adds clx-pool's own tables; `jobs` is the job queue,
+//! `schema` creates the job tables exactly as the workers of the chosen
+//! protocol expect them (CLX version 1 or CLM version 11) and adds
+//! clx-pool's own tables; `jobs` is the job queue,
 //! `workers` the CLX worker registry, `pool` clx-pool's own records (the
 //! supervisor, its slots, the restart history). [`Db`] runs queries for async
 //! code on the blocking pool, so no connection is ever held across an await.
@@ -18,43 +19,122 @@ use std::time::Duration;
 use anyhow::Context;
 use rusqlite::Connection;
 
+use crate::vocab::Protocol;
+
 /// How long a statement waits for a lock held by another connection.
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A database clx-pool will not use, and why; decided before anything
+/// is written to the file (exit code 2: the user named the wrong file or
+/// protocol).
+#[derive(Debug, thiserror::Error)]
+#[error("{}: {refusal}", path.display())]
+pub struct Refused {
+    pub path: PathBuf,
+    pub refusal: schema::Refusal,
+}
+
 /// Opens `path` (creating it and its folder if needed) in WAL mode with a
-/// busy timeout, and brings the schema up to date.
-pub fn open(path: &Path) -> anyhow::Result<Connection> {
+/// busy timeout, creates the job tables of `wanted` (CLX if unset) in a new
+/// database, checks that an existing one serves `wanted`, and brings
+/// clx-pool's own tables up to date. A database that is refused is left
+/// byte for byte as it was.
+pub fn open(path: &Path, wanted: Option<Protocol>) -> anyhow::Result<(Connection, Protocol)> {
     if let Some(dir) = path.parent()
         && !dir.as_os_str().is_empty()
     {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating the database folder {}", dir.display()))?;
+        std::fs::create_dir_all(dir).with_context(|| format!("creating the database folder {}", path.display()))?;
     }
-    let conn = open_existing(path)?;
-    schema::migrate(&conn).with_context(|| format!("preparing the database {}", path.display()))?;
-    Ok(conn)
-}
-
-/// Opens a database without creating or migrating it (for commands that only
-/// read, and for workers, which never change the schema).
-pub fn open_existing(path: &Path) -> anyhow::Result<Connection> {
     let conn = Connection::open(path).with_context(|| format!("opening the database {}", path.display()))?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
+    // Refuse before the first write (switching to WAL is one).
+    let found = schema::detect(&conn).with_context(|| format!("reading the database {}", path.display()))?;
+    refuse_unless(path, schema::decide(&found, wanted))?;
+    set_pragmas(&conn, path)?;
+    match schema::prepare(&conn, wanted) {
+        Ok(p) => Ok((conn, p)),
+        Err(schema::PrepareError::Refused(refusal)) => Err(Refused {
+            path: path.to_path_buf(),
+            refusal,
+        }
+        .into()),
+        Err(schema::PrepareError::Sql(e)) => {
+            Err(anyhow::Error::new(e).context(format!("preparing the database {}", path.display())))
+        }
+    }
+}
+
+/// What an existing database holds, read without writing to it; None if
+/// there is no file.
+pub fn open_read_only(path: &Path) -> anyhow::Result<Option<schema::Found>> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let conn = Connection::open_with_flags(
+        path,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .with_context(|| format!("opening the database {} read-only", path.display()))?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    let found = schema::detect(&conn).with_context(|| format!("reading the database {}", path.display()))?;
+    Ok(Some(found))
+}
+
+/// [`schema::decide`], with the database named in the refusal.
+pub fn decide(path: &Path, found: &schema::Found, wanted: Option<Protocol>) -> Result<Protocol, Refused> {
+    refuse_unless(path, schema::decide(found, wanted))
+}
+
+fn refuse_unless<T>(path: &Path, decided: Result<T, schema::Refusal>) -> Result<T, Refused> {
+    decided.map_err(|refusal| Refused {
+        path: path.to_path_buf(),
+        refusal,
+    })
+}
+
+fn set_pragmas(conn: &Connection, path: &Path) -> anyhow::Result<()> {
     conn.pragma_update(None, "journal_mode", "WAL")
         .with_context(|| format!("switching {} to WAL mode", path.display()))?;
     conn.pragma_update(None, "synchronous", "NORMAL")?;
-    Ok(conn)
+    Ok(())
+}
+
+/// Opens a job database that must already exist, without creating or
+/// migrating anything (for workers, which never change the schema), and
+/// tells which protocol it serves.
+pub fn open_existing(path: &Path) -> anyhow::Result<(Connection, Protocol)> {
+    open_if_ready(path)?
+        .with_context(|| format!("no job database at {} (no file, or no job tables yet)", path.display()))
+}
+
+/// Like [`open_existing`], but None while the file or its job tables are
+/// not there yet (a supervisor may be creating them).
+pub fn open_if_ready(path: &Path) -> anyhow::Result<Option<(Connection, Protocol)>> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let conn = Connection::open(path).with_context(|| format!("opening the database {}", path.display()))?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    let found = schema::detect(&conn).with_context(|| format!("reading the database {}", path.display()))?;
+    let protocol = match found {
+        schema::Found::Protocol(p) => p,
+        schema::Found::Empty => return Ok(None),
+        other => refuse_unless(path, schema::decide(&other, None))?,
+    };
+    set_pragmas(&conn, path)?;
+    Ok(Some((conn, protocol)))
 }
 
 /// Opens a database that must already exist, for read-only commands: a
 /// missing file is a clear error, not a new empty database.
-pub fn open_for_reading(path: &Path) -> anyhow::Result<Connection> {
+pub fn open_for_reading(path: &Path) -> anyhow::Result<(Connection, Protocol)> {
     if !path.exists() {
         anyhow::bail!(
             "no database at {} (start a pool first, or point --db / --config / CLX_DB_PATH at the right file)",
             path.display()
         );
     }
-    open(path)
+    open(path, None)
 }
 
 /// A connection for async code: each call runs on tokio's blocking pool.
@@ -62,18 +142,25 @@ pub fn open_for_reading(path: &Path) -> anyhow::Result<Connection> {
 pub struct Db {
     conn: Arc<Mutex<Connection>>,
     path: PathBuf,
+    protocol: Protocol,
 }
 
 impl Db {
-    pub fn new(conn: Connection, path: &Path) -> Self {
+    pub fn new(conn: Connection, path: &Path, protocol: Protocol) -> Self {
         Db {
             conn: Arc::new(Mutex::new(conn)),
             path: path.to_path_buf(),
+            protocol,
         }
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The protocol of the database's job tables.
+    pub fn protocol(&self) -> Protocol {
+        self.protocol
     }
 
     /// Runs `f` with the connection off the async threads.

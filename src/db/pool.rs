@@ -1,9 +1,49 @@
 //! clx-pool's own records: the supervisor that owns the database, the slot
 //! behind each worker (the process running it, its restarts) and the
-//! restart history. CLX workers never read these tables.
+//! restart history. Workers never read these tables. In a CLM database the
+//! same moments are also written to CLM's `worker_events`, in the same
+//! transaction, so `clm status` and `clm monitor` show what clx-pool did.
 
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
+use serde_json::json;
+
+use crate::vocab::{ClmEvent, EndEvent, Protocol, SlotState, SupervisorState};
+
+/// One row of CLM's `worker_events` (CLM databases only).
+struct ClmEventRow<'a> {
+    event: ClmEvent,
+    worker_row: Option<i64>,
+    /// `all` for pool events, as CLM writes them.
+    worker_type: &'a str,
+    execution_mode: Option<&'a str>,
+    message: String,
+    metadata: serde_json::Value,
+}
+
+fn clm_event(conn: &Connection, protocol: Protocol, e: ClmEventRow) -> rusqlite::Result<()> {
+    if protocol != Protocol::Clm {
+        return Ok(());
+    }
+    let mut metadata = e.metadata;
+    if let Some(m) = metadata.as_object_mut() {
+        m.insert("supervisor".into(), json!("clx-pool"));
+        m.insert("supervisor_pid".into(), json!(std::process::id()));
+    }
+    conn.prepare_cached(
+        "INSERT INTO worker_events (event_type, worker_id, worker_type, execution_mode, message, metadata)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?
+    .execute(params![
+        e.event,
+        e.worker_row,
+        e.worker_type,
+        e.execution_mode,
+        e.message,
+        metadata.to_string()
+    ])?;
+    Ok(())
+}
 
 #[derive(Debug, Clone, Serialize)]
 pub struct SupervisorRecord {
@@ -12,7 +52,7 @@ pub struct SupervisorRecord {
     pub hostname: Option<String>,
     pub config_path: Option<String>,
     pub workspace_path: Option<String>,
-    pub state: String,
+    pub state: SupervisorState,
     pub expected_workers: i64,
     pub started_at: String,
     pub ready_at: Option<String>,
@@ -29,8 +69,20 @@ pub struct NewSupervisor<'a> {
 }
 
 /// Records a new supervisor run and forgets the slots of the previous one.
-pub fn begin_run(conn: &mut Connection, s: &NewSupervisor) -> rusqlite::Result<()> {
+pub fn begin_run(conn: &mut Connection, protocol: Protocol, s: &NewSupervisor) -> rusqlite::Result<()> {
     let tx = conn.transaction()?;
+    clm_event(
+        &tx,
+        protocol,
+        ClmEventRow {
+            event: ClmEvent::PoolStarting,
+            worker_row: None,
+            worker_type: "all",
+            execution_mode: None,
+            message: format!("clx-pool starting a worker pool with {} worker(s)", s.expected_workers),
+            metadata: json!({ "total_workers": s.expected_workers, "config": s.config_path }),
+        },
+    )?;
     tx.execute(
         "INSERT OR REPLACE INTO clx_pool_supervisor
             (id, pid, proc_start, hostname, config_path, workspace_path, state, expected_workers, started_at, ready_at, stopped_at)
@@ -41,17 +93,39 @@ pub fn begin_run(conn: &mut Connection, s: &NewSupervisor) -> rusqlite::Result<(
     tx.commit()
 }
 
-pub fn set_state(conn: &Connection, state: &str) -> rusqlite::Result<()> {
-    let extra = match state {
-        "running" => ", ready_at = COALESCE(ready_at, CURRENT_TIMESTAMP)",
-        "stopped" => ", stopped_at = CURRENT_TIMESTAMP",
-        _ => "",
+pub fn set_state(conn: &Connection, protocol: Protocol, state: SupervisorState) -> rusqlite::Result<()> {
+    let (extra, event) = match state {
+        SupervisorState::Starting => ("", None),
+        SupervisorState::Running => (
+            ", ready_at = COALESCE(ready_at, CURRENT_TIMESTAMP)",
+            Some((ClmEvent::PoolStarted, "clx-pool worker pool started")),
+        ),
+        SupervisorState::Stopping => ("", Some((ClmEvent::PoolStopping, "clx-pool stopping the worker pool"))),
+        SupervisorState::Stopped => (
+            ", stopped_at = CURRENT_TIMESTAMP",
+            Some((ClmEvent::PoolStopped, "clx-pool worker pool stopped")),
+        ),
     };
-    conn.execute(
+    let tx = conn.unchecked_transaction()?;
+    tx.execute(
         &format!("UPDATE clx_pool_supervisor SET state = ?1{extra} WHERE id = 1"),
         [state],
     )?;
-    Ok(())
+    if let Some((event, message)) = event {
+        clm_event(
+            &tx,
+            protocol,
+            ClmEventRow {
+                event,
+                worker_row: None,
+                worker_type: "all",
+                execution_mode: None,
+                message: message.into(),
+                metadata: json!({}),
+            },
+        )?;
+    }
+    tx.commit()
 }
 
 pub fn supervisor(conn: &Connection) -> rusqlite::Result<Option<SupervisorRecord>> {
@@ -77,10 +151,13 @@ pub fn supervisor(conn: &Connection) -> rusqlite::Result<Option<SupervisorRecord
     .optional()
 }
 
-/// Slot states: `starting` (process launched, not registered yet),
-/// `running` (registered), `backoff` (waiting to restart), `failed` (given
-/// up), `stopped`.
-pub fn upsert_slot(conn: &Connection, worker_type: &str, slot: u32, mode: &str, state: &str) -> rusqlite::Result<()> {
+pub fn upsert_slot(
+    conn: &Connection,
+    worker_type: &str,
+    slot: u32,
+    mode: &str,
+    state: SlotState,
+) -> rusqlite::Result<()> {
     conn.execute(
         "INSERT INTO clx_pool_slots (worker_type, slot, execution_mode, state) VALUES (?1, ?2, ?3, ?4)
          ON CONFLICT(worker_type, slot) DO UPDATE SET
@@ -88,6 +165,35 @@ pub fn upsert_slot(conn: &Connection, worker_type: &str, slot: u32, mode: &str, 
         params![worker_type, slot, mode, state],
     )?;
     Ok(())
+}
+
+/// A CLM worker about to be started in a slot: its pre-registered row
+/// (see `workers::preregister`) and CLM's `worker_starting` event, in one
+/// transaction. Returns the row id, which the worker gets as `CLM_WORKER_ID`.
+pub fn preregister_worker(
+    conn: &mut Connection,
+    slot: u32,
+    p: &super::workers::Preregistration,
+) -> rusqlite::Result<i64> {
+    let tx = conn.transaction()?;
+    let row = super::workers::preregister(&tx, p)?;
+    clm_event(
+        &tx,
+        Protocol::Clm,
+        ClmEventRow {
+            event: ClmEvent::WorkerStarting,
+            worker_row: Some(row),
+            worker_type: p.worker_type,
+            execution_mode: Some(p.execution_mode),
+            message: format!(
+                "clx-pool starting {} worker {}-{slot} ({})",
+                p.execution_mode, p.worker_type, p.container_id
+            ),
+            metadata: json!({ "index": slot, "executor_id": p.container_id }),
+        },
+    )?;
+    tx.commit()?;
+    Ok(row)
 }
 
 /// Records the process now running in a slot (before it registers), so that
@@ -101,24 +207,49 @@ pub fn slot_launched(
     proc_start: Option<i64>,
 ) -> rusqlite::Result<()> {
     conn.execute(
-        "UPDATE clx_pool_slots SET state = 'starting', worker_id = ?3, worker_row = NULL, pid = ?4, proc_start = ?5,
+        "UPDATE clx_pool_slots SET state = ?6, worker_id = ?3, worker_row = NULL, pid = ?4, proc_start = ?5,
              updated_at = CURRENT_TIMESTAMP
          WHERE worker_type = ?1 AND slot = ?2",
-        params![worker_type, slot, worker_id, pid, proc_start],
+        params![worker_type, slot, worker_id, pid, proc_start, SlotState::Starting],
     )?;
     Ok(())
 }
 
-pub fn slot_registered(conn: &Connection, worker_type: &str, slot: u32, worker_row: i64) -> rusqlite::Result<()> {
-    conn.execute(
-        "UPDATE clx_pool_slots SET state = 'running', worker_row = ?3, updated_at = CURRENT_TIMESTAMP
+/// A slot's worker registered (or activated its pre-registered row).
+pub struct Registered<'a> {
+    pub worker_type: &'a str,
+    pub slot: u32,
+    pub worker_row: i64,
+    pub worker_id: &'a str,
+    pub execution_mode: &'a str,
+}
+
+pub fn slot_registered(conn: &Connection, protocol: Protocol, r: &Registered) -> rusqlite::Result<()> {
+    let tx = conn.unchecked_transaction()?;
+    tx.execute(
+        "UPDATE clx_pool_slots SET state = ?4, worker_row = ?3, updated_at = CURRENT_TIMESTAMP
          WHERE worker_type = ?1 AND slot = ?2",
-        params![worker_type, slot, worker_row],
+        params![r.worker_type, r.slot, r.worker_row, SlotState::Running],
     )?;
-    Ok(())
+    clm_event(
+        &tx,
+        protocol,
+        ClmEventRow {
+            event: ClmEvent::WorkerRegistered,
+            worker_row: Some(r.worker_row),
+            worker_type: r.worker_type,
+            execution_mode: Some(r.execution_mode),
+            message: format!(
+                "Worker {} #{} registered (executor: {}, slot {}-{})",
+                r.worker_type, r.worker_row, r.worker_id, r.worker_type, r.slot
+            ),
+            metadata: json!({ "index": r.slot, "executor_id": r.worker_id }),
+        },
+    )?;
+    tx.commit()
 }
 
-pub fn set_slot_state(conn: &Connection, worker_type: &str, slot: u32, state: &str) -> rusqlite::Result<()> {
+pub fn set_slot_state(conn: &Connection, worker_type: &str, slot: u32, state: SlotState) -> rusqlite::Result<()> {
     conn.execute(
         "UPDATE clx_pool_slots SET state = ?3, updated_at = CURRENT_TIMESTAMP WHERE worker_type = ?1 AND slot = ?2",
         params![worker_type, slot, state],
@@ -132,18 +263,23 @@ pub struct WorkerEnd<'a> {
     pub slot: u32,
     pub worker_id: &'a str,
     pub worker_row: Option<i64>,
-    /// `died`, `hung`, `no-register`, `stopped`, `spawn-failed`.
-    pub event: &'a str,
+    /// `direct` or `docker`.
+    pub execution_mode: &'a str,
+    pub event: EndEvent,
     pub cause: &'a str,
     pub log_tail: &'a str,
     /// Counts as a restart of the slot (false for a clean stop).
     pub restart: bool,
 }
 
-/// In one transaction: marks the worker dead, puts its jobs back (or fails
-/// them), clears the slot's process and records the event. Returns
-/// (jobs requeued, jobs failed).
-pub fn record_end(conn: &mut Connection, end: &WorkerEnd) -> rusqlite::Result<(Vec<i64>, Vec<i64>)> {
+/// In one transaction: marks the worker dead (a pre-registered row it
+/// never activated goes), puts its jobs back (or fails them), clears the
+/// slot's process and records the event. Returns (jobs requeued, jobs failed).
+pub fn record_end(
+    conn: &mut Connection,
+    protocol: Protocol,
+    end: &WorkerEnd,
+) -> rusqlite::Result<(Vec<i64>, Vec<i64>)> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let mut held = None;
     let (mut requeued, mut failed) = (Vec::new(), Vec::new());
@@ -155,9 +291,49 @@ pub fn record_end(conn: &mut Connection, end: &WorkerEnd) -> rusqlite::Result<(V
                 |r| r.get::<_, i64>(0),
             )
             .optional()?;
+        tx.execute("DELETE FROM workers WHERE id = ?1 AND status = 'created'", [row])?;
         tx.execute("UPDATE workers SET status = 'dead' WHERE id = ?1", [row])?;
         (requeued, failed) = super::jobs::recover(&tx, row, end.worker_id, end.cause)?;
     }
+    let (event, message) = match end.event {
+        EndEvent::Stopped => (
+            ClmEvent::WorkerStopped,
+            format!(
+                "Worker {} {} stopped by clx-pool ({})",
+                end.worker_type, end.worker_id, end.cause
+            ),
+        ),
+        _ => (
+            ClmEvent::WorkerFailed,
+            format!(
+                "Worker {} failed: {} {}{}",
+                end.worker_type,
+                end.worker_id,
+                end.cause,
+                if end.restart { "; clx-pool replaces it" } else { "" }
+            ),
+        ),
+    };
+    clm_event(
+        &tx,
+        protocol,
+        ClmEventRow {
+            event,
+            worker_row: end.worker_row,
+            worker_type: end.worker_type,
+            execution_mode: Some(end.execution_mode),
+            message,
+            metadata: json!({
+                "index": end.slot,
+                "executor_id": end.worker_id,
+                "reason": end.event,
+                "error": end.cause,
+                "job_id": held,
+                "requeued_jobs": requeued,
+                "failed_jobs": failed,
+            }),
+        },
+    )?;
     tx.execute(
         "UPDATE clx_pool_slots SET pid = NULL, proc_start = NULL, worker_row = NULL,
              restarts = restarts + ?3, last_cause = CASE WHEN ?3 = 1 THEN ?4 ELSE last_cause END,
@@ -187,7 +363,7 @@ pub struct SlotRow {
     pub worker_type: String,
     pub slot: u32,
     pub execution_mode: String,
-    pub state: String,
+    pub state: SlotState,
     pub worker_id: Option<String>,
     pub pid: Option<i64>,
     pub proc_start: Option<i64>,
@@ -222,7 +398,7 @@ pub struct EventRow {
     pub worker_type: String,
     pub slot: u32,
     pub worker_id: Option<String>,
-    pub event: String,
+    pub event: EndEvent,
     pub cause: Option<String>,
     pub job_id: Option<i64>,
     pub log_tail: Option<String>,

@@ -5,6 +5,8 @@
 
 use rusqlite::{Connection, params};
 
+use crate::vocab::{CLM_SCHEMA_VERSION, Protocol};
+
 /// The CLX version-1 schema (SPEC §3).
 pub const CLX_SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS jobs (
@@ -106,9 +108,129 @@ const POOL_MIGRATIONS: &[&str] = &[
     "#,
 ];
 
-/// Creates the CLX tables if missing and applies pending clx-pool migrations.
-pub fn migrate(conn: &Connection) -> rusqlite::Result<()> {
-    conn.execute_batch(CLX_SCHEMA)?;
+/// CLM 1.35's `SCHEMA_SQL` (`clm/infrastructure/database/schema.py`),
+/// byte for byte: SQLite keeps each `CREATE` statement's text in
+/// `sqlite_master`, so a database made from it is indistinguishable from
+/// one CLM's `init_database` made.
+pub const CLM_SCHEMA: &str = include_str!("clm_schema.sql");
+
+/// What a database file holds, before anything is written to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Found {
+    /// No tables of a job database: a new (or empty) file.
+    Empty,
+    /// A job database of this generation.
+    Protocol(Protocol),
+    /// A `schema_version` clx-pool serves under neither protocol (e.g. an
+    /// older CLM, or none recorded at all).
+    OtherVersion(Option<i64>),
+    /// Tables, but not those of a job database.
+    Foreign(Vec<String>),
+}
+
+/// Looks at the tables and `schema_version` of a database without writing
+/// anything (not even the journal mode).
+pub fn detect(conn: &Connection) -> rusqlite::Result<Found> {
+    let tables: Vec<String> = conn
+        .prepare(
+            "SELECT name FROM sqlite_master WHERE type = 'table'
+               AND name NOT LIKE 'sqlite_%' AND name NOT LIKE 'clx_pool_%' ORDER BY name",
+        )?
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    if tables.is_empty() {
+        return Ok(Found::Empty);
+    }
+    if !tables.iter().any(|t| t == "schema_version") {
+        return Ok(Found::Foreign(tables));
+    }
+    // A CLM database that an older clx-pool stamped with version 1 too is
+    // still CLM's: the highest version decides, as it does for CLM.
+    let version: Option<i64> = conn.query_row("SELECT MAX(version) FROM schema_version", [], |r| r.get(0))?;
+    Ok(match version {
+        Some(1) => Found::Protocol(Protocol::Clx),
+        Some(v) if v >= CLM_SCHEMA_VERSION => Found::Protocol(Protocol::Clm),
+        other => Found::OtherVersion(other),
+    })
+}
+
+/// Why clx-pool will not use a database, decided before anything is written.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error(
+        "it is a {found} database (schema_version {}), but the config says protocol = \"{wanted}\"; \
+         use a database of that protocol, or set protocol = \"{found}\" (or leave protocol out to follow the database)",
+        found.schema_version()
+    )]
+    Contradiction { found: Protocol, wanted: Protocol },
+    #[error(
+        "its schema_version is {}, which clx-pool serves under neither protocol (clx is version 1, clm is version 11 or newer); \
+         a CLM database of an older version is brought up to date by running CLM 1.35 on it once (e.g. `clm status --jobs-db-path FILE`)",
+        .0.map(|v| v.to_string()).unwrap_or_else(|| "empty".into())
+    )]
+    OtherVersion(Option<i64>),
+    #[error("it is not a job database: it has the tables {} but no schema_version", .0.join(", "))]
+    Foreign(Vec<String>),
+}
+
+impl Protocol {
+    /// The `schema_version` a database of this protocol carries.
+    pub fn schema_version(self) -> i64 {
+        match self {
+            Protocol::Clx => 1,
+            Protocol::Clm => CLM_SCHEMA_VERSION,
+        }
+    }
+}
+
+/// Decides which protocol a database serves: its own if it has one (and
+/// `wanted`, if given, must agree), else `wanted`, else CLX.
+pub fn decide(found: &Found, wanted: Option<Protocol>) -> Result<Protocol, Refusal> {
+    match (found, wanted) {
+        (Found::Empty, w) => Ok(w.unwrap_or(Protocol::Clx)),
+        (Found::Protocol(p), None) => Ok(*p),
+        (Found::Protocol(p), Some(w)) if *p == w => Ok(w),
+        (Found::Protocol(p), Some(w)) => Err(Refusal::Contradiction { found: *p, wanted: w }),
+        (Found::OtherVersion(v), _) => Err(Refusal::OtherVersion(*v)),
+        (Found::Foreign(t), _) => Err(Refusal::Foreign(t.clone())),
+    }
+}
+
+/// Creates the job tables of `protocol` if the database has none (deciding
+/// again under the write lock, in case another process created them
+/// meanwhile), then applies clx-pool's own migrations. It never adds a row
+/// to `schema_version` of an existing database.
+pub fn prepare(conn: &Connection, wanted: Option<Protocol>) -> Result<Protocol, PrepareError> {
+    let tx = rusqlite::Transaction::new_unchecked(conn, rusqlite::TransactionBehavior::Immediate)?;
+    let found = detect(&tx)?;
+    let protocol = decide(&found, wanted)?;
+    if found == Found::Empty {
+        match protocol {
+            Protocol::Clx => tx.execute_batch(CLX_SCHEMA)?,
+            Protocol::Clm => {
+                tx.execute_batch(CLM_SCHEMA)?;
+                tx.execute(
+                    "INSERT OR IGNORE INTO schema_version (version) VALUES (?1)",
+                    [CLM_SCHEMA_VERSION],
+                )?;
+            }
+        }
+    }
+    tx.commit()?;
+    migrate_pool_tables(conn)?;
+    Ok(protocol)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PrepareError {
+    #[error(transparent)]
+    Refused(#[from] Refusal),
+    #[error(transparent)]
+    Sql(#[from] rusqlite::Error),
+}
+
+/// Applies pending clx-pool migrations (its own tables only).
+pub fn migrate_pool_tables(conn: &Connection) -> rusqlite::Result<()> {
     conn.execute_batch(
         "CREATE TABLE IF NOT EXISTS clx_pool_schema (
             version INTEGER PRIMARY KEY,
@@ -142,22 +264,72 @@ pub fn migrate(conn: &Connection) -> rusqlite::Result<()> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn migrate_is_idempotent_and_keeps_clx_version_1() {
-        let conn = Connection::open_in_memory().unwrap();
-        migrate(&conn).unwrap();
-        migrate(&conn).unwrap();
-        let versions: Vec<i64> = conn
-            .prepare("SELECT version FROM schema_version")
+    fn versions(conn: &Connection) -> Vec<i64> {
+        conn.prepare("SELECT version FROM schema_version ORDER BY version")
             .unwrap()
             .query_map([], |r| r.get(0))
             .unwrap()
             .collect::<Result<_, _>>()
-            .unwrap();
-        assert_eq!(versions, vec![1]);
+            .unwrap()
+    }
+
+    #[test]
+    fn prepare_is_idempotent_and_keeps_clx_version_1() {
+        let conn = Connection::open_in_memory().unwrap();
+        assert_eq!(prepare(&conn, None).unwrap(), Protocol::Clx);
+        assert_eq!(prepare(&conn, None).unwrap(), Protocol::Clx);
+        assert_eq!(versions(&conn), vec![1]);
         let pool: i64 = conn
             .query_row("SELECT MAX(version) FROM clx_pool_schema", [], |r| r.get(0))
             .unwrap();
         assert_eq!(pool, POOL_MIGRATIONS.len() as i64);
+    }
+
+    #[test]
+    fn a_clm_database_keeps_its_versions_and_is_followed() {
+        let conn = Connection::open_in_memory().unwrap();
+        assert_eq!(prepare(&conn, Some(Protocol::Clm)).unwrap(), Protocol::Clm);
+        assert_eq!(versions(&conn), vec![11]);
+        assert_eq!(prepare(&conn, None).unwrap(), Protocol::Clm);
+        assert_eq!(prepare(&conn, Some(Protocol::Clm)).unwrap(), Protocol::Clm);
+        assert_eq!(versions(&conn), vec![11], "no version row added");
+        let refused = prepare(&conn, Some(Protocol::Clx)).unwrap_err();
+        assert!(matches!(
+            refused,
+            PrepareError::Refused(Refusal::Contradiction {
+                found: Protocol::Clm,
+                wanted: Protocol::Clx
+            })
+        ));
+    }
+
+    #[test]
+    fn detection_table() {
+        let cases: &[(&str, Found)] = &[
+            ("", Found::Empty),
+            ("CREATE TABLE clx_pool_schema (version INTEGER)", Found::Empty),
+            ("CREATE TABLE notes (x TEXT)", Found::Foreign(vec!["notes".into()])),
+            (
+                "CREATE TABLE schema_version (version INTEGER PRIMARY KEY)",
+                Found::OtherVersion(None),
+            ),
+            (
+                "CREATE TABLE schema_version (version INTEGER PRIMARY KEY); INSERT INTO schema_version VALUES (1)",
+                Found::Protocol(Protocol::Clx),
+            ),
+            (
+                "CREATE TABLE schema_version (version INTEGER PRIMARY KEY); INSERT INTO schema_version VALUES (7)",
+                Found::OtherVersion(Some(7)),
+            ),
+            (
+                "CREATE TABLE schema_version (version INTEGER PRIMARY KEY); INSERT INTO schema_version VALUES (1), (11)",
+                Found::Protocol(Protocol::Clm),
+            ),
+        ];
+        for (sql, expected) in cases {
+            let conn = Connection::open_in_memory().unwrap();
+            conn.execute_batch(sql).unwrap();
+            assert_eq!(&detect(&conn).unwrap(), expected, "{sql}");
+        }
     }
 }

@@ -30,36 +30,24 @@ pub struct DirectWorker {
 }
 
 pub fn launch(spec: &Launch) -> anyhow::Result<Running> {
-    let worker_id = format!(
-        "direct-{}-{}-{}",
-        spec.worker_type,
-        spec.slot,
-        &uuid::Uuid::new_v4().simple().to_string()[..8]
-    );
+    let worker_id = spec.worker_id.clone();
     let argv = match &spec.program {
         WorkerProgram::Command(c) => c.clone(),
         WorkerProgram::JobCommand(c) => {
             let exe = std::env::current_exe().context("finding the clx-pool executable for the built-in worker")?;
-            let mut argv = vec![
-                exe.to_string_lossy().into_owned(),
-                "worker".into(),
-                "--heartbeat-interval".into(),
-                humantime::format_duration(spec.heartbeat_interval).to_string(),
-                "--".into(),
-            ];
-            argv.extend(c.iter().cloned());
+            let mut argv = vec![exe.to_string_lossy().into_owned()];
+            argv.extend(spec.builtin_worker_args("direct", c));
             argv
         }
+        WorkerProgram::Default => anyhow::bail!("no command to run worker type `{}` directly", spec.worker_type),
     };
-    let mut env: Vec<(String, String)> = vec![
-        ("WORKER_TYPE".into(), spec.worker_type.clone()),
-        ("WORKER_ID".into(), worker_id.clone()),
-        ("DB_PATH".into(), spec.db_path.to_string_lossy().into_owned()),
-        ("WORKSPACE_PATH".into(), spec.workspace.to_string_lossy().into_owned()),
-        ("LOG_LEVEL".into(), spec.log_level.clone()),
-        ("USE_SQLITE_QUEUE".into(), "true".into()),
-    ];
-    env.extend(spec.extra_env.iter().cloned());
+    let db = spec.db_path.to_string_lossy();
+    let workspace = spec.workspace.to_string_lossy();
+    let env = spec.environment(&super::Seen {
+        db_path: &db,
+        workspace: &workspace,
+        worker_id: Some(&worker_id),
+    });
     let mut log = RotatingLog::open(&spec.log_path, spec.log_max_size, spec.log_keep)
         .with_context(|| format!("opening the worker log {}", spec.log_path.display()))?;
     let (read_end, write_end) = nix::unistd::pipe2(OFlag::O_CLOEXEC).context("creating the worker's output pipe")?;

@@ -223,34 +223,27 @@ impl DockerEngine {
             .to_string_lossy()
             .into_owned();
         let db_dir = spec.db_path.parent().unwrap_or(Path::new("/"));
-        let mut env = vec![
-            format!("WORKER_TYPE={}", spec.worker_type),
-            format!("DB_PATH=/db/{db_file}"),
-            "WORKSPACE_PATH=/workspace".to_string(),
-            format!("LOG_LEVEL={}", spec.log_level),
-            "USE_SQLITE_QUEUE=true".to_string(),
-        ];
-        env.extend(spec.extra_env.iter().map(|(k, v)| format!("{k}={v}")));
+        let db_in_container = format!("/db/{db_file}");
+        let env: Vec<String> = spec
+            .environment(&super::Seen {
+                db_path: &db_in_container,
+                workspace: "/workspace",
+                worker_id: None,
+            })
+            .into_iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
         // `command` is the whole argv, as in direct mode: it replaces the
         // image's entrypoint too. `job_command` runs the built-in worker,
         // which must be the image's entrypoint (as in `make docker-image`).
         let mut entrypoint = None;
         let cmd = match &spec.program {
-            WorkerProgram::JobCommand(c) => {
-                let mut argv = vec![
-                    "worker".to_string(),
-                    "--heartbeat-interval".into(),
-                    humantime::format_duration(spec.heartbeat_interval).to_string(),
-                    "--".into(),
-                ];
-                argv.extend(c.iter().cloned());
-                Some(argv)
-            }
-            WorkerProgram::Command(c) if !spec.image_default && !c.is_empty() => {
+            WorkerProgram::JobCommand(c) => Some(spec.builtin_worker_args("docker", c)),
+            WorkerProgram::Command(c) if !c.is_empty() => {
                 entrypoint = Some(vec![c[0].clone()]);
                 Some(c[1..].to_vec())
             }
-            WorkerProgram::Command(_) => None,
+            WorkerProgram::Command(_) | WorkerProgram::Default => None,
         };
         let labels = HashMap::from([
             (LABEL_DB_ID.to_string(), self.db_id.clone()),

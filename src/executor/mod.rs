@@ -12,15 +12,88 @@ use std::time::Duration;
 
 use crate::config::WorkerProgram;
 use crate::logs::Tail;
+use crate::vocab::Protocol;
+
+/// Tags every process of a pool with the database it serves, so that what
+/// a worker leaves behind can be found and stopped, and nothing else: other
+/// programs' workers on the same database (a `clm build`'s own) lack it.
+pub const POOL_TAG_VAR: &str = "CLX_SUPERVISOR_DB";
+
+/// Variables CLM's workers read that the supervisor passes on from its own
+/// environment when it has them (an entry's `env` may set them too).
+pub const CLM_PASS_THROUGH: &[&str] = &["PLANTUML_JAR", "DRAWIO_EXECUTABLE", "CLM_CACHE_DB_PATH"];
+
+/// Where a worker finds the database and the workspace: host paths for a
+/// direct worker, mount points inside a container.
+pub struct Seen<'a> {
+    pub db_path: &'a str,
+    pub workspace: &'a str,
+    /// `WORKER_ID`, for direct workers (a container uses its `HOSTNAME`).
+    pub worker_id: Option<&'a str>,
+}
+
+impl Launch {
+    /// The worker's environment under its protocol (SPEC §4 for CLX, §7
+    /// for CLM), the pool tag, then the entry's own `env`, which wins.
+    pub fn environment(&self, seen: &Seen) -> Vec<(String, String)> {
+        let mut env: Vec<(String, String)> = vec![("WORKER_TYPE".into(), self.worker_type.clone())];
+        if let Some(id) = seen.worker_id {
+            env.push(("WORKER_ID".into(), id.to_string()));
+        }
+        env.push((self.protocol.db_env_var().into(), seen.db_path.to_string()));
+        env.push(("WORKSPACE_PATH".into(), seen.workspace.to_string()));
+        env.push(("LOG_LEVEL".into(), self.log_level.clone()));
+        match self.protocol {
+            Protocol::Clx => env.push(("USE_SQLITE_QUEUE".into(), "true".into())),
+            Protocol::Clm => {
+                if let Some(row) = self.preregistered_row {
+                    env.push(("CLM_WORKER_ID".into(), row.to_string()));
+                }
+                for name in CLM_PASS_THROUGH {
+                    if let Ok(value) = std::env::var(name) {
+                        env.push((name.to_string(), value));
+                    }
+                }
+            }
+        }
+        env.push((POOL_TAG_VAR.into(), self.db_path.to_string_lossy().into_owned()));
+        for (k, v) in &self.extra_env {
+            env.retain(|(name, _)| name != k);
+            env.push((k.clone(), v.clone()));
+        }
+        env
+    }
+
+    /// The built-in worker's arguments (after the program name) for a
+    /// `job_command` entry, in either mode.
+    pub fn builtin_worker_args(&self, mode: &str, job_command: &[String]) -> Vec<String> {
+        let mut argv = vec![
+            "worker".to_string(),
+            "--heartbeat-interval".into(),
+            humantime::format_duration(self.heartbeat_interval).to_string(),
+            "--execution-mode".into(),
+            mode.to_string(),
+            "--".into(),
+        ];
+        argv.extend(job_command.iter().cloned());
+        argv
+    }
+}
 
 /// Everything needed to start one worker in one slot, whatever the mode.
 #[derive(Debug, Clone)]
 pub struct Launch {
     pub worker_type: String,
     pub slot: u32,
+    /// What to run; `Default` only in docker mode (the image's own command).
     pub program: WorkerProgram,
-    /// No command was configured: docker runs the image's own.
-    pub image_default: bool,
+    pub protocol: Protocol,
+    /// The `WORKER_ID` of a direct worker (`direct-{type}-{slot}-{8 hex}`);
+    /// a docker worker goes by its container id instead.
+    pub worker_id: String,
+    /// The worker row the supervisor pre-registered (`created`), which the
+    /// worker activates (CLM).
+    pub preregistered_row: Option<i64>,
     /// The entry's `env`.
     pub extra_env: Vec<(String, String)>,
     pub db_path: PathBuf,

@@ -83,9 +83,11 @@ pub async fn orphans(db: &Db, grace: Duration, engine: Option<Arc<DockerEngine>>
     let db_path = db.path().to_path_buf();
     report.processes_stopped +=
         procs::sweep(move || procs::find_pool_processes(&db_path), Duration::from_secs(5)).await;
+    let protocol = db.protocol();
     let (dead, requeued, failed) = db
-        .call(|c| {
-            let r = db::workers::bury_all(c, "was left behind by a supervisor that is gone")?;
+        .call(move |c| {
+            let old = db::pool::supervisor(c)?.map(|s| s.pid);
+            let r = db::workers::bury_pool_rows(c, protocol, old, "was left behind by a supervisor that is gone")?;
             c.execute("UPDATE clx_pool_slots SET pid = NULL, proc_start = NULL, state = 'stopped'", [])?;
             c.execute("UPDATE clx_pool_supervisor SET state = 'stopped', stopped_at = COALESCE(stopped_at, CURRENT_TIMESTAMP) WHERE state != 'stopped'", [])?;
             Ok(r)

@@ -24,6 +24,7 @@ use crate::db::{self, Db};
 use crate::executor::Mode;
 use crate::executor::docker::{self, DockerEngine};
 use crate::lock::SupervisorLock;
+use crate::vocab::SupervisorState;
 use slot::{Slot, SlotReady};
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
@@ -37,9 +38,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     for dir in [&pool.workspace_path, &pool.log_dir] {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    let db_path = pool.db_path.clone();
-    let conn = tokio::task::spawn_blocking(move || db::open(&db_path)).await??;
-    let db = Db::new(conn, &pool.db_path);
+    let (db_path, wanted) = (pool.db_path.clone(), pool.protocol);
+    let (conn, protocol) = tokio::task::spawn_blocking(move || db::open(&db_path, wanted)).await??;
+    config.check_protocol(protocol)?;
+    let db = Db::new(conn, &pool.db_path, protocol);
+    info!(protocol = %protocol, db = %pool.db_path.display(), "opened the job database");
 
     // Docker is touched only when an entry may use it.
     let (engine, modes) = resolve_modes(&config).await?;
@@ -62,6 +65,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .call(move |c| {
             db::pool::begin_run(
                 c,
+                protocol,
                 &db::pool::NewSupervisor {
                     pid: me,
                     proc_start: record.0,
@@ -157,11 +161,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         } else {
             error!("{registered} of {total} workers registered; {failed} slots failed (see `clx-pool stats`)");
         }
-        let _ = db.call(|c| db::pool::set_state(c, "running")).await;
+        record_state(&db, SupervisorState::Running).await;
         token.cancelled().await;
     }
 
-    let _ = db.call(|c| db::pool::set_state(c, "stopping")).await;
+    record_state(&db, SupervisorState::Stopping).await;
     let stopping = Instant::now();
     while let Some(res) = slots.join_next().await {
         if let Err(e) = res {
@@ -187,10 +191,17 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let _ = monitor.await;
     reaper.abort();
     crate::procs::reap_strays();
-    let _ = db.call(|c| db::pool::set_state(c, "stopped")).await;
+    record_state(&db, SupervisorState::Stopped).await;
     info!("all workers stopped in {:.3}s", stopping.elapsed().as_secs_f64());
     signals.abort_all();
     Ok(())
+}
+
+async fn record_state(db: &Db, state: SupervisorState) {
+    let protocol = db.protocol();
+    if let Err(e) = db.call(move |c| db::pool::set_state(c, protocol, state)).await {
+        error!("recording the supervisor's state {state}: {e:#}");
+    }
 }
 
 /// Decides how each `[[workers]]` entry runs: `docker` needs a reachable

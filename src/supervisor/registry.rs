@@ -1,7 +1,9 @@
 //! Notices worker registrations: while any slot waits for its worker to
 //! appear in `workers`, one task reads the rows added since the last look
 //! (an indexed range read on the row id) every few milliseconds and hands
-//! each waiting slot its worker's row id.
+//! each waiting slot its worker's row id. A worker whose row the slot
+//! pre-registered (CLM) is up once it has activated that row; those rows
+//! are looked up by id.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -27,6 +29,8 @@ struct Inner {
 #[derive(Default)]
 struct State {
     waiting: HashMap<String, oneshot::Sender<i64>>,
+    /// Pre-registered rows whose activation a slot waits for.
+    waiting_rows: HashMap<i64, oneshot::Sender<i64>>,
     /// Registrations nobody waited for yet (a fast worker can register
     /// before its slot starts waiting).
     seen: HashMap<String, i64>,
@@ -59,33 +63,55 @@ impl Registry {
         rx
     }
 
-    /// Stops waiting for `worker_id` (it died or timed out).
-    pub fn forget(&self, worker_id: &str) {
+    /// Resolves with `row` once its worker has activated that
+    /// pre-registered row.
+    pub fn expect_row(&self, row: i64) -> oneshot::Receiver<i64> {
+        let (tx, rx) = oneshot::channel();
+        let mut st = self.inner.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.waiting_rows.insert(row, tx);
+        self.inner.wake.notify_one();
+        rx
+    }
+
+    /// Stops waiting for `worker_id` or its pre-registered `row` (it died
+    /// or timed out).
+    pub fn forget(&self, worker_id: &str, row: Option<i64>) {
         let mut st = self.inner.state.lock().unwrap_or_else(|e| e.into_inner());
         st.waiting.remove(worker_id);
         st.seen.remove(worker_id);
+        if let Some(row) = row {
+            st.waiting_rows.remove(&row);
+        }
     }
 
     async fn watch(&self, db: Db, mut last_row: i64, token: CancellationToken) {
         loop {
-            let idle = self
-                .inner
-                .state
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .waiting
-                .is_empty();
-            if idle {
+            let (by_id, rows): (bool, Vec<i64>) = {
+                let st = self.inner.state.lock().unwrap_or_else(|e| e.into_inner());
+                (!st.waiting.is_empty(), st.waiting_rows.keys().copied().collect())
+            };
+            if !by_id && rows.is_empty() {
                 tokio::select! {
                     _ = token.cancelled() => return,
                     _ = self.inner.wake.notified() => {}
                 }
+                continue;
             }
             let after = last_row;
-            match db.call(move |c| db::workers::registered_since(c, after)).await {
-                Ok(rows) => {
+            let looked = db
+                .call(move |c| {
+                    let new = if by_id {
+                        db::workers::registered_since(c, after)?
+                    } else {
+                        Vec::new()
+                    };
+                    Ok((new, db::workers::activated(c, &rows)?))
+                })
+                .await;
+            match looked {
+                Ok((new, activated)) => {
                     let mut st = self.inner.state.lock().unwrap_or_else(|e| e.into_inner());
-                    for (row, cid) in rows {
+                    for (row, cid) in new {
                         last_row = last_row.max(row);
                         match st.waiting.remove(&cid) {
                             Some(tx) => {
@@ -94,6 +120,11 @@ impl Registry {
                             None => {
                                 st.seen.insert(cid, row);
                             }
+                        }
+                    }
+                    for row in activated {
+                        if let Some(tx) = st.waiting_rows.remove(&row) {
+                            let _ = tx.send(row);
                         }
                     }
                 }

@@ -1,7 +1,10 @@
 //! One slot of a pool: keeps one worker running, replacing it in the same
 //! slot when it dies or does not register, under the restart policy. Every
 //! end of a worker goes through `db::pool::record_end`, which marks it dead,
-//! puts its jobs back and records the event in one transaction.
+//! puts its jobs back and records the event in one transaction. Under CLM
+//! the slot pre-registers each worker's row (`created`, persistent, no
+//! session) before starting it, as CLM's own pool does, and the worker
+//! counts as up once it has activated that row.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,9 +16,10 @@ use tracing::{error, info, warn};
 use super::monitor::Hung;
 use super::policy::{Decision, RestartPolicy};
 use super::registry::Registry;
-use crate::config::{Config, WorkerConfig};
+use crate::config::{Config, WorkerConfig, WorkerProgram};
 use crate::db::{self, Db};
 use crate::executor::{Launch, Mode, Running};
+use crate::vocab::{EndEvent, Protocol, SlotState, WorkerStatus};
 
 /// What a slot tells the supervisor the first time it settles.
 #[derive(Debug)]
@@ -47,18 +51,48 @@ enum Failure {
     SpawnFailed(String),
 }
 
+/// How supervising one worker ended.
+enum Supervised {
+    /// The pool is stopping; the worker is still running.
+    ShuttingDown,
+    /// The worker is gone (or was stopped as hung or unregistered), with
+    /// its row if it had one.
+    Ended(Failure, Option<i64>),
+}
+
+/// A worker this slot started, and the row it pre-registered for it.
+struct Started {
+    running: Running,
+    preregistered: Option<i64>,
+}
+
 impl Slot {
     fn name(&self) -> String {
         format!("{}-{}", self.worker.worker_type, self.index)
     }
 
-    fn launch_spec(&self) -> Launch {
+    fn protocol(&self) -> Protocol {
+        self.db.protocol()
+    }
+
+    fn launch_spec(&self, worker_id: String, preregistered_row: Option<i64>) -> Launch {
         let pool = &self.config.pool;
+        let program = match &self.mode {
+            // `start` checked that the protocol knows every direct type
+            // that has no command (Config::check_protocol).
+            Mode::Direct => self
+                .worker
+                .direct_program(self.protocol())
+                .unwrap_or(WorkerProgram::Default),
+            Mode::Docker { .. } => self.worker.program.clone(),
+        };
         Launch {
             worker_type: self.worker.worker_type.clone(),
             slot: self.index,
-            program: self.worker.program.clone(),
-            image_default: self.worker.image_default,
+            program,
+            protocol: self.protocol(),
+            worker_id,
+            preregistered_row,
             extra_env: self.worker.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
             db_path: pool.db_path.clone(),
             workspace: pool.workspace_path.clone(),
@@ -79,63 +113,56 @@ impl Slot {
     }
 
     pub async fn run(mut self) {
-        let t = self.worker.worker_type.clone();
-        let index = self.index;
         let mut policy = RestartPolicy::new(self.config.pool.restart.clone());
         let mut announced = false;
-        let mode = self.mode_label.clone();
-        let _ = self
+        let (t, index, mode) = (self.worker.worker_type.clone(), self.index, self.mode_label.clone());
+        if let Err(e) = self
             .db
-            .call({
-                let t = t.clone();
-                move |c| db::pool::upsert_slot(c, &t, index, &mode, "starting")
-            })
-            .await;
+            .call(move |c| db::pool::upsert_slot(c, &t, index, &mode, SlotState::Starting))
+            .await
+        {
+            error!(slot = %self.name(), "recording the slot: {e:#}");
+        }
 
         while !self.token.is_cancelled() {
-            let spec = self.launch_spec();
-            let started = Instant::now();
-            let (failure, worker_row, running) = match self.mode.launch(&spec).await {
-                Err(e) => (Failure::SpawnFailed(format!("{e:#}")), None, None),
-                Ok(mut running) => {
-                    self.record_launch(&running).await;
-                    match self.supervise(&mut running, &mut announced).await {
-                        Ok(()) => {
-                            // Cancelled: stop the worker as part of shutdown.
-                            let cause = running.stop(self.config.pool.stop_timeout).await;
-                            info!(worker = %running.worker_id, slot = %self.name(), "stopped ({cause})");
-                            self.record_end(
-                                &running.worker_id,
-                                self.row_of(&running).await,
-                                "stopped",
-                                &cause.to_string(),
-                                &running.tail.lines(20),
-                                false,
-                            )
-                            .await;
-                            break;
-                        }
-                        Err((failure, row)) => (failure, row, Some(running)),
+            let started_at = Instant::now();
+            let (failure, worker_id, worker_row, running) = match self.start().await {
+                Err((failure, worker_id, row)) => (failure, worker_id, row, None),
+                Ok(Started {
+                    mut running,
+                    preregistered,
+                }) => match self.supervise(&mut running, preregistered, &mut announced).await {
+                    Supervised::ShuttingDown => {
+                        let cause = running.stop(self.config.pool.stop_timeout).await;
+                        info!(worker = %running.worker_id, slot = %self.name(), "stopped ({cause})");
+                        let row = self.row_of(&running, preregistered).await;
+                        self.record_end(
+                            &running.worker_id,
+                            row,
+                            EndEvent::Stopped,
+                            &cause.to_string(),
+                            &running.tail.lines(20),
+                            false,
+                        )
+                        .await;
+                        break;
                     }
-                }
+                    Supervised::Ended(failure, row) => (failure, running.worker_id.clone(), row, Some(running)),
+                },
             };
-            let ran_for = started.elapsed();
+            let ran_for = started_at.elapsed();
             let (event, cause) = match &failure {
-                Failure::Died(c) => ("died", c.clone()),
-                Failure::Hung(reason) => ("hung", format!("was hung ({reason})")),
+                Failure::Died(c) => (EndEvent::Died, c.clone()),
+                Failure::Hung(reason) => (EndEvent::Hung, format!("was hung ({reason})")),
                 Failure::NoRegister => (
-                    "no-register",
+                    EndEvent::NoRegister,
                     format!(
                         "did not register within {}",
                         humantime::format_duration(self.config.pool.startup_timeout)
                     ),
                 ),
-                Failure::SpawnFailed(e) => ("spawn-failed", format!("could not be started: {e}")),
+                Failure::SpawnFailed(e) => (EndEvent::SpawnFailed, format!("could not be started: {e}")),
             };
-            let worker_id = running
-                .as_ref()
-                .map(|r| r.worker_id.clone())
-                .unwrap_or_else(|| format!("{}-{}", self.mode.name(), self.name()));
             let tail = running.as_ref().map(|r| r.tail.lines(20)).unwrap_or_default();
             if tail.is_empty() {
                 warn!(worker = %worker_id, slot = %self.name(), "worker {cause}");
@@ -152,7 +179,7 @@ impl Slot {
             match policy.on_failure(Instant::now(), ran_for) {
                 Decision::RestartAfter(delay) => {
                     if !delay.is_zero() {
-                        self.set_state("backoff").await;
+                        self.set_state(SlotState::Backoff).await;
                         info!(slot = %self.name(), "restarting in {}", humantime::format_duration(delay));
                         tokio::select! {
                             _ = self.token.cancelled() => break,
@@ -167,7 +194,7 @@ impl Slot {
                         "GIVING UP on slot {}: its worker failed {} times within {} (last: {cause}); the rest of the pool goes on",
                         self.name(), r.burst_limit, humantime::format_duration(r.burst_window)
                     );
-                    self.set_state("failed").await;
+                    self.set_state(SlotState::Failed).await;
                     if !announced {
                         let _ = self.ready.send(SlotReady::Failed);
                     }
@@ -176,36 +203,101 @@ impl Slot {
                 }
             }
         }
-        self.set_state("stopped").await;
+        self.set_state(SlotState::Stopped).await;
     }
 
-    /// Waits for registration, then for the worker's end. Ok(()) means the
-    /// supervisor is shutting down; Err carries why the worker is gone.
-    async fn supervise(&mut self, running: &mut Running, announced: &mut bool) -> Result<(), (Failure, Option<i64>)> {
+    /// Pre-registers the worker's row (CLM) and launches the worker. On
+    /// failure: why, the id the worker would have had, and its row.
+    async fn start(&self) -> Result<Started, (Failure, String, Option<i64>)> {
+        let worker_id = format!(
+            "{}-{}-{}-{}",
+            self.mode.name(),
+            self.worker.worker_type,
+            self.index,
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        );
+        let preregistered = match self.protocol() {
+            Protocol::Clx => None,
+            Protocol::Clm => {
+                let (t, id, mode, index) = (
+                    self.worker.worker_type.clone(),
+                    worker_id.clone(),
+                    self.mode.name(),
+                    self.index,
+                );
+                let row = self
+                    .db
+                    .call(move |c| {
+                        db::pool::preregister_worker(
+                            c,
+                            index,
+                            &db::workers::Preregistration {
+                                worker_type: &t,
+                                container_id: &id,
+                                execution_mode: mode,
+                                parent_pid: i64::from(std::process::id()),
+                            },
+                        )
+                    })
+                    .await
+                    .map_err(|e| {
+                        (
+                            Failure::SpawnFailed(format!("pre-registering its worker row: {e:#}")),
+                            worker_id.clone(),
+                            None,
+                        )
+                    })?;
+                Some(row)
+            }
+        };
+        let spec = self.launch_spec(worker_id.clone(), preregistered);
+        let running = match self.mode.launch(&spec).await {
+            Ok(r) => r,
+            Err(e) => return Err((Failure::SpawnFailed(format!("{e:#}")), worker_id, preregistered)),
+        };
+        // A container goes by its own id, known only now.
+        if let Some(row) = preregistered
+            && running.worker_id != worker_id
+        {
+            let id = running.worker_id.clone();
+            if let Err(e) = self.db.call(move |c| db::workers::set_container_id(c, row, &id)).await {
+                warn!(worker = %running.worker_id, "recording the container id of the worker row: {e:#}");
+            }
+        }
+        self.record_launch(&running).await;
+        Ok(Started { running, preregistered })
+    }
+
+    /// Waits for registration, then for the worker's end.
+    async fn supervise(
+        &mut self,
+        running: &mut Running,
+        preregistered: Option<i64>,
+        announced: &mut bool,
+    ) -> Supervised {
         // Reports about an earlier worker of this slot are stale.
         while self.hung.try_recv().is_ok() {}
-        let registered = self.registry.expect(&running.worker_id);
+        let registered = match preregistered {
+            Some(row) => self.registry.expect_row(row),
+            None => self.registry.expect(&running.worker_id),
+        };
         let row = tokio::select! {
             biased;
-            _ = self.token.cancelled() => return Ok(()),
+            _ = self.token.cancelled() => return Supervised::ShuttingDown,
             cause = running.wait() => {
-                self.registry.forget(&running.worker_id);
-                return Err((Failure::Died(cause.to_string()), self.row_of(running).await));
+                self.registry.forget(&running.worker_id, preregistered);
+                return Supervised::Ended(Failure::Died(cause.to_string()), self.row_of(running, preregistered).await);
             }
             r = tokio::time::timeout(self.config.pool.startup_timeout, registered) => match r {
                 Ok(Ok(row)) => row,
                 _ => {
-                    self.registry.forget(&running.worker_id);
+                    self.registry.forget(&running.worker_id, preregistered);
                     running.stop(self.config.pool.stop_timeout).await;
-                    return Err((Failure::NoRegister, self.row_of(running).await));
+                    return Supervised::Ended(Failure::NoRegister, self.row_of(running, preregistered).await);
                 }
             },
         };
-        let (t, index) = (self.worker.worker_type.clone(), self.index);
-        let _ = self
-            .db
-            .call(move |c| db::pool::slot_registered(c, &t, index, row))
-            .await;
+        self.record_registered(running, row).await;
         if !*announced {
             *announced = true;
             let _ = self.ready.send(SlotReady::Registered);
@@ -213,33 +305,36 @@ impl Slot {
         loop {
             tokio::select! {
                 biased;
-                _ = self.token.cancelled() => return Ok(()),
-                cause = running.wait() => return Err((Failure::Died(cause.to_string()), Some(row))),
+                _ = self.token.cancelled() => return Supervised::ShuttingDown,
+                cause = running.wait() => return Supervised::Ended(Failure::Died(cause.to_string()), Some(row)),
                 Some(hung) = self.hung.recv() => {
                     if hung.worker_row != row {
                         continue;
                     }
-                    let _ = self.db.call(move |c| db::workers::set_status(c, row, "hung")).await;
+                    if let Err(e) = self.db.call(move |c| db::workers::set_status(c, row, WorkerStatus::Hung)).await {
+                        warn!(worker = %running.worker_id, "marking the worker hung: {e:#}");
+                    }
                     let cause = running.stop(self.config.pool.stop_timeout).await;
                     info!(worker = %running.worker_id, slot = %self.name(), "stopped the hung worker ({cause})");
-                    return Err((Failure::Hung(hung.reason), Some(row)));
+                    return Supervised::Ended(Failure::Hung(hung.reason), Some(row));
                 }
             }
         }
     }
 
     /// The worker's row, if it registered (possibly just before it died).
-    async fn row_of(&self, running: &Running) -> Option<i64> {
+    async fn row_of(&self, running: &Running, preregistered: Option<i64>) -> Option<i64> {
+        if preregistered.is_some() {
+            return preregistered;
+        }
         let id = running.worker_id.clone();
-        self.db
-            .call(move |c| {
-                use rusqlite::OptionalExtension;
-                c.query_row("SELECT id FROM workers WHERE container_id = ?1", [id], |r| r.get(0))
-                    .optional()
-            })
-            .await
-            .ok()
-            .flatten()
+        match self.db.call(move |c| db::workers::row_of(c, &id)).await {
+            Ok(row) => row,
+            Err(e) => {
+                warn!(worker = %running.worker_id, "looking up the worker's row: {e:#}");
+                None
+            }
+        }
     }
 
     async fn record_launch(&self, running: &Running) {
@@ -259,32 +354,65 @@ impl Slot {
         }
     }
 
+    async fn record_registered(&self, running: &Running, row: i64) {
+        let (t, index, id, mode, protocol) = (
+            self.worker.worker_type.clone(),
+            self.index,
+            running.worker_id.clone(),
+            self.mode.name(),
+            self.protocol(),
+        );
+        let result = self
+            .db
+            .call(move |c| {
+                db::pool::slot_registered(
+                    c,
+                    protocol,
+                    &db::pool::Registered {
+                        worker_type: &t,
+                        slot: index,
+                        worker_row: row,
+                        worker_id: &id,
+                        execution_mode: mode,
+                    },
+                )
+            })
+            .await;
+        if let Err(e) = result {
+            error!(worker = %running.worker_id, "recording the worker's registration: {e:#}");
+        }
+    }
+
     async fn record_end(
         &self,
         worker_id: &str,
         worker_row: Option<i64>,
-        event: &'static str,
+        event: EndEvent,
         cause: &str,
         tail: &str,
         restart: bool,
     ) {
-        let (t, index, id, cause, tail) = (
+        let (t, index, id, cause, tail, mode, protocol) = (
             self.worker.worker_type.clone(),
             self.index,
             worker_id.to_string(),
             cause.to_string(),
             tail.to_string(),
+            self.mode.name(),
+            self.protocol(),
         );
         let result = self
             .db
             .call(move |c| {
                 db::pool::record_end(
                     c,
+                    protocol,
                     &db::pool::WorkerEnd {
                         worker_type: &t,
                         slot: index,
                         worker_id: &id,
                         worker_row,
+                        execution_mode: mode,
                         event,
                         cause: &cause,
                         log_tail: &tail,
@@ -306,12 +434,15 @@ impl Slot {
         }
     }
 
-    async fn set_state(&self, state: &'static str) {
+    async fn set_state(&self, state: SlotState) {
         let (t, index) = (self.worker.worker_type.clone(), self.index);
-        let _ = self
+        if let Err(e) = self
             .db
             .call(move |c| db::pool::set_slot_state(c, &t, index, state))
-            .await;
+            .await
+        {
+            error!(slot = %self.name(), "recording the slot's state {state}: {e:#}");
+        }
     }
 }
 

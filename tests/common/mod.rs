@@ -166,7 +166,7 @@ impl Pool {
 
     /// Live processes started for this pool (their environment names its database).
     pub fn processes(&self) -> Vec<i32> {
-        processes_with_env(&format!("DB_PATH={}", self.db_path().display()))
+        processes_with_env(&format!("CLX_SUPERVISOR_DB={}", self.db_path().display()))
     }
 
     /// Waits for the supervisor to exit and returns its exit code.
