@@ -7,7 +7,7 @@ IMAGE ?= clx-pool/test:$(VERSION)
 TARGET := x86_64-unknown-linux-gnu
 STATIC_BIN := target/$(TARGET)/release/clx-pool
 
-.PHONY: build run demo test lint fmt clean docker-image bench bench-quick
+.PHONY: build run demo test lint fmt clean docker-image bench bench-quick clm-venv
 
 build:
 	$(CARGO) build --release
@@ -18,13 +18,19 @@ run: build
 demo: build
 	CLX_POOL=$(BIN) CONFIG=$(CONFIG) sh scripts/demo.sh
 
-# One debug build serves unit and integration tests.
-test:
+# One debug build serves unit and integration tests. The CLM tests use a
+# venv with today's CLM workers from PyPI (made once by clm-venv).
+test: clm-venv
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
 		$(CARGO) nextest run --no-fail-fast; \
 	else \
 		$(CARGO) test --no-fail-fast; \
 	fi
+
+# target/clm-venv: coding-academy-lecture-manager[plantuml] 1.35.0 on a
+# Python >= 3.12 found on PATH or under pyenv (skipped with a note if none).
+clm-venv:
+	bash scripts/clm-venv.sh
 
 # A tiny image of the built-in worker (statically linked clx-pool + busybox),
 # made without any registry; the docker tests and the docker demo use it.

@@ -274,3 +274,49 @@ fn docker_network_is_created_once_and_containers_join_it() {
     );
     docker(&["network", "rm", &network]);
 }
+
+#[test]
+fn builtin_worker_in_a_container_speaks_clm() {
+    if !docker_ready() {
+        return;
+    }
+    let mut pool = Pool::new(
+        &format!("protocol = \"clm\"\n{NO_NETWORK}"),
+        &docker_workers("copy", 2, "docker", COPY),
+    );
+    pool.start_ready();
+    // The pre-registered rows took the containers' ids once they were known.
+    let ids = pool.query_strings(
+        "SELECT container_id FROM workers WHERE status = 'idle' AND managed_by = 'persistent'
+         AND execution_mode = 'docker' AND session_id IS NULL",
+    );
+    assert_eq!(ids.len(), 2, "{ids:?}");
+    assert!(
+        ids.iter()
+            .all(|id| id.len() == 12 && id.chars().all(|c| c.is_ascii_hexdigit())),
+        "{ids:?}"
+    );
+    let env = docker(&["inspect", "-f", "{{range .Config.Env}}{{println .}}{{end}}", &ids[0]]);
+    assert!(env.lines().any(|l| l == "CLM_JOBS_DB_PATH=/db/jobs.db"), "{env}");
+    assert!(env.lines().any(|l| l.starts_with("CLM_WORKER_ID=")), "{env}");
+    assert!(!env.lines().any(|l| l.starts_with("DB_PATH=")), "{env}");
+    for i in 0..6 {
+        pool.submit("copy", &format!("m{i}.txt"), &format!("clm in a container {i}"));
+    }
+    let out = pool.cli(&["wait", "--drained", "--timeout", "60s"]);
+    assert!(out.status.success(), "{}\n{}", stderr(&out), pool.supervisor_log());
+    for i in 0..6 {
+        assert_eq!(
+            pool.output(&format!("m{i}.txt")),
+            Some(format!("clm in a container {i}"))
+        );
+    }
+    let out = pool.cli(&["stop"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(pool.containers(), Vec::<String>::new());
+    assert_eq!(
+        pool.query_i64("SELECT COUNT(*) FROM workers"),
+        0,
+        "the workers removed their rows"
+    );
+}

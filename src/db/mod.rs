@@ -93,6 +93,11 @@ fn refuse_unless<T>(path: &Path, decided: Result<T, schema::Refusal>) -> Result<
 }
 
 fn set_pragmas(conn: &Connection, path: &Path) -> anyhow::Result<()> {
+    // The Python workers' connections do not enforce foreign keys (SQLite's
+    // default), and CLM relies on it: its workers delete their own rows
+    // while `jobs` and `worker_events` still name them. The bundled SQLite
+    // enforces them by default; ours must not, or deleting a row fails.
+    conn.pragma_update(None, "foreign_keys", false)?;
     conn.pragma_update(None, "journal_mode", "WAL")
         .with_context(|| format!("switching {} to WAL mode", path.display()))?;
     conn.pragma_update(None, "synchronous", "NORMAL")?;

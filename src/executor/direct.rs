@@ -47,6 +47,7 @@ pub fn launch(spec: &Launch) -> anyhow::Result<Running> {
         db_path: &db,
         workspace: &workspace,
         worker_id: Some(&worker_id),
+        tagged: true,
     });
     let mut log = RotatingLog::open(&spec.log_path, spec.log_max_size, spec.log_keep)
         .with_context(|| format!("opening the worker log {}", spec.log_path.display()))?;

@@ -229,6 +229,7 @@ impl DockerEngine {
                 db_path: &db_in_container,
                 workspace: "/workspace",
                 worker_id: None,
+                tagged: false,
             })
             .into_iter()
             .map(|(k, v)| format!("{k}={v}"))

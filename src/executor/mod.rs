@@ -30,6 +30,9 @@ pub struct Seen<'a> {
     pub workspace: &'a str,
     /// `WORKER_ID`, for direct workers (a container uses its `HOSTNAME`).
     pub worker_id: Option<&'a str>,
+    /// Direct workers carry the pool tag; containers are found by their
+    /// labels instead (their processes must not match a host-side sweep).
+    pub tagged: bool,
 }
 
 impl Launch {
@@ -56,7 +59,9 @@ impl Launch {
                 }
             }
         }
-        env.push((POOL_TAG_VAR.into(), self.db_path.to_string_lossy().into_owned()));
+        if seen.tagged {
+            env.push((POOL_TAG_VAR.into(), self.db_path.to_string_lossy().into_owned()));
+        }
         for (k, v) in &self.extra_env {
             env.retain(|(name, _)| name != k);
             env.push((k.clone(), v.clone()));

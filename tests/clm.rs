@@ -1,0 +1,538 @@
+//! Today's CLM workers (PyPI `coding-academy-lecture-manager` 1.35) under
+//! `protocol = "clm"`, against the real package: its schema, its JobQueue,
+//! its WorkerDiscovery, its PlantUML worker and `clm build` itself. The
+//! venv comes from `scripts/clm-venv.sh` (run by `make test`); without it
+//! these tests skip with a message, and fail under CI=true. Tests of the
+//! protocol that need no Python (the built-in worker, refusals) always run.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use common::{Pool, repo_path, stderr, stdout, toml_str, wait_for};
+
+/// The CLM venv and PlantUML, or None (skipped) when they are missing.
+struct Clm {
+    venv: PathBuf,
+    jar: PathBuf,
+}
+
+fn clm() -> Option<Clm> {
+    let venv = std::env::var_os("CLM_TEST_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_path("target/clm-venv"));
+    let venv = std::path::absolute(venv).unwrap();
+    let jar =
+        PathBuf::from(std::env::var("PLANTUML_JAR").unwrap_or_else(|_| "/usr/share/plantuml/plantuml.jar".into()));
+    let problem = if !venv.join(".clx-pool-installed").exists() {
+        format!("no CLM venv at {} (run scripts/clm-venv.sh)", venv.display())
+    } else if !jar.exists() {
+        format!("no PlantUML jar at {} (apt-get install plantuml)", jar.display())
+    } else {
+        return Some(Clm { venv, jar });
+    };
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("CLM tests cannot run under CI: {problem}");
+    }
+    eprintln!("SKIPPED: {problem}");
+    None
+}
+
+impl Clm {
+    fn python(&self) -> PathBuf {
+        self.venv.join("bin/python3")
+    }
+
+    /// PATH with the venv first (so `python3` is CLM's), and the jar.
+    fn env(&self) -> Vec<(String, String)> {
+        let path = format!(
+            "{}:{}",
+            self.venv.join("bin").display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        vec![
+            ("PATH".into(), path),
+            ("PLANTUML_JAR".into(), self.jar.display().to_string()),
+        ]
+    }
+
+    /// Runs Python code with CLM importable; `args` become sys.argv[1:].
+    fn py(&self, code: &str, args: &[&str]) -> Output {
+        let out = Command::new(self.python())
+            .arg("-c")
+            .arg(code)
+            .args(args)
+            .env("PLANTUML_JAR", &self.jar)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "python failed: {}\n{code}", stderr(&out));
+        out
+    }
+
+    /// A pool of `protocol = "clm"` with the venv on PATH.
+    fn pool(&self, workers: &str) -> Pool {
+        let mut pool = Pool::new("protocol = \"clm\"\n", workers);
+        pool.env.extend(self.env());
+        pool
+    }
+
+    /// Queues a job with CLM's own JobQueue.add_job; returns its id.
+    fn add_job(&self, db: &Path, job_type: &str, input: &Path, output: &Path, payload: &str) -> i64 {
+        let out = self.py(
+            "import json, sys\n\
+             from pathlib import Path\n\
+             from clm.infrastructure.database.job_queue import JobQueue\n\
+             q = JobQueue(Path(sys.argv[1]))\n\
+             print(q.add_job(sys.argv[2], sys.argv[3], sys.argv[4], 'hash-' + sys.argv[3], json.loads(sys.argv[5])))\n\
+             q.close()\n",
+            &[
+                db.to_str().unwrap(),
+                job_type,
+                input.to_str().unwrap(),
+                output.to_str().unwrap(),
+                payload,
+            ],
+        );
+        stdout(&out).trim().parse().unwrap()
+    }
+
+    fn cancel_jobs_for_file(&self, db: &Path, input: &Path) {
+        self.py(
+            "import sys\n\
+             from pathlib import Path\n\
+             from clm.infrastructure.database.job_queue import JobQueue\n\
+             q = JobQueue(Path(sys.argv[1]))\n\
+             assert q.cancel_jobs_for_file(sys.argv[2]), 'nothing cancelled'\n\
+             q.close()\n",
+            &[db.to_str().unwrap(), input.to_str().unwrap()],
+        );
+    }
+}
+
+/// `sqlite_master` without clx-pool's own tables: (type, name, sql).
+fn schema_of(db: &Path) -> Vec<(String, String, Option<String>)> {
+    let c = rusqlite::Connection::open(db).unwrap();
+    let mut stmt = c
+        .prepare(
+            "SELECT type, name, sql FROM sqlite_master
+             WHERE name NOT LIKE 'clx_pool_%' AND tbl_name NOT LIKE 'clx_pool_%' ORDER BY type, name",
+        )
+        .unwrap();
+    stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
+fn versions(pool: &Pool) -> Vec<i64> {
+    let c = pool.conn();
+    let mut stmt = c
+        .prepare("SELECT version FROM schema_version ORDER BY version")
+        .unwrap();
+    stmt.query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
+/// The value of `name` in a process's environment.
+fn env_of(pid: i32, name: &str) -> Option<String> {
+    let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    let prefix = format!("{name}=");
+    env.split(|&b| b == 0)
+        .find_map(|kv| kv.strip_prefix(prefix.as_bytes()))
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+}
+
+fn kill9(pid: i32) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+}
+
+fn reverse_workers(clm: &Clm, count: u32) -> String {
+    format!(
+        "[[workers]]\nworker_type = \"reverse\"\ncount = {count}\ncommand = [{}, {}]\n",
+        toml_str(clm.python().to_str().unwrap()),
+        toml_str(repo_path("tests/workers/clm_test_worker.py").to_str().unwrap())
+    )
+}
+
+const CP_WORKERS: &str =
+    "[[workers]]\nworker_type = \"copy\"\ncount = 2\njob_command = [\"cp\", \"{input}\", \"{output}\"]\n";
+
+#[test]
+fn the_schema_is_the_one_clm_init_database_creates_and_clm_opens_it_without_migrating() {
+    let Some(clm) = clm() else { return };
+    let mut pool = clm.pool(CP_WORKERS);
+    pool.start_ready();
+    let out = pool.cli(&["stop"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let theirs = pool.path("theirs.db");
+    clm.py(
+        "import sys\nfrom pathlib import Path\n\
+         from clm.infrastructure.database.schema import init_database\n\
+         init_database(Path(sys.argv[1]))\n",
+        &[theirs.to_str().unwrap()],
+    );
+    let ours = schema_of(&pool.db_path());
+    assert!(ours.iter().any(|(_, name, _)| name == "worker_heartbeats"), "{ours:#?}");
+    assert_eq!(ours, schema_of(&theirs));
+    assert_eq!(versions(&pool), vec![11]);
+    // CLM's own code opens it and changes nothing (no migration).
+    clm.py(
+        "import sys\nfrom pathlib import Path\n\
+         from clm.infrastructure.database.schema import init_database\n\
+         from clm.infrastructure.database.job_queue import JobQueue\n\
+         init_database(Path(sys.argv[1]))\n\
+         q = JobQueue(Path(sys.argv[1])); q.get_job_stats(); q.close()\n",
+        &[pool.db_path().to_str().unwrap()],
+    );
+    assert_eq!(schema_of(&pool.db_path()), ours);
+    assert_eq!(versions(&pool), vec![11]);
+}
+
+#[test]
+fn the_real_plantuml_worker_converts_diagrams_clm_queued_and_is_healthy_for_clm() {
+    let Some(clm) = clm() else { return };
+    let mut pool = clm.pool("[[workers]]\nworker_type = \"plantuml\"\ncount = 2\n");
+    pool.start_ready();
+    let db = pool.db_path();
+    let ws = pool.path("workspace");
+    let ids: Vec<i64> = (0..3)
+        .map(|i| {
+            let input = ws.join(format!("d{i}.pu"));
+            std::fs::write(&input, format!("@startuml\nAlice -> Bob: hello {i}\n@enduml\n")).unwrap();
+            clm.add_job(&db, "plantuml", &input, &ws.join(format!("out/d{i}.png")), "{}")
+        })
+        .collect();
+    let out = pool.cli(&["wait", "--drained", "--timeout", "120s"]);
+    assert!(
+        out.status.success(),
+        "{}{}\n{}",
+        stdout(&out),
+        stderr(&out),
+        pool.supervisor_log()
+    );
+    for i in 0..3 {
+        let png = std::fs::read(ws.join(format!("out/d{i}.png"))).unwrap();
+        assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n", "d{i}.png is a PNG");
+    }
+    assert_eq!(ids.len(), 3);
+    assert_eq!(
+        pool.query_i64("SELECT COUNT(*) FROM jobs WHERE status = 'completed' AND attempts = 1"),
+        3
+    );
+    // The rows are the pool's: pre-registered, persistent, no session.
+    let sup = pool.supervisor_pid() as i64;
+    assert_eq!(
+        pool.query_i64(&format!(
+            "SELECT COUNT(*) FROM workers WHERE status = 'idle' AND managed_by = 'persistent'
+             AND execution_mode = 'direct' AND session_id IS NULL AND parent_pid = {sup}
+             AND container_id LIKE 'direct-plantuml-%'"
+        )),
+        2
+    );
+    assert_eq!(
+        pool.query_i64("SELECT COUNT(*) FROM jobs WHERE worker_id NOT IN (SELECT worker_row FROM clx_pool_slots)"),
+        0
+    );
+    // The worker got CLM's environment, and its row's id as CLM_WORKER_ID.
+    let (pid, worker_id) = pool.slot_worker("plantuml", 0);
+    assert_eq!(env_of(pid, "CLM_JOBS_DB_PATH").as_deref(), db.to_str());
+    assert_eq!(env_of(pid, "WORKER_ID").as_deref(), Some(worker_id.as_str()));
+    assert_eq!(env_of(pid, "DB_PATH"), None);
+    let row = pool.query_i64(&format!("SELECT id FROM workers WHERE container_id = '{worker_id}'"));
+    assert_eq!(env_of(pid, "CLM_WORKER_ID"), Some(row.to_string()));
+
+    // CLM's WorkerDiscovery, with its process check, counts them healthy
+    // and reusable by any build session.
+    let out = clm.py(
+        "import sys\nfrom pathlib import Path\n\
+         from clm.infrastructure.workers.discovery import WorkerDiscovery\n\
+         from clm.infrastructure.workers.worker_executor import DirectWorkerExecutor\n\
+         db = Path(sys.argv[1])\n\
+         ex = DirectWorkerExecutor(db_path=db, workspace_path=Path(sys.argv[2]), log_level='INFO')\n\
+         with WorkerDiscovery(db, executors={'direct': ex}) as d:\n\
+         \x20   print(d.count_healthy_workers('plantuml', execution_mode='direct', reusable_for_session='some-build'))\n",
+        &[db.to_str().unwrap(), ws.to_str().unwrap()],
+    );
+    assert_eq!(stdout(&out).trim(), "2");
+
+    let stats = pool.cli(&["stats", "--json"]);
+    let json: serde_json::Value = serde_json::from_slice(&stats.stdout).unwrap();
+    assert_eq!(json["protocol"], "clm");
+    assert_eq!(json["jobs"]["completed"], 3);
+    assert!(stdout(&pool.cli(&["stats"])).contains("protocol:   clm"));
+    let events = pool.query_strings("SELECT event_type FROM worker_events ORDER BY id");
+    for e in ["pool_starting", "worker_starting", "worker_registered", "pool_started"] {
+        assert!(events.iter().any(|x| x == e), "{e} missing from {events:?}");
+    }
+
+    let out = pool.cli(&["stop"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // CLM workers remove their own rows when they stop; history stays in
+    // clx-pool's tables and worker_events.
+    assert_eq!(pool.query_i64("SELECT COUNT(*) FROM workers"), 0);
+    assert_eq!(
+        pool.query_i64("SELECT COUNT(*) FROM clx_pool_events WHERE event = 'stopped'"),
+        2
+    );
+    let events = pool.query_strings("SELECT event_type FROM worker_events ORDER BY id");
+    for e in ["pool_stopping", "worker_stopped", "pool_stopped"] {
+        assert!(events.iter().any(|x| x == e), "{e} missing from {events:?}");
+    }
+    assert!(pool.processes().is_empty());
+}
+
+#[test]
+fn a_killed_busy_clm_worker_has_its_job_finished_by_the_replacement() {
+    let Some(clm) = clm() else { return };
+    let mut pool = clm.pool(&reverse_workers(&clm, 1));
+    pool.start_ready();
+    let ws = pool.path("workspace");
+    let input = ws.join("k.txt");
+    std::fs::write(&input, "kill me").unwrap();
+    let job = clm.add_job(
+        &pool.db_path(),
+        "reverse",
+        &input,
+        &ws.join("out/k.txt"),
+        "{\"sleep\": 3}",
+    );
+    let (pid, old_id) = pool.slot_worker("reverse", 0);
+    let old_row = pool.query_i64(&format!("SELECT id FROM workers WHERE container_id = '{old_id}'"));
+    wait_for("the job to be processing", Duration::from_secs(20), || {
+        (pool.try_i64(&format!(
+            "SELECT COUNT(*) FROM jobs WHERE id = {job} AND status = 'processing' AND worker_id = {old_row}"
+        ))? == 1)
+            .then_some(())
+    });
+    kill9(pid);
+    let out = pool.cli(&["wait", "--drained", "--timeout", "60s"]);
+    assert!(out.status.success(), "{}{}", stderr(&out), pool.supervisor_log());
+    assert_eq!(std::fs::read_to_string(ws.join("out/k.txt")).unwrap(), "em llik");
+    assert_eq!(
+        pool.query_i64(&format!("SELECT attempts FROM jobs WHERE id = {job}")),
+        2
+    );
+    assert_ne!(
+        pool.query_i64(&format!("SELECT worker_id FROM jobs WHERE id = {job}")),
+        old_row
+    );
+    assert_eq!(
+        pool.query_strings(&format!("SELECT status FROM workers WHERE id = {old_row}")),
+        vec!["dead"]
+    );
+    assert!(pool.cause_of(&old_id).contains("SIGKILL"), "{}", pool.cause_of(&old_id));
+    assert_eq!(
+        pool.query_i64(&format!(
+            "SELECT COUNT(*) FROM worker_events WHERE event_type = 'worker_failed' AND worker_id = {old_row}"
+        )),
+        1
+    );
+}
+
+#[test]
+fn cancelled_jobs_are_never_requeued_claimed_or_counted_as_failed() {
+    let Some(clm) = clm() else { return };
+    let mut pool = clm.pool(&reverse_workers(&clm, 1));
+    pool.start_ready();
+    let db = pool.db_path();
+    let ws = pool.path("workspace");
+    let (busy_in, waiting_in) = (ws.join("busy.txt"), ws.join("waiting.txt"));
+    std::fs::write(&busy_in, "busy").unwrap();
+    std::fs::write(&waiting_in, "waiting").unwrap();
+    let busy = clm.add_job(&db, "reverse", &busy_in, &ws.join("out/busy.txt"), "{\"sleep\": 3}");
+    let (pid, old_id) = pool.slot_worker("reverse", 0);
+    wait_for("the first job to be processing", Duration::from_secs(20), || {
+        (pool.try_i64(&format!(
+            "SELECT COUNT(*) FROM jobs WHERE id = {busy} AND status = 'processing'"
+        ))? == 1)
+            .then_some(())
+    });
+    // The only worker is busy: the second job waits, and is cancelled.
+    let waiting = clm.add_job(&db, "reverse", &waiting_in, &ws.join("out/waiting.txt"), "{}");
+    clm.cancel_jobs_for_file(&db, &waiting_in);
+    // The running one is cancelled too, then its worker dies.
+    clm.cancel_jobs_for_file(&db, &busy_in);
+    kill9(pid);
+    pool.wait_replacement("reverse", 0, &old_id, Duration::from_secs(20));
+    let out = pool.cli(&["wait", "--drained", "--timeout", "20s"]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    assert!(stdout(&out).contains("2 cancelled"), "{}", stdout(&out));
+    // A new job still flows: the replacement is up and took neither.
+    let after_in = ws.join("after.txt");
+    std::fs::write(&after_in, "after").unwrap();
+    let after = clm.add_job(&db, "reverse", &after_in, &ws.join("out/after.txt"), "{}");
+    let out = pool.cli(&["wait", "--drained", "--timeout", "30s"]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    assert_eq!(
+        pool.query_strings(&format!(
+            "SELECT status FROM jobs WHERE id IN ({busy}, {waiting}, {after}) ORDER BY id"
+        )),
+        vec!["cancelled", "cancelled", "completed"]
+    );
+    assert_eq!(
+        pool.query_i64(&format!("SELECT attempts FROM jobs WHERE id = {waiting}")),
+        0
+    );
+    assert_eq!(
+        pool.query_i64(&format!("SELECT attempts FROM jobs WHERE id = {busy}")),
+        1
+    );
+    assert!(!ws.join("out/waiting.txt").exists());
+    let json: serde_json::Value = serde_json::from_slice(&pool.cli(&["stats", "--json"]).stdout).unwrap();
+    assert_eq!(json["jobs"]["cancelled"], 2);
+    assert_eq!(json["jobs"]["failed"], 0);
+    let listed = stdout(&pool.cli(&["jobs", "--status", "cancelled"]));
+    assert!(
+        listed.contains("busy.txt") && listed.contains("waiting.txt"),
+        "{listed}"
+    );
+}
+
+#[test]
+fn clm_build_reuses_the_pool_and_starts_no_worker_of_its_own() {
+    let Some(clm) = clm() else { return };
+    let mut pool = clm.pool("[[workers]]\nworker_type = \"plantuml\"\ncount = 2\n");
+    pool.start_ready();
+    let course = pool.path("course");
+    copy_dir(&repo_path("tests/fixtures/clm-course"), &course);
+    let slots_before = pool.query_strings("SELECT worker_id || ':' || pid FROM clx_pool_slots ORDER BY slot");
+    let rows_before = pool.query_strings("SELECT CAST(id AS TEXT) FROM workers ORDER BY id");
+    let log_dir = pool.path("clm-logs");
+    let out = Command::new(clm.venv.join("bin/clm"))
+        .arg("--jobs-db-path")
+        .arg(pool.db_path())
+        .arg("--cache-db-path")
+        .arg(pool.path("cache.db"))
+        .arg("build")
+        .arg(course.join("course-specs/course.xml"))
+        .arg("--output-dir")
+        .arg(pool.path("site"))
+        .args([
+            "--workers",
+            "direct",
+            "--plantuml-workers",
+            "2",
+            "--notebook-workers",
+            "0",
+        ])
+        .args(["--drawio-workers", "0", "--no-progress", "--no-color", "--no-env-file"])
+        .args(["--log-level", "info"])
+        .envs(clm.env())
+        .env("CLM_LOG_DIR", &log_dir)
+        .env("COLUMNS", "200")
+        .env_remove("CI")
+        .output()
+        .unwrap();
+    let log = std::fs::read_to_string(log_dir.join("clm.log")).unwrap_or_default();
+    assert!(out.status.success(), "clm build failed: {}\n{log}", stderr(&out));
+    assert!(log.contains("Sufficient healthy workers already running"), "{log}");
+    assert!(!log.contains("Starting managed workers"), "{log}");
+    assert!(
+        !log_dir.join("workers").exists(),
+        "clm build started workers of its own"
+    );
+    let pngs = find_files(&pool.path("site"), "png");
+    assert!(pngs.iter().any(|p| p.ends_with("hello.png")), "{pngs:?}");
+    assert!(pool.query_i64("SELECT COUNT(*) FROM jobs WHERE status = 'completed'") >= 2);
+    assert_eq!(
+        pool.query_i64(
+            "SELECT COUNT(*) FROM jobs WHERE worker_id IS NULL OR worker_id NOT IN (SELECT worker_row FROM clx_pool_slots)"
+        ),
+        0,
+        "every job ran on the pool's workers"
+    );
+    // The same processes and rows, no more.
+    assert_eq!(
+        pool.query_strings("SELECT worker_id || ':' || pid FROM clx_pool_slots ORDER BY slot"),
+        slots_before
+    );
+    assert_eq!(
+        pool.query_strings("SELECT CAST(id AS TEXT) FROM workers ORDER BY id"),
+        rows_before
+    );
+    assert_eq!(pool.query_i64("SELECT MAX(restarts) FROM clx_pool_slots"), 0);
+}
+
+#[test]
+fn check_imports_the_worker_module() {
+    let Some(clm) = clm() else { return };
+    let pool = clm.pool("[[workers]]\nworker_type = \"plantuml\"\ncount = 1\n");
+    let out = pool.cli(&["check", "--config", pool.config().to_str().unwrap()]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    assert!(
+        stdout(&out).contains("`python3 -m clm.workers.plantuml` imports"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(stdout(&out).contains("protocol clm (configured"), "{}", stdout(&out));
+    let pool = clm.pool(
+        "[[workers]]\nworker_type = \"plantuml\"\ncount = 1\ncommand = [\"python3\", \"-m\", \"clm.workers.no_such_worker\"]\n",
+    );
+    let out = pool.cli(&["check", "--config", pool.config().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}{}", stdout(&out), stderr(&out));
+    assert!(
+        stderr(&out).contains("`python3 -m clm.workers.no_such_worker` fails to import: ModuleNotFoundError"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn a_clm_made_database_is_followed_when_unset_and_refused_under_clx() {
+    let Some(clm) = clm() else { return };
+    let mut pool = Pool::new("", CP_WORKERS);
+    clm.py(
+        "import sys\nfrom pathlib import Path\n\
+         from clm.infrastructure.database.schema import init_database\n\
+         init_database(Path(sys.argv[1]))\n",
+        &[pool.db_path().to_str().unwrap()],
+    );
+    let before = std::fs::read(pool.db_path()).unwrap();
+    // Refused under a contradicting protocol, byte for byte unchanged.
+    let contra = Pool::new("protocol = \"clx\"\n", CP_WORKERS);
+    std::fs::copy(pool.db_path(), contra.db_path()).unwrap();
+    let out = contra.cli(&["start", "--config", contra.config().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("it is a clm database (schema_version 11), but the config says protocol = \"clx\""));
+    assert_eq!(std::fs::read(contra.db_path()).unwrap(), before);
+    // Unset: the database decides.
+    pool.start_ready();
+    assert_eq!(
+        pool.query_i64("SELECT COUNT(*) FROM workers WHERE managed_by = 'persistent' AND status = 'idle'"),
+        2
+    );
+    assert_eq!(versions(&pool), vec![11]);
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+fn find_files(dir: &Path, ext: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for entry in entries.flatten() {
+        let p = entry.path();
+        if p.is_dir() {
+            out.extend(find_files(&p, ext));
+        } else if p.extension().is_some_and(|e| e == ext) {
+            out.push(p.display().to_string());
+        }
+    }
+    out
+}
