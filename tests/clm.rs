@@ -259,6 +259,17 @@ fn the_real_plantuml_worker_converts_diagrams_clm_queued_and_is_healthy_for_clm(
     );
     assert_eq!(stdout(&out).trim(), "2");
 
+    // `clm status` sees them as CLM's own, in direct mode.
+    let out = Command::new(clm.venv.join("bin/clm"))
+        .args(["status", "--format", "json", "--jobs-db-path"])
+        .arg(&db)
+        .output()
+        .unwrap();
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("clm status: {e}: {}{}", stdout(&out), stderr(&out)));
+    assert_eq!(status["workers"]["plantuml"]["idle"], 2, "{status}");
+    assert_eq!(status["workers"]["plantuml"]["execution_mode"], "direct", "{status}");
+
     let stats = pool.cli(&["stats", "--json"]);
     let json: serde_json::Value = serde_json::from_slice(&stats.stdout).unwrap();
     assert_eq!(json["protocol"], "clm");
@@ -331,6 +342,61 @@ fn a_killed_busy_clm_worker_has_its_job_finished_by_the_replacement() {
         )),
         1
     );
+    // The restart shows as a second start of slot 0.
+    assert_eq!(
+        pool.query_i64("SELECT COUNT(*) FROM worker_events WHERE event_type = 'worker_starting'"),
+        2
+    );
+}
+
+#[test]
+fn a_hung_clm_worker_is_replaced_and_the_kill_is_in_worker_events() {
+    let Some(clm) = clm() else { return };
+    let workers = format!("{}max_job_time = \"1s\"\n", reverse_workers(&clm, 1));
+    let mut pool = Pool::new(
+        "protocol = \"clm\"\ncheck_interval = \"200ms\"\nstop_timeout = \"1s\"\n",
+        &workers,
+    );
+    pool.env.extend(clm.env());
+    pool.start_ready();
+    let ws = pool.path("workspace");
+    let input = ws.join("h.txt");
+    std::fs::write(&input, "hang").unwrap();
+    let job = clm.add_job(
+        &pool.db_path(),
+        "reverse",
+        &input,
+        &ws.join("out/h.txt"),
+        "{\"sleep\": 60}",
+    );
+    let (_, old_id) = pool.slot_worker("reverse", 0);
+    let old_row = pool.query_i64(&format!("SELECT id FROM workers WHERE container_id = '{old_id}'"));
+    pool.wait_replacement("reverse", 0, &old_id, Duration::from_secs(30));
+    assert!(
+        pool.cause_of(&old_id).contains("longer than max_job_time 1s"),
+        "{}",
+        pool.cause_of(&old_id)
+    );
+    let (message, metadata): (String, String) = pool
+        .conn()
+        .query_row(
+            "SELECT message, metadata FROM worker_events WHERE event_type = 'worker_failed' AND worker_id = ?1",
+            [old_row],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert!(message.contains("was hung (job"), "{message}");
+    let metadata: serde_json::Value = serde_json::from_str(&metadata).unwrap();
+    assert_eq!(metadata["reason"], "hung", "{metadata}");
+    assert_eq!(metadata["job_id"], job, "{metadata}");
+    assert_eq!(
+        pool.query_strings(&format!("SELECT status FROM workers WHERE id = {old_row}")),
+        vec!["dead"]
+    );
+    // The attempt counted: the job is back for a second one.
+    wait_for("the second attempt", Duration::from_secs(10), || {
+        (pool.try_i64(&format!("SELECT attempts FROM jobs WHERE id = {job}"))? >= 2).then_some(())
+    });
 }
 
 #[test]
