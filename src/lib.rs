@@ -57,6 +57,9 @@ pub fn run(cli: Cli) -> i32 {
             } else if let Some(r) = e.downcast_ref::<db::Refused>() {
                 eprintln!("error: {r}");
                 2
+            } else if let Some(d) = e.downcast_ref::<worker::DatabaseUnavailable>() {
+                eprintln!("error: {d}");
+                worker::EXIT_DATABASE_UNAVAILABLE
             } else {
                 eprintln!("error: {e:#}");
                 1

@@ -92,14 +92,15 @@ pub fn claim(conn: &mut Connection, job_type: &str, who: Claimant) -> rusqlite::
         };
         let Some(id) = candidate else { return Ok(None) };
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let job = tx
-            .prepare_cached(
+        let job = super::returning_one(
+            &mut *tx.prepare_cached(
                 "UPDATE jobs SET status = 'processing', started_at = CURRENT_TIMESTAMP,
                         worker_id = ?2, attempts = COALESCE(attempts, 0) + 1, completed_at = NULL
                  WHERE id = ?1 AND status = 'pending'
                  RETURNING id, input_file, output_file, content_hash, payload, attempts",
-            )?
-            .query_row(params![id, worker_row], |r| {
+            )?,
+            params![id, worker_row],
+            |r| {
                 Ok(ClaimedJob {
                     id: r.get(0)?,
                     input_file: r.get(1)?,
@@ -108,8 +109,8 @@ pub fn claim(conn: &mut Connection, job_type: &str, who: Claimant) -> rusqlite::
                     payload: r.get(4)?,
                     attempt: r.get(5)?,
                 })
-            })
-            .optional()?;
+            },
+        )?;
         if let Some(job) = job {
             tx.prepare_cached("UPDATE workers SET status = 'busy', last_heartbeat = CURRENT_TIMESTAMP WHERE id = ?1")?
                 .execute([worker_row])?;

@@ -142,6 +142,72 @@ pub fn open_for_reading(path: &Path) -> anyhow::Result<(Connection, Protocol)> {
     open(path, None)
 }
 
+/// True for errors that go away by themselves: another connection holding
+/// a lock past `busy_timeout`, a full disk, a failing I/O. A write that
+/// fails this way is worth retrying until it lands; any other error is a
+/// bug or a broken file and is reported at once.
+pub fn is_transient(e: &rusqlite::Error) -> bool {
+    use rusqlite::ErrorCode::*;
+    matches!(
+        e.sqlite_error_code(),
+        Some(DatabaseBusy | DatabaseLocked | DiskFull | SystemIoFailure | CannotOpen)
+    )
+}
+
+/// [`is_transient`] for an error that went through `anyhow` (with context).
+pub fn is_transient_any(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<rusqlite::Error>().is_some_and(is_transient)
+}
+
+/// Retry pacing for writes that must land: 50 ms doubling to 2 s.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    next: Duration,
+    pub attempts: u32,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            next: Duration::from_millis(50),
+            attempts: 0,
+        }
+    }
+}
+
+impl Backoff {
+    /// The delay before the next attempt.
+    pub fn step(&mut self) -> Duration {
+        let d = self.next;
+        self.next = (self.next * 2).min(Duration::from_secs(2));
+        self.attempts += 1;
+        d
+    }
+
+    /// Whether this failure is worth a log line (the first, then every 10th).
+    pub fn should_log(&self) -> bool {
+        self.attempts % 10 == 1
+    }
+}
+
+/// Runs an `INSERT`/`UPDATE … RETURNING` that yields at most one row and
+/// steps the statement to its end: outside a transaction the commit
+/// happens there, and an error at commit (a full disk, a lock) must be
+/// reported, not lost behind a row that was never written.
+pub fn returning_one<T, P: rusqlite::Params>(
+    stmt: &mut rusqlite::Statement<'_>,
+    params: P,
+    f: impl FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+) -> rusqlite::Result<Option<T>> {
+    let mut rows = stmt.query(params)?;
+    let first = match rows.next()? {
+        Some(row) => Some(f(row)?),
+        None => None,
+    };
+    while rows.next()?.is_some() {}
+    Ok(first)
+}
+
 /// A connection for async code: each call runs on tokio's blocking pool.
 #[derive(Clone)]
 pub struct Db {
@@ -182,5 +248,35 @@ impl Db {
         })
         .await
         .context("database task panicked")?
+    }
+
+    /// Runs `f` until it succeeds, waiting out transient failures (a lock
+    /// held past `busy_timeout`, a full disk) with backoff: for the writes
+    /// that must never be dropped (a worker's end, a slot's state). Other
+    /// errors are returned at once.
+    pub async fn call_until_done<T, F>(&self, what: &str, f: F) -> anyhow::Result<T>
+    where
+        T: Send + 'static,
+        F: Fn(&mut Connection) -> rusqlite::Result<T> + Send + Sync + Clone + 'static,
+    {
+        let mut backoff = Backoff::default();
+        loop {
+            match self.call(f.clone()).await {
+                Ok(v) => {
+                    if backoff.attempts > 0 {
+                        tracing::info!("{what}: written after {} retries", backoff.attempts);
+                    }
+                    return Ok(v);
+                }
+                Err(e) if is_transient_any(&e) => {
+                    let delay = backoff.step();
+                    if backoff.should_log() {
+                        tracing::warn!("{what}: {e:#}; retrying until it is written");
+                    }
+                    tokio::time::sleep(delay).await;
+                }
+                Err(e) => return Err(e.context(what.to_string())),
+            }
+        }
     }
 }

@@ -11,19 +11,24 @@ use crate::vocab::{MANAGED_BY_PERSISTENT, Protocol, WorkerStatus};
 /// Registers a worker the way the protocol's workers do and returns its
 /// row id. CLM rows also record the parent process, as CLM's workers do.
 pub fn register(conn: &Connection, protocol: Protocol, worker_type: &str, container_id: &str) -> rusqlite::Result<i64> {
-    match protocol {
-        Protocol::Clx => conn.query_row(
-            "INSERT INTO workers (worker_type, container_id, status) VALUES (?1, ?2, 'idle') RETURNING id",
+    let row = match protocol {
+        Protocol::Clx => super::returning_one(
+            &mut conn.prepare(
+                "INSERT INTO workers (worker_type, container_id, status) VALUES (?1, ?2, 'idle') RETURNING id",
+            )?,
             params![worker_type, container_id],
             |r| r.get(0),
-        ),
-        Protocol::Clm => conn.query_row(
-            "INSERT INTO workers (worker_type, container_id, status, parent_pid) VALUES (?1, ?2, 'idle', ?3)
-             RETURNING id",
+        )?,
+        Protocol::Clm => super::returning_one(
+            &mut conn.prepare(
+                "INSERT INTO workers (worker_type, container_id, status, parent_pid) VALUES (?1, ?2, 'idle', ?3)
+                 RETURNING id",
+            )?,
             params![worker_type, container_id, nix::unistd::getppid().as_raw()],
             |r| r.get(0),
-        ),
-    }
+        )?,
+    };
+    row.ok_or(rusqlite::Error::QueryReturnedNoRows)
 }
 
 /// The row a supervisor writes for a CLM worker before starting it
@@ -39,9 +44,11 @@ pub struct Preregistration<'a> {
 }
 
 pub fn preregister(conn: &Connection, p: &Preregistration) -> rusqlite::Result<i64> {
-    conn.query_row(
-        "INSERT INTO workers (worker_type, container_id, status, execution_mode, managed_by, parent_pid)
-         VALUES (?1, ?2, 'created', ?3, ?4, ?5) RETURNING id",
+    super::returning_one(
+        &mut conn.prepare(
+            "INSERT INTO workers (worker_type, container_id, status, execution_mode, managed_by, parent_pid)
+             VALUES (?1, ?2, 'created', ?3, ?4, ?5) RETURNING id",
+        )?,
         params![
             p.worker_type,
             p.container_id,
@@ -50,7 +57,8 @@ pub fn preregister(conn: &Connection, p: &Preregistration) -> rusqlite::Result<i
             p.parent_pid
         ],
         |r| r.get(0),
-    )
+    )?
+    .ok_or(rusqlite::Error::QueryReturnedNoRows)
 }
 
 /// Activates a pre-registered row (`created` → `idle`), as CLM's

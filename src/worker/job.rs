@@ -1,0 +1,389 @@
+//! Running one job's command: its argv (placeholders filled in one pass),
+//! its environment (a large payload goes to a file, never into a failing
+//! exec), its own process group tied to the worker's life, its stderr kept
+//! for the job's error, and how it ended: done when the command exits, even
+//! if something it left in the background still holds its stderr.
+
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use tokio::io::AsyncReadExt;
+use tokio::signal::unix::{Signal as SignalStream, SignalKind, signal};
+use tracing::warn;
+
+use super::placeholders;
+use crate::db::jobs::ClaimedJob;
+use crate::procs;
+
+/// How much of a failed command's stderr goes into the job's `error`.
+const ERROR_TAIL: usize = 2000;
+
+/// Payloads up to this size travel in `CLX_PAYLOAD`; larger ones in a
+/// file named by `CLX_PAYLOAD_FILE` (Linux refuses a single argument or
+/// variable over 128 KiB at exec).
+pub const PAYLOAD_INLINE_MAX: usize = 100 * 1024;
+
+/// How long the rest of a command's stderr is read after it exited, before
+/// whatever still holds the pipe is ignored.
+const DRAIN_AFTER_EXIT: Duration = Duration::from_millis(500);
+
+/// SIGTERM and SIGINT, which ask the worker to stop.
+pub struct StopSignals {
+    term: SignalStream,
+    int: SignalStream,
+}
+
+impl StopSignals {
+    pub fn install() -> std::io::Result<StopSignals> {
+        Ok(StopSignals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    /// Resolves when either arrives.
+    pub async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+    }
+}
+
+/// What a job runs with.
+pub struct Setup<'a> {
+    pub worker_type: &'a str,
+    pub workspace: &'a Path,
+    pub command: &'a [String],
+}
+
+/// How running a job ended.
+pub enum Ran {
+    /// The command ran (or could not be run): completed, or failed with why.
+    Done(Result<(), String>),
+    /// The worker was asked to stop meanwhile; the command was killed.
+    Interrupted,
+}
+
+fn resolve(workspace: &Path, file: &str) -> PathBuf {
+    let p = Path::new(file);
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        workspace.join(p)
+    }
+}
+
+/// Runs `job` to its end, or until `stop` fires.
+pub async fn run(setup: &Setup<'_>, job: &ClaimedJob, stop: &mut StopSignals) -> Ran {
+    let input = resolve(setup.workspace, &job.input_file);
+    let output = resolve(setup.workspace, &job.output_file);
+    if let Some(dir) = output.parent()
+        && let Err(e) = std::fs::create_dir_all(dir)
+    {
+        return Ran::Done(Err(format!("cannot create the output folder {}: {e}", dir.display())));
+    }
+    let payload = match PayloadFile::for_job(setup.command, job) {
+        Ok(p) => p,
+        Err(e) => return Ran::Done(Err(e)),
+    };
+    let argv = match argv(setup.command, &input, &output, job, payload.path()) {
+        Ok(a) => a,
+        Err(e) => return Ran::Done(Err(e)),
+    };
+    let mut cmd = tokio::process::Command::new(&argv[0]);
+    cmd.args(&argv[1..])
+        .env("CLX_INPUT_FILE", &input)
+        .env("CLX_OUTPUT_FILE", &output)
+        .env("CLX_JOB_ID", job.id.to_string())
+        .env("CLX_JOB_TYPE", setup.worker_type)
+        .current_dir(setup.workspace)
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        // Its own group: a stop signal for the worker does not reach the
+        // command, so the worker alone decides what becomes of the job.
+        .process_group(0);
+    match payload.path() {
+        Some(file) => cmd.env("CLX_PAYLOAD_FILE", file),
+        None => cmd.env("CLX_PAYLOAD", &job.payload),
+    };
+    tie_to_worker(&mut cmd);
+    let oom_before = procs::oom_kills();
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => return Ran::Done(Err(format!("could not run `{}`: {e}", setup.command[0]))),
+    };
+    let pgid = child.id().map(|p| p as i32);
+    let tail = Arc::new(Mutex::new(Vec::new()));
+    let mut collector = tokio::spawn(collect_stderr(
+        child.stderr.take().expect("stderr is piped"),
+        tail.clone(),
+    ));
+    let status = tokio::select! {
+        biased;
+        _ = stop.recv() => None,
+        s = child.wait() => Some(s),
+    };
+    // Whatever the command left running in its group goes too; that also
+    // closes the stderr they held, so the collector ends.
+    if let Some(pgid) = pgid
+        && let Err(e) = procs::signal_group(pgid, Signal::SIGKILL)
+    {
+        warn!(job = job.id, "killing what the job command left running: {e}");
+    }
+    let Some(status) = status else {
+        if let Err(e) = child.wait().await {
+            warn!(job = job.id, "waiting for the killed job command: {e}");
+        }
+        collector.abort();
+        return Ran::Interrupted;
+    };
+    if tokio::time::timeout(DRAIN_AFTER_EXIT, &mut collector).await.is_err() {
+        // A descendant outside the group (setsid) still holds the pipe.
+        collector.abort();
+    }
+    let tail = tail.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    Ran::Done(judge(setup.command, &output, status, &tail, oom_before))
+}
+
+/// The job command dies with the worker, even if the worker is SIGKILLed.
+fn tie_to_worker(cmd: &mut tokio::process::Command) {
+    let worker = std::process::id() as i32;
+    // SAFETY: runs in the forked child before exec and only makes the
+    // async-signal-safe prctl and getppid syscalls.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
+            // The worker may have died before prctl took effect.
+            if nix::unistd::getppid().as_raw() != worker {
+                return Err(std::io::Error::from_raw_os_error(nix::libc::ESRCH));
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Copies the command's stderr to the worker's own (its log) and keeps the
+/// last part for the job's error.
+async fn collect_stderr(mut stderr: tokio::process::ChildStderr, tail: Arc<Mutex<Vec<u8>>>) {
+    use tokio::io::AsyncWriteExt;
+    let mut buf = [0u8; 8192];
+    let mut out = tokio::io::stderr();
+    loop {
+        match stderr.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                // The worker's own stderr is its log pipe; if that is gone
+                // the worker is going too, and the tail below still counts.
+                if out.write_all(&buf[..n]).await.is_err() {
+                    tracing::debug!("the worker's stderr is closed");
+                }
+                let mut t = tail.lock().unwrap_or_else(|e| e.into_inner());
+                t.extend_from_slice(&buf[..n]);
+                if t.len() > 2 * ERROR_TAIL {
+                    let excess = t.len() - ERROR_TAIL;
+                    t.drain(..excess);
+                }
+            }
+        }
+    }
+}
+
+/// Completed (`Ok`) or failed with why, from how the command ended.
+fn judge(
+    command: &[String],
+    output: &Path,
+    status: std::io::Result<ExitStatus>,
+    tail: &[u8],
+    oom_before: Option<u64>,
+) -> Result<(), String> {
+    use std::os::unix::process::ExitStatusExt;
+    let status = status.map_err(|e| format!("waiting for `{}`: {e}", command[0]))?;
+    if status.success() {
+        return if output.exists() {
+            Ok(())
+        } else {
+            Err(format!(
+                "`{}` exited 0 but did not write {}",
+                command[0],
+                output.display()
+            ))
+        };
+    }
+    let text = String::from_utf8_lossy(tail);
+    let text = last_chars(text.trim(), ERROR_TAIL);
+    let oom = status.signal() == Some(Signal::SIGKILL as i32)
+        && matches!((oom_before, procs::oom_kills()), (Some(b), Some(a)) if a > b);
+    let what = match (status.code(), oom) {
+        (_, true) => "was killed by the kernel's OOM killer (out of memory)".to_string(),
+        (Some(c), _) => format!("exited with code {c}"),
+        (None, _) => format!("was killed ({status})"),
+    };
+    Err(if text.is_empty() {
+        format!("`{}` {what}", command[0])
+    } else {
+        format!("`{}` {what}: {text}", command[0])
+    })
+}
+
+/// The last `n` bytes of `s`, moved forward to a character boundary.
+fn last_chars(s: &str, n: usize) -> &str {
+    let mut start = s.len().saturating_sub(n);
+    while !s.is_char_boundary(start) {
+        start += 1;
+    }
+    &s[start..]
+}
+
+/// The command's argv with its placeholders filled.
+fn argv(
+    command: &[String],
+    input: &Path,
+    output: &Path,
+    job: &ClaimedJob,
+    payload_file: Option<&Path>,
+) -> Result<Vec<String>, String> {
+    let mut out = Vec::with_capacity(command.len());
+    for arg in command {
+        if arg.contains("{payload}") && job.payload.len() > PAYLOAD_INLINE_MAX {
+            return Err(format!(
+                "the payload ({} bytes) is too large for a command-line argument; use {{payload_file}} or $CLX_PAYLOAD_FILE instead of {{payload}}",
+                job.payload.len()
+            ));
+        }
+        out.push(placeholders::expand(arg, |name| match name {
+            "input" => input.to_string_lossy().into_owned(),
+            "output" => output.to_string_lossy().into_owned(),
+            "payload" => job.payload.clone(),
+            "payload_file" => payload_file
+                .map(|p| p.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            "job_id" => job.id.to_string(),
+            other => unreachable!("unknown placeholder {other}"),
+        }));
+    }
+    Ok(out)
+}
+
+/// The job's payload in a private file, when it is too large for the
+/// environment or the command asks for `{payload_file}`; removed with the
+/// value.
+struct PayloadFile(Option<PathBuf>);
+
+impl PayloadFile {
+    fn for_job(command: &[String], job: &ClaimedJob) -> Result<PayloadFile, String> {
+        let asked = command
+            .iter()
+            .any(|a| placeholders::used_in(a).contains(&"payload_file"));
+        if !asked && job.payload.len() <= PAYLOAD_INLINE_MAX {
+            return Ok(PayloadFile(None));
+        }
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = std::env::temp_dir().join(format!(
+            "clx-payload-{}-{}-{}.json",
+            std::process::id(),
+            job.id,
+            job.attempt
+        ));
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .custom_flags(nix::libc::O_NOFOLLOW)
+            .open(&path)
+            .and_then(|mut f| f.write_all(job.payload.as_bytes()).map(|_| f))
+            .map_err(|e| format!("cannot write the payload to {}: {e}", path.display()))?;
+        file.flush()
+            .map_err(|e| format!("cannot write the payload to {}: {e}", path.display()))?;
+        Ok(PayloadFile(Some(path)))
+    }
+
+    fn path(&self) -> Option<&Path> {
+        self.0.as_deref()
+    }
+}
+
+impl Drop for PayloadFile {
+    fn drop(&mut self) {
+        if let Some(p) = &self.0
+            && let Err(e) = std::fs::remove_file(p)
+        {
+            warn!("removing the payload file {}: {e}", p.display());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(payload: &str) -> ClaimedJob {
+        ClaimedJob {
+            id: 7,
+            input_file: "a".into(),
+            output_file: "b".into(),
+            content_hash: "h".into(),
+            payload: payload.into(),
+            attempt: 1,
+        }
+    }
+
+    #[test]
+    fn placeholders_are_filled_once_and_other_braces_kept() {
+        let cmd: Vec<String> = [
+            "conv",
+            "--in={input}",
+            "{output}",
+            "{job_id}",
+            "{payload}",
+            "awk '{print}'",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let out = argv(
+            &cmd,
+            Path::new("/w/y{job_id}.txt"),
+            Path::new("/w/b"),
+            &job("{\"k\": 1}"),
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            out,
+            vec![
+                "conv",
+                "--in=/w/y{job_id}.txt",
+                "/w/b",
+                "7",
+                "{\"k\": 1}",
+                "awk '{print}'"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_large_payload_goes_to_a_file_and_never_into_an_argument() {
+        let big = format!("\"{}\"", "x".repeat(PAYLOAD_INLINE_MAX + 1));
+        let cmd = vec!["conv".to_string(), "{payload}".to_string()];
+        let e = argv(&cmd, Path::new("/i"), Path::new("/o"), &job(&big), None).unwrap_err();
+        assert!(e.contains("too large for a command-line argument"), "{e}");
+        let file = PayloadFile::for_job(&["cat".to_string()], &job(&big)).unwrap();
+        let path = file.path().unwrap().to_path_buf();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), big);
+        drop(file);
+        assert!(!path.exists());
+        assert!(
+            PayloadFile::for_job(&["cat".to_string()], &job("{}"))
+                .unwrap()
+                .path()
+                .is_none()
+        );
+    }
+}

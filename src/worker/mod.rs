@@ -1,0 +1,401 @@
+//! `clx-pool worker`: the built-in worker. It speaks the worker protocol of
+//! the database it is given (CLX, SPEC §4, or CLM, SPEC §7) itself and runs
+//! a command once per job (`job.rs`), so any command-line converter becomes
+//! a worker. It registers (or activates the row its supervisor
+//! pre-registered), claims jobs atomically, keeps its heartbeat fresh while
+//! idle (at `--heartbeat-interval`, not on every poll), stops when its row
+//! is gone, and on SIGTERM gives its current job back, marks itself dead
+//! (CLX) or removes its row (CLM, as CLM's workers do) and exits.
+//!
+//! A busy or full database never costs a result: a job's outcome is
+//! written again until it lands, and other database errors that go away by
+//! themselves make the worker wait, not exit. A worker that cannot register
+//! at all exits with code 75 (EX_TEMPFAIL), which the supervisor reads as a
+//! fault outside the worker.
+
+pub mod job;
+pub mod placeholders;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use rusqlite::Connection;
+use tracing::{info, warn};
+
+use crate::db::{self, Backoff, jobs};
+use crate::vocab::{Protocol, WorkerStatus};
+use job::{Ran, StopSignals};
+
+/// The exit code of a worker that could not register because the database
+/// was unavailable (locked, full): a fault outside the worker.
+pub const EXIT_DATABASE_UNAVAILABLE: i32 = 75;
+
+/// The database stayed unavailable while the worker tried to register.
+#[derive(Debug, thiserror::Error)]
+#[error("{0:#}")]
+pub struct DatabaseUnavailable(pub anyhow::Error);
+
+pub struct WorkerOptions {
+    pub job_command: Vec<String>,
+    /// Complete jobs without running anything (benchmarks of the queue).
+    pub no_command: bool,
+    pub heartbeat_interval: Duration,
+    pub poll_interval: Duration,
+    /// `direct` or `docker`.
+    pub execution_mode: String,
+}
+
+struct Identity {
+    worker_type: String,
+    worker_id: String,
+    db_path: PathBuf,
+    workspace: PathBuf,
+    /// The row the supervisor pre-registered (`CLM_WORKER_ID`).
+    preregistered: Option<i64>,
+}
+
+fn identity() -> anyhow::Result<Identity> {
+    let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    let worker_type = var("WORKER_TYPE")
+        .context("WORKER_TYPE is not set (the supervisor sets it; set it by hand to run a worker yourself)")?;
+    let worker_id = var("WORKER_ID")
+        .or_else(|| var("HOSTNAME"))
+        .or_else(|| {
+            nix::unistd::gethostname()
+                .ok()
+                .map(|h| h.to_string_lossy().into_owned())
+        })
+        .context("neither WORKER_ID nor HOSTNAME is set")?;
+    let db_path = PathBuf::from(
+        var("CLM_JOBS_DB_PATH")
+            .or_else(|| var("DB_PATH"))
+            .context("neither CLM_JOBS_DB_PATH (CLM) nor DB_PATH (CLX) is set")?,
+    );
+    let workspace = PathBuf::from(var("WORKSPACE_PATH").unwrap_or_else(|| ".".into()));
+    let preregistered = match var("CLM_WORKER_ID") {
+        None => None,
+        Some(v) => Some(
+            v.parse()
+                .with_context(|| format!("CLM_WORKER_ID is not a row id: {v}"))?,
+        ),
+    };
+    Ok(Identity {
+        worker_type,
+        worker_id,
+        db_path,
+        workspace,
+        preregistered,
+    })
+}
+
+/// How long a worker waits for the row its supervisor pre-registered to
+/// become visible (CLM's workers wait as long).
+const ACTIVATION_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long registration rides out a busy or full database.
+const REGISTRATION_PATIENCE: Duration = Duration::from_secs(5);
+/// How long the last writes on the way out (give the job back, leave) try.
+const LEAVING_PATIENCE: Duration = Duration::from_secs(3);
+
+/// Registers, or activates the pre-registered row; returns the row id. Only
+/// a committed row counts: the log says "registered" after the commit.
+async fn register(conn: &Connection, protocol: Protocol, me: &Identity) -> anyhow::Result<i64> {
+    let deadline = Instant::now() + REGISTRATION_PATIENCE.max(ACTIVATION_TIMEOUT);
+    let transient_deadline = Instant::now() + REGISTRATION_PATIENCE;
+    let mut backoff = Backoff::default();
+    loop {
+        let attempt = match me.preregistered {
+            None => db::workers::register(conn, protocol, &me.worker_type, &me.worker_id)
+                .map(Some)
+                .map_err(anyhow::Error::from),
+            Some(row) => match db::workers::activate(conn, row) {
+                Ok(true) => Ok(Some(row)),
+                Ok(false) if Instant::now() < deadline => Ok(None),
+                Ok(false) => bail!(
+                    "the pre-registered worker row {row} (CLM_WORKER_ID) is not in {}",
+                    me.db_path.display()
+                ),
+                Err(db::workers::ActivationError::Sql(e)) => Err(e.into()),
+                Err(e) => return Err(e).with_context(|| format!("activating worker row {row}")),
+            },
+        };
+        match attempt {
+            Ok(Some(row)) => {
+                let how = if me.preregistered.is_some() {
+                    "activated the pre-registered row"
+                } else {
+                    "registered"
+                };
+                info!(worker = %me.worker_id, row, worker_type = %me.worker_type, %protocol, "{how}");
+                return Ok(row);
+            }
+            Ok(None) => tokio::time::sleep(Duration::from_millis(100)).await,
+            Err(e) if db::is_transient_any(&e) && Instant::now() < transient_deadline => {
+                if backoff.should_log() || backoff.attempts == 0 {
+                    warn!(worker = %me.worker_id, "registering: {e:#}; trying again");
+                }
+                tokio::time::sleep(backoff.step()).await;
+            }
+            Err(e) if db::is_transient_any(&e) => {
+                return Err(DatabaseUnavailable(e.context(format!(
+                    "registering worker {} in {}",
+                    me.worker_id,
+                    me.db_path.display()
+                )))
+                .into());
+            }
+            Err(e) => {
+                return Err(e.context(format!(
+                    "registering worker {} in {}",
+                    me.worker_id,
+                    me.db_path.display()
+                )));
+            }
+        }
+    }
+}
+
+pub async fn run(opts: WorkerOptions) -> anyhow::Result<()> {
+    if opts.job_command.is_empty() && !opts.no_command {
+        bail!("no job command given: run `clx-pool worker -- COMMAND [ARGS...]`");
+    }
+    let me = identity()?;
+    let (conn, protocol) = db::open_existing(&me.db_path)?;
+    let row = register(&conn, protocol, &me).await?;
+    let mut worker = Worker {
+        stop: StopSignals::install()?,
+        conn,
+        protocol,
+        row,
+        me,
+        opts,
+        last_heartbeat: Instant::now(),
+        nothing_since: None,
+        stopping: false,
+    };
+    worker.serve().await
+}
+
+/// A registered worker.
+struct Worker {
+    conn: Connection,
+    protocol: Protocol,
+    row: i64,
+    me: Identity,
+    opts: WorkerOptions,
+    stop: StopSignals,
+    last_heartbeat: Instant,
+    /// `PRAGMA data_version` changes only when another connection commits:
+    /// while it stands still, nothing new can have been queued.
+    nothing_since: Option<i64>,
+    stopping: bool,
+}
+
+/// What one turn of the idle loop found.
+enum Turn {
+    Job(jobs::ClaimedJob),
+    Idle,
+    /// The worker's row is gone: it was deregistered and stops.
+    Deregistered,
+}
+
+impl Worker {
+    async fn serve(&mut self) -> anyhow::Result<()> {
+        let mut backoff = Backoff::default();
+        while !self.stopping {
+            match self.turn() {
+                Ok(Turn::Job(job)) => {
+                    backoff = Backoff::default();
+                    self.work(&job).await?;
+                }
+                Ok(Turn::Idle) => {
+                    backoff = Backoff::default();
+                    self.pause(self.opts.poll_interval).await;
+                }
+                Ok(Turn::Deregistered) => {
+                    info!(worker = %self.me.worker_id, row = self.row, "my worker row is gone (deregistered): stopping");
+                    return Ok(());
+                }
+                Err(e) if db::is_transient_any(&e) => {
+                    let delay = backoff.step();
+                    if backoff.should_log() {
+                        warn!(worker = %self.me.worker_id, "the database is unavailable: {e:#}; waiting");
+                    }
+                    self.pause(delay).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        self.leave().await;
+        Ok(())
+    }
+
+    /// Sleeps `d`, or until asked to stop.
+    async fn pause(&mut self, d: Duration) {
+        tokio::select! {
+            biased;
+            _ = self.stop.recv() => self.stopping = true,
+            _ = tokio::time::sleep(d) => {}
+        }
+    }
+
+    /// Looks for a job (only if something was committed since the last
+    /// look) and keeps the heartbeat fresh.
+    fn turn(&mut self) -> anyhow::Result<Turn> {
+        let version: i64 = self
+            .conn
+            .prepare_cached("PRAGMA data_version")?
+            .query_row([], |r| r.get(0))?;
+        if self.nothing_since != Some(version) {
+            let claimant = jobs::Claimant {
+                protocol: self.protocol,
+                worker_row: self.row,
+                execution_mode: &self.opts.execution_mode,
+            };
+            match jobs::claim(&mut self.conn, &self.me.worker_type, claimant)? {
+                Some(job) => {
+                    self.nothing_since = None;
+                    return Ok(Turn::Job(job));
+                }
+                None => self.nothing_since = Some(version),
+            }
+        }
+        if self.last_heartbeat.elapsed() >= self.opts.heartbeat_interval {
+            if !db::workers::heartbeat(&self.conn, self.row)? {
+                return Ok(Turn::Deregistered);
+            }
+            self.last_heartbeat = Instant::now();
+        }
+        Ok(Turn::Idle)
+    }
+
+    /// Runs a claimed job and records its outcome.
+    async fn work(&mut self, job: &jobs::ClaimedJob) -> anyhow::Result<()> {
+        let started = Instant::now();
+        let outcome = if self.opts.no_command {
+            Ok(())
+        } else {
+            info!(job = job.id, attempt = job.attempt, input = %job.input_file, "job started");
+            let setup = job::Setup {
+                worker_type: &self.me.worker_type,
+                workspace: &self.me.workspace,
+                command: &self.opts.job_command,
+            };
+            match job::run(&setup, job, &mut self.stop).await {
+                Ran::Done(outcome) => outcome,
+                Ran::Interrupted => {
+                    self.stopping = true;
+                    return self.hand_back(job).await;
+                }
+            }
+        };
+        self.record(job, outcome, started.elapsed().as_secs_f64()).await
+    }
+
+    /// Writes a job's outcome until it lands: a command that ran is never
+    /// run again, nor failed, because the database was busy or full. The
+    /// heartbeat is refreshed between tries, as CLM's workers do.
+    async fn record(
+        &mut self,
+        job: &jobs::ClaimedJob,
+        outcome: Result<(), String>,
+        seconds: f64,
+    ) -> anyhow::Result<()> {
+        let mut backoff = Backoff::default();
+        let recorded = loop {
+            let o = match &outcome {
+                Ok(()) => jobs::Outcome::Completed,
+                Err(e) => jobs::Outcome::Failed(e),
+            };
+            match jobs::finish(&mut self.conn, job, self.row, o, seconds) {
+                Ok(recorded) => break recorded,
+                Err(e) if db::is_transient(&e) => {
+                    let delay = backoff.step();
+                    if backoff.should_log() {
+                        warn!(
+                            job = job.id,
+                            "recording the job's outcome: {e}; retrying until it is written"
+                        );
+                    }
+                    tokio::time::sleep(delay).await;
+                    if let Err(e) = db::workers::heartbeat(&self.conn, self.row) {
+                        tracing::debug!(job = job.id, "heartbeat while waiting to record: {e}");
+                    }
+                }
+                Err(e) => return Err(anyhow::Error::new(e).context(format!("recording the outcome of job {}", job.id))),
+            }
+        };
+        self.last_heartbeat = Instant::now();
+        match (&outcome, recorded) {
+            (_, false) => warn!(
+                job = job.id,
+                "the job was taken from this worker meanwhile; its result was not recorded"
+            ),
+            (Err(e), true) => warn!(job = job.id, "job failed: {e}"),
+            (Ok(()), true) => info!(job = job.id, seconds, "job completed"),
+        }
+        Ok(())
+    }
+
+    /// Asked to stop mid-job: gives the job back without counting the
+    /// attempt, unless the supervisor declared this worker hung (then the
+    /// attempt counts, and the supervisor puts the job back).
+    async fn hand_back(&mut self, job: &jobs::ClaimedJob) -> anyhow::Result<()> {
+        let (row, id) = (self.row, job.id);
+        let result = self
+            .patiently("giving the job back", |conn| {
+                if db::workers::status(conn, row)? == Some(WorkerStatus::Hung) {
+                    return Ok(false);
+                }
+                jobs::give_back(conn, job, row)
+            })
+            .await;
+        match result {
+            Some(true) => info!(job = id, "asked to stop: gave the job back to the queue"),
+            Some(false) => info!(job = id, "stopped as hung: leaving the job to the supervisor"),
+            None => warn!(job = id, "could not give the job back; the supervisor will put it back"),
+        }
+        Ok(())
+    }
+
+    /// On the way out: marks the row dead (CLX) or removes it (CLM).
+    async fn leave(&mut self) {
+        let (row, protocol) = (self.row, self.protocol);
+        let left = self
+            .patiently("leaving", |conn| match protocol {
+                Protocol::Clx => db::workers::set_status(conn, row, WorkerStatus::Dead),
+                Protocol::Clm => db::workers::deregister(conn, row),
+            })
+            .await;
+        if left.is_none() {
+            warn!(worker = %self.me.worker_id, "could not record leaving; the supervisor marks the worker dead");
+        }
+        info!(worker = %self.me.worker_id, "stopped");
+    }
+
+    /// Tries a write for a few seconds (the supervisor's `stop_timeout`
+    /// runs meanwhile); None if it never landed.
+    async fn patiently<T>(
+        &mut self,
+        what: &str,
+        mut f: impl FnMut(&mut Connection) -> rusqlite::Result<T>,
+    ) -> Option<T> {
+        let deadline = Instant::now() + LEAVING_PATIENCE;
+        let mut backoff = Backoff::default();
+        loop {
+            match f(&mut self.conn) {
+                Ok(v) => return Some(v),
+                Err(e) if db::is_transient(&e) && Instant::now() < deadline => {
+                    if backoff.attempts == 0 {
+                        warn!(worker = %self.me.worker_id, "{what}: {e}; trying again");
+                    }
+                    tokio::time::sleep(backoff.step()).await;
+                }
+                Err(e) => {
+                    warn!(worker = %self.me.worker_id, "{what}: {e}");
+                    return None;
+                }
+            }
+        }
+    }
+}
