@@ -51,6 +51,9 @@ pub struct RestartConfig {
     /// Give a slot up after this many failures within `burst_window`.
     pub burst_limit: u32,
     pub burst_window: Duration,
+    /// How long a slot pauses instead, when its failures came from outside
+    /// the worker (disk full, database or engine errors).
+    pub cooldown: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -180,6 +183,8 @@ struct RawPool {
     restart_limit: Option<i64>,
     #[serde(default, with = "humantime_serde")]
     restart_window: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    restart_cooldown: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -221,6 +226,7 @@ const POOL_KEYS: &[&str] = &[
     "healthy_after",
     "restart_limit",
     "restart_window",
+    "restart_cooldown",
 ];
 
 const INTEGER_POOL_KEYS: &[&str] = &["log_keep", "restart_limit"];
@@ -587,6 +593,7 @@ impl<'a> Validator<'a> {
                 }
             },
             burst_window: self.positive("restart_window", raw.restart_window, Duration::from_secs(10)),
+            cooldown: self.positive("restart_cooldown", raw.restart_cooldown, Duration::from_secs(60)),
         };
         if self.problems.len() > before {
             return None;

@@ -27,8 +27,18 @@ pub struct Stats {
     /// The supervisor's slots per type.
     pub pools: BTreeMap<String, PoolStats>,
     pub jobs: JobCounts,
+    /// Slots that wait (backing off, cooling down, given up), and why.
+    pub waiting: Vec<Waiting>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub events: Option<Vec<EventRow>>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Waiting {
+    pub worker_type: String,
+    pub slot: u32,
+    pub state: SlotState,
+    pub why: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -80,7 +90,16 @@ pub fn collect(db_path: &Path, events: bool) -> anyhow::Result<Stats> {
         expected_workers: record.as_ref().map(|r| r.expected_workers).unwrap_or(0),
     };
     let mut pools: BTreeMap<String, PoolStats> = BTreeMap::new();
+    let mut waiting = Vec::new();
     for s in db::pool::slots(&conn)? {
+        if matches!(s.state, SlotState::Backoff | SlotState::Failed) && running_pid.is_some() {
+            waiting.push(Waiting {
+                worker_type: s.worker_type.clone(),
+                slot: s.slot,
+                state: s.state,
+                why: s.note.clone().or_else(|| s.last_cause.clone()),
+            });
+        }
         let p = pools.entry(s.worker_type.clone()).or_default();
         p.execution_mode = s.execution_mode.clone();
         p.slots += 1;
@@ -100,6 +119,7 @@ pub fn collect(db_path: &Path, events: bool) -> anyhow::Result<Stats> {
         workers: db::workers::counts(&conn, protocol)?,
         pools,
         jobs: db::jobs::counts(&conn, None)?,
+        waiting,
         events: if events {
             Some(db::pool::recent_events(&conn, 20)?)
         } else {
@@ -169,6 +189,18 @@ pub fn render(s: &Stats) -> String {
         out.push_str(&format!(", {} cancelled", j.cancelled));
     }
     out.push('\n');
+    if !s.waiting.is_empty() {
+        out.push_str("\nwaiting slots:\n");
+        for w in &s.waiting {
+            out.push_str(&format!(
+                "  {}-{} {}: {}\n",
+                w.worker_type,
+                w.slot,
+                w.state,
+                w.why.as_deref().unwrap_or("-")
+            ));
+        }
+    }
     if let Some(events) = &s.events {
         out.push_str("\nrecent worker events:\n");
         if events.is_empty() {

@@ -191,7 +191,7 @@ pub fn give_back(conn: &Connection, job: &ClaimedJob, worker_row: i64) -> rusqli
 /// the ids failed. Call inside the transaction that marks the worker dead.
 pub fn recover(
     conn: &Connection,
-    worker_row: i64,
+    worker_row: Option<i64>,
     worker_id: &str,
     cause: &str,
 ) -> rusqlite::Result<(Vec<i64>, Vec<i64>)> {
@@ -199,7 +199,7 @@ pub fn recover(
         .prepare(
             "UPDATE jobs SET status = 'failed', completed_at = CURRENT_TIMESTAMP,
                 error = 'gave up after ' || attempts || ' attempts: worker ' || ?2 || ' ' || ?3 || ' while processing this job'
-             WHERE status = 'processing' AND worker_id = ?1 AND attempts >= COALESCE(max_attempts, 3)
+             WHERE status = 'processing' AND worker_id IS ?1 AND attempts >= COALESCE(max_attempts, 3)
              RETURNING id",
         )?
         .query_map(params![worker_row, worker_id, cause], |r| r.get(0))?
@@ -208,12 +208,78 @@ pub fn recover(
         .prepare(
             "UPDATE jobs SET status = 'pending', started_at = NULL, worker_id = NULL,
                 error = 'attempt ' || attempts || ': worker ' || ?2 || ' ' || ?3
-             WHERE status = 'processing' AND worker_id = ?1
+             WHERE status = 'processing' AND worker_id IS ?1
              RETURNING id",
         )?
         .query_map(params![worker_row, worker_id, cause], |r| r.get(0))?
         .collect::<Result<_, _>>()?;
     Ok((requeued, failed))
+}
+
+/// What the reconciliation pass put back, per worker that was gone.
+#[derive(Debug)]
+pub struct Reconciled {
+    pub worker_row: Option<i64>,
+    pub worker_id: Option<String>,
+    pub requeued: Vec<i64>,
+    pub failed: Vec<i64>,
+}
+
+/// Jobs left `processing` by a worker that is gone, found by the monitor's
+/// reconciliation pass: their worker row is missing, dead, or (in a CLX
+/// database, which belongs to the pool alone) not the worker of any live
+/// slot; in a shared CLM database only the pool's own rows count (persistent,
+/// started by `supervisor_pid`). Jobs claimed less than `grace_seconds` ago
+/// are left alone, so a worker that just registered is never robbed.
+/// Puts their jobs back (or fails them) and marks their rows dead, in one
+/// transaction.
+pub fn reconcile(
+    conn: &mut Connection,
+    protocol: Protocol,
+    supervisor_pid: i64,
+    grace_seconds: i64,
+) -> rusqlite::Result<Vec<Reconciled>> {
+    const ORPHANED: &str =
+        "SELECT DISTINCT j.worker_id, w.container_id FROM jobs j LEFT JOIN workers w ON w.id = j.worker_id
+         WHERE j.status = 'processing'
+           AND COALESCE(unixepoch('now') - unixepoch(j.started_at), ?1) >= ?1
+           AND (w.id IS NULL OR w.status = 'dead'
+                OR NOT EXISTS (SELECT 1 FROM clx_pool_slots s
+                               WHERE s.state IN ('running', 'starting') AND s.worker_id = w.container_id))";
+    let find = |c: &Connection| -> rusqlite::Result<Vec<(Option<i64>, Option<String>)>> {
+        let map = |r: &rusqlite::Row| Ok((r.get(0)?, r.get(1)?));
+        match protocol {
+            Protocol::Clx => c.prepare_cached(ORPHANED)?.query_map([grace_seconds], map)?.collect(),
+            Protocol::Clm => c
+                .prepare_cached(&format!(
+                    "{ORPHANED} AND w.managed_by = 'persistent' AND w.parent_pid = ?2"
+                ))?
+                .query_map(params![grace_seconds, supervisor_pid], map)?
+                .collect(),
+        }
+    };
+    // A plain read first: a healthy pool's tick takes no write lock.
+    if find(conn)?.is_empty() {
+        return Ok(Vec::new());
+    }
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let orphaned = find(&tx)?;
+    let mut out = Vec::new();
+    for (row, cid) in orphaned {
+        let who = cid.clone().unwrap_or_else(|| "(unknown)".into());
+        let (requeued, failed) = recover(&tx, row, &who, "was no longer running (found by the monitor)")?;
+        if let Some(row) = row {
+            tx.execute("UPDATE workers SET status = 'dead' WHERE id = ?1", [row])?;
+        }
+        out.push(Reconciled {
+            worker_row: row,
+            worker_id: cid,
+            requeued,
+            failed,
+        });
+    }
+    tx.commit()?;
+    Ok(out)
 }
 
 /// Job counts per status (every status always present; `cancelled` is
@@ -326,12 +392,18 @@ mod tests {
         let w2 = workers::register(&conn, Protocol::Clx, "t", "w2").unwrap();
         let id = submit(&conn, &job("t", "a", 0)).unwrap();
         let first = claim(&mut conn, "t", clx(w1)).unwrap().unwrap();
-        assert_eq!(recover(&conn, w1, "w1", "was killed").unwrap(), (vec![id], vec![]));
+        assert_eq!(
+            recover(&conn, Some(w1), "w1", "was killed").unwrap(),
+            (vec![id], vec![])
+        );
         let second = claim(&mut conn, "t", clx(w2)).unwrap().unwrap();
         assert_eq!(second.attempt, 2);
         // The first worker's late write must not count.
         assert!(!finish(&mut conn, &first, w1, Outcome::Completed, 0.1).unwrap());
-        assert_eq!(recover(&conn, w2, "w2", "was killed").unwrap(), (vec![], vec![id]));
+        assert_eq!(
+            recover(&conn, Some(w2), "w2", "was killed").unwrap(),
+            (vec![], vec![id])
+        );
         let (status, error): (String, String) = conn
             .query_row("SELECT status, error FROM jobs WHERE id = ?1", [id], |r| {
                 Ok((r.get(0)?, r.get(1)?))
@@ -342,5 +414,59 @@ mod tests {
             error.contains("gave up after 2 attempts: worker w2 was killed"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn reconciliation_finds_jobs_of_workers_that_are_gone_under_both_protocols() {
+        for protocol in Protocol::ALL.iter().copied() {
+            let mut conn = Connection::open_in_memory().unwrap();
+            schema::prepare(&conn, Some(protocol)).unwrap();
+            let live = workers::register(&conn, protocol, "t", "live").unwrap();
+            let gone = workers::register(&conn, protocol, "t", "gone").unwrap();
+            conn.execute(
+                "INSERT INTO clx_pool_slots (worker_type, slot, execution_mode, state, worker_id, worker_row)
+                 VALUES ('t', 0, 'direct', 'running', 'live', ?1)",
+                [live],
+            )
+            .unwrap();
+            if protocol == Protocol::Clm {
+                conn.execute("UPDATE workers SET managed_by = 'persistent', parent_pid = 42", [])
+                    .unwrap();
+            }
+            let a = submit(&conn, &job("t", "a", 0)).unwrap();
+            let b = submit(&conn, &job("t", "b", 0)).unwrap();
+            claim(&mut conn, "t", clx_or_clm(protocol, live)).unwrap().unwrap();
+            claim(&mut conn, "t", clx_or_clm(protocol, gone)).unwrap().unwrap();
+            conn.execute("UPDATE jobs SET started_at = datetime('now', '-60 seconds')", [])
+                .unwrap();
+            // In a shared CLM database, rows another program started are left alone.
+            if protocol == Protocol::Clm {
+                assert!(reconcile(&mut conn, protocol, 7, 5).unwrap().is_empty());
+            }
+            let found = reconcile(&mut conn, protocol, 42, 5).unwrap();
+            assert_eq!(found.len(), 1, "{protocol}: {found:?}");
+            assert_eq!(found[0].worker_row, Some(gone));
+            assert_eq!(found[0].requeued, vec![b], "{protocol}");
+            let status: Vec<String> = conn
+                .prepare("SELECT status FROM jobs ORDER BY id")
+                .unwrap()
+                .query_map([], |r| r.get(0))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap();
+            assert_eq!(
+                status,
+                vec!["processing", "pending"],
+                "{protocol}: job {a} stays with its live worker"
+            );
+        }
+    }
+
+    fn clx_or_clm(protocol: Protocol, worker_row: i64) -> Claimant<'static> {
+        Claimant {
+            protocol,
+            worker_row,
+            execution_mode: "direct",
+        }
     }
 }

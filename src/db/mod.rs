@@ -154,6 +154,18 @@ pub fn is_transient(e: &rusqlite::Error) -> bool {
     )
 }
 
+/// Says so when the file system holding `path` is full, which SQLite
+/// reports as "database or disk is full" or, when a shared-memory file
+/// cannot grow, as a disk I/O error.
+pub fn disk_full_hint(path: &Path) -> Option<String> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let st = nix::sys::statvfs::statvfs(dir).ok()?;
+    (st.blocks_available() == 0).then(|| format!("the disk holding {} is full", dir.display()))
+}
+
 /// [`is_transient`] for an error that went through `anyhow` (with context).
 pub fn is_transient_any(e: &anyhow::Error) -> bool {
     e.downcast_ref::<rusqlite::Error>().is_some_and(is_transient)

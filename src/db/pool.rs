@@ -208,7 +208,7 @@ pub fn slot_launched(
 ) -> rusqlite::Result<()> {
     conn.execute(
         "UPDATE clx_pool_slots SET state = ?6, worker_id = ?3, worker_row = NULL, pid = ?4, proc_start = ?5,
-             updated_at = CURRENT_TIMESTAMP
+             note = NULL, updated_at = CURRENT_TIMESTAMP
          WHERE worker_type = ?1 AND slot = ?2",
         params![worker_type, slot, worker_id, pid, proc_start, SlotState::Starting],
     )?;
@@ -249,10 +249,19 @@ pub fn slot_registered(conn: &Connection, protocol: Protocol, r: &Registered) ->
     tx.commit()
 }
 
-pub fn set_slot_state(conn: &Connection, worker_type: &str, slot: u32, state: SlotState) -> rusqlite::Result<()> {
+/// Sets a slot's state, with why it waits (`note`, shown by `stats`) or
+/// None.
+pub fn set_slot_state(
+    conn: &Connection,
+    worker_type: &str,
+    slot: u32,
+    state: SlotState,
+    note: Option<&str>,
+) -> rusqlite::Result<()> {
     conn.execute(
-        "UPDATE clx_pool_slots SET state = ?3, updated_at = CURRENT_TIMESTAMP WHERE worker_type = ?1 AND slot = ?2",
-        params![worker_type, slot, state],
+        "UPDATE clx_pool_slots SET state = ?3, note = ?4, updated_at = CURRENT_TIMESTAMP
+         WHERE worker_type = ?1 AND slot = ?2",
+        params![worker_type, slot, state, note],
     )?;
     Ok(())
 }
@@ -293,7 +302,7 @@ pub fn record_end(
             .optional()?;
         tx.execute("DELETE FROM workers WHERE id = ?1 AND status = 'created'", [row])?;
         tx.execute("UPDATE workers SET status = 'dead' WHERE id = ?1", [row])?;
-        (requeued, failed) = super::jobs::recover(&tx, row, end.worker_id, end.cause)?;
+        (requeued, failed) = super::jobs::recover(&tx, Some(row), end.worker_id, end.cause)?;
     }
     let (event, message) = match end.event {
         EndEvent::Stopped => (
@@ -369,11 +378,13 @@ pub struct SlotRow {
     pub proc_start: Option<i64>,
     pub restarts: i64,
     pub last_cause: Option<String>,
+    /// Why the slot waits (cooling down, given up), if it does.
+    pub note: Option<String>,
 }
 
 pub fn slots(conn: &Connection) -> rusqlite::Result<Vec<SlotRow>> {
     conn.prepare(
-        "SELECT worker_type, slot, execution_mode, state, worker_id, pid, proc_start, restarts, last_cause
+        "SELECT worker_type, slot, execution_mode, state, worker_id, pid, proc_start, restarts, last_cause, note
          FROM clx_pool_slots ORDER BY worker_type, slot",
     )?
     .query_map([], |r| {
@@ -387,6 +398,7 @@ pub fn slots(conn: &Connection) -> rusqlite::Result<Vec<SlotRow>> {
             proc_start: r.get(6)?,
             restarts: r.get(7)?,
             last_cause: r.get(8)?,
+            note: r.get(9)?,
         })
     })?
     .collect()

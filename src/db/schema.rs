@@ -106,6 +106,15 @@ const POOL_MIGRATIONS: &[&str] = &[
         log_tail TEXT
     );
     "#,
+    // 2: why a slot waits, for `stats`; and the index that makes claiming
+    // a lookup instead of a sort of every pending job. It serves the claim
+    // of clx-pool, of CLX's Python workers and of CLM's (status, type,
+    // then priority and age order); an extra index keeps both schemas
+    // compatible with their readers and writers.
+    r#"
+    ALTER TABLE clx_pool_slots ADD COLUMN note TEXT;
+    CREATE INDEX IF NOT EXISTS clx_pool_jobs_claim ON jobs(status, job_type, priority DESC, created_at);
+    "#,
 ];
 
 /// CLM 1.35's `SCHEMA_SQL` (`clm/infrastructure/database/schema.py`),

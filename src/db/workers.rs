@@ -218,7 +218,7 @@ pub fn bury_pool_rows(
     let (mut requeued, mut failed) = (0, 0);
     for (row, cid) in &rows {
         tx.execute("UPDATE workers SET status = 'dead' WHERE id = ?1", [row])?;
-        let (r, f) = super::jobs::recover(&tx, *row, cid, cause)?;
+        let (r, f) = super::jobs::recover(&tx, Some(*row), cid, cause)?;
         requeued += r.len();
         failed += f.len();
     }
@@ -233,7 +233,7 @@ pub fn bury_pool_rows(
         .query_map([old_supervisor], |r| Ok((r.get(0)?, r.get(1)?)))?
         .collect::<Result<_, _>>()?;
     for (row, cid) in &orphans {
-        let (r, f) = super::jobs::recover(&tx, *row, cid, cause)?;
+        let (r, f) = super::jobs::recover(&tx, Some(*row), cid, cause)?;
         requeued += r.len();
         failed += f.len();
     }

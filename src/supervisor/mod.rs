@@ -197,10 +197,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Records the supervisor's state, retrying until it lands: `stats` and
+/// `wait --ready` must never read a state the supervisor left.
 async fn record_state(db: &Db, state: SupervisorState) {
     let protocol = db.protocol();
-    if let Err(e) = db.call(move |c| db::pool::set_state(c, protocol, state)).await {
-        error!("recording the supervisor's state {state}: {e:#}");
+    let what = format!("recording the supervisor's state {state}");
+    if let Err(e) = db
+        .call_until_done(&what, move |c| db::pool::set_state(c, protocol, state))
+        .await
+    {
+        error!("{e:#}");
     }
 }
 

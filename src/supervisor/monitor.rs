@@ -114,6 +114,9 @@ impl Monitor {
             if let Err(e) = self.check(&mut state, &limits).await {
                 warn!("monitor check failed: {e:#}");
             }
+            if let Err(e) = self.reconcile().await {
+                warn!("monitor reconciliation failed: {e:#}");
+            }
             procs::reap_strays();
         }
     }
@@ -280,6 +283,33 @@ impl Monitor {
                     tx.commit()
                 })
                 .await?;
+        }
+        Ok(())
+    }
+}
+
+/// A job claimed this recently is never taken back by reconciliation: its
+/// worker may have registered a moment before its slot recorded it.
+const RECONCILE_GRACE_SECONDS: i64 = 5;
+
+impl Monitor {
+    /// The safety net under every other recovery: any job still
+    /// `processing` under a worker that is gone goes back to the queue.
+    async fn reconcile(&self) -> anyhow::Result<()> {
+        let protocol = self.db.protocol();
+        let me = i64::from(std::process::id());
+        let found = self
+            .db
+            .call(move |c| crate::db::jobs::reconcile(c, protocol, me, RECONCILE_GRACE_SECONDS))
+            .await?;
+        for r in found {
+            warn!(
+                worker = r.worker_id.as_deref().unwrap_or("(unknown)"),
+                row = ?r.worker_row,
+                requeued = ?r.requeued,
+                failed = ?r.failed,
+                "found jobs held by a worker that is gone; put them back"
+            );
         }
         Ok(())
     }

@@ -1,7 +1,10 @@
 //! When a slot's worker is replaced: at once after a healthy run, then with
 //! exponential backoff for repeated failures, and not at all once the slot
 //! has failed `burst_limit` times within `burst_window` (systemd's
-//! StartLimitBurst / StartLimitIntervalSec). Pure logic, no timers.
+//! StartLimitBurst / StartLimitIntervalSec) — unless the failures came from
+//! outside the worker (a full disk, a locked database, an engine error):
+//! those only pause the slot for `cooldown`, since they go away by
+//! themselves. Pure logic, no timers.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -14,6 +17,9 @@ pub enum Decision {
     RestartAfter(Duration),
     /// Too many failures in the window: leave the slot empty.
     GiveUp,
+    /// Too many failures in the window, from outside the worker: try again
+    /// after this pause, with a fresh count.
+    CoolDown(Duration),
 }
 
 pub struct RestartPolicy {
@@ -32,8 +38,9 @@ impl RestartPolicy {
         }
     }
 
-    /// A worker of this slot failed at `now` after running for `ran_for`.
-    pub fn on_failure(&mut self, now: Instant, ran_for: Duration) -> Decision {
+    /// A worker of this slot failed at `now` after running for `ran_for`;
+    /// `outside` says the cause lay outside the worker.
+    pub fn on_failure(&mut self, now: Instant, ran_for: Duration, outside: bool) -> Decision {
         if ran_for >= self.cfg.healthy_after {
             self.consecutive = 0;
         }
@@ -46,6 +53,11 @@ impl RestartPolicy {
             }
         }
         if self.recent.len() as u32 >= self.cfg.burst_limit {
+            if outside {
+                self.recent.clear();
+                self.consecutive = 0;
+                return Decision::CoolDown(self.cfg.cooldown);
+            }
             return Decision::GiveUp;
         }
         self.consecutive += 1;
@@ -69,6 +81,7 @@ mod tests {
             healthy_after: Duration::from_secs(10),
             burst_limit: 5,
             burst_window: Duration::from_secs(10),
+            cooldown: Duration::from_secs(60),
         }
     }
 
@@ -81,9 +94,9 @@ mod tests {
         let t0 = Instant::now();
         let delays: Vec<_> = (0..10)
             .map(
-                |i| match p.on_failure(t0 + Duration::from_secs(100 * i), Duration::from_millis(1)) {
+                |i| match p.on_failure(t0 + Duration::from_secs(100 * i), Duration::from_millis(1), false) {
                     Decision::RestartAfter(d) => d.as_millis(),
-                    Decision::GiveUp => panic!("gave up"),
+                    other => panic!("{other:?}"),
                 },
             )
             .collect();
@@ -94,13 +107,13 @@ mod tests {
     fn healthy_run_resets_backoff() {
         let mut p = RestartPolicy::new(cfg());
         let t0 = Instant::now();
-        p.on_failure(t0, Duration::ZERO);
+        p.on_failure(t0, Duration::ZERO, false);
         assert_eq!(
-            p.on_failure(t0 + Duration::from_secs(20), Duration::ZERO),
+            p.on_failure(t0 + Duration::from_secs(20), Duration::ZERO, false),
             Decision::RestartAfter(Duration::from_millis(500))
         );
         assert_eq!(
-            p.on_failure(t0 + Duration::from_secs(60), Duration::from_secs(30)),
+            p.on_failure(t0 + Duration::from_secs(60), Duration::from_secs(30), false),
             Decision::RestartAfter(Duration::ZERO)
         );
     }
@@ -111,12 +124,12 @@ mod tests {
         let t0 = Instant::now();
         for i in 0..4 {
             assert!(matches!(
-                p.on_failure(t0 + Duration::from_secs(i), Duration::ZERO),
+                p.on_failure(t0 + Duration::from_secs(i), Duration::ZERO, false),
                 Decision::RestartAfter(_)
             ));
         }
         assert_eq!(
-            p.on_failure(t0 + Duration::from_secs(4), Duration::ZERO),
+            p.on_failure(t0 + Duration::from_secs(4), Duration::ZERO, false),
             Decision::GiveUp
         );
     }
@@ -127,9 +140,30 @@ mod tests {
         let t0 = Instant::now();
         for i in 0..50 {
             assert!(matches!(
-                p.on_failure(t0 + Duration::from_secs(3 * i), Duration::ZERO),
+                p.on_failure(t0 + Duration::from_secs(3 * i), Duration::ZERO, false),
                 Decision::RestartAfter(_)
             ));
         }
+    }
+
+    #[test]
+    fn failures_outside_the_worker_cool_down_instead_of_giving_up() {
+        let mut p = RestartPolicy::new(cfg());
+        let t0 = Instant::now();
+        for i in 0..4 {
+            assert!(matches!(
+                p.on_failure(t0 + Duration::from_secs(i), Duration::ZERO, true),
+                Decision::RestartAfter(_)
+            ));
+        }
+        assert_eq!(
+            p.on_failure(t0 + Duration::from_secs(4), Duration::ZERO, true),
+            Decision::CoolDown(Duration::from_secs(60))
+        );
+        // A fresh count afterwards: the next failure restarts at once.
+        assert_eq!(
+            p.on_failure(t0 + Duration::from_secs(65), Duration::ZERO, true),
+            Decision::RestartAfter(Duration::ZERO)
+        );
     }
 }

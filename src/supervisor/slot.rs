@@ -18,7 +18,7 @@ use super::policy::{Decision, RestartPolicy};
 use super::registry::Registry;
 use crate::config::{Config, WorkerConfig, WorkerProgram};
 use crate::db::{self, Db};
-use crate::executor::{Launch, Mode, Running};
+use crate::executor::{ExitCause, Launch, Mode, Running};
 use crate::vocab::{EndEvent, Protocol, SlotState, WorkerStatus};
 
 /// What a slot tells the supervisor the first time it settles.
@@ -45,10 +45,72 @@ pub struct Slot {
 
 /// Why a worker stopped being useful.
 enum Failure {
-    Died(String),
+    Died(ExitCause),
     Hung(String),
     NoRegister,
-    SpawnFailed(String),
+    /// It could not be started; `outside` when the cause lies outside the
+    /// worker and goes away by itself (a full disk, a busy database, an
+    /// engine error), not a missing program.
+    SpawnFailed {
+        error: String,
+        outside: bool,
+    },
+}
+
+impl Failure {
+    /// The event and the cause in words.
+    fn describe(&self, startup_timeout: Duration) -> (EndEvent, String) {
+        match self {
+            Failure::Died(c) => (EndEvent::Died, c.to_string()),
+            Failure::Hung(reason) => (EndEvent::Hung, format!("was hung ({reason})")),
+            Failure::NoRegister => (
+                EndEvent::NoRegister,
+                format!(
+                    "did not register within {}",
+                    humantime::format_duration(startup_timeout)
+                ),
+            ),
+            Failure::SpawnFailed { error, .. } => (EndEvent::SpawnFailed, format!("could not be started: {error}")),
+        }
+    }
+
+    /// A fault outside the worker: it pauses the slot instead of giving it
+    /// up for good (the built-in worker exits with EX_TEMPFAIL when the
+    /// database is unavailable).
+    fn is_outside_worker(&self) -> bool {
+        match self {
+            Failure::SpawnFailed { outside, .. } => *outside,
+            Failure::Died(ExitCause::Code(c)) => *c == crate::worker::EXIT_DATABASE_UNAVAILABLE,
+            _ => false,
+        }
+    }
+}
+
+/// A worker whose time in the slot ended.
+struct Ended {
+    failure: Failure,
+    worker_id: String,
+    worker_row: Option<i64>,
+    running: Option<Running>,
+}
+
+/// Whether a launch error lies outside the worker: not a missing or
+/// forbidden program, not a missing image.
+fn launch_error_is_outside(e: &anyhow::Error) -> bool {
+    for cause in e.chain() {
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            return !matches!(
+                io.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied
+            );
+        }
+        if let Some(bollard::errors::Error::DockerResponseServerError { status_code, .. }) =
+            cause.downcast_ref::<bollard::errors::Error>()
+        {
+            return *status_code != 404;
+        }
+    }
+    true
 }
 
 /// How supervising one worker ended.
@@ -116,99 +178,126 @@ impl Slot {
         let mut policy = RestartPolicy::new(self.config.pool.restart.clone());
         let mut announced = false;
         let (t, index, mode) = (self.worker.worker_type.clone(), self.index, self.mode_label.clone());
-        if let Err(e) = self
-            .db
-            .call(move |c| db::pool::upsert_slot(c, &t, index, &mode, SlotState::Starting))
-            .await
-        {
-            error!(slot = %self.name(), "recording the slot: {e:#}");
-        }
+        self.write("recording the slot", move |c| {
+            db::pool::upsert_slot(c, &t, index, &mode, SlotState::Starting)
+        })
+        .await;
 
         while !self.token.is_cancelled() {
             let started_at = Instant::now();
-            let (failure, worker_id, worker_row, running) = match self.start().await {
-                Err((failure, worker_id, row)) => (failure, worker_id, row, None),
+            let ended = match self.start().await {
+                Err(ended) => ended,
                 Ok(Started {
                     mut running,
                     preregistered,
                 }) => match self.supervise(&mut running, preregistered, &mut announced).await {
                     Supervised::ShuttingDown => {
-                        let cause = running.stop(self.config.pool.stop_timeout).await;
-                        info!(worker = %running.worker_id, slot = %self.name(), "stopped ({cause})");
-                        let row = self.row_of(&running, preregistered).await;
-                        self.record_end(
-                            &running.worker_id,
-                            row,
-                            EndEvent::Stopped,
-                            &cause.to_string(),
-                            &running.tail.lines(20),
-                            false,
-                        )
-                        .await;
+                        self.stop_for_shutdown(running, preregistered).await;
                         break;
                     }
-                    Supervised::Ended(failure, row) => (failure, running.worker_id.clone(), row, Some(running)),
+                    Supervised::Ended(failure, row) => Ended {
+                        failure,
+                        worker_id: running.worker_id.clone(),
+                        worker_row: row,
+                        running: Some(running),
+                    },
                 },
             };
-            let ran_for = started_at.elapsed();
-            let (event, cause) = match &failure {
-                Failure::Died(c) => (EndEvent::Died, c.clone()),
-                Failure::Hung(reason) => (EndEvent::Hung, format!("was hung ({reason})")),
-                Failure::NoRegister => (
-                    EndEvent::NoRegister,
-                    format!(
-                        "did not register within {}",
-                        humantime::format_duration(self.config.pool.startup_timeout)
-                    ),
-                ),
-                Failure::SpawnFailed(e) => (EndEvent::SpawnFailed, format!("could not be started: {e}")),
-            };
-            let tail = running.as_ref().map(|r| r.tail.lines(20)).unwrap_or_default();
-            if tail.is_empty() {
-                warn!(worker = %worker_id, slot = %self.name(), "worker {cause}");
-            } else {
-                warn!(worker = %worker_id, slot = %self.name(), "worker {cause}; last output:\n{tail}");
-            }
-            if let Some(r) = &running {
-                r.sweep().await;
-            }
-            self.record_end(&worker_id, worker_row, event, &cause, &tail, true)
-                .await;
-            drop(running);
-
-            match policy.on_failure(Instant::now(), ran_for) {
+            let outside = ended.failure.is_outside_worker();
+            let cause = self.finish(ended).await;
+            let keep_going = match policy.on_failure(Instant::now(), started_at.elapsed(), outside) {
+                Decision::RestartAfter(delay) if delay.is_zero() => true,
                 Decision::RestartAfter(delay) => {
-                    if !delay.is_zero() {
-                        self.set_state(SlotState::Backoff).await;
-                        info!(slot = %self.name(), "restarting in {}", humantime::format_duration(delay));
-                        tokio::select! {
-                            _ = self.token.cancelled() => break,
-                            _ = tokio::time::sleep(delay) => {}
-                        }
-                    }
+                    info!(slot = %self.name(), "restarting in {}", humantime::format_duration(delay));
+                    let note = format!("restarting in {} (last: {cause})", humantime::format_duration(delay));
+                    self.wait_before_restart(delay, note).await
+                }
+                Decision::CoolDown(delay) => {
+                    let r = &self.config.pool.restart;
+                    let note = format!(
+                        "failed {} times within {} because of a fault outside the worker (last: {cause}); trying again in {} (restart_cooldown)",
+                        r.burst_limit,
+                        humantime::format_duration(r.burst_window),
+                        humantime::format_duration(delay)
+                    );
+                    warn!(slot = %self.name(), "{note}");
+                    self.wait_before_restart(delay, note).await
                 }
                 Decision::GiveUp => {
-                    let r = &self.config.pool.restart;
-                    error!(
-                        slot = %self.name(),
-                        "GIVING UP on slot {}: its worker failed {} times within {} (last: {cause}); the rest of the pool goes on",
-                        self.name(), r.burst_limit, humantime::format_duration(r.burst_window)
-                    );
-                    self.set_state(SlotState::Failed).await;
-                    if !announced {
-                        let _ = self.ready.send(SlotReady::Failed);
-                    }
-                    self.token.cancelled().await;
+                    self.give_up(&cause, announced).await;
                     return;
                 }
+            };
+            if !keep_going {
+                break;
             }
         }
-        self.set_state(SlotState::Stopped).await;
+        self.set_state(SlotState::Stopped, None).await;
+    }
+
+    /// Stops the worker as part of the pool's shutdown and records it.
+    async fn stop_for_shutdown(&self, mut running: Running, preregistered: Option<i64>) {
+        let cause = running.stop(self.config.pool.stop_timeout).await;
+        info!(worker = %running.worker_id, slot = %self.name(), "stopped ({cause})");
+        let row = self.row_of(&running, preregistered).await;
+        self.record_end(
+            &running.worker_id,
+            row,
+            EndEvent::Stopped,
+            &cause.to_string(),
+            &running.tail.lines(20),
+            false,
+        )
+        .await;
+    }
+
+    /// After a worker failed: logs why, removes what it left running and
+    /// records its end. Returns the cause, in words.
+    async fn finish(&self, ended: Ended) -> String {
+        let (event, cause) = ended.failure.describe(self.config.pool.startup_timeout);
+        let tail = ended.running.as_ref().map(|r| r.tail.lines(20)).unwrap_or_default();
+        if tail.is_empty() {
+            warn!(worker = %ended.worker_id, slot = %self.name(), "worker {cause}");
+        } else {
+            warn!(worker = %ended.worker_id, slot = %self.name(), "worker {cause}; last output:\n{tail}");
+        }
+        if let Some(r) = &ended.running {
+            r.sweep().await;
+        }
+        self.record_end(&ended.worker_id, ended.worker_row, event, &cause, &tail, true)
+            .await;
+        cause
+    }
+
+    /// Waits `delay` in the backoff state, saying why; false if the pool
+    /// is stopping meanwhile.
+    async fn wait_before_restart(&self, delay: Duration, note: String) -> bool {
+        self.set_state(SlotState::Backoff, Some(note)).await;
+        tokio::select! {
+            _ = self.token.cancelled() => false,
+            _ = tokio::time::sleep(delay) => true,
+        }
+    }
+
+    /// Leaves the slot empty for the rest of the run.
+    async fn give_up(&self, cause: &str, announced: bool) {
+        let r = &self.config.pool.restart;
+        let note = format!(
+            "gave up: its worker failed {} times within {} (last: {cause})",
+            r.burst_limit,
+            humantime::format_duration(r.burst_window)
+        );
+        error!(slot = %self.name(), "GIVING UP on slot {}: {note}; the rest of the pool goes on", self.name());
+        self.set_state(SlotState::Failed, Some(note)).await;
+        if !announced {
+            let _ = self.ready.send(SlotReady::Failed);
+        }
+        self.token.cancelled().await;
     }
 
     /// Pre-registers the worker's row (CLM) and launches the worker. On
     /// failure: why, the id the worker would have had, and its row.
-    async fn start(&self) -> Result<Started, (Failure, String, Option<i64>)> {
+    async fn start(&self) -> Result<Started, Ended> {
         let worker_id = format!(
             "{}-{}-{}-{}",
             self.mode.name(),
@@ -240,12 +329,14 @@ impl Slot {
                         )
                     })
                     .await
-                    .map_err(|e| {
-                        (
-                            Failure::SpawnFailed(format!("pre-registering its worker row: {e:#}")),
-                            worker_id.clone(),
-                            None,
-                        )
+                    .map_err(|e| Ended {
+                        failure: Failure::SpawnFailed {
+                            error: format!("pre-registering its worker row: {e:#}"),
+                            outside: db::is_transient_any(&e),
+                        },
+                        worker_id: worker_id.clone(),
+                        worker_row: None,
+                        running: None,
                     })?;
                 Some(row)
             }
@@ -253,7 +344,17 @@ impl Slot {
         let spec = self.launch_spec(worker_id.clone(), preregistered);
         let running = match self.mode.launch(&spec).await {
             Ok(r) => r,
-            Err(e) => return Err((Failure::SpawnFailed(format!("{e:#}")), worker_id, preregistered)),
+            Err(e) => {
+                return Err(Ended {
+                    failure: Failure::SpawnFailed {
+                        error: format!("{e:#}"),
+                        outside: launch_error_is_outside(&e),
+                    },
+                    worker_id,
+                    worker_row: preregistered,
+                    running: None,
+                });
+            }
         };
         // A container goes by its own id, known only now.
         if let Some(row) = preregistered
@@ -286,7 +387,7 @@ impl Slot {
             _ = self.token.cancelled() => return Supervised::ShuttingDown,
             cause = running.wait() => {
                 self.registry.forget(&running.worker_id, preregistered);
-                return Supervised::Ended(Failure::Died(cause.to_string()), self.row_of(running, preregistered).await);
+                return Supervised::Ended(Failure::Died(cause), self.row_of(running, preregistered).await);
             }
             r = tokio::time::timeout(self.config.pool.startup_timeout, registered) => match r {
                 Ok(Ok(row)) => row,
@@ -306,7 +407,7 @@ impl Slot {
             tokio::select! {
                 biased;
                 _ = self.token.cancelled() => return Supervised::ShuttingDown,
-                cause = running.wait() => return Supervised::Ended(Failure::Died(cause.to_string()), Some(row)),
+                cause = running.wait() => return Supervised::Ended(Failure::Died(cause), Some(row)),
                 Some(hung) = self.hung.recv() => {
                     if hung.worker_row != row {
                         continue;
@@ -345,13 +446,10 @@ impl Slot {
             running.pid.map(i64::from),
             running.proc_start,
         );
-        if let Err(e) = self
-            .db
-            .call(move |c| db::pool::slot_launched(c, &t, index, &id, pid, start))
-            .await
-        {
-            warn!("recording worker launch: {e:#}");
-        }
+        self.write("recording the worker's launch", move |c| {
+            db::pool::slot_launched(c, &t, index, &id, pid, start)
+        })
+        .await;
     }
 
     async fn record_registered(&self, running: &Running, row: i64) {
@@ -362,25 +460,20 @@ impl Slot {
             self.mode.name(),
             self.protocol(),
         );
-        let result = self
-            .db
-            .call(move |c| {
-                db::pool::slot_registered(
-                    c,
-                    protocol,
-                    &db::pool::Registered {
-                        worker_type: &t,
-                        slot: index,
-                        worker_row: row,
-                        worker_id: &id,
-                        execution_mode: mode,
-                    },
-                )
-            })
-            .await;
-        if let Err(e) = result {
-            error!(worker = %running.worker_id, "recording the worker's registration: {e:#}");
-        }
+        self.write("recording the worker's registration", move |c| {
+            db::pool::slot_registered(
+                c,
+                protocol,
+                &db::pool::Registered {
+                    worker_type: &t,
+                    slot: index,
+                    worker_row: row,
+                    worker_id: &id,
+                    execution_mode: mode,
+                },
+            )
+        })
+        .await;
     }
 
     async fn record_end(
@@ -402,8 +495,7 @@ impl Slot {
             self.protocol(),
         );
         let result = self
-            .db
-            .call(move |c| {
+            .write("recording the worker's end", move |c| {
                 db::pool::record_end(
                     c,
                     protocol,
@@ -421,27 +513,37 @@ impl Slot {
                 )
             })
             .await;
-        match result {
-            Ok((requeued, failed)) => {
-                if !requeued.is_empty() {
-                    info!(worker = %worker_id, jobs = ?requeued, "put the worker's unfinished jobs back in the queue");
-                }
-                if !failed.is_empty() {
-                    warn!(worker = %worker_id, jobs = ?failed, "failed the worker's jobs: no attempts left");
-                }
+        if let Some((requeued, failed)) = result {
+            if !requeued.is_empty() {
+                info!(worker = %worker_id, jobs = ?requeued, "put the worker's unfinished jobs back in the queue");
             }
-            Err(e) => error!(worker = %worker_id, "recording the worker's end: {e:#}"),
+            if !failed.is_empty() {
+                warn!(worker = %worker_id, jobs = ?failed, "failed the worker's jobs: no attempts left");
+            }
         }
     }
 
-    async fn set_state(&self, state: SlotState) {
+    async fn set_state(&self, state: SlotState, note: Option<String>) {
         let (t, index) = (self.worker.worker_type.clone(), self.index);
-        if let Err(e) = self
-            .db
-            .call(move |c| db::pool::set_slot_state(c, &t, index, state))
-            .await
-        {
-            error!(slot = %self.name(), "recording the slot's state {state}: {e:#}");
+        self.write(&format!("recording slot {} as {state}", self.name()), move |c| {
+            db::pool::set_slot_state(c, &t, index, state, note.as_deref())
+        })
+        .await;
+    }
+
+    /// A write that must not be dropped: retried until it lands (a lock or
+    /// a full disk is waited out); any other error is logged.
+    async fn write<T, F>(&self, what: &str, f: F) -> Option<T>
+    where
+        T: Send + 'static,
+        F: Fn(&mut rusqlite::Connection) -> rusqlite::Result<T> + Send + Sync + Clone + 'static,
+    {
+        match self.db.call_until_done(what, f).await {
+            Ok(v) => Some(v),
+            Err(e) => {
+                error!(slot = %self.name(), "{e:#}");
+                None
+            }
         }
     }
 }

@@ -97,6 +97,19 @@ const REGISTRATION_PATIENCE: Duration = Duration::from_secs(5);
 /// How long the last writes on the way out (give the job back, leave) try.
 const LEAVING_PATIENCE: Duration = Duration::from_secs(3);
 
+/// A database fault that goes away by itself becomes [`DatabaseUnavailable`]
+/// (exit 75), with a full disk named as such.
+fn unavailable(e: anyhow::Error, me: &Identity) -> anyhow::Error {
+    if e.downcast_ref::<DatabaseUnavailable>().is_some() || !db::is_transient_any(&e) {
+        return e;
+    }
+    let e = match db::disk_full_hint(&me.db_path) {
+        Some(hint) => e.context(hint),
+        None => e,
+    };
+    DatabaseUnavailable(e).into()
+}
+
 /// Registers, or activates the pre-registered row; returns the row id. Only
 /// a committed row counts: the log says "registered" after the commit.
 async fn register(conn: &Connection, protocol: Protocol, me: &Identity) -> anyhow::Result<i64> {
@@ -160,8 +173,8 @@ pub async fn run(opts: WorkerOptions) -> anyhow::Result<()> {
         bail!("no job command given: run `clx-pool worker -- COMMAND [ARGS...]`");
     }
     let me = identity()?;
-    let (conn, protocol) = db::open_existing(&me.db_path)?;
-    let row = register(&conn, protocol, &me).await?;
+    let (conn, protocol) = db::open_existing(&me.db_path).map_err(|e| unavailable(e, &me))?;
+    let row = register(&conn, protocol, &me).await.map_err(|e| unavailable(e, &me))?;
     let mut worker = Worker {
         stop: StopSignals::install()?,
         conn,

@@ -118,9 +118,11 @@ impl Pool {
         std::fs::read_to_string(self.path("supervisor.log")).unwrap_or_default()
     }
 
+    /// A connection as the Python workers open one (no foreign keys).
     pub fn conn(&self) -> Connection {
         let c = Connection::open(self.db_path()).unwrap();
         c.busy_timeout(Duration::from_secs(10)).unwrap();
+        c.pragma_update(None, "foreign_keys", false).unwrap();
         c
     }
 
@@ -363,4 +365,88 @@ pub fn toml_str(s: &str) -> String {
 
 pub fn repo_path(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
+
+/// Holds `BEGIN EXCLUSIVE` on a database from another connection (a
+/// thread of the test) for `hold`, like a long writer would. Returns once
+/// the lock is held; the guard's `join` waits for its release.
+pub struct WriteLock(Option<std::thread::JoinHandle<()>>);
+
+impl WriteLock {
+    pub fn hold(db: &Path, hold: Duration) -> WriteLock {
+        let db = db.to_path_buf();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let handle = std::thread::spawn(move || {
+            let c = Connection::open(&db).unwrap();
+            c.busy_timeout(Duration::from_secs(30)).unwrap();
+            c.execute_batch("BEGIN EXCLUSIVE").unwrap();
+            tx.send(()).unwrap();
+            std::thread::sleep(hold);
+            c.execute_batch("COMMIT").unwrap();
+        });
+        rx.recv_timeout(Duration::from_secs(30))
+            .expect("the write lock was taken");
+        WriteLock(Some(handle))
+    }
+
+    pub fn join(mut self) {
+        if let Some(h) = self.0.take() {
+            h.join().unwrap();
+        }
+    }
+}
+
+impl Drop for WriteLock {
+    fn drop(&mut self) {
+        if let Some(h) = self.0.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// A small tmpfs mounted for one test (root only), unmounted on drop.
+pub struct Tmpfs {
+    pub dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    /// None (skipped with a message) without root, except under CI=true.
+    pub fn mount(size: &str) -> Option<Tmpfs> {
+        if !nix::unistd::geteuid().is_root() {
+            if std::env::var("CI").is_ok_and(|v| v == "true") {
+                panic!("disk-full tests need root under CI");
+            }
+            eprintln!("SKIPPED: mounting a tmpfs needs root");
+            return None;
+        }
+        let dir = tempfile::Builder::new().prefix("clx-pool-tmpfs-").tempdir().unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "mount: {}", stderr(&out));
+        Some(Tmpfs { dir })
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Fills the file system with a file `name`; returns its path.
+    pub fn fill(&self, name: &str) -> PathBuf {
+        use std::io::Write;
+        let path = self.path().join(name);
+        let mut f = std::fs::File::create(&path).unwrap();
+        let block = vec![0u8; 4096];
+        while f.write_all(&block).is_ok() {}
+        let _ = f.sync_all();
+        path
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(self.dir.path()).output();
+    }
 }
