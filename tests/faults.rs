@@ -173,11 +173,10 @@ fn a_slot_failing_outside_its_worker_cools_down_and_comes_back() {
     );
     std::fs::write(pool.path("workspace/fault"), "").unwrap();
     pool.start();
-    let mut last = String::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let why = loop {
         let out = pool.cli(&["stats", "--json"]);
-        last = format!("{}{}", stdout(&out), stderr(&out));
+        let last = format!("{}{}", stdout(&out), stderr(&out));
         let found = serde_json::from_slice::<serde_json::Value>(&out.stdout)
             .ok()
             .and_then(|json| {
