@@ -453,6 +453,33 @@ def bench_throughput(workers, jobs, kind):
     record(name, workers, "clx-pool", "jobs/s", [jobs / elapsed], "jobs per second, submit to all completed", how)
 
 
+def bench_queue_depth(depth, measured, workers=4, claim_index=True):
+    """Throughput while `depth` jobs wait: time for the first `measured` of
+    them to complete, with queue-only workers (no command per job)."""
+    pool = ClxPool(workers, "queue-only").start()
+    try:
+        pool.connect()
+        poll(lambda: pool.registered() >= workers, 60)
+        c = pool.dbc.c
+        if not claim_index:
+            c.execute("DROP INDEX clx_pool_jobs_claim")
+        c.execute("BEGIN")
+        c.executemany("INSERT INTO jobs (job_type, status, input_file, output_file, content_hash, payload)"
+                      " VALUES ('t', 'pending', 'in', ?, 'h', '{}')", [("out/%d" % i,) for i in range(depth)])
+        c.execute("COMMIT")
+        t = time.monotonic()
+        poll(lambda: pool.dbc.val("SELECT COUNT(*) FROM jobs WHERE status = 'completed'") >= measured, 600, 0.002)
+        elapsed = time.monotonic() - t
+    finally:
+        pool.close()
+    rate = measured / elapsed
+    name = "throughput at queue depth" if claim_index else "throughput at queue depth, claim index dropped"
+    record(name, depth, "clx-pool", "jobs/s", [rate], "jobs per second while N jobs are pending",
+           "%d pending jobs inserted in one transaction, time until %d completed; %d queue-only workers%s"
+           % (depth, measured, workers, "" if claim_index else "; baseline without clx_pool_jobs_claim"))
+    return rate
+
+
 def bench_pickup(workers, samples_n):
     pool = ClxPool(workers, "queue-only").start()
     samples = []
@@ -560,6 +587,7 @@ GOALS = {
     ("idle DB writes", 50): ("<= 50 /s", lambda v: v <= 50),
     ("throughput", 4): (">= 1000 jobs/s", lambda v: v >= 1000),
     ("pickup latency", 4): ("p50 <= 50 ms", lambda v: v <= 0.05),
+    ("queue depth 100k / 1k", 4): (">= 0.8", lambda v: v >= 0.8),
 }
 
 
@@ -570,6 +598,8 @@ def fmt(v, unit):
         return "%.1f MB" % v
     if unit == "%":
         return "%.2f %%" % v
+    if unit == "ratio":
+        return "%.2f" % v
     return "%.0f %s" % (v, unit)
 
 
@@ -657,6 +687,10 @@ How each figure is measured:
 - *idle DB writes* counts row writes (triggers on workers and jobs): the
   heartbeats of idle workers, and the supervisor's per-tick CPU/memory
   figures, which go into one transaction per tick.
+- *throughput at queue depth* times the first 1,000 of N pending jobs
+  with queue-only workers: claiming is an index lookup
+  (`clx_pool_jobs_claim`), so a deep queue costs little; the same run
+  without that index shows the sort of every pending job it replaces.
 - *start (python workers)* runs `tests/workers/clx_protocol_worker.py`,
   a standard-library Python CLX worker, under clx-pool: what a realistic
   Python worker pool costs.
@@ -708,6 +742,11 @@ def main():
         bench_throughput(w, 500 if quick else 2000, "builtin")
         bench_throughput(w, 500 if quick else 2000, "queue-only")
     bench_pickup(4, 20 if quick else 50)
+    print("== queue depth")
+    rates = {d: bench_queue_depth(d, 1000) for d in ([1000, 100000] if quick else [1000, 10000, 100000])}
+    bench_queue_depth(100000, 200, claim_index=False)
+    record("queue depth 100k / 1k", 4, "clx-pool", "ratio", [rates[100000] / rates[1000]],
+           "throughput at 100k pending over throughput at 1k pending", "the two runs above")
     print("== docker mode")
     if docker_ready():
         bench_docker(10, 1 if quick else 3, 5 if quick else 10)
