@@ -526,7 +526,7 @@ impl<'a> Validator<'a> {
 
     fn pool(&mut self, raw: RawPool) -> Option<PoolConfig> {
         let before = self.problems.len();
-        let db_path = self.resolve(raw.db_path.unwrap_or_else(|| PathBuf::from("jobs.db")));
+        let db_path = real_path(self.resolve(raw.db_path.unwrap_or_else(|| PathBuf::from("jobs.db"))));
         let workspace_path = self.resolve(raw.workspace_path.unwrap_or_else(|| PathBuf::from("workspace")));
         let log_dir = match raw.log_dir {
             Some(p) => self.resolve(p),
@@ -835,6 +835,19 @@ pub fn parse_size(s: &str) -> Option<u64> {
         return None;
     }
     Some((n * mult as f64) as u64)
+}
+
+/// The database's real path (symlinks resolved, as far as it exists), so a
+/// database reached through a symlink is the same database everywhere:
+/// its lock, its processes' tag, its containers' label.
+pub fn real_path(p: PathBuf) -> PathBuf {
+    if let Ok(real) = std::fs::canonicalize(&p) {
+        return real;
+    }
+    match (p.parent(), p.file_name()) {
+        (Some(dir), Some(name)) => std::fs::canonicalize(dir).map(|d| d.join(name)).unwrap_or(p),
+        _ => p,
+    }
 }
 
 /// Folds `.` and `..` out of a path without touching the file system, so

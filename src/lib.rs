@@ -7,6 +7,7 @@ pub mod commands;
 pub mod config;
 pub mod db;
 pub mod executor;
+pub mod files;
 pub mod lock;
 pub mod logs;
 pub mod procs;

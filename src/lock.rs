@@ -1,15 +1,24 @@
-//! The supervisor lock: an exclusive `flock` on `<db>.lock` beside the
-//! database. The kernel releases it when the supervisor dies, however it
-//! dies, so "is a supervisor running?" never depends on a stale record.
-//! The file holds the owner's pid for `stop` to signal.
+//! One database, one supervisor: the supervisor holds an exclusive `flock`
+//! on the database file itself, so the same database reached through a
+//! symlink or a hard link is the same lock, and no file can be deleted to
+//! make a running supervisor invisible. The kernel drops the lock when the
+//! supervisor dies, however it dies. `<db>.lock` beside the database holds
+//! the owner's pid for `stop` (written through `files::open_own_file`: no
+//! symlink followed, mode 0644 whatever the umask); it is a hint, never the
+//! lock.
+//!
+//! `flock` and SQLite's own POSIX locks do not interact on Linux, but
+//! closing *any* descriptor of the database file drops every POSIX lock the
+//! process holds on it, SQLite's included. So every descriptor opened here
+//! stays open until the process exits.
 
-use std::fs::{File, OpenOptions};
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::{LazyLock, Mutex};
 use std::time::{Duration, Instant};
-
-use nix::errno::Errno;
-use nix::fcntl::{Flock, FlockArg};
 
 pub fn lock_path(db: &Path) -> PathBuf {
     let mut name = db.file_name().map(|n| n.to_os_string()).unwrap_or_default();
@@ -17,76 +26,140 @@ pub fn lock_path(db: &Path) -> PathBuf {
     db.with_file_name(name)
 }
 
-/// Held for the supervisor's whole life.
+/// Descriptors of database files, one per path, open until the process
+/// exits (see the module comment).
+static HANDLES: LazyLock<Mutex<HashMap<PathBuf, &'static File>>> = LazyLock::new(Default::default);
+
+/// The process's descriptor of the database file at `db`, opened once.
+fn handle(db: &Path, create: bool) -> std::io::Result<&'static File> {
+    let mut handles = HANDLES.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(f) = handles.get(db) {
+        return Ok(f);
+    }
+    let existed = db.exists();
+    let file = OpenOptions::new()
+        .read(true)
+        .write(create)
+        .create(create)
+        .truncate(false)
+        .mode(crate::files::FILE_MODE)
+        .open(db)?;
+    if create && !existed {
+        file.set_permissions(std::fs::Permissions::from_mode(crate::files::FILE_MODE))?;
+    }
+    let file: &'static File = Box::leak(Box::new(file));
+    handles.insert(db.to_path_buf(), file);
+    Ok(file)
+}
+
+/// Databases whose exclusive lock this process holds.
+static HELD: LazyLock<Mutex<Vec<PathBuf>>> = LazyLock::new(Default::default);
+
+/// Held for the supervisor's whole life (the lock goes with the process).
 pub struct SupervisorLock {
-    _lock: Flock<File>,
+    _private: (),
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {
     #[error(
-        "another clx-pool supervisor (pid {pid}) is already running for {db}; stop it with `clx-pool stop --db {db}`"
+        "another clx-pool supervisor ({}) is already running for {db}; stop it with `clx-pool stop --db {db}`",
+        pid.map(|p| format!("pid {p}")).unwrap_or_else(|| "pid unknown".into())
     )]
-    Held { pid: String, db: String },
-    #[error("cannot use the lock file {path}: {err}")]
+    Held { pid: Option<i32>, db: String },
+    #[error("cannot lock the database {path}: {err}")]
     Io { path: String, err: std::io::Error },
 }
 
 impl SupervisorLock {
+    /// Takes the lock of `db` (creating the file if needed) and writes this
+    /// process's pid into the pid file.
     pub fn acquire(db: &Path) -> Result<SupervisorLock, LockError> {
-        let path = lock_path(db);
         let io = |err: std::io::Error| LockError::Io {
-            path: path.display().to_string(),
+            path: db.display().to_string(),
             err,
         };
+        if let Some(dir) = db.parent() {
+            crate::files::create_dirs(dir).map_err(io)?;
+        }
+        let file = handle(db, true).map_err(io)?;
         // A brief retry, so that a `stop` or `stats` probing the lock at the
         // same moment does not make this start fail.
         let deadline = Instant::now() + Duration::from_millis(300);
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(io)?;
-        }
         loop {
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(&path)
-                .map_err(io)?;
-            match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-                Ok(mut lock) => {
-                    lock.set_len(0).map_err(io)?;
-                    lock.seek(SeekFrom::Start(0)).map_err(io)?;
-                    writeln!(lock, "{}", std::process::id()).map_err(io)?;
-                    lock.sync_data().map_err(io)?;
-                    return Ok(SupervisorLock { _lock: lock });
+            match file.try_lock() {
+                Ok(()) => break,
+                Err(TryLockError::WouldBlock) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
                 }
-                Err((mut file, Errno::EWOULDBLOCK)) => {
-                    if Instant::now() >= deadline {
-                        let mut pid = String::new();
-                        let _ = file.read_to_string(&mut pid);
-                        return Err(LockError::Held {
-                            pid: pid.trim().to_string(),
-                            db: db.display().to_string(),
-                        });
-                    }
-                    std::thread::sleep(Duration::from_millis(20));
+                Err(TryLockError::WouldBlock) => {
+                    return Err(LockError::Held {
+                        pid: pid_hint(db),
+                        db: db.display().to_string(),
+                    });
                 }
-                Err((_, e)) => return Err(io(e.into())),
+                Err(TryLockError::Error(e)) => return Err(io(e)),
             }
         }
+        HELD.lock().unwrap_or_else(|e| e.into_inner()).push(db.to_path_buf());
+        write_pid_file(db).map_err(|err| LockError::Io {
+            path: lock_path(db).display().to_string(),
+            err,
+        })?;
+        Ok(SupervisorLock { _private: () })
     }
 }
 
-/// The pid of the supervisor holding the lock of `db`, if one is running.
-pub fn running_supervisor(db: &Path) -> Option<i32> {
-    let path = lock_path(db);
-    let mut file = File::open(&path).ok()?;
-    let mut pid = String::new();
-    file.read_to_string(&mut pid).ok()?;
-    match Flock::lock(file, FlockArg::LockSharedNonblock) {
-        Ok(_) => None,
-        Err((_, Errno::EWOULDBLOCK)) => Some(pid.trim().parse().unwrap_or(0)),
-        Err(_) => None,
+/// Writes this process's pid into `<db>.lock`, refusing to follow a symlink
+/// there (which could point anywhere).
+fn write_pid_file(db: &Path) -> std::io::Result<()> {
+    let mut f = crate::files::open_own_file(&lock_path(db), false)?;
+    f.set_len(0)?;
+    f.seek(SeekFrom::Start(0))?;
+    writeln!(f, "{}", std::process::id())?;
+    f.sync_data()
+}
+
+/// The pid in the pid file, if it names a live process.
+fn pid_hint(db: &Path) -> Option<i32> {
+    let mut text = String::new();
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(lock_path(db))
+        .ok()?
+        .read_to_string(&mut text)
+        .ok()?;
+    let pid: i32 = text.trim().parse().ok()?;
+    (pid > 0 && crate::procs::start_ticks(pid).is_some()).then_some(pid)
+}
+
+/// A supervisor running for a database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Running {
+    /// From the pid file, when it names a live process; else the caller
+    /// asks the database's supervisor record.
+    pub pid: Option<i32>,
+}
+
+/// Whether a supervisor holds the lock of `db` (and its pid, if known).
+pub fn running_supervisor(db: &Path) -> Option<Running> {
+    // A probe through our own descriptor would convert (and then drop) a
+    // lock this process holds.
+    if HELD.lock().unwrap_or_else(|e| e.into_inner()).iter().any(|p| p == db) {
+        return Some(Running {
+            pid: Some(std::process::id() as i32),
+        });
+    }
+    let file = handle(db, false).ok()?;
+    match file.try_lock_shared() {
+        Ok(()) => {
+            if let Err(e) = file.unlock() {
+                tracing::debug!("releasing the probe lock of {}: {e}", db.display());
+            }
+            None
+        }
+        Err(TryLockError::WouldBlock) => Some(Running { pid: pid_hint(db) }),
+        Err(TryLockError::Error(_)) => None,
     }
 }

@@ -5,7 +5,7 @@
 //! are kept in memory for error messages and the restart history.
 
 use std::collections::VecDeque;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -23,14 +23,16 @@ pub struct RotatingLog {
     size: u64,
     max_size: u64,
     keep: u32,
+    /// The last write or rotation failed (said once, not per write).
+    failing: bool,
 }
 
 impl RotatingLog {
     pub fn open(path: &Path, max_size: u64, keep: u32) -> std::io::Result<RotatingLog> {
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
+            crate::files::create_dirs(dir)?;
         }
-        let file = OpenOptions::new().create(true).append(true).open(path)?;
+        let file = crate::files::open_own_file(path, true)?;
         let size = file.metadata()?.len();
         Ok(RotatingLog {
             path: path.to_path_buf(),
@@ -38,18 +40,39 @@ impl RotatingLog {
             size,
             max_size,
             keep,
+            failing: false,
         })
+    }
+
+    /// Reports a failed write or rotation once until it works again: a
+    /// worker's output is never worth stopping the worker for.
+    fn report(&mut self, result: std::io::Result<()>, what: &str) {
+        match result {
+            Ok(()) => self.failing = false,
+            Err(e) if !self.failing => {
+                self.failing = true;
+                tracing::warn!(log = %self.path.display(), "{what}: {e}; output is lost until it works again");
+            }
+            Err(_) => {}
+        }
     }
 
     pub fn write(&mut self, buf: &[u8]) {
         if self.size > 0 && self.size + buf.len() as u64 > self.max_size {
             self.rotate();
         }
-        if let Some(f) = self.file.as_mut() {
-            if f.write_all(buf).is_ok() {
-                self.size += buf.len() as u64;
-            }
+        if self.file.is_none() {
+            // A rotation that failed to reopen: try again now.
+            self.file = crate::files::open_own_file(&self.path, true).ok();
         }
+        let Some(f) = self.file.as_mut() else {
+            return;
+        };
+        let written = f.write_all(buf);
+        if written.is_ok() {
+            self.size += buf.len() as u64;
+        }
+        self.report(written, "writing the worker log");
     }
 
     fn rotate(&mut self) {
@@ -59,16 +82,30 @@ impl RotatingLog {
             name.push(format!(".{n}"));
             PathBuf::from(name)
         };
-        if self.keep == 0 {
-            let _ = std::fs::remove_file(&self.path);
+        let missing_ok = |r: std::io::Result<()>| match r {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            other => other,
+        };
+        let moved = if self.keep == 0 {
+            missing_ok(std::fs::remove_file(&self.path))
         } else {
-            let _ = std::fs::remove_file(numbered(self.keep));
-            for n in (1..self.keep).rev() {
-                let _ = std::fs::rename(numbered(n), numbered(n + 1));
+            missing_ok(std::fs::remove_file(numbered(self.keep)))
+                .and_then(|()| {
+                    (1..self.keep)
+                        .rev()
+                        .try_for_each(|n| missing_ok(std::fs::rename(numbered(n), numbered(n + 1))))
+                })
+                .and_then(|()| std::fs::rename(&self.path, numbered(1)))
+        };
+        self.report(moved, "rotating the worker log");
+        let reopened = crate::files::open_own_file(&self.path, true);
+        self.file = match reopened {
+            Ok(f) => Some(f),
+            Err(e) => {
+                self.report(Err(e), "reopening the worker log");
+                None
             }
-            let _ = std::fs::rename(&self.path, numbered(1));
-        }
-        self.file = OpenOptions::new().create(true).append(true).open(&self.path).ok();
+        };
         self.size = 0;
     }
 }

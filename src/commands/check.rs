@@ -116,7 +116,10 @@ pub async fn run(path: &Path) -> anyhow::Result<i32> {
             )),
         }
     }
-    if let Some(pid) = lock::running_supervisor(&config.pool.db_path) {
+    if lock::running_supervisor(&config.pool.db_path).is_some() {
+        let pid = super::supervisor_pid(&config.pool.db_path)
+            .map(|p| p.to_string())
+            .unwrap_or_else(|| "unknown".into());
         println!(
             "note: a supervisor (pid {pid}) is already running for {}",
             config.pool.db_path.display()
@@ -144,7 +147,7 @@ pub async fn run(path: &Path) -> anyhow::Result<i32> {
 fn check_protocol(config: &Config) -> anyhow::Result<Protocol> {
     let db = &config.pool.db_path;
     let wanted = config.pool.protocol;
-    let protocol = match db::open_read_only(db)? {
+    let protocol = match db::peek(db)? {
         Some(found) => {
             let p = db::decide(db, &found, wanted)?;
             println!("ok: protocol {p} (the database {} serves it)", db.display());

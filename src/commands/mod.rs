@@ -56,6 +56,20 @@ pub async fn run(cmd: &Command) -> anyhow::Result<i32> {
     }
 }
 
+/// The pid of the supervisor running for `db`: from its pid file, or else
+/// from its record in the database (checked against the process's start
+/// time, so a reused pid is never taken for it).
+pub fn supervisor_pid(db: &std::path::Path) -> Option<i32> {
+    let running = crate::lock::running_supervisor(db)?;
+    if let Some(pid) = running.pid {
+        return Some(pid);
+    }
+    let (conn, _) = crate::db::open_read_only(db).ok()??;
+    let record = crate::db::pool::supervisor(&conn).ok()??;
+    let pid = record.pid as i32;
+    (crate::procs::start_ticks(pid).is_some() && crate::procs::start_ticks(pid) == record.proc_start).then_some(pid)
+}
+
 /// The database a command works on, and the config if one was named.
 pub struct Target {
     pub db_path: PathBuf,
@@ -73,7 +87,7 @@ pub fn target(args: &DbArgs) -> anyhow::Result<Target> {
         });
     }
     if let Some(db) = &args.db {
-        let db_path = crate::config::normalize(&std::path::absolute(db)?);
+        let db_path = crate::config::real_path(crate::config::normalize(&std::path::absolute(db)?));
         return Ok(Target { db_path, config: None });
     }
     Err(UsageError(

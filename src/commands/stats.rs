@@ -68,7 +68,7 @@ pub struct PoolStats {
 
 pub fn collect(db_path: &Path, events: bool) -> anyhow::Result<Stats> {
     let (conn, protocol) = db::open_for_reading(db_path)?;
-    let running_pid = lock::running_supervisor(db_path);
+    let running_pid = super::supervisor_pid(db_path).or_else(|| lock::running_supervisor(db_path).map(|_| 0));
     let record = db::pool::supervisor(&conn)?;
     let supervisor = SupervisorStats {
         running: running_pid.is_some(),

@@ -18,14 +18,14 @@ pub async fn run(args: &DbArgs, timeout: Duration) -> anyhow::Result<i32> {
     let db_path = t.db_path;
     let started = Instant::now();
     let deadline = started + timeout;
-    if let Some(pid) = lock::running_supervisor(&db_path) {
-        let mut pid = pid;
-        // The lock file is written right after the lock is taken.
-        while pid <= 0 && Instant::now() < deadline {
+    if lock::running_supervisor(&db_path).is_some() {
+        // The pid file is written right after the lock is taken.
+        let mut pid = super::supervisor_pid(&db_path);
+        while pid.is_none() && lock::running_supervisor(&db_path).is_some() && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
-            pid = lock::running_supervisor(&db_path).unwrap_or(-1);
+            pid = super::supervisor_pid(&db_path);
         }
-        if pid > 0 {
+        if let Some(pid) = pid {
             procs::signal_process(pid, Signal::SIGTERM)?;
             eprintln!("stopping the supervisor (pid {pid}) of {} ...", db_path.display());
             while lock::running_supervisor(&db_path).is_some() {

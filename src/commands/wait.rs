@@ -16,7 +16,7 @@ pub async fn run(args: &DbArgs, ready: bool, timeout: Duration) -> anyhow::Resul
     let deadline = Instant::now() + timeout;
     let mut last_state = String::from("the database does not exist yet");
     loop {
-        if let Some((conn, _)) = db::open_if_ready(&t.db_path)? {
+        if let Some((conn, _)) = db::open_read_only(&t.db_path)? {
             if ready {
                 match ready_state(&conn, &t.db_path)? {
                     Ready::Yes(n) => {
@@ -78,22 +78,21 @@ enum Ready {
 }
 
 fn ready_state(conn: &rusqlite::Connection, db_path: &std::path::Path) -> anyhow::Result<Ready> {
-    let Some(pid) = lock::running_supervisor(db_path) else {
+    let Some(running) = lock::running_supervisor(db_path) else {
         return Ok(Ready::No("no supervisor is running".into()));
     };
-    let has_tables: bool = conn.query_row(
-        "SELECT EXISTS(SELECT 1 FROM sqlite_master WHERE name = 'clx_pool_supervisor')",
-        [],
-        |r| r.get(0),
-    )?;
-    if !has_tables {
-        return Ok(Ready::No("the supervisor is starting".into()));
-    }
     let Some(sup) = db::pool::supervisor(conn)? else {
         return Ok(Ready::No("the supervisor is starting".into()));
     };
-    // The record may still be an earlier run's until this one has cleaned up.
-    if sup.pid != i64::from(pid) {
+    // The record may still be an earlier run's until this one has cleaned
+    // up: it must name the live supervisor (by pid file, or by the start
+    // time of the recorded pid).
+    let recorded = sup.pid as i32;
+    let current = match running.pid {
+        Some(pid) => pid == recorded,
+        None => crate::procs::start_ticks(recorded).is_some() && crate::procs::start_ticks(recorded) == sup.proc_start,
+    };
+    if !current {
         return Ok(Ready::No("the supervisor is starting".into()));
     }
     if matches!(sup.state, SupervisorState::Stopping | SupervisorState::Stopped) {

@@ -40,10 +40,8 @@ pub struct Refused {
 /// clx-pool's own tables up to date. A database that is refused is left
 /// byte for byte as it was.
 pub fn open(path: &Path, wanted: Option<Protocol>) -> anyhow::Result<(Connection, Protocol)> {
-    if let Some(dir) = path.parent()
-        && !dir.as_os_str().is_empty()
-    {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating the database folder {}", path.display()))?;
+    if let Some(dir) = path.parent() {
+        crate::files::create_dirs(dir).with_context(|| format!("creating the database folder {}", dir.display()))?;
     }
     let conn = Connection::open(path).with_context(|| format!("opening the database {}", path.display()))?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
@@ -66,7 +64,17 @@ pub fn open(path: &Path, wanted: Option<Protocol>) -> anyhow::Result<(Connection
 
 /// What an existing database holds, read without writing to it; None if
 /// there is no file.
-pub fn open_read_only(path: &Path) -> anyhow::Result<Option<schema::Found>> {
+pub fn peek(path: &Path) -> anyhow::Result<Option<schema::Found>> {
+    match read_only_connection(path)? {
+        None => Ok(None),
+        Some(conn) => {
+            let found = schema::detect(&conn).with_context(|| format!("reading the database {}", path.display()))?;
+            Ok(Some(found))
+        }
+    }
+}
+
+fn read_only_connection(path: &Path) -> anyhow::Result<Option<Connection>> {
     if !path.exists() {
         return Ok(None);
     }
@@ -76,8 +84,25 @@ pub fn open_read_only(path: &Path) -> anyhow::Result<Option<schema::Found>> {
     )
     .with_context(|| format!("opening the database {} read-only", path.display()))?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
+    Ok(Some(conn))
+}
+
+/// Opens a job database read-only, for commands that only read (`stats`,
+/// `jobs`, `wait`): nothing is created, migrated or switched to WAL, so
+/// they work on a read-only file and leave any file as it was. None while
+/// the file or its job tables are not there yet; a file that is not a job
+/// database is refused.
+pub fn open_read_only(path: &Path) -> anyhow::Result<Option<(Connection, Protocol)>> {
+    let Some(conn) = read_only_connection(path)? else {
+        return Ok(None);
+    };
     let found = schema::detect(&conn).with_context(|| format!("reading the database {}", path.display()))?;
-    Ok(Some(found))
+    let protocol = match found {
+        schema::Found::Protocol(p) => p,
+        schema::Found::Empty => return Ok(None),
+        other => refuse_unless(path, schema::decide(&other, None))?,
+    };
+    Ok(Some((conn, protocol)))
 }
 
 /// [`schema::decide`], with the database named in the refusal.
@@ -130,16 +155,15 @@ pub fn open_if_ready(path: &Path) -> anyhow::Result<Option<(Connection, Protocol
     Ok(Some((conn, protocol)))
 }
 
-/// Opens a database that must already exist, for read-only commands: a
-/// missing file is a clear error, not a new empty database.
+/// [`open_read_only`] for a database that must exist: a missing file (or
+/// one without job tables) is a clear error, not a new empty database.
 pub fn open_for_reading(path: &Path) -> anyhow::Result<(Connection, Protocol)> {
-    if !path.exists() {
-        anyhow::bail!(
-            "no database at {} (start a pool first, or point --db / --config / CLX_DB_PATH at the right file)",
+    open_read_only(path)?.with_context(|| {
+        format!(
+            "no job database at {} (start a pool first, or point --db / --config / CLX_DB_PATH at the right file)",
             path.display()
-        );
-    }
-    open(path, None)
+        )
+    })
 }
 
 /// True for errors that go away by themselves: another connection holding

@@ -129,6 +129,9 @@ pub fn set_state(conn: &Connection, protocol: Protocol, state: SupervisorState) 
 }
 
 pub fn supervisor(conn: &Connection) -> rusqlite::Result<Option<SupervisorRecord>> {
+    if super::schema::pool_version(conn)? == 0 {
+        return Ok(None);
+    }
     conn.query_row(
         "SELECT pid, proc_start, hostname, config_path, workspace_path, state, expected_workers,
                 started_at, ready_at, stopped_at FROM clx_pool_supervisor WHERE id = 1",
@@ -383,10 +386,15 @@ pub struct SlotRow {
 }
 
 pub fn slots(conn: &Connection) -> rusqlite::Result<Vec<SlotRow>> {
-    conn.prepare(
-        "SELECT worker_type, slot, execution_mode, state, worker_id, pid, proc_start, restarts, last_cause, note
-         FROM clx_pool_slots ORDER BY worker_type, slot",
-    )?
+    let note = match super::schema::pool_version(conn)? {
+        0 => return Ok(Vec::new()),
+        1 => "NULL",
+        _ => "note",
+    };
+    conn.prepare(&format!(
+        "SELECT worker_type, slot, execution_mode, state, worker_id, pid, proc_start, restarts, last_cause, {note}
+         FROM clx_pool_slots ORDER BY worker_type, slot"
+    ))?
     .query_map([], |r| {
         Ok(SlotRow {
             worker_type: r.get(0)?,
@@ -417,6 +425,9 @@ pub struct EventRow {
 }
 
 pub fn recent_events(conn: &Connection, limit: i64) -> rusqlite::Result<Vec<EventRow>> {
+    if super::schema::pool_version(conn)? == 0 {
+        return Ok(Vec::new());
+    }
     let mut rows: Vec<EventRow> = conn
         .prepare(
             "SELECT at, worker_type, slot, worker_id, event, cause, job_id, log_tail

@@ -238,6 +238,23 @@ pub enum PrepareError {
     Sql(#[from] rusqlite::Error),
 }
 
+/// The version of clx-pool's own tables (0 when they are not there yet):
+/// commands that only read must cope with a database no supervisor of
+/// this version has prepared.
+pub fn pool_version(conn: &Connection) -> rusqlite::Result<i64> {
+    let exists: bool = conn.query_row(
+        "SELECT EXISTS(SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'clx_pool_schema')",
+        [],
+        |r| r.get(0),
+    )?;
+    if !exists {
+        return Ok(0);
+    }
+    conn.query_row("SELECT COALESCE(MAX(version), 0) FROM clx_pool_schema", [], |r| {
+        r.get(0)
+    })
+}
+
 /// Applies pending clx-pool migrations (its own tables only).
 pub fn migrate_pool_tables(conn: &Connection) -> rusqlite::Result<()> {
     conn.execute_batch(

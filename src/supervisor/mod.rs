@@ -36,7 +36,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // died) become our children instead of init's, so none escapes `stop`.
     nix::sys::prctl::set_child_subreaper(true).context("becoming a child subreaper")?;
     for dir in [&pool.workspace_path, &pool.log_dir] {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        crate::files::create_dirs(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     let (db_path, wanted) = (pool.db_path.clone(), pool.protocol);
     let (conn, protocol) = tokio::task::spawn_blocking(move || db::open(&db_path, wanted)).await??;

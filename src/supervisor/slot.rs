@@ -94,14 +94,19 @@ struct Ended {
     running: Option<Running>,
 }
 
-/// Whether a launch error lies outside the worker: not a missing or
-/// forbidden program, not a missing image.
+/// Whether a launch error lies outside the worker and goes away by itself
+/// (a full disk, too many open files or processes, a busy engine), unlike a
+/// missing program, a forbidden path or a missing image.
 fn launch_error_is_outside(e: &anyhow::Error) -> bool {
+    use std::io::ErrorKind::*;
     for cause in e.chain() {
         if let Some(io) = cause.downcast_ref::<std::io::Error>() {
-            return !matches!(
+            return matches!(
                 io.kind(),
-                std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied
+                StorageFull | QuotaExceeded | WouldBlock | ResourceBusy | OutOfMemory | Interrupted | TimedOut
+            ) || matches!(
+                io.raw_os_error(),
+                Some(nix::libc::EMFILE | nix::libc::ENFILE | nix::libc::EIO | nix::libc::EAGAIN)
             );
         }
         if let Some(bollard::errors::Error::DockerResponseServerError { status_code, .. }) =

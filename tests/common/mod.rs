@@ -40,8 +40,13 @@ impl Pool {
     /// (TOML text of `[[workers]]` entries). `pool_extra` is added to `[pool]`.
     pub fn new(pool_extra: &str, workers: &str) -> Pool {
         let dir = tempfile::Builder::new().prefix("clx-pool-test-").tempdir().unwrap();
-        let mut pool = String::from("[pool]\ndb_path = \"jobs.db\"\nworkspace_path = \"workspace\"\n");
-        for (key, value) in [("stop_timeout", "\"3s\""), ("startup_timeout", "\"10s\"")] {
+        let mut pool = String::from("[pool]\n");
+        for (key, value) in [
+            ("db_path", "\"jobs.db\""),
+            ("workspace_path", "\"workspace\""),
+            ("stop_timeout", "\"3s\""),
+            ("startup_timeout", "\"10s\""),
+        ] {
             if !pool_extra.contains(key) {
                 pool.push_str(&format!("{key} = {value}\n"));
             }
@@ -235,19 +240,19 @@ impl Pool {
 
 impl Drop for Pool {
     fn drop(&mut self) {
-        if let Some(mut child) = self.supervisor.take() {
-            if child.try_wait().ok().flatten().is_none() {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(child.id() as i32),
-                    nix::sys::signal::Signal::SIGTERM,
-                );
-                let deadline = Instant::now() + Duration::from_secs(10);
-                while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                let _ = child.kill();
-                let _ = child.wait();
+        if let Some(mut child) = self.supervisor.take()
+            && child.try_wait().ok().flatten().is_none()
+        {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
             }
+            let _ = child.kill();
+            let _ = child.wait();
         }
         for pid in self.processes() {
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
@@ -393,6 +398,11 @@ impl WriteLock {
         if let Some(h) = self.0.take() {
             h.join().unwrap();
         }
+    }
+
+    /// True once the holder has committed.
+    pub fn is_released(&self) -> bool {
+        self.0.as_ref().is_none_or(|h| h.is_finished())
     }
 }
 
