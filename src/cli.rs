@@ -119,6 +119,12 @@ pub enum Command {
     },
     /// The built-in worker: runs COMMAND once per job (started by `start` for `job_command` entries).
     Worker(WorkerArgs),
+    /// Started by `start` beside the supervisor: cleans up if the supervisor dies without stopping its pool.
+    #[command(hide = true)]
+    Guard {
+        #[arg(long, value_name = "FILE")]
+        db: PathBuf,
+    },
 }
 
 #[derive(Debug, Args)]

@@ -110,6 +110,11 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             .await?;
             Ok(0)
         }
+        Command::Guard { db } => {
+            init_logging(&cli, "info");
+            supervisor::guard::run(db).await?;
+            Ok(0)
+        }
         other => {
             init_logging(&cli, "warn");
             commands::run(other).await

@@ -160,19 +160,41 @@ fn mixed_pool_runs_docker_and_direct_workers_and_stop_leaves_nothing() {
 }
 
 #[test]
-fn stop_after_a_killed_supervisor_removes_leftover_containers() {
+fn a_killed_supervisors_guard_removes_its_containers() {
     if !docker_ready() {
         return;
     }
     let mut pool = Pool::new(NO_NETWORK, &docker_workers("copy", 2, "docker", COPY));
     pool.start_ready();
+    assert_eq!(pool.containers().len(), 2);
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pool.supervisor_pid()),
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
     pool.wait_supervisor_exit(Duration::from_secs(5));
-    assert_eq!(pool.containers().len(), 2, "containers outlive a killed supervisor");
+    wait_for("the guard to remove the containers", Duration::from_secs(20), || {
+        pool.containers().is_empty().then_some(())
+    });
+    wait_for("the guard to mark the workers dead", Duration::from_secs(20), || {
+        (pool.try_i64("SELECT COUNT(*) FROM workers WHERE status != 'dead'")? == 0).then_some(())
+    });
+}
+
+#[test]
+fn stop_after_a_killed_supervisor_removes_leftover_containers() {
+    if !docker_ready() {
+        return;
+    }
+    let mut pool = Pool::new(NO_NETWORK, &docker_workers("copy", 2, "docker", COPY));
+    pool.start_ready();
+    // The guard would remove them at once; this is the case where it died too.
+    pool.kill_supervisor_and_guard();
+    assert_eq!(
+        pool.containers().len(),
+        2,
+        "containers outlive a killed supervisor and guard"
+    );
     let out = pool.cli(&["stop"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stdout(&out).contains("removed 2 container(s)"), "{}", stdout(&out));

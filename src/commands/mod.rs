@@ -52,7 +52,9 @@ pub async fn run(cmd: &Command) -> anyhow::Result<i32> {
             json,
         } => jobs::run(db, status.as_deref(), *limit, *json),
         Command::Check { config } => check::run(config).await,
-        Command::Start { .. } | Command::Worker(_) => unreachable!("handled by lib::dispatch"),
+        Command::Start { .. } | Command::Worker(_) | Command::Guard { .. } => {
+            unreachable!("handled by lib::dispatch")
+        }
     }
 }
 

@@ -4,6 +4,7 @@
 //! parallel before exiting.
 
 pub mod cleanup;
+pub mod guard;
 pub mod monitor;
 pub mod policy;
 pub mod registry;
@@ -31,6 +32,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let config = Arc::new(config);
     let pool = &config.pool;
     let started = Instant::now();
+    raise_open_files_limit(config.total_workers())?;
     let _lock = SupervisorLock::acquire(&pool.db_path)?;
     // Orphaned descendants of workers (a `setsid` grandchild whose parent
     // died) become our children instead of init's, so none escapes `stop`.
@@ -43,6 +45,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     config.check_protocol(protocol)?;
     let db = Db::new(conn, &pool.db_path, protocol);
     info!(protocol = %protocol, db = %pool.db_path.display(), "opened the job database");
+    // From here on, if this process dies without stopping the pool, the
+    // guard cleans up after it.
+    let guard = guard::spawn(&pool.db_path)?;
+    tracing::debug!(pid = guard.pid(), "started the guard");
 
     // Docker is touched only when an entry may use it.
     let (engine, modes) = resolve_modes(&config).await?;
@@ -90,6 +96,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             token.cancel();
         });
     }
+    // A closed terminal sends SIGHUP: it must not end the pool.
+    let mut hangups = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    signals.spawn(async move {
+        while hangups.recv().await.is_some() {
+            warn!("SIGHUP received and ignored (the pool goes on; stop it with `clx-pool stop` or SIGTERM)");
+        }
+    });
 
     let registry = registry::Registry::spawn(db.clone(), after_row, token.child_token());
     let (ready_tx, mut ready_rx) = mpsc::unbounded_channel();
@@ -194,6 +207,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     record_state(&db, SupervisorState::Stopped).await;
     info!("all workers stopped in {:.3}s", stopping.elapsed().as_secs_f64());
     signals.abort_all();
+    guard.dismiss();
     Ok(())
 }
 
@@ -290,6 +304,35 @@ async fn resolve_modes(config: &Config) -> anyhow::Result<(Option<Arc<DockerEngi
         }
     }
     Ok((engine, modes))
+}
+
+/// Open files a pool needs: a few for the supervisor itself, and per worker
+/// its output pipe, its log file and its process handle (or, in docker
+/// mode, its log stream), with room for a replacement starting while the
+/// old worker is being stopped.
+fn open_files_needed(workers: u32) -> u64 {
+    64 + 6 * u64::from(workers)
+}
+
+/// Raises the soft open-files limit to the hard one (workers inherit it)
+/// and refuses, before anything starts, a pool that cannot fit under it.
+fn raise_open_files_limit(workers: u32) -> anyhow::Result<()> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).context("reading the open-files limit")?;
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard).context("raising the open-files limit")?;
+    }
+    let needed = open_files_needed(workers);
+    if hard < needed {
+        anyhow::bail!(
+            "a pool of {workers} workers needs about {needed} open files, but the limit is {hard} (hard limit); \
+             raise it (`ulimit -n {needed}` as root, or LimitNOFILE= in a systemd unit) or run fewer workers"
+        );
+    }
+    if soft < hard {
+        info!(from = soft, to = hard, "raised the open-files limit");
+    }
+    Ok(())
 }
 
 /// For the project's own test image, where it comes from.

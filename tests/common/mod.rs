@@ -236,6 +236,29 @@ impl Pool {
     pub fn supervisor_pid(&self) -> i32 {
         self.supervisor.as_ref().unwrap().id() as i32
     }
+
+    /// The pid of the supervisor's guard process (`clx-pool guard`).
+    pub fn guard_pid(&self) -> i32 {
+        let want = format!("{} guard --db {}", bin(), self.db_path().display());
+        wait_for("the guard process", Duration::from_secs(10), || {
+            std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+                let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+                let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+                let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+                (cmd.trim_end() == want).then_some(pid)
+            })
+        })
+    }
+
+    /// Kills the supervisor and its guard with SIGKILL: as if the machine
+    /// had lost both, so that only the next `start` or `stop` cleans up.
+    pub fn kill_supervisor_and_guard(&mut self) {
+        let guard = self.guard_pid();
+        for pid in [guard, self.supervisor_pid()] {
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+        }
+        self.wait_supervisor_exit(Duration::from_secs(5));
+    }
 }
 
 impl Drop for Pool {

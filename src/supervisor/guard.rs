@@ -1,0 +1,108 @@
+//! The guard: a small process the supervisor starts beside itself, which
+//! cleans up if the supervisor dies without stopping its pool (`kill -9`,
+//! a crash, the OOM killer). Workers die with the supervisor through their
+//! parent-death signal, but what *they* started (a job command's children,
+//! `setsid` helpers) and containers would live on until the next `start`.
+//!
+//! The supervisor holds the only write end of a pipe whose read end is the
+//! guard's stdin. A supervisor that stops cleanly writes one byte and the
+//! guard exits; if the pipe closes without it, the supervisor is gone, and
+//! the guard kills every process carrying the pool's tag at once, then —
+//! holding the supervisor lock, as `clx-pool stop` does — removes the
+//! pool's containers, marks its worker rows dead and puts their jobs back.
+//! The guard runs in a session of its own, so what kills the supervisor's
+//! process group or terminal does not kill it.
+
+use std::io::{Read, Write};
+use std::os::fd::OwnedFd;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::Context;
+use nix::fcntl::OFlag;
+use tracing::{info, warn};
+
+use crate::db::{self, Db};
+use crate::lock::SupervisorLock;
+use crate::procs;
+
+/// The byte a supervisor that stops cleanly sends.
+const DISMISS: u8 = b'x';
+
+/// The supervisor's end of the guard.
+pub struct Guard {
+    pipe: Option<std::fs::File>,
+    child: Child,
+}
+
+/// Starts the guard for the pool of `db`.
+pub fn spawn(db: &Path) -> anyhow::Result<Guard> {
+    // O_CLOEXEC: no worker inherits the write end, or the guard would not
+    // see the supervisor die while workers live.
+    let (read_end, write_end): (OwnedFd, OwnedFd) =
+        nix::unistd::pipe2(OFlag::O_CLOEXEC).context("creating the guard's pipe")?;
+    let exe = std::env::current_exe().context("finding the clx-pool executable for the guard")?;
+    let child = Command::new(exe)
+        .arg("guard")
+        .arg("--db")
+        .arg(db)
+        .stdin(Stdio::from(read_end))
+        .stdout(Stdio::null())
+        .spawn()
+        .context("starting the guard process")?;
+    Ok(Guard {
+        pipe: Some(std::fs::File::from(write_end)),
+        child,
+    })
+}
+
+impl Guard {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The pool stopped cleanly: the guard exits without doing anything.
+    pub fn dismiss(mut self) {
+        if let Some(mut pipe) = self.pipe.take()
+            && let Err(e) = pipe.write_all(&[DISMISS])
+        {
+            warn!("dismissing the guard: {e}; it will clean up after this supervisor instead");
+        }
+    }
+}
+
+/// `clx-pool guard --db DB`: waits for the supervisor's pipe to close, then
+/// cleans up if it was not dismissed.
+pub async fn run(db_path: &Path) -> anyhow::Result<()> {
+    nix::unistd::setsid().context("leaving the supervisor's session")?;
+    let outcome = tokio::task::spawn_blocking(|| {
+        let mut byte = [0u8; 1];
+        std::io::stdin()
+            .lock()
+            .read(&mut byte)
+            .map(|n| n == 1 && byte[0] == DISMISS)
+    })
+    .await?;
+    if matches!(outcome, Ok(true)) {
+        return Ok(());
+    }
+    warn!(db = %db_path.display(), "the supervisor is gone without stopping its pool: cleaning up after it");
+    // First and at once: every process of the pool, wherever it went.
+    let db = db_path.to_path_buf();
+    let killed = procs::sweep(move || procs::find_pool_processes(&db), Duration::from_secs(5)).await;
+    if killed > 0 {
+        info!(processes = killed, "killed what the pool left running");
+    }
+    // Then, as `clx-pool stop` would: containers, rows, jobs. A supervisor
+    // that started meanwhile does that itself.
+    let Ok(_lock) = SupervisorLock::acquire(db_path) else {
+        info!("another supervisor took over this database; it cleans up instead");
+        return Ok(());
+    };
+    let path = db_path.to_path_buf();
+    let (conn, protocol) = tokio::task::spawn_blocking(move || db::open(&path, None)).await??;
+    let report = super::cleanup::orphans(&Db::new(conn, db_path, protocol), Duration::ZERO, None).await?;
+    info!("cleaned up after the supervisor: {report}");
+    Ok(())
+}
