@@ -39,6 +39,49 @@ pub struct PoolConfig {
     pub log_max_size: u64,
     pub log_keep: u32,
     pub restart: RestartConfig,
+    /// What of the supervisor's environment direct workers see.
+    pub inherit_env: InheritEnv,
+    /// `clx_pool_events` keeps at most this many events …
+    pub events_keep: u32,
+    /// … none older than this.
+    pub events_max_age: Duration,
+}
+
+/// What of the supervisor's environment a direct worker inherits (the
+/// protocol's own variables and the entry's `env` are always set).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InheritEnv {
+    /// Everything (the default, as supervisord and a shell do).
+    All,
+    /// Only the basics a program needs to run: [`BASIC_ENV`].
+    Basic,
+    /// Exactly these names.
+    Only(Vec<String>),
+}
+
+/// What `inherit_env = false` keeps: nothing secret, only what programs
+/// need to find themselves and speak the user's language.
+pub const BASIC_ENV: &[&str] = &[
+    "PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR",
+];
+
+impl InheritEnv {
+    /// Whether the supervisor's variable `name` passes to workers.
+    pub fn passes(&self, name: &str) -> bool {
+        match self {
+            InheritEnv::All => true,
+            InheritEnv::Basic => BASIC_ENV.contains(&name),
+            InheritEnv::Only(names) => names.iter().any(|n| n == name),
+        }
+    }
+}
+
+/// `inherit_env` as written: a boolean or a list of names.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum RawInheritEnv {
+    All(bool),
+    Only(Vec<String>),
 }
 
 /// When and how often a slot's worker is replaced (see `supervisor::policy`).
@@ -185,6 +228,10 @@ struct RawPool {
     restart_window: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     restart_cooldown: Option<Duration>,
+    inherit_env: Option<RawInheritEnv>,
+    events_keep: Option<i64>,
+    #[serde(default, with = "humantime_serde")]
+    events_max_age: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -227,9 +274,12 @@ const POOL_KEYS: &[&str] = &[
     "restart_limit",
     "restart_window",
     "restart_cooldown",
+    "inherit_env",
+    "events_keep",
+    "events_max_age",
 ];
 
-const INTEGER_POOL_KEYS: &[&str] = &["log_keep", "restart_limit"];
+const INTEGER_POOL_KEYS: &[&str] = &["log_keep", "restart_limit", "events_keep"];
 
 impl Config {
     /// Reads, overrides from the environment, and validates a config file.
@@ -388,7 +438,20 @@ fn apply_env_overrides(table: &mut toml::Table, env: &[(String, String)], v: &mu
             });
             continue;
         }
-        let value = if INTEGER_POOL_KEYS.contains(&key.as_str()) {
+        let value = if key == "inherit_env" {
+            // `true`, `false`, or names separated by commas.
+            match value.trim() {
+                "true" => toml::Value::Boolean(true),
+                "false" => toml::Value::Boolean(false),
+                list => toml::Value::Array(
+                    list.split(',')
+                        .map(|n| n.trim())
+                        .filter(|n| !n.is_empty())
+                        .map(|n| toml::Value::String(n.to_string()))
+                        .collect(),
+                ),
+            }
+        } else if INTEGER_POOL_KEYS.contains(&key.as_str()) {
             match value.trim().parse::<i64>() {
                 Ok(n) => toml::Value::Integer(n),
                 Err(_) => toml::Value::String(value.clone()),
@@ -511,6 +574,58 @@ impl<'a> Validator<'a> {
         }
     }
 
+    /// Ages are measured by the database's clock in whole seconds, so a
+    /// limit below one second would judge healthy workers hung.
+    fn whole_seconds(&mut self, section: Section, key: &str, field: &str, d: Duration) {
+        if d < Duration::from_secs(1) {
+            self.push(
+                section,
+                Some(key),
+                field,
+                format!(
+                    "must be at least 1s, got {}: ages are measured in whole seconds of the database's clock",
+                    humantime::format_duration(d)
+                ),
+            );
+        }
+    }
+
+    /// A placeholder inside a shell script is pasted into the script
+    /// unquoted: a file named `$(rm -rf ~)` would run. The script must read
+    /// the variables instead, quoted.
+    fn no_placeholders_in_scripts(&mut self, section: Section, field: &str, command: &[String]) {
+        const SHELLS: &[&str] = &["sh", "bash", "dash", "zsh", "ksh", "ash", "mksh", "busybox"];
+        let is_shell = Path::new(&command[0])
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| SHELLS.contains(&n));
+        let Some(script_at) = command.iter().position(|a| a == "-c").filter(|_| is_shell) else {
+            return;
+        };
+        let used: Vec<&str> = command[script_at + 1..]
+            .iter()
+            .flat_map(|a| crate::worker::placeholders::used_in(a))
+            .collect();
+        if let Some(first) = used.first() {
+            let var = match *first {
+                "input" => "CLX_INPUT_FILE",
+                "output" => "CLX_OUTPUT_FILE",
+                "payload" => "CLX_PAYLOAD",
+                "payload_file" => "CLX_PAYLOAD_FILE",
+                _ => "CLX_JOB_ID",
+            };
+            self.push(
+                section,
+                Some("job_command"),
+                field,
+                format!(
+                    "{{{first}}} inside a shell script would be pasted into the script unquoted (a file name could run commands); \
+                     write \"${var}\" in the script instead (the variables: $CLX_INPUT_FILE, $CLX_OUTPUT_FILE, $CLX_PAYLOAD, $CLX_PAYLOAD_FILE, $CLX_JOB_ID)"
+                ),
+            );
+        }
+    }
+
     fn positive(&mut self, key: &str, d: Option<Duration>, default: Duration) -> Duration {
         let d = d.unwrap_or(default);
         if d.is_zero() {
@@ -544,7 +659,13 @@ impl<'a> Validator<'a> {
             );
         }
         let check_interval = self.positive("check_interval", raw.check_interval, Duration::from_secs(2));
-        let heartbeat_timeout = self.positive("heartbeat_timeout", raw.heartbeat_timeout, Duration::from_secs(30));
+        let heartbeat_timeout = raw.heartbeat_timeout.unwrap_or(Duration::from_secs(30));
+        self.whole_seconds(
+            Section::Pool,
+            "heartbeat_timeout",
+            "pool.heartbeat_timeout",
+            heartbeat_timeout,
+        );
         let stop_timeout = raw.stop_timeout.unwrap_or(Duration::from_secs(10));
         let startup_timeout = self.positive("startup_timeout", raw.startup_timeout, Duration::from_secs(30));
         let log_max_size = match raw.log_max_size {
@@ -595,6 +716,41 @@ impl<'a> Validator<'a> {
             burst_window: self.positive("restart_window", raw.restart_window, Duration::from_secs(10)),
             cooldown: self.positive("restart_cooldown", raw.restart_cooldown, Duration::from_secs(60)),
         };
+        let inherit_env = match raw.inherit_env {
+            None | Some(RawInheritEnv::All(true)) => InheritEnv::All,
+            Some(RawInheritEnv::All(false)) => InheritEnv::Basic,
+            Some(RawInheritEnv::Only(names)) => {
+                for n in &names {
+                    if n.is_empty() || n.contains('=') {
+                        self.push(
+                            Section::Pool,
+                            Some("inherit_env"),
+                            "pool.inherit_env",
+                            format!("`{n}` is not a variable name"),
+                        );
+                    }
+                }
+                InheritEnv::Only(names)
+            }
+        };
+        let events_keep = match raw.events_keep {
+            None => 10_000,
+            Some(n) if (100..=10_000_000).contains(&n) => n as u32,
+            Some(n) => {
+                self.push(
+                    Section::Pool,
+                    Some("events_keep"),
+                    "pool.events_keep",
+                    format!("must be between 100 and 10000000, got {n}"),
+                );
+                0
+            }
+        };
+        let events_max_age = self.positive(
+            "events_max_age",
+            raw.events_max_age,
+            Duration::from_secs(30 * 24 * 3600),
+        );
         if self.problems.len() > before {
             return None;
         }
@@ -612,6 +768,9 @@ impl<'a> Validator<'a> {
             log_max_size,
             log_keep,
             restart,
+            inherit_env,
+            events_keep,
+            events_max_age,
         })
     }
 
@@ -684,22 +843,13 @@ impl<'a> Validator<'a> {
             },
         };
         let max_job_time = raw.max_job_time.unwrap_or(Duration::from_secs(600));
-        if max_job_time.is_zero() {
-            self.push(
-                s,
-                Some("max_job_time"),
-                &f("max_job_time"),
-                "must be greater than 0".into(),
-            );
-        }
+        self.whole_seconds(s, "max_job_time", &f("max_job_time"), max_job_time);
         let heartbeat_timeout = raw.heartbeat_timeout.unwrap_or(pool_heartbeat);
-        if heartbeat_timeout.is_zero() {
-            self.push(
-                s,
-                Some("heartbeat_timeout"),
-                &f("heartbeat_timeout"),
-                "must be greater than 0".into(),
-            );
+        if raw.heartbeat_timeout.is_some() {
+            self.whole_seconds(s, "heartbeat_timeout", &f("heartbeat_timeout"), heartbeat_timeout);
+        }
+        if let Some(c) = &raw.job_command {
+            self.no_placeholders_in_scripts(s, &f("job_command"), c);
         }
         let hung_cpu = match (raw.hung_cpu_window, raw.hung_cpu_percent) {
             (None, None) => None,

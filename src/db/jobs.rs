@@ -469,4 +469,30 @@ mod tests {
             execution_mode: "direct",
         }
     }
+
+    #[test]
+    fn claiming_is_an_index_lookup_for_clx_pool_and_the_python_workers() {
+        for protocol in Protocol::ALL.iter().copied() {
+            let conn = Connection::open_in_memory().unwrap();
+            schema::prepare(&conn, Some(protocol)).unwrap();
+            let ours = "SELECT id FROM jobs WHERE status = 'pending' AND job_type = 't'
+                          AND COALESCE(attempts, 0) < COALESCE(max_attempts, 3)
+                        ORDER BY priority DESC, created_at, id LIMIT 1";
+            // The claim of CLX's Python workers and CLM's JobQueue.
+            let theirs = "SELECT * FROM jobs WHERE status = 'pending' AND job_type = 't'
+                            AND attempts < max_attempts ORDER BY priority DESC, created_at ASC LIMIT 1";
+            for sql in [ours, theirs] {
+                let plan: Vec<String> = conn
+                    .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+                    .unwrap()
+                    .query_map([], |r| r.get::<_, String>(3))
+                    .unwrap()
+                    .collect::<Result<_, _>>()
+                    .unwrap();
+                let plan = plan.join(" / ");
+                assert!(plan.contains("USING INDEX clx_pool_jobs_claim"), "{protocol}: {plan}");
+                assert!(!plan.contains("TEMP B-TREE"), "{protocol}: no sort: {plan}");
+            }
+        }
+    }
 }

@@ -412,6 +412,17 @@ pub fn slots(conn: &Connection) -> rusqlite::Result<Vec<SlotRow>> {
     .collect()
 }
 
+/// Keeps `clx_pool_events` bounded: at most `keep` events, none older
+/// than `max_age_seconds`. Returns how many went.
+pub fn prune_events(conn: &Connection, keep: u32, max_age_seconds: u64) -> rusqlite::Result<usize> {
+    conn.execute(
+        "DELETE FROM clx_pool_events
+         WHERE id <= (SELECT COALESCE(MAX(id), 0) FROM clx_pool_events) - ?1
+            OR unixepoch('now') - unixepoch(at) > ?2",
+        params![keep, max_age_seconds as i64],
+    )
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct EventRow {
     pub at: String,

@@ -14,7 +14,7 @@ use process_wrap::tokio::{KillOnDrop, ProcessGroup, TokioChildWrapper, TokioComm
 use tokio::net::unix::pipe;
 
 use super::{ExitCause, Launch, Running};
-use crate::config::WorkerProgram;
+use crate::config::{InheritEnv, WorkerProgram};
 use crate::logs::{self, RotatingLog, Tail};
 use crate::procs;
 
@@ -56,7 +56,12 @@ pub fn launch(spec: &Launch) -> anyhow::Result<Running> {
     let parent = std::process::id() as i32;
     let memory_limit = spec.memory_limit;
 
+    let inherit = spec.inherit_env.clone();
     let mut cmd = TokioCommandWrap::with_new(&argv[0], |c| {
+        if inherit != InheritEnv::All {
+            c.env_clear()
+                .envs(std::env::vars_os().filter(|(k, _)| k.to_str().is_some_and(|k| inherit.passes(k))));
+        }
         c.args(&argv[1..])
             .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .current_dir(&spec.cwd)

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::config::WorkerProgram;
+use crate::config::{InheritEnv, WorkerProgram};
 use crate::logs::Tail;
 use crate::vocab::Protocol;
 
@@ -101,6 +101,8 @@ pub struct Launch {
     pub preregistered_row: Option<i64>,
     /// The entry's `env`.
     pub extra_env: Vec<(String, String)>,
+    /// What of the supervisor's environment a direct worker inherits.
+    pub inherit_env: InheritEnv,
     pub db_path: PathBuf,
     pub workspace: PathBuf,
     pub log_level: String,

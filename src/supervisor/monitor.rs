@@ -181,6 +181,12 @@ impl Monitor {
             .iter()
             .map(|w| (w.worker_type.as_str(), w))
             .collect();
+        if period_due {
+            let (keep, age) = (self.config.pool.events_keep, self.config.pool.events_max_age.as_secs());
+            self.db
+                .call(move |c| crate::db::pool::prune_events(c, keep, age))
+                .await?;
+        }
         // Only a full observation tells which workers are gone.
         if period_due {
             let live: HashSet<i64> = observed.iter().map(|o| o.row).collect();

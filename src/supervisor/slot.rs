@@ -161,6 +161,7 @@ impl Slot {
             worker_id,
             preregistered_row,
             extra_env: self.worker.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            inherit_env: pool.inherit_env.clone(),
             db_path: pool.db_path.clone(),
             workspace: pool.workspace_path.clone(),
             log_level: pool.log_level.to_ascii_uppercase(),
