@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::vocab::ModeKind;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "clx-pool",
@@ -137,8 +139,8 @@ pub struct WorkerArgs {
     pub poll_interval: Duration,
     /// Where this worker runs (direct or docker); under CLM it takes only
     /// jobs meant for that mode (or for any).
-    #[arg(long, default_value = "direct", value_parser = ["direct", "docker"])]
-    pub execution_mode: String,
+    #[arg(long, default_value = "direct", value_parser = parse_mode_kind)]
+    pub execution_mode: ModeKind,
     /// Benchmarking aid: complete every claimed job at once without running
     /// anything, to measure the queue alone.
     #[arg(long, hide = true)]
@@ -146,4 +148,8 @@ pub struct WorkerArgs {
     /// The command to run per job, with CLX_INPUT_FILE, CLX_OUTPUT_FILE, CLX_PAYLOAD and CLX_JOB_ID set.
     #[arg(last = true, required_unless_present = "no_command", value_name = "COMMAND")]
     pub job_command: Vec<String>,
+}
+
+fn parse_mode_kind(s: &str) -> Result<ModeKind, String> {
+    s.parse().map_err(|e: crate::vocab::UnknownWord| e.to_string())
 }

@@ -105,7 +105,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 no_command: args.no_command,
                 heartbeat_interval: args.heartbeat_interval,
                 poll_interval: args.poll_interval,
-                execution_mode: args.execution_mode.clone(),
+                execution_mode: args.execution_mode,
             })
             .await?;
             Ok(0)

@@ -55,7 +55,8 @@ fn handle(db: &Path, create: bool) -> std::io::Result<&'static File> {
 /// Databases whose exclusive lock this process holds.
 static HELD: LazyLock<Mutex<Vec<PathBuf>>> = LazyLock::new(Default::default);
 
-/// Held for the supervisor's whole life (the lock goes with the process).
+/// Proof that this process holds the supervisor lock; the lock itself
+/// lives in a descriptor kept open until the process exits.
 pub struct SupervisorLock {
     _private: (),
 }

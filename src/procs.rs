@@ -4,24 +4,23 @@
 
 use std::time::{Duration, Instant};
 
+use std::collections::HashMap;
+use std::sync::{LazyLock, Mutex};
+
 use nix::errno::Errno;
 use nix::sys::signal::{Signal, kill, killpg};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
+use tokio::sync::oneshot;
 
 /// The start time of `pid` in clock ticks since boot (`/proc/<pid>/stat`
 /// field 22): with the pid, it identifies one process for its whole life.
 pub fn start_ticks(pid: i32) -> Option<i64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may contain spaces and parentheses.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    rest.split_whitespace().nth(19)?.parse().ok()
+    stat(pid).map(|s| s.start_ticks)
 }
 
 fn is_zombie(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| s.rfind(')').map(|i| s[i + 2..].starts_with('Z')))
-        .unwrap_or(true)
+    stat(pid).is_none_or(|s| s.state == 'Z')
 }
 
 /// Sends `sig` to every process in group `pgid`; a group that is already
@@ -39,18 +38,7 @@ pub fn group_members(pgid: i32) -> Vec<i32> {
         return Vec::new();
     };
     dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|&pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .ok()
-                .and_then(|s| {
-                    let rest = &s[s.rfind(')')? + 2..];
-                    let mut f = rest.split_whitespace();
-                    let state = f.next()?;
-                    let pgrp: i32 = f.nth(1)?.parse().ok()?;
-                    Some(state != "Z" && pgrp == pgid)
-                })
-                .unwrap_or(false)
-        })
+        .filter(|&pid| stat(pid).is_some_and(|s| s.state != 'Z' && s.pgrp == pgid))
         .collect()
 }
 
@@ -127,20 +115,25 @@ mod tests {
     }
 }
 
-/// One line of `/proc/<pid>/stat`, the fields clx-pool uses.
+/// One line of `/proc/<pid>/stat`, the fields clx-pool uses; the one
+/// place that file is parsed.
 #[derive(Debug, Clone, Copy)]
 pub struct ProcStat {
     pub pid: i32,
-    pub ppid: i32,
     pub state: char,
+    pub ppid: i32,
+    pub pgrp: i32,
     /// utime + stime, in clock ticks.
     pub cpu_ticks: u64,
+    /// Start time, in clock ticks since boot.
+    pub start_ticks: i64,
     /// Resident pages.
     pub rss_pages: u64,
 }
 
 pub fn stat(pid: i32) -> Option<ProcStat> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may contain spaces and parentheses.
     let rest = &s[s.rfind(')')? + 2..];
     let f: Vec<&str> = rest.split_whitespace().collect();
     // rest starts at field 3 (state): index = field - 3.
@@ -148,7 +141,9 @@ pub fn stat(pid: i32) -> Option<ProcStat> {
         pid,
         state: f.first()?.chars().next()?,
         ppid: f.get(1)?.parse().ok()?,
+        pgrp: f.get(2)?.parse().ok()?,
         cpu_ticks: f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?,
+        start_ticks: f.get(19)?.parse().ok()?,
         rss_pages: f.get(21)?.parse().ok()?,
     })
 }
@@ -203,20 +198,6 @@ pub fn oom_kills() -> Option<u64> {
         .ok()?
         .lines()
         .find_map(|l| l.strip_prefix("oom_kill ").and_then(|v| v.trim().parse().ok()))
-}
-
-/// Pids of the worker processes this supervisor spawned: tokio reaps those
-/// itself, so [`reap_strays`] must leave them alone. Only touched from the
-/// runtime thread, between a spawn and the wait that reaps it.
-static SPAWNED: std::sync::LazyLock<std::sync::Mutex<std::collections::HashSet<i32>>> =
-    std::sync::LazyLock::new(Default::default);
-
-pub fn track(pid: i32) {
-    SPAWNED.lock().unwrap_or_else(|e| e.into_inner()).insert(pid);
-}
-
-pub fn untrack(pid: i32) {
-    SPAWNED.lock().unwrap_or_else(|e| e.into_inner()).remove(&pid);
 }
 
 /// Live processes (not this one) whose environment satisfies `pred`,
@@ -278,24 +259,50 @@ pub async fn sweep(find: impl Fn() -> Vec<i32>, limit: Duration) -> usize {
     let mut left = first.clone();
     while !left.is_empty() && Instant::now() < deadline {
         for &pid in &left {
-            let _ = signal_process(pid, Signal::SIGKILL);
+            if let Err(e) = signal_process(pid, Signal::SIGKILL) {
+                tracing::debug!(pid, "SIGKILL: {e}");
+            }
         }
-        reap_strays();
+        reap();
         tokio::time::sleep(Duration::from_millis(5)).await;
         left = find();
     }
     first.len()
 }
 
-/// Reaps zombie children that are not workers we spawned: as a child
-/// subreaper, the supervisor inherits the orphaned descendants of its
-/// workers and must collect them when they exit.
-pub fn reap_strays() {
-    let me = std::process::id() as i32;
-    let ours = SPAWNED.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    for pid in children_of(me) {
-        if !ours.contains(&pid) && stat(pid).is_some_and(|p| p.state == 'Z') {
-            let _ = nix::sys::wait::waitpid(Pid::from_raw(pid), Some(nix::sys::wait::WaitPidFlag::WNOHANG));
+/// The one owner of `waitpid` in the supervisor: it reaps every child
+/// that exits — workers, and as child subreaper the orphaned descendants of
+/// workers — and hands a watched child's status to whoever watches it.
+/// Spawning and reaping both happen on the runtime's one thread, and a
+/// spawn is followed by its [`watch`] with no await in between, so no
+/// status can come before its watch.
+static WATCHING: LazyLock<Mutex<HashMap<i32, oneshot::Sender<WaitStatus>>>> = LazyLock::new(Default::default);
+
+/// Delivers the exit status of child `pid` once it has exited. Call right
+/// after spawning it.
+pub fn watch(pid: i32) -> oneshot::Receiver<WaitStatus> {
+    let (tx, rx) = oneshot::channel();
+    WATCHING.lock().unwrap_or_else(|e| e.into_inner()).insert(pid, tx);
+    rx
+}
+
+/// Reaps every child that has exited (call on SIGCHLD): watched ones are
+/// reported, the rest (orphans adopted as subreaper) just collected.
+pub fn reap() {
+    loop {
+        match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) | Err(_) => return,
+            Ok(status) => {
+                let Some(pid) = status.pid() else { continue };
+                if !matches!(status, WaitStatus::Exited(..) | WaitStatus::Signaled(..)) {
+                    continue;
+                }
+                let watcher = WATCHING.lock().unwrap_or_else(|e| e.into_inner()).remove(&pid.as_raw());
+                if let Some(tx) = watcher {
+                    // A watcher that went away no longer cares.
+                    tx.send(status).ok();
+                }
+            }
         }
     }
 }

@@ -5,6 +5,7 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::time::Duration;
 
 use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ToSql, ToSqlOutput, ValueRef};
 use serde::{Deserialize, Serialize};
@@ -262,6 +263,197 @@ spelled!(ClmEvent, "CLM worker event" {
     PoolStopped => "pool_stopped",
 });
 
+/// Where a worker runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModeKind {
+    Direct,
+    Docker,
+}
+
+spelled!(ModeKind, "execution mode" { Direct => "direct", Docker => "docker" });
+
+/// How a slot runs its workers: the kind, and whether `execution_mode =
+/// "auto"` chose it. Spelled `docker`, `direct (auto)`, … in `stats` and in
+/// `clx_pool_slots.execution_mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Mode {
+    pub kind: ModeKind,
+    pub auto: bool,
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}{}", self.kind, if self.auto { " (auto)" } else { "" })
+    }
+}
+
+impl FromStr for Mode {
+    type Err = UnknownWord;
+
+    fn from_str(s: &str) -> Result<Self, UnknownWord> {
+        let (kind, auto) = match s.strip_suffix(" (auto)") {
+            Some(k) => (k, true),
+            None => (s, false),
+        };
+        Ok(Mode {
+            kind: kind.parse()?,
+            auto,
+        })
+    }
+}
+
+impl ToSql for Mode {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(ToSqlOutput::from(self.to_string()))
+    }
+}
+
+impl FromSql for Mode {
+    fn column_result(value: ValueRef<'_>) -> FromSqlResult<Self> {
+        value.as_str()?.parse().map_err(|e| FromSqlError::Other(Box::new(e)))
+    }
+}
+
+impl Serialize for Mode {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// A worker's row id in the `workers` table (what `jobs.worker_id` holds):
+/// not to be confused with its [`WorkerId`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct WorkerRow(pub i64);
+
+/// The id a worker registers with (`workers.container_id`): its
+/// `WORKER_ID` (`direct-{type}-{slot}-{8 hex}`) or its container's short id.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct WorkerId(pub String);
+
+macro_rules! transparent_sql {
+    ($ty:ident, $inner:ty) => {
+        impl ToSql for $ty {
+            fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+                self.0.to_sql()
+            }
+        }
+
+        impl FromSql for $ty {
+            fn column_result(value: ValueRef<'_>) -> FromSqlResult<Self> {
+                <$inner>::column_result(value).map($ty)
+            }
+        }
+
+        impl fmt::Display for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                self.0.fmt(f)
+            }
+        }
+    };
+}
+
+transparent_sql!(WorkerRow, i64);
+transparent_sql!(WorkerId, String);
+
+impl WorkerId {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// One slot of a pool: the `[[workers]]` type and its index, shown as
+/// `plantuml-1`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct SlotId {
+    pub worker_type: String,
+    pub index: u32,
+}
+
+impl fmt::Display for SlotId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.worker_type, self.index)
+    }
+}
+
+/// How a worker process or container ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EndCause {
+    Code(i32),
+    Signal(i32),
+    /// Killed by the kernel's OOM killer.
+    Oom,
+    Unknown(String),
+}
+
+impl EndCause {
+    /// The exit code of a built-in worker that could not reach its
+    /// database (EX_TEMPFAIL): a fault outside the worker.
+    pub const DATABASE_UNAVAILABLE: i32 = 75;
+}
+
+impl fmt::Display for EndCause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            EndCause::Code(c) => write!(f, "exited with code {c}"),
+            EndCause::Signal(s) => match nix::sys::signal::Signal::try_from(*s) {
+                Ok(sig) => write!(f, "was killed by {sig}"),
+                Err(_) => write!(f, "was killed by signal {s}"),
+            },
+            EndCause::Oom => write!(f, "was killed by the kernel's OOM killer (out of memory)"),
+            EndCause::Unknown(e) => write!(f, "ended ({e})"),
+        }
+    }
+}
+
+/// Why the monitor judged a worker hung.
+#[derive(Debug, Clone, PartialEq)]
+pub enum HungReason {
+    /// Idle, and its heartbeat is older than the limit.
+    Heartbeat { age: Duration, limit: Duration },
+    /// Its job has run longer than `max_job_time`.
+    JobTooLong { job: i64, ran: Duration, limit: Duration },
+    /// Busy, using less than the threshold of one CPU over the window.
+    NoCpu {
+        job: i64,
+        percent: f64,
+        window: Duration,
+        threshold: f64,
+    },
+}
+
+impl fmt::Display for HungReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let d = humantime::format_duration;
+        match self {
+            HungReason::Heartbeat { age, limit } => write!(
+                f,
+                "its heartbeat is {} old, older than heartbeat_timeout {}",
+                d(*age),
+                d(*limit)
+            ),
+            HungReason::JobTooLong { job, ran, limit } => write!(
+                f,
+                "job {job} has run for {}, longer than max_job_time {}",
+                d(*ran),
+                d(*limit)
+            ),
+            HungReason::NoCpu {
+                job,
+                percent,
+                window,
+                threshold,
+            } => write!(
+                f,
+                "job {job} used {percent:.1}% CPU over {} (hung_cpu_percent {threshold})",
+                d(*window)
+            ),
+        }
+    }
+}
+
 /// The marker CLM's `WorkerDiscovery` reads in `workers.managed_by`: a
 /// persistent worker is reusable by every build session.
 pub const MANAGED_BY_PERSISTENT: &str = "persistent";
@@ -283,6 +475,24 @@ mod tests {
         }
         let e = "clz".parse::<Protocol>().unwrap_err();
         assert_eq!(e.to_string(), "`clz` is not a protocol (known: clx, clm)");
+    }
+
+    #[test]
+    fn modes_round_trip_through_their_spelling() {
+        for kind in ModeKind::ALL {
+            for auto in [false, true] {
+                let m = Mode { kind: *kind, auto };
+                assert_eq!(m.to_string().parse::<Mode>().unwrap(), m);
+            }
+        }
+        assert_eq!(
+            "docker (auto)".parse::<Mode>().unwrap(),
+            Mode {
+                kind: ModeKind::Docker,
+                auto: true
+            }
+        );
+        assert!("podman".parse::<Mode>().is_err());
     }
 
     #[test]

@@ -5,117 +5,50 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::config::{Config, ExecutionMode, WorkerConfig, WorkerProgram};
+use crate::config::{Config, WorkerConfig, WorkerProgram};
 use crate::db;
 use crate::executor::docker;
+use crate::executor::plan::{self, Decision};
 use crate::lock;
-use crate::vocab::Protocol;
+use crate::vocab::{ModeKind, Protocol};
 
 pub async fn run(path: &Path) -> anyhow::Result<i32> {
     let config = Config::load(path)?;
     let protocol = check_protocol(&config)?;
-    let mut problems = Vec::new();
-    let mut docker: Option<Result<bollard::Docker, String>> = None;
-    let mut network_checked = false;
     let cwd = config
         .path
         .parent()
         .map(Path::to_path_buf)
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or_else(|| PathBuf::from("."));
-    for w in &config.workers {
+    let plan = plan::plan(&config).await;
+    let mut problems = Vec::new();
+    for (w, decision) in config.workers.iter().zip(&plan.decisions) {
         let at = format!("{}:{}: workers `{}`", config.path.display(), w.line, w.worker_type);
-        if w.execution_mode != ExecutionMode::Direct {
-            let image = w.image.clone().unwrap_or_default();
-            if docker.is_none() {
-                docker = Some(docker::connect().await.map_err(|e| format!("{e:#}")));
-            }
-            let client = match docker.as_ref().expect("just connected") {
-                Ok(client) => Some(client.clone()),
-                Err(e) if w.execution_mode == ExecutionMode::Docker => {
-                    problems.push(format!("{at}: execution_mode = \"docker\" needs a Docker engine: {e}"));
-                    continue;
+        match decision {
+            Decision::Cannot(why) => problems.push(format!("{at}: {why}")),
+            Decision::Runs { mode, why } => {
+                if let Some(why) = why {
+                    println!("note: workers `{}`: auto mode: {why}", w.worker_type);
                 }
-                Err(e) => {
-                    println!("note: workers `{}`: auto mode will run directly ({e})", w.worker_type);
-                    None
-                }
-            };
-            if let Some(client) = client {
-                if !image.is_empty() && docker::image_exists(&client, &image).await {
-                    println!("ok: workers `{}`: image {image} is on this host", w.worker_type);
-                    check_network(&client, &config.pool.network, &mut network_checked, &mut problems).await;
-                    continue;
-                }
-                if w.execution_mode == ExecutionMode::Docker {
-                    problems.push(format!(
-                        "{at}: the image {image} is not on this host; get it with `docker pull {image}`"
-                    ));
-                    continue;
-                }
-                println!(
-                    "note: workers `{}`: auto mode will run directly (image `{image}` is not on this host)",
-                    w.worker_type
-                );
-            }
-        }
-        let (what, argv) = match w.direct_program(protocol) {
-            Some(WorkerProgram::Command(c)) if w.program == WorkerProgram::Default => ("default command", c),
-            Some(WorkerProgram::Command(c)) => ("command", c),
-            Some(WorkerProgram::JobCommand(c)) => ("job_command", c),
-            // Refused by check_protocol above.
-            Some(WorkerProgram::Default) | None => continue,
-        };
-        let program = &argv[0];
-        let path_var = w
-            .env
-            .get("PATH")
-            .cloned()
-            .or_else(|| std::env::var("PATH").ok())
-            .unwrap_or_default();
-        match find_program(program, &cwd, &path_var) {
-            Some(found) => {
-                println!(
-                    "ok: workers `{}`: {what} `{program}` is {}",
-                    w.worker_type,
-                    found.display()
-                );
-                if let Some(module) = python_module(&argv) {
-                    match module_imports(&found, module, w, &cwd).await {
-                        Ok(()) => println!("ok: workers `{}`: `{program} -m {module}` imports", w.worker_type),
-                        Err(e) => problems.push(format!("{at}: {what}: `{program} -m {module}` {e}")),
-                    }
+                if mode.kind == ModeKind::Docker {
+                    println!(
+                        "ok: workers `{}`: image {} is on this host",
+                        w.worker_type,
+                        w.image.as_deref().unwrap_or("")
+                    );
+                } else {
+                    check_program(w, protocol, &cwd, &at, &mut problems).await;
                 }
             }
-            None => problems.push(format!(
-                "{at}: {what} `{program}` was not found (not on PATH, not a file relative to {})",
-                cwd.display()
-            )),
         }
     }
-    for (name, dir) in [
-        ("workspace_path", &config.pool.workspace_path),
-        ("log_dir", &config.pool.log_dir),
-        (
-            "db_path folder",
-            &config.pool.db_path.parent().unwrap_or(Path::new(".")).to_path_buf(),
-        ),
-    ] {
-        match nearest_existing(dir) {
-            Some(existing) if is_writable(&existing) => {}
-            Some(existing) => problems.push(format!(
-                "{}: pool.{name}: {} cannot be created or written ({} is not writable)",
-                config.path.display(),
-                dir.display(),
-                existing.display()
-            )),
-            None => problems.push(format!(
-                "{}: pool.{name}: {} cannot be created",
-                config.path.display(),
-                dir.display()
-            )),
-        }
+    if plan.uses_docker()
+        && let Some(engine) = &plan.engine
+    {
+        check_network(&engine.client, &config.pool.network, &mut problems).await;
     }
+    check_folders(&config, &mut problems);
     if lock::running_supervisor(&config.pool.db_path).is_some() {
         let pid = super::supervisor_pid(&config.pool.db_path)
             .map(|p| p.to_string())
@@ -138,6 +71,67 @@ pub async fn run(path: &Path) -> anyhow::Result<i32> {
             eprintln!("error: {p}");
         }
         Ok(1)
+    }
+}
+
+/// A direct entry's program is found, and a `python -m MODULE` imports.
+async fn check_program(w: &WorkerConfig, protocol: Protocol, cwd: &Path, at: &str, problems: &mut Vec<String>) {
+    let (what, argv) = match w.direct_program(protocol) {
+        Some(WorkerProgram::Command(c)) if w.program == WorkerProgram::Default => ("default command", c),
+        Some(WorkerProgram::Command(c)) => ("command", c),
+        Some(WorkerProgram::JobCommand(c)) => ("job_command", c),
+        // Refused by check_protocol.
+        Some(WorkerProgram::Default) | None => return,
+    };
+    let program = &argv[0];
+    let path_var = w
+        .env
+        .get("PATH")
+        .cloned()
+        .or_else(|| std::env::var("PATH").ok())
+        .unwrap_or_default();
+    let Some(found) = find_program(program, cwd, &path_var) else {
+        problems.push(format!(
+            "{at}: {what} `{program}` was not found (not on PATH, not a file relative to {})",
+            cwd.display()
+        ));
+        return;
+    };
+    println!(
+        "ok: workers `{}`: {what} `{program}` is {}",
+        w.worker_type,
+        found.display()
+    );
+    if let Some(module) = python_module(&argv) {
+        match module_imports(&found, module, w, cwd).await {
+            Ok(()) => println!("ok: workers `{}`: `{program} -m {module}` imports", w.worker_type),
+            Err(e) => problems.push(format!("{at}: {what}: `{program} -m {module}` {e}")),
+        }
+    }
+}
+
+/// The workspace, log and database folders can be created and written.
+fn check_folders(config: &Config, problems: &mut Vec<String>) {
+    let db_dir = config.pool.db_path.parent().unwrap_or(Path::new(".")).to_path_buf();
+    for (name, dir) in [
+        ("workspace_path", &config.pool.workspace_path),
+        ("log_dir", &config.pool.log_dir),
+        ("db_path folder", &db_dir),
+    ] {
+        match nearest_existing(dir) {
+            Some(existing) if is_writable(&existing) => {}
+            Some(existing) => problems.push(format!(
+                "{}: pool.{name}: {} cannot be created or written ({} is not writable)",
+                config.path.display(),
+                dir.display(),
+                existing.display()
+            )),
+            None => problems.push(format!(
+                "{}: pool.{name}: {} cannot be created",
+                config.path.display(),
+                dir.display()
+            )),
+        }
     }
 }
 
@@ -229,8 +223,8 @@ fn is_writable(p: &Path) -> bool {
 
 /// Reports whether the pool's docker network exists, is ambiguous, or will
 /// be created by `start`.
-async fn check_network(client: &bollard::Docker, network: &str, checked: &mut bool, problems: &mut Vec<String>) {
-    if std::mem::replace(checked, true) || docker::is_predefined_network(network) {
+async fn check_network(client: &bollard::Docker, network: &str, problems: &mut Vec<String>) {
+    if docker::is_predefined_network(network) {
         return;
     }
     match docker::networks_named(client, network).await {

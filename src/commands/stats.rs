@@ -13,7 +13,7 @@ use super::target;
 use crate::cli::DbArgs;
 use crate::db::{self, jobs::JobCounts, pool::EventRow};
 use crate::lock;
-use crate::vocab::{Protocol, SlotState, SupervisorState};
+use crate::vocab::{Mode, Protocol, SlotState, SupervisorState};
 
 #[derive(Debug, Serialize)]
 pub struct Stats {
@@ -54,9 +54,9 @@ pub struct SupervisorStats {
     pub expected_workers: i64,
 }
 
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Serialize)]
 pub struct PoolStats {
-    pub execution_mode: String,
+    pub execution_mode: Mode,
     pub slots: i64,
     pub running: i64,
     pub starting: i64,
@@ -100,8 +100,17 @@ pub fn collect(db_path: &Path, events: bool) -> anyhow::Result<Stats> {
                 why: s.note.clone().or_else(|| s.last_cause.clone()),
             });
         }
-        let p = pools.entry(s.worker_type.clone()).or_default();
-        p.execution_mode = s.execution_mode.clone();
+        let p = pools.entry(s.worker_type.clone()).or_insert_with(|| PoolStats {
+            execution_mode: s.execution_mode,
+            slots: 0,
+            running: 0,
+            starting: 0,
+            backoff: 0,
+            failed: 0,
+            stopped: 0,
+            restarts: 0,
+        });
+        p.execution_mode = s.execution_mode;
         p.slots += 1;
         p.restarts += s.restarts;
         *match s.state {
@@ -166,7 +175,7 @@ pub fn render(s: &Stats) -> String {
         let pn = |f: fn(&PoolStats) -> i64| p.map(|p| f(p).to_string()).unwrap_or_else(|| "-".into());
         t.add_row(vec![
             ty.clone(),
-            p.map(|p| p.execution_mode.clone()).unwrap_or_else(|| "-".into()),
+            p.map(|p| p.execution_mode.to_string()).unwrap_or_else(|| "-".into()),
             pn(|p| p.slots),
             pn(|p| p.running),
             pn(|p| p.starting),
@@ -212,7 +221,7 @@ pub fn render(s: &Stats) -> String {
                 e.at,
                 e.worker_type,
                 e.slot,
-                e.worker_id.as_deref().unwrap_or("-"),
+                e.worker_id.as_ref().map(|w| w.as_str()).unwrap_or("-"),
                 e.event,
                 e.cause.as_deref().unwrap_or(""),
                 e.job_id.map(|j| format!(" (holding job {j})")).unwrap_or_default()

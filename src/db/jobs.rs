@@ -6,7 +6,7 @@
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 
-use crate::vocab::{JobStatus, Protocol};
+use crate::vocab::{JobStatus, ModeKind, Protocol, WorkerRow};
 
 /// A job as a worker sees it after claiming it.
 #[derive(Debug, Clone)]
@@ -50,11 +50,10 @@ pub fn submit(conn: &Connection, job: &NewJob) -> rusqlite::Result<i64> {
 /// Who claims a job: the worker's row, and under CLM the execution mode it
 /// runs in (a job tagged for the other mode is not its to take).
 #[derive(Debug, Clone, Copy)]
-pub struct Claimant<'a> {
+pub struct Claimant {
     pub protocol: Protocol,
-    pub worker_row: i64,
-    /// `direct` or `docker`.
-    pub execution_mode: &'a str,
+    pub worker_row: WorkerRow,
+    pub execution_mode: ModeKind,
 }
 
 /// Claims the oldest highest-priority pending job of `job_type` for the
@@ -134,7 +133,7 @@ pub enum Outcome<'a> {
 pub fn finish(
     conn: &mut Connection,
     job: &ClaimedJob,
-    worker_row: i64,
+    worker_row: WorkerRow,
     outcome: Outcome,
     seconds: f64,
 ) -> rusqlite::Result<bool> {
@@ -177,7 +176,7 @@ pub fn finish(
 
 /// Gives a job back to the queue without counting the attempt (the worker
 /// is shutting down; the job did nothing wrong).
-pub fn give_back(conn: &Connection, job: &ClaimedJob, worker_row: i64) -> rusqlite::Result<bool> {
+pub fn give_back(conn: &Connection, job: &ClaimedJob, worker_row: WorkerRow) -> rusqlite::Result<bool> {
     let n = conn.execute(
         "UPDATE jobs SET status = 'pending', started_at = NULL, worker_id = NULL, attempts = attempts - 1
          WHERE id = ?1 AND worker_id = ?2 AND status = 'processing' AND attempts = ?3",
@@ -191,7 +190,7 @@ pub fn give_back(conn: &Connection, job: &ClaimedJob, worker_row: i64) -> rusqli
 /// the ids failed. Call inside the transaction that marks the worker dead.
 pub fn recover(
     conn: &Connection,
-    worker_row: Option<i64>,
+    worker_row: Option<WorkerRow>,
     worker_id: &str,
     cause: &str,
 ) -> rusqlite::Result<(Vec<i64>, Vec<i64>)> {
@@ -219,7 +218,7 @@ pub fn recover(
 /// What the reconciliation pass put back, per worker that was gone.
 #[derive(Debug)]
 pub struct Reconciled {
-    pub worker_row: Option<i64>,
+    pub worker_row: Option<WorkerRow>,
     pub worker_id: Option<String>,
     pub requeued: Vec<i64>,
     pub failed: Vec<i64>,
@@ -246,7 +245,7 @@ pub fn reconcile(
            AND (w.id IS NULL OR w.status = 'dead'
                 OR NOT EXISTS (SELECT 1 FROM clx_pool_slots s
                                WHERE s.state IN ('running', 'starting') AND s.worker_id = w.container_id))";
-    let find = |c: &Connection| -> rusqlite::Result<Vec<(Option<i64>, Option<String>)>> {
+    let find = |c: &Connection| -> rusqlite::Result<Vec<(Option<WorkerRow>, Option<String>)>> {
         let map = |r: &rusqlite::Row| Ok((r.get(0)?, r.get(1)?));
         match protocol {
             Protocol::Clx => c.prepare_cached(ORPHANED)?.query_map([grace_seconds], map)?.collect(),
@@ -353,11 +352,11 @@ mod tests {
         conn
     }
 
-    fn clx(worker_row: i64) -> Claimant<'static> {
+    fn clx(worker_row: WorkerRow) -> Claimant {
         Claimant {
             protocol: Protocol::Clx,
             worker_row,
-            execution_mode: "direct",
+            execution_mode: ModeKind::Direct,
         }
     }
 
@@ -462,11 +461,11 @@ mod tests {
         }
     }
 
-    fn clx_or_clm(protocol: Protocol, worker_row: i64) -> Claimant<'static> {
+    fn clx_or_clm(protocol: Protocol, worker_row: WorkerRow) -> Claimant {
         Claimant {
             protocol,
             worker_row,
-            execution_mode: "direct",
+            execution_mode: ModeKind::Direct,
         }
     }
 

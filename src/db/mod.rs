@@ -8,6 +8,7 @@
 //! code on the blocking pool, so no connection is ever held across an await.
 
 pub mod jobs;
+pub mod monitor;
 pub mod pool;
 pub mod schema;
 pub mod workers;

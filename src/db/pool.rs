@@ -8,15 +8,17 @@ use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 use serde_json::json;
 
-use crate::vocab::{ClmEvent, EndEvent, Protocol, SlotState, SupervisorState};
+use crate::vocab::{
+    ClmEvent, EndEvent, Mode, ModeKind, Protocol, SlotId, SlotState, SupervisorState, WorkerId, WorkerRow,
+};
 
 /// One row of CLM's `worker_events` (CLM databases only).
 struct ClmEventRow<'a> {
     event: ClmEvent,
-    worker_row: Option<i64>,
+    worker_row: Option<WorkerRow>,
     /// `all` for pool events, as CLM writes them.
     worker_type: &'a str,
-    execution_mode: Option<&'a str>,
+    execution_mode: Option<ModeKind>,
     message: String,
     metadata: serde_json::Value,
 }
@@ -128,6 +130,21 @@ pub fn set_state(conn: &Connection, protocol: Protocol, state: SupervisorState) 
     tx.commit()
 }
 
+/// After a supervisor that is gone: its slots run nothing and it is
+/// recorded as stopped.
+pub fn close_run(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute(
+        "UPDATE clx_pool_slots SET pid = NULL, proc_start = NULL, state = ?1",
+        [SlotState::Stopped],
+    )?;
+    conn.execute(
+        "UPDATE clx_pool_supervisor SET state = ?1, stopped_at = COALESCE(stopped_at, CURRENT_TIMESTAMP)
+         WHERE state != ?1",
+        [SupervisorState::Stopped],
+    )?;
+    Ok(())
+}
+
 pub fn supervisor(conn: &Connection) -> rusqlite::Result<Option<SupervisorRecord>> {
     if super::schema::pool_version(conn)? == 0 {
         return Ok(None);
@@ -154,30 +171,14 @@ pub fn supervisor(conn: &Connection) -> rusqlite::Result<Option<SupervisorRecord
     .optional()
 }
 
-pub fn upsert_slot(
-    conn: &Connection,
-    worker_type: &str,
-    slot: u32,
-    mode: &str,
-    state: SlotState,
-) -> rusqlite::Result<()> {
-    conn.execute(
-        "INSERT INTO clx_pool_slots (worker_type, slot, execution_mode, state) VALUES (?1, ?2, ?3, ?4)
-         ON CONFLICT(worker_type, slot) DO UPDATE SET
-             execution_mode = excluded.execution_mode, state = excluded.state, updated_at = CURRENT_TIMESTAMP",
-        params![worker_type, slot, mode, state],
-    )?;
-    Ok(())
-}
-
 /// A CLM worker about to be started in a slot: its pre-registered row
 /// (see `workers::preregister`) and CLM's `worker_starting` event, in one
-/// transaction. Returns the row id, which the worker gets as `CLM_WORKER_ID`.
+/// transaction. Returns the row, whose id the worker gets as `CLM_WORKER_ID`.
 pub fn preregister_worker(
     conn: &mut Connection,
     slot: u32,
     p: &super::workers::Preregistration,
-) -> rusqlite::Result<i64> {
+) -> rusqlite::Result<WorkerRow> {
     let tx = conn.transaction()?;
     let row = super::workers::preregister(&tx, p)?;
     clm_event(
@@ -200,31 +201,36 @@ pub fn preregister_worker(
 }
 
 /// Records the process now running in a slot (before it registers), so that
-/// a later `start` or `stop` can find it even if this supervisor crashes.
+/// a later `start` or `stop` can find it even if this supervisor crashes:
+/// its pid and start time (direct mode).
 pub fn slot_launched(
     conn: &Connection,
-    worker_type: &str,
-    slot: u32,
-    worker_id: &str,
-    pid: Option<i64>,
-    proc_start: Option<i64>,
+    slot: &SlotId,
+    worker_id: &WorkerId,
+    process: Option<(i32, Option<i64>)>,
 ) -> rusqlite::Result<()> {
     conn.execute(
         "UPDATE clx_pool_slots SET state = ?6, worker_id = ?3, worker_row = NULL, pid = ?4, proc_start = ?5,
              note = NULL, updated_at = CURRENT_TIMESTAMP
          WHERE worker_type = ?1 AND slot = ?2",
-        params![worker_type, slot, worker_id, pid, proc_start, SlotState::Starting],
+        params![
+            slot.worker_type,
+            slot.index,
+            worker_id,
+            process.map(|p| p.0),
+            process.and_then(|p| p.1),
+            SlotState::Starting
+        ],
     )?;
     Ok(())
 }
 
 /// A slot's worker registered (or activated its pre-registered row).
 pub struct Registered<'a> {
-    pub worker_type: &'a str,
-    pub slot: u32,
-    pub worker_row: i64,
-    pub worker_id: &'a str,
-    pub execution_mode: &'a str,
+    pub slot: &'a SlotId,
+    pub worker_row: WorkerRow,
+    pub worker_id: &'a WorkerId,
+    pub execution_mode: ModeKind,
 }
 
 pub fn slot_registered(conn: &Connection, protocol: Protocol, r: &Registered) -> rusqlite::Result<()> {
@@ -232,7 +238,7 @@ pub fn slot_registered(conn: &Connection, protocol: Protocol, r: &Registered) ->
     tx.execute(
         "UPDATE clx_pool_slots SET state = ?4, worker_row = ?3, updated_at = CURRENT_TIMESTAMP
          WHERE worker_type = ?1 AND slot = ?2",
-        params![r.worker_type, r.slot, r.worker_row, SlotState::Running],
+        params![r.slot.worker_type, r.slot.index, r.worker_row, SlotState::Running],
     )?;
     clm_event(
         &tx,
@@ -240,43 +246,43 @@ pub fn slot_registered(conn: &Connection, protocol: Protocol, r: &Registered) ->
         ClmEventRow {
             event: ClmEvent::WorkerRegistered,
             worker_row: Some(r.worker_row),
-            worker_type: r.worker_type,
+            worker_type: &r.slot.worker_type,
             execution_mode: Some(r.execution_mode),
             message: format!(
-                "Worker {} #{} registered (executor: {}, slot {}-{})",
-                r.worker_type, r.worker_row, r.worker_id, r.worker_type, r.slot
+                "Worker {} #{} registered (executor: {}, slot {})",
+                r.slot.worker_type, r.worker_row, r.worker_id, r.slot
             ),
-            metadata: json!({ "index": r.slot, "executor_id": r.worker_id }),
+            metadata: json!({ "index": r.slot.index, "executor_id": r.worker_id }),
         },
     )?;
     tx.commit()
 }
 
-/// Sets a slot's state, with why it waits (`note`, shown by `stats`) or
-/// None.
+/// Sets a slot's state (creating its row the first time), with why it
+/// waits (`note`, shown by `stats`) or None.
 pub fn set_slot_state(
     conn: &Connection,
-    worker_type: &str,
-    slot: u32,
+    slot: &SlotId,
+    mode: Mode,
     state: SlotState,
     note: Option<&str>,
 ) -> rusqlite::Result<()> {
     conn.execute(
-        "UPDATE clx_pool_slots SET state = ?3, note = ?4, updated_at = CURRENT_TIMESTAMP
-         WHERE worker_type = ?1 AND slot = ?2",
-        params![worker_type, slot, state, note],
+        "INSERT INTO clx_pool_slots (worker_type, slot, execution_mode, state, note) VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT(worker_type, slot) DO UPDATE SET
+             execution_mode = excluded.execution_mode, state = excluded.state, note = excluded.note,
+             updated_at = CURRENT_TIMESTAMP",
+        params![slot.worker_type, slot.index, mode, state, note],
     )?;
     Ok(())
 }
 
 /// A worker that ended, as the supervisor saw it.
 pub struct WorkerEnd<'a> {
-    pub worker_type: &'a str,
-    pub slot: u32,
-    pub worker_id: &'a str,
-    pub worker_row: Option<i64>,
-    /// `direct` or `docker`.
-    pub execution_mode: &'a str,
+    pub slot: &'a SlotId,
+    pub worker_id: &'a WorkerId,
+    pub worker_row: Option<WorkerRow>,
+    pub execution_mode: ModeKind,
     pub event: EndEvent,
     pub cause: &'a str,
     pub log_tail: &'a str,
@@ -293,72 +299,24 @@ pub fn record_end(
     end: &WorkerEnd,
 ) -> rusqlite::Result<(Vec<i64>, Vec<i64>)> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    let mut held = None;
-    let (mut requeued, mut failed) = (Vec::new(), Vec::new());
-    if let Some(row) = end.worker_row {
-        held = tx
-            .query_row(
-                "SELECT id FROM jobs WHERE worker_id = ?1 AND status = 'processing' ORDER BY id LIMIT 1",
-                [row],
-                |r| r.get::<_, i64>(0),
-            )
-            .optional()?;
-        tx.execute("DELETE FROM workers WHERE id = ?1 AND status = 'created'", [row])?;
-        tx.execute("UPDATE workers SET status = 'dead' WHERE id = ?1", [row])?;
-        (requeued, failed) = super::jobs::recover(&tx, Some(row), end.worker_id, end.cause)?;
-    }
-    let (event, message) = match end.event {
-        EndEvent::Stopped => (
-            ClmEvent::WorkerStopped,
-            format!(
-                "Worker {} {} stopped by clx-pool ({})",
-                end.worker_type, end.worker_id, end.cause
-            ),
-        ),
-        _ => (
-            ClmEvent::WorkerFailed,
-            format!(
-                "Worker {} failed: {} {}{}",
-                end.worker_type,
-                end.worker_id,
-                end.cause,
-                if end.restart { "; clx-pool replaces it" } else { "" }
-            ),
-        ),
+    let (held, requeued, failed) = match end.worker_row {
+        Some(row) => bury_worker(&tx, row, end)?,
+        None => (None, Vec::new(), Vec::new()),
     };
-    clm_event(
-        &tx,
-        protocol,
-        ClmEventRow {
-            event,
-            worker_row: end.worker_row,
-            worker_type: end.worker_type,
-            execution_mode: Some(end.execution_mode),
-            message,
-            metadata: json!({
-                "index": end.slot,
-                "executor_id": end.worker_id,
-                "reason": end.event,
-                "error": end.cause,
-                "job_id": held,
-                "requeued_jobs": requeued,
-                "failed_jobs": failed,
-            }),
-        },
-    )?;
+    clm_end_event(&tx, protocol, end, held, &requeued, &failed)?;
     tx.execute(
         "UPDATE clx_pool_slots SET pid = NULL, proc_start = NULL, worker_row = NULL,
              restarts = restarts + ?3, last_cause = CASE WHEN ?3 = 1 THEN ?4 ELSE last_cause END,
              updated_at = CURRENT_TIMESTAMP
          WHERE worker_type = ?1 AND slot = ?2",
-        params![end.worker_type, end.slot, end.restart as i64, end.cause],
+        params![end.slot.worker_type, end.slot.index, end.restart as i64, end.cause],
     )?;
     tx.execute(
         "INSERT INTO clx_pool_events (worker_type, slot, worker_id, event, cause, job_id, log_tail)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
         params![
-            end.worker_type,
-            end.slot,
+            end.slot.worker_type,
+            end.slot.index,
             end.worker_id,
             end.event,
             end.cause,
@@ -370,13 +328,81 @@ pub fn record_end(
     Ok((requeued, failed))
 }
 
+/// Marks a worker's row dead (or removes a pre-registered row it never
+/// activated) and puts back its jobs. Returns the job it held first, and
+/// the jobs requeued and failed.
+fn bury_worker(
+    tx: &Connection,
+    row: WorkerRow,
+    end: &WorkerEnd,
+) -> rusqlite::Result<(Option<i64>, Vec<i64>, Vec<i64>)> {
+    let held = tx
+        .query_row(
+            "SELECT id FROM jobs WHERE worker_id = ?1 AND status = 'processing' ORDER BY id LIMIT 1",
+            [row],
+            |r| r.get::<_, i64>(0),
+        )
+        .optional()?;
+    tx.execute("DELETE FROM workers WHERE id = ?1 AND status = 'created'", [row])?;
+    tx.execute("UPDATE workers SET status = 'dead' WHERE id = ?1", [row])?;
+    let (requeued, failed) = super::jobs::recover(tx, Some(row), end.worker_id.as_str(), end.cause)?;
+    Ok((held, requeued, failed))
+}
+
+/// CLM's `worker_stopped` or `worker_failed` for a worker's end.
+fn clm_end_event(
+    tx: &Connection,
+    protocol: Protocol,
+    end: &WorkerEnd,
+    held: Option<i64>,
+    requeued: &[i64],
+    failed: &[i64],
+) -> rusqlite::Result<()> {
+    let t = &end.slot.worker_type;
+    let (event, message) = match end.event {
+        EndEvent::Stopped => (
+            ClmEvent::WorkerStopped,
+            format!("Worker {t} {} stopped by clx-pool ({})", end.worker_id, end.cause),
+        ),
+        _ => (
+            ClmEvent::WorkerFailed,
+            format!(
+                "Worker {t} failed: {} {}{}",
+                end.worker_id,
+                end.cause,
+                if end.restart { "; clx-pool replaces it" } else { "" }
+            ),
+        ),
+    };
+    clm_event(
+        tx,
+        protocol,
+        ClmEventRow {
+            event,
+            worker_row: end.worker_row,
+            worker_type: t,
+            execution_mode: Some(end.execution_mode),
+            message,
+            metadata: json!({
+                "index": end.slot.index,
+                "executor_id": end.worker_id,
+                "reason": end.event,
+                "error": end.cause,
+                "job_id": held,
+                "requeued_jobs": requeued,
+                "failed_jobs": failed,
+            }),
+        },
+    )
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct SlotRow {
     pub worker_type: String,
     pub slot: u32,
-    pub execution_mode: String,
+    pub execution_mode: Mode,
     pub state: SlotState,
-    pub worker_id: Option<String>,
+    pub worker_id: Option<WorkerId>,
     pub pid: Option<i64>,
     pub proc_start: Option<i64>,
     pub restarts: i64,
@@ -428,7 +454,7 @@ pub struct EventRow {
     pub at: String,
     pub worker_type: String,
     pub slot: u32,
-    pub worker_id: Option<String>,
+    pub worker_id: Option<WorkerId>,
     pub event: EndEvent,
     pub cause: Option<String>,
     pub job_id: Option<i64>,

@@ -6,11 +6,16 @@ use std::collections::BTreeMap;
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-use crate::vocab::{MANAGED_BY_PERSISTENT, Protocol, WorkerStatus};
+use crate::vocab::{MANAGED_BY_PERSISTENT, ModeKind, Protocol, WorkerId, WorkerRow, WorkerStatus};
 
 /// Registers a worker the way the protocol's workers do and returns its
 /// row id. CLM rows also record the parent process, as CLM's workers do.
-pub fn register(conn: &Connection, protocol: Protocol, worker_type: &str, container_id: &str) -> rusqlite::Result<i64> {
+pub fn register(
+    conn: &Connection,
+    protocol: Protocol,
+    worker_type: &str,
+    container_id: &str,
+) -> rusqlite::Result<WorkerRow> {
     let row = match protocol {
         Protocol::Clx => super::returning_one(
             &mut conn.prepare(
@@ -37,13 +42,12 @@ pub fn register(conn: &Connection, protocol: Protocol, worker_type: &str, contai
 /// session's jobs.
 pub struct Preregistration<'a> {
     pub worker_type: &'a str,
-    pub container_id: &'a str,
-    /// `direct` or `docker`.
-    pub execution_mode: &'a str,
+    pub container_id: &'a WorkerId,
+    pub execution_mode: ModeKind,
     pub parent_pid: i64,
 }
 
-pub fn preregister(conn: &Connection, p: &Preregistration) -> rusqlite::Result<i64> {
+pub fn preregister(conn: &Connection, p: &Preregistration) -> rusqlite::Result<WorkerRow> {
     super::returning_one(
         &mut conn.prepare(
             "INSERT INTO workers (worker_type, container_id, status, execution_mode, managed_by, parent_pid)
@@ -64,7 +68,7 @@ pub fn preregister(conn: &Connection, p: &Preregistration) -> rusqlite::Result<i
 /// Activates a pre-registered row (`created` → `idle`), as CLM's
 /// `activate_pre_registered_worker` does. Returns false while the row is
 /// not there yet.
-pub fn activate(conn: &Connection, row: i64) -> Result<bool, ActivationError> {
+pub fn activate(conn: &Connection, row: WorkerRow) -> Result<bool, ActivationError> {
     let n = conn.execute(
         "UPDATE workers SET status = 'idle', last_heartbeat = CURRENT_TIMESTAMP WHERE id = ?1 AND status = 'created'",
         [row],
@@ -86,7 +90,7 @@ pub enum ActivationError {
     Sql(#[from] rusqlite::Error),
 }
 
-pub fn status(conn: &Connection, row: i64) -> rusqlite::Result<Option<WorkerStatus>> {
+pub fn status(conn: &Connection, row: WorkerRow) -> rusqlite::Result<Option<WorkerStatus>> {
     conn.prepare_cached("SELECT status FROM workers WHERE id = ?1")?
         .query_row([row], |r| r.get(0))
         .optional()
@@ -94,27 +98,27 @@ pub fn status(conn: &Connection, row: i64) -> rusqlite::Result<Option<WorkerStat
 
 /// Refreshes the heartbeat; false when the row is gone (the worker was
 /// deregistered and should stop, as CLM's workers do).
-pub fn heartbeat(conn: &Connection, row: i64) -> rusqlite::Result<bool> {
+pub fn heartbeat(conn: &Connection, row: WorkerRow) -> rusqlite::Result<bool> {
     let n = conn
         .prepare_cached("UPDATE workers SET last_heartbeat = CURRENT_TIMESTAMP WHERE id = ?1")?
         .execute([row])?;
     Ok(n == 1)
 }
 
-pub fn set_status(conn: &Connection, row: i64, status: WorkerStatus) -> rusqlite::Result<()> {
+pub fn set_status(conn: &Connection, row: WorkerRow, status: WorkerStatus) -> rusqlite::Result<()> {
     conn.execute("UPDATE workers SET status = ?2 WHERE id = ?1", params![row, status])?;
     Ok(())
 }
 
 /// Removes a worker's row, as a CLM worker does when it stops.
-pub fn deregister(conn: &Connection, row: i64) -> rusqlite::Result<()> {
+pub fn deregister(conn: &Connection, row: WorkerRow) -> rusqlite::Result<()> {
     conn.execute("DELETE FROM workers WHERE id = ?1", [row])?;
     Ok(())
 }
 
 /// Rows registered after `after_row` that are live (neither pre-registered
 /// and waiting nor dead): `(row, container_id)`.
-pub fn registered_since(conn: &Connection, after_row: i64) -> rusqlite::Result<Vec<(i64, String)>> {
+pub fn registered_since(conn: &Connection, after_row: WorkerRow) -> rusqlite::Result<Vec<(WorkerRow, WorkerId)>> {
     conn.prepare_cached(
         "SELECT id, container_id FROM workers WHERE id > ?1 AND status NOT IN ('dead', 'created') ORDER BY id",
     )?
@@ -123,7 +127,7 @@ pub fn registered_since(conn: &Connection, after_row: i64) -> rusqlite::Result<V
 }
 
 /// Which of the pre-registered `rows` their workers have activated.
-pub fn activated(conn: &Connection, rows: &[i64]) -> rusqlite::Result<Vec<i64>> {
+pub fn activated(conn: &Connection, rows: &[WorkerRow]) -> rusqlite::Result<Vec<WorkerRow>> {
     let mut out = Vec::new();
     for &row in rows {
         if matches!(
@@ -136,12 +140,12 @@ pub fn activated(conn: &Connection, rows: &[i64]) -> rusqlite::Result<Vec<i64>> 
     Ok(out)
 }
 
-pub fn max_row(conn: &Connection) -> rusqlite::Result<i64> {
+pub fn max_row(conn: &Connection) -> rusqlite::Result<WorkerRow> {
     conn.query_row("SELECT COALESCE(MAX(id), 0) FROM workers", [], |r| r.get(0))
 }
 
 /// The row registered under `container_id`, if any.
-pub fn row_of(conn: &Connection, container_id: &str) -> rusqlite::Result<Option<i64>> {
+pub fn row_of(conn: &Connection, container_id: &WorkerId) -> rusqlite::Result<Option<WorkerRow>> {
     conn.query_row("SELECT id FROM workers WHERE container_id = ?1", [container_id], |r| {
         r.get(0)
     })
@@ -150,7 +154,7 @@ pub fn row_of(conn: &Connection, container_id: &str) -> rusqlite::Result<Option<
 
 /// A pre-registered row takes the id the worker really goes by, once it is
 /// known (a container's id), so `clm status` and discovery find it.
-pub fn set_container_id(conn: &Connection, row: i64, container_id: &str) -> rusqlite::Result<()> {
+pub fn set_container_id(conn: &Connection, row: WorkerRow, container_id: &WorkerId) -> rusqlite::Result<()> {
     conn.execute(
         "UPDATE workers SET container_id = ?2 WHERE id = ?1",
         params![row, container_id],
@@ -209,7 +213,7 @@ pub fn bury_pool_rows(
         &with_owner("DELETE FROM workers WHERE status = 'created' AND ?OURS"),
         [old_supervisor],
     )?;
-    let rows: Vec<(i64, String)> = tx
+    let rows: Vec<(WorkerRow, String)> = tx
         .prepare(&with_owner(
             "SELECT id, container_id FROM workers WHERE status != 'dead' AND ?OURS",
         ))?
@@ -224,7 +228,7 @@ pub fn bury_pool_rows(
     }
     // Jobs held by rows of the pool that were already dead (an earlier
     // crash mid-recovery).
-    let orphans: Vec<(i64, String)> = tx
+    let orphans: Vec<(WorkerRow, String)> = tx
         .prepare(&with_owner(
             "SELECT DISTINCT w.id, w.container_id FROM jobs j JOIN workers w ON w.id = j.worker_id
              WHERE j.status = 'processing' AND w.status = 'dead' AND w.id IN

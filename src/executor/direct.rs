@@ -1,42 +1,51 @@
-//! Direct mode: a worker is a child process leading its own process group,
-//! with stdout and stderr drained into its log, killed by the kernel if the
-//! supervisor dies (parent-death signal), stopped with SIGTERM to the group,
-//! SIGKILL after the grace time, then checked until the group is empty.
+//! Direct mode: a worker is a child process leading its own process group
+//! (spawned with process-wrap), with stdout and stderr drained into its
+//! log, killed by the kernel if the supervisor dies (parent-death signal),
+//! stopped with SIGTERM to the group, SIGKILL after the grace time, then
+//! checked until the group is empty. Its exit status comes from the one
+//! reaper of the supervisor (`procs::reap`), never from a wait of its own.
 
 use std::os::fd::OwnedFd;
+use std::os::unix::process::CommandExt;
 use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::Context;
 use nix::fcntl::OFlag;
 use nix::sys::signal::Signal;
-use process_wrap::tokio::{KillOnDrop, ProcessGroup, TokioChildWrapper, TokioCommandWrap};
+use nix::sys::wait::WaitStatus;
+use process_wrap::std::{ProcessGroup, StdCommandWrap};
 use tokio::net::unix::pipe;
+use tokio::sync::oneshot;
 
-use super::{ExitCause, Launch, Running};
+use super::{Launch, Process};
 use crate::config::{InheritEnv, WorkerProgram};
 use crate::logs::{self, RotatingLog, Tail};
 use crate::procs;
+use crate::vocab::{EndCause, ModeKind, WorkerId};
 
 pub struct DirectWorker {
-    child: Box<dyn TokioChildWrapper>,
+    pub worker_id: WorkerId,
+    pub process: Process,
+    pub tail: Tail,
     pgid: i32,
-    worker_id: String,
-    exit: Option<ExitCause>,
+    /// Its exit status, from the reaper.
+    exited: oneshot::Receiver<WaitStatus>,
+    exit: Option<EndCause>,
     /// The host's OOM-kill count when the worker started.
     oom_kills_at_start: Option<u64>,
     /// Set once we send SIGKILL ourselves, so that exit is not blamed on OOM.
     killed_by_us: bool,
 }
 
-pub fn launch(spec: &Launch) -> anyhow::Result<Running> {
+pub fn launch(spec: &Launch) -> anyhow::Result<DirectWorker> {
     let worker_id = spec.worker_id.clone();
     let argv = match &spec.program {
         WorkerProgram::Command(c) => c.clone(),
         WorkerProgram::JobCommand(c) => {
             let exe = std::env::current_exe().context("finding the clx-pool executable for the built-in worker")?;
             let mut argv = vec![exe.to_string_lossy().into_owned()];
-            argv.extend(spec.builtin_worker_args("direct", c));
+            argv.extend(spec.builtin_worker_args(ModeKind::Direct, c));
             argv
         }
         WorkerProgram::Default => anyhow::bail!("no command to run worker type `{}` directly", spec.worker_type),
@@ -46,7 +55,7 @@ pub fn launch(spec: &Launch) -> anyhow::Result<Running> {
     let env = spec.environment(&super::Seen {
         db_path: &db,
         workspace: &workspace,
-        worker_id: Some(&worker_id),
+        worker_id: Some(worker_id.as_str()),
         tagged: true,
     });
     let mut log = RotatingLog::open(&spec.log_path, spec.log_max_size, spec.log_keep)
@@ -57,7 +66,7 @@ pub fn launch(spec: &Launch) -> anyhow::Result<Running> {
     let memory_limit = spec.memory_limit;
 
     let inherit = spec.inherit_env.clone();
-    let mut cmd = TokioCommandWrap::with_new(&argv[0], |c| {
+    let mut cmd = StdCommandWrap::with_new(&argv[0], |c| {
         if inherit != InheritEnv::All {
             c.env_clear()
                 .envs(std::env::vars_os().filter(|(k, _)| k.to_str().is_some_and(|k| inherit.passes(k))));
@@ -86,7 +95,7 @@ pub fn launch(spec: &Launch) -> anyhow::Result<Running> {
             });
         }
     });
-    cmd.wrap(ProcessGroup::leader()).wrap(KillOnDrop);
+    cmd.wrap(ProcessGroup::leader());
     logs::mark(&mut log, &format!("starting worker {worker_id} ({})", argv.join(" ")));
     let spawned = cmd.spawn();
     // Close our copies of the pipe's write end, or the drain never sees EOF.
@@ -98,56 +107,65 @@ pub fn launch(spec: &Launch) -> anyhow::Result<Running> {
             return Err(anyhow::Error::new(e).context(format!("starting `{}`", argv[0])));
         }
     };
-    let pid = child
-        .id()
-        .map(|p| p as i32)
-        .context("worker exited before its pid was read")?;
-    // tokio reaps this one; reap_strays must leave it alone.
-    procs::track(pid);
+    let pid = child.id() as i32;
+    // The reaper reports its exit; the wrapper is never waited on (and
+    // never kills on drop: a reaped pid may be reused).
+    let exited = procs::watch(pid);
+    drop(child);
     let tail = Tail::default();
     let reader = pipe::Receiver::from_owned_fd(read_end).context("reading the worker's output pipe")?;
     tokio::spawn(logs::drain(reader, log, tail.clone()));
-    let worker = DirectWorker {
-        child,
+    Ok(DirectWorker {
+        worker_id,
+        process: Process {
+            pid,
+            start_ticks: procs::start_ticks(pid),
+        },
+        tail,
         pgid: pid,
-        worker_id: worker_id.clone(),
+        exited,
         exit: None,
         oom_kills_at_start: procs::oom_kills(),
         killed_by_us: false,
-    };
-    Ok(Running::direct(worker_id, pid, tail, worker))
+    })
 }
 
 impl DirectWorker {
     /// Waits for the group leader (the worker itself) to exit, then kills
     /// what is left in its process group. Cancel-safe: the only await is the
-    /// child's wait.
-    pub async fn wait(&mut self) -> ExitCause {
+    /// reaper's report.
+    pub async fn wait(&mut self) -> EndCause {
         if let Some(exit) = &self.exit {
             return exit.clone();
         }
-        let mut cause = match self.child.inner_mut().wait().await {
-            Ok(status) => exit_cause(status),
-            Err(e) => ExitCause::Unknown(e.to_string()),
+        let mut cause = match (&mut self.exited).await {
+            Ok(status) => end_cause(status),
+            Err(_) => EndCause::Unknown("its exit status was lost".into()),
         };
-        procs::untrack(self.pgid);
-        if cause == ExitCause::Signal(Signal::SIGKILL as i32)
+        if cause == EndCause::Signal(Signal::SIGKILL as i32)
             && !self.killed_by_us
             && let (Some(before), Some(now)) = (self.oom_kills_at_start, procs::oom_kills())
             && now > before
         {
-            cause = ExitCause::Oom;
+            cause = EndCause::Oom;
         }
         self.exit = Some(cause.clone());
-        let _ = procs::signal_group(self.pgid, Signal::SIGKILL);
+        self.signal(Signal::SIGKILL);
         cause
     }
 
-    pub async fn stop(&mut self, grace: Duration) -> ExitCause {
+    /// Signals the worker's process group; a group already gone is fine.
+    fn signal(&self, sig: Signal) {
+        if let Err(e) = procs::signal_group(self.pgid, sig) {
+            tracing::warn!(worker = %self.worker_id, pgid = self.pgid, "sending {sig}: {e}");
+        }
+    }
+
+    pub async fn stop(&mut self, grace: Duration) -> EndCause {
         if self.exit.is_none() {
-            let _ = procs::signal_group(self.pgid, Signal::SIGTERM);
+            self.signal(Signal::SIGTERM);
             // A stopped (SIGSTOP) worker must run to see the SIGTERM.
-            let _ = procs::signal_group(self.pgid, Signal::SIGCONT);
+            self.signal(Signal::SIGCONT);
             if tokio::time::timeout(grace, self.wait()).await.is_err() {
                 tracing::warn!(
                     worker = %self.worker_id,
@@ -155,7 +173,7 @@ impl DirectWorker {
                     humantime::format_duration(grace)
                 );
                 self.killed_by_us = true;
-                let _ = procs::signal_group(self.pgid, Signal::SIGKILL);
+                self.signal(Signal::SIGKILL);
             }
         }
         let cause = self.wait().await;
@@ -169,18 +187,21 @@ impl DirectWorker {
     /// its group (job commands in their own groups, `setsid` helpers).
     pub async fn sweep(&self) {
         let id = self.worker_id.clone();
-        let n = procs::sweep(move || procs::find_worker_processes(&id), Duration::from_secs(5)).await;
+        let n = procs::sweep(
+            move || procs::find_worker_processes(id.as_str()),
+            Duration::from_secs(5),
+        )
+        .await;
         if n > 0 {
             tracing::info!(worker = %self.worker_id, processes = n, "killed what the worker left running");
         }
     }
 }
 
-fn exit_cause(status: std::process::ExitStatus) -> ExitCause {
-    use std::os::unix::process::ExitStatusExt;
-    match (status.code(), status.signal()) {
-        (Some(c), _) => ExitCause::Code(c),
-        (None, Some(s)) => ExitCause::Signal(s),
-        _ => ExitCause::Unknown(format!("{status}")),
+fn end_cause(status: WaitStatus) -> EndCause {
+    match status {
+        WaitStatus::Exited(_, code) => EndCause::Code(code),
+        WaitStatus::Signaled(_, sig, _) => EndCause::Signal(sig as i32),
+        other => EndCause::Unknown(format!("{other:?}")),
     }
 }

@@ -21,9 +21,10 @@ use futures_util::StreamExt;
 use sha2::{Digest, Sha256};
 use tokio::sync::Notify;
 
-use super::{ExitCause, Launch, Running};
+use super::Launch;
 use crate::config::WorkerProgram;
 use crate::logs::{self, RotatingLog, Tail};
+use crate::vocab::{EndCause, ModeKind, WorkerId};
 
 /// Label keys on every container clx-pool creates.
 pub const LABEL_DB_ID: &str = "clx-pool.db-id";
@@ -212,7 +213,7 @@ impl DockerEngine {
         Some((cpu_ns as f64 / 1e9, mem.usage?.saturating_sub(cache)))
     }
 
-    pub async fn launch(self: &Arc<Self>, spec: &Launch, image: &str, network: &str) -> anyhow::Result<Running> {
+    pub async fn launch(self: &Arc<Self>, spec: &Launch, image: &str, network: &str) -> anyhow::Result<DockerWorker> {
         let name = format!("clx-{}-worker-{}-{}", spec.worker_type, spec.slot, self.db_id);
         // A container of that name from an earlier run goes first.
         self.remove(&name).await;
@@ -239,7 +240,7 @@ impl DockerEngine {
         // which must be the image's entrypoint (as in `make docker-image`).
         let mut entrypoint = None;
         let cmd = match &spec.program {
-            WorkerProgram::JobCommand(c) => Some(spec.builtin_worker_args("docker", c)),
+            WorkerProgram::JobCommand(c) => Some(spec.builtin_worker_args(ModeKind::Docker, c)),
             WorkerProgram::Command(c) if !c.is_empty() => {
                 entrypoint = Some(vec![c[0].clone()]);
                 Some(c[1..].to_vec())
@@ -302,16 +303,14 @@ impl DockerEngine {
             ),
         );
         tokio::spawn(drain_logs(stream, log, tail.clone()));
-        Ok(Running::docker(
-            id[..12].to_string(),
+        Ok(DockerWorker {
+            short_id: WorkerId(id[..12].to_string()),
             tail,
-            DockerWorker {
-                engine: self.clone(),
-                id,
-                name,
-                exit: None,
-            },
-        ))
+            engine: self.clone(),
+            id,
+            name,
+            exit: None,
+        })
     }
 }
 
@@ -345,17 +344,20 @@ fn is_not_found(e: &bollard::errors::Error) -> bool {
 }
 
 pub struct DockerWorker {
+    /// The id the worker registers with (the container's short id).
+    pub short_id: WorkerId,
+    pub tail: Tail,
     engine: Arc<DockerEngine>,
     id: String,
     name: String,
-    exit: Option<ExitCause>,
+    exit: Option<EndCause>,
 }
 
 impl DockerWorker {
     /// Resolves when the container has exited: on its `die` event, or at
     /// worst on the next inspect (every few seconds, should events stall).
     /// Cancel-safe.
-    pub async fn wait(&mut self) -> ExitCause {
+    pub async fn wait(&mut self) -> EndCause {
         if let Some(exit) = &self.exit {
             return exit.clone();
         }
@@ -393,25 +395,25 @@ impl DockerWorker {
         }
     }
 
-    async fn exit_cause(&self) -> ExitCause {
+    async fn exit_cause(&self) -> EndCause {
         match self.engine.client.inspect_container(&self.id, None).await {
             Ok(info) => {
                 let state = info.state.unwrap_or_default();
                 let code = state.exit_code.unwrap_or(-1) as i32;
                 if state.oom_killed == Some(true) {
-                    ExitCause::Oom
+                    EndCause::Oom
                 } else if code > 128 && code < 160 {
-                    ExitCause::Signal(code - 128)
+                    EndCause::Signal(code - 128)
                 } else {
-                    ExitCause::Code(code)
+                    EndCause::Code(code)
                 }
             }
-            Err(e) => ExitCause::Unknown(format!("container {} vanished: {e}", self.name)),
+            Err(e) => EndCause::Unknown(format!("container {} vanished: {e}", self.name)),
         }
     }
 
     /// `docker stop` with the grace time (SIGTERM, then SIGKILL), then remove.
-    pub async fn stop(&mut self, grace: Duration) -> ExitCause {
+    pub async fn stop(&mut self, grace: Duration) -> EndCause {
         if self.exit.is_none() {
             let t = grace.as_secs_f64().ceil() as i32;
             let opts = StopContainerOptionsBuilder::default().t(t).build();

@@ -4,15 +4,14 @@
 
 pub mod direct;
 pub mod docker;
+pub mod plan;
 
-use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::{InheritEnv, WorkerProgram};
-use crate::logs::Tail;
-use crate::vocab::Protocol;
+use crate::vocab::{EndCause, ModeKind, Protocol, WorkerId, WorkerRow};
 
 /// Tags every process of a pool with the database it serves, so that what
 /// a worker leaves behind can be found and stopped, and nothing else: other
@@ -71,7 +70,7 @@ impl Launch {
 
     /// The built-in worker's arguments (after the program name) for a
     /// `job_command` entry, in either mode.
-    pub fn builtin_worker_args(&self, mode: &str, job_command: &[String]) -> Vec<String> {
+    pub fn builtin_worker_args(&self, mode: ModeKind, job_command: &[String]) -> Vec<String> {
         let mut argv = vec![
             "worker".to_string(),
             "--heartbeat-interval".into(),
@@ -95,10 +94,10 @@ pub struct Launch {
     pub protocol: Protocol,
     /// The `WORKER_ID` of a direct worker (`direct-{type}-{slot}-{8 hex}`);
     /// a docker worker goes by its container id instead.
-    pub worker_id: String,
+    pub worker_id: WorkerId,
     /// The worker row the supervisor pre-registered (`created`), which the
     /// worker activates (CLM).
-    pub preregistered_row: Option<i64>,
+    pub preregistered_row: Option<WorkerRow>,
     /// The entry's `env`.
     pub extra_env: Vec<(String, String)>,
     /// What of the supervisor's environment a direct worker inherits.
@@ -116,9 +115,9 @@ pub struct Launch {
     pub log_keep: u32,
 }
 
-/// How a slot runs its workers (for `auto` entries, decided at start).
+/// How a slot runs its workers (for `auto` entries, as planned at start).
 #[derive(Clone)]
-pub enum Mode {
+pub enum Executor {
     Direct,
     Docker {
         engine: Arc<docker::DockerEngine>,
@@ -127,106 +126,87 @@ pub enum Mode {
     },
 }
 
-impl Mode {
-    pub fn name(&self) -> &'static str {
+impl Executor {
+    pub fn kind(&self) -> ModeKind {
         match self {
-            Mode::Direct => "direct",
-            Mode::Docker { .. } => "docker",
+            Executor::Direct => ModeKind::Direct,
+            Executor::Docker { .. } => ModeKind::Docker,
         }
     }
 
     /// Starts a worker.
     pub async fn launch(&self, spec: &Launch) -> anyhow::Result<Running> {
         match self {
-            Mode::Direct => direct::launch(spec),
-            Mode::Docker { engine, image, network } => engine.launch(spec, image, network).await,
+            Executor::Direct => direct::launch(spec).map(Running::Direct),
+            Executor::Docker { engine, image, network } => {
+                engine.launch(spec, image, network).await.map(Running::Docker)
+            }
         }
     }
 }
 
-/// How a worker ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ExitCause {
-    Code(i32),
-    Signal(i32),
-    /// Killed by the kernel's OOM killer.
-    Oom,
-    Unknown(String),
+/// A process identified for its whole life: its pid and start time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Process {
+    pub pid: i32,
+    pub start_ticks: Option<i64>,
 }
 
-impl fmt::Display for ExitCause {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ExitCause::Code(c) => write!(f, "exited with code {c}"),
-            ExitCause::Signal(s) => match nix::sys::signal::Signal::try_from(*s) {
-                Ok(sig) => write!(f, "was killed by {sig}"),
-                Err(_) => write!(f, "was killed by signal {s}"),
-            },
-            ExitCause::Oom => write!(f, "was killed by the kernel's OOM killer (out of memory)"),
-            ExitCause::Unknown(e) => write!(f, "ended ({e})"),
-        }
-    }
-}
-
-enum Inner {
+/// A started worker; what only one mode has lives in its variant.
+pub enum Running {
     Direct(direct::DirectWorker),
     Docker(docker::DockerWorker),
 }
 
-/// A started worker.
-pub struct Running {
-    /// The id it registers with: `WORKER_ID` (direct) or the short container id (docker).
-    pub worker_id: String,
-    /// The worker's process (direct mode).
-    pub pid: Option<i32>,
-    pub proc_start: Option<i64>,
-    pub tail: Tail,
-    inner: Inner,
-}
-
 impl Running {
-    fn direct(worker_id: String, pid: i32, tail: Tail, w: direct::DirectWorker) -> Running {
-        Running {
-            worker_id,
-            pid: Some(pid),
-            proc_start: crate::procs::start_ticks(pid),
-            tail,
-            inner: Inner::Direct(w),
+    /// The id it registers with: `WORKER_ID` (direct) or the short
+    /// container id (docker).
+    pub fn worker_id(&self) -> &WorkerId {
+        match self {
+            Running::Direct(w) => &w.worker_id,
+            Running::Docker(w) => &w.short_id,
         }
     }
 
-    fn docker(worker_id: String, tail: Tail, w: docker::DockerWorker) -> Running {
-        Running {
-            worker_id,
-            pid: None,
-            proc_start: None,
-            tail,
-            inner: Inner::Docker(w),
+    /// Its process (direct mode), recorded so that a later `start` or
+    /// `stop` can find it after a crash.
+    pub fn process(&self) -> Option<Process> {
+        match self {
+            Running::Direct(w) => Some(w.process),
+            Running::Docker(_) => None,
+        }
+    }
+
+    /// The last lines it printed.
+    pub fn tail(&self, lines: usize) -> String {
+        match self {
+            Running::Direct(w) => w.tail.lines(lines),
+            Running::Docker(w) => w.tail.lines(lines),
         }
     }
 
     /// Resolves when the worker has exited. Cancel-safe (for `select!`).
-    pub async fn wait(&mut self) -> ExitCause {
-        match &mut self.inner {
-            Inner::Direct(w) => w.wait().await,
-            Inner::Docker(w) => w.wait().await,
+    pub async fn wait(&mut self) -> EndCause {
+        match self {
+            Running::Direct(w) => w.wait().await,
+            Running::Docker(w) => w.wait().await,
         }
     }
 
     /// Stops the worker: SIGTERM, SIGKILL after `grace`, and makes sure
     /// nothing of it is left.
-    pub async fn stop(&mut self, grace: Duration) -> ExitCause {
-        match &mut self.inner {
-            Inner::Direct(w) => w.stop(grace).await,
-            Inner::Docker(w) => w.stop(grace).await,
+    pub async fn stop(&mut self, grace: Duration) -> EndCause {
+        match self {
+            Running::Direct(w) => w.stop(grace).await,
+            Running::Docker(w) => w.stop(grace).await,
         }
     }
 
     /// After the worker ended: removes whatever of it outlived it.
     pub async fn sweep(&self) {
-        match &self.inner {
-            Inner::Direct(w) => w.sweep().await,
-            Inner::Docker(w) => w.sweep().await,
+        match self {
+            Running::Direct(w) => w.sweep().await,
+            Running::Docker(w) => w.sweep().await,
         }
     }
 }

@@ -11,6 +11,7 @@ use std::time::Duration;
 use crate::db::{self, Db};
 use crate::executor::docker::{self, DockerEngine};
 use crate::procs;
+use crate::vocab::ModeKind;
 
 #[derive(Debug, Default)]
 pub struct CleanupReport {
@@ -55,7 +56,7 @@ pub async fn orphans(db: &Db, grace: Duration, engine: Option<Arc<DockerEngine>>
     // is asked only if this pool used it (or is about to).
     let engine = match engine {
         Some(e) => Some(e),
-        None if slots.iter().any(|s| s.execution_mode.starts_with("docker")) => match docker::connect().await {
+        None if slots.iter().any(|s| s.execution_mode.kind == ModeKind::Docker) => match docker::connect().await {
             Ok(client) => Some(DockerEngine::new(client, db.path())),
             Err(e) => {
                 tracing::warn!("cannot look for this pool's leftover containers: {e:#}");
@@ -88,8 +89,7 @@ pub async fn orphans(db: &Db, grace: Duration, engine: Option<Arc<DockerEngine>>
         .call(move |c| {
             let old = db::pool::supervisor(c)?.map(|s| s.pid);
             let r = db::workers::bury_pool_rows(c, protocol, old, "was left behind by a supervisor that is gone")?;
-            c.execute("UPDATE clx_pool_slots SET pid = NULL, proc_start = NULL, state = 'stopped'", [])?;
-            c.execute("UPDATE clx_pool_supervisor SET state = 'stopped', stopped_at = COALESCE(stopped_at, CURRENT_TIMESTAMP) WHERE state != 'stopped'", [])?;
+            db::pool::close_run(c)?;
             Ok(r)
         })
         .await?;

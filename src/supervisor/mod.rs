@@ -1,7 +1,8 @@
 //! `clx-pool start`: owns the database (through the supervisor lock),
-//! cleans what an earlier run left, runs one task per worker slot, and on
+//! cleans what an earlier run left, runs one task per worker slot (each a
+//! state machine, `slot/`), the monitor and the reaper, and on
 //! SIGINT/SIGTERM (which `clx-pool stop` sends) stops every worker in
-//! parallel before exiting.
+//! parallel before exiting; a second signal kills them at once.
 
 pub mod cleanup;
 pub mod guard;
@@ -10,8 +11,9 @@ pub mod policy;
 pub mod registry;
 pub mod slot;
 
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use tokio::signal::unix::{SignalKind, signal};
@@ -20,20 +22,72 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::config::{Config, ExecutionMode};
+use crate::config::Config;
 use crate::db::{self, Db};
-use crate::executor::Mode;
-use crate::executor::docker::{self, DockerEngine};
+use crate::executor::Executor;
+use crate::executor::docker::DockerEngine;
+use crate::executor::plan::{self, Decision};
 use crate::lock::SupervisorLock;
-use crate::vocab::SupervisorState;
-use slot::{Slot, SlotReady};
+use crate::procs;
+use crate::vocab::{Mode, ModeKind, SlotId, SupervisorState, WorkerRow};
+use slot::Settled;
+
+/// What `start` prepared before any worker runs.
+struct Prepared {
+    db: Db,
+    guard: guard::Guard,
+    engine: Option<Arc<DockerEngine>>,
+    /// Per `[[workers]]` entry: how it runs.
+    executors: Vec<(Executor, Mode)>,
+    /// Rows registered before this run are not its workers'.
+    after_row: WorkerRow,
+}
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let config = Arc::new(config);
-    let pool = &config.pool;
     let started = Instant::now();
+    let prepared = prepare(&config).await?;
+    let token = CancellationToken::new();
+    let mut signals = handle_signals(&token, &config)?;
+    // The one reaper runs until every worker is stopped and reaped.
+    let reaper_token = CancellationToken::new();
+    let reaper = spawn_reaper(reaper_token.clone())?;
+    let (ready_rx, mut tasks, monitor) = start_pool(&config, &prepared, &token)?;
+    info!(workers = config.total_workers(), db = %config.pool.db_path.display(), "starting pool");
+    if await_settled(ready_rx, config.total_workers(), &token, started).await {
+        record_state(&prepared.db, SupervisorState::Running).await;
+        token.cancelled().await;
+    }
+    record_state(&prepared.db, SupervisorState::Stopping).await;
+    let stopping = Instant::now();
+    while let Some(res) = tasks.join_next().await {
+        if let Err(e) = res {
+            error!("a slot task failed: {e}");
+        }
+    }
+    sweep_leftovers(&config, prepared.engine.as_deref()).await;
+    if let Err(e) = monitor.await {
+        error!("the monitor task failed: {e}");
+    }
+    reaper_token.cancel();
+    if let Err(e) = reaper.await {
+        error!("the reaper task failed: {e}");
+    }
+    procs::reap();
+    record_state(&prepared.db, SupervisorState::Stopped).await;
+    info!("all workers stopped in {:.3}s", stopping.elapsed().as_secs_f64());
+    signals.abort_all();
+    prepared.guard.dismiss();
+    Ok(())
+}
+
+/// Takes the database: limits, lock, folders, schema, guard, the plan of
+/// every entry, the cleanup after an earlier run, the new run's record.
+async fn prepare(config: &Arc<Config>) -> anyhow::Result<Prepared> {
+    let pool = &config.pool;
     raise_open_files_limit(config.total_workers())?;
-    let _lock = SupervisorLock::acquire(&pool.db_path)?;
+    // Held until the process exits (see `lock`).
+    let _lock: SupervisorLock = SupervisorLock::acquire(&pool.db_path)?;
     // Orphaned descendants of workers (a `setsid` grandchild whose parent
     // died) become our children instead of init's, so none escapes `stop`.
     nix::sys::prctl::set_child_subreaper(true).context("becoming a child subreaper")?;
@@ -49,166 +103,229 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // guard cleans up after it.
     let guard = guard::spawn(&pool.db_path)?;
     tracing::debug!(pid = guard.pid(), "started the guard");
-
-    // Docker is touched only when an entry may use it.
-    let (engine, modes) = resolve_modes(&config).await?;
+    let (engine, executors) = executors(config).await?;
     let report = cleanup::orphans(&db, pool.stop_timeout, engine.clone()).await?;
     if !report.is_empty() {
         warn!("cleaned up after an earlier run of this database: {report}");
     }
+    let after_row = begin_run(config, &db).await?;
+    Ok(Prepared {
+        db,
+        guard,
+        engine,
+        executors,
+        after_row,
+    })
+}
 
+/// Runs the plan: each entry's executor, or the first reason one cannot
+/// run; creates the docker network if an entry uses it.
+async fn executors(config: &Config) -> anyhow::Result<(Option<Arc<DockerEngine>>, Vec<(Executor, Mode)>)> {
+    let plan = plan::plan(config).await;
+    let mut out = Vec::new();
+    for (w, decision) in config.workers.iter().zip(&plan.decisions) {
+        let at = format!("{}:{}: workers `{}`", config.path.display(), w.line, w.worker_type);
+        let (mode, why) = match decision {
+            Decision::Cannot(why) => anyhow::bail!("{at}: {why}"),
+            Decision::Runs { mode, why } => (*mode, why),
+        };
+        if let Some(why) = why {
+            info!(worker_type = %w.worker_type, "execution_mode = \"auto\": {why}");
+        }
+        let executor = match (mode.kind, &plan.engine) {
+            (ModeKind::Docker, Some(engine)) => Executor::Docker {
+                engine: engine.clone(),
+                image: w.image.clone().unwrap_or_default(),
+                network: config.pool.network.clone(),
+            },
+            _ => Executor::Direct,
+        };
+        out.push((executor, mode));
+    }
+    if plan.uses_docker()
+        && let Some(engine) = &plan.engine
+    {
+        engine
+            .ensure_network(&config.pool.network)
+            .await
+            .context("preparing the docker network")?;
+    }
+    Ok((plan.engine, out))
+}
+
+/// Records the new run; returns the highest worker row before it.
+async fn begin_run(config: &Config, db: &Db) -> anyhow::Result<WorkerRow> {
     let me = std::process::id() as i64;
-    let record = (
-        crate::procs::start_ticks(me as i32),
+    let (proc_start, host, config_path, workspace, total) = (
+        procs::start_ticks(me as i32),
         nix::unistd::gethostname()
             .map(|h| h.to_string_lossy().into_owned())
             .unwrap_or_default(),
         config.path.to_string_lossy().into_owned(),
-        pool.workspace_path.to_string_lossy().into_owned(),
+        config.pool.workspace_path.to_string_lossy().into_owned(),
         config.total_workers() as i64,
     );
-    let after_row = db
-        .call(move |c| {
-            db::pool::begin_run(
-                c,
-                protocol,
-                &db::pool::NewSupervisor {
-                    pid: me,
-                    proc_start: record.0,
-                    hostname: &record.1,
-                    config_path: &record.2,
-                    workspace_path: &record.3,
-                    expected_workers: record.4,
-                },
-            )?;
-            db::workers::max_row(c)
-        })
-        .await?;
+    let protocol = db.protocol();
+    db.call(move |c| {
+        db::pool::begin_run(
+            c,
+            protocol,
+            &db::pool::NewSupervisor {
+                pid: me,
+                proc_start,
+                hostname: &host,
+                config_path: &config_path,
+                workspace_path: &workspace,
+                expected_workers: total,
+            },
+        )?;
+        db::workers::max_row(c)
+    })
+    .await
+}
 
-    let token = CancellationToken::new();
+/// SIGINT/SIGTERM stop the pool; a second one kills every worker at once
+/// instead of waiting out `stop_timeout`. SIGHUP (a closed terminal) is
+/// logged and ignored.
+fn handle_signals(token: &CancellationToken, config: &Arc<Config>) -> anyhow::Result<JoinSet<()>> {
     let mut signals = JoinSet::new();
     for kind in [SignalKind::interrupt(), SignalKind::terminate()] {
         let mut s = signal(kind).context("installing signal handlers")?;
-        let token = token.clone();
+        let (token, config) = (token.clone(), config.clone());
         signals.spawn(async move {
             s.recv().await;
-            info!("signal received: stopping all workers");
+            info!("signal received: stopping all workers (a second one kills them at once)");
             token.cancel();
+            s.recv().await;
+            warn!("second signal: killing every worker now");
+            let db = config.pool.db_path.clone();
+            procs::sweep(move || procs::find_pool_processes(&db), Duration::from_secs(5)).await;
         });
     }
-    // A closed terminal sends SIGHUP: it must not end the pool.
     let mut hangups = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     signals.spawn(async move {
         while hangups.recv().await.is_some() {
             warn!("SIGHUP received and ignored (the pool goes on; stop it with `clx-pool stop` or SIGTERM)");
         }
     });
+    Ok(signals)
+}
 
-    let registry = registry::Registry::spawn(db.clone(), after_row, token.child_token());
-    let (ready_tx, mut ready_rx) = mpsc::unbounded_channel();
-    let mut slots = JoinSet::new();
-    let mut hung_senders = std::collections::HashMap::new();
-    for (worker, (mode, mode_label)) in config.workers.iter().zip(modes) {
+/// Starts the registry, one task per slot, the reaper and the monitor.
+fn start_pool(
+    config: &Arc<Config>,
+    p: &Prepared,
+    token: &CancellationToken,
+) -> anyhow::Result<(
+    mpsc::UnboundedReceiver<Settled>,
+    JoinSet<()>,
+    tokio::task::JoinHandle<()>,
+)> {
+    let registry = registry::Registry::spawn(p.db.clone(), p.after_row, token.child_token());
+    let (ready_tx, ready_rx) = mpsc::unbounded_channel();
+    let mut tasks = JoinSet::new();
+    let mut hung_senders = HashMap::new();
+    for (worker, (executor, mode)) in config.workers.iter().zip(&p.executors) {
         let worker = Arc::new(worker.clone());
         for index in 0..worker.count {
             let (hung_tx, hung) = mpsc::unbounded_channel();
-            hung_senders.insert((worker.worker_type.clone(), index), hung_tx);
-            let slot = Slot {
-                config: config.clone(),
-                worker: worker.clone(),
+            hung_senders.insert(
+                SlotId {
+                    worker_type: worker.worker_type.clone(),
+                    index,
+                },
+                hung_tx,
+            );
+            let mut io = slot::SlotIo::new(
+                config.clone(),
+                worker.clone(),
                 index,
-                db: db.clone(),
-                registry: registry.clone(),
-                token: token.clone(),
-                ready: ready_tx.clone(),
+                p.db.clone(),
+                registry.clone(),
                 hung,
-                mode: mode.clone(),
-                mode_label: mode_label.clone(),
+                executor.clone(),
+                *mode,
+                ready_tx.clone(),
+            );
+            let ctx = slot::machine::Context::new(config.pool.restart.clone(), config.pool.startup_timeout);
+            let timing = slot::Timing {
+                startup_timeout: config.pool.startup_timeout,
+                stop_timeout: config.pool.stop_timeout,
             };
-            slots.spawn(slot.run());
+            let token = token.clone();
+            tasks.spawn(async move { slot::run(&mut io, ctx, timing, token).await });
         }
     }
-    drop(ready_tx);
     let monitor = monitor::Monitor {
         config: config.clone(),
-        db: db.clone(),
+        db: p.db.clone(),
         token: token.clone(),
         slots: hung_senders,
-        engine: engine.clone(),
+        engine: p.engine.clone(),
     };
-    let monitor = tokio::spawn(monitor.run());
-    // As child subreaper the supervisor inherits its workers' orphaned
-    // descendants; collect them as they exit.
+    Ok((ready_rx, tasks, tokio::spawn(monitor.run())))
+}
+
+/// The one reaper: as child subreaper the supervisor also inherits its
+/// workers' orphaned descendants; every child is collected as it exits.
+fn spawn_reaper(token: CancellationToken) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let mut sigchld = signal(SignalKind::child()).context("installing the SIGCHLD handler")?;
-    let reaper_token = token.clone();
-    let reaper = tokio::spawn(async move {
+    Ok(tokio::spawn(async move {
         loop {
             tokio::select! {
-                _ = reaper_token.cancelled() => return,
-                _ = sigchld.recv() => crate::procs::reap_strays(),
+                _ = token.cancelled() => return,
+                _ = sigchld.recv() => procs::reap(),
             }
         }
-    });
-    let total = config.total_workers();
-    info!(workers = total, db = %pool.db_path.display(), "starting pool");
+    }))
+}
 
+/// Waits until every slot settled (registered or given up); false if the
+/// pool is stopping before that.
+async fn await_settled(
+    mut ready: mpsc::UnboundedReceiver<Settled>,
+    total: u32,
+    token: &CancellationToken,
+    started: Instant,
+) -> bool {
     let (mut registered, mut failed) = (0u32, 0u32);
     while registered + failed < total {
         tokio::select! {
-            _ = token.cancelled() => break,
-            msg = ready_rx.recv() => match msg {
-                Some(SlotReady::Registered) => registered += 1,
-                Some(SlotReady::Failed) => failed += 1,
+            _ = token.cancelled() => return false,
+            msg = ready.recv() => match msg {
+                Some(Settled::Registered) => registered += 1,
+                Some(Settled::GaveUp) => failed += 1,
                 None => break,
             },
         }
     }
-    if !token.is_cancelled() {
-        let elapsed = started.elapsed();
-        if failed == 0 {
-            info!(
-                workers = total,
-                "all {total} workers registered in {:.3}s",
-                elapsed.as_secs_f64()
-            );
-        } else {
-            error!("{registered} of {total} workers registered; {failed} slots failed (see `clx-pool stats`)");
-        }
-        record_state(&db, SupervisorState::Running).await;
-        token.cancelled().await;
+    if failed == 0 {
+        info!(
+            workers = total,
+            "all {total} workers registered in {:.3}s",
+            started.elapsed().as_secs_f64()
+        );
+    } else {
+        error!("{registered} of {total} workers registered; {failed} slots failed (see `clx-pool stats`)");
     }
+    true
+}
 
-    record_state(&db, SupervisorState::Stopping).await;
-    let stopping = Instant::now();
-    while let Some(res) = slots.join_next().await {
-        if let Err(e) = res {
-            error!("a slot task failed: {e}");
-        }
-    }
-    // Whatever the stopped workers left outside their process groups.
-    let db_path = pool.db_path.clone();
-    let swept = crate::procs::sweep(
-        move || crate::procs::find_pool_processes(&db_path),
-        std::time::Duration::from_secs(5),
-    )
-    .await;
+/// Whatever the stopped workers left outside their process groups, and
+/// containers of the pool that are still there.
+async fn sweep_leftovers(config: &Config, engine: Option<&DockerEngine>) {
+    let db_path = config.pool.db_path.clone();
+    let swept = procs::sweep(move || procs::find_pool_processes(&db_path), Duration::from_secs(5)).await;
     if swept > 0 {
         info!(processes = swept, "killed processes the workers left running");
     }
-    if let Some(engine) = &engine
-        && let Ok(n) = engine.remove_pool_containers().await
-        && n > 0
-    {
-        info!(containers = n, "removed leftover containers");
+    if let Some(engine) = engine {
+        match engine.remove_pool_containers().await {
+            Ok(0) => {}
+            Ok(n) => info!(containers = n, "removed leftover containers"),
+            Err(e) => warn!("removing leftover containers: {e:#}"),
+        }
     }
-    let _ = monitor.await;
-    reaper.abort();
-    crate::procs::reap_strays();
-    record_state(&db, SupervisorState::Stopped).await;
-    info!("all workers stopped in {:.3}s", stopping.elapsed().as_secs_f64());
-    signals.abort_all();
-    guard.dismiss();
-    Ok(())
 }
 
 /// Records the supervisor's state, retrying until it lands: `stats` and
@@ -222,88 +339,6 @@ async fn record_state(db: &Db, state: SupervisorState) {
     {
         error!("{e:#}");
     }
-}
-
-/// Decides how each `[[workers]]` entry runs: `docker` needs a reachable
-/// engine and the image on this host (clx-pool never pulls), `auto` falls
-/// back to direct without them. Connects to Docker only if some entry may
-/// use it; a pool of direct entries never touches Docker.
-async fn resolve_modes(config: &Config) -> anyhow::Result<(Option<Arc<DockerEngine>>, Vec<(Mode, String)>)> {
-    let pool = &config.pool;
-    let mut engine = None;
-    let mut engine_error = None;
-    if config.workers.iter().any(|w| w.execution_mode != ExecutionMode::Direct) {
-        match docker::connect().await {
-            Ok(client) => engine = Some(DockerEngine::new(client, &pool.db_path)),
-            Err(e) => engine_error = Some(e),
-        }
-    }
-    let mut network_ready = false;
-    let mut modes = Vec::new();
-    for w in &config.workers {
-        let at = format!("{}:{}: workers `{}`", config.path.display(), w.line, w.worker_type);
-        let image = w.image.clone().unwrap_or_default();
-        let docker_ok = match (&engine, w.execution_mode) {
-            (_, ExecutionMode::Direct) => false,
-            (None, ExecutionMode::Docker) => {
-                anyhow::bail!(
-                    "{at}: execution_mode = \"docker\" needs a Docker engine: {:#}",
-                    engine_error.as_ref().expect("an error when there is no engine")
-                )
-            }
-            (Some(e), ExecutionMode::Docker) => {
-                if !docker::image_exists(&e.client, &image).await {
-                    anyhow::bail!(
-                        "{at}: the image {image} is not on this host; clx-pool never pulls: get it with `docker pull {image}`{}",
-                        build_hint(&image)
-                    );
-                }
-                true
-            }
-            (None, ExecutionMode::Auto) => {
-                info!(worker_type = %w.worker_type, "execution_mode = \"auto\": running directly ({:#})", engine_error.as_ref().expect("an error when there is no engine"));
-                false
-            }
-            (Some(e), ExecutionMode::Auto) => {
-                if image.is_empty() {
-                    info!(worker_type = %w.worker_type, "execution_mode = \"auto\": running directly (no image configured)");
-                    false
-                } else if docker::image_exists(&e.client, &image).await {
-                    info!(worker_type = %w.worker_type, image, "execution_mode = \"auto\": running in docker");
-                    true
-                } else {
-                    info!(worker_type = %w.worker_type, image, "execution_mode = \"auto\": running directly (the image is not on this host)");
-                    false
-                }
-            }
-        };
-        let auto = if w.execution_mode == ExecutionMode::Auto {
-            " (auto)"
-        } else {
-            ""
-        };
-        if docker_ok {
-            let engine = engine.clone().expect("docker_ok implies an engine");
-            if !network_ready {
-                engine
-                    .ensure_network(&pool.network)
-                    .await
-                    .with_context(|| format!("{at}: preparing the docker network"))?;
-                network_ready = true;
-            }
-            modes.push((
-                Mode::Docker {
-                    engine,
-                    image,
-                    network: pool.network.clone(),
-                },
-                format!("docker{auto}"),
-            ));
-        } else {
-            modes.push((Mode::Direct, format!("direct{auto}")));
-        }
-    }
-    Ok((engine, modes))
 }
 
 /// Open files a pool needs: a few for the supervisor itself, and per worker
@@ -333,13 +368,4 @@ fn raise_open_files_limit(workers: u32) -> anyhow::Result<()> {
         info!(from = soft, to = hard, "raised the open-files limit");
     }
     Ok(())
-}
-
-/// For the project's own test image, where it comes from.
-fn build_hint(image: &str) -> &'static str {
-    if image.starts_with("clx-pool/") {
-        " (or build it: `make docker-image`)"
-    } else {
-        ""
-    }
 }

@@ -7,7 +7,9 @@
 //! themselves. Pure logic, no timers.
 
 use std::collections::VecDeque;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use crate::config::RestartConfig;
 

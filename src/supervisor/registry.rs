@@ -13,6 +13,7 @@ use tokio::sync::{Notify, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::db::{self, Db};
+use crate::vocab::{WorkerId, WorkerRow};
 
 const POLL: Duration = Duration::from_millis(5);
 
@@ -28,17 +29,17 @@ struct Inner {
 
 #[derive(Default)]
 struct State {
-    waiting: HashMap<String, oneshot::Sender<i64>>,
+    waiting: HashMap<WorkerId, oneshot::Sender<WorkerRow>>,
     /// Pre-registered rows whose activation a slot waits for.
-    waiting_rows: HashMap<i64, oneshot::Sender<i64>>,
+    waiting_rows: HashMap<WorkerRow, oneshot::Sender<WorkerRow>>,
     /// Registrations nobody waited for yet (a fast worker can register
     /// before its slot starts waiting).
-    seen: HashMap<String, i64>,
+    seen: HashMap<WorkerId, WorkerRow>,
 }
 
 impl Registry {
     /// Starts the watcher task; it reads rows with ids above `after_row`.
-    pub fn spawn(db: Db, after_row: i64, token: CancellationToken) -> Registry {
+    pub fn spawn(db: Db, after_row: WorkerRow, token: CancellationToken) -> Registry {
         let registry = Registry {
             inner: Arc::new(Inner {
                 state: Mutex::new(State::default()),
@@ -51,13 +52,13 @@ impl Registry {
     }
 
     /// Resolves with the worker's row id once `worker_id` has registered.
-    pub fn expect(&self, worker_id: &str) -> oneshot::Receiver<i64> {
+    pub fn expect(&self, worker_id: &WorkerId) -> oneshot::Receiver<WorkerRow> {
         let (tx, rx) = oneshot::channel();
         let mut st = self.inner.state.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(row) = st.seen.remove(worker_id) {
-            let _ = tx.send(row);
+            tx.send(row).ok();
         } else {
-            st.waiting.insert(worker_id.to_string(), tx);
+            st.waiting.insert(worker_id.clone(), tx);
             self.inner.wake.notify_one();
         }
         rx
@@ -65,7 +66,7 @@ impl Registry {
 
     /// Resolves with `row` once its worker has activated that
     /// pre-registered row.
-    pub fn expect_row(&self, row: i64) -> oneshot::Receiver<i64> {
+    pub fn expect_row(&self, row: WorkerRow) -> oneshot::Receiver<WorkerRow> {
         let (tx, rx) = oneshot::channel();
         let mut st = self.inner.state.lock().unwrap_or_else(|e| e.into_inner());
         st.waiting_rows.insert(row, tx);
@@ -75,7 +76,7 @@ impl Registry {
 
     /// Stops waiting for `worker_id` or its pre-registered `row` (it died
     /// or timed out).
-    pub fn forget(&self, worker_id: &str, row: Option<i64>) {
+    pub fn forget(&self, worker_id: &WorkerId, row: Option<WorkerRow>) {
         let mut st = self.inner.state.lock().unwrap_or_else(|e| e.into_inner());
         st.waiting.remove(worker_id);
         st.seen.remove(worker_id);
@@ -84,9 +85,9 @@ impl Registry {
         }
     }
 
-    async fn watch(&self, db: Db, mut last_row: i64, token: CancellationToken) {
+    async fn watch(&self, db: Db, mut last_row: WorkerRow, token: CancellationToken) {
         loop {
-            let (by_id, rows): (bool, Vec<i64>) = {
+            let (by_id, rows): (bool, Vec<WorkerRow>) = {
                 let st = self.inner.state.lock().unwrap_or_else(|e| e.into_inner());
                 (!st.waiting.is_empty(), st.waiting_rows.keys().copied().collect())
             };
@@ -115,7 +116,7 @@ impl Registry {
                         last_row = last_row.max(row);
                         match st.waiting.remove(&cid) {
                             Some(tx) => {
-                                let _ = tx.send(row);
+                                tx.send(row).ok();
                             }
                             None => {
                                 st.seen.insert(cid, row);
@@ -124,7 +125,7 @@ impl Registry {
                     }
                     for row in activated {
                         if let Some(tx) = st.waiting_rows.remove(&row) {
-                            let _ = tx.send(row);
+                            tx.send(row).ok();
                         }
                     }
                 }

@@ -24,7 +24,7 @@ use rusqlite::Connection;
 use tracing::{info, warn};
 
 use crate::db::{self, Backoff, jobs};
-use crate::vocab::{Protocol, WorkerStatus};
+use crate::vocab::{ModeKind, Protocol, WorkerRow, WorkerStatus};
 use job::{Ran, StopSignals};
 
 /// The exit code of a worker that could not register because the database
@@ -42,8 +42,7 @@ pub struct WorkerOptions {
     pub no_command: bool,
     pub heartbeat_interval: Duration,
     pub poll_interval: Duration,
-    /// `direct` or `docker`.
-    pub execution_mode: String,
+    pub execution_mode: ModeKind,
 }
 
 struct Identity {
@@ -52,7 +51,7 @@ struct Identity {
     db_path: PathBuf,
     workspace: PathBuf,
     /// The row the supervisor pre-registered (`CLM_WORKER_ID`).
-    preregistered: Option<i64>,
+    preregistered: Option<WorkerRow>,
 }
 
 fn identity() -> anyhow::Result<Identity> {
@@ -75,10 +74,10 @@ fn identity() -> anyhow::Result<Identity> {
     let workspace = PathBuf::from(var("WORKSPACE_PATH").unwrap_or_else(|| ".".into()));
     let preregistered = match var("CLM_WORKER_ID") {
         None => None,
-        Some(v) => Some(
+        Some(v) => Some(WorkerRow(
             v.parse()
                 .with_context(|| format!("CLM_WORKER_ID is not a row id: {v}"))?,
-        ),
+        )),
     };
     Ok(Identity {
         worker_type,
@@ -112,7 +111,7 @@ fn unavailable(e: anyhow::Error, me: &Identity) -> anyhow::Error {
 
 /// Registers, or activates the pre-registered row; returns the row id. Only
 /// a committed row counts: the log says "registered" after the commit.
-async fn register(conn: &Connection, protocol: Protocol, me: &Identity) -> anyhow::Result<i64> {
+async fn register(conn: &Connection, protocol: Protocol, me: &Identity) -> anyhow::Result<WorkerRow> {
     let deadline = Instant::now() + REGISTRATION_PATIENCE.max(ACTIVATION_TIMEOUT);
     let transient_deadline = Instant::now() + REGISTRATION_PATIENCE;
     let mut backoff = Backoff::default();
@@ -139,7 +138,7 @@ async fn register(conn: &Connection, protocol: Protocol, me: &Identity) -> anyho
                 } else {
                     "registered"
                 };
-                info!(worker = %me.worker_id, row, worker_type = %me.worker_type, %protocol, "{how}");
+                info!(worker = %me.worker_id, %row, worker_type = %me.worker_type, %protocol, "{how}");
                 return Ok(row);
             }
             Ok(None) => tokio::time::sleep(Duration::from_millis(100)).await,
@@ -193,7 +192,7 @@ pub async fn run(opts: WorkerOptions) -> anyhow::Result<()> {
 struct Worker {
     conn: Connection,
     protocol: Protocol,
-    row: i64,
+    row: WorkerRow,
     me: Identity,
     opts: WorkerOptions,
     stop: StopSignals,
@@ -226,7 +225,7 @@ impl Worker {
                     self.pause(self.opts.poll_interval).await;
                 }
                 Ok(Turn::Deregistered) => {
-                    info!(worker = %self.me.worker_id, row = self.row, "my worker row is gone (deregistered): stopping");
+                    info!(worker = %self.me.worker_id, row = %self.row, "my worker row is gone (deregistered): stopping");
                     return Ok(());
                 }
                 Err(e) if db::is_transient_any(&e) => {
@@ -263,7 +262,7 @@ impl Worker {
             let claimant = jobs::Claimant {
                 protocol: self.protocol,
                 worker_row: self.row,
-                execution_mode: &self.opts.execution_mode,
+                execution_mode: self.opts.execution_mode,
             };
             match jobs::claim(&mut self.conn, &self.me.worker_type, claimant)? {
                 Some(job) => {

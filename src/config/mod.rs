@@ -1,0 +1,515 @@
+//! The `pool.toml` model: what a validated configuration is (here), where
+//! its defaults live (`defaults.rs`), how the file and `CLX_POOL_*`
+//! variables are read with the line of every key (`read.rs`), and how each
+//! table is checked (`validate.rs`). Every problem is collected and
+//! reported together, sorted by line, each with its source (file and line,
+//! or environment variable) and its field. This module knows nothing about
+//! processes or the database; it only produces a [`Config`].
+
+mod defaults;
+mod read;
+mod validate;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::vocab::Protocol;
+pub use defaults::{BASIC_ENV, DEFAULTS, Defaults};
+
+/// A fully validated configuration, with every path absolute.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The config file this came from.
+    pub path: PathBuf,
+    pub pool: PoolConfig,
+    pub workers: Vec<WorkerConfig>,
+    /// Things worth a word that are not errors (an unknown `CLX_POOL_*`
+    /// variable); `load` prints them on stderr.
+    pub warnings: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    /// The generation of workers; unset, the database decides (a new one
+    /// gets CLX).
+    pub protocol: Option<Protocol>,
+    pub db_path: PathBuf,
+    pub workspace_path: PathBuf,
+    pub log_dir: PathBuf,
+    pub log_level: String,
+    pub check_interval: Duration,
+    pub heartbeat_timeout: Duration,
+    pub stop_timeout: Duration,
+    pub startup_timeout: Duration,
+    pub network: String,
+    pub log_max_size: u64,
+    pub log_keep: u32,
+    pub restart: RestartConfig,
+    /// What of the supervisor's environment direct workers see.
+    pub inherit_env: InheritEnv,
+    /// `clx_pool_events` keeps at most this many events …
+    pub events_keep: u32,
+    /// … none older than this.
+    pub events_max_age: Duration,
+}
+
+/// What of the supervisor's environment a direct worker inherits (the
+/// protocol's own variables and the entry's `env` are always set).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InheritEnv {
+    /// Everything (the default, as supervisord and a shell do).
+    All,
+    /// Only the basics a program needs to run: [`BASIC_ENV`].
+    Basic,
+    /// Exactly these names.
+    Only(Vec<String>),
+}
+
+impl InheritEnv {
+    /// Whether the supervisor's variable `name` passes to workers.
+    pub fn passes(&self, name: &str) -> bool {
+        match self {
+            InheritEnv::All => true,
+            InheritEnv::Basic => BASIC_ENV.contains(&name),
+            InheritEnv::Only(names) => names.iter().any(|n| n == name),
+        }
+    }
+}
+
+/// When and how often a slot's worker is replaced (see `supervisor::policy`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RestartConfig {
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+    /// A worker that ran this long counts as healthy: its slot's backoff resets.
+    pub healthy_after: Duration,
+    /// Give a slot up after this many failures within `burst_window`.
+    pub burst_limit: u32,
+    pub burst_window: Duration,
+    /// How long a slot pauses instead, when its failures came from outside
+    /// the worker (disk full, database or engine errors).
+    pub cooldown: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExecutionMode {
+    Docker,
+    Direct,
+    Auto,
+}
+
+/// What a worker process runs.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WorkerProgram {
+    /// Neither `command` nor `job_command` was given: the protocol's worker
+    /// program for the type (direct mode), or the image's own entrypoint
+    /// and command (docker mode).
+    Default,
+    /// A worker program that speaks the protocol itself.
+    Command(Vec<String>),
+    /// The built-in worker running this command once per job.
+    JobCommand(Vec<String>),
+}
+
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    pub worker_type: String,
+    pub count: u32,
+    pub execution_mode: ExecutionMode,
+    pub image: Option<String>,
+    pub memory_limit: Option<u64>,
+    pub max_job_time: Duration,
+    /// This type's idle-heartbeat limit (the pool's unless overridden).
+    pub heartbeat_timeout: Duration,
+    /// The optional zero-CPU rule: a busy worker whose process tree used
+    /// less than `percent` of one CPU over `window` is hung.
+    pub hung_cpu: Option<HungCpu>,
+    pub program: WorkerProgram,
+    pub env: BTreeMap<String, String>,
+    /// Line of the `[[workers]]` header, for messages about this entry.
+    pub line: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HungCpu {
+    pub window: Duration,
+    pub percent: f64,
+}
+
+/// Where a problem (or a value) comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// The config file, at this line if known.
+    File { path: PathBuf, line: Option<usize> },
+    /// A `CLX_POOL_*` environment variable.
+    Env(String),
+}
+
+/// One problem found in a config.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Problem {
+    pub source: Source,
+    /// `pool.check_interval`, `workers[1].count`; empty for the whole file.
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.source {
+            Source::File { path, line } => {
+                write!(f, "{}", path.display())?;
+                if let Some(line) = line {
+                    write!(f, ":{line}")?;
+                }
+            }
+            Source::Env(name) => write!(f, "environment variable {name}")?,
+        }
+        if self.field.is_empty() {
+            write!(f, ": {}", self.message)
+        } else {
+            write!(f, ": {}: {}", self.field, self.message)
+        }
+    }
+}
+
+/// Every problem found in a config, reported together.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError(pub Vec<Problem>);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.0.len();
+        writeln!(
+            f,
+            "invalid configuration ({n} problem{}):",
+            if n == 1 { "" } else { "s" }
+        )?;
+        for (i, p) in self.0.iter().enumerate() {
+            if i + 1 < n {
+                writeln!(f, "  {p}")?;
+            } else {
+                write!(f, "  {p}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// Reads, overrides from the environment, and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let path = &normalize(&std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf()));
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError(vec![Problem {
+                source: Source::File {
+                    path: path.to_path_buf(),
+                    line: None,
+                },
+                field: String::new(),
+                message: format!("cannot read the config file: {e}"),
+            }])
+        })?;
+        let env: Vec<(String, String)> = std::env::vars().filter(|(k, _)| k.starts_with("CLX_POOL_")).collect();
+        let config = Config::parse(path, &text, &env)?;
+        for w in &config.warnings {
+            eprintln!("warning: {w}");
+        }
+        Ok(config)
+    }
+
+    /// Parses `text` as the contents of `path`; `env` holds `CLX_POOL_*`
+    /// variables. Kept apart from [`Config::load`] so tests need no files.
+    pub fn parse(path: &Path, text: &str, env: &[(String, String)]) -> Result<Config, ConfigError> {
+        validate::config(path, text, env)
+    }
+
+    pub fn total_workers(&self) -> u32 {
+        self.workers.iter().map(|w| w.count).sum()
+    }
+
+    /// Checks the entries against the protocol the database turned out to
+    /// serve: each entry that may run directly without a command needs a
+    /// type that protocol knows.
+    pub fn check_protocol(&self, protocol: Protocol) -> Result<(), ConfigError> {
+        let problems: Vec<Problem> = self
+            .workers
+            .iter()
+            .enumerate()
+            .filter(|(_, w)| {
+                w.program == WorkerProgram::Default
+                    && w.execution_mode != ExecutionMode::Docker
+                    && protocol.default_command(&w.worker_type).is_none()
+            })
+            .map(|(i, w)| Problem {
+                source: Source::File {
+                    path: self.path.clone(),
+                    line: Some(w.line),
+                },
+                field: format!("workers[{i}].command"),
+                message: format!(
+                    "{} (the database serves protocol {protocol})",
+                    validate::missing_command_message(&w.worker_type, &[protocol])
+                ),
+            })
+            .collect();
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError(problems))
+        }
+    }
+}
+
+impl WorkerConfig {
+    /// The argv of a direct worker under `protocol`: its `command`, the
+    /// built-in worker's job command, or the protocol's default program.
+    /// None only for a `Default` type the protocol does not know (refused
+    /// by [`Config::check_protocol`]).
+    pub fn direct_program(&self, protocol: Protocol) -> Option<WorkerProgram> {
+        match &self.program {
+            WorkerProgram::Default => protocol.default_command(&self.worker_type).map(WorkerProgram::Command),
+            other => Some(other.clone()),
+        }
+    }
+}
+
+/// Parses sizes the way Docker does: a number with an optional b/k/m/g
+/// suffix (powers of 1024), e.g. "512m", "1g", "10MB".
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim().to_ascii_lowercase();
+    let s = s.strip_suffix("ib").or_else(|| s.strip_suffix('b')).unwrap_or(&s);
+    let (num, mult) = match s.chars().last()? {
+        'k' => (&s[..s.len() - 1], 1u64 << 10),
+        'm' => (&s[..s.len() - 1], 1 << 20),
+        'g' => (&s[..s.len() - 1], 1 << 30),
+        't' => (&s[..s.len() - 1], 1 << 40),
+        _ => (s, 1),
+    };
+    let n: f64 = num.trim().parse().ok()?;
+    if !n.is_finite() || n < 0.0 {
+        return None;
+    }
+    Some((n * mult as f64) as u64)
+}
+
+/// A size the way [`parse_size`] reads it: "4m", "1k", "512".
+pub fn format_size(n: u64) -> String {
+    for (unit, mult) in [("g", 1u64 << 30), ("m", 1 << 20), ("k", 1 << 10)] {
+        if n >= mult && n.is_multiple_of(mult) {
+            return format!("{}{unit}", n / mult);
+        }
+    }
+    n.to_string()
+}
+
+/// The database's real path (symlinks resolved, as far as it exists), so a
+/// database reached through a symlink is the same database everywhere:
+/// its lock, its processes' tag, its containers' label.
+pub fn real_path(p: PathBuf) -> PathBuf {
+    if let Ok(real) = std::fs::canonicalize(&p) {
+        return real;
+    }
+    match (p.parent(), p.file_name()) {
+        (Some(dir), Some(name)) => std::fs::canonicalize(dir).map(|d| d.join(name)).unwrap_or(p),
+        _ => p,
+    }
+}
+
+/// Folds `.` and `..` out of a path without touching the file system, so
+/// messages and records show `/srv/run/jobs.db`, not `/srv/config/../run/jobs.db`.
+pub fn normalize(p: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                if !out.pop() {
+                    out.push("..");
+                }
+            }
+            other => out.push(other.as_os_str()),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("/cfg/pool.toml"), text, &[])
+    }
+
+    fn problems(text: &str) -> Vec<String> {
+        parse(text).unwrap_err().0.iter().map(|p| p.to_string()).collect()
+    }
+
+    #[test]
+    fn defaults_and_relative_paths() {
+        let c = parse("[pool]\ndb_path = \"data/jobs.db\"\n[[workers]]\nworker_type = \"notebook\"\n").unwrap();
+        assert_eq!(c.pool.db_path, PathBuf::from("/cfg/data/jobs.db"));
+        assert_eq!(c.pool.workspace_path, PathBuf::from("/cfg/workspace"));
+        assert_eq!(c.pool.log_dir, PathBuf::from("/cfg/data/logs"));
+        assert_eq!(c.pool.heartbeat_timeout, Duration::from_secs(30));
+        assert_eq!(c.workers[0].count, 1);
+        assert_eq!(c.workers[0].program, WorkerProgram::Default);
+        assert_eq!(
+            c.workers[0].direct_program(Protocol::Clx),
+            Some(WorkerProgram::Command(vec!["python3".into(), "-m".into(), "nb".into()]))
+        );
+        assert_eq!(c.pool.protocol, None);
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_line_in_file_order() {
+        let p = problems(
+            "[pool]\ncheck_interval = \"2 parsecs\"\n\n[[workers]]\nworker_type = \"notebook\"\ncuont = 2\ncount = -1\n\n[[workers]]\nworker_type = \"x\"\nexecution_mode = \"docker\"\n",
+        );
+        assert_eq!(p.len(), 4, "{p:#?}"); // interval, cuont, count, image
+        assert_eq!(
+            p[0],
+            "/cfg/pool.toml:2: pool.check_interval: expected a duration such as \"30s\" or \"1m 30s\", got \"2 parsecs\""
+        );
+        let lines: Vec<&str> = p.iter().map(|s| s.split(':').nth(1).unwrap()).collect();
+        assert_eq!(lines, vec!["2", "6", "7", "11"], "sorted by line");
+        assert!(
+            p.iter()
+                .any(|s| s == "/cfg/pool.toml:6: workers[0].cuont: unknown key `cuont`; did you mean `count`?"),
+            "{p:#?}"
+        );
+        assert!(
+            p.iter()
+                .any(|s| s.starts_with("/cfg/pool.toml:7: workers[0].count: must be between 0")),
+            "{p:#?}"
+        );
+        assert!(
+            p.iter()
+                .any(|s| s.starts_with("/cfg/pool.toml:11: workers[1].image: missing")),
+            "{p:#?}"
+        );
+    }
+
+    #[test]
+    fn syntax_errors_name_the_line() {
+        let p = problems("[pool]\ndb_path = \"x.db\"\nnetwork = \n");
+        assert_eq!(p.len(), 1);
+        assert!(p[0].starts_with("/cfg/pool.toml:3"), "{}", p[0]);
+    }
+
+    #[test]
+    fn unknown_types_need_a_command() {
+        let p = problems("[[workers]]\nworker_type = \"upper\"\n");
+        assert!(
+            p[0].starts_with("/cfg/pool.toml:2: workers[0].command: missing"),
+            "{}",
+            p[0]
+        );
+        assert!(p[0].contains("needs `command` or `job_command`"), "{}", p[0]);
+        let c = parse("[[workers]]\nworker_type = \"upper\"\njob_command = [\"tr\", \"a-z\", \"A-Z\"]\n").unwrap();
+        assert!(matches!(c.workers[0].program, WorkerProgram::JobCommand(_)));
+    }
+
+    #[test]
+    fn protocol_decides_which_types_need_no_command() {
+        let c = parse("[pool]\nprotocol = \"clm\"\n[[workers]]\nworker_type = \"jupyterlite\"\n").unwrap();
+        assert_eq!(c.pool.protocol, Some(Protocol::Clm));
+        assert_eq!(
+            c.workers[0].direct_program(Protocol::Clm),
+            Some(WorkerProgram::Command(vec![
+                "python3".into(),
+                "-m".into(),
+                "clm.workers.jupyterlite".into()
+            ]))
+        );
+        let p = problems("[pool]\nprotocol = \"clx\"\n[[workers]]\nworker_type = \"jupyterlite\"\n");
+        assert!(
+            p[0].starts_with("/cfg/pool.toml:4: workers[0].command: missing; `jupyterlite` is not a known type (clx:"),
+            "{p:?}"
+        );
+        // Unset, the database decides: accepted now, checked against it later.
+        let c = parse("[[workers]]\nworker_type = \"jupyterlite\"\n").unwrap();
+        assert!(c.check_protocol(Protocol::Clm).is_ok());
+        let e = c.check_protocol(Protocol::Clx).unwrap_err().to_string();
+        assert!(e.contains("/cfg/pool.toml:1: workers[0].command: missing"), "{e}");
+        assert!(e.contains("the database serves protocol clx"), "{e}");
+        let p = problems("[pool]\nprotocol = \"clz\"\n[[workers]]\nworker_type = \"notebook\"\n");
+        assert_eq!(
+            p,
+            vec!["/cfg/pool.toml:2: pool.protocol: expected \"clx\" or \"clm\", got \"clz\""]
+        );
+    }
+
+    #[test]
+    fn environment_overrides_pool_keys() {
+        let env = vec![
+            ("CLX_POOL_STOP_TIMEOUT".to_string(), "3s".to_string()),
+            ("CLX_POOL_DB_PATH".to_string(), "/data/x.db".to_string()),
+        ];
+        let c = Config::parse(
+            Path::new("/cfg/pool.toml"),
+            "[pool]\nstop_timeout = \"10s\"\n[[workers]]\nworker_type = \"notebook\"\n",
+            &env,
+        )
+        .unwrap();
+        assert_eq!(c.pool.stop_timeout, Duration::from_secs(3));
+        assert_eq!(c.pool.db_path, PathBuf::from("/data/x.db"));
+        let env = vec![("CLX_POOL_STOP_TIMEOUT".to_string(), "soon".to_string())];
+        let workers = "[[workers]]\nworker_type = \"notebook\"\n";
+        let e = Config::parse(Path::new("/cfg/pool.toml"), workers, &env).unwrap_err();
+        assert_eq!(
+            e.0[0].to_string(),
+            "environment variable CLX_POOL_STOP_TIMEOUT: expected a duration such as \"30s\" or \"1m 30s\", got \"soon\""
+        );
+        // Variables of other tools sharing the prefix are not errors.
+        let env = vec![("CLX_POOL_BIN".to_string(), "/usr/bin/clx-pool".to_string())];
+        let c = Config::parse(Path::new("/cfg/pool.toml"), workers, &env).unwrap();
+        assert!(
+            c.warnings[0].contains("CLX_POOL_BIN names no [pool] key"),
+            "{:?}",
+            c.warnings
+        );
+    }
+
+    #[test]
+    fn dotted_keys_and_inline_tables_have_their_lines() {
+        let p = problems(
+            "[pool]\nrestart_limit = 3\n\n[[workers]]\nworker_type = \"notebook\"\nenv.JAVA = 1\n\n[[workers]]\nworker_type = \"x\"\njob_command = [\"true\"]\nhung_cpu = { window = \"1s\" }\n",
+        );
+        assert_eq!(
+            p,
+            vec![
+                "/cfg/pool.toml:6: workers[0].env: expected a table of strings such as { JAVA_OPTS = \"-Xmx512m\" }, got { JAVA = 1 }",
+                "/cfg/pool.toml:11: workers[1].hung_cpu: unknown key `hung_cpu`; did you mean `hung_cpu_window`?",
+            ]
+        );
+    }
+
+    #[test]
+    fn an_empty_config_is_an_error_not_an_idle_pool() {
+        let p = problems("");
+        assert_eq!(
+            p,
+            vec!["/cfg/pool.toml: workers: no [[workers]] entry: a pool needs at least one (see docs/config.md)"]
+        );
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("1g"), Some(1 << 30));
+        assert_eq!(parse_size("512m"), Some(512 << 20));
+        assert_eq!(parse_size("10MB"), Some(10 << 20));
+        assert_eq!(parse_size("100"), Some(100));
+        assert_eq!(parse_size("lots"), None);
+        assert_eq!(format_size(4 << 20), "4m");
+        assert_eq!(format_size(1024), "1k");
+        assert_eq!(format_size(1000), "1000");
+    }
+}

@@ -1,0 +1,459 @@
+//! Checking each table of `pool.toml` and building the model from it:
+//! every key read through [`Reader::get`] (so each problem has its line),
+//! its default from [`DEFAULTS`], and every rule that spans keys (docker
+//! needs an image, `command` and `job_command` exclude each other, a type
+//! no protocol knows needs a command).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::defaults::{POOL_KEYS, ROOT_KEYS, WORKER_KEYS};
+use super::read::{Origin, Reader, Table};
+use super::{
+    Config, ConfigError, DEFAULTS, ExecutionMode, HungCpu, InheritEnv, PoolConfig, Problem, RestartConfig, Source,
+    WorkerConfig, WorkerProgram, normalize, parse_size, real_path,
+};
+use crate::vocab::Protocol;
+
+const DURATION: &str = "a duration such as \"30s\" or \"1m 30s\"";
+
+/// A duration written the humantime way ("30s", "1m 30s").
+#[derive(Deserialize)]
+struct Dur(#[serde(with = "humantime_serde")] Duration);
+
+/// `inherit_env` as written: a boolean or a list of names.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawInheritEnv {
+    All(bool),
+    Only(Vec<String>),
+}
+
+pub(super) fn config(path: &Path, text: &str, env: &[(String, String)]) -> Result<Config, ConfigError> {
+    let mut r = Reader::new(path, text);
+    let Some(mut root) = r.document() else {
+        return Err(ConfigError(r.problems));
+    };
+    let mut pool_table = r.sub_table(&mut root, "pool");
+    let worker_tables = r.table_array(&mut root, "workers");
+    r.unknown_keys(&root, ROOT_KEYS);
+    let warnings: Vec<String> = r
+        .overlay_env(&mut pool_table, env, POOL_KEYS)
+        .into_iter()
+        .map(|name| {
+            format!(
+                "environment variable {name} names no [pool] key; ignored (the keys: {})",
+                POOL_KEYS.join(", ")
+            )
+        })
+        .collect();
+    r.unknown_keys(&pool_table, POOL_KEYS);
+    let base = path
+        .parent()
+        .map(Path::to_path_buf)
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or_else(|| PathBuf::from("."));
+    let pool = pool(&mut r, &pool_table, &base);
+    if worker_tables.is_empty() {
+        r.problems.push(Problem {
+            source: Source::File {
+                path: path.to_path_buf(),
+                line: None,
+            },
+            field: "workers".into(),
+            message: "no [[workers]] entry: a pool needs at least one (see docs/config.md)".into(),
+        });
+    }
+    let mut workers = Vec::new();
+    let mut seen_types: BTreeMap<String, usize> = BTreeMap::new();
+    for (i, t) in worker_tables.iter().enumerate() {
+        r.unknown_keys(t, WORKER_KEYS);
+        let Some(w) = worker(&mut r, t, pool.heartbeat_timeout, pool.protocol) else {
+            continue;
+        };
+        if let Some(first) = seen_types.insert(w.worker_type.clone(), i) {
+            let message = format!(
+                "`{}` is already configured by workers[{first}]; use one entry per type",
+                w.worker_type
+            );
+            r.problem(t, Some("worker_type"), "worker_type", message);
+        }
+        workers.push(w);
+    }
+    if !r.problems.is_empty() {
+        let mut problems = r.problems;
+        // In file order; variables after the file.
+        problems.sort_by_key(|p| match &p.source {
+            Source::File { line, .. } => (0, line.unwrap_or(usize::MAX)),
+            Source::Env(_) => (1, 0),
+        });
+        return Err(ConfigError(problems));
+    }
+    Ok(Config {
+        path: path.to_path_buf(),
+        pool,
+        workers,
+        warnings,
+    })
+}
+
+/// Typed reads of one table, each falling back to its default.
+struct Keys<'r, 't> {
+    r: &'r mut Reader<'t>,
+    t: &'r Table<'t>,
+}
+
+impl Keys<'_, '_> {
+    fn problem(&mut self, key: &str, message: String) {
+        self.r.problem(self.t, Some(key), key, message);
+    }
+
+    fn duration(&mut self, key: &str, default: Duration) -> Duration {
+        self.r
+            .get::<Dur>(self.t, key, DURATION)
+            .map(|(d, _)| d.0)
+            .unwrap_or(default)
+    }
+
+    fn positive(&mut self, key: &str, default: Duration) -> Duration {
+        let d = self.duration(key, default);
+        if d.is_zero() {
+            self.problem(key, "must be greater than 0".into());
+        }
+        d
+    }
+
+    /// Ages are measured by the database's clock in whole seconds, so a
+    /// limit below one second would judge healthy workers hung.
+    fn whole_seconds(&mut self, key: &str, default: Duration) -> Duration {
+        let d = self.duration(key, default);
+        if d < Duration::from_secs(1) {
+            let message = format!(
+                "must be at least 1s, got {}: ages are measured in whole seconds of the database's clock",
+                humantime::format_duration(d)
+            );
+            self.problem(key, message);
+        }
+        d
+    }
+
+    fn int(&mut self, key: &str, default: u32, min: i64, max: i64) -> u32 {
+        match self.r.get::<i64>(self.t, key, "a whole number") {
+            None => default,
+            Some((n, _)) if (min..=max).contains(&n) => n as u32,
+            Some((n, _)) => {
+                self.problem(key, format!("must be between {min} and {max}, got {n}"));
+                default
+            }
+        }
+    }
+
+    fn string(&mut self, key: &str) -> Option<String> {
+        self.r
+            .get::<String>(self.t, key, "a string (in quotes)")
+            .map(|(s, _)| s)
+    }
+
+    fn size(&mut self, key: &str, min: u64, example: &str) -> Option<u64> {
+        let text = self.string(key)?;
+        match parse_size(&text) {
+            Some(n) if n >= min => Some(n),
+            _ => {
+                let message = format!(
+                    "`{text}` is not a size of at least {} (e.g. {example})",
+                    crate::config::format_size(min)
+                );
+                self.problem(key, message);
+                None
+            }
+        }
+    }
+
+    /// A path: relative to the config file's folder, or to the current
+    /// directory when it came from a variable.
+    fn path(&mut self, key: &str, base: &Path) -> Option<PathBuf> {
+        let (p, origin) = self.r.get::<PathBuf>(self.t, key, "a path (in quotes)")?;
+        let base = match origin {
+            Origin::File => base.to_path_buf(),
+            Origin::Env => std::env::current_dir().unwrap_or_else(|_| base.to_path_buf()),
+        };
+        Some(normalize(&base.join(p)))
+    }
+
+    fn list(&mut self, key: &str) -> Option<Vec<String>> {
+        self.r
+            .get::<Vec<String>>(self.t, key, "a list of strings such as [\"prog\", \"arg\"]")
+            .map(|(v, _)| v)
+    }
+}
+
+fn pool<'t>(r: &mut Reader<'t>, t: &Table<'t>, base: &Path) -> PoolConfig {
+    let mut k = Keys { r, t };
+    let protocol = k.r.get::<Protocol>(t, "protocol", "\"clx\" or \"clm\"").map(|(p, _)| p);
+    let db_path = real_path(
+        k.path("db_path", base)
+            .unwrap_or_else(|| normalize(&base.join(DEFAULTS.db_path))),
+    );
+    let workspace_path = k
+        .path("workspace_path", base)
+        .unwrap_or_else(|| normalize(&base.join(DEFAULTS.workspace_path)));
+    let log_dir = k
+        .path("log_dir", base)
+        .unwrap_or_else(|| db_path.parent().unwrap_or(Path::new(".")).join("logs"));
+    let log_level = k.string("log_level").unwrap_or_else(|| DEFAULTS.log_level.into());
+    if !["trace", "debug", "info", "warn", "warning", "error", "critical"]
+        .contains(&log_level.to_ascii_lowercase().as_str())
+    {
+        k.problem(
+            "log_level",
+            format!("unknown level `{log_level}`; use one of trace, debug, info, warn, error"),
+        );
+    }
+    let restart = RestartConfig {
+        backoff_initial: k.positive("restart_backoff", DEFAULTS.restart_backoff),
+        backoff_max: k.positive("restart_backoff_max", DEFAULTS.restart_backoff_max),
+        healthy_after: k.duration("healthy_after", DEFAULTS.healthy_after),
+        burst_limit: k.int("restart_limit", DEFAULTS.restart_limit, 1, i64::from(u32::MAX)),
+        burst_window: k.positive("restart_window", DEFAULTS.restart_window),
+        cooldown: k.positive("restart_cooldown", DEFAULTS.restart_cooldown),
+    };
+    PoolConfig {
+        protocol,
+        db_path,
+        workspace_path,
+        log_dir,
+        log_level,
+        check_interval: k.positive("check_interval", DEFAULTS.check_interval),
+        heartbeat_timeout: k.whole_seconds("heartbeat_timeout", DEFAULTS.heartbeat_timeout),
+        stop_timeout: k.duration("stop_timeout", DEFAULTS.stop_timeout),
+        startup_timeout: k.positive("startup_timeout", DEFAULTS.startup_timeout),
+        network: k.string("network").unwrap_or_else(|| DEFAULTS.network.into()),
+        log_max_size: k
+            .size("log_max_size", 1024, "\"10m\", \"512k\"")
+            .unwrap_or(DEFAULTS.log_max_size),
+        log_keep: k.int("log_keep", DEFAULTS.log_keep, 0, 1000),
+        restart,
+        inherit_env: inherit_env(&mut k),
+        events_keep: k.int("events_keep", DEFAULTS.events_keep, 100, 10_000_000),
+        events_max_age: k.positive("events_max_age", DEFAULTS.events_max_age),
+    }
+}
+
+fn inherit_env(k: &mut Keys) -> InheritEnv {
+    let expect = "true, false, or a list of variable names such as [\"PATH\", \"HOME\"]";
+    match k.r.get::<RawInheritEnv>(k.t, "inherit_env", expect).map(|(v, _)| v) {
+        None | Some(RawInheritEnv::All(true)) => InheritEnv::All,
+        Some(RawInheritEnv::All(false)) => InheritEnv::Basic,
+        Some(RawInheritEnv::Only(names)) => {
+            for n in names.iter().filter(|n| n.is_empty() || n.contains('=')) {
+                k.problem("inherit_env", format!("`{n}` is not a variable name"));
+            }
+            InheritEnv::Only(names)
+        }
+    }
+}
+
+fn worker<'t>(
+    r: &mut Reader<'t>,
+    t: &Table<'t>,
+    pool_heartbeat: Duration,
+    protocol: Option<Protocol>,
+) -> Option<WorkerConfig> {
+    let before = r.problems.len();
+    let mut k = Keys { r, t };
+    let worker_type = match k.string("worker_type") {
+        Some(name) if valid_type_name(&name) => name,
+        Some(name) => {
+            k.problem(
+                "worker_type",
+                format!("`{name}` is not a valid type name (letters, digits, `_` and `-`)"),
+            );
+            String::new()
+        }
+        None if !k.r.has(t, "worker_type") => {
+            k.r.problem(
+                t,
+                None,
+                "worker_type",
+                "missing; every [[workers]] entry needs a worker_type".into(),
+            );
+            String::new()
+        }
+        None => String::new(),
+    };
+    let count = k.int("count", DEFAULTS.count, 0, 10_000);
+    let execution_mode =
+        k.r.get::<ExecutionMode>(t, "execution_mode", "\"direct\", \"docker\" or \"auto\"")
+            .map(|(m, _)| m)
+            .unwrap_or(ExecutionMode::Direct);
+    let image = k.string("image");
+    if execution_mode == ExecutionMode::Docker && image.is_none() && !k.r.has(t, "image") {
+        k.r.problem(
+            t,
+            Some("execution_mode"),
+            "image",
+            "missing; execution_mode = \"docker\" needs an image".into(),
+        );
+    }
+    let memory_limit = k.size("memory_limit", 4 * 1024 * 1024, "\"512m\", \"1g\"");
+    let max_job_time = k.whole_seconds("max_job_time", DEFAULTS.max_job_time);
+    let heartbeat_timeout = if k.r.has(t, "heartbeat_timeout") {
+        k.whole_seconds("heartbeat_timeout", pool_heartbeat)
+    } else {
+        pool_heartbeat
+    };
+    let hung_cpu = hung_cpu(&mut k);
+    let program = program(&mut k, &worker_type, execution_mode, protocol);
+    let env =
+        k.r.get::<BTreeMap<String, String>>(t, "env", "a table of strings such as { JAVA_OPTS = \"-Xmx512m\" }")
+            .map(|(e, _)| e)
+            .unwrap_or_default();
+    let line = k.r.line_of(t, "worker_type").or(t.line).unwrap_or(1);
+    if k.r.problems.len() > before {
+        return None;
+    }
+    Some(WorkerConfig {
+        worker_type,
+        count,
+        execution_mode,
+        image,
+        memory_limit,
+        max_job_time,
+        heartbeat_timeout,
+        hung_cpu,
+        program,
+        env,
+        line: t.line.unwrap_or(line),
+    })
+}
+
+/// The optional zero-CPU rule.
+fn hung_cpu(k: &mut Keys) -> Option<HungCpu> {
+    let window = k.r.get::<Dur>(k.t, "hung_cpu_window", DURATION).map(|(d, _)| d.0);
+    let percent =
+        k.r.get::<f64>(k.t, "hung_cpu_percent", "a number of percent such as 1.0")
+            .map(|(p, _)| p);
+    match (window, percent) {
+        (None, None) => None,
+        (None, Some(_)) => {
+            k.r.problem(
+                k.t,
+                Some("hung_cpu_percent"),
+                "hung_cpu_window",
+                "missing; hung_cpu_percent needs a hung_cpu_window".into(),
+            );
+            None
+        }
+        (Some(window), percent) => {
+            let percent = percent.unwrap_or(DEFAULTS.hung_cpu_percent);
+            if window.is_zero() {
+                k.problem("hung_cpu_window", "must be greater than 0".into());
+            }
+            if !(0.0..=100.0).contains(&percent) {
+                k.problem("hung_cpu_percent", format!("must be between 0 and 100, got {percent}"));
+            }
+            Some(HungCpu { window, percent })
+        }
+    }
+}
+
+/// `command`, `job_command`, or the protocol's default program.
+fn program(k: &mut Keys, worker_type: &str, mode: ExecutionMode, protocol: Option<Protocol>) -> WorkerProgram {
+    let command = k.list("command");
+    let job_command = k.list("job_command");
+    for (key, cmd) in [("command", &command), ("job_command", &job_command)] {
+        if let Some(cmd) = cmd
+            && (cmd.is_empty() || cmd[0].is_empty())
+        {
+            k.problem(
+                key,
+                "must name a program: a non-empty list like [\"prog\", \"arg\"]".into(),
+            );
+            return WorkerProgram::Default;
+        }
+    }
+    match (command, job_command) {
+        (Some(_), Some(_)) => {
+            k.problem(
+                "job_command",
+                "`command` and `job_command` exclude each other; keep one".into(),
+            );
+            WorkerProgram::Default
+        }
+        (Some(c), None) => WorkerProgram::Command(c),
+        (None, Some(c)) => {
+            no_placeholders_in_scripts(k, &c);
+            WorkerProgram::JobCommand(c)
+        }
+        (None, None) => {
+            // With `protocol` unset the database decides later, so a type
+            // either protocol knows will do for now.
+            let one;
+            let protocols: &[Protocol] = match protocol {
+                Some(p) => {
+                    one = [p];
+                    &one
+                }
+                None => Protocol::ALL,
+            };
+            let known = protocols.iter().any(|p| p.default_command(worker_type).is_some());
+            if !known && mode != ExecutionMode::Docker && !worker_type.is_empty() {
+                k.r.problem(
+                    k.t,
+                    Some("worker_type"),
+                    "command",
+                    missing_command_message(worker_type, protocols),
+                );
+            }
+            WorkerProgram::Default
+        }
+    }
+}
+
+/// A placeholder inside a shell script is pasted into the script unquoted:
+/// a file named `$(rm -rf ~)` would run. The script must read the
+/// variables instead, quoted.
+fn no_placeholders_in_scripts(k: &mut Keys, command: &[String]) {
+    const SHELLS: &[&str] = &["sh", "bash", "dash", "zsh", "ksh", "ash", "mksh", "busybox"];
+    let is_shell = Path::new(&command[0])
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| SHELLS.contains(&n));
+    let Some(script_at) = command.iter().position(|a| a == "-c").filter(|_| is_shell) else {
+        return;
+    };
+    let first = command[script_at + 1..]
+        .iter()
+        .find_map(|a| crate::worker::placeholders::used_in(a).first().copied());
+    if let Some(first) = first {
+        let var = match first {
+            "input" => "CLX_INPUT_FILE",
+            "output" => "CLX_OUTPUT_FILE",
+            "payload" => "CLX_PAYLOAD",
+            "payload_file" => "CLX_PAYLOAD_FILE",
+            _ => "CLX_JOB_ID",
+        };
+        k.problem(
+            "job_command",
+            format!(
+                "{{{first}}} inside a shell script would be pasted into the script unquoted (a file name could run commands); \
+                 write \"${var}\" in the script instead (the variables: $CLX_INPUT_FILE, $CLX_OUTPUT_FILE, $CLX_PAYLOAD, $CLX_PAYLOAD_FILE, $CLX_JOB_ID)"
+            ),
+        );
+    }
+}
+
+pub(super) fn missing_command_message(worker_type: &str, protocols: &[Protocol]) -> String {
+    let known: Vec<String> = protocols.iter().map(|p| format!("{p}: {}", p.type_names())).collect();
+    format!(
+        "missing; `{worker_type}` is not a known type ({}), so it needs `command` or `job_command`",
+        known.join("; ")
+    )
+}
+
+fn valid_type_name(t: &str) -> bool {
+    !t.is_empty() && t.len() <= 64 && t.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}

@@ -1,0 +1,109 @@
+//! What the supervisor's monitor reads and writes: the live workers of
+//! running slots with their ages (computed by SQLite, in UTC), and their
+//! CPU and memory figures.
+
+use std::time::Duration;
+
+use rusqlite::Connection;
+
+use crate::vocab::{Mode, ModeKind, SlotId, WorkerId, WorkerRow, WorkerStatus};
+
+/// Which workers a tick reads: on most ticks only those that could be hung
+/// (heartbeat or job older than the smallest limit), so an idle pool's tick
+/// reads next to nothing; with `everything`, all of them.
+#[derive(Debug, Clone, Copy)]
+pub struct Filter {
+    pub min_heartbeat: Duration,
+    pub min_job_time: Duration,
+    /// Some type has the zero-CPU rule: every busy worker is read.
+    pub all_busy: bool,
+    pub everything: bool,
+}
+
+/// A registered worker of a running slot, as a monitor tick sees it.
+#[derive(Debug, Clone)]
+pub struct Observed {
+    pub slot: SlotId,
+    pub row: WorkerRow,
+    /// The worker's process (direct) …
+    pub pid: Option<i32>,
+    /// … or its container (docker).
+    pub container: Option<WorkerId>,
+    pub status: WorkerStatus,
+    pub heartbeat_age: Duration,
+    /// The job in hand (the oldest if several) and how long it has run.
+    pub job: Option<(i64, Duration)>,
+    /// No memory figure was written for it yet (a new worker).
+    pub unmeasured: bool,
+}
+
+pub fn observe(c: &mut Connection, f: &Filter) -> rusqlite::Result<Vec<Observed>> {
+    let mut stmt = c.prepare_cached(
+        "SELECT * FROM (
+            SELECT s.worker_type, s.slot, w.id, s.pid, w.status, s.execution_mode, s.worker_id,
+                   COALESCE(unixepoch('now') - unixepoch(w.last_heartbeat), 0) AS hb_age,
+                   j.id AS job, unixepoch('now') - unixepoch(j.started_at) AS job_age,
+                   w.memory_usage IS NULL AS unmeasured, j.started_at AS job_started
+            FROM clx_pool_slots s
+            JOIN workers w ON w.id = s.worker_row
+            LEFT JOIN jobs j ON j.worker_id = w.id AND j.status = 'processing'
+            WHERE s.state = 'running')
+         WHERE ?4 OR unmeasured
+            OR (job IS NULL AND hb_age > ?1)
+            OR (job IS NOT NULL AND (job_age > ?2 OR ?3))
+         ORDER BY worker_type, slot, job_started",
+    )?;
+    let params = rusqlite::params![
+        f.min_heartbeat.as_secs() as i64,
+        f.min_job_time.as_secs() as i64,
+        f.all_busy,
+        f.everything
+    ];
+    let secs = |s: i64| Duration::from_secs(s.max(0) as u64);
+    let rows = stmt.query_map(params, |r| {
+        let job: Option<i64> = r.get(8)?;
+        let age: Option<i64> = r.get(9)?;
+        let mode: Mode = r.get(5)?;
+        Ok(Observed {
+            slot: SlotId {
+                worker_type: r.get(0)?,
+                index: r.get(1)?,
+            },
+            row: r.get(2)?,
+            pid: r.get::<_, Option<i64>>(3)?.map(|p| p as i32),
+            container: match mode.kind {
+                ModeKind::Docker => r.get(6)?,
+                ModeKind::Direct => None,
+            },
+            status: r.get(4)?,
+            heartbeat_age: secs(r.get(7)?),
+            job: job.map(|j| (j, secs(age.unwrap_or(0)))),
+            unmeasured: r.get(10)?,
+        })
+    })?;
+    let mut out: Vec<Observed> = Vec::new();
+    for o in rows {
+        let o = o?;
+        // Several jobs in hand: the oldest (first) decides.
+        if out.last().is_some_and(|l| l.row == o.row) {
+            continue;
+        }
+        out.push(o);
+    }
+    Ok(out)
+}
+
+/// Writes CPU % (kept when None) and memory (MiB) of workers, in one
+/// transaction.
+pub fn write_usage(c: &mut Connection, usage: &[(WorkerRow, Option<f64>, f64)]) -> rusqlite::Result<()> {
+    let tx = c.transaction()?;
+    {
+        let mut stmt = tx.prepare_cached(
+            "UPDATE workers SET cpu_usage = COALESCE(?2, cpu_usage), memory_usage = ?3 WHERE id = ?1",
+        )?;
+        for (row, cpu, mem) in usage {
+            stmt.execute(rusqlite::params![row, cpu, mem])?;
+        }
+    }
+    tx.commit()
+}

@@ -1,0 +1,413 @@
+//! The real [`Io`] of a slot: workers started through the slot's
+//! [`Executor`], registrations from the [`Registry`], hung reports from
+//! the monitor, and every transition written to the database with
+//! `Db::call_until_done` (retried until it lands).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tracing::{error, info, warn};
+
+use super::machine::{Failure, Settled};
+use super::{Io, Worker, heartbeat_interval};
+use crate::config::{Config, WorkerConfig, WorkerProgram};
+use crate::db::{self, Db};
+use crate::executor::{Executor, Launch, Running};
+use crate::supervisor::monitor::Hung;
+use crate::supervisor::registry::Registry;
+use crate::vocab::{
+    EndCause, EndEvent, HungReason, Mode, Protocol, SlotId, SlotState, WorkerId, WorkerRow, WorkerStatus,
+};
+
+impl Worker for Running {
+    fn id(&self) -> &WorkerId {
+        self.worker_id()
+    }
+
+    async fn wait(&mut self) -> EndCause {
+        Running::wait(self).await
+    }
+
+    async fn stop(&mut self, grace: Duration) -> EndCause {
+        Running::stop(self, grace).await
+    }
+}
+
+/// Everything a slot touches.
+pub struct SlotIo {
+    pub config: Arc<Config>,
+    pub worker: Arc<WorkerConfig>,
+    pub slot: SlotId,
+    pub db: Db,
+    pub registry: Registry,
+    /// Reports from the monitor that a worker of this slot is hung.
+    pub hung: mpsc::UnboundedReceiver<Hung>,
+    pub executor: Executor,
+    /// How `stats` shows the mode (e.g. "docker (auto)").
+    pub mode: Mode,
+    /// Told once how the slot settled.
+    pub ready: mpsc::UnboundedSender<Settled>,
+    /// The id of the current (or last) worker, and the row pre-registered
+    /// for it (CLM).
+    current: Option<WorkerId>,
+    preregistered: Option<WorkerRow>,
+}
+
+impl SlotIo {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        config: Arc<Config>,
+        worker: Arc<WorkerConfig>,
+        index: u32,
+        db: Db,
+        registry: Registry,
+        hung: mpsc::UnboundedReceiver<Hung>,
+        executor: Executor,
+        mode: Mode,
+        ready: mpsc::UnboundedSender<Settled>,
+    ) -> SlotIo {
+        SlotIo {
+            slot: SlotId {
+                worker_type: worker.worker_type.clone(),
+                index,
+            },
+            config,
+            worker,
+            db,
+            registry,
+            hung,
+            executor,
+            mode,
+            ready,
+            current: None,
+            preregistered: None,
+        }
+    }
+
+    fn protocol(&self) -> Protocol {
+        self.db.protocol()
+    }
+
+    fn launch_spec(&self, worker_id: WorkerId) -> Launch {
+        let pool = &self.config.pool;
+        let program = match &self.executor {
+            // `start` checked that the protocol knows every direct type
+            // that has no command (Config::check_protocol).
+            Executor::Direct => self
+                .worker
+                .direct_program(self.protocol())
+                .unwrap_or(WorkerProgram::Default),
+            Executor::Docker { .. } => self.worker.program.clone(),
+        };
+        Launch {
+            worker_type: self.slot.worker_type.clone(),
+            slot: self.slot.index,
+            program,
+            protocol: self.protocol(),
+            worker_id,
+            preregistered_row: self.preregistered,
+            extra_env: self.worker.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            inherit_env: pool.inherit_env.clone(),
+            db_path: pool.db_path.clone(),
+            workspace: pool.workspace_path.clone(),
+            log_level: pool.log_level.to_ascii_uppercase(),
+            heartbeat_interval: heartbeat_interval(self.worker.heartbeat_timeout),
+            cwd: self
+                .config
+                .path
+                .parent()
+                .map(|p| p.to_path_buf())
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or_else(|| ".".into()),
+            memory_limit: self.worker.memory_limit,
+            log_path: pool.log_dir.join(format!("{}.log", self.slot)),
+            log_max_size: pool.log_max_size,
+            log_keep: pool.log_keep,
+        }
+    }
+
+    /// A write that must not be dropped: retried until it lands (a lock or
+    /// a full disk is waited out); any other error is logged.
+    async fn write<T, F>(&self, what: &str, f: F) -> Option<T>
+    where
+        T: Send + 'static,
+        F: Fn(&mut rusqlite::Connection) -> rusqlite::Result<T> + Send + Sync + Clone + 'static,
+    {
+        match self.db.call_until_done(what, f).await {
+            Ok(v) => Some(v),
+            Err(e) => {
+                error!(slot = %self.slot, "{e:#}");
+                None
+            }
+        }
+    }
+
+    /// Pre-registers the worker's row (CLM), as CLM's own pool does.
+    async fn preregister(&mut self, worker_id: &WorkerId) -> Result<(), Failure> {
+        self.preregistered = None;
+        if self.protocol() != Protocol::Clm {
+            return Ok(());
+        }
+        let (slot, id, mode) = (self.slot.clone(), worker_id.clone(), self.executor.kind());
+        let row = self
+            .db
+            .call(move |c| {
+                db::pool::preregister_worker(
+                    c,
+                    slot.index,
+                    &db::workers::Preregistration {
+                        worker_type: &slot.worker_type,
+                        container_id: &id,
+                        execution_mode: mode,
+                        parent_pid: i64::from(std::process::id()),
+                    },
+                )
+            })
+            .await
+            .map_err(|e| Failure::SpawnFailed {
+                error: format!("pre-registering its worker row: {e:#}"),
+                outside: db::is_transient_any(&e),
+            })?;
+        self.preregistered = Some(row);
+        Ok(())
+    }
+
+    /// The worker's row, if it registered (possibly just before it died).
+    async fn row_of(&self, id: &WorkerId) -> Option<WorkerRow> {
+        if self.preregistered.is_some() {
+            return self.preregistered;
+        }
+        let id = id.clone();
+        match self.db.call(move |c| db::workers::row_of(c, &id)).await {
+            Ok(row) => row,
+            Err(e) => {
+                warn!(slot = %self.slot, "looking up the worker's row: {e:#}");
+                None
+            }
+        }
+    }
+
+    async fn record_launch(&self, running: &Running) {
+        let (slot, id, process) = (self.slot.clone(), running.worker_id().clone(), running.process());
+        self.write("recording the worker's launch", move |c| {
+            db::pool::slot_launched(c, &slot, &id, process.map(|p| (p.pid, p.start_ticks)))
+        })
+        .await;
+    }
+
+    /// Records a worker's end in one transaction: row dead, jobs back,
+    /// slot cleared, event written.
+    async fn record(
+        &self,
+        id: &WorkerId,
+        row: Option<WorkerRow>,
+        event: EndEvent,
+        cause: String,
+        tail: String,
+        restart: bool,
+    ) {
+        let (slot, owned_id, mode, protocol) = (self.slot.clone(), id.clone(), self.executor.kind(), self.protocol());
+        let result = self
+            .write("recording the worker's end", move |c| {
+                db::pool::record_end(
+                    c,
+                    protocol,
+                    &db::pool::WorkerEnd {
+                        slot: &slot,
+                        worker_id: &owned_id,
+                        worker_row: row,
+                        execution_mode: mode,
+                        event,
+                        cause: &cause,
+                        log_tail: &tail,
+                        restart,
+                    },
+                )
+            })
+            .await;
+        if let Some((requeued, failed)) = result {
+            if !requeued.is_empty() {
+                info!(worker = %id, jobs = ?requeued, "put the worker's unfinished jobs back in the queue");
+            }
+            if !failed.is_empty() {
+                warn!(worker = %id, jobs = ?failed, "failed the worker's jobs: no attempts left");
+            }
+        }
+    }
+}
+
+/// Whether a launch error lies outside the worker and goes away by itself
+/// (a full disk, too many open files or processes, a busy engine), unlike a
+/// missing program, a forbidden path or a missing image.
+fn launch_error_is_outside(e: &anyhow::Error) -> bool {
+    use std::io::ErrorKind::*;
+    for cause in e.chain() {
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                StorageFull | QuotaExceeded | WouldBlock | ResourceBusy | OutOfMemory | Interrupted | TimedOut
+            ) || matches!(
+                io.raw_os_error(),
+                Some(nix::libc::EMFILE | nix::libc::ENFILE | nix::libc::EIO | nix::libc::EAGAIN)
+            );
+        }
+        if let Some(bollard::errors::Error::DockerResponseServerError { status_code, .. }) =
+            cause.downcast_ref::<bollard::errors::Error>()
+        {
+            return *status_code != 404;
+        }
+    }
+    true
+}
+
+impl Io for SlotIo {
+    type Worker = Running;
+
+    async fn launch(&mut self) -> Result<Running, Failure> {
+        let worker_id = WorkerId(format!(
+            "{}-{}-{}-{}",
+            self.executor.kind(),
+            self.slot.worker_type,
+            self.slot.index,
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        ));
+        // Reports about an earlier worker of this slot are stale.
+        while self.hung.try_recv().is_ok() {}
+        self.current = Some(worker_id.clone());
+        self.preregister(&worker_id).await?;
+        let running = self
+            .executor
+            .launch(&self.launch_spec(worker_id.clone()))
+            .await
+            .map_err(|e| Failure::SpawnFailed {
+                error: format!("{e:#}"),
+                outside: launch_error_is_outside(&e),
+            })?;
+        // A container goes by its own id, known only now.
+        if let Some(row) = self.preregistered
+            && running.worker_id() != &worker_id
+        {
+            let id = running.worker_id().clone();
+            self.write("recording the container id of the worker row", move |c| {
+                db::workers::set_container_id(c, row, &id)
+            })
+            .await;
+        }
+        self.record_launch(&running).await;
+        Ok(running)
+    }
+
+    async fn registered(&mut self, id: &WorkerId) -> WorkerRow {
+        let rx = match self.preregistered {
+            Some(row) => self.registry.expect_row(row),
+            None => self.registry.expect(id),
+        };
+        match rx.await {
+            Ok(row) => row,
+            // The registry is gone: the pool is stopping.
+            Err(_) => std::future::pending().await,
+        }
+    }
+
+    fn forget(&mut self, id: &WorkerId) {
+        self.registry.forget(id, self.preregistered);
+    }
+
+    async fn hung(&mut self, row: WorkerRow) -> HungReason {
+        loop {
+            match self.hung.recv().await {
+                Some(h) if h.worker_row == row => return h.reason,
+                // About an earlier worker of this slot.
+                Some(_) => continue,
+                None => std::future::pending::<()>().await,
+            }
+        }
+    }
+
+    async fn mark_hung(&mut self, row: WorkerRow) {
+        self.write("marking the worker hung", move |c| {
+            db::workers::set_status(c, row, WorkerStatus::Hung)
+        })
+        .await;
+    }
+
+    async fn record_registered(&mut self, worker: &Running, row: WorkerRow) {
+        let (slot, id, mode, protocol) = (
+            self.slot.clone(),
+            worker.worker_id().clone(),
+            self.executor.kind(),
+            self.protocol(),
+        );
+        self.write("recording the worker's registration", move |c| {
+            db::pool::slot_registered(
+                c,
+                protocol,
+                &db::pool::Registered {
+                    slot: &slot,
+                    worker_row: row,
+                    worker_id: &id,
+                    execution_mode: mode,
+                },
+            )
+        })
+        .await;
+    }
+
+    async fn record_end(&mut self, worker: Option<Running>, row: Option<WorkerRow>, failure: Failure) {
+        let (event, cause) = failure.describe(self.config.pool.startup_timeout);
+        let (id, tail) = match &worker {
+            Some(w) => (w.worker_id().clone(), w.tail(20)),
+            None => (
+                self.current
+                    .clone()
+                    .unwrap_or_else(|| WorkerId(format!("{}-{}", self.executor.kind(), self.slot))),
+                String::new(),
+            ),
+        };
+        if tail.is_empty() {
+            warn!(worker = %id, slot = %self.slot, "worker {cause}");
+        } else {
+            warn!(worker = %id, slot = %self.slot, "worker {cause}; last output:\n{tail}");
+        }
+        if let Some(w) = &worker {
+            w.sweep().await;
+        }
+        let row = match row {
+            Some(r) => Some(r),
+            None => self.row_of(&id).await,
+        };
+        self.record(&id, row, event, cause, tail, true).await;
+    }
+
+    async fn stop_and_record(&mut self, mut worker: Running, row: Option<WorkerRow>) {
+        let cause = worker.stop(self.config.pool.stop_timeout).await;
+        info!(worker = %worker.worker_id(), slot = %self.slot, "stopped ({cause})");
+        let id = worker.worker_id().clone();
+        let row = match row {
+            Some(r) => Some(r),
+            None => self.row_of(&id).await,
+        };
+        self.record(&id, row, EndEvent::Stopped, cause.to_string(), worker.tail(20), false)
+            .await;
+    }
+
+    async fn set_state(&mut self, state: SlotState, note: Option<String>) {
+        if state == SlotState::Failed {
+            error!(slot = %self.slot, "GIVING UP on slot {}: {}; the rest of the pool goes on", self.slot, note.as_deref().unwrap_or(""));
+        } else if let Some(n) = &note {
+            info!(slot = %self.slot, "{n}");
+        }
+        let (slot, mode) = (self.slot.clone(), self.mode);
+        let what = format!("recording slot {} as {state}", self.slot);
+        self.write(&what, move |c| {
+            db::pool::set_slot_state(c, &slot, mode, state, note.as_deref())
+        })
+        .await;
+    }
+
+    fn announce(&mut self, settled: Settled) {
+        // The supervisor stops listening once every slot settled.
+        self.ready.send(settled).ok();
+    }
+}

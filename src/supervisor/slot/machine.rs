@@ -1,0 +1,494 @@
+//! A slot's life as a state machine, without I/O: the phases (the worker
+//! lives inside the phases that have one, as watchexec's `CommandState`
+//! owns its child), the events the driver observes, and a pure [`next`]
+//! that maps a phase and an event to the next phase and the actions to
+//! carry out (Horust's service handler). [`ALLOWED`] lists every
+//! transition; a test walks them all. The restart policy decides what
+//! follows a failure.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::super::policy::{Decision, RestartPolicy};
+use crate::config::RestartConfig;
+use crate::vocab::{EndCause, EndEvent, HungReason, SlotState, WorkerRow};
+
+/// What a slot is doing; `W` is the running worker.
+#[derive(Debug)]
+pub enum Phase<W> {
+    /// About to start a worker (the `Launch` action is under way).
+    Launching,
+    /// A worker was started and has not registered yet.
+    AwaitingRegistration { worker: W, since: Instant },
+    /// Its worker registered and takes jobs.
+    Serving { worker: W, row: WorkerRow, since: Instant },
+    /// Waiting before the next start (backoff, or a cool-down after faults
+    /// outside the worker).
+    BackingOff { until: Instant },
+    /// Given up for the rest of the run.
+    GivenUp,
+    /// The pool stopped.
+    Stopped,
+}
+
+/// The phases without their data, for the transition table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    Launching,
+    AwaitingRegistration,
+    Serving,
+    BackingOff,
+    GivenUp,
+    Stopped,
+}
+
+impl<W> Phase<W> {
+    pub fn kind(&self) -> Kind {
+        match self {
+            Phase::Launching => Kind::Launching,
+            Phase::AwaitingRegistration { .. } => Kind::AwaitingRegistration,
+            Phase::Serving { .. } => Kind::Serving,
+            Phase::BackingOff { .. } => Kind::BackingOff,
+            Phase::GivenUp => Kind::GivenUp,
+            Phase::Stopped => Kind::Stopped,
+        }
+    }
+}
+
+/// Every transition a slot may make.
+pub const ALLOWED: &[(Kind, Kind)] = &[
+    (Kind::Launching, Kind::AwaitingRegistration),
+    (Kind::Launching, Kind::Launching),
+    (Kind::Launching, Kind::BackingOff),
+    (Kind::Launching, Kind::GivenUp),
+    (Kind::Launching, Kind::Stopped),
+    (Kind::AwaitingRegistration, Kind::Serving),
+    (Kind::AwaitingRegistration, Kind::Launching),
+    (Kind::AwaitingRegistration, Kind::BackingOff),
+    (Kind::AwaitingRegistration, Kind::GivenUp),
+    (Kind::AwaitingRegistration, Kind::Stopped),
+    (Kind::Serving, Kind::Launching),
+    (Kind::Serving, Kind::BackingOff),
+    (Kind::Serving, Kind::GivenUp),
+    (Kind::Serving, Kind::Stopped),
+    (Kind::BackingOff, Kind::Launching),
+    (Kind::BackingOff, Kind::Stopped),
+    (Kind::GivenUp, Kind::Stopped),
+];
+
+/// Why a worker stopped being useful.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Failure {
+    Died(EndCause),
+    /// The monitor found it hung; it was stopped.
+    Hung(HungReason),
+    /// It did not register within `startup_timeout`; it was stopped.
+    NoRegister,
+    /// It could not be started; `outside` when the cause lies outside the
+    /// worker and goes away by itself (a full disk, a busy database, an
+    /// engine error), not a missing program.
+    SpawnFailed {
+        error: String,
+        outside: bool,
+    },
+}
+
+impl Failure {
+    /// The event and the cause in words.
+    pub fn describe(&self, startup_timeout: Duration) -> (EndEvent, String) {
+        match self {
+            Failure::Died(c) => (EndEvent::Died, c.to_string()),
+            Failure::Hung(reason) => (EndEvent::Hung, format!("was hung ({reason})")),
+            Failure::NoRegister => (
+                EndEvent::NoRegister,
+                format!(
+                    "did not register within {}",
+                    humantime::format_duration(startup_timeout)
+                ),
+            ),
+            Failure::SpawnFailed { error, .. } => (EndEvent::SpawnFailed, format!("could not be started: {error}")),
+        }
+    }
+
+    /// A fault outside the worker pauses the slot instead of giving it up
+    /// (the built-in worker exits with EX_TEMPFAIL when its database is
+    /// unavailable).
+    pub fn is_outside_worker(&self) -> bool {
+        match self {
+            Failure::SpawnFailed { outside, .. } => *outside,
+            Failure::Died(EndCause::Code(c)) => *c == EndCause::DATABASE_UNAVAILABLE,
+            _ => false,
+        }
+    }
+}
+
+/// What the driver observed.
+#[derive(Debug)]
+pub enum Event<W> {
+    Launched(W),
+    LaunchFailed(Failure),
+    Registered(WorkerRow),
+    /// The worker is gone: it died, or was stopped as hung or unregistered.
+    Ended(Failure),
+    /// A backoff or cool-down is over.
+    TimerFired,
+    /// The pool is stopping.
+    Shutdown,
+}
+
+impl<W> Event<W> {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Event::Launched(_) => "launched",
+            Event::LaunchFailed(_) => "launch failed",
+            Event::Registered(_) => "registered",
+            Event::Ended(_) => "ended",
+            Event::TimerFired => "timer fired",
+            Event::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// What the driver must do; it records every transition.
+#[derive(Debug)]
+pub enum Action<W> {
+    /// Start a worker (a `Launched` or `LaunchFailed` event follows).
+    Launch,
+    /// Record the worker's registration.
+    RecordRegistered { row: WorkerRow },
+    /// Remove what the worker left running and record its end.
+    RecordEnd {
+        worker: Option<W>,
+        row: Option<WorkerRow>,
+        failure: Failure,
+    },
+    /// Stop the worker (the pool is stopping) and record that.
+    StopAndRecord { worker: W, row: Option<WorkerRow> },
+    /// Write the slot's state, with why it waits.
+    SetState(SlotState, Option<String>),
+    /// Tell the supervisor the slot settled (once).
+    Announce(Settled),
+}
+
+/// How a slot first settled, for the supervisor's readiness count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settled {
+    Registered,
+    GaveUp,
+}
+
+/// What the transitions need besides the phase.
+pub struct Context {
+    pub policy: RestartPolicy,
+    pub restart: RestartConfig,
+    pub startup_timeout: Duration,
+    /// The supervisor was told how the slot settled.
+    pub announced: bool,
+}
+
+impl Context {
+    pub fn new(restart: RestartConfig, startup_timeout: Duration) -> Context {
+        Context {
+            policy: RestartPolicy::new(restart.clone()),
+            restart,
+            startup_timeout,
+            announced: false,
+        }
+    }
+}
+
+/// The next phase and the actions that take the slot there.
+pub fn next<W>(phase: Phase<W>, event: Event<W>, ctx: &mut Context, now: Instant) -> (Phase<W>, Vec<Action<W>>) {
+    use Event as E;
+    use Phase as P;
+    match (phase, event) {
+        (P::Launching, E::Launched(worker)) => (P::AwaitingRegistration { worker, since: now }, vec![]),
+        (P::Launching, E::LaunchFailed(failure)) => failed(None, None, failure, now, now, ctx),
+        (P::AwaitingRegistration { worker, since }, E::Registered(row)) => {
+            let mut actions = vec![Action::RecordRegistered { row }];
+            if !std::mem::replace(&mut ctx.announced, true) {
+                actions.push(Action::Announce(Settled::Registered));
+            }
+            (P::Serving { worker, row, since }, actions)
+        }
+        (P::AwaitingRegistration { worker, since }, E::Ended(failure)) => {
+            failed(Some(worker), None, failure, since, now, ctx)
+        }
+        (P::Serving { worker, row, since }, E::Ended(failure)) => {
+            failed(Some(worker), Some(row), failure, since, now, ctx)
+        }
+        (P::BackingOff { .. }, E::TimerFired) => (P::Launching, vec![Action::Launch]),
+        (P::AwaitingRegistration { worker, .. }, E::Shutdown) => stopping(Some(worker), None),
+        (P::Serving { worker, row, .. }, E::Shutdown) => stopping(Some(worker), Some(row)),
+        (P::Launching | P::BackingOff { .. }, E::Shutdown) => stopping(None, None),
+        // A given-up slot stays shown as failed after the pool stops.
+        (P::GivenUp, E::Shutdown) => (P::Stopped, vec![]),
+        // Nothing else can happen; an event that does is ignored.
+        (phase, event) => {
+            tracing::error!(phase = ?phase.kind(), event = event.name(), "a slot event that cannot happen; ignored");
+            (phase, vec![])
+        }
+    }
+}
+
+fn stopping<W>(worker: Option<W>, row: Option<WorkerRow>) -> (Phase<W>, Vec<Action<W>>) {
+    let mut actions = Vec::new();
+    if let Some(worker) = worker {
+        actions.push(Action::StopAndRecord { worker, row });
+    }
+    actions.push(Action::SetState(SlotState::Stopped, None));
+    (Phase::Stopped, actions)
+}
+
+/// A worker failed: record it, then restart at once, back off, cool down
+/// or give up, as the restart policy says.
+fn failed<W>(
+    worker: Option<W>,
+    row: Option<WorkerRow>,
+    failure: Failure,
+    since: Instant,
+    now: Instant,
+    ctx: &mut Context,
+) -> (Phase<W>, Vec<Action<W>>) {
+    let (_, cause) = failure.describe(ctx.startup_timeout);
+    let outside = failure.is_outside_worker();
+    let mut actions = vec![Action::RecordEnd { worker, row, failure }];
+    let d = humantime::format_duration;
+    let r = &ctx.restart;
+    let phase = match ctx.policy.on_failure(now, now.duration_since(since), outside) {
+        Decision::RestartAfter(delay) if delay.is_zero() => {
+            actions.push(Action::Launch);
+            Phase::Launching
+        }
+        Decision::RestartAfter(delay) => {
+            let note = format!("restarting in {} (last: {cause})", d(delay));
+            actions.push(Action::SetState(SlotState::Backoff, Some(note)));
+            Phase::BackingOff { until: now + delay }
+        }
+        Decision::CoolDown(delay) => {
+            let note = format!(
+                "failed {} times within {} because of a fault outside the worker (last: {cause}); trying again in {} (restart_cooldown)",
+                r.burst_limit,
+                d(r.burst_window),
+                d(delay)
+            );
+            actions.push(Action::SetState(SlotState::Backoff, Some(note)));
+            Phase::BackingOff { until: now + delay }
+        }
+        Decision::GiveUp => {
+            let note = format!(
+                "gave up: its worker failed {} times within {} (last: {cause})",
+                r.burst_limit,
+                d(r.burst_window)
+            );
+            actions.push(Action::SetState(SlotState::Failed, Some(note)));
+            if !std::mem::replace(&mut ctx.announced, true) {
+                actions.push(Action::Announce(Settled::GaveUp));
+            }
+            Phase::GivenUp
+        }
+    };
+    (phase, actions)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn restart() -> RestartConfig {
+        RestartConfig {
+            backoff_initial: Duration::from_millis(500),
+            backoff_max: Duration::from_secs(60),
+            healthy_after: Duration::from_secs(10),
+            burst_limit: 3,
+            burst_window: Duration::from_secs(10),
+            cooldown: Duration::from_secs(60),
+        }
+    }
+
+    fn ctx() -> Context {
+        Context::new(restart(), Duration::from_secs(30))
+    }
+
+    /// A phase of every kind, with a worker named "w" where one lives.
+    fn phases(now: Instant) -> Vec<Phase<&'static str>> {
+        vec![
+            Phase::Launching,
+            Phase::AwaitingRegistration {
+                worker: "w",
+                since: now,
+            },
+            Phase::Serving {
+                worker: "w",
+                row: WorkerRow(1),
+                since: now,
+            },
+            Phase::BackingOff { until: now },
+            Phase::GivenUp,
+            Phase::Stopped,
+        ]
+    }
+
+    fn events() -> Vec<Event<&'static str>> {
+        vec![
+            Event::Launched("w2"),
+            Event::LaunchFailed(Failure::SpawnFailed {
+                error: "no such file".into(),
+                outside: false,
+            }),
+            Event::Registered(WorkerRow(2)),
+            Event::Ended(Failure::Died(EndCause::Code(1))),
+            Event::Ended(Failure::Hung(HungReason::Heartbeat {
+                age: Duration::from_secs(40),
+                limit: Duration::from_secs(30),
+            })),
+            Event::Ended(Failure::NoRegister),
+            Event::TimerFired,
+            Event::Shutdown,
+        ]
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn every_transition_is_in_the_table() {
+        let now = Instant::now();
+        let mut seen = std::collections::HashSet::new();
+        // With no earlier failure a failure restarts at once; after one it
+        // backs off; after burst_limit - 1 it gives up.
+        for earlier in [0, 1, 2] {
+            for i in 0..phases(now).len() {
+                for j in 0..events().len() {
+                    let phase = phases(now).remove(i);
+                    let event = events().remove(j);
+                    let from = phase.kind();
+                    let mut c = ctx();
+                    for _ in 0..earlier {
+                        c.policy.on_failure(now, Duration::ZERO, false);
+                    }
+                    let (to, _) = next(phase, event, &mut c, now);
+                    if from != to.kind() || from == Kind::Launching {
+                        assert!(ALLOWED.contains(&(from, to.kind())), "{from:?} -> {:?}", to.kind());
+                        seen.insert((from, to.kind()));
+                    }
+                }
+            }
+        }
+        for pair in ALLOWED {
+            assert!(seen.contains(pair), "{pair:?} is never taken");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn registration_is_announced_once_and_a_shutdown_stops_the_worker() {
+        let now = Instant::now();
+        let mut c = ctx();
+        let p = Phase::AwaitingRegistration {
+            worker: "w",
+            since: now,
+        };
+        let (p, actions) = next(p, Event::Registered(WorkerRow(7)), &mut c, now);
+        assert!(matches!(p, Phase::Serving { row: WorkerRow(7), .. }));
+        assert!(matches!(
+            actions[..],
+            [Action::RecordRegistered { .. }, Action::Announce(Settled::Registered)]
+        ));
+        let (p, actions) = next(p, Event::Shutdown, &mut c, now);
+        assert_eq!(p.kind(), Kind::Stopped);
+        assert!(matches!(
+            actions[..],
+            [
+                Action::StopAndRecord {
+                    worker: "w",
+                    row: Some(WorkerRow(7))
+                },
+                Action::SetState(SlotState::Stopped, None)
+            ]
+        ));
+        // A second registration (after a restart) is not announced again.
+        let p = Phase::AwaitingRegistration {
+            worker: "v",
+            since: now,
+        };
+        let (_, actions) = next(p, Event::Registered(WorkerRow(8)), &mut c, now);
+        assert_eq!(actions.len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failures_restart_at_once_then_back_off_then_give_up() {
+        let mut c = ctx();
+        let mut now = Instant::now();
+        let died = || Event::Ended(Failure::Died(EndCause::Code(1)));
+        // 1st: at once.
+        let p = Phase::Serving {
+            worker: "w",
+            row: WorkerRow(1),
+            since: now,
+        };
+        let (p, actions) = next(p, died(), &mut c, now);
+        assert_eq!(p.kind(), Kind::Launching);
+        assert!(matches!(
+            actions[..],
+            [
+                Action::RecordEnd {
+                    worker: Some("w"),
+                    row: Some(WorkerRow(1)),
+                    ..
+                },
+                Action::Launch
+            ]
+        ));
+        // 2nd: back off 500 ms, saying why.
+        let (p, _) = next(p, Event::Launched("w2"), &mut c, now);
+        now += Duration::from_millis(10);
+        let (p, actions) = next(p, died(), &mut c, now);
+        let Phase::BackingOff { until } = p else {
+            panic!("{:?}", p.kind())
+        };
+        assert_eq!(until - now, Duration::from_millis(500));
+        let Action::SetState(SlotState::Backoff, Some(note)) = &actions[1] else {
+            panic!("{actions:?}")
+        };
+        assert_eq!(note, "restarting in 500ms (last: exited with code 1)");
+        // 3rd within the window: given up, announced as such.
+        let (p, actions) = next(p, Event::TimerFired, &mut c, until);
+        assert!(matches!(actions[..], [Action::Launch]));
+        let (p, _) = next(p, Event::LaunchFailed(Failure::Died(EndCause::Code(1))), &mut c, until);
+        assert_eq!(p.kind(), Kind::GivenUp);
+        let (p, actions) = next(p, Event::Shutdown, &mut c, until);
+        assert_eq!(p.kind(), Kind::Stopped);
+        assert!(actions.is_empty(), "a given-up slot stays shown as failed");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn faults_outside_the_worker_cool_down_instead() {
+        let mut c = ctx();
+        let now = Instant::now();
+        let outside = || {
+            Event::LaunchFailed(Failure::SpawnFailed {
+                error: "database or disk is full".into(),
+                outside: true,
+            })
+        };
+        let mut p = Phase::<&str>::Launching;
+        for _ in 0..2 {
+            (p, _) = next(p, outside(), &mut c, now);
+            if let Phase::BackingOff { until } = p {
+                (p, _) = next(p, Event::TimerFired, &mut c, until);
+            }
+        }
+        let (p, actions) = next(p, outside(), &mut c, now);
+        let Phase::BackingOff { until } = p else {
+            panic!("{:?}", p.kind())
+        };
+        assert_eq!(until - now, Duration::from_secs(60));
+        let Action::SetState(SlotState::Backoff, Some(note)) = &actions[1] else {
+            panic!("{actions:?}")
+        };
+        assert!(
+            note.contains("fault outside the worker") && note.contains("database or disk is full"),
+            "{note}"
+        );
+        assert!(Failure::Died(EndCause::Code(75)).is_outside_worker());
+        assert!(!Failure::Died(EndCause::Code(1)).is_outside_worker());
+    }
+}

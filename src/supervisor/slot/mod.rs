@@ -1,0 +1,172 @@
+//! One slot of a pool: keeps one worker running, replacing it in the same
+//! slot when it dies, hangs or does not register, under the restart
+//! policy. The rules are a pure state machine (`machine.rs`); this module
+//! is its driver: it waits for the event each phase can end with and
+//! carries out the actions, through [`Io`], whose real implementation
+//! ([`SlotIo`], in `io.rs`) launches workers and records every transition
+//! in the database. Tests drive the same loop with a fake `Io` and paused
+//! time.
+
+pub mod io;
+pub mod machine;
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::vocab::{EndCause, HungReason, SlotState, WorkerId, WorkerRow};
+pub use io::SlotIo;
+pub use machine::Settled;
+use machine::{Action, Context, Event, Failure, Phase};
+
+/// A running worker, as the driver needs it.
+pub trait Worker {
+    fn id(&self) -> &WorkerId;
+    /// Resolves when it has exited. Cancel-safe.
+    fn wait(&mut self) -> impl Future<Output = EndCause>;
+    /// Stops it (SIGTERM, SIGKILL after `grace`).
+    fn stop(&mut self, grace: Duration) -> impl Future<Output = EndCause>;
+}
+
+/// What the slot does to the world.
+pub trait Io {
+    type Worker: Worker;
+    /// Starts a worker (and records the launch).
+    fn launch(&mut self) -> impl Future<Output = Result<Self::Worker, Failure>>;
+    /// Resolves once the worker `id` has registered, with its row.
+    fn registered(&mut self, id: &WorkerId) -> impl Future<Output = WorkerRow>;
+    /// Stops waiting for `id` to register.
+    fn forget(&mut self, id: &WorkerId);
+    /// Resolves when the monitor reports the worker of `row` hung.
+    fn hung(&mut self, row: WorkerRow) -> impl Future<Output = HungReason>;
+    /// Marks the worker of `row` hung before it is stopped.
+    fn mark_hung(&mut self, row: WorkerRow) -> impl Future<Output = ()>;
+    /// Records that `worker` registered as `row`.
+    fn record_registered(&mut self, worker: &Self::Worker, row: WorkerRow) -> impl Future<Output = ()>;
+    /// Removes what an ended worker left running and records its end.
+    fn record_end(
+        &mut self,
+        worker: Option<Self::Worker>,
+        row: Option<WorkerRow>,
+        failure: Failure,
+    ) -> impl Future<Output = ()>;
+    /// Stops a worker because the pool stops, and records it.
+    fn stop_and_record(&mut self, worker: Self::Worker, row: Option<WorkerRow>) -> impl Future<Output = ()>;
+    fn set_state(&mut self, state: SlotState, note: Option<String>) -> impl Future<Output = ()>;
+    fn announce(&mut self, settled: Settled);
+}
+
+/// The timing of one slot.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    pub startup_timeout: Duration,
+    pub stop_timeout: Duration,
+}
+
+/// Runs a slot until the pool stops.
+pub async fn run<I: Io>(io: &mut I, mut ctx: Context, timing: Timing, token: CancellationToken) {
+    let mut phase: Phase<I::Worker> = Phase::Launching;
+    let mut pending: VecDeque<Action<I::Worker>> =
+        VecDeque::from([Action::SetState(SlotState::Starting, None), Action::Launch]);
+    loop {
+        let mut launched = None;
+        while let Some(action) = pending.pop_front() {
+            launched = carry_out(io, &phase, action).await.or(launched);
+        }
+        if matches!(phase, Phase::Stopped) {
+            return;
+        }
+        let event = match launched {
+            Some(event) => event,
+            None => observe(io, &mut phase, timing, &token).await,
+        };
+        let (next, actions) = machine::next(phase, event, &mut ctx, Instant::now());
+        phase = next;
+        pending.extend(actions);
+    }
+}
+
+/// Carries out one action; a launch yields its event.
+async fn carry_out<I: Io>(io: &mut I, phase: &Phase<I::Worker>, action: Action<I::Worker>) -> Option<Event<I::Worker>> {
+    match action {
+        Action::Launch => {
+            return Some(match io.launch().await {
+                Ok(w) => Event::Launched(w),
+                Err(f) => Event::LaunchFailed(f),
+            });
+        }
+        Action::RecordRegistered { row } => {
+            if let Phase::Serving { worker, .. } = phase {
+                io.record_registered(worker, row).await;
+            }
+        }
+        Action::RecordEnd { worker, row, failure } => io.record_end(worker, row, failure).await,
+        Action::StopAndRecord { worker, row } => io.stop_and_record(worker, row).await,
+        Action::SetState(state, note) => io.set_state(state, note).await,
+        Action::Announce(settled) => io.announce(settled),
+    }
+    None
+}
+
+/// Waits for whatever ends the current phase.
+async fn observe<I: Io>(
+    io: &mut I,
+    phase: &mut Phase<I::Worker>,
+    timing: Timing,
+    token: &CancellationToken,
+) -> Event<I::Worker> {
+    match phase {
+        Phase::AwaitingRegistration { worker, since } => {
+            let id = worker.id().clone();
+            let deadline = *since + timing.startup_timeout;
+            let event = tokio::select! {
+                biased;
+                _ = token.cancelled() => Event::Shutdown,
+                cause = worker.wait() => Event::Ended(Failure::Died(cause)),
+                row = io.registered(&id) => return Event::Registered(row),
+                _ = tokio::time::sleep_until(deadline) => {
+                    worker.stop(timing.stop_timeout).await;
+                    Event::Ended(Failure::NoRegister)
+                }
+            };
+            io.forget(&id);
+            event
+        }
+        Phase::Serving { worker, row, .. } => {
+            let row = *row;
+            tokio::select! {
+                biased;
+                _ = token.cancelled() => Event::Shutdown,
+                cause = worker.wait() => Event::Ended(Failure::Died(cause)),
+                reason = io.hung(row) => {
+                    io.mark_hung(row).await;
+                    let cause = worker.stop(timing.stop_timeout).await;
+                    tracing::info!(worker = %worker.id(), "stopped the hung worker ({cause})");
+                    Event::Ended(Failure::Hung(reason))
+                }
+            }
+        }
+        Phase::BackingOff { until } => tokio::select! {
+            biased;
+            _ = token.cancelled() => Event::Shutdown,
+            _ = tokio::time::sleep_until(*until) => Event::TimerFired,
+        },
+        Phase::GivenUp | Phase::Launching | Phase::Stopped => {
+            token.cancelled().await;
+            Event::Shutdown
+        }
+    }
+}
+
+/// How often an idle built-in worker refreshes its heartbeat: often enough
+/// to stay well inside `heartbeat_timeout`, rarely enough to keep an idle
+/// pool's writes low.
+pub fn heartbeat_interval(timeout: Duration) -> Duration {
+    (timeout / 3).clamp(Duration::from_millis(100), Duration::from_secs(10))
+}
+
+#[cfg(test)]
+mod tests;

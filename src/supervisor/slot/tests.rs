@@ -1,0 +1,318 @@
+//! The slot's driver on a fake world: workers that die, hang or never
+//! register on cue, and time that only moves when every task waits
+//! (`tokio::time::pause`), so the restart policy's delays are checked
+//! exactly, in milliseconds of real time.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::machine::{Context, Failure, Settled};
+use super::{Io, Timing, Worker, run};
+use crate::config::RestartConfig;
+use crate::vocab::{EndCause, HungReason, SlotState, WorkerId, WorkerRow};
+
+/// What a fake worker does once started.
+#[derive(Clone, Copy, Debug)]
+enum Script {
+    /// Registers at once, then dies after this long.
+    DiesAfter(Duration),
+    /// Registers and serves until stopped.
+    Serves,
+    /// Never registers.
+    Silent,
+    /// Registers, then is reported hung after this long.
+    HangsAfter(Duration),
+}
+
+struct FakeWorker {
+    id: WorkerId,
+    script: Script,
+    started: Instant,
+    stopped: bool,
+}
+
+impl Worker for FakeWorker {
+    fn id(&self) -> &WorkerId {
+        &self.id
+    }
+
+    async fn wait(&mut self) -> EndCause {
+        match self.script {
+            Script::DiesAfter(d) if !self.stopped => {
+                tokio::time::sleep_until(self.started + d).await;
+                EndCause::Code(1)
+            }
+            _ if self.stopped => EndCause::Signal(15),
+            _ => std::future::pending().await,
+        }
+    }
+
+    async fn stop(&mut self, _grace: Duration) -> EndCause {
+        self.stopped = true;
+        EndCause::Signal(15)
+    }
+}
+
+/// Everything the driver did, with the (paused) time it did it at.
+#[derive(Default)]
+struct Log(Vec<(Duration, String)>);
+
+struct FakeIo {
+    t0: Instant,
+    scripts: VecDeque<Result<Script, Failure>>,
+    current: Option<Script>,
+    launches: u32,
+    log: Arc<Mutex<Log>>,
+}
+
+impl FakeIo {
+    fn note(&self, what: String) {
+        self.log.lock().unwrap().0.push((self.t0.elapsed(), what));
+    }
+}
+
+impl Io for FakeIo {
+    type Worker = FakeWorker;
+
+    async fn launch(&mut self) -> Result<FakeWorker, Failure> {
+        self.launches += 1;
+        let next = self.scripts.pop_front().unwrap_or(Ok(Script::Serves));
+        self.note(format!("launch {}", self.launches));
+        let script = next?;
+        self.current = Some(script);
+        Ok(FakeWorker {
+            id: WorkerId(format!("w{}", self.launches)),
+            script,
+            started: Instant::now(),
+            stopped: false,
+        })
+    }
+
+    async fn registered(&mut self, _id: &WorkerId) -> WorkerRow {
+        match self.current {
+            Some(Script::Silent) | None => std::future::pending().await,
+            _ => WorkerRow(i64::from(self.launches)),
+        }
+    }
+
+    fn forget(&mut self, id: &WorkerId) {
+        self.note(format!("forget {id}"));
+    }
+
+    async fn hung(&mut self, _row: WorkerRow) -> HungReason {
+        match self.current {
+            Some(Script::HangsAfter(d)) => {
+                tokio::time::sleep(d).await;
+                HungReason::Heartbeat {
+                    age: Duration::from_secs(31),
+                    limit: Duration::from_secs(30),
+                }
+            }
+            _ => std::future::pending().await,
+        }
+    }
+
+    async fn mark_hung(&mut self, row: WorkerRow) {
+        self.note(format!("hung {row}"));
+    }
+
+    async fn record_registered(&mut self, worker: &FakeWorker, row: WorkerRow) {
+        self.note(format!("registered {} as {row}", worker.id));
+    }
+
+    async fn record_end(&mut self, worker: Option<FakeWorker>, row: Option<WorkerRow>, failure: Failure) {
+        let (event, cause) = failure.describe(Duration::from_secs(10));
+        let id = worker.map(|w| w.id.0).unwrap_or_else(|| "-".into());
+        self.note(format!("end {id} row {row:?} {event}: {cause}"));
+    }
+
+    async fn stop_and_record(&mut self, worker: FakeWorker, _row: Option<WorkerRow>) {
+        self.note(format!("stopped {}", worker.id));
+    }
+
+    async fn set_state(&mut self, state: SlotState, note: Option<String>) {
+        self.note(format!(
+            "state {state}{}",
+            note.map(|n| format!(": {n}")).unwrap_or_default()
+        ));
+    }
+
+    fn announce(&mut self, settled: Settled) {
+        self.note(format!("settled {settled:?}"));
+    }
+}
+
+fn restart() -> RestartConfig {
+    RestartConfig {
+        backoff_initial: Duration::from_millis(500),
+        backoff_max: Duration::from_secs(4),
+        healthy_after: Duration::from_secs(10),
+        burst_limit: 5,
+        burst_window: Duration::from_secs(10),
+        cooldown: Duration::from_secs(60),
+    }
+}
+
+const TIMING: Timing = Timing {
+    startup_timeout: Duration::from_secs(10),
+    stop_timeout: Duration::from_secs(3),
+};
+
+/// Runs a slot over `scripts` until `until`, then stops the pool; returns
+/// the log.
+async fn drive(
+    scripts: Vec<Result<Script, Failure>>,
+    config: RestartConfig,
+    until: Duration,
+) -> Vec<(Duration, String)> {
+    let log = Arc::new(Mutex::new(Log::default()));
+    let mut io = FakeIo {
+        t0: Instant::now(),
+        scripts: scripts.into(),
+        current: None,
+        launches: 0,
+        log: log.clone(),
+    };
+    let token = CancellationToken::new();
+    let stopper = token.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(until).await;
+        stopper.cancel();
+    });
+    run(&mut io, Context::new(config, TIMING.startup_timeout), TIMING, token).await;
+    let log = log.lock().unwrap();
+    log.0.clone()
+}
+
+fn at(log: &[(Duration, String)], prefix: &str) -> Vec<u128> {
+    log.iter()
+        .filter(|(_, w)| w.starts_with(prefix))
+        .map(|(t, _)| t.as_millis())
+        .collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_crashing_worker_is_restarted_at_once_then_with_doubling_backoff_until_given_up() {
+    let dies = || Ok(Script::DiesAfter(Duration::from_millis(100)));
+    let log = drive(
+        vec![dies(), dies(), dies(), dies(), dies(), dies()],
+        restart(),
+        Duration::from_secs(30),
+    )
+    .await;
+    // Launched at 0; died at 100 and restarted at once; then 500 ms, 1 s
+    // and 2 s of backoff; the fifth failure within 10 s gives up.
+    assert_eq!(at(&log, "launch"), vec![0, 100, 700, 1800, 3900], "{log:#?}");
+    assert_eq!(at(&log, "end"), vec![100, 200, 800, 1900, 4000]);
+    let last: Vec<&String> = log.iter().map(|(_, w)| w).collect();
+    assert!(
+        last.iter()
+            .any(|w| w.starts_with("state backoff: restarting in 500ms (last: exited with code 1)")),
+        "{log:#?}"
+    );
+    assert!(
+        last.iter()
+            .any(|w| w.starts_with("state failed: gave up: its worker failed 5 times within 10s")),
+        "{log:#?}"
+    );
+    // It had registered once, so it was announced then, and not again.
+    assert_eq!(last.iter().filter(|w| w.starts_with("settled")).count(), 1);
+    // After giving up nothing more happens, even when the pool stops.
+    assert!(log.last().unwrap().1.starts_with("state failed"), "{log:#?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_healthy_worker_is_replaced_at_once_and_stopped_with_the_pool() {
+    let log = drive(
+        vec![Ok(Script::DiesAfter(Duration::from_secs(20))), Ok(Script::Serves)],
+        restart(),
+        Duration::from_secs(25),
+    )
+    .await;
+    let what: Vec<&str> = log.iter().map(|(_, w)| w.as_str()).collect();
+    assert_eq!(
+        what,
+        vec![
+            "state starting",
+            "launch 1",
+            "registered w1 as 1",
+            "settled Registered",
+            "end w1 row Some(WorkerRow(1)) died: exited with code 1",
+            "launch 2",
+            "registered w2 as 2",
+            "stopped w2",
+            "state stopped",
+        ]
+    );
+    assert_eq!(at(&log, "launch"), vec![0, 20_000], "no backoff after a healthy run");
+    assert_eq!(at(&log, "stopped"), vec![25_000]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_worker_that_never_registers_is_stopped_after_startup_timeout() {
+    let log = drive(
+        vec![Ok(Script::Silent), Ok(Script::Serves)],
+        restart(),
+        Duration::from_secs(15),
+    )
+    .await;
+    assert!(
+        log.iter()
+            .any(|(t, w)| *t == Duration::from_secs(10)
+                && w == "end w1 row None no-register: did not register within 10s"),
+        "{log:#?}"
+    );
+    assert!(log.iter().any(|(_, w)| w == "forget w1"));
+    assert_eq!(at(&log, "launch"), vec![0, 10_000]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hung_worker_is_marked_stopped_and_replaced() {
+    let log = drive(
+        vec![Ok(Script::HangsAfter(Duration::from_secs(40))), Ok(Script::Serves)],
+        restart(),
+        Duration::from_secs(45),
+    )
+    .await;
+    let what: Vec<&str> = log.iter().map(|(_, w)| w.as_str()).collect();
+    let hung = what.iter().position(|w| *w == "hung 1").expect("marked hung");
+    assert!(
+        what[hung + 1].starts_with("end w1 row Some(WorkerRow(1)) hung: was hung (its heartbeat is 31s old"),
+        "{what:#?}"
+    );
+    assert_eq!(what[hung + 2], "launch 2");
+}
+
+#[tokio::test(start_paused = true)]
+async fn faults_outside_the_worker_cool_down_and_the_slot_comes_back() {
+    let outside = || {
+        Err(Failure::SpawnFailed {
+            error: "database or disk is full".into(),
+            outside: true,
+        })
+    };
+    let mut scripts: Vec<Result<Script, Failure>> = (0..5).map(|_| outside()).collect();
+    scripts.push(Ok(Script::Serves));
+    let log = drive(scripts, restart(), Duration::from_secs(120)).await;
+    // Five quick failures (0, 0.5, 1.5, 3.5 s backoff), then a 60 s
+    // cool-down instead of giving up, then it serves.
+    assert_eq!(at(&log, "launch"), vec![0, 0, 500, 1500, 3500, 63_500], "{log:#?}");
+    assert!(!log.iter().any(|(_, w)| w.starts_with("state failed")), "{log:#?}");
+    assert!(log.iter().any(|(_, w)| w == "settled Registered"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stop_during_backoff_ends_the_slot_at_once() {
+    let dies = || Ok(Script::DiesAfter(Duration::from_millis(10)));
+    let log = drive(vec![dies(), dies(), dies()], restart(), Duration::from_millis(300)).await;
+    // Died at 10 and 20 ms; backing off 500 ms when the pool stops at 300.
+    assert_eq!(at(&log, "launch"), vec![0, 10]);
+    assert_eq!(
+        log.last().unwrap(),
+        &(Duration::from_millis(300), "state stopped".to_string())
+    );
+}
