@@ -35,10 +35,15 @@ SUPERVISOR_VERSION = "4.3.0"
 HZ = os.sysconf("SC_CLK_TCK")
 
 
-def clx_schema():
-    """The CLX version-1 DDL, read from the one place that defines it."""
-    src = open(os.path.join(ROOT, "src", "db", "schema.rs")).read()
-    return re.search(r'pub const CLX_SCHEMA: &str = r#"(.*?)"#;', src, re.S).group(1)
+def create_db(path):
+    """A CLX database made by clx-pool itself (schema, WAL, claim index), with
+    no job in it: the same file supervisord's workers get."""
+    subprocess.run([BIN, "submit", "--db", path, "t", "in", "out", "--content-hash", "h"],
+                   check=True, capture_output=True)
+    c = sqlite3.connect(path)
+    c.execute("DELETE FROM jobs")
+    c.commit()
+    c.close()
 
 
 # ---------------------------------------------------------------- helpers
@@ -222,10 +227,7 @@ class Supervisord(Supervised):
         self.dir = tempfile.mkdtemp(prefix="sv-bench-", dir=WORK)
         self.db = os.path.join(self.dir, "jobs.db")
         os.makedirs(os.path.join(self.dir, "workspace"))
-        c = sqlite3.connect(self.db)
-        c.execute("PRAGMA journal_mode = WAL")
-        c.executescript(clx_schema())
-        c.close()
+        create_db(self.db)
         # Each (re)started process needs a fresh WORKER_ID, as clx-pool gives
         # its workers: a shell exec sets it from its pid.
         if kind == "builtin":
@@ -616,9 +618,13 @@ def machine():
     for line in open("/proc/meminfo"):
         if line.startswith("MemTotal"):
             mem = int(line.split()[1]) // 1024 // 1024
+    commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True).stdout.strip()
     return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": mem, "kernel": platform.release(),
             "python": platform.python_version(), "supervisord": SUPERVISOR_VERSION,
-            "clx_pool": subprocess.run([BIN, "--version"], capture_output=True, text=True).stdout.strip()}
+            "clx_pool": subprocess.run([BIN, "--version"], capture_output=True, text=True).stdout.strip(),
+            "commit": (commit.stdout.strip() or "unknown") + (" (with uncommitted changes)" if dirty else "")}
 
 
 def write_reports(mode, started):
@@ -655,11 +661,13 @@ def write_reports(mode, started):
     m = machine()
     doc = {"mode": mode, "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
            "duration_s": round(time.monotonic() - started, 1), "machine": m, "results": RESULTS}
-    with open(os.path.join(ROOT, "bench", "results.json"), "w") as f:
+    # The quick set never overwrites the full run's results.
+    stem = "results-quick" if mode == "quick" else "results"
+    with open(os.path.join(ROOT, "bench", stem + ".json"), "w") as f:
         json.dump(doc, f, indent=2)
     md = """# clx-pool benchmark results
 
-`make bench%s` on %s (%s cores, %s GiB, Linux %s), %s, %s; took %.0f s.
+`make bench%s` on %s (%s cores, %s GiB, Linux %s), %s at commit %s, %s; took %.0f s.
 Medians of several runs (min/max and every sample in results.json). Ratio
 below 1 means clx-pool is faster or smaller.
 
@@ -695,14 +703,14 @@ How each figure is measured:
   a standard-library Python CLX worker, under clx-pool: what a realistic
   Python worker pool costs.
 """ % ("-quick" if mode == "quick" else "", m["cpu"], m["cores"], m["memory_gib"], m["kernel"], m["clx_pool"],
-       "supervisord " + m["supervisord"], time.monotonic() - started, table,
+       m["commit"], "supervisord " + m["supervisord"], time.monotonic() - started, table,
        "\n".join("- %s, N=%s, %s: %s (%s)" % (r["scenario"], r["n"], r["tool"], r["what"], r["how"])
                  for r in RESULTS if r["tool"] != "supervisord"))
-    with open(os.path.join(ROOT, "bench", "results.md"), "w") as f:
+    with open(os.path.join(ROOT, "bench", stem + ".md"), "w") as f:
         f.write(md)
     print()
     print(table)
-    print("\nwritten: bench/results.json, bench/results.md")
+    print("\nwritten: bench/%s.json, bench/%s.md" % (stem, stem))
 
 
 def main():

@@ -139,7 +139,7 @@ pub struct WorkerArgs {
     pub poll_interval: Duration,
     /// Where this worker runs (direct or docker); under CLM it takes only
     /// jobs meant for that mode (or for any).
-    #[arg(long, default_value = "direct", value_parser = parse_mode_kind)]
+    #[arg(long, default_value_t = ModeKind::Direct, value_parser = parse_mode_kind)]
     pub execution_mode: ModeKind,
     /// Benchmarking aid: complete every claimed job at once without running
     /// anything, to measure the queue alone.

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use common::{Pool, repo_path, stderr, stdout, toml_str, wait_for};
+use common::{Pool, env_of, kill9, repo_path, stderr, stdout, toml_str, wait_for};
 
 /// The CLM venv and PlantUML, or None (skipped) when they are missing.
 struct Clm {
@@ -126,30 +126,6 @@ fn schema_of(db: &Path) -> Vec<(String, String, Option<String>)> {
         .unwrap()
 }
 
-fn versions(pool: &Pool) -> Vec<i64> {
-    let c = pool.conn();
-    let mut stmt = c
-        .prepare("SELECT version FROM schema_version ORDER BY version")
-        .unwrap();
-    stmt.query_map([], |r| r.get(0))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap()
-}
-
-/// The value of `name` in a process's environment.
-fn env_of(pid: i32, name: &str) -> Option<String> {
-    let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
-    let prefix = format!("{name}=");
-    env.split(|&b| b == 0)
-        .find_map(|kv| kv.strip_prefix(prefix.as_bytes()))
-        .map(|v| String::from_utf8_lossy(v).into_owned())
-}
-
-fn kill9(pid: i32) {
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
-}
-
 fn reverse_workers(clm: &Clm, count: u32) -> String {
     format!(
         "[[workers]]\nworker_type = \"reverse\"\ncount = {count}\ncommand = [{}, {}]\n",
@@ -178,7 +154,7 @@ fn the_schema_is_the_one_clm_init_database_creates_and_clm_opens_it_without_migr
     let ours = schema_of(&pool.db_path());
     assert!(ours.iter().any(|(_, name, _)| name == "worker_heartbeats"), "{ours:#?}");
     assert_eq!(ours, schema_of(&theirs));
-    assert_eq!(versions(&pool), vec![11]);
+    assert_eq!(pool.schema_versions(), vec![11]);
     // CLM's own code opens it and changes nothing (no migration).
     clm.py(
         "import sys\nfrom pathlib import Path\n\
@@ -189,7 +165,7 @@ fn the_schema_is_the_one_clm_init_database_creates_and_clm_opens_it_without_migr
         &[pool.db_path().to_str().unwrap()],
     );
     assert_eq!(schema_of(&pool.db_path()), ours);
-    assert_eq!(versions(&pool), vec![11]);
+    assert_eq!(pool.schema_versions(), vec![11]);
 }
 
 #[test]
@@ -571,7 +547,7 @@ fn a_clm_made_database_is_followed_when_unset_and_refused_under_clx() {
         pool.query_i64("SELECT COUNT(*) FROM workers WHERE managed_by = 'persistent' AND status = 'idle'"),
         2
     );
-    assert_eq!(versions(&pool), vec![11]);
+    assert_eq!(pool.schema_versions(), vec![11]);
 }
 
 fn copy_dir(from: &Path, to: &Path) {

@@ -7,25 +7,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Pool, Tmpfs, WriteLock, bin, sh_workers, stderr, stdout, toml_str, wait_for};
+use common::{Pool, Tmpfs, WriteLock, bin, kill9, sh_workers, stderr, stdout, toml_str, wait_for};
 
 /// Longer than the 10 s busy_timeout of every connection.
 const LONG_LOCK: Duration = Duration::from_secs(12);
-
-fn kill9(pid: i32) {
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
-}
-
-fn submit_with(pool: &Pool, job_type: &str, name: &str, extra: &[&str]) -> i64 {
-    std::fs::write(pool.path("workspace").join(name), name).unwrap();
-    let output = format!("out/{name}");
-    let ws = pool.path("workspace");
-    let mut args = vec!["submit", job_type, name, &output, "--workspace", ws.to_str().unwrap()];
-    args.extend_from_slice(extra);
-    let out = pool.cli(&args);
-    assert!(out.status.success(), "{}", stderr(&out));
-    stdout(&out).trim().parse().unwrap()
-}
 
 #[test]
 fn finished_commands_are_recorded_once_through_a_lock_longer_than_busy_timeout() {
@@ -34,7 +19,7 @@ fn finished_commands_are_recorded_once_through_a_lock_longer_than_busy_timeout()
     let mut pool = Pool::new("", &sh_workers("slow", 4, script));
     pool.start_ready();
     let ids: Vec<i64> = (0..4)
-        .map(|i| submit_with(&pool, "slow", &format!("s{i}.txt"), &["--max-attempts", "1"]))
+        .map(|i| pool.submit_with("slow", &format!("s{i}.txt"), &["--max-attempts", "1"]))
         .collect();
     wait_for("all four jobs processing", Duration::from_secs(20), || {
         (pool.try_i64("SELECT COUNT(*) FROM jobs WHERE status = 'processing'")? == 4).then_some(())
@@ -71,7 +56,7 @@ fn a_worker_killed_during_a_long_lock_has_its_job_recovered_once_the_lock_goes()
     let script = "m=\"$WORKSPACE_PATH/tried-$CLX_JOB_ID\"; if [ ! -e \"$m\" ]; then touch \"$m\"; sleep 60; fi; cp \"$CLX_INPUT_FILE\" \"$CLX_OUTPUT_FILE\"";
     let mut pool = Pool::new("", &sh_workers("once", 2, script));
     pool.start_ready();
-    let job = submit_with(&pool, "once", "k.txt", &[]);
+    let job = pool.submit_with("once", "k.txt", &[]);
     let row = wait_for("the job to be processing", Duration::from_secs(20), || {
         pool.try_i64(&format!(
             "SELECT worker_id FROM jobs WHERE id = {job} AND status = 'processing'"
@@ -111,7 +96,7 @@ fn reconciliation_puts_back_a_job_whose_worker_is_gone() {
     pool.start_ready();
     // A job left processing by a worker row that no longer exists (as if
     // its end had never been recorded).
-    let job = submit_with(&pool, "held", "r.txt", &[]);
+    let job = pool.submit_with("held", "r.txt", &[]);
     pool.conn()
         .execute(
             "UPDATE jobs SET job_type = 'copy', status = 'processing', worker_id = 9999, attempts = 1,
@@ -211,7 +196,7 @@ fn a_slot_failing_outside_its_worker_cools_down_and_comes_back() {
         (pool.try_i64("SELECT COUNT(*) FROM clx_pool_slots WHERE worker_type = 'flaky' AND state = 'running'")? == 1)
             .then_some(())
     });
-    let job = submit_with(&pool, "flaky", "f.txt", &[]);
+    let job = pool.submit_with("flaky", "f.txt", &[]);
     let out = pool.cli(&["wait", "--drained", "--timeout", "20s"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(

@@ -7,13 +7,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{Pool, WriteLock, bin, sh_workers, stderr, stdout};
+use common::{Pool, WriteLock, alive, bin, sh_workers, stderr, stdout};
 
 const COPY: &str = "cp \"$CLX_INPUT_FILE\" \"$CLX_OUTPUT_FILE\"";
-
-fn alive(pid: i32) -> bool {
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
-}
 
 #[test]
 fn the_same_database_through_a_symlink_or_hard_link_is_refused_and_a_deleted_pid_file_changes_nothing() {

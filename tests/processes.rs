@@ -7,15 +7,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{Pool, bin, sh_workers, stderr, stdout, wait_for};
-
-fn signal(pid: i32, sig: nix::sys::signal::Signal) {
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).unwrap();
-}
-
-fn cmdline(pid: i32) -> String {
-    String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default()).replace('\0', " ")
-}
+use common::{Pool, bin, cmdline, sh_workers, signal, stderr, stdout, wait_for};
 
 #[test]
 fn killing_the_supervisor_leaves_no_process_of_the_pool() {
@@ -137,4 +129,35 @@ fn the_open_files_limit_is_raised_or_the_pool_refused_before_anything_starts() {
     let limits = std::fs::read_to_string(format!("/proc/{}/limits", pool.supervisor_pid())).unwrap();
     let open_files = limits.lines().find(|l| l.starts_with("Max open files")).unwrap();
     assert!(open_files.split_whitespace().nth(3) == Some("4096"), "{open_files}");
+}
+
+#[test]
+fn a_second_signal_kills_the_workers_at_once() {
+    // Workers that ignore SIGTERM, and a stop_timeout far longer than the test.
+    let script = common::repo_path("tests/workers/clx_protocol_worker.py");
+    let workers = format!(
+        "[[workers]]\nworker_type = \"stubborn\"\ncount = 2\ncommand = [\"python3\", {}]\nenv = {{ TEST_IGNORE_TERM = \"1\" }}\n",
+        common::toml_str(script.to_str().unwrap())
+    );
+    let mut pool = Pool::new("stop_timeout = \"5m\"\n", &workers);
+    pool.start_ready();
+    let sup = pool.supervisor_pid();
+    signal(sup, nix::sys::signal::Signal::SIGTERM);
+    wait_for("the first signal to be logged", Duration::from_secs(10), || {
+        pool.supervisor_log()
+            .contains("signal received: stopping all workers")
+            .then_some(())
+    });
+    assert!(
+        pool.supervisor.as_mut().unwrap().try_wait().unwrap().is_none(),
+        "waits for its workers"
+    );
+    signal(sup, nix::sys::signal::Signal::SIGTERM);
+    // Minutes before stop_timeout would have ended them.
+    assert_eq!(pool.wait_supervisor_exit(Duration::from_secs(30)), 0);
+    assert!(
+        pool.supervisor_log()
+            .contains("second signal: killing every worker now")
+    );
+    assert!(pool.processes().is_empty(), "{:?}", pool.processes());
 }

@@ -9,17 +9,6 @@ use common::{Pool, stderr, stdout};
 const CP_WORKERS: &str =
     "[[workers]]\nworker_type = \"copy\"\ncount = 2\njob_command = [\"cp\", \"{input}\", \"{output}\"]\n";
 
-fn versions(pool: &Pool) -> Vec<i64> {
-    let c = pool.conn();
-    let mut stmt = c
-        .prepare("SELECT version FROM schema_version ORDER BY version")
-        .unwrap();
-    stmt.query_map([], |r| r.get(0))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap()
-}
-
 /// Creates the pool's database (through `submit`) without starting anything.
 fn create_db(pool: &Pool) {
     let out = pool.cli(&[
@@ -39,7 +28,7 @@ fn create_db(pool: &Pool) {
 fn the_builtin_worker_speaks_clm() {
     let mut pool = Pool::new("protocol = \"clm\"\n", CP_WORKERS);
     pool.start_ready();
-    assert_eq!(versions(&pool), vec![11]);
+    assert_eq!(pool.schema_versions(), vec![11]);
     let sup = pool.supervisor_pid();
     assert_eq!(
         pool.query_i64(&format!(
@@ -65,7 +54,7 @@ fn the_builtin_worker_speaks_clm() {
         pool.query_strings("SELECT event_type FROM worker_events WHERE event_type LIKE 'pool_%' ORDER BY id"),
         vec!["pool_starting", "pool_started", "pool_stopping", "pool_stopped"]
     );
-    assert_eq!(versions(&pool), vec![11], "never a version row added");
+    assert_eq!(pool.schema_versions(), vec![11], "never a version row added");
 }
 
 #[test]
@@ -125,7 +114,7 @@ fn unset_the_database_decides_and_a_new_one_is_clx() {
     let out = fresh.cli(&["check", "--config", fresh.config().to_str().unwrap()]);
     assert!(stdout(&out).contains("protocol clx (the default"), "{}", stdout(&out));
     fresh.start_ready();
-    assert_eq!(versions(&fresh), vec![1]);
+    assert_eq!(fresh.schema_versions(), vec![1]);
     let json: serde_json::Value = serde_json::from_slice(&fresh.cli(&["stats", "--json"]).stdout).unwrap();
     assert_eq!(json["protocol"], "clx");
 }

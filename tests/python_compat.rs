@@ -30,7 +30,11 @@ fn python_protocol_worker_completes_submitted_jobs() {
         let expected: String = format!("abc{i}").chars().rev().collect();
         assert_eq!(pool.output(&format!("r{i}.txt")), Some(expected));
     }
-    assert_eq!(ids.len(), 20);
+    let done = pool.query_i64(&format!(
+        "SELECT COUNT(*) FROM jobs WHERE status = 'completed' AND id IN ({})",
+        ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",")
+    ));
+    assert_eq!(done, 20, "every submitted job completed");
     // The worker registered with the WORKER_ID the supervisor gave it.
     let ids = pool.query_strings("SELECT container_id FROM workers WHERE status = 'idle' ORDER BY container_id");
     assert_eq!(ids.len(), 2);

@@ -7,15 +7,10 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Pool, repo_path, sh_workers, stderr, stdout, toml_str, wait_for};
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
+use common::{Pool, alive, cmdline, repo_path, sh_workers, signal, stderr, stdout, toml_str, wait_for};
+use nix::sys::signal::Signal;
 
 const ZONES: [&str; 2] = ["America/New_York", "Europe/Berlin"];
-
-fn signal(pid: i32, sig: Signal) {
-    kill(Pid::from_raw(pid), sig).unwrap();
-}
 
 /// Copies input to output; the first attempt of each job first sleeps, so
 /// it can be caught in the act.
@@ -74,12 +69,6 @@ fn killed_busy_worker_job_completes_on_the_replacement() {
             "{zone}: the job command's sleep survived its worker: {left:?}"
         );
     }
-}
-
-fn cmdline(pid: i32) -> String {
-    std::fs::read(format!("/proc/{pid}/cmdline"))
-        .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
-        .unwrap_or_default()
 }
 
 #[test]
@@ -348,12 +337,6 @@ fn session_of(pid: i32) -> i32 {
         .unwrap()
         .parse()
         .unwrap()
-}
-
-fn alive(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| !s[s.rfind(')').unwrap() + 2..].starts_with('Z'))
-        .unwrap_or(false)
 }
 
 #[test]

@@ -13,7 +13,7 @@ use super::target;
 use crate::cli::DbArgs;
 use crate::db::{self, jobs::JobCounts, pool::EventRow};
 use crate::lock;
-use crate::vocab::{Mode, Protocol, SlotState, SupervisorState};
+use crate::vocab::{Mode, Protocol, SlotState, SupervisorState, WorkerStatus};
 
 #[derive(Debug, Serialize)]
 pub struct Stats {
@@ -138,66 +138,14 @@ pub fn collect(db_path: &Path, events: bool) -> anyhow::Result<Stats> {
 }
 
 pub fn render(s: &Stats) -> String {
-    let mut out = String::new();
-    let sup = &s.supervisor;
-    let line = match (sup.running, &sup.state) {
-        (true, state) => format!(
-            "supervisor: {} (pid {}, since {} UTC, {} workers configured)",
-            state.unwrap_or(SupervisorState::Starting),
-            sup.pid.unwrap_or(0),
-            sup.started_at.as_deref().unwrap_or("?"),
-            sup.expected_workers
-        ),
-        (false, Some(_)) => format!(
-            "supervisor: not running (last run stopped {} UTC)",
-            sup.stopped_at.as_deref().unwrap_or("uncleanly")
-        ),
-        (false, None) => "supervisor: not running (no pool has run on this database)".into(),
-    };
-    out.push_str(&format!(
-        "database:   {}\nprotocol:   {}\n{line}\n\n",
-        s.db_path, s.protocol
-    ));
-
-    let mut types: Vec<&String> = s.workers.keys().chain(s.pools.keys()).collect();
-    types.sort();
-    types.dedup();
-    let mut t = Table::new();
-    t.load_preset(comfy_table::presets::NOTHING);
-    t.set_header([
-        "TYPE", "MODE", "SLOTS", "RUNNING", "STARTING", "BACKOFF", "FAILED", "RESTARTS", "IDLE", "BUSY", "HUNG", "DEAD",
-    ]);
-    let empty = BTreeMap::new();
-    for ty in types {
-        let p = s.pools.get(ty);
-        let w = s.workers.get(ty).unwrap_or(&empty);
-        let n = |k: &str| w.get(k).copied().unwrap_or(0).to_string();
-        let pn = |f: fn(&PoolStats) -> i64| p.map(|p| f(p).to_string()).unwrap_or_else(|| "-".into());
-        t.add_row(vec![
-            ty.clone(),
-            p.map(|p| p.execution_mode.to_string()).unwrap_or_else(|| "-".into()),
-            pn(|p| p.slots),
-            pn(|p| p.running),
-            pn(|p| p.starting),
-            pn(|p| p.backoff),
-            pn(|p| p.failed),
-            pn(|p| p.restarts),
-            n("idle"),
-            n("busy"),
-            n("hung"),
-            n("dead"),
-        ]);
-    }
-    out.push_str(&format!("{t}\n\n"));
-    let j = &s.jobs;
-    out.push_str(&format!(
-        "jobs: {} pending, {} processing, {} completed, {} failed",
-        j.pending, j.processing, j.completed, j.failed
-    ));
-    if s.protocol == Protocol::Clm {
-        out.push_str(&format!(", {} cancelled", j.cancelled));
-    }
-    out.push('\n');
+    let mut out = format!(
+        "database:   {}\nprotocol:   {}\n{}\n\n{}\n\n{}",
+        s.db_path,
+        s.protocol,
+        supervisor_line(&s.supervisor),
+        pools_table(s),
+        jobs_line(s)
+    );
     if !s.waiting.is_empty() {
         out.push_str("\nwaiting slots:\n");
         for w in &s.waiting {
@@ -211,22 +159,90 @@ pub fn render(s: &Stats) -> String {
         }
     }
     if let Some(events) = &s.events {
-        out.push_str("\nrecent worker events:\n");
-        if events.is_empty() {
-            out.push_str("  (none)\n");
-        }
-        for e in events {
-            out.push_str(&format!(
-                "  {} UTC  {}-{}  {}  {}: {}{}\n",
-                e.at,
-                e.worker_type,
-                e.slot,
-                e.worker_id.as_ref().map(|w| w.as_str()).unwrap_or("-"),
-                e.event,
-                e.cause.as_deref().unwrap_or(""),
-                e.job_id.map(|j| format!(" (holding job {j})")).unwrap_or_default()
-            ));
-        }
+        out.push_str(&events_text(events));
+    }
+    out
+}
+
+fn supervisor_line(sup: &SupervisorStats) -> String {
+    match (sup.running, &sup.state) {
+        (true, state) => format!(
+            "supervisor: {} (pid {}, since {} UTC, {} workers configured)",
+            state.unwrap_or(SupervisorState::Starting),
+            sup.pid.unwrap_or(0),
+            sup.started_at.as_deref().unwrap_or("?"),
+            sup.expected_workers
+        ),
+        (false, Some(_)) => format!(
+            "supervisor: not running (last run stopped {} UTC)",
+            sup.stopped_at.as_deref().unwrap_or("uncleanly")
+        ),
+        (false, None) => "supervisor: not running (no pool has run on this database)".into(),
+    }
+}
+
+fn pools_table(s: &Stats) -> Table {
+    let mut types: Vec<&String> = s.workers.keys().chain(s.pools.keys()).collect();
+    types.sort();
+    types.dedup();
+    let mut t = Table::new();
+    t.load_preset(comfy_table::presets::NOTHING);
+    t.set_header([
+        "TYPE", "MODE", "SLOTS", "RUNNING", "STARTING", "BACKOFF", "FAILED", "RESTARTS", "IDLE", "BUSY", "HUNG", "DEAD",
+    ]);
+    let empty = BTreeMap::new();
+    for ty in types {
+        let p = s.pools.get(ty);
+        let w = s.workers.get(ty).unwrap_or(&empty);
+        let n = |k: WorkerStatus| w.get(k.as_str()).copied().unwrap_or(0).to_string();
+        let pn = |f: fn(&PoolStats) -> i64| p.map(|p| f(p).to_string()).unwrap_or_else(|| "-".into());
+        t.add_row(vec![
+            ty.clone(),
+            p.map(|p| p.execution_mode.to_string()).unwrap_or_else(|| "-".into()),
+            pn(|p| p.slots),
+            pn(|p| p.running),
+            pn(|p| p.starting),
+            pn(|p| p.backoff),
+            pn(|p| p.failed),
+            pn(|p| p.restarts),
+            n(WorkerStatus::Idle),
+            n(WorkerStatus::Busy),
+            n(WorkerStatus::Hung),
+            n(WorkerStatus::Dead),
+        ]);
+    }
+    t
+}
+
+fn jobs_line(s: &Stats) -> String {
+    let j = &s.jobs;
+    let mut out = format!(
+        "jobs: {} pending, {} processing, {} completed, {} failed",
+        j.pending, j.processing, j.completed, j.failed
+    );
+    if s.protocol == Protocol::Clm {
+        out.push_str(&format!(", {} cancelled", j.cancelled));
+    }
+    out.push('\n');
+    out
+}
+
+fn events_text(events: &[EventRow]) -> String {
+    let mut out = String::from("\nrecent worker events:\n");
+    if events.is_empty() {
+        out.push_str("  (none)\n");
+    }
+    for e in events {
+        out.push_str(&format!(
+            "  {} UTC  {}-{}  {}  {}: {}{}\n",
+            e.at,
+            e.worker_type,
+            e.slot,
+            e.worker_id.as_ref().map(|w| w.as_str()).unwrap_or("-"),
+            e.event,
+            e.cause.as_deref().unwrap_or(""),
+            e.job_id.map(|j| format!(" (holding job {j})")).unwrap_or_default()
+        ));
     }
     out
 }

@@ -40,62 +40,11 @@ pub struct DirectWorker {
 
 pub fn launch(spec: &Launch) -> anyhow::Result<DirectWorker> {
     let worker_id = spec.worker_id.clone();
-    let argv = match &spec.program {
-        WorkerProgram::Command(c) => c.clone(),
-        WorkerProgram::JobCommand(c) => {
-            let exe = std::env::current_exe().context("finding the clx-pool executable for the built-in worker")?;
-            let mut argv = vec![exe.to_string_lossy().into_owned()];
-            argv.extend(spec.builtin_worker_args(ModeKind::Direct, c));
-            argv
-        }
-        WorkerProgram::Default => anyhow::bail!("no command to run worker type `{}` directly", spec.worker_type),
-    };
-    let db = spec.db_path.to_string_lossy();
-    let workspace = spec.workspace.to_string_lossy();
-    let env = spec.environment(&super::Seen {
-        db_path: &db,
-        workspace: &workspace,
-        worker_id: Some(worker_id.as_str()),
-        tagged: true,
-    });
+    let argv = argv(spec)?;
     let mut log = RotatingLog::open(&spec.log_path, spec.log_max_size, spec.log_keep)
         .with_context(|| format!("opening the worker log {}", spec.log_path.display()))?;
     let (read_end, write_end) = nix::unistd::pipe2(OFlag::O_CLOEXEC).context("creating the worker's output pipe")?;
-    let write_end_2: OwnedFd = write_end.try_clone().context("duplicating the output pipe")?;
-    let parent = std::process::id() as i32;
-    let memory_limit = spec.memory_limit;
-
-    let inherit = spec.inherit_env.clone();
-    let mut cmd = StdCommandWrap::with_new(&argv[0], |c| {
-        if inherit != InheritEnv::All {
-            c.env_clear()
-                .envs(std::env::vars_os().filter(|(k, _)| k.to_str().is_some_and(|k| inherit.passes(k))));
-        }
-        c.args(&argv[1..])
-            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .current_dir(&spec.cwd)
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(write_end))
-            .stderr(Stdio::from(write_end_2));
-        // SAFETY: the closure runs in the forked child before exec and calls
-        // only async-signal-safe syscalls (prctl, getppid, setrlimit); it
-        // allocates nothing and takes no locks.
-        unsafe {
-            c.pre_exec(move || {
-                // The worker dies with the supervisor, however the supervisor dies.
-                nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
-                // The supervisor may have died before prctl took effect.
-                if nix::unistd::getppid().as_raw() != parent {
-                    return Err(std::io::Error::from_raw_os_error(nix::libc::ESRCH));
-                }
-                if let Some(bytes) = memory_limit {
-                    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_DATA, bytes, bytes)?;
-                }
-                Ok(())
-            });
-        }
-    });
-    cmd.wrap(ProcessGroup::leader());
+    let mut cmd = command(spec, &argv, write_end)?;
     logs::mark(&mut log, &format!("starting worker {worker_id} ({})", argv.join(" ")));
     let spawned = cmd.spawn();
     // Close our copies of the pipe's write end, or the drain never sees EOF.
@@ -128,6 +77,69 @@ pub fn launch(spec: &Launch) -> anyhow::Result<DirectWorker> {
         oom_kills_at_start: procs::oom_kills(),
         killed_by_us: false,
     })
+}
+
+/// What runs: the configured command, or clx-pool itself as the built-in
+/// worker.
+fn argv(spec: &Launch) -> anyhow::Result<Vec<String>> {
+    Ok(match &spec.program {
+        WorkerProgram::Command(c) => c.clone(),
+        WorkerProgram::JobCommand(c) => {
+            let exe = std::env::current_exe().context("finding the clx-pool executable for the built-in worker")?;
+            let mut argv = vec![exe.to_string_lossy().into_owned()];
+            argv.extend(spec.builtin_worker_args(ModeKind::Direct, c));
+            argv
+        }
+        WorkerProgram::Default => anyhow::bail!("no command to run worker type `{}` directly", spec.worker_type),
+    })
+}
+
+/// The worker's command: its environment, working folder, output into the
+/// pipe, its own process group, tied to the supervisor's life.
+fn command(spec: &Launch, argv: &[String], output: OwnedFd) -> anyhow::Result<StdCommandWrap> {
+    let db = spec.db_path.to_string_lossy();
+    let workspace = spec.workspace.to_string_lossy();
+    let env = spec.environment(&super::Seen {
+        db_path: &db,
+        workspace: &workspace,
+        worker_id: Some(spec.worker_id.as_str()),
+        tagged: true,
+    });
+    let stderr: OwnedFd = output.try_clone().context("duplicating the output pipe")?;
+    let parent = std::process::id() as i32;
+    let memory_limit = spec.memory_limit;
+    let inherit = spec.inherit_env.clone();
+    let mut cmd = StdCommandWrap::with_new(&argv[0], |c| {
+        if inherit != InheritEnv::All {
+            c.env_clear()
+                .envs(std::env::vars_os().filter(|(k, _)| k.to_str().is_some_and(|k| inherit.passes(k))));
+        }
+        c.args(&argv[1..])
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .current_dir(&spec.cwd)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(output))
+            .stderr(Stdio::from(stderr));
+        // SAFETY: the closure runs in the forked child before exec and calls
+        // only async-signal-safe syscalls (prctl, getppid, setrlimit); it
+        // allocates nothing and takes no locks.
+        unsafe {
+            c.pre_exec(move || {
+                // The worker dies with the supervisor, however the supervisor dies.
+                nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
+                // The supervisor may have died before prctl took effect.
+                if nix::unistd::getppid().as_raw() != parent {
+                    return Err(std::io::Error::from_raw_os_error(nix::libc::ESRCH));
+                }
+                if let Some(bytes) = memory_limit {
+                    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_DATA, bytes, bytes)?;
+                }
+                Ok(())
+            });
+        }
+    });
+    cmd.wrap(ProcessGroup::leader());
+    Ok(cmd)
 }
 
 impl DirectWorker {

@@ -217,14 +217,47 @@ impl DockerEngine {
         let name = format!("clx-{}-worker-{}-{}", spec.worker_type, spec.slot, self.db_id);
         // A container of that name from an earlier run goes first.
         self.remove(&name).await;
-        let db_file = spec
-            .db_path
-            .file_name()
-            .context("db_path has no file name")?
-            .to_string_lossy()
-            .into_owned();
+        let body = self.container(spec, image, network)?;
+        let created = self
+            .client
+            .create_container(Some(CreateContainerOptionsBuilder::default().name(&name).build()), body)
+            .await
+            .with_context(|| format!("creating container {name} from {image}"))?;
+        let id = created.id;
+        let mut log = RotatingLog::open(&spec.log_path, spec.log_max_size, spec.log_keep)
+            .with_context(|| format!("opening the worker log {}", spec.log_path.display()))?;
+        logs::mark(
+            &mut log,
+            &format!("starting container {name} ({}) from {image}", &id[..12]),
+        );
+        if let Err(e) = self.client.start_container(&id, None).await {
+            self.remove(&id).await;
+            return Err(anyhow::Error::new(e).context(format!("starting container {name}")));
+        }
+        let tail = Tail::default();
+        let follow = LogsOptionsBuilder::default()
+            .follow(true)
+            .stdout(true)
+            .stderr(true)
+            .build();
+        tokio::spawn(drain_logs(self.client.logs(&id, Some(follow)), log, tail.clone()));
+        Ok(DockerWorker {
+            short_id: WorkerId(id[..12].to_string()),
+            tail,
+            engine: self.clone(),
+            id,
+            name,
+            exit: None,
+        })
+    }
+
+    /// The container of one worker: the protocol's environment, the
+    /// database's folder at `/db` and the workspace at `/workspace`, the
+    /// memory limit, the network, labels naming the pool.
+    fn container(&self, spec: &Launch, image: &str, network: &str) -> anyhow::Result<ContainerCreateBody> {
+        let db_file = spec.db_path.file_name().context("db_path has no file name")?;
         let db_dir = spec.db_path.parent().unwrap_or(Path::new("/"));
-        let db_in_container = format!("/db/{db_file}");
+        let db_in_container = format!("/db/{}", db_file.to_string_lossy());
         let env: Vec<String> = spec
             .environment(&super::Seen {
                 db_path: &db_in_container,
@@ -238,14 +271,10 @@ impl DockerEngine {
         // `command` is the whole argv, as in direct mode: it replaces the
         // image's entrypoint too. `job_command` runs the built-in worker,
         // which must be the image's entrypoint (as in `make docker-image`).
-        let mut entrypoint = None;
-        let cmd = match &spec.program {
-            WorkerProgram::JobCommand(c) => Some(spec.builtin_worker_args(ModeKind::Docker, c)),
-            WorkerProgram::Command(c) if !c.is_empty() => {
-                entrypoint = Some(vec![c[0].clone()]);
-                Some(c[1..].to_vec())
-            }
-            WorkerProgram::Command(_) | WorkerProgram::Default => None,
+        let (entrypoint, cmd) = match &spec.program {
+            WorkerProgram::JobCommand(c) => (None, Some(spec.builtin_worker_args(ModeKind::Docker, c))),
+            WorkerProgram::Command(c) if !c.is_empty() => (Some(vec![c[0].clone()]), Some(c[1..].to_vec())),
+            WorkerProgram::Command(_) | WorkerProgram::Default => (None, None),
         };
         let labels = HashMap::from([
             (LABEL_DB_ID.to_string(), self.db_id.clone()),
@@ -266,7 +295,7 @@ impl DockerEngine {
             tmpfs: Some(HashMap::from([("/tmp".to_string(), "rw,mode=1777".to_string())])),
             ..Default::default()
         };
-        let body = ContainerCreateBody {
+        Ok(ContainerCreateBody {
             image: Some(image.to_string()),
             env: Some(env),
             entrypoint,
@@ -274,42 +303,6 @@ impl DockerEngine {
             labels: Some(labels),
             host_config: Some(host_config),
             ..Default::default()
-        };
-        let created = self
-            .client
-            .create_container(Some(CreateContainerOptionsBuilder::default().name(&name).build()), body)
-            .await
-            .with_context(|| format!("creating container {name} from {image}"))?;
-        let id = created.id;
-        let mut log = RotatingLog::open(&spec.log_path, spec.log_max_size, spec.log_keep)
-            .with_context(|| format!("opening the worker log {}", spec.log_path.display()))?;
-        logs::mark(
-            &mut log,
-            &format!("starting container {name} ({}) from {image}", &id[..12]),
-        );
-        if let Err(e) = self.client.start_container(&id, None).await {
-            self.remove(&id).await;
-            return Err(anyhow::Error::new(e).context(format!("starting container {name}")));
-        }
-        let tail = Tail::default();
-        let stream = self.client.logs(
-            &id,
-            Some(
-                LogsOptionsBuilder::default()
-                    .follow(true)
-                    .stdout(true)
-                    .stderr(true)
-                    .build(),
-            ),
-        );
-        tokio::spawn(drain_logs(stream, log, tail.clone()));
-        Ok(DockerWorker {
-            short_id: WorkerId(id[..12].to_string()),
-            tail,
-            engine: self.clone(),
-            id,
-            name,
-            exit: None,
         })
     }
 }

@@ -483,3 +483,60 @@ impl Drop for Tmpfs {
         let _ = Command::new("umount").arg("-l").arg(self.dir.path()).output();
     }
 }
+
+/// Sends `sig` to `pid`.
+pub fn signal(pid: i32, sig: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).unwrap();
+}
+
+pub fn kill9(pid: i32) {
+    signal(pid, nix::sys::signal::Signal::SIGKILL);
+}
+
+/// True while `pid` exists (a zombie counts).
+pub fn alive(pid: i32) -> bool {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+}
+
+/// A process's command line, arguments separated by spaces.
+pub fn cmdline(pid: i32) -> String {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+        .unwrap_or_default()
+}
+
+/// The value of `name` in a process's environment.
+pub fn env_of(pid: i32, name: &str) -> Option<String> {
+    let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    let prefix = format!("{name}=");
+    env.split(|&b| b == 0)
+        .find_map(|kv| kv.strip_prefix(prefix.as_bytes()))
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+}
+
+impl Pool {
+    /// The rows of `schema_version`.
+    pub fn schema_versions(&self) -> Vec<i64> {
+        let c = self.conn();
+        let mut stmt = c
+            .prepare("SELECT version FROM schema_version ORDER BY version")
+            .unwrap();
+        stmt.query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    }
+
+    /// Writes a workspace file named `name` (holding its name) and queues
+    /// a job for it with extra `submit` arguments; returns the job id.
+    pub fn submit_with(&self, job_type: &str, name: &str, extra: &[&str]) -> i64 {
+        std::fs::write(self.path("workspace").join(name), name).unwrap();
+        let output = format!("out/{name}");
+        let ws = self.path("workspace");
+        let mut args = vec!["submit", job_type, name, &output, "--workspace", ws.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let out = self.cli(&args);
+        assert!(out.status.success(), "submit failed: {}", stderr(&out));
+        stdout(&out).trim().parse().unwrap()
+    }
+}
