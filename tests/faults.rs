@@ -28,14 +28,7 @@ fn finished_commands_are_recorded_once_through_a_lock_longer_than_busy_timeout()
     // any busy_timeout.
     let lock = WriteLock::hold(&pool.db_path(), LONG_LOCK);
     lock.join();
-    let out = pool.cli(&["wait", "--drained", "--timeout", "60s"]);
-    assert!(
-        out.status.success(),
-        "{}{}\n{}",
-        stdout(&out),
-        stderr(&out),
-        pool.supervisor_log()
-    );
+    pool.drained("60s");
     let ledger = std::fs::read_to_string(pool.path("workspace/ledger")).unwrap();
     let mut ran: Vec<i64> = ledger.lines().map(|l| l.parse().unwrap()).collect();
     ran.sort();
@@ -68,14 +61,7 @@ fn a_worker_killed_during_a_long_lock_has_its_job_recovered_once_the_lock_goes()
     let lock = WriteLock::hold(&pool.db_path(), LONG_LOCK);
     kill9(pid);
     lock.join();
-    let out = pool.cli(&["wait", "--drained", "--timeout", "60s"]);
-    assert!(
-        out.status.success(),
-        "{}{}\n{}",
-        stdout(&out),
-        stderr(&out),
-        pool.supervisor_log()
-    );
+    pool.drained("60s");
     assert_eq!(pool.output("k.txt").as_deref(), Some("k.txt"));
     assert_eq!(
         pool.query_i64(&format!("SELECT attempts FROM jobs WHERE id = {job}")),
@@ -104,14 +90,7 @@ fn reconciliation_puts_back_a_job_whose_worker_is_gone() {
             [job],
         )
         .unwrap();
-    let out = pool.cli(&["wait", "--drained", "--timeout", "30s"]);
-    assert!(
-        out.status.success(),
-        "{}{}\n{}",
-        stdout(&out),
-        stderr(&out),
-        pool.supervisor_log()
-    );
+    pool.drained("30s");
     assert_eq!(
         pool.query_i64(&format!("SELECT attempts FROM jobs WHERE id = {job}")),
         2

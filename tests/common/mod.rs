@@ -515,6 +515,19 @@ pub fn env_of(pid: i32, name: &str) -> Option<String> {
 }
 
 impl Pool {
+    /// `wait --drained` must succeed within `timeout`; returns its output.
+    pub fn drained(&self, timeout: &str) -> Output {
+        let out = self.cli(&["wait", "--drained", "--timeout", timeout]);
+        assert!(
+            out.status.success(),
+            "{}{}\n{}",
+            stdout(&out),
+            stderr(&out),
+            self.supervisor_log()
+        );
+        out
+    }
+
     /// The rows of `schema_version`.
     pub fn schema_versions(&self) -> Vec<i64> {
         let c = self.conn();
