@@ -493,9 +493,10 @@ pub fn kill9(pid: i32) {
     signal(pid, nix::sys::signal::Signal::SIGKILL);
 }
 
-/// True while `pid` exists (a zombie counts).
+/// True while `pid` runs (a zombie does not count: it waits for a parent
+/// to collect it, which a dead supervisor no longer is).
 pub fn alive(pid: i32) -> bool {
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+    !is_zombie(pid)
 }
 
 /// A process's command line, arguments separated by spaces.
