@@ -59,7 +59,9 @@ pub async fn ensure_group_gone(pgid: i32, limit: Duration) -> bool {
         if !group_alive(pgid) {
             return true;
         }
-        let _ = signal_group(pgid, Signal::SIGKILL);
+        if let Err(e) = signal_group(pgid, Signal::SIGKILL) {
+            tracing::warn!(pgid, "cannot kill the process group: {e}");
+        }
         if Instant::now() >= deadline {
             return false;
         }
@@ -85,7 +87,9 @@ pub async fn stop_orphan_group(pid: i32, recorded_start: Option<i64>, grace: Dur
     if !group_alive(pid) {
         return false;
     }
-    let _ = signal_group(pid, Signal::SIGTERM);
+    if let Err(e) = signal_group(pid, Signal::SIGTERM) {
+        tracing::warn!(pgid = pid, "cannot signal the process group: {e}");
+    }
     let deadline = Instant::now() + grace;
     while group_alive(pid) && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
