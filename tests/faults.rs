@@ -12,6 +12,10 @@ use common::{Pool, Tmpfs, WriteLock, bin, kill9, sh_workers, stderr, stdout, tom
 /// Longer than the 10 s busy_timeout of every connection.
 const LONG_LOCK: Duration = Duration::from_secs(12);
 
+/// Longer than two busy_timeouts: a write that gives up once and is tried
+/// again later fails again, so only retrying until it lands gets through.
+const LOCK_PAST_TWO_TIMEOUTS: Duration = Duration::from_secs(25);
+
 #[test]
 fn finished_commands_are_recorded_once_through_a_lock_longer_than_busy_timeout() {
     let script =
@@ -108,7 +112,7 @@ fn state_writes_survive_a_lock_so_stats_never_shows_workers_that_are_gone() {
         &sh_workers("copy", 2, "cp \"$CLX_INPUT_FILE\" \"$CLX_OUTPUT_FILE\""),
     );
     pool.start_ready();
-    let lock = WriteLock::hold(&pool.db_path(), LONG_LOCK);
+    let lock = WriteLock::hold(&pool.db_path(), LOCK_PAST_TWO_TIMEOUTS);
     let out = pool.cli(&["stop", "--timeout", "60s"]);
     assert!(out.status.success(), "{}", stderr(&out));
     lock.join();
@@ -118,6 +122,32 @@ fn state_writes_survive_a_lock_so_stats_never_shows_workers_that_are_gone() {
     assert_eq!(json["supervisor"]["state"], "stopped", "{json}");
     assert_eq!(pool.query_i64("SELECT COUNT(*) FROM workers WHERE status != 'dead'"), 0);
     assert!(pool.processes().is_empty());
+}
+
+#[test]
+fn a_worker_death_during_a_lock_is_recorded_so_stats_never_shows_a_gone_worker() {
+    // One failure gives the slot up, and the idle-heartbeat limit is long:
+    // only the slot's own record can tell that its worker is gone.
+    let mut pool = Pool::new(
+        "restart_limit = 1\nheartbeat_timeout = \"120s\"\n",
+        &sh_workers("copy", 1, "cp \"$CLX_INPUT_FILE\" \"$CLX_OUTPUT_FILE\""),
+    );
+    pool.start_ready();
+    let (pid, _) = pool.slot_worker("copy", 0);
+    let lock = WriteLock::hold(&pool.db_path(), LOCK_PAST_TWO_TIMEOUTS);
+    kill9(pid);
+    lock.join();
+    let mut last = String::new();
+    let found = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        wait_for("stats to show the worker gone", Duration::from_secs(15), || {
+            let out = pool.cli(&["stats", "--json"]);
+            last = stdout(&out);
+            let json: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            let live = pool.try_i64("SELECT COUNT(*) FROM workers WHERE status != 'dead'")?;
+            (json["pools"]["copy"]["running"] == 0 && live == 0).then_some(())
+        })
+    }));
+    assert!(found.is_ok(), "last stats: {last}");
 }
 
 #[test]
