@@ -2,6 +2,7 @@
 //! command line and turns errors into one clear message and an exit code
 //! (0 ok, 1 runtime failure, 2 usage or config error).
 
+pub mod api;
 pub mod cli;
 pub mod commands;
 pub mod config;

@@ -7,109 +7,12 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
+use std::process::Command;
 use std::time::Duration;
 
+use common::clm::{Clm, clm};
 use common::{Pool, env_of, kill9, repo_path, stderr, stdout, toml_str, wait_for};
-
-/// The CLM venv and PlantUML, or None (skipped) when they are missing.
-struct Clm {
-    venv: PathBuf,
-    jar: PathBuf,
-}
-
-fn clm() -> Option<Clm> {
-    let venv = std::env::var_os("CLM_TEST_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_path("target/clm-venv"));
-    let venv = std::path::absolute(venv).unwrap();
-    let jar =
-        PathBuf::from(std::env::var("PLANTUML_JAR").unwrap_or_else(|_| "/usr/share/plantuml/plantuml.jar".into()));
-    let problem = if !venv.join(".clx-pool-installed").exists() {
-        format!("no CLM venv at {} (run scripts/clm-venv.sh)", venv.display())
-    } else if !jar.exists() {
-        format!("no PlantUML jar at {} (apt-get install plantuml)", jar.display())
-    } else {
-        return Some(Clm { venv, jar });
-    };
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("CLM tests cannot run under CI: {problem}");
-    }
-    eprintln!("SKIPPED: {problem}");
-    None
-}
-
-impl Clm {
-    fn python(&self) -> PathBuf {
-        self.venv.join("bin/python3")
-    }
-
-    /// PATH with the venv first (so `python3` is CLM's), and the jar.
-    fn env(&self) -> Vec<(String, String)> {
-        let path = format!(
-            "{}:{}",
-            self.venv.join("bin").display(),
-            std::env::var("PATH").unwrap_or_default()
-        );
-        vec![
-            ("PATH".into(), path),
-            ("PLANTUML_JAR".into(), self.jar.display().to_string()),
-        ]
-    }
-
-    /// Runs Python code with CLM importable; `args` become sys.argv[1:].
-    fn py(&self, code: &str, args: &[&str]) -> Output {
-        let out = Command::new(self.python())
-            .arg("-c")
-            .arg(code)
-            .args(args)
-            .env("PLANTUML_JAR", &self.jar)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "python failed: {}\n{code}", stderr(&out));
-        out
-    }
-
-    /// A pool of `protocol = "clm"` with the venv on PATH.
-    fn pool(&self, workers: &str) -> Pool {
-        let mut pool = Pool::new("protocol = \"clm\"\n", workers);
-        pool.env.extend(self.env());
-        pool
-    }
-
-    /// Queues a job with CLM's own JobQueue.add_job; returns its id.
-    fn add_job(&self, db: &Path, job_type: &str, input: &Path, output: &Path, payload: &str) -> i64 {
-        let out = self.py(
-            "import json, sys\n\
-             from pathlib import Path\n\
-             from clm.infrastructure.database.job_queue import JobQueue\n\
-             q = JobQueue(Path(sys.argv[1]))\n\
-             print(q.add_job(sys.argv[2], sys.argv[3], sys.argv[4], 'hash-' + sys.argv[3], json.loads(sys.argv[5])))\n\
-             q.close()\n",
-            &[
-                db.to_str().unwrap(),
-                job_type,
-                input.to_str().unwrap(),
-                output.to_str().unwrap(),
-                payload,
-            ],
-        );
-        stdout(&out).trim().parse().unwrap()
-    }
-
-    fn cancel_jobs_for_file(&self, db: &Path, input: &Path) {
-        self.py(
-            "import sys\n\
-             from pathlib import Path\n\
-             from clm.infrastructure.database.job_queue import JobQueue\n\
-             q = JobQueue(Path(sys.argv[1]))\n\
-             assert q.cancel_jobs_for_file(sys.argv[2]), 'nothing cancelled'\n\
-             q.close()\n",
-            &[db.to_str().unwrap(), input.to_str().unwrap()],
-        );
-    }
-}
 
 /// `sqlite_master` without clx-pool's own tables: (type, name, sql).
 fn schema_of(db: &Path) -> Vec<(String, String, Option<String>)> {

@@ -83,6 +83,10 @@ pub const POOL_KEYS: &[&str] = &[
     "inherit_env",
     "events_keep",
     "events_max_age",
+    "data_dir",
+    "cache_db_path",
+    "api_listen",
+    "api_token_file",
 ];
 
 /// The keys of a `[[workers]]` entry.
@@ -99,6 +103,7 @@ pub const WORKER_KEYS: &[&str] = &[
     "command",
     "job_command",
     "env",
+    "user",
 ];
 
 /// The top-level tables.

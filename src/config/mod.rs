@@ -55,6 +55,15 @@ pub struct PoolConfig {
     pub events_keep: u32,
     /// … none older than this.
     pub events_max_age: Duration,
+    /// CLM's course sources: mounted at `/source` in CLM containers.
+    pub data_dir: Option<PathBuf>,
+    /// CLM's cache database (executed notebooks), for the Worker API.
+    pub cache_db_path: PathBuf,
+    /// Where CLM's Worker API listens instead of loopback + the network's
+    /// gateway.
+    pub api_listen: Option<std::net::SocketAddr>,
+    /// The Worker API's token, instead of a random one per run.
+    pub api_token_file: Option<PathBuf>,
 }
 
 /// What of the supervisor's environment a direct worker inherits (the
@@ -103,6 +112,29 @@ pub enum ExecutionMode {
     Auto,
 }
 
+/// Who a worker's container runs as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ContainerUser {
+    /// The supervisor's own uid:gid, so files written to the workspace
+    /// belong to whoever ran `start` (the default).
+    Auto,
+    /// The image's `USER`.
+    Image,
+    /// As written: `UID:GID`, `UID`, or a user (and group) name of the image.
+    Given(String),
+}
+
+impl ContainerUser {
+    /// Docker's `User` setting: None leaves the image's.
+    pub fn docker_user(&self) -> Option<String> {
+        match self {
+            ContainerUser::Auto => Some(format!("{}:{}", nix::unistd::getuid(), nix::unistd::getgid())),
+            ContainerUser::Image => None,
+            ContainerUser::Given(u) => Some(u.clone()),
+        }
+    }
+}
+
 /// What a worker process runs.
 #[derive(Debug, Clone, PartialEq)]
 pub enum WorkerProgram {
@@ -131,6 +163,8 @@ pub struct WorkerConfig {
     pub hung_cpu: Option<HungCpu>,
     pub program: WorkerProgram,
     pub env: BTreeMap<String, String>,
+    /// Who a container runs as.
+    pub user: ContainerUser,
     /// Line of the `[[workers]]` header, for messages about this entry.
     pub line: usize,
 }

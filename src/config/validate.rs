@@ -13,8 +13,8 @@ use serde::Deserialize;
 use super::defaults::{POOL_KEYS, ROOT_KEYS, WORKER_KEYS};
 use super::read::{Origin, Reader, Table};
 use super::{
-    Config, ConfigError, DEFAULTS, ExecutionMode, HungCpu, InheritEnv, PoolConfig, Problem, RestartConfig, Source,
-    WorkerConfig, WorkerProgram, normalize, parse_size, real_path,
+    Config, ConfigError, ContainerUser, DEFAULTS, ExecutionMode, HungCpu, InheritEnv, PoolConfig, Problem,
+    RestartConfig, Source, WorkerConfig, WorkerProgram, normalize, parse_size, real_path,
 };
 use crate::vocab::Protocol;
 
@@ -212,6 +212,9 @@ fn pool<'t>(r: &mut Reader<'t>, t: &Table<'t>, base: &Path) -> PoolConfig {
             format!("unknown level `{log_level}`; use one of trace, debug, info, warn, error"),
         );
     }
+    let cache_db_path = k
+        .path("cache_db_path", base)
+        .unwrap_or_else(|| db_path.parent().unwrap_or(Path::new(".")).join("clm_cache.db"));
     let restart = RestartConfig {
         backoff_initial: k.positive("restart_backoff", DEFAULTS.restart_backoff),
         backoff_max: k.positive("restart_backoff_max", DEFAULTS.restart_backoff_max),
@@ -239,7 +242,34 @@ fn pool<'t>(r: &mut Reader<'t>, t: &Table<'t>, base: &Path) -> PoolConfig {
         inherit_env: inherit_env(&mut k),
         events_keep: k.int("events_keep", DEFAULTS.events_keep, 100, 10_000_000),
         events_max_age: k.positive("events_max_age", DEFAULTS.events_max_age),
+        data_dir: k.path("data_dir", base),
+        cache_db_path,
+        api_listen: api_listen(&mut k),
+        api_token_file: k.path("api_token_file", base),
     }
+}
+
+/// `api_listen`: `"ADDRESS:PORT"` or `"ADDRESS"` (any free port). An
+/// address that reaches beyond this machine needs a token the operator
+/// chose, since a generated one cannot be handed to another machine.
+fn api_listen(k: &mut Keys) -> Option<std::net::SocketAddr> {
+    use std::net::{IpAddr, SocketAddr};
+    let text = k.string("api_listen")?;
+    let addr = text
+        .parse::<SocketAddr>()
+        .or_else(|_| text.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 0)));
+    let Ok(addr) = addr else {
+        let message = format!("`{text}` is not an address such as \"0.0.0.0:8765\", \"192.168.1.5\" or \"[::1]:8765\"");
+        k.problem("api_listen", message);
+        return None;
+    };
+    if !addr.ip().is_loopback() && !k.r.has(k.t, "api_token_file") {
+        let message = format!(
+            "`{text}` makes the worker API reachable beyond this machine; set api_token_file to a file holding the token its workers will present"
+        );
+        k.problem("api_listen", message);
+    }
+    Some(addr)
 }
 
 fn inherit_env(k: &mut Keys) -> InheritEnv {
@@ -311,6 +341,7 @@ fn worker<'t>(
         k.r.get::<BTreeMap<String, String>>(t, "env", "a table of strings such as { JAVA_OPTS = \"-Xmx512m\" }")
             .map(|(e, _)| e)
             .unwrap_or_default();
+    let user = container_user(&mut k, execution_mode);
     let line = k.r.line_of(t, "worker_type").or(t.line).unwrap_or(1);
     if k.r.problems.len() > before {
         return None;
@@ -326,8 +357,46 @@ fn worker<'t>(
         hung_cpu,
         program,
         env,
+        user,
         line: t.line.unwrap_or(line),
     })
+}
+
+/// `user`: `"auto"` (the supervisor's uid:gid), `"image"`, or a user as
+/// Docker takes it (`"1000:1000"`, `"1000"`, `"worker"`, `"worker:staff"`).
+fn container_user(k: &mut Keys, mode: ExecutionMode) -> ContainerUser {
+    let Some(text) = k.string("user") else {
+        return ContainerUser::Auto;
+    };
+    let user = match text.as_str() {
+        "auto" => ContainerUser::Auto,
+        "image" => ContainerUser::Image,
+        u if valid_user(u) => ContainerUser::Given(u.to_string()),
+        u => {
+            let message = format!("`{u}` is not \"auto\", \"image\" or a user such as \"1000:1000\"");
+            k.problem("user", message);
+            return ContainerUser::Auto;
+        }
+    };
+    if mode == ExecutionMode::Direct && user != ContainerUser::Auto {
+        k.problem(
+            "user",
+            "applies to containers; direct workers run as the user who ran `start`".into(),
+        );
+    }
+    user
+}
+
+fn valid_user(u: &str) -> bool {
+    let part = |p: &str| {
+        !p.is_empty()
+            && p.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.')
+    };
+    match u.split_once(':') {
+        Some((user, group)) => part(user) && part(group),
+        None => part(u),
+    }
 }
 
 /// The optional zero-CPU rule.

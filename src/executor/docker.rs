@@ -22,9 +22,10 @@ use sha2::{Digest, Sha256};
 use tokio::sync::Notify;
 
 use super::Launch;
+use crate::api::Endpoint;
 use crate::config::WorkerProgram;
 use crate::logs::{self, RotatingLog, Tail};
-use crate::vocab::{EndCause, ModeKind, WorkerId};
+use crate::vocab::{EndCause, ModeKind, Protocol, WorkerId};
 
 /// Label keys on every container clx-pool creates.
 pub const LABEL_DB_ID: &str = "clx-pool.db-id";
@@ -170,6 +171,26 @@ impl DockerEngine {
         Ok(())
     }
 
+    /// The gateway of a bridge network: the host's address on it, which
+    /// its containers reach.
+    pub async fn gateway(&self, network: &str) -> anyhow::Result<Option<std::net::IpAddr>> {
+        let inspect = self
+            .client
+            .inspect_network(network, None)
+            .await
+            .with_context(|| format!("inspecting the docker network {network}"))?;
+        let gateways = inspect
+            .ipam
+            .and_then(|i| i.config)
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|c| c.gateway?.parse::<std::net::IpAddr>().ok());
+        // IPv4 first: what `host-gateway` would give.
+        let mut all: Vec<_> = gateways.collect();
+        all.sort_by_key(|ip| !ip.is_ipv4());
+        Ok(all.into_iter().next())
+    }
+
     /// Removes every container of this pool, running or not; returns how many.
     pub async fn remove_pool_containers(&self) -> anyhow::Result<usize> {
         let opts = ListContainersOptionsBuilder::default()
@@ -213,11 +234,17 @@ impl DockerEngine {
         Some((cpu_ns as f64 / 1e9, mem.usage?.saturating_sub(cache)))
     }
 
-    pub async fn launch(self: &Arc<Self>, spec: &Launch, image: &str, network: &str) -> anyhow::Result<DockerWorker> {
+    pub async fn launch(
+        self: &Arc<Self>,
+        spec: &Launch,
+        image: &str,
+        network: &str,
+        api: Option<&Endpoint>,
+    ) -> anyhow::Result<DockerWorker> {
         let name = format!("clx-{}-worker-{}-{}", spec.worker_type, spec.slot, self.db_id);
         // A container of that name from an earlier run goes first.
         self.remove(&name).await;
-        let body = self.container(spec, image, network)?;
+        let body = self.container(spec, image, network, api)?;
         let created = self
             .client
             .create_container(Some(CreateContainerOptionsBuilder::default().name(&name).build()), body)
@@ -251,23 +278,27 @@ impl DockerEngine {
         })
     }
 
-    /// The container of one worker: the protocol's environment, the
-    /// database's folder at `/db` and the workspace at `/workspace`, the
-    /// memory limit, the network, labels naming the pool.
-    fn container(&self, spec: &Launch, image: &str, network: &str) -> anyhow::Result<ContainerCreateBody> {
-        let db_file = spec.db_path.file_name().context("db_path has no file name")?;
-        let db_dir = spec.db_path.parent().unwrap_or(Path::new("/"));
-        let db_in_container = format!("/db/{}", db_file.to_string_lossy());
-        let env: Vec<String> = spec
-            .environment(&super::Seen {
-                db_path: &db_in_container,
-                workspace: "/workspace",
-                worker_id: None,
-                tagged: false,
-            })
-            .into_iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect();
+    /// The container of one worker: the protocol's environment and
+    /// mounts, the memory limit, the user, the network, labels naming the
+    /// pool. A CLM worker program reaches the queue through the Worker API
+    /// (`api`), as CLM's Docker executor sets it up; everything else gets
+    /// the database's folder at `/db`.
+    fn container(
+        &self,
+        spec: &Launch,
+        image: &str,
+        network: &str,
+        api: Option<&Endpoint>,
+    ) -> anyhow::Result<ContainerCreateBody> {
+        let through_api = match (&spec.program, api) {
+            (WorkerProgram::JobCommand(_), _) | (_, None) => None,
+            (_, Some(api)) if spec.protocol == Protocol::Clm => Some(api),
+            _ => None,
+        };
+        let (env, binds, extra_hosts) = match through_api {
+            Some(api) => clm_api_contract(spec, api),
+            None => database_contract(spec)?,
+        };
         // `command` is the whole argv, as in direct mode: it replaces the
         // image's entrypoint too. `job_command` runs the built-in worker,
         // which must be the image's entrypoint (as in `make docker-image`).
@@ -283,20 +314,19 @@ impl DockerEngine {
             (LABEL_SLOT.to_string(), spec.slot.to_string()),
         ]);
         let host_config = HostConfig {
-            binds: Some(vec![
-                format!("{}:/db", db_dir.display()),
-                format!("{}:/workspace", spec.workspace.display()),
-            ]),
+            binds: Some(binds),
             memory: spec.memory_limit.map(|m| m as i64),
             // No swap beyond the limit: exceeding it is an OOM kill.
             memory_swap: spec.memory_limit.map(|m| m as i64),
             network_mode: Some(network.to_string()),
+            extra_hosts,
             // Minimal images have no /tmp, which SQLite needs for temp files.
             tmpfs: Some(HashMap::from([("/tmp".to_string(), "rw,mode=1777".to_string())])),
             ..Default::default()
         };
         Ok(ContainerCreateBody {
             image: Some(image.to_string()),
+            user: spec.container_user.clone(),
             env: Some(env),
             entrypoint,
             cmd,
@@ -305,6 +335,75 @@ impl DockerEngine {
             ..Default::default()
         })
     }
+}
+
+type Contract = (Vec<String>, Vec<String>, Option<Vec<String>>);
+
+/// A worker that opens the database itself: its folder at `/db`, the
+/// workspace at `/workspace`.
+fn database_contract(spec: &Launch) -> anyhow::Result<Contract> {
+    let db_file = spec.db_path.file_name().context("db_path has no file name")?;
+    let db_dir = spec.db_path.parent().unwrap_or(Path::new("/"));
+    let db_in_container = format!("/db/{}", db_file.to_string_lossy());
+    let env = spec
+        .environment(&super::Seen {
+            db_path: &db_in_container,
+            workspace: "/workspace",
+            worker_id: None,
+            tagged: false,
+        })
+        .into_iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    let binds = vec![
+        format!("{}:/db", db_dir.display()),
+        format!("{}:/workspace", spec.workspace.display()),
+    ];
+    Ok((env, binds, None))
+}
+
+/// Worker types whose CLM workers write into the course sources (rendered
+/// diagrams), as in CLM's Docker executor; the others get them read-only.
+const SOURCE_WRITING_TYPES: &[&str] = &["plantuml", "drawio"];
+
+/// A CLM worker in a container, as CLM's `DockerWorkerExecutor` starts
+/// it: the API's address and token, its pre-registered row, the host
+/// paths it translates job paths from, the workspace at `/workspace` and
+/// the course sources at `/source`.
+fn clm_api_contract(spec: &Launch, api: &Endpoint) -> Contract {
+    let mut env: Vec<(String, String)> = vec![
+        ("WORKER_TYPE".into(), spec.worker_type.clone()),
+        ("CLM_API_URL".into(), api.url.clone()),
+        ("CLM_API_TOKEN".into(), api.token.to_string()),
+        ("CLM_HOST_WORKSPACE".into(), spec.workspace.display().to_string()),
+        ("LOG_LEVEL".into(), spec.log_level.clone()),
+        ("PYTHONUNBUFFERED".into(), "1".into()),
+    ];
+    if let Some(row) = spec.preregistered_row {
+        env.push(("CLM_WORKER_ID".into(), row.to_string()));
+    }
+    let mut binds = vec![format!("{}:/workspace:rw", spec.workspace.display())];
+    if let Some(data) = &spec.data_dir {
+        let mode = if SOURCE_WRITING_TYPES.contains(&spec.worker_type.as_str()) {
+            "rw"
+        } else {
+            "ro"
+        };
+        binds.push(format!("{}:/source:{mode}", data.display()));
+        env.push(("CLM_HOST_DATA_DIR".into(), data.display().to_string()));
+    }
+    for (k, v) in &spec.extra_env {
+        env.retain(|(name, _)| name != k);
+        env.push((k.clone(), v.clone()));
+    }
+    let extra_hosts = api
+        .host_alias
+        .map(|ip| vec![format!("{}:{ip}", crate::api::HOST_ALIAS)]);
+    (
+        env.into_iter().map(|(k, v)| format!("{k}={v}")).collect(),
+        binds,
+        extra_hosts,
+    )
 }
 
 async fn drain_logs(

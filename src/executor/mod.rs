@@ -110,6 +110,10 @@ pub struct Launch {
     /// Working directory of a direct worker (the config file's folder).
     pub cwd: PathBuf,
     pub memory_limit: Option<u64>,
+    /// Docker's `User` for the container (None: the image's).
+    pub container_user: Option<String>,
+    /// CLM's course sources, mounted at `/source` in CLM containers.
+    pub data_dir: Option<PathBuf>,
     pub log_path: PathBuf,
     pub log_max_size: u64,
     pub log_keep: u32,
@@ -123,6 +127,8 @@ pub enum Executor {
         engine: Arc<docker::DockerEngine>,
         image: String,
         network: String,
+        /// CLM's Worker API, for CLM worker programs under `clm`.
+        api: Option<Arc<crate::api::Endpoint>>,
     },
 }
 
@@ -138,9 +144,15 @@ impl Executor {
     pub async fn launch(&self, spec: &Launch) -> anyhow::Result<Running> {
         match self {
             Executor::Direct => direct::launch(spec).map(Running::Direct),
-            Executor::Docker { engine, image, network } => {
-                engine.launch(spec, image, network).await.map(Running::Docker)
-            }
+            Executor::Docker {
+                engine,
+                image,
+                network,
+                api,
+            } => engine
+                .launch(spec, image, network, api.as_deref())
+                .await
+                .map(Running::Docker),
         }
     }
 }

@@ -22,14 +22,15 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::config::Config;
+use crate::api;
+use crate::config::{Config, WorkerProgram};
 use crate::db::{self, Db};
 use crate::executor::Executor;
 use crate::executor::docker::DockerEngine;
 use crate::executor::plan::{self, Decision};
 use crate::lock::SupervisorLock;
 use crate::procs;
-use crate::vocab::{Mode, ModeKind, SlotId, SupervisorState, WorkerRow};
+use crate::vocab::{Mode, ModeKind, Protocol, SlotId, SupervisorState, WorkerRow};
 use slot::Settled;
 
 /// What `start` prepared before any worker runs.
@@ -37,6 +38,8 @@ struct Prepared {
     db: Db,
     guard: guard::Guard,
     engine: Option<Arc<DockerEngine>>,
+    /// CLM's Worker API, when CLM workers run in containers.
+    api: Option<api::ApiServer>,
     /// Per `[[workers]]` entry: how it runs.
     executors: Vec<(Executor, Mode)>,
     /// Rows registered before this run are not its workers'.
@@ -66,6 +69,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     }
     sweep_leftovers(&config, prepared.engine.as_deref()).await;
+    if let Some(api) = prepared.api {
+        api.stop().await;
+    }
     if let Err(e) = monitor.await {
         error!("the monitor task failed: {e}");
     }
@@ -103,7 +109,7 @@ async fn prepare(config: &Arc<Config>) -> anyhow::Result<Prepared> {
     // guard cleans up after it.
     let guard = guard::spawn(&pool.db_path)?;
     tracing::debug!(pid = guard.pid(), "started the guard");
-    let (engine, executors) = executors(config).await?;
+    let (engine, executors, api) = executors(config, protocol).await?;
     let report = cleanup::orphans(&db, pool.stop_timeout, engine.clone()).await?;
     if !report.is_empty() {
         warn!("cleaned up after an earlier run of this database: {report}");
@@ -113,16 +119,18 @@ async fn prepare(config: &Arc<Config>) -> anyhow::Result<Prepared> {
         db,
         guard,
         engine,
+        api,
         executors,
         after_row,
     })
 }
 
 /// Runs the plan: each entry's executor, or the first reason one cannot
-/// run; creates the docker network if an entry uses it.
-async fn executors(config: &Config) -> anyhow::Result<(Option<Arc<DockerEngine>>, Vec<(Executor, Mode)>)> {
+/// run; creates the docker network if an entry uses it, and starts CLM's
+/// Worker API if CLM workers will run in containers.
+async fn executors(config: &Config, protocol: Protocol) -> anyhow::Result<Executors> {
     let plan = plan::plan(config).await;
-    let mut out = Vec::new();
+    let mut modes = Vec::new();
     for (w, decision) in config.workers.iter().zip(&plan.decisions) {
         let at = format!("{}:{}: workers `{}`", config.path.display(), w.line, w.worker_type);
         let (mode, why) = match decision {
@@ -132,25 +140,79 @@ async fn executors(config: &Config) -> anyhow::Result<(Option<Arc<DockerEngine>>
         if let Some(why) = why {
             info!(worker_type = %w.worker_type, "execution_mode = \"auto\": {why}");
         }
-        let executor = match (mode.kind, &plan.engine) {
-            (ModeKind::Docker, Some(engine)) => Executor::Docker {
-                engine: engine.clone(),
-                image: w.image.clone().unwrap_or_default(),
-                network: config.pool.network.clone(),
-            },
-            _ => Executor::Direct,
-        };
-        out.push((executor, mode));
+        modes.push(mode);
     }
-    if plan.uses_docker()
-        && let Some(engine) = &plan.engine
-    {
+    let mut api = None;
+    if let (true, Some(engine)) = (plan.uses_docker(), &plan.engine) {
+        let network = &config.pool.network;
         engine
-            .ensure_network(&config.pool.network)
+            .ensure_network(network)
             .await
             .context("preparing the docker network")?;
+        let needs_api = protocol == Protocol::Clm
+            && config
+                .workers
+                .iter()
+                .zip(&modes)
+                .any(|(w, m)| m.kind == ModeKind::Docker && !matches!(w.program, WorkerProgram::JobCommand(_)));
+        if needs_api {
+            api = Some(start_api(config, engine).await?);
+        }
     }
-    Ok((plan.engine, out))
+    let endpoint = api.as_ref().map(|a: &api::ApiServer| a.endpoint.clone());
+    let executors = config
+        .workers
+        .iter()
+        .zip(modes)
+        .map(|(w, mode)| {
+            let executor = match (mode.kind, &plan.engine) {
+                (ModeKind::Docker, Some(engine)) => Executor::Docker {
+                    engine: engine.clone(),
+                    image: w.image.clone().unwrap_or_default(),
+                    network: config.pool.network.clone(),
+                    api: endpoint.clone(),
+                },
+                _ => Executor::Direct,
+            };
+            (executor, mode)
+        })
+        .collect();
+    Ok((plan.engine, executors, api))
+}
+
+type Executors = (Option<Arc<DockerEngine>>, Vec<(Executor, Mode)>, Option<api::ApiServer>);
+
+/// Starts CLM's Worker API where the pool's containers reach it.
+async fn start_api(config: &Config, engine: &DockerEngine) -> anyhow::Result<api::ApiServer> {
+    let pool = &config.pool;
+    let at = format!("{}: [pool] network = \"{}\"", config.path.display(), pool.network);
+    let reach = match pool.network.as_str() {
+        "host" => api::Reach::HostNetwork,
+        "none" => anyhow::bail!(
+            "{at}: CLM workers in containers reach the queue through the worker API, over a network; use a bridge network (the default) or \"host\""
+        ),
+        n => match engine.gateway(n).await? {
+            Some(gateway) => api::Reach::Gateway(gateway),
+            None => {
+                anyhow::bail!("{at}: the network has no gateway address, so its containers cannot reach the worker API")
+            }
+        },
+    };
+    if let Some(addr) = pool.api_listen
+        && !api::is_local(addr.ip(), reach)
+    {
+        warn!(%addr, "the worker API listens beyond this machine (api_listen); requests need the token from api_token_file");
+    }
+    let token = api::token(pool.api_token_file.as_deref())?;
+    let (db_path, protocol) = (pool.db_path.clone(), Protocol::Clm);
+    let conn = tokio::task::spawn_blocking(move || db::open_existing(&db_path))
+        .await??
+        .0;
+    let db = Db::new(conn, &pool.db_path, protocol);
+    let server = api::start(db, pool.cache_db_path.clone(), token, pool.api_listen, reach).await?;
+    let at: Vec<String> = server.listening.iter().map(|a| a.to_string()).collect();
+    info!(listening = %at.join(", "), url = %server.endpoint.url, "the worker API is up (bearer token required)");
+    Ok(server)
 }
 
 /// Records the new run; returns the highest worker row before it.

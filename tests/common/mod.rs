@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 use rusqlite::Connection;
 
+pub mod clm;
+
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_clx-pool")
 }
@@ -553,4 +555,52 @@ impl Pool {
         assert!(out.status.success(), "submit failed: {}", stderr(&out));
         stdout(&out).trim().parse().unwrap()
     }
+}
+
+/// One HTTP/1.1 request (the connection closed after it): the status and
+/// the body, or the error if the server cut the connection. For the tests
+/// of the worker API; the body is written from a thread, so a server that
+/// answers before reading all of it is heard.
+pub fn http(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes())?;
+    let mut writer = stream.try_clone()?;
+    let body = body.to_vec();
+    let sending = std::thread::spawn(move || {
+        // The server may answer and close before it read everything.
+        writer.write_all(&body).ok();
+    });
+    let mut raw = Vec::new();
+    let read = stream.read_to_end(&mut raw);
+    sending.join().ok();
+    if raw.is_empty() {
+        read?;
+    }
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("not an HTTP response: {text:.200}")))?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
 }

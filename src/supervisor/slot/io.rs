@@ -121,6 +121,8 @@ impl SlotIo {
                 .filter(|p| !p.as_os_str().is_empty())
                 .unwrap_or_else(|| ".".into()),
             memory_limit: self.worker.memory_limit,
+            container_user: self.worker.user.docker_user(),
+            data_dir: pool.data_dir.clone(),
             log_path: pool.log_dir.join(format!("{}.log", self.slot)),
             log_max_size: pool.log_max_size,
             log_keep: pool.log_keep,
