@@ -7,7 +7,7 @@ IMAGE ?= clx-pool/test:$(VERSION)
 TARGET := x86_64-unknown-linux-gnu
 STATIC_BIN := target/$(TARGET)/release/clx-pool
 
-.PHONY: build run demo test lint fmt clean docker-image bench bench-quick clm-venv
+.PHONY: build run demo test lint fmt clean docker-image clm-test-image bench bench-quick clm-venv
 
 build:
 	$(CARGO) build --release
@@ -37,6 +37,12 @@ clm-venv:
 docker-image:
 	RUSTFLAGS='-C target-feature=+crt-static' $(CARGO) build --release --target $(TARGET)
 	sh scripts/docker-image.sh $(STATIC_BIN) $(IMAGE)
+
+# CLM 1.35 and the tests' small CLM worker on Debian trixie, from
+# debootstrap and PyPI (no registry); built once, then reused.
+CLM_IMAGE ?= clx-pool/clm-test:1.35.0
+clm-test-image:
+	bash scripts/clm-test-image.sh $(CLM_IMAGE)
 
 # Benchmarks against supervisord (installed into bench/work/venv from PyPI);
 # results in bench/results.json and bench/results.md.

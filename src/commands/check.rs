@@ -37,6 +37,9 @@ pub async fn run(path: &Path) -> anyhow::Result<i32> {
                         w.worker_type,
                         w.image.as_deref().unwrap_or("")
                     );
+                    if protocol == Protocol::Clm && !matches!(w.program, WorkerProgram::JobCommand(_)) {
+                        check_worker_api(&config, &w.worker_type, &mut problems);
+                    }
                 } else {
                     check_program(w, protocol, &cwd, &at, &mut problems).await;
                 }
@@ -72,6 +75,28 @@ pub async fn run(path: &Path) -> anyhow::Result<i32> {
         }
         Ok(1)
     }
+}
+
+/// A CLM worker in a container reaches the queue through the Worker API:
+/// over a network, with a token.
+fn check_worker_api(config: &Config, worker_type: &str, problems: &mut Vec<String>) {
+    let pool = &config.pool;
+    let at = format!("{}: [pool]", config.path.display());
+    if pool.network == "none" {
+        problems.push(format!(
+            "{at} network = \"none\": CLM workers in containers (`{worker_type}`) reach the worker API over a network"
+        ));
+        return;
+    }
+    if let Err(e) = crate::api::token(pool.api_token_file.as_deref()) {
+        problems.push(format!("{at} api_token_file: {e:#}"));
+        return;
+    }
+    let listen = match pool.api_listen {
+        Some(addr) => addr.to_string(),
+        None => format!("127.0.0.1 and the gateway of network {}", pool.network),
+    };
+    println!("ok: workers `{worker_type}`: CLM workers in containers use the worker API on {listen} (bearer token)");
 }
 
 /// A direct entry's program is found, and a `python -m MODULE` imports.

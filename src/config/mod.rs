@@ -536,6 +536,61 @@ mod tests {
     }
 
     #[test]
+    fn the_worker_api_listens_beyond_loopback_only_with_a_chosen_token() {
+        let docker = "[[workers]]\nworker_type = \"plantuml\"\nexecution_mode = \"docker\"\nimage = \"i\"\n";
+        let c = parse(&format!("[pool]\nprotocol = \"clm\"\n{docker}")).unwrap();
+        assert_eq!((c.pool.api_listen, c.pool.api_token_file), (None, None));
+        assert_eq!(c.pool.cache_db_path, PathBuf::from("/cfg/clm_cache.db"));
+        for (listen, token, expect) in [
+            ("127.0.0.1:8765", false, Ok("127.0.0.1:8765")),
+            ("[::1]", false, Ok("[::1]:0")),
+            ("0.0.0.0:8765", true, Ok("0.0.0.0:8765")),
+            ("0.0.0.0", false, Err("beyond this machine; set api_token_file")),
+            ("192.168.1.5:80", false, Err("beyond this machine")),
+            ("localhost:80", false, Err("is not an address")),
+        ] {
+            let token = if token { "api_token_file = \"t\"\n" } else { "" };
+            let text = format!("[pool]\napi_listen = \"{listen}\"\n{token}{docker}");
+            match (parse(&text), expect) {
+                (Ok(c), Ok(addr)) => assert_eq!(c.pool.api_listen.unwrap().to_string(), addr),
+                (Err(e), Err(why)) => {
+                    let p: Vec<String> = e.0.iter().map(|p| p.to_string()).collect();
+                    assert!(
+                        p[0].starts_with("/cfg/pool.toml:2: pool.api_listen:") && p[0].contains(why),
+                        "{p:?}"
+                    );
+                }
+                (got, want) => panic!("{listen}: got {:?}, want {want:?}", got.map(|c| c.pool.api_listen)),
+            }
+        }
+    }
+
+    #[test]
+    fn container_users() {
+        let entry = |mode: &str, user: &str| {
+            format!(
+                "[[workers]]\nworker_type = \"x\"\njob_command = [\"true\"]\nexecution_mode = \"{mode}\"\nimage = \"i\"\nuser = \"{user}\"\n"
+            )
+        };
+        let user = |mode: &str, u: &str| parse(&entry(mode, u)).map(|c| c.workers[0].user.clone());
+        assert_eq!(user("docker", "auto").unwrap(), ContainerUser::Auto);
+        assert_eq!(user("docker", "image").unwrap(), ContainerUser::Image);
+        assert_eq!(
+            user("auto", "1000:1000").unwrap(),
+            ContainerUser::Given("1000:1000".into())
+        );
+        assert_eq!(user("docker", "worker").unwrap(), ContainerUser::Given("worker".into()));
+        assert_eq!(user("direct", "auto").unwrap(), ContainerUser::Auto);
+        let p = problems(&entry("docker", "10 00"));
+        assert!(p[0].contains("user: `10 00` is not"), "{p:?}");
+        let p = problems(&entry("direct", "1000:1000"));
+        assert!(p[0].contains("user: applies to containers"), "{p:?}");
+        let me = format!("{}:{}", nix::unistd::getuid(), nix::unistd::getgid());
+        assert_eq!(ContainerUser::Auto.docker_user(), Some(me));
+        assert_eq!(ContainerUser::Image.docker_user(), None);
+    }
+
+    #[test]
     fn sizes() {
         assert_eq!(parse_size("1g"), Some(1 << 30));
         assert_eq!(parse_size("512m"), Some(512 << 20));

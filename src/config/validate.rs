@@ -255,9 +255,13 @@ fn pool<'t>(r: &mut Reader<'t>, t: &Table<'t>, base: &Path) -> PoolConfig {
 fn api_listen(k: &mut Keys) -> Option<std::net::SocketAddr> {
     use std::net::{IpAddr, SocketAddr};
     let text = k.string("api_listen")?;
-    let addr = text
-        .parse::<SocketAddr>()
-        .or_else(|_| text.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 0)));
+    let addr = text.parse::<SocketAddr>().or_else(|_| {
+        let bare = text
+            .strip_prefix('[')
+            .and_then(|t| t.strip_suffix(']'))
+            .unwrap_or(&text);
+        bare.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 0))
+    });
     let Ok(addr) = addr else {
         let message = format!("`{text}` is not an address such as \"0.0.0.0:8765\", \"192.168.1.5\" or \"[::1]:8765\"");
         k.problem("api_listen", message);

@@ -36,7 +36,13 @@ pub struct DirectWorker {
     oom_kills_at_start: Option<u64>,
     /// Set once we send SIGKILL ourselves, so that exit is not blamed on OOM.
     killed_by_us: bool,
+    /// The task copying its output to the log and the tail.
+    drain: Option<tokio::task::JoinHandle<()>>,
 }
+
+/// How long the output of a worker that exited may take to be read to its
+/// end (a process outside its group may hold the pipe open for longer).
+const OUTPUT_AFTER_EXIT: Duration = Duration::from_millis(500);
 
 pub fn launch(spec: &Launch) -> anyhow::Result<DirectWorker> {
     let worker_id = spec.worker_id.clone();
@@ -63,7 +69,7 @@ pub fn launch(spec: &Launch) -> anyhow::Result<DirectWorker> {
     drop(child);
     let tail = Tail::default();
     let reader = pipe::Receiver::from_owned_fd(read_end).context("reading the worker's output pipe")?;
-    tokio::spawn(logs::drain(reader, log, tail.clone()));
+    let drain = tokio::spawn(logs::drain(reader, log, tail.clone()));
     Ok(DirectWorker {
         worker_id,
         process: Process {
@@ -76,6 +82,7 @@ pub fn launch(spec: &Launch) -> anyhow::Result<DirectWorker> {
         exit: None,
         oom_kills_at_start: procs::oom_kills(),
         killed_by_us: false,
+        drain: Some(drain),
     })
 }
 
@@ -163,6 +170,13 @@ impl DirectWorker {
         }
         self.exit = Some(cause.clone());
         self.signal(Signal::SIGKILL);
+        // Its last words are in the pipe still: the tail that goes with
+        // its end must have them.
+        if let Some(drain) = self.drain.take()
+            && tokio::time::timeout(OUTPUT_AFTER_EXIT, drain).await.is_err()
+        {
+            tracing::debug!(worker = %self.worker_id, "its output pipe is still open after it exited");
+        }
         cause
     }
 
