@@ -252,6 +252,29 @@ fn a_killed_busy_container_s_job_completes_on_its_replacement() {
     );
 }
 
+#[test]
+fn a_hung_container_is_replaced_and_its_job_retried() {
+    let Some(clm) = ready() else { return };
+    let net = Network::new("hung");
+    let workers = echo_workers("echo", 1, "max_job_time = \"3s\"");
+    let mut pool = pool(&clm, &net, "check_interval = \"500ms\"\n", &workers);
+    pool.start_ready();
+    let first = pool.containers();
+    let job = add_jobs(&clm, &pool, "echo", 1, "{\"sleep_once\": 120}")[0];
+    pool.drained("90s");
+    assert_eq!(job_state(&pool, job), "completed 2");
+    assert!(
+        pool.first_cause("hung").contains("max_job_time"),
+        "{}",
+        pool.first_cause("hung")
+    );
+    let now = pool.containers();
+    assert!(
+        now.iter().all(|c| !first.contains(c)),
+        "the hung container is still there: {first:?} {now:?}"
+    );
+}
+
 /// A job's status and attempts.
 fn job_state(pool: &Pool, job: i64) -> String {
     pool.query_strings(&format!("SELECT status || ' ' || attempts FROM jobs WHERE id = {job}"))[0].clone()

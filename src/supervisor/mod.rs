@@ -109,12 +109,24 @@ async fn prepare(config: &Arc<Config>) -> anyhow::Result<Prepared> {
     // guard cleans up after it.
     let guard = guard::spawn(&pool.db_path)?;
     tracing::debug!(pid = guard.pid(), "started the guard");
-    let (engine, executors, api) = executors(config, protocol).await?;
-    let report = cleanup::orphans(&db, pool.stop_timeout, engine.clone()).await?;
-    if !report.is_empty() {
-        warn!("cleaned up after an earlier run of this database: {report}");
-    }
-    let after_row = begin_run(config, &db).await?;
+    // Nothing of this run started yet: if it cannot start, the guard has
+    // nothing to clean up.
+    let ready = async {
+        let (engine, executors, api) = executors(config, protocol).await?;
+        let report = cleanup::orphans(&db, pool.stop_timeout, engine.clone()).await?;
+        if !report.is_empty() {
+            warn!("cleaned up after an earlier run of this database: {report}");
+        }
+        let after_row = begin_run(config, &db).await?;
+        anyhow::Ok((engine, executors, api, after_row))
+    };
+    let (engine, executors, api, after_row) = match ready.await {
+        Ok(r) => r,
+        Err(e) => {
+            guard.dismiss();
+            return Err(e);
+        }
+    };
     Ok(Prepared {
         db,
         guard,
@@ -203,7 +215,8 @@ async fn start_api(config: &Config, engine: &DockerEngine) -> anyhow::Result<api
     {
         warn!(%addr, "the worker API listens beyond this machine (api_listen); requests need the token from api_token_file");
     }
-    let token = api::token(pool.api_token_file.as_deref())?;
+    let token = api::token(pool.api_token_file.as_deref())
+        .with_context(|| format!("{}: [pool] api_token_file", config.path.display()))?;
     let (db_path, protocol) = (pool.db_path.clone(), Protocol::Clm);
     let conn = tokio::task::spawn_blocking(move || db::open_existing(&db_path))
         .await??
