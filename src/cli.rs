@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::vocab::ModeKind;
+use crate::commands::colour::ColorChoice;
+use crate::vocab::{JobStatus, ModeKind};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -21,6 +22,9 @@ pub struct Cli {
     /// More log output (-v debug, -vv trace).
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
+    /// Colour in output: auto (on a terminal, unless NO_COLOR is set), always, never.
+    #[arg(long, global = true, value_enum, default_value_t = ColorChoice::Auto, value_name = "WHEN")]
+    pub color: ColorChoice,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -58,12 +62,18 @@ pub enum Command {
         /// Machine-readable output (see docs/cli.md for the shape).
         #[arg(long)]
         json: bool,
-        /// Refresh every INTERVAL until interrupted.
+        /// Refresh every INTERVAL (at least 200ms; default 2s) until interrupted.
         #[arg(long, value_name = "INTERVAL", num_args = 0..=1, default_missing_value = "2s", value_parser = humantime::parse_duration)]
         watch: Option<Duration>,
-        /// Also show the latest worker restarts and stops.
+        /// Also show the latest worker restarts and stops, with each dead worker's last output.
         #[arg(long)]
         events: bool,
+        /// Also show each live worker: pid or container, status, current job and its age, CPU, memory, jobs done.
+        #[arg(long)]
+        workers: bool,
+        /// Judge the pool: exit 0 healthy, 1 degraded (slots waiting or given up, failed jobs this run), 2 down.
+        #[arg(long, conflicts_with = "watch")]
+        check: bool,
     },
     /// Queue a job.
     Submit {
@@ -78,8 +88,10 @@ pub enum Command {
         /// JSON payload handed to the worker.
         #[arg(long, default_value = "{}")]
         payload: String,
+        /// Higher runs first (default 0; negative allowed).
         #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
         priority: i64,
+        /// How many times the job may be tried before it fails for good.
         #[arg(long, default_value_t = 3)]
         max_attempts: i64,
         /// Use this content hash instead of hashing the input file.
@@ -88,31 +100,41 @@ pub enum Command {
         /// Workspace the relative paths refer to (default: the config's, or the running pool's).
         #[arg(long)]
         workspace: Option<PathBuf>,
+        /// Then wait until the job has finished (exit 0 completed, 1 failed or cancelled or timed out).
+        #[arg(long)]
+        wait: bool,
+        /// With --wait: how long to wait.
+        #[arg(long, default_value = "10m", value_parser = humantime::parse_duration, requires = "wait")]
+        timeout: Duration,
     },
-    /// Block until the pool is ready or the queue is drained.
+    /// Block until the pool is ready, the queue is drained, or given jobs have finished.
+    #[command(group = clap::ArgGroup::new("until").required(true))]
     Wait {
         #[command(flatten)]
         db: DbArgs,
         /// Until every worker of the running supervisor has registered.
-        #[arg(long, conflicts_with = "drained", required_unless_present = "drained")]
+        #[arg(long, group = "until")]
         ready: bool,
-        /// Until no job is pending or processing; fails if any job failed.
-        #[arg(long)]
+        /// Until no job of the current run is pending or processing; fails if one of them failed.
+        #[arg(long, group = "until")]
         drained: bool,
+        /// Until these jobs (ids as `submit` prints them) have finished; fails if one failed or was cancelled.
+        #[arg(long, group = "until", num_args = 1.., value_name = "ID")]
+        jobs: Vec<i64>,
+        /// With --drained: judge every job in the database, not only the current run's.
+        #[arg(long, requires = "drained")]
+        all: bool,
+        /// Give up (exit 1) after this long.
         #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
         timeout: Duration,
     },
-    /// List jobs.
+    /// List, show, cancel, retry or prune jobs (`jobs` alone lists).
+    #[command(args_conflicts_with_subcommands = true)]
     Jobs {
+        #[command(subcommand)]
+        action: Option<JobsAction>,
         #[command(flatten)]
-        db: DbArgs,
-        /// Only jobs with this status (pending, processing, completed, failed).
-        #[arg(long)]
-        status: Option<String>,
-        #[arg(long, default_value_t = 50)]
-        limit: i64,
-        #[arg(long)]
-        json: bool,
+        list: ListArgs,
     },
     /// Validate a config and the environment it needs, without starting anything.
     Check {
@@ -127,6 +149,89 @@ pub enum Command {
         #[arg(long, value_name = "FILE")]
         db: PathBuf,
     },
+}
+
+/// Which jobs `jobs list` shows.
+#[derive(Debug, Args, Clone, Default)]
+pub struct ListArgs {
+    #[command(flatten)]
+    pub db: DbArgs,
+    /// Only jobs of this type.
+    #[arg(long = "type", value_name = "TYPE")]
+    pub job_type: Option<String>,
+    /// Only jobs with these statuses (pending, processing, completed, failed, cancelled; comma-separated).
+    #[arg(long, value_delimiter = ',', value_parser = parse_job_status, value_name = "STATUS")]
+    pub status: Vec<JobStatus>,
+    /// Only jobs created within this long (e.g. 1h).
+    #[arg(long, value_parser = humantime::parse_duration, value_name = "AGE")]
+    pub since: Option<Duration>,
+    /// Show at most this many (newest first).
+    #[arg(long, default_value_t = 50)]
+    pub limit: i64,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum JobsAction {
+    /// Jobs, newest first (the default).
+    List(ListArgs),
+    /// One job in full: paths, payload, attempts, times, worker, error.
+    Show {
+        #[command(flatten)]
+        db: DbArgs,
+        id: i64,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel pending or processing jobs (a built-in worker stops the running command).
+    #[command(group = clap::ArgGroup::new("which").required(true).multiple(true).args(["ids", "job_type", "all"]))]
+    Cancel {
+        #[command(flatten)]
+        db: DbArgs,
+        /// The jobs to cancel.
+        ids: Vec<i64>,
+        /// Every pending or processing job of this type.
+        #[arg(long = "type", value_name = "TYPE")]
+        job_type: Option<String>,
+        /// Every pending or processing job.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Put failed or cancelled jobs back in the queue, with a fresh attempt budget.
+    #[command(group = clap::ArgGroup::new("which").required(true).multiple(true).args(["ids", "job_type", "failed"]))]
+    Retry {
+        #[command(flatten)]
+        db: DbArgs,
+        /// The jobs to retry.
+        ids: Vec<i64>,
+        /// Every failed job of this type.
+        #[arg(long = "type", value_name = "TYPE")]
+        job_type: Option<String>,
+        /// Every failed job.
+        #[arg(long)]
+        failed: bool,
+    },
+    /// Delete finished jobs (never pending or processing ones).
+    Prune {
+        #[command(flatten)]
+        db: DbArgs,
+        /// Only jobs that finished longer ago than this (e.g. 7d).
+        #[arg(long, value_parser = humantime::parse_duration, value_name = "AGE")]
+        older_than: Duration,
+        /// Which finished jobs (comma-separated).
+        #[arg(long, value_delimiter = ',', value_parser = parse_job_status, default_value = "completed,failed,cancelled", value_name = "STATUS")]
+        status: Vec<JobStatus>,
+        /// Then give the freed space back to the file system (VACUUM).
+        #[arg(long)]
+        vacuum: bool,
+    },
+}
+
+fn parse_job_status(s: &str) -> Result<JobStatus, String> {
+    s.parse().map_err(|e: crate::vocab::UnknownWord| e.to_string())
 }
 
 #[derive(Debug, Args)]

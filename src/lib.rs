@@ -83,14 +83,18 @@ fn init_logging(cli: &Cli, default_level: &str) {
         _ => level,
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
-    let _ = tracing_subscriber::fmt()
+    if let Err(e) = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
+        .with_ansi(commands::colour::enabled_on_stderr())
+        .try_init()
+    {
+        eprintln!("warning: logging is not set up: {e}");
+    }
 }
 
 async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
+    commands::colour::set(cli.color);
     match &cli.command {
         Command::Start { config } => {
             let cfg = config::Config::load(config)?;

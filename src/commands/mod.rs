@@ -2,7 +2,9 @@
 //! every command finds its database.
 
 pub mod check;
+pub mod colour;
 pub mod jobs;
+pub mod progress;
 pub mod stats;
 pub mod stop;
 pub mod submit;
@@ -22,7 +24,18 @@ pub async fn run(cmd: &Command) -> anyhow::Result<i32> {
             json,
             watch,
             events,
-        } => stats::run(db, *json, *watch, *events).await,
+            workers,
+            check,
+        } => {
+            let options = stats::Options {
+                json: *json,
+                watch: *watch,
+                events: *events,
+                workers: *workers,
+                check: *check,
+            };
+            stats::run(db, options).await
+        }
         Command::Submit {
             db,
             job_type,
@@ -33,28 +46,62 @@ pub async fn run(cmd: &Command) -> anyhow::Result<i32> {
             max_attempts,
             content_hash,
             workspace,
-        } => submit::run(submit::Submit {
+            wait,
+            timeout,
+        } => {
+            let id = submit::run(submit::Submit {
+                db,
+                job_type,
+                input,
+                output,
+                payload,
+                priority: *priority,
+                max_attempts: *max_attempts,
+                content_hash: content_hash.as_deref(),
+                workspace: workspace.as_deref(),
+            })?;
+            if *wait {
+                wait::run(db, wait::Until::Jobs(vec![id]), *timeout).await
+            } else {
+                Ok(0)
+            }
+        }
+        Command::Wait {
             db,
-            job_type,
-            input,
-            output,
-            payload,
-            priority: *priority,
-            max_attempts: *max_attempts,
-            content_hash: content_hash.as_deref(),
-            workspace: workspace.as_deref(),
-        }),
-        Command::Wait { db, ready, timeout, .. } => wait::run(db, *ready, *timeout).await,
-        Command::Jobs {
-            db,
-            status,
-            limit,
-            json,
-        } => jobs::run(db, status.as_deref(), *limit, *json),
+            ready,
+            drained: _,
+            jobs,
+            all,
+            timeout,
+        } => {
+            let until = if *ready {
+                wait::Until::Ready
+            } else if !jobs.is_empty() {
+                wait::Until::Jobs(jobs.clone())
+            } else {
+                wait::Until::Drained { all: *all }
+            };
+            wait::run(db, until, *timeout).await
+        }
+        Command::Jobs { action, list } => jobs::run(action.as_ref(), list),
         Command::Check { config } => check::run(config).await,
         Command::Start { .. } | Command::Worker(_) | Command::Guard { .. } => {
             unreachable!("handled by lib::dispatch")
         }
+    }
+}
+
+/// Writes `text` and a newline to stdout. A reader that went away (`| head`)
+/// is not an error: the command ends quietly with exit code 0.
+pub fn print(text: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = writeln!(out, "{text}").and_then(|_| out.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: writing to stdout: {e}");
+        std::process::exit(1);
     }
 }
 

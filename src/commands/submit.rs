@@ -23,7 +23,7 @@ pub struct Submit<'a> {
     pub workspace: Option<&'a Path>,
 }
 
-pub fn run(s: Submit) -> anyhow::Result<i32> {
+pub fn run(s: Submit) -> anyhow::Result<i64> {
     let t = target(s.db)?;
     if serde_json::from_str::<serde_json::Value>(s.payload).is_err() {
         return Err(UsageError(format!("--payload is not valid JSON: {}", s.payload)).into());
@@ -71,9 +71,9 @@ pub fn run(s: Submit) -> anyhow::Result<i32> {
         },
     )
     .with_context(|| format!("queueing the job in {}", t.db_path.display()))?;
-    println!("{id}");
+    super::print(&id.to_string());
     warn_if_no_pool_takes(&conn, &t.db_path, s.job_type)?;
-    Ok(0)
+    Ok(id)
 }
 
 /// SHA-256 of the input file's bytes and the payload, hex-encoded.

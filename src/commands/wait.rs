@@ -1,88 +1,186 @@
-//! `clx-pool wait --ready | --drained`: polls the database until the
-//! condition holds or the timeout passes (exit 1, saying what is missing).
+//! `clx-pool wait --ready | --drained | --jobs ID...`: polls the database
+//! until the condition holds (exit 0), it cannot hold any more or the
+//! timeout passes (exit 1, saying why), with a progress bar on a terminal.
 
 use std::time::{Duration, Instant};
 
+use rusqlite::Connection;
+
 use super::target;
+use crate::UsageError;
 use crate::cli::DbArgs;
-use crate::db;
+use crate::db::{self, admin};
 use crate::lock;
 use crate::vocab::{JobStatus, SlotState, SupervisorState};
 
 const POLL: Duration = Duration::from_millis(20);
 
-pub async fn run(args: &DbArgs, ready: bool, timeout: Duration) -> anyhow::Result<i32> {
+/// What to wait for.
+#[derive(Debug, Clone)]
+pub enum Until {
+    Ready,
+    /// The current run's jobs (every job with `all`).
+    Drained {
+        all: bool,
+    },
+    Jobs(Vec<i64>),
+}
+
+/// One look at the database.
+enum Look {
+    /// Over: the exit code, what to print on stdout, what on stderr.
+    Over(i32, String, Vec<String>),
+    /// Not yet: how far (for the progress bar) and what is missing.
+    NotYet { done: u64, total: u64, why: String },
+}
+
+pub async fn run(args: &DbArgs, until: Until, timeout: Duration) -> anyhow::Result<i32> {
     let t = target(args)?;
     let deadline = Instant::now() + timeout;
-    let mut last_state = String::from("the database does not exist yet");
+    let progress = super::progress::Progress::new(match &until {
+        Until::Ready => "workers registered",
+        Until::Drained { .. } => "jobs finished",
+        Until::Jobs(_) => "jobs finished",
+    });
+    let mut last = String::from("the database does not exist yet");
     loop {
         if let Some((conn, _)) = db::open_read_only(&t.db_path)? {
-            if ready {
-                match ready_state(&conn, &t.db_path)? {
-                    Ready::Yes(n) => {
-                        println!("all {n} workers registered");
-                        return Ok(0);
+            let look = match &until {
+                Until::Ready => ready(&conn, &t.db_path)?,
+                Until::Drained { all } => drained(&conn, *all)?,
+                Until::Jobs(ids) => jobs(&conn, ids, &t.db_path)?,
+            };
+            match look {
+                Look::Over(code, out, err) => {
+                    progress.finish();
+                    for line in err {
+                        eprintln!("{line}");
                     }
-                    Ready::Failed(slots) => {
-                        eprintln!(
-                            "error: the pool cannot become ready: slot(s) {} were given up (see `clx-pool stats --events`)",
-                            slots.join(", ")
-                        );
-                        return Ok(1);
-                    }
-                    Ready::No(why) => last_state = why,
+                    super::print(&out);
+                    return Ok(code);
                 }
-            } else {
-                let c = db::jobs::counts(&conn, None)?;
-                if c.pending == 0 && c.processing == 0 {
-                    if c.failed > 0 {
-                        let failed = db::jobs::list(&conn, Some(JobStatus::Failed), 1000)?;
-                        eprintln!("error: the queue is drained, but {} job(s) failed:", c.failed);
-                        for j in failed {
-                            eprintln!(
-                                "  job {} ({}, {} -> {}): {}",
-                                j.id,
-                                j.job_type,
-                                j.input_file,
-                                j.output_file,
-                                j.error.unwrap_or_default()
-                            );
-                        }
-                        return Ok(1);
-                    }
-                    if c.cancelled > 0 {
-                        println!("drained: {} job(s) completed, {} cancelled", c.completed, c.cancelled);
-                    } else {
-                        println!("drained: {} job(s) completed", c.completed);
-                    }
-                    return Ok(0);
+                Look::NotYet { done, total, why } => {
+                    progress.update(done, total, &why);
+                    last = why;
                 }
-                last_state = format!("{} pending, {} processing", c.pending, c.processing);
             }
         }
         if Instant::now() >= deadline {
-            eprintln!(
-                "error: timed out after {}: {last_state}",
-                humantime::format_duration(timeout)
-            );
+            progress.finish();
+            eprintln!("error: timed out after {}: {last}", humantime::format_duration(timeout));
             return Ok(1);
         }
         tokio::time::sleep(POLL).await;
     }
 }
 
-enum Ready {
-    Yes(usize),
-    No(String),
-    Failed(Vec<String>),
+fn plural(n: usize, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
 }
 
-fn ready_state(conn: &rusqlite::Connection, db_path: &std::path::Path) -> anyhow::Result<Ready> {
+fn failures(rows: &[admin::Listed]) -> Vec<String> {
+    rows.iter()
+        .map(|j| {
+            format!(
+                "  job {} ({}, {} -> {}): {}",
+                j.id,
+                j.job_type,
+                j.input_file,
+                j.output_file,
+                j.error.as_deref().unwrap_or("")
+            )
+        })
+        .collect()
+}
+
+fn drained(conn: &Connection, all: bool) -> anyhow::Result<Look> {
+    let since = if all { None } else { admin::run_started(conn)? };
+    let c = admin::run_counts(conn, since.as_deref())?;
+    let finished = c.completed + c.failed + c.cancelled;
+    if c.pending > 0 || c.processing > 0 {
+        return Ok(Look::NotYet {
+            done: finished as u64,
+            total: (finished + c.pending + c.processing) as u64,
+            why: format!("{} pending, {} processing", c.pending, c.processing),
+        });
+    }
+    let scope = if since.is_some() { " of this run" } else { "" };
+    if c.failed > 0 {
+        let failed = admin::run_failures(conn, since.as_deref(), 1000)?;
+        let mut err = vec![format!(
+            "error: the queue is drained, but {}{scope} failed:",
+            plural(c.failed as usize, "job", "jobs")
+        )];
+        err.extend(failures(&failed));
+        err.push(
+            "(`clx-pool jobs retry --failed` puts them back; `wait --drained` judges only the current run's jobs)"
+                .into(),
+        );
+        return Ok(Look::Over(1, String::new(), err));
+    }
+    let mut out = format!(
+        "drained: {}{scope} completed",
+        plural(c.completed as usize, "job", "jobs")
+    );
+    if c.cancelled > 0 {
+        out.push_str(&format!(", {} cancelled", c.cancelled));
+    }
+    Ok(Look::Over(0, out, Vec::new()))
+}
+
+fn jobs(conn: &Connection, ids: &[i64], db_path: &std::path::Path) -> anyhow::Result<Look> {
+    let found = admin::statuses(conn, ids)?;
+    if let Some(missing) = ids.iter().find(|id| !found.iter().any(|(f, _)| f == *id)) {
+        return Err(UsageError(format!("there is no job {missing} in {}", db_path.display())).into());
+    }
+    let open = found
+        .iter()
+        .filter(|(_, s)| matches!(s, JobStatus::Pending | JobStatus::Processing))
+        .count();
+    if open > 0 {
+        return Ok(Look::NotYet {
+            done: (found.len() - open) as u64,
+            total: found.len() as u64,
+            why: format!("{} of {} not finished", open, plural(found.len(), "job", "jobs")),
+        });
+    }
+    let bad: Vec<i64> = found
+        .iter()
+        .filter(|(_, s)| *s != JobStatus::Completed)
+        .map(|(id, _)| *id)
+        .collect();
+    if bad.is_empty() {
+        return Ok(Look::Over(
+            0,
+            format!("{} completed", plural(ids.len(), "job", "jobs")),
+            Vec::new(),
+        ));
+    }
+    let mut err = vec![format!("error: {} did not complete:", plural(bad.len(), "job", "jobs"))];
+    for id in bad {
+        if let Some(d) = admin::show(conn, id)? {
+            err.push(format!(
+                "  job {id} ({}) {}: {}",
+                d.job_type,
+                d.status,
+                d.error.unwrap_or_default()
+            ));
+        }
+    }
+    Ok(Look::Over(1, String::new(), err))
+}
+
+fn ready(conn: &Connection, db_path: &std::path::Path) -> anyhow::Result<Look> {
+    let not_yet = |why: &str| Look::NotYet {
+        done: 0,
+        total: 0,
+        why: why.to_string(),
+    };
     let Some(running) = lock::running_supervisor(db_path) else {
-        return Ok(Ready::No("no supervisor is running".into()));
+        return Ok(not_yet("no supervisor is running"));
     };
     let Some(sup) = db::pool::supervisor(conn)? else {
-        return Ok(Ready::No("the supervisor is starting".into()));
+        return Ok(not_yet("the supervisor is starting"));
     };
     // The record may still be an earlier run's until this one has cleaned
     // up: it must name the live supervisor (by pid file, or by the start
@@ -93,10 +191,10 @@ fn ready_state(conn: &rusqlite::Connection, db_path: &std::path::Path) -> anyhow
         None => crate::procs::start_ticks(recorded).is_some() && crate::procs::start_ticks(recorded) == sup.proc_start,
     };
     if !current {
-        return Ok(Ready::No("the supervisor is starting".into()));
+        return Ok(not_yet("the supervisor is starting"));
     }
     if matches!(sup.state, SupervisorState::Stopping | SupervisorState::Stopped) {
-        return Ok(Ready::No(format!("the supervisor is {}", sup.state)));
+        return Ok(not_yet(&format!("the supervisor is {}", sup.state)));
     }
     let slots = db::pool::slots(conn)?;
     let failed: Vec<String> = slots
@@ -105,15 +203,23 @@ fn ready_state(conn: &rusqlite::Connection, db_path: &std::path::Path) -> anyhow
         .map(|s| format!("{}-{}", s.worker_type, s.slot))
         .collect();
     if !failed.is_empty() {
-        return Ok(Ready::Failed(failed));
+        let err = format!(
+            "error: the pool cannot become ready: slot(s) {} were given up (see `clx-pool stats --events`)",
+            failed.join(", ")
+        );
+        return Ok(Look::Over(1, String::new(), vec![err]));
     }
     let running = slots.iter().filter(|s| s.state == SlotState::Running).count();
     if running as i64 == sup.expected_workers && sup.state == SupervisorState::Running {
-        Ok(Ready::Yes(running))
-    } else {
-        Ok(Ready::No(format!(
-            "{running} of {} workers registered",
-            sup.expected_workers
-        )))
+        let out = match running {
+            1 => "the worker is registered".to_string(),
+            n => format!("all {n} workers registered"),
+        };
+        return Ok(Look::Over(0, out, Vec::new()));
     }
+    Ok(Look::NotYet {
+        done: running as u64,
+        total: sup.expected_workers.max(0) as u64,
+        why: format!("{running} of {} workers registered", sup.expected_workers),
+    })
 }

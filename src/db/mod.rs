@@ -7,6 +7,7 @@
 //! supervisor, its slots, the restart history). [`Db`] runs queries for async
 //! code on the blocking pool, so no connection is ever held across an await.
 
+pub mod admin;
 pub mod api;
 pub mod jobs;
 pub mod monitor;

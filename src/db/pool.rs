@@ -9,7 +9,7 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::vocab::{
-    ClmEvent, EndEvent, Mode, ModeKind, Protocol, SlotId, SlotState, SupervisorState, WorkerId, WorkerRow,
+    ClmEvent, EndEvent, Mode, ModeKind, Protocol, SlotId, SlotState, SupervisorState, WorkerId, WorkerRow, WorkerStatus,
 };
 
 /// One row of CLM's `worker_events` (CLM databases only).
@@ -485,4 +485,60 @@ pub fn recent_events(conn: &Connection, limit: i64) -> rusqlite::Result<Vec<Even
         .collect::<Result<_, _>>()?;
     rows.reverse();
     Ok(rows)
+}
+
+/// One worker of the current run, for `stats --workers`.
+#[derive(Debug, Clone, Serialize)]
+pub struct WorkerLine {
+    pub row: WorkerRow,
+    pub worker_type: String,
+    pub worker_id: WorkerId,
+    pub status: WorkerStatus,
+    /// Its process (direct mode), from its slot.
+    pub pid: Option<i64>,
+    pub slot: Option<u32>,
+    pub job_id: Option<i64>,
+    /// Seconds the current job has run.
+    pub job_seconds: Option<i64>,
+    pub cpu_percent: Option<f64>,
+    pub memory_mib: Option<f64>,
+    pub jobs_done: i64,
+    pub jobs_failed: i64,
+}
+
+/// The workers registered since `since` (the run's start; all without it),
+/// dead ones left out unless `dead`.
+pub fn worker_lines(conn: &Connection, since: Option<&str>, dead: bool) -> rusqlite::Result<Vec<WorkerLine>> {
+    let slots = if super::schema::pool_version(conn)? == 0 {
+        "(SELECT NULL AS worker_id, NULL AS pid, NULL AS slot WHERE 0)"
+    } else {
+        "clx_pool_slots"
+    };
+    conn.prepare(&format!(
+        "SELECT w.id, w.worker_type, w.container_id, w.status, s.pid, s.slot,
+                j.id, unixepoch('now') - unixepoch(j.started_at),
+                w.cpu_usage, w.memory_usage, COALESCE(w.jobs_processed, 0), COALESCE(w.jobs_failed, 0)
+         FROM workers w
+         LEFT JOIN {slots} s ON s.worker_id = w.container_id
+         LEFT JOIN jobs j ON j.worker_id = w.id AND j.status = 'processing'
+         WHERE (?1 IS NULL OR w.started_at >= ?1) AND (?2 OR w.status != 'dead')
+         GROUP BY w.id ORDER BY w.worker_type, s.slot, w.id"
+    ))?
+    .query_map(params![since, dead], |r| {
+        Ok(WorkerLine {
+            row: r.get(0)?,
+            worker_type: r.get(1)?,
+            worker_id: r.get(2)?,
+            status: r.get(3)?,
+            pid: r.get(4)?,
+            slot: r.get(5)?,
+            job_id: r.get(6)?,
+            job_seconds: r.get(7)?,
+            cpu_percent: r.get(8)?,
+            memory_mib: r.get(9)?,
+            jobs_done: r.get(10)?,
+            jobs_failed: r.get(11)?,
+        })
+    })?
+    .collect()
 }

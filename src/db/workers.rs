@@ -164,15 +164,24 @@ pub fn set_container_id(conn: &Connection, row: WorkerRow, container_id: &Worker
 
 /// Worker counts per type, then per status (every status of the protocol
 /// present).
-pub fn counts(conn: &Connection, protocol: Protocol) -> rusqlite::Result<BTreeMap<String, BTreeMap<String, i64>>> {
+/// Worker rows per type and status, of the run that began at `since` (all
+/// rows without it).
+pub fn counts(
+    conn: &Connection,
+    protocol: Protocol,
+    since: Option<&str>,
+) -> rusqlite::Result<BTreeMap<String, BTreeMap<String, i64>>> {
     let statuses: Vec<WorkerStatus> = WorkerStatus::ALL
         .iter()
         .copied()
         .filter(|s| protocol == Protocol::Clm || *s != WorkerStatus::Created)
         .collect();
     let mut out: BTreeMap<String, BTreeMap<String, i64>> = BTreeMap::new();
-    let mut stmt = conn.prepare("SELECT worker_type, status, COUNT(*) FROM workers GROUP BY worker_type, status")?;
-    let rows = stmt.query_map([], |r| {
+    let mut stmt = conn.prepare(
+        "SELECT worker_type, status, COUNT(*) FROM workers WHERE ?1 IS NULL OR started_at >= ?1
+         GROUP BY worker_type, status",
+    )?;
+    let rows = stmt.query_map([since], |r| {
         Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?))
     })?;
     for row in rows {
