@@ -7,7 +7,7 @@ IMAGE ?= clx-pool/test:$(VERSION)
 TARGET := x86_64-unknown-linux-gnu
 STATIC_BIN := target/$(TARGET)/release/clx-pool
 
-.PHONY: build run demo test lint fmt clean docker-image clm-test-image bench bench-quick clm-venv
+.PHONY: build run demo test lint fmt clean install docker-image clm-test-image bench bench-quick clm-venv
 
 build:
 	$(CARGO) build --release
@@ -51,6 +51,19 @@ bench: build
 
 bench-quick: build
 	python3 bench/run.py --quick
+
+# The binary, its man pages and shell completions under PREFIX (DESTDIR
+# for packaging): make install PREFIX=$$HOME/.local
+PREFIX ?= /usr/local
+install: build
+	install -Dm755 $(BIN) $(DESTDIR)$(PREFIX)/bin/clx-pool
+	$(BIN) man --out $(DESTDIR)$(PREFIX)/share/man/man1 >/dev/null
+	install -d $(DESTDIR)$(PREFIX)/share/bash-completion/completions \
+		$(DESTDIR)$(PREFIX)/share/zsh/site-functions $(DESTDIR)$(PREFIX)/share/fish/vendor_completions.d
+	$(BIN) completions bash > $(DESTDIR)$(PREFIX)/share/bash-completion/completions/clx-pool
+	$(BIN) completions zsh > $(DESTDIR)$(PREFIX)/share/zsh/site-functions/_clx-pool
+	$(BIN) completions fish > $(DESTDIR)$(PREFIX)/share/fish/vendor_completions.d/clx-pool.fish
+	@echo "installed clx-pool, its man pages and completions under $(DESTDIR)$(PREFIX)"
 
 lint:
 	$(CARGO) fmt --check

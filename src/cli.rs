@@ -8,12 +8,34 @@ use clap::{Args, Parser, Subcommand};
 use crate::commands::colour::ColorChoice;
 use crate::vocab::{JobStatus, ModeKind};
 
+const AFTER_HELP: &str = "\
+Examples:
+  clx-pool start --config pool.toml &          # supervise in the background
+  clx-pool wait --ready --config pool.toml     # until every worker registered
+  id=$(clx-pool submit --config pool.toml upper in.txt out.txt)
+  clx-pool wait --jobs \"$id\" --config pool.toml
+  clx-pool stats --check --config pool.toml    # 0 healthy, 1 degraded, 2 down
+  clx-pool stop --config pool.toml
+
+Every command but start and check finds the database from --config, --db or CLX_DB_PATH.
+
+Exit codes:
+  0  success
+  1  failure: a timeout, a failed or cancelled job, a supervisor already running, a degraded pool (stats --check)
+  2  usage or configuration error, a refused database; a pool that is down (stats --check)
+  75 the built-in worker cannot reach its database (EX_TEMPFAIL)";
+
+const WAIT_HELP: &str = "\
+Exit codes: 0 the condition holds; 1 timed out, a job failed or was cancelled (--jobs), a job of the run failed (--drained), a slot was given up (--ready); 2 usage error or an unknown job id.
+On a terminal a progress bar shows counts and an ETA on stderr; on a pipe nothing but the result is printed.";
+
 #[derive(Debug, Parser)]
 #[command(
     name = "clx-pool",
     version,
     about = "Pool supervisor for CLX workers",
-    propagate_version = true
+    propagate_version = true,
+    after_help = AFTER_HELP
 )]
 pub struct Cli {
     /// Log level for clx-pool's own messages (trace, debug, info, warn, error); RUST_LOG overrides.
@@ -44,10 +66,12 @@ pub struct DbArgs {
 pub enum Command {
     /// Start every pool of a config and supervise it in the foreground.
     Start {
+        /// The pool's config file (see docs/config.md).
         #[arg(long, short = 'c', value_name = "FILE")]
         config: PathBuf,
     },
     /// Ask the running supervisor to stop, and wait until it has.
+    #[command(after_help = "Exit codes: 0 stopped (or nothing was running); 1 still running after --timeout.")]
     Stop {
         #[command(flatten)]
         db: DbArgs,
@@ -55,7 +79,8 @@ pub enum Command {
         #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
         timeout: Duration,
     },
-    /// Worker, job and supervisor status.
+    /// Worker, job and supervisor status of the current run.
+    #[command(after_help = "Exit codes: 0; with --check 0 healthy, 1 degraded, 2 down.")]
     Stats {
         #[command(flatten)]
         db: DbArgs,
@@ -75,7 +100,10 @@ pub enum Command {
         #[arg(long, conflicts_with = "watch")]
         check: bool,
     },
-    /// Queue a job.
+    /// Queue a job; prints its id.
+    #[command(
+        after_help = "Exit codes: 0 queued (with --wait: completed); 1 with --wait: failed, cancelled or timed out; 2 usage error."
+    )]
     Submit {
         #[command(flatten)]
         db: DbArgs,
@@ -108,7 +136,7 @@ pub enum Command {
         timeout: Duration,
     },
     /// Block until the pool is ready, the queue is drained, or given jobs have finished.
-    #[command(group = clap::ArgGroup::new("until").required(true))]
+    #[command(group = clap::ArgGroup::new("until").required(true), after_help = WAIT_HELP)]
     Wait {
         #[command(flatten)]
         db: DbArgs,
@@ -138,8 +166,21 @@ pub enum Command {
     },
     /// Validate a config and the environment it needs, without starting anything.
     Check {
+        /// The pool's config file.
         #[arg(long, short = 'c', value_name = "FILE")]
         config: PathBuf,
+    },
+    /// Print a shell completion script: `clx-pool completions bash > /etc/bash_completion.d/clx-pool`.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (clx-pool.1 and one per command) into a folder.
+    Man {
+        /// Where to write them.
+        #[arg(long, value_name = "DIR", default_value = ".")]
+        out: PathBuf,
     },
     /// The built-in worker: runs COMMAND once per job (started by `start` for `job_command` entries).
     Worker(WorkerArgs),
@@ -181,6 +222,7 @@ pub enum JobsAction {
     Show {
         #[command(flatten)]
         db: DbArgs,
+        /// The job's id.
         id: i64,
         /// Machine-readable output.
         #[arg(long)]
@@ -257,4 +299,39 @@ pub struct WorkerArgs {
 
 fn parse_mode_kind(s: &str) -> Result<ModeKind, String> {
     s.parse().map_err(|e: crate::vocab::UnknownWord| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn every_option_and_command_is_described() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if arg.is_hide_set() || id == "help" || id == "version" {
+                    continue;
+                }
+                if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                if sub.is_hide_set() {
+                    continue;
+                }
+                if sub.get_about().is_none() {
+                    missing.push(format!("{path} {} (command)", sub.get_name()));
+                }
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let cmd = Cli::command();
+        cmd.clone().debug_assert();
+        let mut missing = Vec::new();
+        walk(&cmd, "clx-pool", &mut missing);
+        assert!(missing.is_empty(), "no help for: {missing:?}");
+    }
 }

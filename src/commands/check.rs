@@ -29,14 +29,14 @@ pub async fn run(path: &Path) -> anyhow::Result<i32> {
             Decision::Cannot(why) => problems.push(format!("{at}: {why}")),
             Decision::Runs { mode, why } => {
                 if let Some(why) = why {
-                    println!("note: workers `{}`: auto mode: {why}", w.worker_type);
+                    super::print(&format!("note: workers `{}`: auto mode: {why}", w.worker_type));
                 }
                 if mode.kind == ModeKind::Docker {
-                    println!(
+                    super::print(&format!(
                         "ok: workers `{}`: image {} is on this host",
                         w.worker_type,
                         w.image.as_deref().unwrap_or("")
-                    );
+                    ));
                     if protocol == Protocol::Clm && !matches!(w.program, WorkerProgram::JobCommand(_)) {
                         check_worker_api(&config, &w.worker_type, &mut problems);
                     }
@@ -56,18 +56,18 @@ pub async fn run(path: &Path) -> anyhow::Result<i32> {
         let pid = super::supervisor_pid(&config.pool.db_path)
             .map(|p| p.to_string())
             .unwrap_or_else(|| "unknown".into());
-        println!(
+        super::print(&format!(
             "note: a supervisor (pid {pid}) is already running for {}",
             config.pool.db_path.display()
-        );
+        ));
     }
     if problems.is_empty() {
-        println!(
+        super::print(&format!(
             "{}: ok ({} workers in {} pools, protocol {protocol})",
             config.path.display(),
             config.total_workers(),
             config.workers.len()
-        );
+        ));
         Ok(0)
     } else {
         for p in &problems {
@@ -96,7 +96,9 @@ fn check_worker_api(config: &Config, worker_type: &str, problems: &mut Vec<Strin
         Some(addr) => addr.to_string(),
         None => format!("127.0.0.1 and the gateway of network {}", pool.network),
     };
-    println!("ok: workers `{worker_type}`: CLM workers in containers use the worker API on {listen} (bearer token)");
+    super::print(&format!(
+        "ok: workers `{worker_type}`: CLM workers in containers use the worker API on {listen} (bearer token)"
+    ));
 }
 
 /// A direct entry's program is found, and a `python -m MODULE` imports.
@@ -122,14 +124,17 @@ async fn check_program(w: &WorkerConfig, protocol: Protocol, cwd: &Path, at: &st
         ));
         return;
     };
-    println!(
+    super::print(&format!(
         "ok: workers `{}`: {what} `{program}` is {}",
         w.worker_type,
         found.display()
-    );
+    ));
     if let Some(module) = python_module(&argv) {
         match module_imports(&found, module, w, cwd).await {
-            Ok(()) => println!("ok: workers `{}`: `{program} -m {module}` imports", w.worker_type),
+            Ok(()) => super::print(&format!(
+                "ok: workers `{}`: `{program} -m {module}` imports",
+                w.worker_type
+            )),
             Err(e) => problems.push(format!("{at}: {what}: `{program} -m {module}` {e}")),
         }
     }
@@ -169,13 +174,13 @@ fn check_protocol(config: &Config) -> anyhow::Result<Protocol> {
     let protocol = match db::peek(db)? {
         Some(found) => {
             let p = db::decide(db, &found, wanted)?;
-            println!("ok: protocol {p} (the database {} serves it)", db.display());
+            super::print(&format!("ok: protocol {p} (the database {} serves it)", db.display()));
             p
         }
         None => {
             let p = wanted.unwrap_or(Protocol::Clx);
             let why = if wanted.is_some() { "configured" } else { "the default" };
-            println!("ok: protocol {p} ({why}; {} will be created)", db.display());
+            super::print(&format!("ok: protocol {p} ({why}; {} will be created)", db.display()));
             p
         }
     };
@@ -253,8 +258,8 @@ async fn check_network(client: &bollard::Docker, network: &str, problems: &mut V
         return;
     }
     match docker::networks_named(client, network).await {
-        Ok(0) => println!("note: docker network {network} does not exist yet; start will create it"),
-        Ok(1) => println!("ok: docker network {network} exists"),
+        Ok(0) => super::print(&format!("note: docker network {network} does not exist yet; start will create it")),
+        Ok(1) => super::print(&format!("ok: docker network {network} exists")),
         Ok(n) => problems.push(format!(
             "pool.network: {n} docker networks are named {network}, so the name is ambiguous; remove all but one (`docker network ls`)"
         )),

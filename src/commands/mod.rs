@@ -85,6 +85,21 @@ pub async fn run(cmd: &Command) -> anyhow::Result<i32> {
         }
         Command::Jobs { action, list } => jobs::run(action.as_ref(), list),
         Command::Check { config } => check::run(config).await,
+        Command::Completions { shell } => {
+            let mut cmd = <crate::cli::Cli as clap::CommandFactory>::command();
+            let mut out = Vec::new();
+            clap_complete::generate(*shell, &mut cmd, "clx-pool", &mut out);
+            print(String::from_utf8_lossy(&out).trim_end());
+            Ok(0)
+        }
+        Command::Man { out } => {
+            std::fs::create_dir_all(out).map_err(|e| anyhow::anyhow!("creating {}: {e}", out.display()))?;
+            let cmd = <crate::cli::Cli as clap::CommandFactory>::command();
+            clap_mangen::generate_to(cmd, out)
+                .map_err(|e| anyhow::anyhow!("writing man pages to {}: {e}", out.display()))?;
+            print(&format!("man pages written to {}", out.display()));
+            Ok(0)
+        }
         Command::Start { .. } | Command::Worker(_) | Command::Guard { .. } => {
             unreachable!("handled by lib::dispatch")
         }

@@ -28,8 +28,17 @@ pub async fn run(args: &DbArgs, timeout: Duration) -> anyhow::Result<i32> {
         if let Some(pid) = pid {
             procs::signal_process(pid, Signal::SIGTERM)?;
             eprintln!("stopping the supervisor (pid {pid}) of {} ...", db_path.display());
+            let progress = super::progress::Progress::new("workers stopped");
+            let mut looked = Instant::now() - Duration::from_secs(1);
             while lock::running_supervisor(&db_path).is_some() {
+                if looked.elapsed() >= Duration::from_millis(100) {
+                    looked = Instant::now();
+                    if let Some((stopped, total)) = stopped_workers(&db_path) {
+                        progress.update(stopped, total, "");
+                    }
+                }
                 if Instant::now() >= deadline {
+                    progress.finish();
                     anyhow::bail!(
                         "the supervisor (pid {pid}) is still running after {}; it may still be stopping workers (see its log), or use a longer --timeout",
                         humantime::format_duration(timeout)
@@ -37,19 +46,20 @@ pub async fn run(args: &DbArgs, timeout: Duration) -> anyhow::Result<i32> {
                 }
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
-            println!(
+            progress.finish();
+            super::print(&format!(
                 "stopped the supervisor of {} in {:.2}s",
                 db_path.display(),
                 started.elapsed().as_secs_f64()
-            );
+            ));
             return Ok(0);
         }
     }
     if !db_path.exists() {
-        println!(
+        super::print(&format!(
             "no supervisor is running for {} (there is no database there)",
             db_path.display()
-        );
+        ));
         return Ok(0);
     }
     // Hold the lock while cleaning so no `start` runs meanwhile.
@@ -64,9 +74,28 @@ pub async fn run(args: &DbArgs, timeout: Duration) -> anyhow::Result<i32> {
     let (conn, protocol) = tokio::task::spawn_blocking(move || db::open(&path, wanted)).await??;
     let report = cleanup::orphans(&Db::new(conn, &db_path, protocol), grace, None).await?;
     if report.is_empty() {
-        println!("no supervisor is running for {}; nothing to stop", db_path.display());
+        super::print(&format!(
+            "no supervisor is running for {}; nothing to stop",
+            db_path.display()
+        ));
     } else {
-        println!("no supervisor is running for {}; {report}", db_path.display());
+        super::print(&format!("no supervisor is running for {}; {report}", db_path.display()));
     }
     Ok(0)
+}
+
+/// How many of the pool's slots no longer run a worker, of how many.
+fn stopped_workers(db_path: &std::path::Path) -> Option<(u64, u64)> {
+    let (conn, _) = db::open_read_only(db_path).ok()??;
+    let slots = db::pool::slots(&conn).ok()?;
+    let live = slots
+        .iter()
+        .filter(|s| {
+            matches!(
+                s.state,
+                crate::vocab::SlotState::Running | crate::vocab::SlotState::Starting
+            )
+        })
+        .count();
+    Some(((slots.len() - live) as u64, slots.len() as u64))
 }

@@ -174,6 +174,16 @@ pub fn finish(
     Ok(changed == 1)
 }
 
+/// Whether `job` is still this worker's attempt and `processing` (not
+/// cancelled, not given to another attempt).
+pub fn still_mine(conn: &Connection, job: &ClaimedJob, worker_row: WorkerRow) -> rusqlite::Result<bool> {
+    conn.prepare_cached(
+        "SELECT COUNT(*) FROM jobs WHERE id = ?1 AND worker_id = ?2 AND status = 'processing' AND attempts = ?3",
+    )?
+    .query_row(params![job.id, worker_row, job.attempt], |r| r.get::<_, i64>(0))
+    .map(|n| n == 1)
+}
+
 /// Gives a job back to the queue without counting the attempt (the worker
 /// is shutting down; the job did nothing wrong).
 pub fn give_back(conn: &Connection, job: &ClaimedJob, worker_row: WorkerRow) -> rusqlite::Result<bool> {

@@ -110,6 +110,16 @@ pub fn set_status(conn: &Connection, row: WorkerRow, status: WorkerStatus) -> ru
     Ok(())
 }
 
+/// A busy worker whose job was taken away is idle again.
+pub fn release(conn: &Connection, row: WorkerRow) -> rusqlite::Result<()> {
+    conn.execute(
+        "UPDATE workers SET status = CASE WHEN status = 'busy' THEN 'idle' ELSE status END,
+             last_heartbeat = CURRENT_TIMESTAMP WHERE id = ?1",
+        [row],
+    )?;
+    Ok(())
+}
+
 /// Removes a worker's row, as a CLM worker does when it stops.
 pub fn deregister(conn: &Connection, row: WorkerRow) -> rusqlite::Result<()> {
     conn.execute("DELETE FROM workers WHERE id = ?1", [row])?;

@@ -66,7 +66,13 @@ pub enum Ran {
     Done(Result<(), String>),
     /// The worker was asked to stop meanwhile; the command was killed.
     Interrupted,
+    /// The job stopped being this worker's (cancelled, or given to another
+    /// attempt); the command was killed.
+    TakenAway,
 }
+
+/// How often a running job is checked for cancellation.
+pub const CANCEL_CHECK: Duration = Duration::from_millis(500);
 
 fn resolve(workspace: &Path, file: &str) -> PathBuf {
     let p = Path::new(file);
@@ -77,8 +83,14 @@ fn resolve(workspace: &Path, file: &str) -> PathBuf {
     }
 }
 
-/// Runs `job` to its end, or until `stop` fires.
-pub async fn run(setup: &Setup<'_>, job: &ClaimedJob, stop: &mut StopSignals) -> Ran {
+/// Runs `job` to its end, until `stop` fires, or until `still_mine` says
+/// the job was cancelled or taken away.
+pub async fn run(
+    setup: &Setup<'_>,
+    job: &ClaimedJob,
+    stop: &mut StopSignals,
+    mut still_mine: impl FnMut() -> bool,
+) -> Ran {
     let input = resolve(setup.workspace, &job.input_file);
     let output = resolve(setup.workspace, &job.output_file);
     if let Some(dir) = output.parent()
@@ -123,10 +135,19 @@ pub async fn run(setup: &Setup<'_>, job: &ClaimedJob, stop: &mut StopSignals) ->
         child.stderr.take().expect("stderr is piped"),
         tail.clone(),
     ));
-    let status = tokio::select! {
-        biased;
-        _ = stop.recv() => None,
-        s = child.wait() => Some(s),
+    let mut check = tokio::time::interval(CANCEL_CHECK);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let status = loop {
+        tokio::select! {
+            biased;
+            _ = stop.recv() => break Err(Ran::Interrupted),
+            s = child.wait() => break Ok(s),
+            _ = check.tick() => {
+                if !still_mine() {
+                    break Err(Ran::TakenAway);
+                }
+            }
+        }
     };
     // Whatever the command left running in its group goes too; that also
     // closes the stderr they held, so the collector ends.
@@ -135,12 +156,15 @@ pub async fn run(setup: &Setup<'_>, job: &ClaimedJob, stop: &mut StopSignals) ->
     {
         warn!(job = job.id, "killing what the job command left running: {e}");
     }
-    let Some(status) = status else {
-        if let Err(e) = child.wait().await {
-            warn!(job = job.id, "waiting for the killed job command: {e}");
+    let status = match status {
+        Ok(status) => status,
+        Err(why) => {
+            if let Err(e) = child.wait().await {
+                warn!(job = job.id, "waiting for the killed job command: {e}");
+            }
+            collector.abort();
+            return why;
         }
-        collector.abort();
-        return Ran::Interrupted;
     };
     if tokio::time::timeout(DRAIN_AFTER_EXIT, &mut collector).await.is_err() {
         // A descendant outside the group (setsid) still holds the pipe.

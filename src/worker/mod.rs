@@ -293,11 +293,23 @@ impl Worker {
                 workspace: &self.me.workspace,
                 command: &self.opts.job_command,
             };
-            match job::run(&setup, job, &mut self.stop).await {
+            let (conn, row) = (&self.conn, self.row);
+            let still_mine = || jobs::still_mine(conn, job, row).unwrap_or(true);
+            match job::run(&setup, job, &mut self.stop, still_mine).await {
                 Ran::Done(outcome) => outcome,
                 Ran::Interrupted => {
                     self.stopping = true;
                     return self.hand_back(job).await;
+                }
+                Ran::TakenAway => {
+                    info!(
+                        job = job.id,
+                        "the job was cancelled or given to another attempt: its command was stopped"
+                    );
+                    if let Err(e) = db::workers::release(&self.conn, self.row) {
+                        warn!(job = job.id, "setting the worker idle again: {e}");
+                    }
+                    return Ok(());
                 }
             }
         };
