@@ -604,3 +604,24 @@ pub fn http(
         .unwrap_or_default();
     Ok((status, body))
 }
+
+/// Ends a process the test started (SIGTERM, then SIGKILL after 10 s) when
+/// dropped, also when the test fails.
+pub struct ChildGuard(pub Option<i32>);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let Some(pid) = self.0.take() else { return };
+        let pid = nix::unistd::Pid::from_raw(pid);
+        if nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).is_err() {
+            return;
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline && alive(pid.as_raw()) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if alive(pid.as_raw()) {
+            nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).ok();
+        }
+    }
+}
