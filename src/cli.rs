@@ -170,6 +170,63 @@ pub enum Command {
         #[arg(long, short = 'c', value_name = "FILE")]
         config: PathBuf,
     },
+    /// Change how many workers of types run: `scale upper=4 wordcount=1`.
+    #[command(
+        after_help = "Grows at once; shrinks by retiring idle workers first, busy ones after their current job (unless --now).\nExit codes: 0 done; 1 no supervisor, or it refused; 2 usage error."
+    )]
+    Scale {
+        #[command(flatten)]
+        db: DbArgs,
+        /// TYPE=N pairs.
+        #[arg(required = true, value_parser = parse_scale, value_name = "TYPE=N")]
+        counts: Vec<(String, u32)>,
+        /// Retire busy workers at once (their jobs go back to the queue).
+        #[arg(long)]
+        now: bool,
+    },
+    /// Replace workers: all, a type's, or single slots (`TYPE-N`); revives given-up slots.
+    #[command(
+        after_help = "Busy workers finish their job first unless --now. With --rolling one slot at a time, each replacement registered before the next goes.\nExit codes: 0 replaced; 1 no supervisor, or a replacement did not register; 2 usage error."
+    )]
+    Restart {
+        #[command(flatten)]
+        db: DbArgs,
+        /// TYPE or TYPE-N; every worker when none.
+        targets: Vec<String>,
+        /// One at a time, so capacity never drops by more than one worker.
+        #[arg(long)]
+        rolling: bool,
+        /// Do not wait for busy workers to finish their job.
+        #[arg(long)]
+        now: bool,
+    },
+    /// Re-read the config and apply the difference (as SIGHUP does).
+    #[command(
+        after_help = "New entries start, removed ones stop after their jobs, count changes scale, changed entries are replaced one at a time; unchanged workers are not touched. An invalid config changes nothing.\nExit codes: 0 applied; 1 refused (every problem is printed) or no supervisor."
+    )]
+    Reload {
+        #[command(flatten)]
+        db: DbArgs,
+    },
+    /// Show the workers' logs, interleaved by time: `logs upper-0 -f`.
+    Logs {
+        #[command(flatten)]
+        db: DbArgs,
+        /// TYPE or TYPE-N; every worker when none.
+        targets: Vec<String>,
+        /// Keep following (across rotations and restarts) until interrupted.
+        #[arg(short, long)]
+        follow: bool,
+        /// Show the last N lines first.
+        #[arg(short = 'n', long = "lines", default_value_t = 20, value_name = "N")]
+        lines: usize,
+        /// Only lines written within this long (e.g. 10m).
+        #[arg(long, value_parser = humantime::parse_duration, value_name = "AGE")]
+        since: Option<Duration>,
+        /// The log folder (default: the config's log_dir, or `logs` beside the database).
+        #[arg(long, value_name = "DIR")]
+        log_dir: Option<PathBuf>,
+    },
     /// Print a shell completion script: `clx-pool completions bash > /etc/bash_completion.d/clx-pool`.
     Completions {
         /// The shell.
@@ -272,6 +329,17 @@ pub enum JobsAction {
     },
 }
 
+fn parse_scale(s: &str) -> Result<(String, u32), String> {
+    let (t, n) = s
+        .split_once('=')
+        .ok_or_else(|| format!("`{s}`: expected TYPE=N, e.g. upper=4"))?;
+    let n: u32 = n.parse().map_err(|_| format!("`{s}`: N must be a whole number"))?;
+    if t.is_empty() {
+        return Err(format!("`{s}`: the type is missing"));
+    }
+    Ok((t.to_string(), n))
+}
+
 fn parse_job_status(s: &str) -> Result<JobStatus, String> {
     s.parse().map_err(|e: crate::vocab::UnknownWord| e.to_string())
 }
@@ -288,6 +356,9 @@ pub struct WorkerArgs {
     /// jobs meant for that mode (or for any).
     #[arg(long, default_value_t = ModeKind::Direct, value_parser = parse_mode_kind)]
     pub execution_mode: ModeKind,
+    /// Leave (exit 0) after this many jobs, to be replaced (`max_jobs`).
+    #[arg(long, value_name = "N")]
+    pub max_jobs: Option<u32>,
     /// Benchmarking aid: complete every claimed job at once without running
     /// anything, to measure the queue alone.
     #[arg(long, hide = true)]

@@ -111,6 +111,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 heartbeat_interval: args.heartbeat_interval,
                 poll_interval: args.poll_interval,
                 execution_mode: args.execution_mode,
+                max_jobs: args.max_jobs,
             })
             .await?;
             Ok(0)

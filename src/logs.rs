@@ -25,6 +25,8 @@ pub struct RotatingLog {
     keep: u32,
     /// The last write or rotation failed (said once, not per write).
     failing: bool,
+    /// The next byte written starts a line (and gets a timestamp).
+    line_start: bool,
 }
 
 impl RotatingLog {
@@ -41,6 +43,7 @@ impl RotatingLog {
             max_size,
             keep,
             failing: false,
+            line_start: true,
         })
     }
 
@@ -55,6 +58,25 @@ impl RotatingLog {
             }
             Err(_) => {}
         }
+    }
+
+    /// Writes output, each line prefixed with the time it was read
+    /// (RFC 3339, UTC, milliseconds), so `clx-pool logs` can interleave
+    /// the logs of several workers.
+    pub fn write_lines(&mut self, buf: &[u8]) {
+        let stamp = format!("{} ", humantime::format_rfc3339_millis(std::time::SystemTime::now()));
+        let mut out = Vec::with_capacity(buf.len() + 32);
+        for &b in buf {
+            if self.line_start {
+                out.extend_from_slice(stamp.as_bytes());
+                self.line_start = false;
+            }
+            out.push(b);
+            if b == b'\n' {
+                self.line_start = true;
+            }
+        }
+        self.write(&out);
     }
 
     pub fn write(&mut self, buf: &[u8]) {
@@ -141,7 +163,7 @@ pub async fn drain(mut reader: pipe::Receiver, mut log: RotatingLog, tail: Tail)
         match reader.read(&mut buf).await {
             Ok(0) | Err(_) => break,
             Ok(n) => {
-                log.write(&buf[..n]);
+                log.write_lines(&buf[..n]);
                 tail.push(&buf[..n]);
             }
         }
@@ -150,13 +172,10 @@ pub async fn drain(mut reader: pipe::Receiver, mut log: RotatingLog, tail: Tail)
 
 /// Writes a marker line (worker started, stopped…) into a slot's log.
 pub fn mark(log: &mut RotatingLog, text: &str) {
-    log.write(
-        format!(
-            "=== {} {text} ===\n",
-            humantime::format_rfc3339_seconds(std::time::SystemTime::now())
-        )
-        .as_bytes(),
-    );
+    if !log.line_start {
+        log.write_lines(b"\n");
+    }
+    log.write_lines(format!("=== {text} ===\n").as_bytes());
 }
 
 #[cfg(test)]
@@ -175,6 +194,24 @@ mod tests {
         assert!(dir.path().join("w.log.1").exists());
         assert!(dir.path().join("w.log.2").exists());
         assert!(!dir.path().join("w.log.3").exists());
+    }
+
+    #[test]
+    fn every_line_gets_the_time_it_was_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.log");
+        let mut log = RotatingLog::open(&path, 1 << 20, 1).unwrap();
+        log.write_lines(b"one\ntw");
+        log.write_lines(b"o\nthree\n");
+        mark(&mut log, "started");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 4, "{text}");
+        for (line, rest) in lines.iter().zip(["one", "two", "three", "=== started ==="]) {
+            let (stamp, after) = line.split_once(' ').unwrap();
+            assert!(humantime::parse_rfc3339(stamp).is_ok(), "{line}");
+            assert_eq!(after, rest);
+        }
     }
 
     #[test]

@@ -226,6 +226,15 @@ pub enum EndEvent {
     SpawnFailed,
     #[serde(rename = "stopped")]
     Stopped,
+    /// Replaced on purpose (`restart`, a reload that changed its entry).
+    #[serde(rename = "replaced")]
+    Replaced,
+    /// Replaced after `max_jobs` or `max_memory`.
+    #[serde(rename = "recycled")]
+    Recycled,
+    /// Its slot ended (`scale` down, a reload that removed its entry).
+    #[serde(rename = "retired")]
+    Retired,
 }
 
 spelled!(EndEvent, "worker event" {
@@ -234,6 +243,9 @@ spelled!(EndEvent, "worker event" {
     NoRegister => "no-register",
     SpawnFailed => "spawn-failed",
     Stopped => "stopped",
+    Replaced => "replaced",
+    Recycled => "recycled",
+    Retired => "retired",
 });
 
 /// The event types of CLM's `worker_events` table that clx-pool writes, so

@@ -3,7 +3,9 @@
 
 pub mod check;
 pub mod colour;
+pub mod control;
 pub mod jobs;
+pub mod logs;
 pub mod progress;
 pub mod stats;
 pub mod stop;
@@ -85,6 +87,44 @@ pub async fn run(cmd: &Command) -> anyhow::Result<i32> {
         }
         Command::Jobs { action, list } => jobs::run(action.as_ref(), list),
         Command::Check { config } => check::run(config).await,
+        Command::Scale { db, counts, now } => {
+            let request = crate::supervisor::control::Request::Scale {
+                counts: counts.clone(),
+                now: *now,
+            };
+            control::run(db, request).await
+        }
+        Command::Restart {
+            db,
+            targets,
+            rolling,
+            now,
+        } => {
+            let request = crate::supervisor::control::Request::Restart {
+                targets: targets.clone(),
+                rolling: *rolling,
+                now: *now,
+            };
+            control::run(db, request).await
+        }
+        Command::Reload { db } => control::run(db, crate::supervisor::control::Request::Reload).await,
+        Command::Logs {
+            db,
+            targets,
+            follow,
+            lines,
+            since,
+            log_dir,
+        } => {
+            let options = logs::Options {
+                targets: targets.clone(),
+                follow: *follow,
+                lines: *lines,
+                since: *since,
+                log_dir: log_dir.clone(),
+            };
+            logs::run(db, options).await
+        }
         Command::Completions { shell } => {
             let mut cmd = <crate::cli::Cli as clap::CommandFactory>::command();
             let mut out = Vec::new();

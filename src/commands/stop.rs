@@ -26,7 +26,14 @@ pub async fn run(args: &DbArgs, timeout: Duration) -> anyhow::Result<i32> {
             pid = super::supervisor_pid(&db_path);
         }
         if let Some(pid) = pid {
-            procs::signal_process(pid, Signal::SIGTERM)?;
+            // The control socket first; a signal if it does not answer.
+            let asked = matches!(
+                crate::supervisor::control::ask(&db_path, &crate::supervisor::control::Request::Stop).await,
+                Ok(Some(r)) if r.ok
+            );
+            if !asked {
+                procs::signal_process(pid, Signal::SIGTERM)?;
+            }
             eprintln!("stopping the supervisor (pid {pid}) of {} ...", db_path.display());
             let progress = super::progress::Progress::new("workers stopped");
             let mut looked = Instant::now() - Duration::from_secs(1);

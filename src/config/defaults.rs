@@ -87,6 +87,7 @@ pub const POOL_KEYS: &[&str] = &[
     "cache_db_path",
     "api_listen",
     "api_token_file",
+    "on_event",
 ];
 
 /// The keys of a `[[workers]]` entry.
@@ -104,6 +105,8 @@ pub const WORKER_KEYS: &[&str] = &[
     "job_command",
     "env",
     "user",
+    "max_jobs",
+    "max_memory",
 ];
 
 /// The top-level tables.

@@ -32,7 +32,7 @@ pub struct Config {
     pub warnings: Vec<String>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PoolConfig {
     /// The generation of workers; unset, the database decides (a new one
     /// gets CLX).
@@ -64,6 +64,9 @@ pub struct PoolConfig {
     pub api_listen: Option<std::net::SocketAddr>,
     /// The Worker API's token, instead of a random one per run.
     pub api_token_file: Option<PathBuf>,
+    /// Run on notable events (a slot given up, a crash loop, a hung kill, a
+    /// job failing for good), with the event as JSON on stdin.
+    pub on_event: Option<Vec<String>>,
 }
 
 /// What of the supervisor's environment a direct worker inherits (the
@@ -148,7 +151,7 @@ pub enum WorkerProgram {
     JobCommand(Vec<String>),
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct WorkerConfig {
     pub worker_type: String,
     pub count: u32,
@@ -165,6 +168,10 @@ pub struct WorkerConfig {
     pub env: BTreeMap<String, String>,
     /// Who a container runs as.
     pub user: ContainerUser,
+    /// Replace a worker after this many jobs …
+    pub max_jobs: Option<u32>,
+    /// … or once its memory (process tree RSS, container usage) passes this.
+    pub max_memory: Option<u64>,
     /// Line of the `[[workers]]` header, for messages about this entry.
     pub line: usize,
 }

@@ -246,7 +246,17 @@ fn pool<'t>(r: &mut Reader<'t>, t: &Table<'t>, base: &Path) -> PoolConfig {
         cache_db_path,
         api_listen: api_listen(&mut k),
         api_token_file: k.path("api_token_file", base),
+        on_event: on_event(&mut k),
     }
+}
+
+fn on_event(k: &mut Keys) -> Option<Vec<String>> {
+    let cmd = k.list("on_event")?;
+    if cmd.is_empty() || cmd[0].is_empty() {
+        k.problem("on_event", "needs a program: [\"notify-send\", \"clx-pool\"]".into());
+        return None;
+    }
+    Some(cmd)
 }
 
 /// `api_listen`: `"ADDRESS:PORT"` or `"ADDRESS"` (any free port). An
@@ -346,6 +356,16 @@ fn worker<'t>(
             .map(|(e, _)| e)
             .unwrap_or_default();
     let user = container_user(&mut k, execution_mode);
+    let max_jobs =
+        k.r.get::<i64>(t, "max_jobs", "a whole number")
+            .and_then(|(n, _)| match u32::try_from(n) {
+                Ok(n) if n >= 1 => Some(n),
+                _ => {
+                    k.problem("max_jobs", format!("must be at least 1, got {n}"));
+                    None
+                }
+            });
+    let max_memory = k.size("max_memory", 1024 * 1024, "\"512m\", \"2g\"");
     let line = k.r.line_of(t, "worker_type").or(t.line).unwrap_or(1);
     if k.r.problems.len() > before {
         return None;
@@ -362,6 +382,8 @@ fn worker<'t>(
         program,
         env,
         user,
+        max_jobs,
+        max_memory,
         line: t.line.unwrap_or(line),
     })
 }

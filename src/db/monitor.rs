@@ -35,6 +35,8 @@ pub struct Observed {
     pub job: Option<(i64, Duration)>,
     /// No memory figure was written for it yet (a new worker).
     pub unmeasured: bool,
+    /// Jobs it finished (completed or failed).
+    pub jobs_done: i64,
 }
 
 pub fn observe(c: &mut Connection, f: &Filter) -> rusqlite::Result<Vec<Observed>> {
@@ -43,7 +45,8 @@ pub fn observe(c: &mut Connection, f: &Filter) -> rusqlite::Result<Vec<Observed>
             SELECT s.worker_type, s.slot, w.id, s.pid, w.status, s.execution_mode, s.worker_id,
                    COALESCE(unixepoch('now') - unixepoch(w.last_heartbeat), 0) AS hb_age,
                    j.id AS job, unixepoch('now') - unixepoch(j.started_at) AS job_age,
-                   w.memory_usage IS NULL AS unmeasured, j.started_at AS job_started
+                   w.memory_usage IS NULL AS unmeasured, j.started_at AS job_started,
+                   COALESCE(w.jobs_processed, 0) + COALESCE(w.jobs_failed, 0) AS done
             FROM clx_pool_slots s
             JOIN workers w ON w.id = s.worker_row
             LEFT JOIN jobs j ON j.worker_id = w.id AND j.status = 'processing'
@@ -79,6 +82,7 @@ pub fn observe(c: &mut Connection, f: &Filter) -> rusqlite::Result<Vec<Observed>
             heartbeat_age: secs(r.get(7)?),
             job: job.map(|j| (j, secs(age.unwrap_or(0)))),
             unmeasured: r.get(10)?,
+            jobs_done: r.get(12)?,
         })
     })?;
     let mut out: Vec<Observed> = Vec::new();
@@ -91,6 +95,18 @@ pub fn observe(c: &mut Connection, f: &Filter) -> rusqlite::Result<Vec<Observed>
         out.push(o);
     }
     Ok(out)
+}
+
+/// Jobs that failed for good in the last hour: (id, type, error).
+pub fn recently_failed(c: &mut Connection) -> rusqlite::Result<Vec<(i64, String, Option<String>)>> {
+    c.prepare_cached(
+        "SELECT id, job_type, error FROM jobs
+         WHERE status = 'failed' AND COALESCE(completed_at, started_at) >= datetime('now', '-1 hour')
+           AND error IS NOT 'cancelled (clx-pool jobs cancel)'
+         ORDER BY id DESC LIMIT 100",
+    )?
+    .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+    .collect()
 }
 
 /// Writes CPU % (kept when None) and memory (MiB) of workers, in one

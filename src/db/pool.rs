@@ -396,6 +396,25 @@ fn clm_end_event(
     )
 }
 
+/// The slots of a type whose worker is busy.
+pub fn busy_slots(conn: &Connection, worker_type: &str) -> rusqlite::Result<Vec<u32>> {
+    conn.prepare(
+        "SELECT s.slot FROM clx_pool_slots s JOIN workers w ON w.id = s.worker_row
+         WHERE s.worker_type = ?1 AND w.status = 'busy'",
+    )?
+    .query_map([worker_type], |r| r.get(0))?
+    .collect()
+}
+
+/// A slot that ended for good (scaled down, its entry removed).
+pub fn remove_slot(conn: &Connection, slot: &SlotId) -> rusqlite::Result<()> {
+    conn.execute(
+        "DELETE FROM clx_pool_slots WHERE worker_type = ?1 AND slot = ?2",
+        params![slot.worker_type, slot.index],
+    )?;
+    Ok(())
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct SlotRow {
     pub worker_type: String,

@@ -38,6 +38,9 @@ pub struct DirectWorker {
     killed_by_us: bool,
     /// The task copying its output to the log and the tail.
     drain: Option<tokio::task::JoinHandle<()>>,
+    /// The built-in worker finishes its job on SIGUSR1; other workers are
+    /// only told to stop once idle (SIGTERM to the group).
+    builtin: bool,
 }
 
 /// How long the output of a worker that exited may take to be read to its
@@ -83,6 +86,7 @@ pub fn launch(spec: &Launch) -> anyhow::Result<DirectWorker> {
         oom_kills_at_start: procs::oom_kills(),
         killed_by_us: false,
         drain: Some(drain),
+        builtin: matches!(spec.program, WorkerProgram::JobCommand(_)),
     })
 }
 
@@ -178,6 +182,22 @@ impl DirectWorker {
             tracing::debug!(worker = %self.worker_id, "its output pipe is still open after it exited");
         }
         cause
+    }
+
+    /// Tells the worker to finish: the built-in worker after its current
+    /// job (SIGUSR1 to it alone, so its job command is not touched), any
+    /// other worker now (SIGTERM to its group; it is idle by then).
+    pub fn finish(&self) {
+        if self.exit.is_some() {
+            return;
+        }
+        if self.builtin {
+            if let Err(e) = procs::signal_process(self.process.pid, Signal::SIGUSR1) {
+                tracing::warn!(worker = %self.worker_id, "telling the worker to finish: {e}");
+            }
+        } else {
+            self.signal(Signal::SIGTERM);
+        }
     }
 
     /// Signals the worker's process group; a group already gone is fine.

@@ -14,8 +14,9 @@ use anyhow::Context;
 use bollard::Docker;
 use bollard::models::{ContainerCreateBody, HostConfig, NetworkCreateRequest};
 use bollard::query_parameters::{
-    CreateContainerOptionsBuilder, EventsOptionsBuilder, ListContainersOptionsBuilder, ListNetworksOptionsBuilder,
-    LogsOptionsBuilder, RemoveContainerOptionsBuilder, StatsOptionsBuilder, StopContainerOptionsBuilder,
+    CreateContainerOptionsBuilder, EventsOptionsBuilder, KillContainerOptionsBuilder, ListContainersOptionsBuilder,
+    ListNetworksOptionsBuilder, LogsOptionsBuilder, RemoveContainerOptionsBuilder, StatsOptionsBuilder,
+    StopContainerOptionsBuilder,
 };
 use futures_util::StreamExt;
 use sha2::{Digest, Sha256};
@@ -275,6 +276,7 @@ impl DockerEngine {
             id,
             name,
             exit: None,
+            builtin: matches!(spec.program, WorkerProgram::JobCommand(_)),
         })
     }
 
@@ -413,7 +415,7 @@ async fn drain_logs(
 ) {
     while let Some(Ok(chunk)) = stream.next().await {
         let bytes = chunk.into_bytes();
-        log.write(&bytes);
+        log.write_lines(&bytes);
         tail.push(&bytes);
     }
 }
@@ -443,6 +445,8 @@ pub struct DockerWorker {
     id: String,
     name: String,
     exit: Option<EndCause>,
+    /// The built-in worker finishes its job on SIGUSR1 (see direct mode).
+    builtin: bool,
 }
 
 impl DockerWorker {
@@ -505,6 +509,20 @@ impl DockerWorker {
     }
 
     /// `docker stop` with the grace time (SIGTERM, then SIGKILL), then remove.
+    /// Tells the container's worker to finish (see `DirectWorker::finish`).
+    pub async fn finish(&self) {
+        if self.exit.is_some() {
+            return;
+        }
+        let signal = if self.builtin { "SIGUSR1" } else { "SIGTERM" };
+        let opts = KillContainerOptionsBuilder::default().signal(signal).build();
+        if let Err(e) = self.engine.client.kill_container(&self.id, Some(opts)).await
+            && !is_not_found(&e)
+        {
+            tracing::warn!(container = %self.name, "telling the worker to finish ({signal}): {e}");
+        }
+    }
+
     pub async fn stop(&mut self, grace: Duration) -> EndCause {
         if self.exit.is_none() {
             let t = grace.as_secs_f64().ceil() as i32;

@@ -77,8 +77,11 @@ impl Launch {
             humantime::format_duration(self.heartbeat_interval).to_string(),
             "--execution-mode".into(),
             mode.to_string(),
-            "--".into(),
         ];
+        if let Some(n) = self.max_jobs {
+            argv.extend(["--max-jobs".to_string(), n.to_string()]);
+        }
+        argv.push("--".into());
         argv.extend(job_command.iter().cloned());
         argv
     }
@@ -107,6 +110,8 @@ pub struct Launch {
     pub log_level: String,
     /// Passed to the built-in worker.
     pub heartbeat_interval: Duration,
+    /// Passed to the built-in worker: it leaves after this many jobs.
+    pub max_jobs: Option<u32>,
     /// Working directory of a direct worker (the config file's folder).
     pub cwd: PathBuf,
     pub memory_limit: Option<u64>,
@@ -211,6 +216,15 @@ impl Running {
         match self {
             Running::Direct(w) => w.stop(grace).await,
             Running::Docker(w) => w.stop(grace).await,
+        }
+    }
+
+    /// Tells the worker to finish (after its current job, for the built-in
+    /// worker); `wait` then sees it exit.
+    pub async fn finish(&self) {
+        match self {
+            Running::Direct(w) => w.finish(),
+            Running::Docker(w) => w.finish().await,
         }
     }
 

@@ -118,21 +118,35 @@ pub async fn plan(config: &Config) -> Plan {
     };
     let mut decisions = Vec::new();
     for w in &config.workers {
-        let name = w.image.clone().unwrap_or_default();
-        let image = match (&engine, w.image.as_deref()) {
-            (_, None) => Image::NotConfigured,
-            (Some(e), Some(i)) if w.execution_mode != ExecutionMode::Direct => {
-                if docker::image_exists(&e.client, i).await {
-                    Image::Present
-                } else {
-                    Image::Missing
-                }
-            }
-            _ => Image::Missing,
-        };
-        decisions.push(decide(w.execution_mode, &state, image, &name));
+        decisions.push(decide_with(w, &state, engine.as_ref().map(|e| &e.client)).await);
     }
     Plan { engine, decisions }
+}
+
+/// One entry, with the engine as it is known (a reload uses the running
+/// pool's engine, or none if it started without Docker).
+pub async fn decide_one(w: &crate::config::WorkerConfig, client: Option<&bollard::Docker>) -> Decision {
+    let state = match client {
+        Some(_) => Engine::Up,
+        None => Engine::Down("the pool runs without a Docker engine".into()),
+    };
+    decide_with(w, &state, client).await
+}
+
+async fn decide_with(w: &crate::config::WorkerConfig, state: &Engine, client: Option<&bollard::Docker>) -> Decision {
+    let name = w.image.clone().unwrap_or_default();
+    let image = match (client, w.image.as_deref()) {
+        (_, None) => Image::NotConfigured,
+        (Some(c), Some(i)) if w.execution_mode != ExecutionMode::Direct => {
+            if docker::image_exists(c, i).await {
+                Image::Present
+            } else {
+                Image::Missing
+            }
+        }
+        _ => Image::Missing,
+    };
+    decide(w.execution_mode, state, image, &name)
 }
 
 #[cfg(test)]

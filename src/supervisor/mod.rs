@@ -5,13 +5,16 @@
 //! parallel before exiting; a second signal kills them at once.
 
 pub mod cleanup;
+pub mod control;
+pub mod fleet;
 pub mod guard;
+pub mod manage;
 pub mod monitor;
+pub mod notify;
 pub mod policy;
 pub mod registry;
 pub mod slot;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -30,7 +33,7 @@ use crate::executor::docker::DockerEngine;
 use crate::executor::plan::{self, Decision};
 use crate::lock::SupervisorLock;
 use crate::procs;
-use crate::vocab::{Mode, ModeKind, Protocol, SlotId, SupervisorState, WorkerRow};
+use crate::vocab::{Mode, ModeKind, Protocol, SupervisorState, WorkerRow};
 use slot::Settled;
 
 /// What `start` prepared before any worker runs.
@@ -55,15 +58,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // The one reaper runs until every worker is stopped and reaped.
     let reaper_token = CancellationToken::new();
     let reaper = spawn_reaper(reaper_token.clone())?;
-    let (ready_rx, mut tasks, monitor) = start_pool(&config, &prepared, &token)?;
+    // Orders from `scale`, `restart`, `reload` and `stop`; SIGHUP reloads.
+    let requests = control::serve(&config.pool.db_path, token.clone())?;
+    let hangups = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let (ready_rx, mut manager, monitor) = start_pool(&config, &prepared, &token);
     info!(workers = config.total_workers(), db = %config.pool.db_path.display(), "starting pool");
     if await_settled(ready_rx, config.total_workers(), &token, started).await {
         record_state(&prepared.db, SupervisorState::Running).await;
-        token.cancelled().await;
+        manager.run(requests, hangups).await;
     }
     record_state(&prepared.db, SupervisorState::Stopping).await;
     let stopping = Instant::now();
-    while let Some(res) = tasks.join_next().await {
+    while let Some(res) = manager.fleet.tasks.join_next().await {
         if let Err(e) = res {
             error!("a slot task failed: {e}");
         }
@@ -277,68 +283,49 @@ fn handle_signals(token: &CancellationToken, config: &Arc<Config>) -> anyhow::Re
             procs::sweep(move || procs::find_pool_processes(&db), Duration::from_secs(5)).await;
         });
     }
-    let mut hangups = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
-    signals.spawn(async move {
-        while hangups.recv().await.is_some() {
-            warn!("SIGHUP received and ignored (the pool goes on; stop it with `clx-pool stop` or SIGTERM)");
-        }
-    });
     Ok(signals)
 }
 
-/// Starts the registry, one task per slot, the reaper and the monitor.
+/// Starts the registry, one task per slot, and the monitor; returns the
+/// manager that changes the pool while it runs.
 fn start_pool(
     config: &Arc<Config>,
     p: &Prepared,
     token: &CancellationToken,
-) -> anyhow::Result<(
+) -> (
     mpsc::UnboundedReceiver<Settled>,
-    JoinSet<()>,
+    manage::Manager,
     tokio::task::JoinHandle<()>,
-)> {
+) {
     let registry = registry::Registry::spawn(p.db.clone(), p.after_row, token.child_token());
     let (ready_tx, ready_rx) = mpsc::unbounded_channel();
-    let mut tasks = JoinSet::new();
-    let mut hung_senders = HashMap::new();
-    for (worker, (executor, mode)) in config.workers.iter().zip(&p.executors) {
-        let worker = Arc::new(worker.clone());
-        for index in 0..worker.count {
-            let (hung_tx, hung) = mpsc::unbounded_channel();
-            hung_senders.insert(
-                SlotId {
-                    worker_type: worker.worker_type.clone(),
-                    index,
-                },
-                hung_tx,
-            );
-            let mut io = slot::SlotIo::new(
-                config.clone(),
-                worker.clone(),
-                index,
-                p.db.clone(),
-                registry.clone(),
-                hung,
-                executor.clone(),
-                *mode,
-                ready_tx.clone(),
-            );
-            let ctx = slot::machine::Context::new(config.pool.restart.clone(), config.pool.startup_timeout);
-            let timing = slot::Timing {
-                startup_timeout: config.pool.startup_timeout,
-                stop_timeout: config.pool.stop_timeout,
-            };
-            let token = token.clone();
-            tasks.spawn(async move { slot::run(&mut io, ctx, timing, token).await });
-        }
-    }
+    let notifier = notify::Notifier::new(config.pool.on_event.clone());
+    let mut fleet = fleet::Fleet::new(
+        config.clone(),
+        &p.executors,
+        p.db.clone(),
+        registry,
+        token.clone(),
+        ready_tx,
+        notifier.clone(),
+    );
+    fleet.start_all();
     let monitor = monitor::Monitor {
-        config: config.clone(),
+        config: fleet.config.clone(),
         db: p.db.clone(),
         token: token.clone(),
-        slots: hung_senders,
+        slots: fleet.directory.clone(),
         engine: p.engine.clone(),
+        notifier,
     };
-    Ok((ready_rx, tasks, tokio::spawn(monitor.run())))
+    let manager = manage::Manager {
+        fleet,
+        protocol: p.db.protocol(),
+        engine: p.engine.clone(),
+        api: p.api.as_ref().map(|a| a.endpoint.clone()),
+        token: token.clone(),
+    };
+    (ready_rx, manager, tokio::spawn(monitor.run()))
 }
 
 /// The one reaper: as child subreaper the supervisor also inherits its

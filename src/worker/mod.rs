@@ -17,6 +17,8 @@ pub mod job;
 pub mod placeholders;
 
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -43,6 +45,8 @@ pub struct WorkerOptions {
     pub heartbeat_interval: Duration,
     pub poll_interval: Duration,
     pub execution_mode: ModeKind,
+    /// Exit (code 0) after this many jobs: the supervisor replaces it.
+    pub max_jobs: Option<u32>,
 }
 
 struct Identity {
@@ -174,8 +178,19 @@ pub async fn run(opts: WorkerOptions) -> anyhow::Result<()> {
     let me = identity()?;
     let (conn, protocol) = db::open_existing(&me.db_path).map_err(|e| unavailable(e, &me))?;
     let row = register(&conn, protocol, &me).await.map_err(|e| unavailable(e, &me))?;
+    // SIGUSR1: finish the current job, then leave (a graceful replacement).
+    let finish = Arc::new(AtomicBool::new(false));
+    let mut usr1 = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())?;
+    let flag = finish.clone();
+    tokio::spawn(async move {
+        while usr1.recv().await.is_some() {
+            flag.store(true, Ordering::SeqCst);
+        }
+    });
     let mut worker = Worker {
         stop: StopSignals::install()?,
+        finish,
+        jobs_done: 0,
         conn,
         protocol,
         row,
@@ -196,6 +211,9 @@ struct Worker {
     me: Identity,
     opts: WorkerOptions,
     stop: StopSignals,
+    /// Set by SIGUSR1: finish the current job, then leave.
+    finish: Arc<AtomicBool>,
+    jobs_done: u32,
     last_heartbeat: Instant,
     /// `PRAGMA data_version` changes only when another connection commits:
     /// while it stands still, nothing new can have been queued.
@@ -215,10 +233,21 @@ impl Worker {
     async fn serve(&mut self) -> anyhow::Result<()> {
         let mut backoff = Backoff::default();
         while !self.stopping {
+            if self.finish.load(Ordering::SeqCst) {
+                info!(worker = %self.me.worker_id, "told to finish (SIGUSR1): leaving");
+                break;
+            }
+            if let Some(n) = self.opts.max_jobs
+                && self.jobs_done >= n
+            {
+                info!(worker = %self.me.worker_id, "did {n} jobs (max_jobs): leaving to be replaced");
+                break;
+            }
             match self.turn() {
                 Ok(Turn::Job(job)) => {
                     backoff = Backoff::default();
                     self.work(&job).await?;
+                    self.jobs_done += 1;
                 }
                 Ok(Turn::Idle) => {
                     backoff = Backoff::default();

@@ -13,17 +13,19 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use crate::config::Config;
+use super::fleet::{Directory, SharedConfig, lock};
+use super::notify::Notifier;
+use super::slot::{Command, Order, Why};
+use crate::config::{Config, WorkerProgram};
 use crate::db::Db;
 use crate::db::monitor::{Filter, Observed};
 use crate::executor::docker::DockerEngine;
 use crate::procs;
-use crate::vocab::{HungReason, SlotId, WorkerRow};
+use crate::vocab::{HungReason, WorkerRow};
 use rules::{Limits, Sample, Seen};
 
 /// A worker found hung: its row and why.
@@ -34,12 +36,16 @@ pub struct Hung {
 }
 
 pub struct Monitor {
-    pub config: Arc<Config>,
+    /// The config in force (a reload replaces it).
+    pub config: SharedConfig,
     pub db: Db,
     pub token: CancellationToken,
-    pub slots: HashMap<SlotId, mpsc::UnboundedSender<Hung>>,
+    /// The running slots: hung reports and recycling orders go there.
+    pub slots: Directory,
     /// For the CPU and memory of docker workers.
     pub engine: Option<Arc<DockerEngine>>,
+    /// `on_event`: told of hung kills and jobs failed for good.
+    pub notifier: Notifier,
 }
 
 /// How often CPU and memory are sampled when no zero-CPU rule needs every
@@ -59,33 +65,63 @@ struct State {
     reported: HashSet<WorkerRow>,
     /// When usage was last sampled for every worker.
     sampled_at: Option<Instant>,
+    /// Rows already asked to recycle.
+    recycling: HashSet<WorkerRow>,
+    /// Failed jobs already notified (with `on_event`).
+    notified: HashSet<i64>,
+}
+
+/// What a type's workers are judged by.
+struct Rules {
+    limits: Limits,
+    max_jobs: Option<u32>,
+    max_memory: Option<u64>,
+    /// The built-in worker counts its jobs itself (`--max-jobs`).
+    builtin: bool,
 }
 
 impl Monitor {
-    pub async fn run(self) {
-        let mut tick = tokio::time::interval(self.config.pool.check_interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut state = State::default();
-        let limits: HashMap<String, Limits> = self
-            .config
+    fn current(&self) -> Arc<Config> {
+        self.config.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn rules(&self) -> HashMap<String, Rules> {
+        self.current()
             .workers
             .iter()
             .map(|w| {
-                let l = Limits {
-                    heartbeat_timeout: w.heartbeat_timeout,
-                    max_job_time: w.max_job_time,
-                    hung_cpu: w.hung_cpu,
+                let r = Rules {
+                    limits: Limits {
+                        heartbeat_timeout: w.heartbeat_timeout,
+                        max_job_time: w.max_job_time,
+                        hung_cpu: w.hung_cpu,
+                    },
+                    max_jobs: w.max_jobs,
+                    max_memory: w.max_memory,
+                    builtin: matches!(w.program, WorkerProgram::JobCommand(_)),
                 };
-                (w.worker_type.clone(), l)
+                (w.worker_type.clone(), r)
             })
-            .collect();
+            .collect()
+    }
+
+    pub async fn run(self) {
+        let mut tick = tokio::time::interval(self.current().pool.check_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut state = State::default();
         loop {
             tokio::select! {
                 _ = self.token.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            if let Err(e) = self.tick(&mut state, &limits).await {
+            let rules = self.rules();
+            if let Err(e) = self.tick(&mut state, &rules).await {
                 warn!("monitor check failed: {e:#}");
+            }
+            if self.notifier.enabled()
+                && let Err(e) = self.notify_failed_jobs(&mut state).await
+            {
+                warn!("monitor: looking for failed jobs: {e:#}");
             }
             if let Err(e) = self.reconcile().await {
                 warn!("monitor reconciliation failed: {e:#}");
@@ -95,16 +131,21 @@ impl Monitor {
     }
 
     fn filter(&self, everything: bool) -> Filter {
-        let w = &self.config.workers;
+        let config = self.current();
+        let w = &config.workers;
+        // Recycling needs every worker's count and memory on every tick.
+        let recycling = w.iter().any(|w| {
+            w.max_memory.is_some() || (w.max_jobs.is_some() && !matches!(w.program, WorkerProgram::JobCommand(_)))
+        });
         Filter {
             min_heartbeat: w.iter().map(|w| w.heartbeat_timeout).min().unwrap_or_default(),
             min_job_time: w.iter().map(|w| w.max_job_time).min().unwrap_or_default(),
             all_busy: w.iter().any(|w| w.hung_cpu.is_some()),
-            everything,
+            everything: everything || recycling,
         }
     }
 
-    async fn tick(&self, state: &mut State, limits: &HashMap<String, Limits>) -> anyhow::Result<()> {
+    async fn tick(&self, state: &mut State, rules: &HashMap<String, Rules>) -> anyhow::Result<()> {
         let now = Instant::now();
         let period_due = state.sampled_at.is_none_or(|t| now.duration_since(t) >= USAGE_PERIOD);
         if period_due {
@@ -117,7 +158,11 @@ impl Monitor {
         let due: Vec<&Observed> = observed
             .iter()
             .filter(|o| {
-                period_due || o.unmeasured || limits.get(&o.slot.worker_type).is_some_and(|l| l.hung_cpu.is_some())
+                period_due
+                    || o.unmeasured
+                    || rules
+                        .get(&o.slot.worker_type)
+                        .is_some_and(|r| r.limits.hung_cpu.is_some() || r.max_memory.is_some())
             })
             .collect();
         let samples = self.sample(&due, now).await?;
@@ -127,7 +172,9 @@ impl Monitor {
             state.usage.retain(|r| live.contains(r));
             state.windows.retain(|(r, _), _| live.contains(r));
             state.reported.retain(|r| live.contains(r));
-            let (keep, age) = (self.config.pool.events_keep, self.config.pool.events_max_age.as_secs());
+            state.recycling.retain(|r| live.contains(r));
+            let pool = self.current().pool.clone();
+            let (keep, age) = (pool.events_keep, pool.events_max_age.as_secs());
             self.db
                 .call(move |c| crate::db::pool::prune_events(c, keep, age))
                 .await?;
@@ -140,13 +187,17 @@ impl Monitor {
             {
                 writes.push((o.row, cpu, mem));
             }
-            let Some(l) = limits.get(&o.slot.worker_type) else {
+            let Some(r) = rules.get(&o.slot.worker_type) else {
                 continue;
             };
             if !state.reported.contains(&o.row)
-                && let Some(reason) = judge(state, o, l, sample.map(|(s, _)| s))
+                && let Some(reason) = judge(state, o, &r.limits, sample.map(|(s, _)| s))
             {
                 self.report(state, o, reason);
+            } else if !state.recycling.contains(&o.row)
+                && let Some(why) = recycle_reason(o, r, sample.map(|(_, rss)| rss))
+            {
+                self.recycle(state, o, why);
             }
         }
         if !writes.is_empty() {
@@ -206,14 +257,48 @@ impl Monitor {
     }
 
     fn report(&self, state: &mut State, o: &Observed, reason: HungReason) {
-        let Some(tx) = self.slots.get(&o.slot) else { return };
+        let Some(slot) = lock(&self.slots).get(&o.slot).cloned() else {
+            return;
+        };
         warn!(slot = %o.slot, "worker is hung: {reason}");
         state.reported.insert(o.row);
+        self.notifier.send(
+            "hung",
+            serde_json::json!({ "slot": o.slot.to_string(), "worker_row": o.row, "reason": reason.to_string() }),
+        );
         // A slot that went away has nothing left to replace.
-        drop(tx.send(Hung {
+        drop(slot.hung.send(Hung {
             worker_row: o.row,
             reason,
         }));
+    }
+
+    /// Asks the worker's slot to replace it after its current job.
+    fn recycle(&self, state: &mut State, o: &Observed, why: String) {
+        let Some(slot) = lock(&self.slots).get(&o.slot).cloned() else {
+            return;
+        };
+        tracing::info!(slot = %o.slot, "recycling the worker: {why}");
+        state.recycling.insert(o.row);
+        let order = Order::Replace {
+            now: false,
+            why: Why::Recycle(why),
+        };
+        drop(slot.orders.send(Command { order, done: None }));
+    }
+
+    /// Tells `on_event` of jobs that failed for good since it last looked.
+    async fn notify_failed_jobs(&self, state: &mut State) -> anyhow::Result<()> {
+        let failed = self.db.call(crate::db::monitor::recently_failed).await?;
+        for (id, job_type, error) in failed {
+            if state.notified.insert(id) {
+                self.notifier.send(
+                    "job_failed",
+                    serde_json::json!({ "job_id": id, "job_type": job_type, "error": error }),
+                );
+            }
+        }
+        Ok(())
     }
 
     /// The safety net under every other recovery: any job still
@@ -241,6 +326,13 @@ impl Monitor {
 /// Applies the hung rules to one worker, keeping the window of the
 /// zero-CPU rule: it starts at the first sample of a job and restarts at
 /// each verdict.
+/// Whether a worker is due for recycling (see `rules::recycle`).
+fn recycle_reason(o: &Observed, r: &Rules, rss: Option<u64>) -> Option<String> {
+    // The built-in worker stops after `max_jobs` by itself (exactly).
+    let max_jobs = if r.builtin { None } else { r.max_jobs };
+    rules::recycle(o.jobs_done, rss, max_jobs, r.max_memory)
+}
+
 fn judge(state: &mut State, o: &Observed, limits: &Limits, sample: Option<Sample>) -> Option<HungReason> {
     let seen = Seen {
         status: o.status,

@@ -77,6 +77,24 @@ pub fn verdict(seen: &Seen, limits: &Limits, cpu: Option<(Sample, Sample)>) -> O
     }
 }
 
+/// Why a worker should be replaced after its current job, if it should:
+/// it did `max_jobs` jobs, or its memory passed `max_memory`.
+pub fn recycle(jobs_done: i64, rss: Option<u64>, max_jobs: Option<u32>, max_memory: Option<u64>) -> Option<String> {
+    if let Some(n) = max_jobs
+        && jobs_done >= i64::from(n)
+    {
+        return Some(format!("{jobs_done} jobs done (max_jobs = {n})"));
+    }
+    match (rss, max_memory) {
+        (Some(r), Some(m)) if r >= m => Some(format!(
+            "memory {} over max_memory = {}",
+            crate::config::format_size(r),
+            crate::config::format_size(m)
+        )),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -158,5 +176,29 @@ mod tests {
             ..idle(100)
         };
         assert_eq!(verdict(&hung, &limits, None), None);
+    }
+
+    #[test]
+    fn recycling_after_max_jobs_or_past_max_memory() {
+        let mib = 1024 * 1024;
+        for (done, rss, jobs, mem, want) in [
+            (2, None, Some(3), None, None),
+            (3, None, Some(3), None, Some("3 jobs done (max_jobs = 3)")),
+            (
+                0,
+                Some(100 * mib),
+                None,
+                Some(64 * mib),
+                Some("memory 100m over max_memory = 64m"),
+            ),
+            (0, Some(10 * mib), None, Some(64 * mib), None),
+            (9, Some(10 * mib), None, None, None),
+        ] {
+            assert_eq!(
+                recycle(done, rss, jobs, mem).as_deref(),
+                want,
+                "{done} {rss:?} {jobs:?} {mem:?}"
+            );
+        }
     }
 }

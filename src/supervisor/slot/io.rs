@@ -9,12 +9,14 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
-use super::machine::{Failure, Settled};
+use super::machine::{Failure, Settled, Why};
 use super::{Io, Worker, heartbeat_interval};
 use crate::config::{Config, WorkerConfig, WorkerProgram};
 use crate::db::{self, Db};
 use crate::executor::{Executor, Launch, Running};
+use crate::supervisor::fleet::{SharedEntry, lock};
 use crate::supervisor::monitor::Hung;
+use crate::supervisor::notify::Notifier;
 use crate::supervisor::registry::Registry;
 use crate::vocab::{
     EndCause, EndEvent, HungReason, Mode, Protocol, SlotId, SlotState, WorkerId, WorkerRow, WorkerStatus,
@@ -32,6 +34,10 @@ impl Worker for Running {
     async fn stop(&mut self, grace: Duration) -> EndCause {
         Running::stop(self, grace).await
     }
+
+    async fn drain(&mut self) {
+        self.finish().await;
+    }
 }
 
 /// Everything a slot touches.
@@ -48,41 +54,67 @@ pub struct SlotIo {
     pub mode: Mode,
     /// Told once how the slot settled.
     pub ready: mpsc::UnboundedSender<Settled>,
+    /// The entry's setup, shared with the fleet (a reload changes it).
+    entry: SharedEntry,
+    /// `on_event`: a slot given up, a crash loop.
+    notifier: Notifier,
     /// The id of the current (or last) worker, and the row pre-registered
     /// for it (CLM).
     current: Option<WorkerId>,
     preregistered: Option<WorkerRow>,
 }
 
+/// What every slot of a pool shares.
+#[derive(Clone)]
+pub struct Links {
+    pub db: Db,
+    pub registry: Registry,
+    /// Told once how each slot settled.
+    pub ready: mpsc::UnboundedSender<Settled>,
+    pub notifier: Notifier,
+}
+
 impl SlotIo {
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         config: Arc<Config>,
-        worker: Arc<WorkerConfig>,
+        entry: SharedEntry,
         index: u32,
-        db: Db,
-        registry: Registry,
+        links: Links,
         hung: mpsc::UnboundedReceiver<Hung>,
-        executor: Executor,
-        mode: Mode,
-        ready: mpsc::UnboundedSender<Settled>,
     ) -> SlotIo {
+        let Links {
+            db,
+            registry,
+            ready,
+            notifier,
+        } = links;
+        let e = lock(&entry).clone();
         SlotIo {
             slot: SlotId {
-                worker_type: worker.worker_type.clone(),
+                worker_type: e.worker.worker_type.clone(),
                 index,
             },
             config,
-            worker,
+            worker: e.worker,
+            executor: e.executor,
+            mode: e.mode,
+            entry,
+            notifier,
             db,
             registry,
             hung,
-            executor,
-            mode,
             ready,
             current: None,
             preregistered: None,
         }
+    }
+
+    /// What the entry runs now (a reload may have changed it).
+    fn refresh(&mut self) {
+        let e = lock(&self.entry).clone();
+        self.worker = e.worker;
+        self.executor = e.executor;
+        self.mode = e.mode;
     }
 
     fn protocol(&self) -> Protocol {
@@ -113,6 +145,7 @@ impl SlotIo {
             workspace: pool.workspace_path.clone(),
             log_level: pool.log_level.to_ascii_uppercase(),
             heartbeat_interval: heartbeat_interval(self.worker.heartbeat_timeout),
+            max_jobs: self.worker.max_jobs,
             cwd: self
                 .config
                 .path
@@ -267,6 +300,7 @@ impl Io for SlotIo {
     type Worker = Running;
 
     async fn launch(&mut self) -> Result<Running, Failure> {
+        self.refresh();
         let worker_id = WorkerId(format!(
             "{}-{}-{}-{}",
             self.executor.kind(),
@@ -395,6 +429,16 @@ impl Io for SlotIo {
     }
 
     async fn set_state(&mut self, state: SlotState, note: Option<String>) {
+        let event = match state {
+            SlotState::Failed => Some("slot_given_up"),
+            SlotState::Backoff => Some("crash_loop"),
+            _ => None,
+        };
+        if let Some(event) = event {
+            let why = note.clone().unwrap_or_default();
+            self.notifier
+                .send(event, serde_json::json!({ "slot": self.slot.to_string(), "why": why }));
+        }
         if state == SlotState::Failed {
             error!(slot = %self.slot, "GIVING UP on slot {}: {}; the rest of the pool goes on", self.slot, note.as_deref().unwrap_or(""));
         } else if let Some(n) = &note {
@@ -406,6 +450,48 @@ impl Io for SlotIo {
             db::pool::set_slot_state(c, &slot, mode, state, note.as_deref())
         })
         .await;
+    }
+
+    async fn ready_to_drain(&mut self, row: WorkerRow) {
+        // The built-in worker finishes its job by itself once told.
+        if matches!(self.worker.program, WorkerProgram::JobCommand(_)) {
+            return;
+        }
+        loop {
+            let busy = self
+                .db
+                .call(move |c| db::workers::status(c, row))
+                .await
+                .map(|s| s == Some(WorkerStatus::Busy))
+                .unwrap_or(true);
+            if !busy {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    async fn end_on_purpose(&mut self, worker: Option<Running>, row: Option<WorkerRow>, why: Why) {
+        let Some(mut worker) = worker else {
+            return;
+        };
+        let cause = worker.stop(self.config.pool.stop_timeout).await;
+        info!(worker = %worker.worker_id(), slot = %self.slot, "{}: {} ({cause})", why.event(), why.text());
+        worker.sweep().await;
+        let id = worker.worker_id().clone();
+        let row = match row {
+            Some(r) => Some(r),
+            None => self.row_of(&id).await,
+        };
+        self.record(&id, row, why.event(), why.text().to_string(), worker.tail(20), false)
+            .await;
+    }
+
+    async fn remove_slot(&mut self) {
+        let slot = self.slot.clone();
+        self.write("removing the retired slot", move |c| db::pool::remove_slot(c, &slot))
+            .await;
+        info!(slot = %self.slot, "slot retired");
     }
 
     fn announce(&mut self, settled: Settled) {

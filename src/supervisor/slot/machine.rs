@@ -26,10 +26,66 @@ pub enum Phase<W> {
     /// Waiting before the next start (backoff, or a cool-down after faults
     /// outside the worker).
     BackingOff { until: Instant },
-    /// Given up for the rest of the run.
+    /// Given up (until an order revives it).
     GivenUp,
+    /// Its worker serves until it is told to finish (after its current job),
+    /// then the slot starts a new one or ends: a restart, a recycle, a
+    /// scale-down. `signalled` once the worker was told.
+    Draining {
+        worker: W,
+        row: WorkerRow,
+        then: After,
+        why: Why,
+        signalled: bool,
+    },
     /// The pool stopped.
     Stopped,
+    /// The slot ended for good (scaled down, or its entry removed).
+    Retired,
+}
+
+/// What follows a drained worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum After {
+    Relaunch,
+    Retire,
+}
+
+/// Why a worker is replaced on purpose (not a failure).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Why {
+    /// `clx-pool restart`, or a reload that changed the entry.
+    Restart(String),
+    /// `max_jobs` or `max_memory` reached, or the worker finished by itself.
+    Recycle(String),
+    /// `clx-pool scale` down, or a reload that removed the entry.
+    Retire(String),
+}
+
+impl Why {
+    pub fn event(&self) -> EndEvent {
+        match self {
+            Why::Restart(_) => EndEvent::Replaced,
+            Why::Recycle(_) => EndEvent::Recycled,
+            Why::Retire(_) => EndEvent::Retired,
+        }
+    }
+
+    pub fn text(&self) -> &str {
+        match self {
+            Why::Restart(t) | Why::Recycle(t) | Why::Retire(t) => t,
+        }
+    }
+}
+
+/// An order from the supervisor (scale, restart, reload, recycling).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Order {
+    /// Replace the worker: after its current job, or at once with `now`; a
+    /// slot without a serving worker (waiting, given up) starts one at once.
+    Replace { now: bool, why: Why },
+    /// End the slot: after the current job, or at once with `now`.
+    Retire { now: bool, why: Why },
 }
 
 /// The phases without their data, for the transition table.
@@ -40,7 +96,9 @@ pub enum Kind {
     Serving,
     BackingOff,
     GivenUp,
+    Draining,
     Stopped,
+    Retired,
 }
 
 impl<W> Phase<W> {
@@ -51,7 +109,9 @@ impl<W> Phase<W> {
             Phase::Serving { .. } => Kind::Serving,
             Phase::BackingOff { .. } => Kind::BackingOff,
             Phase::GivenUp => Kind::GivenUp,
+            Phase::Draining { .. } => Kind::Draining,
             Phase::Stopped => Kind::Stopped,
+            Phase::Retired => Kind::Retired,
         }
     }
 }
@@ -75,6 +135,17 @@ pub const ALLOWED: &[(Kind, Kind)] = &[
     (Kind::BackingOff, Kind::Launching),
     (Kind::BackingOff, Kind::Stopped),
     (Kind::GivenUp, Kind::Stopped),
+    // Orders: replace, retire, revive.
+    (Kind::Serving, Kind::Draining),
+    (Kind::Serving, Kind::Retired),
+    (Kind::AwaitingRegistration, Kind::Retired),
+    (Kind::BackingOff, Kind::Retired),
+    (Kind::GivenUp, Kind::Launching),
+    (Kind::GivenUp, Kind::Retired),
+    (Kind::Draining, Kind::Draining),
+    (Kind::Draining, Kind::Launching),
+    (Kind::Draining, Kind::Retired),
+    (Kind::Draining, Kind::Stopped),
 ];
 
 /// Why a worker stopped being useful.
@@ -135,6 +206,11 @@ pub enum Event<W> {
     TimerFired,
     /// The pool is stopping.
     Shutdown,
+    /// An order from the supervisor.
+    Order(Order),
+    /// A draining worker may be told to finish now (it is idle, or it
+    /// finishes its job by itself).
+    ReadyToDrain,
 }
 
 impl<W> Event<W> {
@@ -146,6 +222,8 @@ impl<W> Event<W> {
             Event::Ended(_) => "ended",
             Event::TimerFired => "timer fired",
             Event::Shutdown => "shutdown",
+            Event::Order(_) => "order",
+            Event::ReadyToDrain => "ready to drain",
         }
     }
 }
@@ -169,6 +247,17 @@ pub enum Action<W> {
     SetState(SlotState, Option<String>),
     /// Tell the supervisor the slot settled (once).
     Announce(Settled),
+    /// Tell the draining worker to finish after its current job.
+    SignalDrain,
+    /// Stop the worker at once (if still running) and record its end as
+    /// on purpose: not a failure, not counted by the restart policy.
+    EndOnPurpose {
+        worker: Option<W>,
+        row: Option<WorkerRow>,
+        why: Why,
+    },
+    /// Remove the slot's record (it is retired).
+    RemoveSlot,
 }
 
 /// How a slot first settled, for the supervisor's readiness count.
@@ -185,6 +274,9 @@ pub struct Context {
     pub startup_timeout: Duration,
     /// The supervisor was told how the slot settled.
     pub announced: bool,
+    /// Its workers (the built-in worker) exit with code 0 only on purpose
+    /// (`max_jobs` reached, or told to finish): a recycle, not a failure.
+    pub clean_exit_is_recycle: bool,
 }
 
 impl Context {
@@ -194,6 +286,7 @@ impl Context {
             restart,
             startup_timeout,
             announced: false,
+            clean_exit_is_recycle: false,
         }
     }
 }
@@ -215,9 +308,43 @@ pub fn next<W>(phase: Phase<W>, event: Event<W>, ctx: &mut Context, now: Instant
         (P::AwaitingRegistration { worker, since }, E::Ended(failure)) => {
             failed(Some(worker), None, failure, since, now, ctx)
         }
+        (P::Serving { worker, row, .. }, E::Ended(Failure::Died(EndCause::Code(0)))) if ctx.clean_exit_is_recycle => {
+            let why = Why::Recycle("finished by itself (max_jobs reached)".into());
+            relaunch(Some(worker), Some(row), why)
+        }
         (P::Serving { worker, row, since }, E::Ended(failure)) => {
             failed(Some(worker), Some(row), failure, since, now, ctx)
         }
+        (phase, E::Order(order)) => ordered(phase, order, ctx),
+        (
+            P::Draining {
+                worker,
+                row,
+                then,
+                why,
+                signalled: false,
+            },
+            E::ReadyToDrain,
+        ) => (
+            P::Draining {
+                worker,
+                row,
+                then,
+                why,
+                signalled: true,
+            },
+            vec![Action::SignalDrain],
+        ),
+        (
+            P::Draining {
+                worker, row, then, why, ..
+            },
+            E::Ended(_),
+        ) => match then {
+            After::Relaunch => relaunch(Some(worker), Some(row), why),
+            After::Retire => retire(Some(worker), Some(row), why),
+        },
+        (P::Draining { worker, row, .. }, E::Shutdown) => stopping(Some(worker), Some(row)),
         (P::BackingOff { .. }, E::TimerFired) => (P::Launching, vec![Action::Launch]),
         (P::AwaitingRegistration { worker, .. }, E::Shutdown) => stopping(Some(worker), None),
         (P::Serving { worker, row, .. }, E::Shutdown) => stopping(Some(worker), Some(row)),
@@ -229,6 +356,90 @@ pub fn next<W>(phase: Phase<W>, event: Event<W>, ctx: &mut Context, now: Instant
             tracing::error!(phase = ?phase.kind(), event = event.name(), "a slot event that cannot happen; ignored");
             (phase, vec![])
         }
+    }
+}
+
+/// A worker replaced on purpose: recorded (not counted), then a new one.
+fn relaunch<W>(worker: Option<W>, row: Option<WorkerRow>, why: Why) -> (Phase<W>, Vec<Action<W>>) {
+    (
+        Phase::Launching,
+        vec![
+            Action::EndOnPurpose { worker, row, why },
+            Action::SetState(SlotState::Starting, None),
+            Action::Launch,
+        ],
+    )
+}
+
+fn retire<W>(worker: Option<W>, row: Option<WorkerRow>, why: Why) -> (Phase<W>, Vec<Action<W>>) {
+    (
+        Phase::Retired,
+        vec![Action::EndOnPurpose { worker, row, why }, Action::RemoveSlot],
+    )
+}
+
+/// What an order does in each phase: a serving worker drains (or stops at
+/// once with `now`); one not yet registered has no job and stops at once;
+/// a slot without a worker starts one (a revived slot forgets its failures)
+/// or ends.
+fn ordered<W>(phase: Phase<W>, order: Order, ctx: &mut Context) -> (Phase<W>, Vec<Action<W>>) {
+    use Phase as P;
+    let (now, then, why) = match order {
+        Order::Replace { now, why } => (now, After::Relaunch, why),
+        Order::Retire { now, why } => (now, After::Retire, why),
+    };
+    let end = |worker: Option<W>, row: Option<WorkerRow>, why: Why| match then {
+        After::Relaunch => relaunch(worker, row, why),
+        After::Retire => retire(worker, row, why),
+    };
+    match phase {
+        P::Serving { worker, row, .. } if now => end(Some(worker), Some(row), why),
+        P::Serving { worker, row, .. } => (
+            P::Draining {
+                worker,
+                row,
+                then,
+                why,
+                signalled: false,
+            },
+            vec![],
+        ),
+        P::Draining {
+            worker,
+            row,
+            then: before,
+            signalled,
+            ..
+        } => {
+            // A retirement wins over a replacement.
+            let then = if before == After::Retire { After::Retire } else { then };
+            if now {
+                return match then {
+                    After::Relaunch => relaunch(Some(worker), Some(row), why),
+                    After::Retire => retire(Some(worker), Some(row), why),
+                };
+            }
+            (
+                P::Draining {
+                    worker,
+                    row,
+                    then,
+                    why,
+                    signalled,
+                },
+                vec![],
+            )
+        }
+        P::AwaitingRegistration { worker, .. } => end(Some(worker), None, why),
+        P::BackingOff { .. } | P::GivenUp if then == After::Relaunch => {
+            ctx.policy = RestartPolicy::new(ctx.restart.clone());
+            (
+                P::Launching,
+                vec![Action::SetState(SlotState::Starting, None), Action::Launch],
+            )
+        }
+        P::BackingOff { .. } | P::GivenUp => (P::Retired, vec![Action::RemoveSlot]),
+        phase @ (P::Launching | P::Stopped | P::Retired) => (phase, vec![]),
     }
 }
 
@@ -326,7 +537,22 @@ mod tests {
             },
             Phase::BackingOff { until: now },
             Phase::GivenUp,
+            Phase::Draining {
+                worker: "w",
+                row: WorkerRow(1),
+                then: After::Relaunch,
+                why: Why::Restart("test".into()),
+                signalled: false,
+            },
+            Phase::Draining {
+                worker: "w",
+                row: WorkerRow(1),
+                then: After::Retire,
+                why: Why::Retire("test".into()),
+                signalled: true,
+            },
             Phase::Stopped,
+            Phase::Retired,
         ]
     }
 
@@ -346,6 +572,23 @@ mod tests {
             Event::Ended(Failure::NoRegister),
             Event::TimerFired,
             Event::Shutdown,
+            Event::ReadyToDrain,
+            Event::Order(Order::Replace {
+                now: false,
+                why: Why::Restart("test".into()),
+            }),
+            Event::Order(Order::Replace {
+                now: true,
+                why: Why::Recycle("test".into()),
+            }),
+            Event::Order(Order::Retire {
+                now: false,
+                why: Why::Retire("test".into()),
+            }),
+            Event::Order(Order::Retire {
+                now: true,
+                why: Why::Retire("test".into()),
+            }),
         ]
     }
 
@@ -366,7 +609,7 @@ mod tests {
                         c.policy.on_failure(now, Duration::ZERO, false);
                     }
                     let (to, _) = next(phase, event, &mut c, now);
-                    if from != to.kind() || from == Kind::Launching {
+                    if from != to.kind() || matches!(from, Kind::Launching | Kind::Draining) {
                         assert!(ALLOWED.contains(&(from, to.kind())), "{from:?} -> {:?}", to.kind());
                         seen.insert((from, to.kind()));
                     }

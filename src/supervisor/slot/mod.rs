@@ -14,13 +14,23 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::time::Duration;
 
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::vocab::{EndCause, HungReason, SlotState, WorkerId, WorkerRow};
 pub use io::SlotIo;
-pub use machine::Settled;
 use machine::{Action, Context, Event, Failure, Phase};
+pub use machine::{Order, Settled, Why};
+
+/// An order for a slot, and who wants to hear when it is carried out: the
+/// new worker registered (or the slot ended), or why not.
+pub struct Command {
+    pub order: Order,
+    pub done: Option<oneshot::Sender<Result<(), String>>>,
+}
+
+pub type Orders = mpsc::UnboundedReceiver<Command>;
 
 /// A running worker, as the driver needs it.
 pub trait Worker {
@@ -29,6 +39,9 @@ pub trait Worker {
     fn wait(&mut self) -> impl Future<Output = EndCause>;
     /// Stops it (SIGTERM, SIGKILL after `grace`).
     fn stop(&mut self, grace: Duration) -> impl Future<Output = EndCause>;
+    /// Tells it to finish after its current job (the built-in worker) or to
+    /// stop now that it is idle (other workers).
+    fn drain(&mut self) -> impl Future<Output = ()>;
 }
 
 /// What the slot does to the world.
@@ -57,6 +70,19 @@ pub trait Io {
     fn stop_and_record(&mut self, worker: Self::Worker, row: Option<WorkerRow>) -> impl Future<Output = ()>;
     fn set_state(&mut self, state: SlotState, note: Option<String>) -> impl Future<Output = ()>;
     fn announce(&mut self, settled: Settled);
+    /// Resolves when the worker of `row` may be told to finish: at once for
+    /// a worker that finishes its job by itself, else once it is idle.
+    fn ready_to_drain(&mut self, row: WorkerRow) -> impl Future<Output = ()>;
+    /// Stops a worker (if it still runs) that ends on purpose and records
+    /// it: not a failure.
+    fn end_on_purpose(
+        &mut self,
+        worker: Option<Self::Worker>,
+        row: Option<WorkerRow>,
+        why: Why,
+    ) -> impl Future<Output = ()>;
+    /// Removes the slot's record: it ended for good.
+    fn remove_slot(&mut self) -> impl Future<Output = ()>;
 }
 
 /// The timing of one slot.
@@ -66,22 +92,25 @@ pub struct Timing {
     pub stop_timeout: Duration,
 }
 
-/// Runs a slot until the pool stops.
-pub async fn run<I: Io>(io: &mut I, mut ctx: Context, timing: Timing, token: CancellationToken) {
+/// Runs a slot until the pool stops or the slot is retired, carrying out
+/// the supervisor's orders.
+pub async fn run<I: Io>(io: &mut I, mut ctx: Context, timing: Timing, token: CancellationToken, mut orders: Orders) {
     let mut phase: Phase<I::Worker> = Phase::Launching;
     let mut pending: VecDeque<Action<I::Worker>> =
         VecDeque::from([Action::SetState(SlotState::Starting, None), Action::Launch]);
+    let mut waiters: Vec<oneshot::Sender<Result<(), String>>> = Vec::new();
     loop {
         let mut launched = None;
         while let Some(action) = pending.pop_front() {
-            launched = carry_out(io, &phase, action).await.or(launched);
+            launched = carry_out(io, &mut phase, action, timing).await.or(launched);
         }
-        if matches!(phase, Phase::Stopped) {
+        tell(&mut waiters, &phase);
+        if matches!(phase, Phase::Stopped | Phase::Retired) {
             return;
         }
         let event = match launched {
             Some(event) => event,
-            None => observe(io, &mut phase, timing, &token).await,
+            None => observe(io, &mut phase, timing, &token, &mut orders, &mut waiters).await,
         };
         let (next, actions) = machine::next(phase, event, &mut ctx, Instant::now());
         phase = next;
@@ -89,8 +118,27 @@ pub async fn run<I: Io>(io: &mut I, mut ctx: Context, timing: Timing, token: Can
     }
 }
 
+/// Tells those waiting for an order whether it was carried out, once the
+/// slot got somewhere.
+fn tell<W>(waiters: &mut Vec<oneshot::Sender<Result<(), String>>>, phase: &Phase<W>) {
+    let outcome = match phase {
+        Phase::Serving { .. } | Phase::Retired => Ok(()),
+        Phase::GivenUp => Err("the slot was given up (see `clx-pool stats --events`)".to_string()),
+        Phase::Stopped => Err("the pool stopped".to_string()),
+        _ => return,
+    };
+    for w in waiters.drain(..) {
+        w.send(outcome.clone()).ok();
+    }
+}
+
 /// Carries out one action; a launch yields its event.
-async fn carry_out<I: Io>(io: &mut I, phase: &Phase<I::Worker>, action: Action<I::Worker>) -> Option<Event<I::Worker>> {
+async fn carry_out<I: Io>(
+    io: &mut I,
+    phase: &mut Phase<I::Worker>,
+    action: Action<I::Worker>,
+    _timing: Timing,
+) -> Option<Event<I::Worker>> {
     match action {
         Action::Launch => {
             return Some(match io.launch().await {
@@ -107,17 +155,38 @@ async fn carry_out<I: Io>(io: &mut I, phase: &Phase<I::Worker>, action: Action<I
         Action::StopAndRecord { worker, row } => io.stop_and_record(worker, row).await,
         Action::SetState(state, note) => io.set_state(state, note).await,
         Action::Announce(settled) => io.announce(settled),
+        Action::SignalDrain => {
+            if let Phase::Draining { worker, .. } = phase {
+                worker.drain().await;
+            }
+        }
+        Action::EndOnPurpose { worker, row, why } => io.end_on_purpose(worker, row, why).await,
+        Action::RemoveSlot => io.remove_slot().await,
     }
     None
 }
 
-/// Waits for whatever ends the current phase.
+/// Waits for whatever ends the current phase, or for an order.
 async fn observe<I: Io>(
     io: &mut I,
     phase: &mut Phase<I::Worker>,
     timing: Timing,
     token: &CancellationToken,
+    orders: &mut Orders,
+    waiters: &mut Vec<oneshot::Sender<Result<(), String>>>,
 ) -> Event<I::Worker> {
+    // An order, with its waiter kept; a closed channel never fires.
+    let mut order = async || match orders.recv().await {
+        Some(Command { order, done }) => (order, done),
+        None => std::future::pending().await,
+    };
+    macro_rules! ordered {
+        ($o:expr) => {{
+            let (o, done) = $o;
+            waiters.extend(done);
+            Event::Order(o)
+        }};
+    }
     match phase {
         Phase::AwaitingRegistration { worker, since } => {
             let id = worker.id().clone();
@@ -127,6 +196,7 @@ async fn observe<I: Io>(
                 _ = token.cancelled() => Event::Shutdown,
                 cause = worker.wait() => Event::Ended(Failure::Died(cause)),
                 row = io.registered(&id) => return Event::Registered(row),
+                o = order() => ordered!(o),
                 _ = tokio::time::sleep_until(deadline) => {
                     worker.stop(timing.stop_timeout).await;
                     Event::Ended(Failure::NoRegister)
@@ -141,6 +211,7 @@ async fn observe<I: Io>(
                 biased;
                 _ = token.cancelled() => Event::Shutdown,
                 cause = worker.wait() => Event::Ended(Failure::Died(cause)),
+                o = order() => ordered!(o),
                 reason = io.hung(row) => {
                     io.mark_hung(row).await;
                     let cause = worker.stop(timing.stop_timeout).await;
@@ -149,12 +220,30 @@ async fn observe<I: Io>(
                 }
             }
         }
+        Phase::Draining {
+            worker, row, signalled, ..
+        } => {
+            let (row, signalled) = (*row, *signalled);
+            tokio::select! {
+                biased;
+                _ = token.cancelled() => Event::Shutdown,
+                cause = worker.wait() => Event::Ended(Failure::Died(cause)),
+                o = order() => ordered!(o),
+                _ = io.ready_to_drain(row), if !signalled => Event::ReadyToDrain,
+            }
+        }
         Phase::BackingOff { until } => tokio::select! {
             biased;
             _ = token.cancelled() => Event::Shutdown,
+            o = order() => ordered!(o),
             _ = tokio::time::sleep_until(*until) => Event::TimerFired,
         },
-        Phase::GivenUp | Phase::Launching | Phase::Stopped => {
+        Phase::GivenUp => tokio::select! {
+            biased;
+            _ = token.cancelled() => Event::Shutdown,
+            o = order() => ordered!(o),
+        },
+        Phase::Launching | Phase::Stopped | Phase::Retired => {
             token.cancelled().await;
             Event::Shutdown
         }

@@ -10,8 +10,8 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::machine::{Context, Failure, Settled};
-use super::{Io, Timing, Worker, run};
+use super::machine::{Context, Failure, Order, Settled, Why};
+use super::{Command, Io, Timing, Worker, run};
 use crate::config::RestartConfig;
 use crate::vocab::{EndCause, HungReason, SlotState, WorkerId, WorkerRow};
 
@@ -26,6 +26,9 @@ enum Script {
     Silent,
     /// Registers, then is reported hung after this long.
     HangsAfter(Duration),
+    /// Registers, then exits with code 0 after this long (the built-in
+    /// worker after `max_jobs`).
+    FinishesAfter(Duration),
 }
 
 struct FakeWorker {
@@ -33,6 +36,8 @@ struct FakeWorker {
     script: Script,
     started: Instant,
     stopped: bool,
+    /// Told to finish: it ends its job (a second) and exits with 0.
+    drained_at: Option<Instant>,
 }
 
 impl Worker for FakeWorker {
@@ -41,7 +46,15 @@ impl Worker for FakeWorker {
     }
 
     async fn wait(&mut self) -> EndCause {
+        if let Some(at) = self.drained_at {
+            tokio::time::sleep_until(at + Duration::from_secs(1)).await;
+            return EndCause::Code(0);
+        }
         match self.script {
+            Script::FinishesAfter(d) if !self.stopped => {
+                tokio::time::sleep_until(self.started + d).await;
+                EndCause::Code(0)
+            }
             Script::DiesAfter(d) if !self.stopped => {
                 tokio::time::sleep_until(self.started + d).await;
                 EndCause::Code(1)
@@ -54,6 +67,10 @@ impl Worker for FakeWorker {
     async fn stop(&mut self, _grace: Duration) -> EndCause {
         self.stopped = true;
         EndCause::Signal(15)
+    }
+
+    async fn drain(&mut self) {
+        self.drained_at = Some(Instant::now());
     }
 }
 
@@ -89,6 +106,7 @@ impl Io for FakeIo {
             script,
             started: Instant::now(),
             stopped: false,
+            drained_at: None,
         })
     }
 
@@ -144,6 +162,19 @@ impl Io for FakeIo {
     fn announce(&mut self, settled: Settled) {
         self.note(format!("settled {settled:?}"));
     }
+
+    async fn ready_to_drain(&mut self, _row: WorkerRow) {
+        self.note("drain".into());
+    }
+
+    async fn end_on_purpose(&mut self, worker: Option<FakeWorker>, row: Option<WorkerRow>, why: Why) {
+        let id = worker.map(|w| w.id.0).unwrap_or_else(|| "-".into());
+        self.note(format!("{} {id} row {row:?}: {}", why.event(), why.text()));
+    }
+
+    async fn remove_slot(&mut self) {
+        self.note("removed".into());
+    }
 }
 
 fn restart() -> RestartConfig {
@@ -169,6 +200,18 @@ async fn drive(
     config: RestartConfig,
     until: Duration,
 ) -> Vec<(Duration, String)> {
+    drive_with(scripts, config, until, Vec::new(), false).await.0
+}
+
+/// The same, sending `orders` at their times; also returns what each
+/// order's waiter heard.
+async fn drive_with(
+    scripts: Vec<Result<Script, Failure>>,
+    config: RestartConfig,
+    until: Duration,
+    orders: Vec<(Duration, Order)>,
+    clean_exit_is_recycle: bool,
+) -> (Vec<(Duration, String)>, Vec<Result<(), String>>) {
     let log = Arc::new(Mutex::new(Log::default()));
     let mut io = FakeIo {
         t0: Instant::now(),
@@ -183,9 +226,30 @@ async fn drive(
         tokio::time::sleep(until).await;
         stopper.cancel();
     });
-    run(&mut io, Context::new(config, TIMING.startup_timeout), TIMING, token).await;
-    let log = log.lock().unwrap();
-    log.0.clone()
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let heard = tokio::spawn(async move {
+        let mut answers = Vec::new();
+        for (at, order) in orders {
+            tokio::time::sleep_until(Instant::now() + at - Instant::now().elapsed().min(at)).await;
+            let (done, waiter) = tokio::sync::oneshot::channel();
+            tx.send(Command {
+                order,
+                done: Some(done),
+            })
+            .ok();
+            answers.push(waiter);
+        }
+        let mut out = Vec::new();
+        for w in answers {
+            out.push(w.await.unwrap_or_else(|_| Err("dropped".into())));
+        }
+        out
+    });
+    let mut ctx = Context::new(config, TIMING.startup_timeout);
+    ctx.clean_exit_is_recycle = clean_exit_is_recycle;
+    run(&mut io, ctx, TIMING, token, rx).await;
+    let log = log.lock().unwrap().0.clone();
+    (log, heard.await.unwrap())
 }
 
 fn at(log: &[(Duration, String)], prefix: &str) -> Vec<u128> {
@@ -314,5 +378,105 @@ async fn a_stop_during_backoff_ends_the_slot_at_once() {
     assert_eq!(
         log.last().unwrap(),
         &(Duration::from_millis(300), "state stopped".to_string())
+    );
+}
+
+fn restart_order(now: bool) -> Order {
+    Order::Replace {
+        now,
+        why: Why::Restart("test".into()),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_replace_order_lets_the_job_finish_then_starts_a_new_worker_without_a_failure() {
+    let (log, heard) = drive_with(
+        vec![Ok(Script::Serves), Ok(Script::Serves)],
+        restart(),
+        Duration::from_secs(10),
+        vec![(Duration::from_secs(5), restart_order(false))],
+        false,
+    )
+    .await;
+    let what: Vec<&str> = log.iter().map(|(_, w)| w.as_str()).collect();
+    assert_eq!(
+        what[4..9],
+        [
+            "drain",
+            "replaced w1 row Some(WorkerRow(1)): test",
+            "state starting",
+            "launch 2",
+            "registered w2 as 2"
+        ],
+        "{log:#?}"
+    );
+    // Told at 5 s; its job took a second more.
+    assert_eq!(at(&log, "launch"), vec![0, 6000]);
+    assert!(!what.iter().any(|w| w.starts_with("state backoff")), "not a failure");
+    assert_eq!(heard, vec![Ok(())], "the waiter hears once the new worker registered");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_retire_order_ends_the_slot_before_the_pool_stops() {
+    let retire = Order::Retire {
+        now: true,
+        why: Why::Retire("scaled to 0".into()),
+    };
+    let (log, heard) = drive_with(
+        vec![Ok(Script::Serves)],
+        restart(),
+        Duration::from_secs(10),
+        vec![(Duration::from_secs(2), retire)],
+        false,
+    )
+    .await;
+    let what: Vec<&str> = log.iter().map(|(_, w)| w.as_str()).collect();
+    assert_eq!(
+        what[4..],
+        ["retired w1 row Some(WorkerRow(1)): scaled to 0", "removed"],
+        "{log:#?}"
+    );
+    assert_eq!(heard, vec![Ok(())]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_replace_order_revives_a_given_up_slot() {
+    let dies = || Ok(Script::DiesAfter(Duration::from_millis(100)));
+    let mut scripts: Vec<_> = (0..5).map(|_| dies()).collect();
+    scripts.push(Ok(Script::Serves));
+    let (log, heard) = drive_with(
+        scripts,
+        restart(),
+        Duration::from_secs(30),
+        vec![(Duration::from_secs(20), restart_order(false))],
+        false,
+    )
+    .await;
+    assert_eq!(at(&log, "launch"), vec![0, 100, 700, 1800, 3900, 20_000], "{log:#?}");
+    assert_eq!(heard, vec![Ok(())]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_built_in_worker_that_finishes_by_itself_is_recycled_not_counted() {
+    let finishes = || Ok(Script::FinishesAfter(Duration::from_secs(1)));
+    let (log, _) = drive_with(
+        (0..8).map(|_| finishes()).collect(),
+        restart(),
+        Duration::from_millis(7500),
+        Vec::new(),
+        true,
+    )
+    .await;
+    // Eight exits within ten seconds would give a crash-looping slot up;
+    // these are recycles: relaunched at once, every time.
+    assert_eq!(
+        at(&log, "launch"),
+        vec![0, 1000, 2000, 3000, 4000, 5000, 6000, 7000],
+        "{log:#?}"
+    );
+    assert_eq!(at(&log, "recycled").len(), 7);
+    assert!(
+        !log.iter()
+            .any(|(_, w)| w.starts_with("state backoff") || w.starts_with("end"))
     );
 }

@@ -1,0 +1,218 @@
+//! The supervisor's control channel: a Unix socket beside the database
+//! (`<db>.sock`, mode 0600) taking one JSON request per connection and
+//! answering with one JSON response, from the supervisor's own user or
+//! root only (checked with the peer's credentials, whatever the file's
+//! mode). `scale`, `restart`, `reload` and `stop` use it; docs/protocol.md
+//! describes the requests.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+/// A request, as sent on the socket (one JSON line).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "lowercase")]
+pub enum Request {
+    /// Is it there? Answers with the supervisor's pid.
+    Ping,
+    /// Stop the pool (as SIGTERM does).
+    Stop,
+    /// Set the number of workers of types: `[["upper", 4]]`.
+    Scale { counts: Vec<(String, u32)>, now: bool },
+    /// Replace workers: `TYPE` or `TYPE-N` targets, all when empty.
+    Restart {
+        targets: Vec<String>,
+        rolling: bool,
+        now: bool,
+    },
+    /// Re-read the config and apply the difference.
+    Reload,
+}
+
+/// The answer: whether it worked, and what happened (one line each).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Response {
+    pub ok: bool,
+    pub lines: Vec<String>,
+}
+
+impl Response {
+    pub fn ok(lines: Vec<String>) -> Response {
+        Response { ok: true, lines }
+    }
+
+    pub fn error(line: impl Into<String>) -> Response {
+        Response {
+            ok: false,
+            lines: vec![line.into()],
+        }
+    }
+}
+
+/// A request and where its answer goes.
+pub type Incoming = (Request, oneshot::Sender<Response>);
+
+/// Where the socket of a database's supervisor is.
+pub fn socket_path(db: &Path) -> PathBuf {
+    let mut p = db.as_os_str().to_owned();
+    p.push(".sock");
+    PathBuf::from(p)
+}
+
+/// Binds the socket (replacing a stale one: the caller holds the
+/// supervisor lock) and serves it until `token` is cancelled.
+/// A `stop` request is carried out at once (cancelling `token`), also
+/// while the pool is still starting.
+pub fn serve(db: &Path, token: CancellationToken) -> anyhow::Result<mpsc::UnboundedReceiver<Incoming>> {
+    use anyhow::Context;
+    let path = socket_path(db);
+    match std::fs::symlink_metadata(&path) {
+        Ok(m) if std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()) => {
+            std::fs::remove_file(&path).with_context(|| format!("removing the stale socket {}", path.display()))?
+        }
+        Ok(_) => anyhow::bail!("{} exists and is not a socket; remove it", path.display()),
+        Err(_) => {}
+    }
+    let listener =
+        UnixListener::bind(&path).with_context(|| format!("creating the control socket {}", path.display()))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("restricting {}", path.display()))?;
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = token.cancelled() => break,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => {
+                        let (tx, stop) = (tx.clone(), token.clone());
+                        tokio::spawn(async move {
+                            if let Err(e) = answer(stream, tx, stop).await {
+                                debug!("control connection: {e}");
+                            }
+                        });
+                    }
+                    Err(e) => warn!("control socket: {e}"),
+                },
+            }
+        }
+        if let Err(e) = std::fs::remove_file(&path) {
+            debug!("removing the control socket: {e}");
+        }
+    });
+    Ok(rx)
+}
+
+/// Whether a peer may give orders: the supervisor's own user, or root.
+pub fn allowed(peer_uid: u32, own_uid: u32) -> bool {
+    peer_uid == own_uid || peer_uid == 0
+}
+
+async fn answer(
+    stream: UnixStream,
+    requests: mpsc::UnboundedSender<Incoming>,
+    stop: CancellationToken,
+) -> std::io::Result<()> {
+    let peer = stream.peer_cred()?.uid();
+    let own = nix::unistd::geteuid().as_raw();
+    let (read, mut write) = stream.into_split();
+    let response = if !allowed(peer, own) {
+        warn!(peer_uid = peer, "refused a control request from another user");
+        Response::error(format!(
+            "refused: uid {peer} is not the supervisor's user (uid {own}) or root"
+        ))
+    } else {
+        let mut line = String::new();
+        BufReader::new(tokio::io::AsyncReadExt::take(read, 64 * 1024))
+            .read_line(&mut line)
+            .await?;
+        match serde_json::from_str::<Request>(&line) {
+            Err(e) => Response::error(format!("not a request: {e}")),
+            Ok(Request::Stop) => {
+                tracing::info!("stop requested");
+                stop.cancel();
+                Response::ok(vec!["stopping".into()])
+            }
+            Ok(request) => {
+                let (tx, rx) = oneshot::channel();
+                if requests.send((request, tx)).is_err() {
+                    Response::error("the supervisor is stopping")
+                } else {
+                    rx.await
+                        .unwrap_or_else(|_| Response::error("the supervisor is stopping"))
+                }
+            }
+        }
+    };
+    let mut text = serde_json::to_string(&response).unwrap_or_else(|_| "{\"ok\":false,\"lines\":[]}".into());
+    text.push('\n');
+    write.write_all(text.as_bytes()).await?;
+    write.shutdown().await
+}
+
+/// The client side: sends `request` to the supervisor of `db` and waits
+/// for its answer (a rolling restart may take a while). None when no
+/// supervisor listens there.
+pub async fn ask(db: &Path, request: &Request) -> anyhow::Result<Option<Response>> {
+    use anyhow::Context;
+    let path = socket_path(db);
+    let stream = match UnixStream::connect(&path).await {
+        Ok(s) => s,
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            return Ok(None);
+        }
+        Err(e) => return Err(anyhow::Error::new(e).context(format!("connecting to {}", path.display()))),
+    };
+    let (read, mut write) = stream.into_split();
+    let mut line = serde_json::to_string(request)?;
+    line.push('\n');
+    write.write_all(line.as_bytes()).await?;
+    let mut answer = String::new();
+    BufReader::new(read)
+        .read_line(&mut answer)
+        .await
+        .with_context(|| format!("reading the answer from {}", path.display()))?;
+    if answer.trim().is_empty() {
+        anyhow::bail!("the supervisor closed the control connection without answering");
+    }
+    Ok(Some(serde_json::from_str(&answer).context("the supervisor's answer")?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_are_json_with_a_command() {
+        let r = Request::Scale {
+            counts: vec![("upper".into(), 4)],
+            now: false,
+        };
+        let text = serde_json::to_string(&r).unwrap();
+        assert_eq!(text, r#"{"command":"scale","counts":[["upper",4]],"now":false}"#);
+        assert_eq!(serde_json::from_str::<Request>(&text).unwrap(), r);
+        assert_eq!(
+            serde_json::from_str::<Request>(r#"{"command":"ping"}"#).unwrap(),
+            Request::Ping
+        );
+        assert!(serde_json::from_str::<Request>(r#"{"command":"format-disk"}"#).is_err());
+    }
+
+    #[test]
+    fn only_the_same_user_or_root() {
+        assert!(allowed(1000, 1000));
+        assert!(allowed(0, 1000));
+        assert!(!allowed(1001, 1000));
+        assert!(!allowed(1000, 0));
+    }
+}

@@ -1,0 +1,367 @@
+//! What the running supervisor does when asked (control socket) or told
+//! (SIGHUP): scale, restart, reload, stop. Requests are handled one at a
+//! time; a reload applies only the difference between the config in force
+//! and the file (see [`plan_reload`], a pure function with table tests).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use tokio::signal::unix::Signal;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+
+use super::control::{Incoming, Request, Response};
+use super::fleet::{Entry, Fleet};
+use crate::api::Endpoint;
+use crate::config::{Config, PoolConfig, WorkerConfig, WorkerProgram};
+use crate::executor::Executor;
+use crate::executor::docker::DockerEngine;
+use crate::executor::plan::{self, Decision};
+use crate::vocab::{ModeKind, Protocol, SlotId};
+
+pub struct Manager {
+    pub fleet: Fleet,
+    pub protocol: Protocol,
+    pub engine: Option<Arc<DockerEngine>>,
+    pub api: Option<Arc<Endpoint>>,
+    pub token: CancellationToken,
+}
+
+impl Manager {
+    /// Serves requests and SIGHUP until the pool stops.
+    pub async fn run(&mut self, mut requests: mpsc::UnboundedReceiver<Incoming>, mut hangups: Signal) {
+        loop {
+            tokio::select! {
+                _ = self.token.cancelled() => return,
+                Some((request, reply)) = requests.recv() => {
+                    let response = self.handle(request).await;
+                    reply.send(response).ok();
+                }
+                Some(()) = hangups.recv() => {
+                    info!("SIGHUP: reloading the config");
+                    let r = self.reload().await;
+                    for line in &r.lines {
+                        if r.ok { info!("reload: {line}") } else { error!("reload refused: {line}") }
+                    }
+                }
+            }
+        }
+    }
+
+    async fn handle(&mut self, request: Request) -> Response {
+        match request {
+            Request::Ping => Response::ok(vec![format!("supervisor pid {}", std::process::id())]),
+            Request::Stop => {
+                info!("stop requested");
+                self.token.cancel();
+                Response::ok(vec!["stopping".into()])
+            }
+            Request::Scale { counts, now } => {
+                let mut lines = Vec::new();
+                for (t, n) in counts {
+                    match self.fleet.scale(&t, n, now).await {
+                        Ok(line) => lines.push(line),
+                        Err(e) => return Response::error(e),
+                    }
+                }
+                info!("scaled: {}", lines.join("; "));
+                Response::ok(lines)
+            }
+            Request::Restart { targets, rolling, now } => {
+                let slots = match self.targets(&targets) {
+                    Ok(s) => s,
+                    Err(e) => return Response::error(e),
+                };
+                match self.fleet.restart(&slots, rolling, now, "clx-pool restart").await {
+                    Ok(line) => Response::ok(vec![line]),
+                    Err(e) => Response::error(e),
+                }
+            }
+            Request::Reload => self.reload().await,
+        }
+    }
+
+    /// `TYPE` (every slot of it) or `TYPE-N` names.
+    fn targets(&self, names: &[String]) -> Result<Vec<SlotId>, String> {
+        let mut out = Vec::new();
+        for name in names {
+            let of_type = self.fleet.slot_ids(name);
+            if !of_type.is_empty() {
+                out.extend(of_type);
+                continue;
+            }
+            let slot = name
+                .rsplit_once('-')
+                .and_then(|(t, i)| Some((t, i.parse::<u32>().ok()?)))
+                .map(|(t, i)| SlotId {
+                    worker_type: t.to_string(),
+                    index: i,
+                })
+                .filter(|s| self.fleet.slot_ids(&s.worker_type).contains(s));
+            match slot {
+                Some(s) => out.push(s),
+                None => return Err(format!("`{name}` names no running type or slot (TYPE or TYPE-N)")),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Re-reads the config; applies the difference, or changes nothing and
+    /// says why.
+    pub async fn reload(&mut self) -> Response {
+        let path = self.fleet.config_path();
+        let new = match Config::load(&path) {
+            Ok(c) => c,
+            Err(e) => {
+                let mut r = Response::error(format!("{} is not valid; nothing changed:", path.display()));
+                r.lines.push(format!("{e:#}"));
+                return r;
+            }
+        };
+        if let Err(e) = new.check_protocol(self.protocol) {
+            return Response::error(format!("{e}; nothing changed"));
+        }
+        let current = self.fleet.current();
+        let plan = plan_reload(&current, &new);
+        let mut entries = BTreeMap::new();
+        for t in plan.added.iter().chain(&plan.changed) {
+            let w = new
+                .workers
+                .iter()
+                .find(|w| &w.worker_type == t)
+                .expect("planned from new");
+            match self.entry_for(&new, w).await {
+                Ok(e) => entries.insert(t.clone(), e),
+                Err(e) => return Response::error(format!("{e}; nothing changed")),
+            };
+        }
+        let mut lines = Vec::new();
+        for t in &plan.removed {
+            let slots = self.fleet.remove_entry(t);
+            lines.push(format!(
+                "removed `{t}` (retiring {} worker(s) after their jobs)",
+                slots.len()
+            ));
+        }
+        for t in &plan.added {
+            let e = entries.remove(t).expect("prepared");
+            lines.push(format!("added `{t}` ({} worker(s))", e.worker.count));
+            self.fleet.add_entry(e);
+        }
+        for (t, n) in &plan.scaled {
+            match self.fleet.scale(t, *n, false).await {
+                Ok(line) => lines.push(format!("scaled {line}")),
+                Err(e) => lines.push(format!("scaling `{t}`: {e}")),
+            }
+        }
+        let mut ok = true;
+        for t in &plan.changed {
+            let before = self.fleet.slot_ids(t);
+            let e = entries.remove(t).expect("prepared");
+            let wanted = e.worker.count;
+            self.fleet.change_entry(e);
+            if let Err(e) = self.fleet.scale(t, wanted, false).await {
+                lines.push(format!("scaling `{t}`: {e}"));
+            }
+            let keep: Vec<SlotId> = before.into_iter().filter(|s| s.index < wanted).collect();
+            match self
+                .fleet
+                .restart(&keep, true, false, "the config changed (reload)")
+                .await
+            {
+                Ok(line) => lines.push(format!("changed `{t}`: {line}")),
+                Err(e) => {
+                    ok = false;
+                    lines.push(format!("changed `{t}`: {e}"));
+                }
+            }
+        }
+        if !plan.pool_keys.is_empty() {
+            lines.push(format!(
+                "[pool] {} changed: not applied until the supervisor is restarted",
+                plan.pool_keys.join(", ")
+            ));
+        }
+        if lines.is_empty() {
+            lines.push("nothing changed".into());
+        }
+        for w in &plan.unchanged {
+            tracing::debug!(worker_type = %w, "unchanged by the reload");
+        }
+        // The pool settings in force stay; the entries are the file's.
+        self.fleet.set_config(Arc::new(Config {
+            path: new.path.clone(),
+            pool: current.pool.clone(),
+            workers: new.workers.clone(),
+            warnings: new.warnings.clone(),
+        }));
+        Response { ok, lines }
+    }
+
+    /// How an added or changed entry runs, with the engine and API of the
+    /// pool.
+    async fn entry_for(&self, config: &Config, w: &WorkerConfig) -> Result<Entry, String> {
+        let at = format!("{}:{}: workers `{}`", config.path.display(), w.line, w.worker_type);
+        let decision = plan::decide_one(w, self.engine.as_ref().map(|e| &e.client)).await;
+        let mode = match decision {
+            Decision::Cannot(why) => return Err(format!("{at}: {why}")),
+            Decision::Runs { mode, .. } => mode,
+        };
+        let executor = match (mode.kind, &self.engine) {
+            (ModeKind::Direct, _) => Executor::Direct,
+            (ModeKind::Docker, None) => {
+                return Err(format!(
+                    "{at}: the pool started without Docker; an entry in docker mode needs a restart of the supervisor"
+                ));
+            }
+            (ModeKind::Docker, Some(engine)) => {
+                let clm_api = self.protocol == Protocol::Clm && !matches!(w.program, WorkerProgram::JobCommand(_));
+                if clm_api && self.api.is_none() {
+                    return Err(format!(
+                        "{at}: CLM workers in containers need the worker API, which starts with the supervisor; restart it"
+                    ));
+                }
+                Executor::Docker {
+                    engine: engine.clone(),
+                    image: w.image.clone().unwrap_or_default(),
+                    network: config.pool.network.clone(),
+                    api: self.api.clone(),
+                }
+            }
+        };
+        Ok(Entry {
+            worker: Arc::new(w.clone()),
+            executor,
+            mode,
+        })
+    }
+}
+
+/// What a reload changes.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ReloadPlan {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    /// Only the count differs: (type, new count).
+    pub scaled: Vec<(String, u32)>,
+    /// What the workers run differs (image, command, env, limits, …):
+    /// replaced one at a time.
+    pub changed: Vec<String>,
+    pub unchanged: Vec<String>,
+    /// `[pool]` keys that differ (not applied while running).
+    pub pool_keys: Vec<String>,
+}
+
+/// The difference between the config in force and a new one.
+pub fn plan_reload(current: &Config, new: &Config) -> ReloadPlan {
+    let mut p = ReloadPlan::default();
+    let old: BTreeMap<&str, &WorkerConfig> = current.workers.iter().map(|w| (w.worker_type.as_str(), w)).collect();
+    let now: BTreeMap<&str, &WorkerConfig> = new.workers.iter().map(|w| (w.worker_type.as_str(), w)).collect();
+    for (t, w) in &now {
+        match old.get(t) {
+            None => p.added.push(t.to_string()),
+            Some(o) if same_setup(o, w) && o.count == w.count => p.unchanged.push(t.to_string()),
+            Some(o) if same_setup(o, w) => p.scaled.push((t.to_string(), w.count)),
+            Some(_) => p.changed.push(t.to_string()),
+        }
+    }
+    p.removed = old
+        .keys()
+        .filter(|t| !now.contains_key(*t))
+        .map(|t| t.to_string())
+        .collect();
+    p.pool_keys = pool_differences(&current.pool, &new.pool);
+    p
+}
+
+/// Whether two entries run the same workers (the count and the line in
+/// the file aside).
+fn same_setup(a: &WorkerConfig, b: &WorkerConfig) -> bool {
+    let mut b = b.clone();
+    b.count = a.count;
+    b.line = a.line;
+    *a == b
+}
+
+fn pool_differences(a: &PoolConfig, b: &PoolConfig) -> Vec<String> {
+    let mut keys = Vec::new();
+    macro_rules! diff {
+        ($($field:ident),+) => {$(
+            if a.$field != b.$field {
+                keys.push(stringify!($field).to_string());
+            }
+        )+};
+    }
+    diff!(
+        protocol,
+        db_path,
+        workspace_path,
+        log_dir,
+        log_level,
+        check_interval,
+        heartbeat_timeout,
+        stop_timeout,
+        startup_timeout,
+        network,
+        log_max_size,
+        log_keep,
+        restart,
+        inherit_env,
+        events_keep,
+        events_max_age,
+        data_dir,
+        cache_db_path,
+        api_listen,
+        api_token_file,
+        on_event
+    );
+    keys
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(text: &str) -> Config {
+        Config::parse(std::path::Path::new("/cfg/pool.toml"), text, &[]).unwrap()
+    }
+
+    fn entry(t: &str, count: u32, cmd: &str) -> String {
+        format!("[[workers]]\nworker_type = \"{t}\"\ncount = {count}\njob_command = [\"{cmd}\"]\n\n")
+    }
+
+    #[test]
+    fn a_reload_touches_only_what_changed() {
+        let current = config(&format!(
+            "{}{}{}{}",
+            entry("same", 1, "a"),
+            entry("more", 1, "a"),
+            entry("other", 2, "a"),
+            entry("gone", 1, "a")
+        ));
+        let new = config(&format!(
+            "[pool]\nstop_timeout = \"3s\"\n\n{}{}{}{}",
+            entry("same", 1, "a"),
+            entry("more", 3, "a"),
+            entry("other", 2, "b"),
+            entry("new", 1, "a")
+        ));
+        let p = plan_reload(&current, &new);
+        assert_eq!(
+            p,
+            ReloadPlan {
+                added: vec!["new".into()],
+                removed: vec!["gone".into()],
+                scaled: vec![("more".into(), 3)],
+                changed: vec!["other".into()],
+                unchanged: vec!["same".into()],
+                pool_keys: vec!["stop_timeout".into()],
+            }
+        );
+        // A line moved in the file is no change.
+        let moved = config(&format!("\n\n\n{}", entry("same", 1, "a")));
+        let just = config(&entry("same", 1, "a"));
+        assert_eq!(plan_reload(&just, &moved).unchanged, vec!["same".to_string()]);
+    }
+}

@@ -1,0 +1,85 @@
+//! `[pool] on_event`: a command run on notable events (a slot given up, a
+//! crash loop, a hung worker killed, a job failed for good) with the event
+//! as one JSON object on stdin. It runs beside supervision, never in its
+//! way: each run gets its own process group and is killed after
+//! [`TIMEOUT`]; its exit status is logged, nothing else.
+
+use std::io::Write;
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tracing::{debug, warn};
+
+use crate::procs;
+
+/// How long one notification may run.
+pub const TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Clone, Default)]
+pub struct Notifier {
+    command: Option<Arc<Vec<String>>>,
+}
+
+impl Notifier {
+    pub fn new(command: Option<Vec<String>>) -> Notifier {
+        Notifier {
+            command: command.map(Arc::new),
+        }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.command.is_some()
+    }
+
+    /// Runs the command for `event` (its `event` key names it) in the
+    /// background.
+    pub fn send(&self, event: &str, mut fields: Value) {
+        let Some(command) = self.command.clone() else { return };
+        if let Value::Object(map) = &mut fields {
+            map.insert("event".into(), json!(event));
+            map.insert("supervisor_pid".into(), json!(std::process::id()));
+        }
+        let body = fields.to_string();
+        tokio::spawn(async move {
+            if let Err(e) = run(&command, body).await {
+                warn!(command = %command.join(" "), "on_event: {e:#}");
+            }
+        });
+    }
+}
+
+async fn run(command: &[String], body: String) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let mut cmd = Command::new(&command[0]);
+    cmd.args(&command[1..])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0);
+    let mut child = cmd.spawn().with_context(|| format!("starting `{}`", command[0]))?;
+    let pid = child.id() as i32;
+    // The supervisor's one reaper collects it (see `procs::reap`).
+    let exited = procs::watch(pid);
+    if let Some(mut stdin) = child.stdin.take()
+        && let Err(e) = stdin.write_all(body.as_bytes())
+    {
+        debug!("on_event: writing the event: {e}");
+    }
+    drop(child);
+    match tokio::time::timeout(TIMEOUT, exited).await {
+        Ok(Ok(status)) => {
+            debug!(?status, "on_event ran");
+            Ok(())
+        }
+        Ok(Err(_)) => Ok(()),
+        Err(_) => {
+            if let Err(e) = procs::signal_group(pid, nix::sys::signal::Signal::SIGKILL) {
+                debug!("on_event: killing it: {e}");
+            }
+            anyhow::bail!("did not finish within {}s; killed", TIMEOUT.as_secs())
+        }
+    }
+}
