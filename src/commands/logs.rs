@@ -24,7 +24,7 @@ pub struct Options {
 }
 
 /// How often `-f` looks for new output.
-const FOLLOW_EVERY: Duration = Duration::from_millis(200);
+const FOLLOW_EVERY: Duration = Duration::from_millis(100);
 
 /// One line of a worker's log.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -185,6 +185,31 @@ impl Followed {
     }
 }
 
+/// The whole lines of the rotated files of `slot` newer than the one with
+/// `inode` (all of them if it is gone), oldest first.
+fn rotated_since(dir: &Path, slot: &str, inode: u64) -> Vec<String> {
+    let files = slot_files(dir)
+        .ok()
+        .and_then(|mut m| m.remove(slot))
+        .unwrap_or_default();
+    let rotated: Vec<&PathBuf> = files.iter().filter(|p| !p.ends_with(format!("{slot}.log"))).collect();
+    let start = rotated
+        .iter()
+        .position(|p| std::fs::metadata(p).is_ok_and(|m| m.ino() == inode))
+        .map(|i| i + 1)
+        .unwrap_or(0);
+    rotated[start..]
+        .iter()
+        .filter_map(|p| std::fs::read(p).ok())
+        .flat_map(|bytes| {
+            String::from_utf8_lossy(&bytes)
+                .lines()
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
 async fn follow(dir: &Path, wanted: &dyn Fn(&str) -> bool) -> anyhow::Result<()> {
     let mut followed: BTreeMap<String, Followed> = BTreeMap::new();
     // What exists now was printed above; follow from its end.
@@ -212,11 +237,13 @@ async fn follow(dir: &Path, wanted: &dyn Fn(&str) -> bool) -> anyhow::Result<()>
             };
             let mut raw = f.read_new();
             // Rotated (a new file at the path) or truncated: the rest of the
-            // old file was read above; go on from the new one's start.
+            // old file was read above; then the rotations made since, and
+            // the new file from its start.
             let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
             if (inode.is_some_and(|i| i != f.inode) || size < f.offset)
                 && let Some(mut new) = Followed::open(&path, false)
             {
+                raw.extend(rotated_since(dir, &slot, f.inode));
                 raw.extend(new.read_new());
                 *f = new;
             }

@@ -121,16 +121,18 @@ async fn answer(
     let peer = stream.peer_cred()?.uid();
     let own = nix::unistd::geteuid().as_raw();
     let (read, mut write) = stream.into_split();
+    // Read the request first in every case, so the peer always hears the
+    // answer instead of a broken pipe.
+    let mut line = String::new();
+    BufReader::new(tokio::io::AsyncReadExt::take(read, 64 * 1024))
+        .read_line(&mut line)
+        .await?;
     let response = if !allowed(peer, own) {
         warn!(peer_uid = peer, "refused a control request from another user");
         Response::error(format!(
             "refused: uid {peer} is not the supervisor's user (uid {own}) or root"
         ))
     } else {
-        let mut line = String::new();
-        BufReader::new(tokio::io::AsyncReadExt::take(read, 64 * 1024))
-            .read_line(&mut line)
-            .await?;
         match serde_json::from_str::<Request>(&line) {
             Err(e) => Response::error(format!("not a request: {e}")),
             Ok(Request::Stop) => {
