@@ -230,6 +230,10 @@ fn a_killed_busy_container_s_job_completes_on_its_replacement() {
             "SELECT worker_id FROM jobs WHERE id = {job} AND status = 'processing'"
         ))
     });
+    // The first run is in its long sleep (its marker is there).
+    wait_for("the first run's marker", Duration::from_secs(30), || {
+        pool.path(&format!("workspace/.slept-{job}")).exists().then_some(())
+    });
     let container = pool.query_strings(&format!("SELECT container_id FROM workers WHERE id = {row}"))[0].clone();
     let killed = Command::new("docker").args(["kill", &container]).output().unwrap();
     assert!(killed.status.success(), "{}", common::stderr(&killed));

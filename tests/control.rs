@@ -65,6 +65,8 @@ fn scale_up_and_down_with_busy_workers_loses_no_job_and_runs_none_twice() {
     let out = pool.cli(&["scale", "copy=6"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stdout(&out).contains("copy: 2 → 6"), "{}", stdout(&out));
+    let json: serde_json::Value = serde_json::from_slice(&pool.cli(&["stats", "--json"]).stdout).unwrap();
+    assert_eq!(json["pools"]["copy"]["wanted"], 6, "{json}");
     wait_for("six workers", Duration::from_secs(20), || {
         (running(&pool, "copy") == 6).then_some(())
     });
@@ -82,6 +84,7 @@ fn scale_up_and_down_with_busy_workers_loses_no_job_and_runs_none_twice() {
     });
     let json: serde_json::Value = serde_json::from_slice(&pool.cli(&["stats", "--json"]).stdout).unwrap();
     assert_eq!(json["pools"]["copy"]["slots"], 1, "{json}");
+    assert_eq!(json["pools"]["copy"]["wanted"], 1, "{json}");
     assert_eq!(
         json["pools"]["copy"]["restarts"], 0,
         "retirements are not failures: {json}"

@@ -342,3 +342,49 @@ fn builtin_worker_in_a_container_speaks_clm() {
         "the workers removed their rows"
     );
 }
+
+#[test]
+fn docker_workers_scale_and_restart_rolling_without_losing_jobs() {
+    if !docker_ready() {
+        return;
+    }
+    let script =
+        "echo \"$CLX_JOB_ID\" >> \"$WORKSPACE_PATH/ledger\"; sleep 0.3; cp \"$CLX_INPUT_FILE\" \"$CLX_OUTPUT_FILE\"";
+    let mut pool = Pool::new(NO_NETWORK, &docker_workers("copy", 1, "docker", script));
+    pool.start_ready();
+    let ids: Vec<i64> = (0..12)
+        .map(|i| pool.submit_with("copy", &format!("d{i}.txt"), &[]))
+        .collect();
+    let out = pool.cli(&["scale", "copy=3"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    wait_for("three containers", Duration::from_secs(30), || {
+        (pool.containers().len() == 3).then_some(())
+    });
+    // A rolling restart of busy containers: each finishes its job first
+    // (SIGUSR1 to the built-in worker inside).
+    let before = pool.containers();
+    let out = pool.cli(&["restart", "--rolling"]);
+    assert!(out.status.success(), "{}{}", stderr(&out), pool.supervisor_log());
+    let out = pool.cli(&["scale", "copy=1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    pool.drained("60s");
+    wait_for("one container left", Duration::from_secs(30), || {
+        (pool.containers().len() == 1).then_some(())
+    });
+    assert!(
+        pool.containers().iter().all(|c| !before.contains(c)),
+        "every container was replaced"
+    );
+    let ledger = std::fs::read_to_string(pool.path("workspace/ledger")).unwrap();
+    let mut ran: Vec<i64> = ledger.lines().map(|l| l.parse().unwrap()).collect();
+    ran.sort();
+    assert_eq!(ran, ids, "each job ran exactly once");
+    assert_eq!(
+        pool.query_i64("SELECT COUNT(*) FROM jobs WHERE attempts = 1 AND status = 'completed'"),
+        12
+    );
+    assert_eq!(
+        pool.query_i64("SELECT COUNT(*) FROM clx_pool_events WHERE event = 'replaced'"),
+        3
+    );
+}

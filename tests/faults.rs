@@ -62,6 +62,11 @@ fn a_worker_killed_during_a_long_lock_has_its_job_recovered_once_the_lock_goes()
     let pid = pool.query_i64(&format!(
         "SELECT s.pid FROM clx_pool_slots s JOIN workers w ON w.container_id = s.worker_id WHERE w.id = {row}"
     )) as i32;
+    // The first attempt is in its long sleep (its marker is there), so the
+    // second one, after the kill, completes.
+    wait_for("the first attempt's marker", Duration::from_secs(20), || {
+        pool.path(&format!("workspace/tried-{job}")).exists().then_some(())
+    });
     let lock = WriteLock::hold(&pool.db_path(), LONG_LOCK);
     kill9(pid);
     lock.join();

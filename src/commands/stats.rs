@@ -67,6 +67,8 @@ pub struct SupervisorStats {
 #[derive(Debug, Serialize)]
 pub struct PoolStats {
     pub execution_mode: Mode,
+    /// How many workers the running pool wants (`scale`, `reload`).
+    pub wanted: i64,
     pub slots: i64,
     pub running: i64,
     pub starting: i64,
@@ -229,6 +231,7 @@ fn slots(
         }
         let p = pools.entry(s.worker_type.clone()).or_insert_with(|| PoolStats {
             execution_mode: s.execution_mode,
+            wanted: 0,
             slots: 0,
             running: 0,
             starting: 0,
@@ -248,6 +251,10 @@ fn slots(
             SlotState::Failed => &mut p.failed,
             SlotState::Stopped => &mut p.stopped,
         } += 1;
+    }
+    let wanted = db::pool::wanted(conn)?;
+    for (t, p) in pools.iter_mut() {
+        p.wanted = wanted.get(t).copied().unwrap_or(p.slots);
     }
     if running {
         for w in live {
@@ -340,7 +347,7 @@ fn pools_table(s: &Stats) -> Table {
     let mut t = Table::new();
     t.load_preset(comfy_table::presets::NOTHING);
     t.set_header([
-        "TYPE", "MODE", "SLOTS", "RUNNING", "STARTING", "BACKOFF", "FAILED", "RESTARTS", "IDLE", "BUSY", "HUNG",
+        "TYPE", "MODE", "WANTED", "RUNNING", "STARTING", "BACKOFF", "FAILED", "RESTARTS", "IDLE", "BUSY", "HUNG",
         "DEAD", "MEMORY",
     ]);
     let empty = BTreeMap::new();
@@ -352,7 +359,7 @@ fn pools_table(s: &Stats) -> Table {
         t.add_row(vec![
             ty.clone(),
             p.map(|p| p.execution_mode.to_string()).unwrap_or_else(|| "-".into()),
-            pn(|p| p.slots),
+            pn(|p| p.wanted),
             pn(|p| p.running),
             pn(|p| p.starting),
             pn(|p| p.backoff),

@@ -396,6 +396,30 @@ fn clm_end_event(
     )
 }
 
+/// Records how many workers of each type the pool wants (all of them: the
+/// types not given are gone).
+pub fn set_wanted(conn: &mut Connection, wanted: &[(String, u32)]) -> rusqlite::Result<()> {
+    let tx = conn.transaction()?;
+    tx.execute("DELETE FROM clx_pool_wanted", [])?;
+    for (t, n) in wanted {
+        tx.execute(
+            "INSERT INTO clx_pool_wanted (worker_type, wanted) VALUES (?1, ?2)",
+            params![t, n],
+        )?;
+    }
+    tx.commit()
+}
+
+/// How many workers of each type the pool wants (empty before version 3).
+pub fn wanted(conn: &Connection) -> rusqlite::Result<std::collections::BTreeMap<String, i64>> {
+    if super::schema::pool_version(conn)? < 3 {
+        return Ok(Default::default());
+    }
+    conn.prepare("SELECT worker_type, wanted FROM clx_pool_wanted")?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect()
+}
+
 /// The slots of a type whose worker is busy.
 pub fn busy_slots(conn: &Connection, worker_type: &str) -> rusqlite::Result<Vec<u32>> {
     conn.prepare(

@@ -115,6 +115,14 @@ const POOL_MIGRATIONS: &[&str] = &[
     ALTER TABLE clx_pool_slots ADD COLUMN note TEXT;
     CREATE INDEX IF NOT EXISTS clx_pool_jobs_claim ON jobs(status, job_type, priority DESC, created_at);
     "#,
+    // 3: how many workers of each type the running pool wants (`scale`,
+    // `reload`), for `stats`.
+    r#"
+    CREATE TABLE clx_pool_wanted (
+        worker_type TEXT PRIMARY KEY,
+        wanted INTEGER NOT NULL
+    );
+    "#,
 ];
 
 /// CLM 1.35's `SCHEMA_SQL` (`clm/infrastructure/database/schema.py`),

@@ -102,6 +102,24 @@ impl Fleet {
         self.config.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// Records what the pool wants now, for `stats`.
+    pub async fn record_wanted(&self) {
+        let wanted: Vec<(String, u32)> = self
+            .entries
+            .iter()
+            .map(|(t, e)| (t.clone(), lock(e).worker.count))
+            .collect();
+        if let Err(e) = self
+            .db
+            .call_until_done("recording the wanted workers", move |c| {
+                db::pool::set_wanted(c, &wanted)
+            })
+            .await
+        {
+            warn!("{e:#}");
+        }
+    }
+
     /// Starts every slot of every entry.
     pub fn start_all(&mut self) {
         let counts: Vec<(String, u32)> = self

@@ -41,6 +41,7 @@ impl Manager {
                 Some(()) = hangups.recv() => {
                     info!("SIGHUP: reloading the config");
                     let r = self.reload().await;
+                    self.fleet.record_wanted().await;
                     for line in &r.lines {
                         if r.ok { info!("reload: {line}") } else { error!("reload refused: {line}") }
                     }
@@ -50,6 +51,12 @@ impl Manager {
     }
 
     async fn handle(&mut self, request: Request) -> Response {
+        let response = self.carry_out(request).await;
+        self.fleet.record_wanted().await;
+        response
+    }
+
+    async fn carry_out(&mut self, request: Request) -> Response {
         match request {
             Request::Ping => Response::ok(vec![format!("supervisor pid {}", std::process::id())]),
             Request::Stop => {

@@ -63,6 +63,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let hangups = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let (ready_rx, mut manager, monitor) = start_pool(&config, &prepared, &token);
     info!(workers = config.total_workers(), db = %config.pool.db_path.display(), "starting pool");
+    manager.fleet.record_wanted().await;
     if await_settled(ready_rx, config.total_workers(), &token, started).await {
         record_state(&prepared.db, SupervisorState::Running).await;
         manager.run(requests, hangups).await;
