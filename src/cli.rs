@@ -349,7 +349,7 @@ pub struct WorkerArgs {
     /// How often to refresh the heartbeat while idle.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub heartbeat_interval: Duration,
-    /// How often to look for new jobs.
+    /// How often to look for new jobs when changes to the database cannot be watched (inotify); with inotify an idle worker wakes on every commit, and looks at least once a second.
     #[arg(long, default_value = "20ms", value_parser = humantime::parse_duration)]
     pub poll_interval: Duration,
     /// Where this worker runs (direct or docker); under CLM it takes only

@@ -15,6 +15,7 @@
 
 pub mod job;
 pub mod placeholders;
+pub mod wake;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -28,6 +29,10 @@ use tracing::{info, warn};
 use crate::db::{self, Backoff, jobs};
 use crate::vocab::{ModeKind, Protocol, WorkerRow, WorkerStatus};
 use job::{Ran, StopSignals};
+
+/// With inotify, an idle worker still looks this often (a change it was not
+/// told of: a file system that drops events).
+const IDLE_FALLBACK: Duration = Duration::from_secs(1);
 
 /// The exit code of a worker that could not register because the database
 /// was unavailable (locked, full): a fault outside the worker.
@@ -187,7 +192,9 @@ pub async fn run(opts: WorkerOptions) -> anyhow::Result<()> {
             flag.store(true, Ordering::SeqCst);
         }
     });
+    let wake = wake::Wake::new(&me.db_path);
     let mut worker = Worker {
+        wake,
         stop: StopSignals::install()?,
         finish,
         jobs_done: 0,
@@ -211,6 +218,8 @@ struct Worker {
     me: Identity,
     opts: WorkerOptions,
     stop: StopSignals,
+    /// Wakes the idle loop when the database changes.
+    wake: wake::Wake,
     /// Set by SIGUSR1: finish the current job, then leave.
     finish: Arc<AtomicBool>,
     jobs_done: u32,
@@ -251,7 +260,7 @@ impl Worker {
                 }
                 Ok(Turn::Idle) => {
                     backoff = Backoff::default();
-                    self.pause(self.opts.poll_interval).await;
+                    self.idle().await;
                 }
                 Ok(Turn::Deregistered) => {
                     info!(worker = %self.me.worker_id, row = %self.row, "my worker row is gone (deregistered): stopping");
@@ -269,6 +278,26 @@ impl Worker {
         }
         self.leave().await;
         Ok(())
+    }
+
+    /// Waits for a change to the database (a job may have been queued), the
+    /// next heartbeat, or the fallback period; without inotify, polls at
+    /// `--poll-interval`.
+    async fn idle(&mut self) {
+        let heartbeat_due = self
+            .opts
+            .heartbeat_interval
+            .saturating_sub(self.last_heartbeat.elapsed());
+        let limit = if self.wake.signalled() {
+            IDLE_FALLBACK.min(heartbeat_due)
+        } else {
+            self.opts.poll_interval.min(heartbeat_due)
+        };
+        tokio::select! {
+            biased;
+            _ = self.stop.recv() => self.stopping = true,
+            _ = self.wake.changed(limit) => {}
+        }
     }
 
     /// Sleeps `d`, or until asked to stop.
