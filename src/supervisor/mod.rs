@@ -13,6 +13,7 @@ pub mod monitor;
 pub mod notify;
 pub mod policy;
 pub mod registry;
+pub mod sdnotify;
 pub mod slot;
 
 use std::sync::Arc;
@@ -61,13 +62,20 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // Orders from `scale`, `restart`, `reload` and `stop`; SIGHUP reloads.
     let requests = control::serve(&config.pool.db_path, token.clone())?;
     let hangups = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
-    let (ready_rx, mut manager, monitor) = start_pool(&config, &prepared, &token);
+    let sd = sdnotify::SdNotify::from_env();
+    let (ready_rx, mut manager, monitor) = start_pool(&config, &prepared, &token, &sd);
     info!(workers = config.total_workers(), db = %config.pool.db_path.display(), "starting pool");
     manager.fleet.record_wanted().await;
     if await_settled(ready_rx, config.total_workers(), &token, started).await {
         record_state(&prepared.db, SupervisorState::Running).await;
+        sd.ready(&format!(
+            "{} workers running on {}",
+            config.total_workers(),
+            config.pool.db_path.display()
+        ));
         manager.run(requests, hangups).await;
     }
+    sd.stopping();
     record_state(&prepared.db, SupervisorState::Stopping).await;
     let stopping = Instant::now();
     while let Some(res) = manager.fleet.tasks.join_next().await {
@@ -293,6 +301,7 @@ fn start_pool(
     config: &Arc<Config>,
     p: &Prepared,
     token: &CancellationToken,
+    sd: &sdnotify::SdNotify,
 ) -> (
     mpsc::UnboundedReceiver<Settled>,
     manage::Manager,
@@ -318,6 +327,7 @@ fn start_pool(
         slots: fleet.directory.clone(),
         engine: p.engine.clone(),
         notifier,
+        sd: sd.clone(),
     };
     let manager = manage::Manager {
         fleet,

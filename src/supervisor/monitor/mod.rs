@@ -19,6 +19,7 @@ use tracing::warn;
 
 use super::fleet::{Directory, SharedConfig, lock};
 use super::notify::Notifier;
+use super::sdnotify::SdNotify;
 use super::slot::{Command, Order, Why};
 use crate::config::{Config, WorkerProgram};
 use crate::db::Db;
@@ -46,6 +47,8 @@ pub struct Monitor {
     pub engine: Option<Arc<DockerEngine>>,
     /// `on_event`: told of hung kills and jobs failed for good.
     pub notifier: Notifier,
+    /// systemd's watchdog is fed from every tick.
+    pub sd: SdNotify,
 }
 
 /// How often CPU and memory are sampled when no zero-CPU rule needs every
@@ -106,7 +109,12 @@ impl Monitor {
     }
 
     pub async fn run(self) {
-        let mut tick = tokio::time::interval(self.current().pool.check_interval);
+        // Often enough for systemd's watchdog, if it asked for one.
+        let mut every = self.current().pool.check_interval;
+        if let Some(w) = self.sd.watchdog() {
+            every = every.min(w / 2);
+        }
+        let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut state = State::default();
         loop {
@@ -115,8 +123,9 @@ impl Monitor {
                 _ = tick.tick() => {}
             }
             let rules = self.rules();
-            if let Err(e) = self.tick(&mut state, &rules).await {
-                warn!("monitor check failed: {e:#}");
+            match self.tick(&mut state, &rules).await {
+                Ok(()) => self.sd.watchdog_ping(),
+                Err(e) => warn!("monitor check failed: {e:#}"),
             }
             if self.notifier.enabled()
                 && let Err(e) = self.notify_failed_jobs(&mut state).await
