@@ -99,6 +99,9 @@ pub enum Command {
         /// Judge the pool: exit 0 healthy, 1 degraded (slots waiting or given up, failed jobs this run), 2 down.
         #[arg(long, conflicts_with = "watch")]
         check: bool,
+        /// Prometheus metrics (OpenMetrics text), as `metrics_listen` serves them; for node_exporter's textfile collector.
+        #[arg(long, conflicts_with_all = ["watch", "check", "json"])]
+        prometheus: bool,
     },
     /// Queue a job; prints its id.
     #[command(

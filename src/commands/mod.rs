@@ -28,7 +28,11 @@ pub async fn run(cmd: &Command) -> anyhow::Result<i32> {
             events,
             workers,
             check,
+            prometheus,
         } => {
+            if *prometheus {
+                return stats::prometheus(db).await;
+            }
             let options = stats::Options {
                 json: *json,
                 watch: *watch,

@@ -456,6 +456,22 @@ fn events_text(events: &[EventRow]) -> String {
     out
 }
 
+/// `stats --prometheus`: the running supervisor's metrics, or (none
+/// running) the database's gauges alone.
+pub async fn prometheus(args: &DbArgs) -> anyhow::Result<i32> {
+    use crate::supervisor::control::{self, Request};
+    let t = target(args)?;
+    if let Some(r) = control::ask(&t.db_path, &Request::Metrics).await?
+        && r.ok
+    {
+        super::print(&r.lines.join("\n"));
+        return Ok(0);
+    }
+    let (conn, protocol) = db::open_for_reading(&t.db_path)?;
+    super::print(crate::supervisor::metrics::render(&conn, protocol, None)?.trim_end());
+    Ok(0)
+}
+
 /// The shortest `--watch` interval: each refresh reads the whole database.
 pub const MIN_WATCH: Duration = Duration::from_millis(200);
 

@@ -88,6 +88,7 @@ pub const POOL_KEYS: &[&str] = &[
     "api_listen",
     "api_token_file",
     "on_event",
+    "metrics_listen",
 ];
 
 /// The keys of a `[[workers]]` entry.

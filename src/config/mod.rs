@@ -67,6 +67,8 @@ pub struct PoolConfig {
     /// Run on notable events (a slot given up, a crash loop, a hung kill, a
     /// job failing for good), with the event as JSON on stdin.
     pub on_event: Option<Vec<String>>,
+    /// Where to serve Prometheus metrics (`/metrics`).
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// What of the supervisor's environment a direct worker inherits (the

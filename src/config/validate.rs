@@ -247,6 +247,20 @@ fn pool<'t>(r: &mut Reader<'t>, t: &Table<'t>, base: &Path) -> PoolConfig {
         api_listen: api_listen(&mut k),
         api_token_file: k.path("api_token_file", base),
         on_event: on_event(&mut k),
+        metrics_listen: metrics_listen(&mut k),
+    }
+}
+
+/// `metrics_listen`: `"ADDRESS:PORT"` (`"127.0.0.1:9464"`).
+fn metrics_listen(k: &mut Keys) -> Option<std::net::SocketAddr> {
+    let text = k.string("metrics_listen")?;
+    match text.parse() {
+        Ok(addr) => Some(addr),
+        Err(_) => {
+            let message = format!("`{text}` is not an address with a port, such as \"127.0.0.1:9464\"");
+            k.problem("metrics_listen", message);
+            None
+        }
     }
 }
 

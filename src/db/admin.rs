@@ -272,6 +272,17 @@ pub fn run_failures(conn: &Connection, since: Option<&str>, limit: i64) -> rusql
     .collect()
 }
 
+/// Jobs per type and status (as shown), with how long the oldest of them
+/// was created ago (seconds), for metrics.
+pub fn by_type(conn: &Connection) -> rusqlite::Result<Vec<(String, JobStatus, i64, Option<f64>)>> {
+    conn.prepare(&format!(
+        "SELECT job_type, {SHOWN_STATUS}, COUNT(*), (julianday('now') - julianday(MIN(created_at))) * 86400.0
+         FROM jobs GROUP BY 1, 2 ORDER BY 1, 2"
+    ))?
+    .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+    .collect()
+}
+
 /// The status (as shown) of each of `ids` that exists.
 pub fn statuses(conn: &Connection, ids: &[i64]) -> rusqlite::Result<Vec<(i64, JobStatus)>> {
     let filter = Filter {

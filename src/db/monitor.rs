@@ -97,6 +97,21 @@ pub fn observe(c: &mut Connection, f: &Filter) -> rusqlite::Result<Vec<Observed>
     Ok(out)
 }
 
+/// Jobs completed at or after `since` (those of the current run when
+/// None), oldest first: (id, type, seconds from claim to completion,
+/// completion time).
+pub fn completed_since(c: &mut Connection, since: Option<&str>) -> rusqlite::Result<Vec<(i64, String, f64, String)>> {
+    c.prepare_cached(
+        "SELECT id, job_type, MAX(0.0, (julianday(completed_at) - julianday(started_at)) * 86400.0), completed_at
+         FROM jobs
+         WHERE status = 'completed' AND completed_at IS NOT NULL AND started_at IS NOT NULL
+           AND completed_at >= COALESCE(?1, (SELECT started_at FROM clx_pool_supervisor WHERE id = 1), '')
+         ORDER BY completed_at, id LIMIT 10000",
+    )?
+    .query_map([since], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+    .collect()
+}
+
 /// Jobs that failed for good in the last hour: (id, type, error).
 pub fn recently_failed(c: &mut Connection) -> rusqlite::Result<Vec<(i64, String, Option<String>)>> {
     c.prepare_cached(

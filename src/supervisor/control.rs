@@ -33,6 +33,8 @@ pub enum Request {
     },
     /// Re-read the config and apply the difference.
     Reload,
+    /// The Prometheus metrics, as `/metrics` serves them.
+    Metrics,
 }
 
 /// The answer: whether it worked, and what happened (one line each).

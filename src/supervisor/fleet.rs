@@ -57,6 +57,7 @@ pub struct Fleet {
     ready: mpsc::UnboundedSender<Settled>,
     entries: BTreeMap<String, SharedEntry>,
     notifier: Notifier,
+    metrics: Arc<super::metrics::Metrics>,
 }
 
 /// Orders sent, and how to hear back.
@@ -71,6 +72,7 @@ impl Fleet {
         token: CancellationToken,
         ready: mpsc::UnboundedSender<Settled>,
         notifier: Notifier,
+        metrics: Arc<super::metrics::Metrics>,
     ) -> Fleet {
         let entries = config
             .workers
@@ -95,6 +97,7 @@ impl Fleet {
             ready,
             entries,
             notifier,
+            metrics,
         }
     }
 
@@ -158,6 +161,7 @@ impl Fleet {
             registry: self.registry.clone(),
             ready: self.ready.clone(),
             notifier: self.notifier.clone(),
+            metrics: self.metrics.clone(),
         };
         let mut io = slot::SlotIo::new(config.clone(), entry, index, links, hung);
         let mut ctx = slot::machine::Context::new(config.pool.restart.clone(), config.pool.startup_timeout);

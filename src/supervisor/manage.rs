@@ -26,6 +26,8 @@ pub struct Manager {
     pub engine: Option<Arc<DockerEngine>>,
     pub api: Option<Arc<Endpoint>>,
     pub token: CancellationToken,
+    pub metrics: Arc<super::metrics::Metrics>,
+    pub db: crate::db::Db,
 }
 
 impl Manager {
@@ -86,6 +88,17 @@ impl Manager {
                 }
             }
             Request::Reload => self.reload().await,
+            Request::Metrics => {
+                let (m, protocol) = (self.metrics.clone(), self.protocol);
+                match self
+                    .db
+                    .call(move |c| Ok(super::metrics::render(c, protocol, Some(&m))))
+                    .await
+                {
+                    Ok(Ok(text)) => Response::ok(text.lines().map(str::to_string).collect()),
+                    Ok(Err(e)) | Err(e) => Response::error(format!("{e:#}")),
+                }
+            }
         }
     }
 
@@ -321,7 +334,8 @@ fn pool_differences(a: &PoolConfig, b: &PoolConfig) -> Vec<String> {
         cache_db_path,
         api_listen,
         api_token_file,
-        on_event
+        on_event,
+        metrics_listen
     );
     keys
 }

@@ -9,6 +9,7 @@ pub mod control;
 pub mod fleet;
 pub mod guard;
 pub mod manage;
+pub mod metrics;
 pub mod monitor;
 pub mod notify;
 pub mod policy;
@@ -65,6 +66,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let sd = sdnotify::SdNotify::from_env();
     let (ready_rx, mut manager, monitor) = start_pool(&config, &prepared, &token, &sd);
     info!(workers = config.total_workers(), db = %config.pool.db_path.display(), "starting pool");
+    if let Some(addr) = config.pool.metrics_listen {
+        let bound = metrics::serve(addr, prepared.db.clone(), manager.metrics.clone(), token.clone()).await?;
+        info!(%bound, "serving Prometheus metrics at /metrics");
+    }
     manager.fleet.record_wanted().await;
     if await_settled(ready_rx, config.total_workers(), &token, started).await {
         record_state(&prepared.db, SupervisorState::Running).await;
@@ -310,6 +315,7 @@ fn start_pool(
     let registry = registry::Registry::spawn(p.db.clone(), p.after_row, token.child_token());
     let (ready_tx, ready_rx) = mpsc::unbounded_channel();
     let notifier = notify::Notifier::new(config.pool.on_event.clone());
+    let metrics = Arc::new(metrics::Metrics::default());
     let mut fleet = fleet::Fleet::new(
         config.clone(),
         &p.executors,
@@ -318,6 +324,7 @@ fn start_pool(
         token.clone(),
         ready_tx,
         notifier.clone(),
+        metrics.clone(),
     );
     fleet.start_all();
     let monitor = monitor::Monitor {
@@ -328,6 +335,7 @@ fn start_pool(
         engine: p.engine.clone(),
         notifier,
         sd: sd.clone(),
+        metrics: metrics.clone(),
     };
     let manager = manage::Manager {
         fleet,
@@ -335,6 +343,8 @@ fn start_pool(
         engine: p.engine.clone(),
         api: p.api.as_ref().map(|a| a.endpoint.clone()),
         token: token.clone(),
+        metrics,
+        db: p.db.clone(),
     };
     (ready_rx, manager, tokio::spawn(monitor.run()))
 }

@@ -49,6 +49,8 @@ pub struct Monitor {
     pub notifier: Notifier,
     /// systemd's watchdog is fed from every tick.
     pub sd: SdNotify,
+    /// Job durations go into its histogram.
+    pub metrics: Arc<super::metrics::Metrics>,
 }
 
 /// How often CPU and memory are sampled when no zero-CPU rule needs every
@@ -72,6 +74,10 @@ struct State {
     recycling: HashSet<WorkerRow>,
     /// Failed jobs already notified (with `on_event`).
     notified: HashSet<i64>,
+    /// Completed jobs already counted in the duration histogram: the
+    /// latest completion time seen, and the ids completed at that time.
+    completed_since: Option<String>,
+    completed_at_edge: HashSet<i64>,
 }
 
 /// What a type's workers are judged by.
@@ -126,6 +132,9 @@ impl Monitor {
             match self.tick(&mut state, &rules).await {
                 Ok(()) => self.sd.watchdog_ping(),
                 Err(e) => warn!("monitor check failed: {e:#}"),
+            }
+            if let Err(e) = self.count_completed_jobs(&mut state).await {
+                warn!("monitor: reading completed jobs: {e:#}");
             }
             if self.notifier.enabled()
                 && let Err(e) = self.notify_failed_jobs(&mut state).await
@@ -294,6 +303,27 @@ impl Monitor {
             why: Why::Recycle(why),
         };
         drop(slot.orders.send(Command { order, done: None }));
+    }
+
+    /// Puts the durations of jobs completed since the last tick (of this
+    /// run) into the metrics' histogram.
+    async fn count_completed_jobs(&self, state: &mut State) -> anyhow::Result<()> {
+        let since = state.completed_since.clone();
+        let done = self
+            .db
+            .call(move |c| crate::db::monitor::completed_since(c, since.as_deref()))
+            .await?;
+        for (id, job_type, seconds, at) in done {
+            if state.completed_since.as_deref() == Some(at.as_str()) && !state.completed_at_edge.insert(id) {
+                continue;
+            }
+            if state.completed_since.as_deref() != Some(at.as_str()) {
+                state.completed_since = Some(at);
+                state.completed_at_edge = HashSet::from([id]);
+            }
+            self.metrics.job_finished(&job_type, seconds);
+        }
+        Ok(())
     }
 
     /// Tells `on_event` of jobs that failed for good since it last looked.

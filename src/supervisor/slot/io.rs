@@ -58,6 +58,7 @@ pub struct SlotIo {
     entry: SharedEntry,
     /// `on_event`: a slot given up, a crash loop.
     notifier: Notifier,
+    metrics: Arc<crate::supervisor::metrics::Metrics>,
     /// The id of the current (or last) worker, and the row pre-registered
     /// for it (CLM).
     current: Option<WorkerId>,
@@ -72,6 +73,7 @@ pub struct Links {
     /// Told once how each slot settled.
     pub ready: mpsc::UnboundedSender<Settled>,
     pub notifier: Notifier,
+    pub metrics: Arc<crate::supervisor::metrics::Metrics>,
 }
 
 impl SlotIo {
@@ -87,6 +89,7 @@ impl SlotIo {
             registry,
             ready,
             notifier,
+            metrics,
         } = links;
         let e = lock(&entry).clone();
         SlotIo {
@@ -100,6 +103,7 @@ impl SlotIo {
             mode: e.mode,
             entry,
             notifier,
+            metrics,
             db,
             registry,
             hung,
@@ -242,6 +246,7 @@ impl SlotIo {
         tail: String,
         restart: bool,
     ) {
+        self.metrics.worker_ended(&self.slot.worker_type, event, restart);
         let (slot, owned_id, mode, protocol) = (self.slot.clone(), id.clone(), self.executor.kind(), self.protocol());
         let result = self
             .write("recording the worker's end", move |c| {
