@@ -272,14 +272,29 @@ pub fn run_failures(conn: &Connection, since: Option<&str>, limit: i64) -> rusql
     .collect()
 }
 
-/// Jobs per type and status (as shown), with how long the oldest of them
-/// was created ago (seconds), for metrics.
-pub fn by_type(conn: &Connection) -> rusqlite::Result<Vec<(String, JobStatus, i64, Option<f64>)>> {
+/// How many jobs of a type have a status, and the age of the oldest.
+pub struct TypeCount {
+    pub job_type: String,
+    pub status: JobStatus,
+    pub count: i64,
+    /// Seconds since the oldest of them was created.
+    pub oldest_age: Option<f64>,
+}
+
+/// Jobs per type and status (as shown), for metrics.
+pub fn by_type(conn: &Connection) -> rusqlite::Result<Vec<TypeCount>> {
     conn.prepare(&format!(
         "SELECT job_type, {SHOWN_STATUS}, COUNT(*), (julianday('now') - julianday(MIN(created_at))) * 86400.0
          FROM jobs GROUP BY 1, 2 ORDER BY 1, 2"
     ))?
-    .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+    .query_map([], |r| {
+        Ok(TypeCount {
+            job_type: r.get(0)?,
+            status: r.get(1)?,
+            count: r.get(2)?,
+            oldest_age: r.get(3)?,
+        })
+    })?
     .collect()
 }
 

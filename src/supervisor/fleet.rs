@@ -16,11 +16,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::monitor::Hung;
-use super::notify::Notifier;
-use super::registry::Registry;
-use super::slot::{self, Command, Order, Settled, Why};
+use super::slot::io::Links;
+use super::slot::{self, Command, Order, Why};
 use crate::config::{Config, WorkerConfig, WorkerProgram};
-use crate::db::{self, Db};
+use crate::db;
 use crate::executor::Executor;
 use crate::vocab::{Mode, SlotId};
 
@@ -51,29 +50,16 @@ pub struct Fleet {
     pub config: SharedConfig,
     pub directory: Directory,
     pub tasks: JoinSet<()>,
-    db: Db,
-    registry: Registry,
+    links: Links,
     token: CancellationToken,
-    ready: mpsc::UnboundedSender<Settled>,
     entries: BTreeMap<String, SharedEntry>,
-    notifier: Notifier,
-    metrics: Arc<super::metrics::Metrics>,
 }
 
 /// Orders sent, and how to hear back.
 type Waiting = Vec<(SlotId, oneshot::Receiver<Result<(), String>>)>;
 
 impl Fleet {
-    pub fn new(
-        config: Arc<Config>,
-        executors: &[(Executor, Mode)],
-        db: Db,
-        registry: Registry,
-        token: CancellationToken,
-        ready: mpsc::UnboundedSender<Settled>,
-        notifier: Notifier,
-        metrics: Arc<super::metrics::Metrics>,
-    ) -> Fleet {
+    pub fn new(config: Arc<Config>, executors: &[(Executor, Mode)], links: Links, token: CancellationToken) -> Fleet {
         let entries = config
             .workers
             .iter()
@@ -91,13 +77,9 @@ impl Fleet {
             config: Arc::new(RwLock::new(config)),
             directory: Arc::new(Mutex::new(HashMap::new())),
             tasks: JoinSet::new(),
-            db,
-            registry,
+            links,
             token,
-            ready,
             entries,
-            notifier,
-            metrics,
         }
     }
 
@@ -113,6 +95,7 @@ impl Fleet {
             .map(|(t, e)| (t.clone(), lock(e).worker.count))
             .collect();
         if let Err(e) = self
+            .links
             .db
             .call_until_done("recording the wanted workers", move |c| {
                 db::pool::set_wanted(c, &wanted)
@@ -156,14 +139,7 @@ impl Fleet {
             },
         );
         let builtin = matches!(lock(&entry).worker.program, WorkerProgram::JobCommand(_));
-        let links = slot::io::Links {
-            db: self.db.clone(),
-            registry: self.registry.clone(),
-            ready: self.ready.clone(),
-            notifier: self.notifier.clone(),
-            metrics: self.metrics.clone(),
-        };
-        let mut io = slot::SlotIo::new(config.clone(), entry, index, links, hung);
+        let mut io = slot::SlotIo::new(config.clone(), entry, index, self.links.clone(), hung);
         let mut ctx = slot::machine::Context::new(config.pool.restart.clone(), config.pool.startup_timeout);
         ctx.clean_exit_is_recycle = builtin;
         let timing = slot::Timing {
@@ -249,6 +225,7 @@ impl Fleet {
     async fn retire_order(&self, worker_type: &str, running: &[u32]) -> Vec<u32> {
         let t = worker_type.to_string();
         let busy: Vec<u32> = self
+            .links
             .db
             .call(move |c| db::pool::busy_slots(c, &t))
             .await

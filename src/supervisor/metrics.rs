@@ -180,17 +180,23 @@ fn queue(conn: &Connection, r: &mut Registry) -> anyhow::Result<()> {
     let jobs = Family::<StateLabels, Gauge>::default();
     let depth = Family::<TypeLabel, Gauge>::default();
     let oldest = Family::<TypeLabel, FloatGauge>::default();
-    for (t, status, n, age) in db::admin::by_type(conn)? {
+    for c in db::admin::by_type(conn)? {
         jobs.get_or_create(&StateLabels {
-            worker_type: t.clone(),
-            state: status.to_string(),
+            worker_type: c.job_type.clone(),
+            state: c.status.to_string(),
         })
-        .set(n);
-        if status == crate::vocab::JobStatus::Pending {
-            depth.get_or_create(&TypeLabel { worker_type: t.clone() }).set(n);
+        .set(c.count);
+        if c.status == crate::vocab::JobStatus::Pending {
+            depth
+                .get_or_create(&TypeLabel {
+                    worker_type: c.job_type.clone(),
+                })
+                .set(c.count);
             oldest
-                .get_or_create(&TypeLabel { worker_type: t })
-                .set(age.unwrap_or(0.0));
+                .get_or_create(&TypeLabel {
+                    worker_type: c.job_type,
+                })
+                .set(c.oldest_age.unwrap_or(0.0));
         }
     }
     r.register("clx_pool_jobs", "Jobs in the database, by type and status", jobs);

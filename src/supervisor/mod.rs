@@ -316,16 +316,14 @@ fn start_pool(
     let (ready_tx, ready_rx) = mpsc::unbounded_channel();
     let notifier = notify::Notifier::new(config.pool.on_event.clone());
     let metrics = Arc::new(metrics::Metrics::default());
-    let mut fleet = fleet::Fleet::new(
-        config.clone(),
-        &p.executors,
-        p.db.clone(),
+    let links = slot::io::Links {
+        db: p.db.clone(),
         registry,
-        token.clone(),
-        ready_tx,
-        notifier.clone(),
-        metrics.clone(),
-    );
+        ready: ready_tx,
+        notifier: notifier.clone(),
+        metrics: metrics.clone(),
+    };
+    let mut fleet = fleet::Fleet::new(config.clone(), &p.executors, links, token.clone());
     fleet.start_all();
     let monitor = monitor::Monitor {
         config: fleet.config.clone(),
