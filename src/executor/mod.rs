@@ -61,6 +61,13 @@ impl Launch {
         if seen.tagged {
             env.push((POOL_TAG_VAR.into(), self.db_path.to_string_lossy().into_owned()));
         }
+        if matches!(self.program, WorkerProgram::JobCommand(_)) {
+            let bell = crate::worker::wake::bell_path(std::path::Path::new(seen.db_path), &self.worker_type);
+            env.push((
+                crate::worker::wake::BELL_VAR.into(),
+                bell.to_string_lossy().into_owned(),
+            ));
+        }
         for (k, v) in &self.extra_env {
             env.retain(|(name, _)| name != k);
             env.push((k.clone(), v.clone()));

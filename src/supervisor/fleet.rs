@@ -304,6 +304,7 @@ impl Fleet {
     /// A new entry (reload): its slots start.
     pub fn add_entry(&mut self, entry: Entry) {
         let (t, count) = (entry.worker.worker_type.clone(), entry.worker.count);
+        super::bells::install(&self.current().pool.db_path, std::slice::from_ref(&t));
         self.entries.insert(t.clone(), Arc::new(Mutex::new(entry)));
         for i in 0..count {
             self.spawn_slot(&t, i);

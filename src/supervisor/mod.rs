@@ -4,6 +4,7 @@
 //! SIGINT/SIGTERM (which `clx-pool stop` sends) stops every worker in
 //! parallel before exiting; a second signal kills them at once.
 
+pub mod bells;
 pub mod cleanup;
 pub mod control;
 pub mod fleet;
@@ -64,6 +65,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let requests = control::serve(&config.pool.db_path, token.clone())?;
     let hangups = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let sd = sdnotify::SdNotify::from_env();
+    // Idle built-in workers wait for their type's bell, rung from here.
+    let types: Vec<String> = config.workers.iter().map(|w| w.worker_type.clone()).collect();
+    bells::install(&config.pool.db_path, &types);
+    let bell_ringer = tokio::spawn(bells::run(config.pool.db_path.clone(), token.clone()));
     let (ready_rx, mut manager, monitor) = start_pool(&config, &prepared, &token, &sd);
     info!(workers = config.total_workers(), db = %config.pool.db_path.display(), "starting pool");
     if let Some(addr) = config.pool.metrics_listen {
@@ -89,6 +94,17 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     }
     sweep_leftovers(&config, prepared.engine.as_deref()).await;
+    if let Err(e) = bell_ringer.await {
+        error!("the bell task failed: {e}");
+    }
+    let types: Vec<String> = manager
+        .fleet
+        .current()
+        .workers
+        .iter()
+        .map(|w| w.worker_type.clone())
+        .collect();
+    bells::remove(&config.pool.db_path, &types);
     if let Some(api) = prepared.api {
         api.stop().await;
     }

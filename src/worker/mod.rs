@@ -30,9 +30,9 @@ use crate::db::{self, Backoff, jobs};
 use crate::vocab::{ModeKind, Protocol, WorkerRow, WorkerStatus};
 use job::{Ran, StopSignals};
 
-/// With inotify, an idle worker still looks this often (a change it was not
-/// told of: a file system that drops events).
-const IDLE_FALLBACK: Duration = Duration::from_secs(1);
+/// After a write to the WAL, an idle worker looks again after 1, 2, … up to
+/// this many ms: the commit is published a moment after its last write.
+const RECHECK_MAX: Duration = Duration::from_millis(32);
 
 /// The exit code of a worker that could not register because the database
 /// was unavailable (locked, full): a fault outside the worker.
@@ -192,9 +192,11 @@ pub async fn run(opts: WorkerOptions) -> anyhow::Result<()> {
             flag.store(true, Ordering::SeqCst);
         }
     });
-    let wake = wake::Wake::new(&me.db_path);
+    let bell = std::env::var_os(wake::BELL_VAR).map(PathBuf::from);
+    let wake = wake::Wake::new(&me.db_path, bell.as_deref());
     let mut worker = Worker {
         wake,
+        recheck: None,
         stop: StopSignals::install()?,
         finish,
         jobs_done: 0,
@@ -220,6 +222,8 @@ struct Worker {
     stop: StopSignals,
     /// Wakes the idle loop when the database changes.
     wake: wake::Wake,
+    /// After a wake from the WAL: look again after this (doubling to 32 ms).
+    recheck: Option<Duration>,
     /// Set by SIGUSR1: finish the current job, then leave.
     finish: Arc<AtomicBool>,
     jobs_done: u32,
@@ -255,6 +259,7 @@ impl Worker {
             match self.turn() {
                 Ok(Turn::Job(job)) => {
                     backoff = Backoff::default();
+                    self.recheck = None;
                     self.work(&job).await?;
                     self.jobs_done += 1;
                 }
@@ -288,15 +293,26 @@ impl Worker {
             .opts
             .heartbeat_interval
             .saturating_sub(self.last_heartbeat.elapsed());
+        if let Some(d) = self.recheck {
+            self.recheck = (d < RECHECK_MAX).then_some(d * 2);
+            self.pause(d.min(heartbeat_due)).await;
+            return;
+        }
         let limit = if self.wake.signalled() {
-            IDLE_FALLBACK.min(heartbeat_due)
+            self.wake.fallback().min(heartbeat_due)
         } else {
             self.opts.poll_interval.min(heartbeat_due)
         };
-        tokio::select! {
+        let woke = tokio::select! {
             biased;
-            _ = self.stop.recv() => self.stopping = true,
-            _ = self.wake.changed(limit) => {}
+            _ = self.stop.recv() => {
+                self.stopping = true;
+                false
+            }
+            changed = self.wake.changed(limit) => changed,
+        };
+        if woke && self.wake.needs_settling() {
+            self.recheck = Some(Duration::from_millis(1));
         }
     }
 
