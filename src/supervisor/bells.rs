@@ -1,12 +1,11 @@
 //! The doorbells of the built-in workers (see `worker::wake`): the
 //! supervisor alone watches the database, and when a commit leaves jobs of
-//! a type pending it writes to that type's bell file, which only that
-//! type's idle workers watch. One process looking at every commit instead
-//! of every idle worker: the heartbeats of hundreds of idle workers then
-//! wake nobody.
+//! a type pending it writes a byte to that type's bell, a FIFO that only
+//! that type's idle workers wait on. One process looking at every commit
+//! instead of every idle worker: the heartbeats of hundreds of idle
+//! workers then wake nobody.
 
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -14,7 +13,7 @@ use rusqlite::Connection;
 use tokio_util::sync::CancellationToken;
 
 use crate::db;
-use crate::worker::wake::{Wake, bell_path};
+use crate::worker::wake::{Wake, bell_path, open_bell};
 
 /// After a write to the WAL the commit is published a moment later: look
 /// again after these delays until it shows.
@@ -58,34 +57,60 @@ fn look(conn: &Connection, db_path: &Path, seen: &mut Option<i64>) -> rusqlite::
         return Ok(false);
     }
     *seen = Some(version);
-    let types: Vec<String> = conn
-        .prepare_cached("SELECT DISTINCT job_type FROM jobs WHERE status = 'pending'")?
-        .query_map([], |r| r.get(0))?
+    let pending: Vec<(String, i64)> = conn
+        .prepare_cached("SELECT job_type, COUNT(*) FROM jobs WHERE status = 'pending' GROUP BY job_type")?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
         .collect::<rusqlite::Result<_>>()?;
-    for t in types {
-        ring(&bell_path(db_path, &t));
+    for (t, n) in pending {
+        ring(&bell_path(db_path, &t), n.clamp(1, MAX_RINGS));
     }
     Ok(true)
 }
 
-fn ring(bell: &Path) {
-    let written = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o644)
-        .custom_flags(nix::libc::O_NOFOLLOW)
-        .open(bell)
-        .and_then(|mut f| f.write_all(b"1"));
-    if let Err(e) = written {
+/// Rings per look and type: enough to wake that many idle workers.
+const MAX_RINGS: i64 = 64;
+
+/// `times` bytes into the bell, one per job waiting: each wakes one idle
+/// worker; a full bell (nobody listening) stays full.
+fn ring(bell: &Path, times: i64) {
+    let Some(mut f) = open_bell(bell) else {
+        tracing::debug!(bell = %bell.display(), "no bell to ring");
+        return;
+    };
+    if let Err(e) = f.write_all(&vec![b'1'; times as usize])
+        && e.kind() != std::io::ErrorKind::WouldBlock
+    {
         tracing::debug!(bell = %bell.display(), "ringing: {e}");
     }
 }
 
-/// Creates the bells of `types` before their workers start watching them.
+/// Creates the bells (FIFOs) of `types` before their workers start.
 pub fn install(db_path: &Path, types: &[String]) {
+    use nix::sys::stat::Mode;
     for t in types {
-        ring(&bell_path(db_path, t));
+        let bell = bell_path(db_path, t);
+        if open_bell(&bell).is_some() {
+            continue;
+        }
+        // Whatever is there instead (an older clx-pool's bell file) goes.
+        if let Err(e) = std::fs::remove_file(&bell)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(bell = %bell.display(), "replacing: {e}");
+        }
+        // Readable and writable by the workers' users (containers may run
+        // as another uid); the database's folder guards who gets here.
+        let made = nix::unistd::mkfifo(&bell, Mode::from_bits_truncate(0o666)).and_then(|()| {
+            nix::sys::stat::fchmodat(
+                nix::fcntl::AT_FDCWD,
+                &bell,
+                Mode::from_bits_truncate(0o666),
+                nix::sys::stat::FchmodatFlags::FollowSymlink,
+            )
+        });
+        if let Err(e) = made {
+            tracing::warn!(bell = %bell.display(), "creating the bell: {e}; its workers will watch the database instead");
+        }
     }
 }
 
