@@ -234,7 +234,8 @@ fn logs_interleave_workers_and_follow_across_rotation() {
         &sh_workers(
             "copy",
             2,
-            "echo \"working on $CLX_JOB_ID\" >&2; cp \"$CLX_INPUT_FILE\" \"$CLX_OUTPUT_FILE\"",
+            // A long line, then the one the test looks for: the 2k logs rotate.
+            "printf '%0200d\\n' 0 >&2; echo \"working on $CLX_JOB_ID\" >&2; cp \"$CLX_INPUT_FILE\" \"$CLX_OUTPUT_FILE\"",
         ),
     );
     pool.start_ready();

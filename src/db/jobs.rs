@@ -65,60 +65,73 @@ pub struct Claimant {
 pub fn claim(conn: &mut Connection, job_type: &str, who: Claimant) -> rusqlite::Result<Option<ClaimedJob>> {
     let worker_row = who.worker_row;
     loop {
-        let candidate: Option<i64> = match who.protocol {
-            Protocol::Clx => conn
-                .prepare_cached(
-                    "SELECT id FROM jobs
-                     WHERE status = 'pending' AND job_type = ?1
-                       AND COALESCE(attempts, 0) < COALESCE(max_attempts, 3)
-                     ORDER BY priority DESC, created_at, id LIMIT 1",
-                )?
-                .query_row([job_type], |r| r.get(0))
-                .optional()?,
-            Protocol::Clm => conn
-                .prepare_cached(
-                    "SELECT id FROM jobs
-                     WHERE status = 'pending' AND job_type = ?1
-                       AND COALESCE(attempts, 0) < COALESCE(max_attempts, 3)
-                       AND (execution_mode IS NULL OR execution_mode = ?2)
-                       AND (session_id IS NULL
-                            OR session_id IS (SELECT session_id FROM workers WHERE id = ?3)
-                            OR (SELECT session_id FROM workers WHERE id = ?3) IS NULL)
-                     ORDER BY priority DESC, created_at, id LIMIT 1",
-                )?
-                .query_row(params![job_type, who.execution_mode, worker_row], |r| r.get(0))
-                .optional()?,
-        };
+        let candidate = candidate(conn, job_type, who)?;
         let Some(id) = candidate else { return Ok(None) };
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let job = super::returning_one(
-            &mut *tx.prepare_cached(
-                "UPDATE jobs SET status = 'processing', started_at = CURRENT_TIMESTAMP,
-                        worker_id = ?2, attempts = COALESCE(attempts, 0) + 1, completed_at = NULL
-                 WHERE id = ?1 AND status = 'pending'
-                 RETURNING id, input_file, output_file, content_hash, payload, attempts",
-            )?,
-            params![id, worker_row],
-            |r| {
-                Ok(ClaimedJob {
-                    id: r.get(0)?,
-                    input_file: r.get(1)?,
-                    output_file: r.get(2)?,
-                    content_hash: r.get(3)?,
-                    payload: r.get(4)?,
-                    attempt: r.get(5)?,
-                })
-            },
-        )?;
-        if let Some(job) = job {
-            tx.prepare_cached("UPDATE workers SET status = 'busy', last_heartbeat = CURRENT_TIMESTAMP WHERE id = ?1")?
-                .execute([worker_row])?;
-            tx.commit()?;
-            return Ok(Some(job));
+        let job = take(&tx, id, worker_row)?;
+        tx.commit()?;
+        if job.is_some() {
+            return Ok(job);
         }
         // Another worker took it between our read and our write: look again.
-        tx.commit()?;
     }
+}
+
+/// The candidate job for `who`, read inside the caller's transaction.
+fn candidate(conn: &Connection, job_type: &str, who: Claimant) -> rusqlite::Result<Option<i64>> {
+    match who.protocol {
+        Protocol::Clx => conn
+            .prepare_cached(
+                "SELECT id FROM jobs
+                 WHERE status = 'pending' AND job_type = ?1
+                   AND COALESCE(attempts, 0) < COALESCE(max_attempts, 3)
+                 ORDER BY priority DESC, created_at, id LIMIT 1",
+            )?
+            .query_row([job_type], |r| r.get(0))
+            .optional(),
+        Protocol::Clm => conn
+            .prepare_cached(
+                "SELECT id FROM jobs
+                 WHERE status = 'pending' AND job_type = ?1
+                   AND COALESCE(attempts, 0) < COALESCE(max_attempts, 3)
+                   AND (execution_mode IS NULL OR execution_mode = ?2)
+                   AND (session_id IS NULL
+                        OR session_id IS (SELECT session_id FROM workers WHERE id = ?3)
+                        OR (SELECT session_id FROM workers WHERE id = ?3) IS NULL)
+                 ORDER BY priority DESC, created_at, id LIMIT 1",
+            )?
+            .query_row(params![job_type, who.execution_mode, who.worker_row], |r| r.get(0))
+            .optional(),
+    }
+}
+
+/// Marks job `id` as the worker's, if it is still pending (inside a
+/// write transaction), and the worker busy.
+fn take(tx: &Connection, id: i64, worker_row: WorkerRow) -> rusqlite::Result<Option<ClaimedJob>> {
+    let job = super::returning_one(
+        &mut *tx.prepare_cached(
+            "UPDATE jobs SET status = 'processing', started_at = CURRENT_TIMESTAMP,
+                    worker_id = ?2, attempts = COALESCE(attempts, 0) + 1, completed_at = NULL
+             WHERE id = ?1 AND status = 'pending'
+             RETURNING id, input_file, output_file, content_hash, payload, attempts",
+        )?,
+        params![id, worker_row],
+        |r| {
+            Ok(ClaimedJob {
+                id: r.get(0)?,
+                input_file: r.get(1)?,
+                output_file: r.get(2)?,
+                content_hash: r.get(3)?,
+                payload: r.get(4)?,
+                attempt: r.get(5)?,
+            })
+        },
+    )?;
+    if job.is_some() {
+        tx.prepare_cached("UPDATE workers SET status = 'busy', last_heartbeat = CURRENT_TIMESTAMP WHERE id = ?1")?
+            .execute([worker_row])?;
+    }
+    Ok(job)
 }
 
 /// Outcome of one job run, as the worker saw it.
@@ -137,6 +150,20 @@ pub fn finish(
     outcome: Outcome,
     seconds: f64,
 ) -> rusqlite::Result<bool> {
+    finish_and_claim(conn, job, worker_row, outcome, seconds, None).map(|(recorded, _)| recorded)
+}
+
+/// [`finish`], and in the same transaction the claim of the next job of
+/// `next` (a job type and claimant), if one waits: one write transaction
+/// per job instead of two.
+pub fn finish_and_claim(
+    conn: &mut Connection,
+    job: &ClaimedJob,
+    worker_row: WorkerRow,
+    outcome: Outcome,
+    seconds: f64,
+    next: Option<(&str, Claimant)>,
+) -> rusqlite::Result<(bool, Option<ClaimedJob>)> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let (status, error) = match outcome {
         Outcome::Completed => (JobStatus::Completed, None),
@@ -170,8 +197,15 @@ pub fn finish(
             jobs_processed = COALESCE(jobs_processed, 0) + ?3,
             jobs_failed = COALESCE(jobs_failed, 0) + ?4
          WHERE id = ?1")?.execute(params![worker_row, seconds, done, failed])?;
+    let claimed = match next {
+        Some((job_type, who)) => match candidate(&tx, job_type, who)? {
+            Some(id) => take(&tx, id, worker_row)?,
+            None => None,
+        },
+        None => None,
+    };
     tx.commit()?;
-    Ok(changed == 1)
+    Ok((changed == 1, claimed))
 }
 
 /// Whether `job` is still this worker's attempt and `processing` (not

@@ -135,7 +135,7 @@ pub async fn run(
         child.stderr.take().expect("stderr is piped"),
         tail.clone(),
     ));
-    let mut check = tokio::time::interval(CANCEL_CHECK);
+    let mut check = tokio::time::interval_at(tokio::time::Instant::now() + CANCEL_CHECK, CANCEL_CHECK);
     check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let status = loop {
         tokio::select! {

@@ -197,6 +197,7 @@ pub async fn run(opts: WorkerOptions) -> anyhow::Result<()> {
     let mut worker = Worker {
         wake,
         recheck: None,
+        next: None,
         stop: StopSignals::install()?,
         finish,
         jobs_done: 0,
@@ -224,6 +225,8 @@ struct Worker {
     wake: wake::Wake,
     /// After a wake from the WAL: look again after this (doubling to 32 ms).
     recheck: Option<Duration>,
+    /// The job claimed with the last one's outcome.
+    next: Option<jobs::ClaimedJob>,
     /// Set by SIGUSR1: finish the current job, then leave.
     finish: Arc<AtomicBool>,
     jobs_done: u32,
@@ -256,7 +259,11 @@ impl Worker {
                 info!(worker = %self.me.worker_id, "did {n} jobs (max_jobs): leaving to be replaced");
                 break;
             }
-            match self.turn() {
+            let turn = match self.next.take() {
+                Some(job) => Ok(Turn::Job(job)),
+                None => self.turn(),
+            };
+            match turn {
                 Ok(Turn::Job(job)) => {
                     backoff = Backoff::default();
                     self.recheck = None;
@@ -280,6 +287,10 @@ impl Worker {
                 }
                 Err(e) => return Err(e),
             }
+        }
+        // A job claimed with the last outcome goes back, uncounted.
+        if let Some(job) = self.next.take() {
+            self.hand_back(&job).await?;
         }
         self.leave().await;
         Ok(())
@@ -361,7 +372,7 @@ impl Worker {
         let outcome = if self.opts.no_command {
             Ok(())
         } else {
-            info!(job = job.id, attempt = job.attempt, input = %job.input_file, "job started");
+            tracing::debug!(job = job.id, attempt = job.attempt, input = %job.input_file, "job started");
             let setup = job::Setup {
                 worker_type: &self.me.worker_type,
                 workspace: &self.me.workspace,
@@ -400,13 +411,28 @@ impl Worker {
         seconds: f64,
     ) -> anyhow::Result<()> {
         let mut backoff = Backoff::default();
+        // The next job is claimed in the same transaction, unless this
+        // worker is about to leave.
+        let leaving = self.finish.load(Ordering::SeqCst)
+            || self.opts.max_jobs.is_some_and(|n| self.jobs_done + 1 >= n)
+            || self.stopping;
+        let claimant = jobs::Claimant {
+            protocol: self.protocol,
+            worker_row: self.row,
+            execution_mode: self.opts.execution_mode,
+        };
+        let worker_type = self.me.worker_type.clone();
         let recorded = loop {
             let o = match &outcome {
                 Ok(()) => jobs::Outcome::Completed,
                 Err(e) => jobs::Outcome::Failed(e),
             };
-            match jobs::finish(&mut self.conn, job, self.row, o, seconds) {
-                Ok(recorded) => break recorded,
+            let next = (!leaving).then_some((worker_type.as_str(), claimant));
+            match jobs::finish_and_claim(&mut self.conn, job, self.row, o, seconds, next) {
+                Ok((recorded, next)) => {
+                    self.next = next;
+                    break recorded;
+                }
                 Err(e) if db::is_transient(&e) => {
                     let delay = backoff.step();
                     if backoff.should_log() {
@@ -430,7 +456,7 @@ impl Worker {
                 "the job was taken from this worker meanwhile; its result was not recorded"
             ),
             (Err(e), true) => warn!(job = job.id, "job failed: {e}"),
-            (Ok(()), true) => info!(job = job.id, seconds, "job completed"),
+            (Ok(()), true) => tracing::debug!(job = job.id, seconds, "job completed"),
         }
         Ok(())
     }
