@@ -211,6 +211,11 @@ pub enum Command {
         #[command(flatten)]
         db: DbArgs,
     },
+    /// A live view: workers, pools, queue, throughput, events; r restarts the selected worker, +/- scale its type.
+    Top {
+        #[command(flatten)]
+        db: DbArgs,
+    },
     /// Show the workers' logs, interleaved by time: `logs upper-0 -f`.
     Logs {
         #[command(flatten)]

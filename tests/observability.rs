@@ -144,3 +144,167 @@ fn metrics_are_scraped_during_a_run_and_agree_with_the_database() {
     );
     assert!(printed.trim_end().ends_with("# EOF"));
 }
+
+#[test]
+fn top_shows_every_worker_of_a_known_pool() {
+    use clx_pool::commands::top::{History, Ui, draw, snapshot};
+    use ratatui::Terminal;
+    use ratatui::backend::TestBackend;
+    let mut pool = Pool::new(
+        "",
+        &format!(
+            "{}\n{}",
+            sh_workers("copy", 2, "cp \"$CLX_INPUT_FILE\" \"$CLX_OUTPUT_FILE\""),
+            sh_workers("upper", 1, "tr a-z A-Z < \"$CLX_INPUT_FILE\" > \"$CLX_OUTPUT_FILE\"")
+        ),
+    );
+    pool.start_ready();
+    pool.submit_with("nobody", "waits.txt", &[]);
+    let snap = snapshot(&pool.db_path(), &mut History::default()).unwrap();
+    let mut terminal = Terminal::new(TestBackend::new(120, 40)).unwrap();
+    terminal.draw(|f| draw(f, &snap, &mut Ui::default())).unwrap();
+    let screen: String = terminal
+        .backend()
+        .buffer()
+        .content()
+        .chunks(120)
+        .map(|row| row.iter().map(|c| c.symbol()).collect::<String>() + "\n")
+        .collect();
+    for (t, slot) in [("copy", 0), ("copy", 1), ("upper", 0)] {
+        let (pid, _) = pool.slot_worker(t, slot);
+        let line = screen
+            .lines()
+            .find(|l| l.contains(&format!("{t}-{slot} ")))
+            .unwrap_or_else(|| panic!("no row for {t}-{slot}:\n{screen}"));
+        assert!(line.contains(&pid.to_string()) && line.contains("idle"), "{line}");
+    }
+    assert!(screen.contains("queue: 1 pending"), "{screen}");
+    assert!(screen.contains("health: healthy"), "{screen}");
+    assert!(screen.contains("jobs completed per second"), "{screen}");
+
+    // Under tmux, on a real terminal: it draws every worker, `r` restarts
+    // the selected one (the first), `+` scales its type, `q` quits.
+    let tmux = Tmux::new(&pool.dir.path().join("tmux.sock"));
+    tmux.run(&[
+        "new-session",
+        "-d",
+        "-x",
+        "120",
+        "-y",
+        "40",
+        &format!("{} top --db {}", common::bin(), pool.db_path().display()),
+    ]);
+    let old_pid = pool.slot_worker("copy", 0).0 as i64;
+    wait_for("top to draw the workers", Duration::from_secs(20), || {
+        let screen = tmux.screen();
+        (screen.contains("copy-0 ")
+            && screen.contains("copy-1 ")
+            && screen.contains("upper-0 ")
+            && screen.contains(&old_pid.to_string()))
+        .then_some(())
+    });
+    tmux.run(&["send-keys", "r"]);
+    let new_pid = wait_for("the selected worker to be restarted", Duration::from_secs(20), || {
+        running_pid(&pool, "copy", 0).filter(|&pid| pid != old_pid)
+    });
+    wait_for("top to show the new worker", Duration::from_secs(20), || {
+        tmux.screen().contains(&new_pid.to_string()).then_some(())
+    });
+    tmux.run(&["send-keys", "+"]);
+    wait_for("a third copy worker", Duration::from_secs(20), || {
+        running_pid(&pool, "copy", 2).map(drop)
+    });
+    wait_for("top to show it", Duration::from_secs(20), || {
+        tmux.screen().contains("copy-2 ").then_some(())
+    });
+    tmux.run(&["send-keys", "q"]);
+    wait_for("top to quit on q", Duration::from_secs(10), || {
+        (!tmux.alive()).then_some(())
+    });
+}
+
+/// The pid of the worker running in a slot, if one runs.
+fn running_pid(pool: &Pool, worker_type: &str, slot: u32) -> Option<i64> {
+    use rusqlite::OptionalExtension;
+    pool.conn()
+        .query_row(
+            "SELECT pid FROM clx_pool_slots WHERE worker_type = ?1 AND slot = ?2 AND state = 'running'",
+            rusqlite::params![worker_type, slot],
+            |r| r.get::<_, Option<i64>>(0),
+        )
+        .optional()
+        .unwrap()
+        .flatten()
+}
+
+/// A private tmux server, killed on drop.
+struct Tmux {
+    socket: std::path::PathBuf,
+}
+
+impl Tmux {
+    fn new(socket: &std::path::Path) -> Tmux {
+        Tmux {
+            socket: socket.to_path_buf(),
+        }
+    }
+
+    fn command(&self, args: &[&str]) -> std::process::Output {
+        std::process::Command::new("tmux")
+            .arg("-S")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .expect("tmux is installed (.ci/run installs it)")
+    }
+
+    fn run(&self, args: &[&str]) {
+        let out = self.command(args);
+        assert!(
+            out.status.success(),
+            "tmux {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn screen(&self) -> String {
+        String::from_utf8_lossy(&self.command(&["capture-pane", "-p"]).stdout).into_owned()
+    }
+
+    fn alive(&self) -> bool {
+        self.command(&["has-session"]).status.success()
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        // A failed test's top goes with its server; the result is not a write.
+        if self.command(&["kill-server"]).status.success() {
+            std::fs::remove_file(&self.socket).ok();
+        }
+    }
+}
+
+#[test]
+fn a_taken_metrics_port_stops_start_before_any_worker_runs() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let pool = Pool::new(
+        &format!("metrics_listen = \"{addr}\"\n"),
+        &sh_workers("copy", 2, "cp \"$CLX_INPUT_FILE\" \"$CLX_OUTPUT_FILE\""),
+    );
+    let config = pool.config();
+    let out = pool.cli(&["start", "--config", config.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = common::stderr(&out);
+    assert!(
+        err.contains(&format!("metrics_listen = \"{addr}\"")) && err.contains("in use"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("cleaning up"),
+        "nothing started, so nothing to clean up: {err}"
+    );
+    assert_eq!(pool.query_i64("SELECT COUNT(*) FROM workers"), 0);
+    assert!(pool.processes().is_empty());
+}

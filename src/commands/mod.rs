@@ -10,6 +10,7 @@ pub mod progress;
 pub mod stats;
 pub mod stop;
 pub mod submit;
+pub mod top;
 pub mod wait;
 
 use std::path::PathBuf;
@@ -111,6 +112,7 @@ pub async fn run(cmd: &Command) -> anyhow::Result<i32> {
             };
             control::run(db, request).await
         }
+        Command::Top { db } => top::run(db).await,
         Command::Reload { db } => control::run(db, crate::supervisor::control::Request::Reload).await,
         Command::Logs {
             db,

@@ -388,24 +388,36 @@ fn workers_table(list: &[WorkerLine]) -> String {
     ]);
     let dash = || "-".to_string();
     for w in list {
-        t.add_row(vec![
-            w.row.to_string(),
-            w.worker_type.clone(),
-            w.slot.map(|s| s.to_string()).unwrap_or_else(dash),
-            w.worker_id.to_string(),
-            w.pid.map(|p| p.to_string()).unwrap_or_else(dash),
-            w.status.to_string(),
-            w.job_id.map(|j| j.to_string()).unwrap_or_else(dash),
-            w.job_seconds
-                .map(|s| humantime::format_duration(Duration::from_secs(s.max(0) as u64)).to_string())
-                .unwrap_or_else(dash),
-            w.cpu_percent.map(|c| format!("{c:.1}%")).unwrap_or_else(dash),
-            w.memory_mib.map(|m| format!("{m:.0} MiB")).unwrap_or_else(dash),
-            w.jobs_done.to_string(),
-            w.jobs_failed.to_string(),
-        ]);
+        t.add_row(
+            [
+                w.row.to_string(),
+                w.worker_type.clone(),
+                w.slot.map(|s| s.to_string()).unwrap_or_else(dash),
+                w.worker_id.to_string(),
+                w.pid.map(|p| p.to_string()).unwrap_or_else(dash),
+                w.status.to_string(),
+                w.job_id.map(|j| j.to_string()).unwrap_or_else(dash),
+            ]
+            .into_iter()
+            .chain(usage_cells(w))
+            .chain([w.jobs_done.to_string(), w.jobs_failed.to_string()])
+            .collect::<Vec<_>>(),
+        );
     }
     format!("{t}\n")
+}
+
+/// A worker's current job's age, CPU and memory, as `stats --workers` and
+/// `top` show them ("-" when unknown).
+pub fn usage_cells(w: &WorkerLine) -> [String; 3] {
+    let dash = || "-".to_string();
+    [
+        w.job_seconds
+            .map(|s| humantime::format_duration(Duration::from_secs(s.max(0) as u64)).to_string())
+            .unwrap_or_else(dash),
+        w.cpu_percent.map(|c| format!("{c:.1}%")).unwrap_or_else(dash),
+        w.memory_mib.map(|m| format!("{m:.0} MiB")).unwrap_or_else(dash),
+    ]
 }
 
 fn jobs_line(s: &Stats) -> String {

@@ -74,6 +74,20 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Counters for the given worker types, each series present from the
+    /// start at 0 (so `rate()` and `increase()` see the first restart).
+    pub fn for_types<'a>(types: impl IntoIterator<Item = &'a str>) -> Metrics {
+        let m = Metrics::default();
+        for t in types {
+            let label = TypeLabel {
+                worker_type: t.to_string(),
+            };
+            drop(m.restarts.get_or_create(&label));
+            drop(m.job_seconds.get_or_create(&label));
+        }
+        m
+    }
+
     /// A worker's time in a slot ended (`restart`: it is replaced after a
     /// failure).
     pub fn worker_ended(&self, worker_type: &str, event: EndEvent, restart: bool) {
@@ -157,12 +171,12 @@ fn gauges(conn: &Connection, protocol: Protocol, r: &mut Registry) -> anyhow::Re
     r.register("clx_pool_slots", "Slots of the pool, by state", slots);
     let wanted = Family::<TypeLabel, Gauge>::default();
     let recorded = db::pool::wanted(conn)?;
-    for (t, n) in per_type {
-        let n = recorded.get(&t).copied().unwrap_or(n);
-        wanted.get_or_create(&TypeLabel { worker_type: t }).set(n);
+    for (t, &n) in &per_type {
+        let n = recorded.get(t).copied().unwrap_or(n);
+        wanted.get_or_create(&TypeLabel { worker_type: t.clone() }).set(n);
     }
     r.register("clx_pool_workers_wanted", "Workers the pool wants, per type", wanted);
-    queue(conn, r)?;
+    queue(conn, per_type.keys(), r)?;
     per_worker(conn, since.as_deref(), r)?;
     let rss = FloatGauge::default();
     let me = crate::procs::stat(std::process::id() as i32);
@@ -176,10 +190,17 @@ fn gauges(conn: &Connection, protocol: Protocol, r: &mut Registry) -> anyhow::Re
     Ok(())
 }
 
-fn queue(conn: &Connection, r: &mut Registry) -> anyhow::Result<()> {
+/// Jobs by type and status; the queue of each type the pool serves (0 when
+/// empty) and of any other type with pending jobs.
+fn queue<'a>(conn: &Connection, served: impl Iterator<Item = &'a String>, r: &mut Registry) -> anyhow::Result<()> {
     let jobs = Family::<StateLabels, Gauge>::default();
     let depth = Family::<TypeLabel, Gauge>::default();
     let oldest = Family::<TypeLabel, FloatGauge>::default();
+    for t in served {
+        let label = TypeLabel { worker_type: t.clone() };
+        drop(depth.get_or_create(&label));
+        drop(oldest.get_or_create(&label));
+    }
     for c in db::admin::by_type(conn)? {
         jobs.get_or_create(&StateLabels {
             worker_type: c.job_type.clone(),
@@ -241,18 +262,23 @@ fn per_worker(conn: &Connection, since: Option<&str>, r: &mut Registry) -> anyho
     Ok(())
 }
 
-/// Serves `/metrics` on `addr` until `token` is cancelled.
-pub async fn serve(
-    addr: std::net::SocketAddr,
+/// Binds `metrics_listen` (before any worker starts, so a taken port
+/// stops `start` with nothing to undo).
+pub async fn listen(addr: std::net::SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    use anyhow::Context;
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("[pool] metrics_listen = \"{addr}\": cannot listen there"))
+}
+
+/// Serves `/metrics` on `listener` until `token` is cancelled.
+pub fn serve(
+    listener: tokio::net::TcpListener,
     db: db::Db,
     metrics: Arc<Metrics>,
     token: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<std::net::SocketAddr> {
-    use anyhow::Context;
     use axum::http::header;
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("metrics_listen: cannot listen on {addr}"))?;
     let bound = listener.local_addr()?;
     let app = axum::Router::new().route(
         "/metrics",

@@ -48,6 +48,8 @@ struct Prepared {
     api: Option<api::ApiServer>,
     /// Per `[[workers]]` entry: how it runs.
     executors: Vec<(Executor, Mode)>,
+    /// `metrics_listen`, bound.
+    metrics_listener: Option<tokio::net::TcpListener>,
     /// Rows registered before this run are not its workers'.
     after_row: WorkerRow,
 }
@@ -71,8 +73,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let bell_ringer = tokio::spawn(bells::run(config.pool.db_path.clone(), token.clone()));
     let (ready_rx, mut manager, monitor) = start_pool(&config, &prepared, &token, &sd);
     info!(workers = config.total_workers(), db = %config.pool.db_path.display(), "starting pool");
-    if let Some(addr) = config.pool.metrics_listen {
-        let bound = metrics::serve(addr, prepared.db.clone(), manager.metrics.clone(), token.clone()).await?;
+    if let Some(listener) = prepared.metrics_listener {
+        let bound = metrics::serve(listener, prepared.db.clone(), manager.metrics.clone(), token.clone())?;
         info!(%bound, "serving Prometheus metrics at /metrics");
     }
     manager.fleet.record_wanted().await;
@@ -149,14 +151,18 @@ async fn prepare(config: &Arc<Config>) -> anyhow::Result<Prepared> {
     // nothing to clean up.
     let ready = async {
         let (engine, executors, api) = executors(config, protocol).await?;
+        let metrics_listener = match pool.metrics_listen {
+            Some(addr) => Some(metrics::listen(addr).await?),
+            None => None,
+        };
         let report = cleanup::orphans(&db, pool.stop_timeout, engine.clone()).await?;
         if !report.is_empty() {
             warn!("cleaned up after an earlier run of this database: {report}");
         }
         let after_row = begin_run(config, &db).await?;
-        anyhow::Ok((engine, executors, api, after_row))
+        anyhow::Ok((engine, executors, api, metrics_listener, after_row))
     };
-    let (engine, executors, api, after_row) = match ready.await {
+    let (engine, executors, api, metrics_listener, after_row) = match ready.await {
         Ok(r) => r,
         Err(e) => {
             guard.dismiss();
@@ -169,6 +175,7 @@ async fn prepare(config: &Arc<Config>) -> anyhow::Result<Prepared> {
         engine,
         api,
         executors,
+        metrics_listener,
         after_row,
     })
 }
@@ -331,7 +338,9 @@ fn start_pool(
     let registry = registry::Registry::spawn(p.db.clone(), p.after_row, token.child_token());
     let (ready_tx, ready_rx) = mpsc::unbounded_channel();
     let notifier = notify::Notifier::new(config.pool.on_event.clone());
-    let metrics = Arc::new(metrics::Metrics::default());
+    let metrics = Arc::new(metrics::Metrics::for_types(
+        config.workers.iter().map(|w| w.worker_type.as_str()),
+    ));
     let links = slot::io::Links {
         db: p.db.clone(),
         registry,

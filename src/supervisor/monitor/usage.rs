@@ -31,7 +31,8 @@ impl Usage {
                 (mem - old_mem).abs() >= MEM_STEP_MIB
                     || match (cpu, old_cpu) {
                         (Some(c), Some(o)) => (c - o).abs() >= CPU_STEP,
-                        (Some(c), None) => c >= CPU_STEP,
+                        // The first figure, so 0 % is shown as 0 %, not unknown.
+                        (Some(_), None) => true,
                         _ => false,
                     }
             }
@@ -67,14 +68,19 @@ mod tests {
         };
         let row = WorkerRow(1);
         assert_eq!(u.record(row, at(0, 0.0), 10 << 20), Some((None, 10.0)), "first: memory");
-        assert_eq!(u.record(row, at(30, 0.0), 10 << 20), None, "nothing moved");
+        assert_eq!(
+            u.record(row, at(30, 0.0), 10 << 20),
+            Some((Some(0.0), 10.0)),
+            "the first CPU figure, even 0"
+        );
+        assert_eq!(u.record(row, at(45, 0.0), 10 << 20), None, "nothing moved");
         assert_eq!(
             u.record(row, at(60, 3.0), 10 << 20),
-            Some((Some(10.0), 10.0)),
-            "10% of a CPU"
+            Some((Some(20.0), 10.0)),
+            "3 s of CPU in 15 s: 20% of a CPU"
         );
         assert_eq!(
-            u.record(row, at(90, 6.0), (10 << 20) + 4096),
+            u.record(row, at(75, 6.0), (10 << 20) + 4096),
             None,
             "same CPU, a page more"
         );
