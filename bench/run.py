@@ -695,10 +695,15 @@ def write_reports(mode, started):
         tools = rows[key]
         clx = tools.get("clx-pool")
         sv = tools.get("supervisord")
-        main = clx or sv
+        # A baseline of another tool (xargs) shows in the clx-pool column,
+        # named.
+        other = next((r for t, r in tools.items() if t not in ("clx-pool", "supervisord")), None)
+        main = clx or sv or other
         unit = main["unit"]
         val = lambda r: fmt(r["median"], unit) if r else "–"
         extra = ""
+        if other and not clx:
+            clx, extra = other, " (%s)" % other["tool"]
         if main["scenario"] in ("restart", "pickup latency") and main["runs"] > 2:
             extra = " (p95 %s)" % fmt(main["p95"], unit)
         ratio = "–"
