@@ -489,3 +489,32 @@ fn exit_causes_survive_a_busy_reaper() {
         }
     }
 }
+
+/// Idle built-in workers sleep until the supervisor rings their type's
+/// bell (a FIFO beside the database); their heartbeat, every 10 s here, is
+/// not what finds new jobs.
+#[test]
+fn idle_workers_are_woken_by_their_bell_not_by_their_heartbeat() {
+    use std::os::unix::fs::FileTypeExt;
+    let mut pool = Pool::new(
+        "heartbeat_timeout = \"60s\"\n",
+        &sh_workers("copy", 2, "cp \"$CLX_INPUT_FILE\" \"$CLX_OUTPUT_FILE\""),
+    );
+    pool.start_ready();
+    let (pid, _) = pool.slot_worker("copy", 0);
+    let bell = common::env_of(pid, "CLX_POOL_BELL").expect("a built-in worker under a supervisor has a bell");
+    assert!(
+        std::fs::metadata(&bell).unwrap().file_type().is_fifo(),
+        "{bell} is a FIFO"
+    );
+    assert_eq!(std::path::Path::new(&bell).parent(), pool.db_path().parent());
+    for i in 0..5 {
+        let id = pool.submit("copy", &format!("bell{i}.txt"), "rung");
+        wait_for(
+            &format!("job {id} to be taken by an idle worker well before its next heartbeat"),
+            Duration::from_secs(4),
+            || (pool.query_strings(&format!("SELECT status FROM jobs WHERE id = {id}")) == ["completed"]).then_some(()),
+        );
+    }
+    assert_eq!(pool.output("bell4.txt").as_deref(), Some("rung"));
+}

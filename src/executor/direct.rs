@@ -47,6 +47,10 @@ pub struct DirectWorker {
 /// end (a process outside its group may hold the pipe open for longer).
 const OUTPUT_AFTER_EXIT: Duration = Duration::from_millis(500);
 
+/// How long the output pipe may stay open after the worker's group is
+/// gone before what else holds it is looked for.
+const OUTPUT_SETTLES: Duration = Duration::from_millis(5);
+
 pub fn launch(spec: &Launch) -> anyhow::Result<DirectWorker> {
     let worker_id = spec.worker_id.clone();
     let argv = argv(spec)?;
@@ -176,10 +180,16 @@ impl DirectWorker {
         self.signal(Signal::SIGKILL);
         // Its last words are in the pipe still: the tail that goes with
         // its end must have them.
-        if let Some(drain) = self.drain.take()
-            && tokio::time::timeout(OUTPUT_AFTER_EXIT, drain).await.is_err()
+        if let Some(mut drain) = self.drain.take()
+            && tokio::time::timeout(OUTPUT_SETTLES, &mut drain).await.is_err()
         {
-            tracing::debug!(worker = %self.worker_id, "its output pipe is still open after it exited");
+            // A process it started outside its group (a job command's
+            // child) holds the pipe: it goes now rather than after the
+            // wait, so the worker's job is not kept from the queue.
+            self.sweep().await;
+            if tokio::time::timeout(OUTPUT_AFTER_EXIT, drain).await.is_err() {
+                tracing::debug!(worker = %self.worker_id, "its output pipe is still open after it exited");
+            }
         }
         cause
     }
