@@ -36,6 +36,8 @@ pub struct Ui {
     pub selected: TableState,
     /// The answer to the last key, for the bottom line.
     pub message: String,
+    /// Why the last refresh failed, shown instead while it lasts.
+    pub problem: Option<String>,
 }
 
 impl Default for Ui {
@@ -43,6 +45,7 @@ impl Default for Ui {
         Ui {
             selected: TableState::default().with_selected(Some(0)),
             message: "q quit · ↑↓ select · r restart the worker · +/- scale its type".into(),
+            problem: None,
         }
     }
 }
@@ -118,7 +121,10 @@ pub fn draw(frame: &mut Frame, snap: &Snapshot, ui: &mut Ui) {
         Paragraph::new(lines).block(Block::bordered().title("recent events")),
         events,
     );
-    frame.render_widget(Paragraph::new(ui.message.clone()), foot);
+    frame.render_widget(
+        Paragraph::new(ui.problem.clone().unwrap_or_else(|| ui.message.clone())),
+        foot,
+    );
 }
 
 fn types_table(s: &Stats) -> Table<'static> {
@@ -330,7 +336,12 @@ async fn view(terminal: &mut ratatui::DefaultTerminal, db: &std::path::Path) -> 
             }
         }
         if refreshed.elapsed() >= Duration::from_secs(1) {
-            snap = snapshot(db, &mut history)?;
+            // A failed refresh (the file moved, a disk error) is shown and
+            // retried; the last picture stays.
+            match snapshot(db, &mut history) {
+                Ok(s) => (snap, ui.problem) = (s, None),
+                Err(e) => ui.problem = Some(format!("refreshing: {e:#}")),
+            }
             refreshed = Instant::now();
         }
     }
