@@ -717,6 +717,10 @@ def write_reports(mode, started):
         lines.append("| %s | %s | %s%s | %s | %s | %s |" % (key[0], key[1], val(clx), extra, val(sv), ratio, goal))
     table = "\n".join(lines)
     m = machine()
+    # Every result carries the machine and commit it was measured on, so a
+    # row copied elsewhere keeps its context.
+    for r in RESULTS:
+        r["commit"], r["machine"] = m["commit"], "%s, %d cores" % (m["cpu"], m["cores"])
     doc = {"mode": mode, "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
            "duration_s": round(time.monotonic() - started, 1), "machine": m, "results": RESULTS}
     # The quick set never overwrites the full run's results.
