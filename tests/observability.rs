@@ -11,7 +11,7 @@ use std::time::Duration;
 use common::{Pool, sh_workers, wait_for};
 
 #[test]
-fn systemd_hears_ready_status_watchdog_and_stopping_in_order() {
+fn systemd_hears_ready_a_live_status_watchdog_and_stopping_in_order() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("notify.sock");
     let socket = UnixDatagram::bind(&path).unwrap();
@@ -34,18 +34,33 @@ fn systemd_hears_ready_status_watchdog_and_stopping_in_order() {
             }
         })
     };
-    let mut pool = Pool::new("", &sh_workers("copy", 2, "true"));
+    let mut pool = Pool::new(
+        "",
+        &sh_workers("copy", 2, "cp \"$CLX_INPUT_FILE\" \"$CLX_OUTPUT_FILE\""),
+    );
     pool.env.push(("NOTIFY_SOCKET".into(), path.display().to_string()));
     pool.env.push(("WATCHDOG_USEC".into(), "400000".into()));
     pool.start_ready();
     wait_for("two watchdog pings", Duration::from_secs(10), || {
         (heard.lock().unwrap().iter().filter(|m| *m == "WATCHDOG=1").count() >= 2).then_some(())
     });
+    // The STATUS line follows the pool: a finished job shows.
+    pool.submit("copy", "a.txt", "x");
+    pool.drained("20s");
+    let done = "STATUS=2/2 workers running · queue empty · this run: 1 completed, 0 failed";
+    wait_for("the status to count the job", Duration::from_secs(10), || {
+        heard.lock().unwrap().iter().any(|m| m == done).then_some(())
+    });
     assert!(pool.cli(&["stop"]).status.success());
     listener.join().unwrap();
     let heard = heard.lock().unwrap().clone();
     assert!(heard[0].starts_with("READY=1\nSTATUS=2 workers running"), "{heard:?}");
-    assert!(heard[1..heard.len() - 1].iter().all(|m| m == "WATCHDOG=1"), "{heard:?}");
+    assert!(
+        heard[1..heard.len() - 1]
+            .iter()
+            .all(|m| m == "WATCHDOG=1" || m.starts_with("STATUS=")),
+        "{heard:?}"
+    );
     assert!(heard.last().unwrap().starts_with("STOPPING=1"), "{heard:?}");
 }
 

@@ -86,6 +86,11 @@ impl SdNotify {
         self.send(&format!("STATUS={status}"));
     }
 
+    /// Whether READY=1 was sent (and so a systemd is listening).
+    pub fn is_ready(&self) -> bool {
+        self.inner.as_ref().is_some_and(|i| i.ready.load(Ordering::SeqCst))
+    }
+
     /// The monitor is alive (sent once ready, when systemd asked for it).
     pub fn watchdog_ping(&self) {
         if let Some(i) = &self.inner
@@ -98,5 +103,60 @@ impl SdNotify {
 
     pub fn stopping(&self) {
         self.send("STOPPING=1\nSTATUS=stopping every worker");
+    }
+}
+
+/// The one-line STATUS systemd shows (`systemctl status`): the workers, the
+/// queue, and what this run has done.
+pub fn status_line(s: &crate::db::monitor::Summary) -> String {
+    let j = &s.jobs;
+    let mut line = format!("{}/{} workers running", s.running, s.slots);
+    if s.waiting > 0 {
+        line += &format!(", {} waiting", s.waiting);
+    }
+    line += &match (j.pending, j.processing) {
+        (0, 0) => " · queue empty".to_string(),
+        (p, b) => format!(" · {p} pending, {b} processing"),
+    };
+    line += &format!(" · this run: {} completed, {} failed", j.completed, j.failed);
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::status_line;
+    use crate::db::jobs::JobCounts;
+    use crate::db::monitor::Summary;
+
+    #[test]
+    fn the_status_line_says_what_an_operator_asks_first() {
+        let s = |running, slots, waiting, pending, processing, completed, failed| Summary {
+            running,
+            slots,
+            waiting,
+            jobs: JobCounts {
+                pending,
+                processing,
+                completed,
+                failed,
+                cancelled: 0,
+            },
+        };
+        for (summary, line) in [
+            (
+                s(2, 2, 0, 0, 0, 0, 0),
+                "2/2 workers running · queue empty · this run: 0 completed, 0 failed",
+            ),
+            (
+                s(3, 4, 1, 12, 3, 40, 1),
+                "3/4 workers running, 1 waiting · 12 pending, 3 processing · this run: 40 completed, 1 failed",
+            ),
+            (
+                s(0, 1, 1, 0, 1, 0, 0),
+                "0/1 workers running, 1 waiting · 0 pending, 1 processing · this run: 0 completed, 0 failed",
+            ),
+        ] {
+            assert_eq!(status_line(&summary), line);
+        }
     }
 }

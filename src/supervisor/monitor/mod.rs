@@ -78,6 +78,8 @@ struct State {
     /// latest completion time seen, and the ids completed at that time.
     completed_since: Option<String>,
     completed_at_edge: HashSet<i64>,
+    /// The STATUS last sent to systemd.
+    sd_status: Option<String>,
 }
 
 /// What a type's workers are judged by.
@@ -135,6 +137,11 @@ impl Monitor {
             }
             if let Err(e) = self.count_completed_jobs(&mut state).await {
                 warn!("monitor: reading completed jobs: {e:#}");
+            }
+            if self.sd.is_ready()
+                && let Err(e) = self.tell_systemd(&mut state).await
+            {
+                tracing::debug!("monitor: the status for systemd: {e:#}");
             }
             if self.notifier.enabled()
                 && let Err(e) = self.notify_failed_jobs(&mut state).await
@@ -322,6 +329,17 @@ impl Monitor {
                 state.completed_at_edge = HashSet::from([id]);
             }
             self.metrics.job_finished(&job_type, seconds);
+        }
+        Ok(())
+    }
+
+    /// Keeps systemd's STATUS line current (sent when it changes).
+    async fn tell_systemd(&self, state: &mut State) -> anyhow::Result<()> {
+        let summary = self.db.call(crate::db::monitor::summary).await?;
+        let line = super::sdnotify::status_line(&summary);
+        if state.sd_status.as_deref() != Some(line.as_str()) {
+            self.sd.status(&line);
+            state.sd_status = Some(line);
         }
         Ok(())
     }
