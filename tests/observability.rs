@@ -194,6 +194,14 @@ fn top_shows_every_worker_of_a_known_pool() {
         assert!(line.contains(&pid.to_string()) && line.contains("idle"), "{line}");
     }
     assert!(screen.contains("queue: 1 pending"), "{screen}");
+    let unserved = screen
+        .lines()
+        .find(|l| l.contains("nobody"))
+        .unwrap_or_else(|| panic!("no row for the type nobody serves:\n{screen}"));
+    assert!(
+        unserved.contains("no workers") && unserved.contains("1 (oldest"),
+        "{unserved}"
+    );
     assert!(screen.contains("health: healthy"), "{screen}");
     assert!(screen.contains("jobs completed per second"), "{screen}");
 

@@ -27,6 +27,8 @@ use crate::supervisor::monitor::rules::{Sample, cpu_percent};
 /// What one refresh shows.
 pub struct Snapshot {
     pub stats: Stats,
+    /// Pending jobs and the oldest one's age in seconds, per job type.
+    pub queue: HashMap<String, (i64, f64)>,
     /// Jobs completed per second, oldest first.
     pub rates: Vec<u64>,
 }
@@ -55,7 +57,9 @@ pub fn draw(frame: &mut Frame, snap: &Snapshot, ui: &mut Ui) {
     let s = &snap.stats;
     let [head, types, workers, spark, events, foot] = Layout::vertical([
         Constraint::Length(2),
-        Constraint::Length(s.pools.len() as u16 + 3),
+        Constraint::Length(
+            (s.pools.len() + snap.queue.keys().filter(|t| !s.pools.contains_key(*t)).count()) as u16 + 3,
+        ),
         Constraint::Min(5),
         Constraint::Length(4),
         Constraint::Length(7),
@@ -79,7 +83,7 @@ pub fn draw(frame: &mut Frame, snap: &Snapshot, ui: &mut Ui) {
         )),
     ];
     frame.render_widget(Paragraph::new(header), head);
-    frame.render_widget(types_table(s), types);
+    frame.render_widget(types_table(s, &snap.queue), types);
     let rows = s.worker_list.as_deref().unwrap_or(&[]);
     if let Some(sel) = ui.selected.selected()
         && sel >= rows.len()
@@ -127,8 +131,15 @@ pub fn draw(frame: &mut Frame, snap: &Snapshot, ui: &mut Ui) {
     );
 }
 
-fn types_table(s: &Stats) -> Table<'static> {
-    let rows: Vec<Row> = s
+fn types_table(s: &Stats, queue: &HashMap<String, (i64, f64)>) -> Table<'static> {
+    let pending = |t: &str| match queue.get(t) {
+        Some(&(n, age)) if n > 0 => format!(
+            "{n} (oldest {})",
+            humantime::format_duration(Duration::from_secs(age.max(0.0) as u64))
+        ),
+        _ => "0".into(),
+    };
+    let mut rows: Vec<Row> = s
         .pools
         .iter()
         .map(|(t, p)| {
@@ -141,9 +152,27 @@ fn types_table(s: &Stats) -> Table<'static> {
                 p.failed.to_string(),
                 p.restarts.to_string(),
                 format!("{:.0} MiB", p.memory_mib),
+                pending(t),
             ])
         })
         .collect();
+    // Jobs no worker of this pool takes wait forever: show them too.
+    let mut unserved: Vec<&String> = queue.keys().filter(|t| !s.pools.contains_key(*t)).collect();
+    unserved.sort();
+    for t in unserved {
+        let dash = || "-".to_string();
+        rows.push(Row::new(vec![
+            t.clone(),
+            "no workers".into(),
+            dash(),
+            dash(),
+            dash(),
+            dash(),
+            dash(),
+            dash(),
+            pending(t),
+        ]));
+    }
     Table::new(
         rows,
         [
@@ -155,10 +184,11 @@ fn types_table(s: &Stats) -> Table<'static> {
             Constraint::Length(7),
             Constraint::Length(9),
             Constraint::Length(10),
+            Constraint::Min(8),
         ],
     )
     .header(Row::new(vec![
-        "TYPE", "MODE", "WANTED", "RUNNING", "WAITING", "FAILED", "RESTARTS", "MEMORY",
+        "TYPE", "MODE", "WANTED", "RUNNING", "WAITING", "FAILED", "RESTARTS", "MEMORY", "PENDING",
     ]))
     .block(Block::bordered().title("pools"))
 }
@@ -277,7 +307,13 @@ pub fn snapshot(db_path: &std::path::Path, history: &mut History) -> anyhow::Res
         }
     }
     let rates = history.rates(stats.jobs.completed);
-    Ok(Snapshot { stats, rates })
+    let (conn, _) = crate::db::open_for_reading(db_path)?;
+    let queue = crate::db::admin::by_type(&conn)?
+        .into_iter()
+        .filter(|c| c.status == crate::vocab::JobStatus::Pending)
+        .map(|c| (c.job_type, (c.count, c.oldest_age.unwrap_or(0.0))))
+        .collect();
+    Ok(Snapshot { stats, queue, rates })
 }
 
 pub async fn run(args: &DbArgs) -> anyhow::Result<i32> {
