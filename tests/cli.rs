@@ -8,9 +8,7 @@ use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{Pool, bin, processes_with_env, repo_path, sh_workers, stderr, stdout, wait_for};
-
-const COPY: &str = "cp \"$CLX_INPUT_FILE\" \"$CLX_OUTPUT_FILE\"";
+use common::{COPY, Pool, bin, processes_with_env, repo_path, sh_workers, stderr, stdout, wait_for};
 
 /// Fails the first time it sees a job, then copies (so a retry succeeds).
 const FAIL_ONCE: &str = "m=\"$WORKSPACE_PATH/tried-$CLX_JOB_ID\"; if [ ! -e \"$m\" ]; then touch \"$m\"; echo 'no luck' >&2; exit 3; fi; cp \"$CLX_INPUT_FILE\" \"$CLX_OUTPUT_FILE\"";

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{Pool, bin, sh_workers, signal, stderr, stdout, wait_for};
+use common::{COPY, Pool, bin, sh_workers, signal, stderr, stdout, wait_for};
 
 /// Each job appends its id to the ledger, works a little, then copies.
 fn ledger_job(work: &str) -> String {
@@ -148,14 +148,13 @@ fn a_rolling_restart_keeps_all_but_one_worker_and_every_job() {
 #[test]
 fn reload_applies_only_the_difference_and_refuses_a_broken_config() {
     let entry = |t: &str, n: u32, script: &str| sh_workers(t, n, script);
-    let copy = "cp \"$CLX_INPUT_FILE\" \"$CLX_OUTPUT_FILE\"";
     let mut pool = Pool::new(
         "",
         &format!(
             "{}\n{}\n{}",
-            entry("same", 1, copy),
-            entry("changed", 2, copy),
-            entry("gone", 1, copy)
+            entry("same", 1, COPY),
+            entry("changed", 2, COPY),
+            entry("gone", 1, COPY)
         ),
     );
     pool.start_ready();
@@ -180,9 +179,9 @@ fn reload_applies_only_the_difference_and_refuses_a_broken_config() {
     // Added, removed, changed and unchanged entries.
     let new = format!(
         "{head}\n{}\n{}\n{}",
-        entry("same", 1, copy),
-        entry("changed", 2, &format!("true; {copy}")),
-        entry("added", 1, copy)
+        entry("same", 1, COPY),
+        entry("changed", 2, &format!("true; {COPY}")),
+        entry("added", 1, COPY)
     );
     std::fs::write(pool.config(), new).unwrap();
     let out = pool.cli(&["reload", "--db", pool.db_path().to_str().unwrap()]);
@@ -211,11 +210,10 @@ fn reload_applies_only_the_difference_and_refuses_a_broken_config() {
 
 #[test]
 fn sighup_reloads_a_changed_config() {
-    let copy = "cp \"$CLX_INPUT_FILE\" \"$CLX_OUTPUT_FILE\"";
-    let mut pool = Pool::new("", &sh_workers("copy", 1, copy));
+    let mut pool = Pool::new("", &sh_workers("copy", 1, COPY));
     pool.start_ready();
     let config = std::fs::read_to_string(pool.config()).unwrap();
-    std::fs::write(pool.config(), format!("{config}\n{}", sh_workers("more", 2, copy))).unwrap();
+    std::fs::write(pool.config(), format!("{config}\n{}", sh_workers("more", 2, COPY))).unwrap();
     signal(pool.supervisor_pid(), nix::sys::signal::Signal::SIGHUP);
     wait_for("the new entry to run", Duration::from_secs(20), || {
         (running(&pool, "more") == 2).then_some(())
@@ -296,13 +294,7 @@ fn logs_interleave_workers_and_follow_across_rotation() {
 
 #[test]
 fn max_jobs_recycles_after_the_third_job() {
-    let mut pool = Pool::new(
-        "",
-        &format!(
-            "{}max_jobs = 3\n",
-            sh_workers("copy", 1, "cp \"$CLX_INPUT_FILE\" \"$CLX_OUTPUT_FILE\"")
-        ),
-    );
+    let mut pool = Pool::new("", &format!("{}max_jobs = 3\n", sh_workers("copy", 1, COPY)));
     pool.start_ready();
     let ids = submit_many(&pool, "copy", 7);
     pool.drained("60s");

@@ -8,10 +8,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{Pool, docker_ready, sh_workers, stderr, stdout, test_image, wait_for};
-
-const COPY: &str = "cp \"$CLX_INPUT_FILE\" \"$CLX_OUTPUT_FILE\"";
-const SLOW_FIRST: &str = "m=\"$WORKSPACE_PATH/attempted-$CLX_JOB_ID\"; if [ ! -e \"$m\" ]; then touch \"$m\"; sleep 60; fi; cp \"$CLX_INPUT_FILE\" \"$CLX_OUTPUT_FILE\"";
+use common::{COPY, Pool, SLOW_FIRST, docker_ready, sh_workers, stderr, stdout, test_image, wait_for};
 
 fn docker_workers(worker_type: &str, count: u32, mode: &str, script: &str) -> String {
     format!(

@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Pool, Tmpfs, WriteLock, bin, kill9, sh_workers, stderr, stdout, toml_str, wait_for};
+use common::{COPY, Pool, Tmpfs, WriteLock, bin, kill9, sh_workers, stderr, stdout, toml_str, wait_for};
 
 /// Longer than the 10 s busy_timeout of every connection.
 const LONG_LOCK: Duration = Duration::from_secs(12);
@@ -84,10 +84,7 @@ fn a_worker_killed_during_a_long_lock_has_its_job_recovered_once_the_lock_goes()
 
 #[test]
 fn reconciliation_puts_back_a_job_whose_worker_is_gone() {
-    let mut pool = Pool::new(
-        "check_interval = \"200ms\"\n",
-        &sh_workers("copy", 1, "cp \"$CLX_INPUT_FILE\" \"$CLX_OUTPUT_FILE\""),
-    );
+    let mut pool = Pool::new("check_interval = \"200ms\"\n", &sh_workers("copy", 1, COPY));
     pool.start_ready();
     // A job left processing by a worker row that no longer exists (as if
     // its end had never been recorded).
@@ -112,10 +109,7 @@ fn reconciliation_puts_back_a_job_whose_worker_is_gone() {
 
 #[test]
 fn state_writes_survive_a_lock_so_stats_never_shows_workers_that_are_gone() {
-    let mut pool = Pool::new(
-        "",
-        &sh_workers("copy", 2, "cp \"$CLX_INPUT_FILE\" \"$CLX_OUTPUT_FILE\""),
-    );
+    let mut pool = Pool::new("", &sh_workers("copy", 2, COPY));
     pool.start_ready();
     let lock = WriteLock::hold(&pool.db_path(), LOCK_PAST_TWO_TIMEOUTS);
     let out = pool.cli(&["stop", "--timeout", "60s"]);
@@ -135,7 +129,7 @@ fn a_worker_death_during_a_lock_is_recorded_so_stats_never_shows_a_gone_worker()
     // only the slot's own record can tell that its worker is gone.
     let mut pool = Pool::new(
         "restart_limit = 1\nheartbeat_timeout = \"120s\"\n",
-        &sh_workers("copy", 1, "cp \"$CLX_INPUT_FILE\" \"$CLX_OUTPUT_FILE\""),
+        &sh_workers("copy", 1, COPY),
     );
     pool.start_ready();
     let (pid, _) = pool.slot_worker("copy", 0);

@@ -8,7 +8,7 @@ use std::os::unix::net::UnixDatagram;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{Pool, sh_workers, wait_for};
+use common::{COPY, Pool, sh_workers, wait_for};
 
 #[test]
 fn systemd_hears_ready_a_live_status_watchdog_and_stopping_in_order() {
@@ -34,10 +34,7 @@ fn systemd_hears_ready_a_live_status_watchdog_and_stopping_in_order() {
             }
         })
     };
-    let mut pool = Pool::new(
-        "",
-        &sh_workers("copy", 2, "cp \"$CLX_INPUT_FILE\" \"$CLX_OUTPUT_FILE\""),
-    );
+    let mut pool = Pool::new("", &sh_workers("copy", 2, COPY));
     pool.env.push(("NOTIFY_SOCKET".into(), path.display().to_string()));
     pool.env.push(("WATCHDOG_USEC".into(), "400000".into()));
     pool.start_ready();
@@ -81,7 +78,7 @@ fn value(text: &str, series: &str) -> Option<f64> {
 fn metrics_are_scraped_during_a_run_and_agree_with_the_database() {
     let mut pool = Pool::new(
         "metrics_listen = \"127.0.0.1:0\"\ncheck_interval = \"200ms\"\n",
-        &sh_workers("copy", 2, "cp \"$CLX_INPUT_FILE\" \"$CLX_OUTPUT_FILE\""),
+        &sh_workers("copy", 2, COPY),
     );
     pool.start_ready();
     let addr: std::net::SocketAddr = wait_for("the metrics address in the log", Duration::from_secs(10), || {
@@ -169,7 +166,7 @@ fn top_shows_every_worker_of_a_known_pool() {
         "",
         &format!(
             "{}\n{}",
-            sh_workers("copy", 2, "cp \"$CLX_INPUT_FILE\" \"$CLX_OUTPUT_FILE\""),
+            sh_workers("copy", 2, COPY),
             sh_workers("upper", 1, "tr a-z A-Z < \"$CLX_INPUT_FILE\" > \"$CLX_OUTPUT_FILE\"")
         ),
     );
@@ -312,10 +309,7 @@ impl Drop for Tmux {
 fn a_taken_metrics_port_stops_start_before_any_worker_runs() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap();
-    let pool = Pool::new(
-        &format!("metrics_listen = \"{addr}\"\n"),
-        &sh_workers("copy", 2, "cp \"$CLX_INPUT_FILE\" \"$CLX_OUTPUT_FILE\""),
-    );
+    let pool = Pool::new(&format!("metrics_listen = \"{addr}\"\n"), &sh_workers("copy", 2, COPY));
     let config = pool.config();
     let out = pool.cli(&["start", "--config", config.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));

@@ -7,9 +7,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{Pool, WriteLock, alive, bin, sh_workers, stderr, stdout};
-
-const COPY: &str = "cp \"$CLX_INPUT_FILE\" \"$CLX_OUTPUT_FILE\"";
+use common::{COPY, Pool, WriteLock, alive, bin, sh_workers, stderr, stdout};
 
 #[test]
 fn the_same_database_through_a_symlink_or_hard_link_is_refused_and_a_deleted_pid_file_changes_nothing() {

@@ -7,14 +7,12 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Pool, alive, cmdline, repo_path, sh_workers, signal, stderr, stdout, toml_str, wait_for};
+use common::{
+    COPY, Pool, SLOW_FIRST, alive, cmdline, repo_path, sh_workers, signal, stderr, stdout, toml_str, wait_for,
+};
 use nix::sys::signal::Signal;
 
 const ZONES: [&str; 2] = ["America/New_York", "Europe/Berlin"];
-
-/// Copies input to output; the first attempt of each job first sleeps, so
-/// it can be caught in the act.
-const SLOW_FIRST: &str = "m=\"$WORKSPACE_PATH/attempted-$CLX_JOB_ID\"; if [ ! -e \"$m\" ]; then touch \"$m\"; sleep 60; fi; cp \"$CLX_INPUT_FILE\" \"$CLX_OUTPUT_FILE\"";
 
 fn python_worker(worker_type: &str, count: u32, env: &str) -> String {
     let script = repo_path("tests/workers/clx_protocol_worker.py");
@@ -172,7 +170,7 @@ fn idle_worker_that_stops_heartbeating_is_replaced() {
     for zone in ZONES {
         let mut pool = Pool::new(
             "heartbeat_timeout = \"2s\"\ncheck_interval = \"200ms\"\n",
-            &sh_workers("copy", 2, "cp \"$CLX_INPUT_FILE\" \"$CLX_OUTPUT_FILE\""),
+            &sh_workers("copy", 2, COPY),
         )
         .tz(zone);
         pool.start_ready();
@@ -228,7 +226,7 @@ fn busy_worker_using_no_cpu_is_hung_when_the_rule_is_on() {
 fn crash_looping_slot_is_given_up_while_other_pools_go_on() {
     let workers = format!(
         "[[workers]]\nworker_type = \"broken\"\ncount = 1\ncommand = [\"sh\", \"-c\", \"echo 'ImportError: no module named nb' >&2; exit 1\"]\n\n{}",
-        sh_workers("copy", 1, "cp \"$CLX_INPUT_FILE\" \"$CLX_OUTPUT_FILE\"")
+        sh_workers("copy", 1, COPY)
     );
     let mut pool = Pool::new(
         "restart_backoff = \"50ms\"\nrestart_limit = 3\nrestart_window = \"30s\"\n",
@@ -496,10 +494,7 @@ fn exit_causes_survive_a_busy_reaper() {
 #[test]
 fn idle_workers_are_woken_by_their_bell_not_by_their_heartbeat() {
     use std::os::unix::fs::FileTypeExt;
-    let mut pool = Pool::new(
-        "heartbeat_timeout = \"60s\"\n",
-        &sh_workers("copy", 2, "cp \"$CLX_INPUT_FILE\" \"$CLX_OUTPUT_FILE\""),
-    );
+    let mut pool = Pool::new("heartbeat_timeout = \"60s\"\n", &sh_workers("copy", 2, COPY));
     pool.start_ready();
     let (pid, _) = pool.slot_worker("copy", 0);
     let bell = common::env_of(pid, "CLX_POOL_BELL").expect("a built-in worker under a supervisor has a bell");

@@ -67,21 +67,11 @@ pub fn report(conn: &mut Connection, r: &Report) -> rusqlite::Result<bool> {
         )?,
     };
     if changed == 1 {
-        let (done, failed) = if r.status == JobStatus::Completed {
-            (1, 0)
-        } else {
-            (0, 1)
-        };
-        tx.execute(
-            "UPDATE workers SET
-                status = CASE WHEN status = 'busy' THEN 'idle' ELSE status END,
-                last_heartbeat = CURRENT_TIMESTAMP,
-                avg_processing_time = (COALESCE(avg_processing_time, 0) * (COALESCE(jobs_processed, 0) + COALESCE(jobs_failed, 0)) + ?2)
-                                      / (COALESCE(jobs_processed, 0) + COALESCE(jobs_failed, 0) + 1),
-                jobs_processed = COALESCE(jobs_processed, 0) + ?3,
-                jobs_failed = COALESCE(jobs_failed, 0) + ?4
-             WHERE id = ?1",
-            params![r.worker_row, seconds.unwrap_or(0.0), done, failed],
+        super::jobs::count_outcome(
+            &tx,
+            r.worker_row,
+            r.status == JobStatus::Completed,
+            seconds.unwrap_or(0.0),
         )?;
     }
     tx.commit()?;

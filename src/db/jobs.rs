@@ -134,6 +134,29 @@ fn take(tx: &Connection, id: i64, worker_row: WorkerRow) -> rusqlite::Result<Opt
     Ok(job)
 }
 
+/// A worker's figures after a job (done or failed, its time into the
+/// average), and the worker idle again.
+pub(super) fn count_outcome(
+    tx: &Connection,
+    worker_row: WorkerRow,
+    completed: bool,
+    seconds: f64,
+) -> rusqlite::Result<()> {
+    let (done, failed) = if completed { (1, 0) } else { (0, 1) };
+    tx.prepare_cached(
+        "UPDATE workers SET
+            status = CASE WHEN status = 'busy' THEN 'idle' ELSE status END,
+            last_heartbeat = CURRENT_TIMESTAMP,
+            avg_processing_time = (COALESCE(avg_processing_time, 0) * (COALESCE(jobs_processed, 0) + COALESCE(jobs_failed, 0)) + ?2)
+                                  / (COALESCE(jobs_processed, 0) + COALESCE(jobs_failed, 0) + 1),
+            jobs_processed = COALESCE(jobs_processed, 0) + ?3,
+            jobs_failed = COALESCE(jobs_failed, 0) + ?4
+         WHERE id = ?1",
+    )?
+    .execute(params![worker_row, seconds, done, failed])?;
+    Ok(())
+}
+
 /// Outcome of one job run, as the worker saw it.
 pub enum Outcome<'a> {
     Completed,
@@ -188,15 +211,7 @@ pub fn finish_and_claim(
             format!("{{\"job_id\": {}}}", job.id)
         ])?;
     }
-    let (done, failed) = if status == JobStatus::Completed { (1, 0) } else { (0, 1) };
-    tx.prepare_cached("UPDATE workers SET
-            status = CASE WHEN status = 'busy' THEN 'idle' ELSE status END,
-            last_heartbeat = CURRENT_TIMESTAMP,
-            avg_processing_time = (COALESCE(avg_processing_time, 0) * (COALESCE(jobs_processed, 0) + COALESCE(jobs_failed, 0)) + ?2)
-                                  / (COALESCE(jobs_processed, 0) + COALESCE(jobs_failed, 0) + 1),
-            jobs_processed = COALESCE(jobs_processed, 0) + ?3,
-            jobs_failed = COALESCE(jobs_failed, 0) + ?4
-         WHERE id = ?1")?.execute(params![worker_row, seconds, done, failed])?;
+    count_outcome(&tx, worker_row, status == JobStatus::Completed, seconds)?;
     let claimed = match next {
         Some((job_type, who)) => match candidate(&tx, job_type, who)? {
             Some(id) => take(&tx, id, worker_row)?,
@@ -336,22 +351,34 @@ pub struct JobCounts {
     pub cancelled: i64,
 }
 
-pub fn counts(conn: &Connection, job_type: Option<&str>) -> rusqlite::Result<JobCounts> {
-    let mut c = JobCounts::default();
-    let mut stmt =
-        conn.prepare("SELECT status, COUNT(*) FROM jobs WHERE ?1 IS NULL OR job_type = ?1 GROUP BY status")?;
-    let rows = stmt.query_map([job_type], |r| Ok((r.get::<_, JobStatus>(0)?, r.get::<_, i64>(1)?)))?;
-    for row in rows {
-        let (status, n) = row?;
+impl JobCounts {
+    /// Adds `n` jobs of `status`.
+    pub fn add(&mut self, status: JobStatus, n: i64) {
         *match status {
-            JobStatus::Pending => &mut c.pending,
-            JobStatus::Processing => &mut c.processing,
-            JobStatus::Completed => &mut c.completed,
-            JobStatus::Failed => &mut c.failed,
-            JobStatus::Cancelled => &mut c.cancelled,
-        } = n;
+            JobStatus::Pending => &mut self.pending,
+            JobStatus::Processing => &mut self.processing,
+            JobStatus::Completed => &mut self.completed,
+            JobStatus::Failed => &mut self.failed,
+            JobStatus::Cancelled => &mut self.cancelled,
+        } += n;
     }
-    Ok(c)
+
+    /// Counts from rows of (status, count).
+    pub fn from_rows(stmt: &mut rusqlite::Statement, params: impl rusqlite::Params) -> rusqlite::Result<JobCounts> {
+        let mut c = JobCounts::default();
+        for row in stmt.query_map(params, |r| Ok((r.get::<_, JobStatus>(0)?, r.get::<_, i64>(1)?)))? {
+            let (status, n) = row?;
+            c.add(status, n);
+        }
+        Ok(c)
+    }
+}
+
+pub fn counts(conn: &Connection, job_type: Option<&str>) -> rusqlite::Result<JobCounts> {
+    JobCounts::from_rows(
+        &mut conn.prepare("SELECT status, COUNT(*) FROM jobs WHERE ?1 IS NULL OR job_type = ?1 GROUP BY status")?,
+        [job_type],
+    )
 }
 
 #[derive(Debug, Clone, Serialize)]

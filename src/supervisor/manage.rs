@@ -88,17 +88,10 @@ impl Manager {
                 }
             }
             Request::Reload => self.reload().await,
-            Request::Metrics => {
-                let (m, protocol) = (self.metrics.clone(), self.protocol);
-                match self
-                    .db
-                    .call(move |c| Ok(super::metrics::render(c, protocol, Some(&m))))
-                    .await
-                {
-                    Ok(Ok(text)) => Response::ok(text.lines().map(str::to_string).collect()),
-                    Ok(Err(e)) | Err(e) => Response::error(format!("{e:#}")),
-                }
-            }
+            Request::Metrics => match super::metrics::scrape(&self.db, &self.metrics).await {
+                Ok(text) => Response::ok(text.lines().map(str::to_string).collect()),
+                Err(e) => Response::error(format!("{e:#}")),
+            },
         }
     }
 

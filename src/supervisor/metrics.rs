@@ -262,6 +262,14 @@ fn per_worker(conn: &Connection, since: Option<&str>, r: &mut Registry) -> anyho
     Ok(())
 }
 
+/// The exposition text of the running supervisor (its counters and the
+/// database's gauges), as `/metrics` and the control request `metrics`
+/// answer.
+pub async fn scrape(db: &db::Db, metrics: &Arc<Metrics>) -> anyhow::Result<String> {
+    let (m, protocol) = (metrics.clone(), db.protocol());
+    db.call(move |c| Ok(render(c, protocol, Some(&m)))).await?
+}
+
 /// Binds `metrics_listen` (before any worker starts, so a taken port
 /// stops `start` with nothing to undo).
 pub async fn listen(addr: std::net::SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
@@ -285,9 +293,8 @@ pub fn serve(
         axum::routing::get(move || {
             let (db, metrics) = (db.clone(), metrics.clone());
             async move {
-                let (m, protocol) = (metrics.clone(), db.protocol());
-                match db.call(move |c| Ok(render(c, protocol, Some(&m)))).await {
-                    Ok(Ok(text)) => (
+                match scrape(&db, &metrics).await {
+                    Ok(text) => (
                         [(
                             header::CONTENT_TYPE,
                             "application/openmetrics-text; version=1.0.0; charset=utf-8",
@@ -295,9 +302,7 @@ pub fn serve(
                         text,
                     )
                         .into_response(),
-                    Ok(Err(e)) | Err(e) => {
-                        (axum::http::StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}\n")).into_response()
-                    }
+                    Err(e) => (axum::http::StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}\n")).into_response(),
                 }
             }
         }),

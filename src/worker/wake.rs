@@ -77,6 +77,24 @@ pub fn open_bell(path: &Path) -> Option<std::fs::File> {
     f.metadata().ok()?.file_type().is_fifo().then_some(f)
 }
 
+/// Waits until `fd` is readable, or `deadline` (None then; a descriptor
+/// that cannot be waited on waits out the deadline, as a poll would).
+async fn readable_by<T: std::os::fd::AsRawFd>(
+    fd: &AsyncFd<T>,
+    deadline: tokio::time::Instant,
+) -> Option<tokio::io::unix::AsyncFdReadyGuard<'_, T>> {
+    tokio::select! {
+        r = fd.readable() => match r {
+            Ok(guard) => Some(guard),
+            Err(_) => {
+                tokio::time::sleep_until(deadline).await;
+                None
+            }
+        },
+        _ = tokio::time::sleep_until(deadline) => None,
+    }
+}
+
 fn inotify() -> Option<Inotify> {
     Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC).ok()
 }
@@ -150,12 +168,7 @@ impl Wake {
                 false
             }
             Some(Watched::Bell(fd)) => loop {
-                let ready = tokio::select! {
-                    r = fd.readable() => r,
-                    _ = tokio::time::sleep_until(deadline) => return false,
-                };
-                let Ok(mut guard) = ready else {
-                    tokio::time::sleep_until(deadline).await;
+                let Some(mut guard) = readable_by(fd, deadline).await else {
                     return false;
                 };
                 // One ring is one job: take one byte; a worker that finds
@@ -167,12 +180,7 @@ impl Wake {
                 }
             },
             Some(Watched::Folder(fd, names)) => loop {
-                let ready = tokio::select! {
-                    r = fd.readable() => r,
-                    _ = tokio::time::sleep_until(deadline) => return false,
-                };
-                let Ok(mut guard) = ready else {
-                    tokio::time::sleep_until(deadline).await;
+                let Some(mut guard) = readable_by(fd, deadline).await else {
                     return false;
                 };
                 let events = match guard.try_io(|fd| fd.get_ref().0.read_events().map_err(std::io::Error::from)) {

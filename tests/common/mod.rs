@@ -382,6 +382,13 @@ pub fn stderr(o: &Output) -> String {
 }
 
 /// A TOML `[[workers]]` entry for built-in workers running `sh -c script`.
+/// A job command that copies its input to its output.
+pub const COPY: &str = "cp \"$CLX_INPUT_FILE\" \"$CLX_OUTPUT_FILE\"";
+
+/// Copies input to output; the first attempt of each job first sleeps, so
+/// it can be caught in the act.
+pub const SLOW_FIRST: &str = "m=\"$WORKSPACE_PATH/attempted-$CLX_JOB_ID\"; if [ ! -e \"$m\" ]; then touch \"$m\"; sleep 60; fi; cp \"$CLX_INPUT_FILE\" \"$CLX_OUTPUT_FILE\"";
+
 pub fn sh_workers(worker_type: &str, count: u32, script: &str) -> String {
     format!(
         "[[workers]]\nworker_type = \"{worker_type}\"\ncount = {count}\njob_command = [\"sh\", \"-c\", {}]\n",
