@@ -64,9 +64,12 @@ INSERT OR IGNORE INTO schema_version (version) VALUES (1);
 "#;
 
 /// clx-pool's own migrations, applied in order; index + 1 is the version.
-const POOL_MIGRATIONS: &[&str] = &[
-    // 1: the supervisor record, its slots and the restart history.
-    r#"
+/// Each is SQL for every database, and SQL for CLX databases only (what
+/// CLM's schema already has).
+const POOL_MIGRATIONS: &[(&str, &str)] = &[
+    (
+        // 1: the supervisor record, its slots and the restart history.
+        r#"
     CREATE TABLE clx_pool_supervisor (
         id INTEGER PRIMARY KEY CHECK (id = 1),
         pid INTEGER NOT NULL,
@@ -106,23 +109,38 @@ const POOL_MIGRATIONS: &[&str] = &[
         log_tail TEXT
     );
     "#,
-    // 2: why a slot waits, for `stats`; and the index that makes claiming
-    // a lookup instead of a sort of every pending job. It serves the claim
-    // of clx-pool, of CLX's Python workers and of CLM's (status, type,
-    // then priority and age order); an extra index keeps both schemas
-    // compatible with their readers and writers.
-    r#"
+        "",
+    ),
+    (
+        // 2: why a slot waits, for `stats`; and the index that makes claiming
+        // a lookup instead of a sort of every pending job. It serves the claim
+        // of clx-pool, of CLX's Python workers and of CLM's (status, type,
+        // then priority and age order); an extra index keeps both schemas
+        // compatible with their readers and writers.
+        r#"
     ALTER TABLE clx_pool_slots ADD COLUMN note TEXT;
     CREATE INDEX IF NOT EXISTS clx_pool_jobs_claim ON jobs(status, job_type, priority DESC, created_at);
     "#,
-    // 3: how many workers of each type the running pool wants (`scale`,
-    // `reload`), for `stats`.
-    r#"
+        "",
+    ),
+    (
+        // 3: how many workers of each type the running pool wants (`scale`,
+        // `reload`), for `stats`.
+        r#"
     CREATE TABLE clx_pool_wanted (
         worker_type TEXT PRIMARY KEY,
         wanted INTEGER NOT NULL
     );
     "#,
+        "",
+    ),
+    (
+        // 4: the jobs finished since a moment (the monitor's job-duration
+        // histogram every tick, a run's counts) found by a range instead of a
+        // scan of the whole history; CLM's schema has idx_jobs_completed_at.
+        "",
+        "CREATE INDEX IF NOT EXISTS clx_pool_jobs_completed_at ON jobs(completed_at);",
+    ),
 ];
 
 /// CLM 1.35's `SCHEMA_SQL` (`clm/infrastructure/database/schema.py`),
@@ -234,7 +252,7 @@ pub fn prepare(conn: &Connection, wanted: Option<Protocol>) -> Result<Protocol, 
         }
     }
     tx.commit()?;
-    migrate_pool_tables(conn)?;
+    migrate_pool_tables(conn, protocol)?;
     Ok(protocol)
 }
 
@@ -264,7 +282,7 @@ pub fn pool_version(conn: &Connection) -> rusqlite::Result<i64> {
 }
 
 /// Applies pending clx-pool migrations (its own tables only).
-pub fn migrate_pool_tables(conn: &Connection) -> rusqlite::Result<()> {
+pub fn migrate_pool_tables(conn: &Connection, protocol: Protocol) -> rusqlite::Result<()> {
     conn.execute_batch(
         "CREATE TABLE IF NOT EXISTS clx_pool_schema (
             version INTEGER PRIMARY KEY,
@@ -273,7 +291,7 @@ pub fn migrate_pool_tables(conn: &Connection) -> rusqlite::Result<()> {
     let current: i64 = conn.query_row("SELECT COALESCE(MAX(version), 0) FROM clx_pool_schema", [], |r| {
         r.get(0)
     })?;
-    for (i, sql) in POOL_MIGRATIONS.iter().enumerate() {
+    for (i, (all, clx)) in POOL_MIGRATIONS.iter().enumerate() {
         let version = i as i64 + 1;
         if version <= current {
             continue;
@@ -286,7 +304,10 @@ pub fn migrate_pool_tables(conn: &Connection) -> rusqlite::Result<()> {
             |r| r.get(0),
         )?;
         if !done {
-            tx.execute_batch(sql)?;
+            tx.execute_batch(all)?;
+            if protocol == Protocol::Clx {
+                tx.execute_batch(clx)?;
+            }
             tx.execute("INSERT INTO clx_pool_schema (version) VALUES (?1)", params![version])?;
         }
         tx.commit()?;
