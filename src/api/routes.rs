@@ -298,13 +298,12 @@ async fn job_status(
     Body(b): Body<StatusBody>,
 ) -> ApiResult {
     let job_id = path_id(job_id)?;
-    let status = match b.status.as_str() {
-        "completed" => JobStatus::Completed,
-        "failed" => JobStatus::Failed,
-        other => {
+    let status = match b.status.parse() {
+        Ok(s @ (JobStatus::Completed | JobStatus::Failed)) => s,
+        _ => {
             return Err(ApiError::new(
                 StatusCode::BAD_REQUEST,
-                format!("Invalid status: {other}. Must be 'completed' or 'failed'"),
+                format!("Invalid status: {}. Must be 'completed' or 'failed'", b.status),
             ));
         }
     };
