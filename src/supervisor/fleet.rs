@@ -41,9 +41,14 @@ pub type SharedConfig = Arc<RwLock<Arc<Config>>>;
 pub struct SlotChannels {
     pub hung: mpsc::UnboundedSender<Hung>,
     pub orders: mpsc::UnboundedSender<Command>,
+    /// Told to end (scaled down, its entry removed): it no longer counts
+    /// among its type's slots, but stays here, and supervised (hung
+    /// reports, recycling), until its task has ended.
+    pub retiring: bool,
 }
 
-/// The running slots, shared with the monitor.
+/// Every slot whose task runs, shared with the monitor. A slot leaves it
+/// when its task ends, never before.
 pub type Directory = Arc<Mutex<HashMap<SlotId, SlotChannels>>>;
 
 pub struct Fleet {
@@ -53,6 +58,10 @@ pub struct Fleet {
     links: Links,
     token: CancellationToken,
     entries: BTreeMap<String, SharedEntry>,
+    /// The next slot index of each type: indices are never used twice in
+    /// a run, so a new slot never takes the identity (its records, its
+    /// worker's jobs) of one that is still draining.
+    next_index: HashMap<String, u32>,
 }
 
 /// Orders sent, and how to hear back.
@@ -80,6 +89,7 @@ impl Fleet {
             links,
             token,
             entries,
+            next_index: HashMap::new(),
         }
     }
 
@@ -114,16 +124,19 @@ impl Fleet {
             .map(|(t, e)| (t.clone(), lock(e).worker.count))
             .collect();
         for (worker_type, count) in counts {
-            for index in 0..count {
-                self.spawn_slot(&worker_type, index);
+            for _ in 0..count {
+                self.spawn_slot(&worker_type);
             }
         }
     }
 
-    fn spawn_slot(&mut self, worker_type: &str, index: u32) {
-        let Some(entry) = self.entries.get(worker_type).cloned() else {
-            return;
-        };
+    /// Starts a new slot of a type, with an index never used before in
+    /// this run; returns it.
+    fn spawn_slot(&mut self, worker_type: &str) -> Option<u32> {
+        let entry = self.entries.get(worker_type).cloned()?;
+        let next = self.next_index.entry(worker_type.to_string()).or_insert(0);
+        let index = *next;
+        *next += 1;
         let config = self.current();
         let (hung_tx, hung) = mpsc::unbounded_channel();
         let (orders_tx, orders) = mpsc::unbounded_channel();
@@ -132,10 +145,11 @@ impl Fleet {
             index,
         };
         lock(&self.directory).insert(
-            id,
+            id.clone(),
             SlotChannels {
                 hung: hung_tx,
                 orders: orders_tx,
+                retiring: false,
             },
         );
         let builtin = matches!(lock(&entry).worker.program, WorkerProgram::JobCommand(_));
@@ -146,17 +160,20 @@ impl Fleet {
             startup_timeout: config.pool.startup_timeout,
             stop_timeout: config.pool.stop_timeout,
         };
-        let token = self.token.clone();
-        self.tasks
-            .spawn(async move { slot::run(&mut io, ctx, timing, token, orders).await });
+        let (token, directory) = (self.token.clone(), self.directory.clone());
+        self.tasks.spawn(async move {
+            slot::run(&mut io, ctx, timing, token, orders).await;
+            lock(&directory).remove(&id);
+        });
+        Some(index)
     }
 
-    /// The running slots of a type, lowest index first.
+    /// The slots of a type that are not retiring, lowest index first.
     fn slots_of(&self, worker_type: &str) -> Vec<u32> {
         let mut v: Vec<u32> = lock(&self.directory)
-            .keys()
-            .filter(|s| s.worker_type == worker_type)
-            .map(|s| s.index)
+            .iter()
+            .filter(|(s, c)| s.worker_type == worker_type && !c.retiring)
+            .map(|(s, _)| s.index)
             .collect();
         v.sort();
         v
@@ -185,11 +202,7 @@ impl Fleet {
             e.worker = Arc::new(w);
         }
         if wanted > have {
-            let mut free = (0..).filter(|i| !running.contains(i));
-            let added: Vec<u32> = (have..wanted).filter_map(|_| free.next()).collect();
-            for &i in &added {
-                self.spawn_slot(worker_type, i);
-            }
+            let added: Vec<u32> = (have..wanted).filter_map(|_| self.spawn_slot(worker_type)).collect();
             return Ok(format!(
                 "{worker_type}: {have} → {wanted} (started slots {})",
                 list(&added)
@@ -205,10 +218,7 @@ impl Fleet {
                 worker_type: worker_type.to_string(),
                 index: i,
             };
-            let why = Why::Retire(format!("scaled to {wanted}"));
-            if self.order(&slot, Order::Retire { now, why }).is_some() {
-                lock(&self.directory).remove(&slot);
-            }
+            self.retire(&slot, now, Why::Retire(format!("scaled to {wanted}")));
         }
         let how = if now {
             "at once"
@@ -219,6 +229,16 @@ impl Fleet {
             "{worker_type}: {have} → {wanted} (retiring slots {}, {how})",
             list(&retired)
         ))
+    }
+
+    /// Tells a slot to end (after its worker's job unless `now`); from now
+    /// on it no longer counts among its type's slots.
+    fn retire(&self, slot: &SlotId, now: bool, why: Why) {
+        if self.order(slot, Order::Retire { now, why }).is_some()
+            && let Some(c) = lock(&self.directory).get_mut(slot)
+        {
+            c.retiring = true;
+        }
     }
 
     /// Which slots of a type to retire first: idle ones, highest first.
@@ -241,7 +261,11 @@ impl Fleet {
     /// `now`. Given-up slots start again.
     pub async fn restart(&mut self, targets: &[SlotId], rolling: bool, now: bool, why: &str) -> Result<String, String> {
         let slots: Vec<SlotId> = if targets.is_empty() {
-            let mut all: Vec<SlotId> = lock(&self.directory).keys().cloned().collect();
+            let mut all: Vec<SlotId> = lock(&self.directory)
+                .iter()
+                .filter(|(_, c)| !c.retiring)
+                .map(|(s, _)| s.clone())
+                .collect();
             all.sort();
             all
         } else {
@@ -306,8 +330,8 @@ impl Fleet {
         let (t, count) = (entry.worker.worker_type.clone(), entry.worker.count);
         super::bells::install(&self.current().pool.db_path, std::slice::from_ref(&t));
         self.entries.insert(t.clone(), Arc::new(Mutex::new(entry)));
-        for i in 0..count {
-            self.spawn_slot(&t, i);
+        for _ in 0..count {
+            self.spawn_slot(&t);
         }
     }
 
@@ -319,10 +343,11 @@ impl Fleet {
                 worker_type: worker_type.to_string(),
                 index: i,
             };
-            let why = Why::Retire("its entry was removed from the config".into());
-            if self.order(&slot, Order::Retire { now: false, why }).is_some() {
-                lock(&self.directory).remove(&slot);
-            }
+            self.retire(
+                &slot,
+                false,
+                Why::Retire("its entry was removed from the config".into()),
+            );
         }
         self.entries.remove(worker_type);
         slots

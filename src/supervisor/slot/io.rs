@@ -48,7 +48,9 @@ pub struct SlotIo {
     pub db: Db,
     pub registry: Registry,
     /// Reports from the monitor that a worker of this slot is hung.
-    pub hung: mpsc::UnboundedReceiver<Hung>,
+    /// (Behind a lock so that it can be awaited beside the other waits of
+    /// a phase, all of which only read.)
+    pub hung: tokio::sync::Mutex<mpsc::UnboundedReceiver<Hung>>,
     pub executor: Executor,
     /// How `stats` shows the mode (e.g. "docker (auto)").
     pub mode: Mode,
@@ -106,7 +108,7 @@ impl SlotIo {
             metrics,
             db,
             registry,
-            hung,
+            hung: tokio::sync::Mutex::new(hung),
             ready,
             current: None,
             preregistered: None,
@@ -314,7 +316,7 @@ impl Io for SlotIo {
             &uuid::Uuid::new_v4().simple().to_string()[..8]
         ));
         // Reports about an earlier worker of this slot are stale.
-        while self.hung.try_recv().is_ok() {}
+        while self.hung.get_mut().try_recv().is_ok() {}
         self.current = Some(worker_id.clone());
         self.preregister(&worker_id).await?;
         let running = self
@@ -355,9 +357,10 @@ impl Io for SlotIo {
         self.registry.forget(id, self.preregistered);
     }
 
-    async fn hung(&mut self, row: WorkerRow) -> HungReason {
+    async fn hung(&self, row: WorkerRow) -> HungReason {
+        let mut reports = self.hung.lock().await;
         loop {
-            match self.hung.recv().await {
+            match reports.recv().await {
                 Some(h) if h.worker_row == row => return h.reason,
                 // About an earlier worker of this slot.
                 Some(_) => continue,
@@ -457,7 +460,7 @@ impl Io for SlotIo {
         .await;
     }
 
-    async fn ready_to_drain(&mut self, row: WorkerRow) {
+    async fn ready_to_drain(&self, row: WorkerRow) {
         // The built-in worker finishes its job by itself once told.
         if matches!(self.worker.program, WorkerProgram::JobCommand(_)) {
             return;

@@ -337,13 +337,33 @@ pub fn next<W>(phase: Phase<W>, event: Event<W>, ctx: &mut Context, now: Instant
         ),
         (
             P::Draining {
-                worker, row, then, why, ..
+                worker,
+                row,
+                then,
+                why,
+                signalled,
             },
-            E::Ended(_),
-        ) => match then {
+            E::Ended(failure),
+        ) if drained_as_told(&failure, signalled, ctx) => match then {
             After::Relaunch => relaunch(Some(worker), Some(row), why),
             After::Retire => retire(Some(worker), Some(row), why),
         },
+        // It hung or died on its way out: a failure, recorded as such; then
+        // what was ordered still happens.
+        (P::Draining { worker, row, then, .. }, E::Ended(failure)) => {
+            let end = Action::RecordEnd {
+                worker: Some(worker),
+                row: Some(row),
+                failure,
+            };
+            match then {
+                After::Relaunch => (
+                    P::Launching,
+                    vec![end, Action::SetState(SlotState::Starting, None), Action::Launch],
+                ),
+                After::Retire => (P::Retired, vec![end, Action::RemoveSlot]),
+            }
+        }
         (P::Draining { worker, row, .. }, E::Shutdown) => stopping(Some(worker), Some(row)),
         (P::BackingOff { .. }, E::TimerFired) => (P::Launching, vec![Action::Launch]),
         (P::AwaitingRegistration { worker, .. }, E::Shutdown) => stopping(Some(worker), None),
@@ -356,6 +376,18 @@ pub fn next<W>(phase: Phase<W>, event: Event<W>, ctx: &mut Context, now: Instant
             tracing::error!(phase = ?phase.kind(), event = event.name(), "a slot event that cannot happen; ignored");
             (phase, vec![])
         }
+    }
+}
+
+/// Whether a draining worker's end is the one it was told to make: after
+/// it was told, the built-in worker exits with 0 (others may exit as they
+/// like, they were sent SIGTERM). A hung verdict or a death before it was
+/// told is a failure.
+fn drained_as_told(failure: &Failure, signalled: bool, ctx: &Context) -> bool {
+    match failure {
+        Failure::Died(EndCause::Code(0)) => signalled || ctx.clean_exit_is_recycle,
+        Failure::Died(_) => signalled && !ctx.clean_exit_is_recycle,
+        _ => false,
     }
 }
 

@@ -54,7 +54,7 @@ pub trait Io {
     /// Stops waiting for `id` to register.
     fn forget(&mut self, id: &WorkerId);
     /// Resolves when the monitor reports the worker of `row` hung.
-    fn hung(&mut self, row: WorkerRow) -> impl Future<Output = HungReason>;
+    fn hung(&self, row: WorkerRow) -> impl Future<Output = HungReason>;
     /// Marks the worker of `row` hung before it is stopped.
     fn mark_hung(&mut self, row: WorkerRow) -> impl Future<Output = ()>;
     /// Records that `worker` registered as `row`.
@@ -72,7 +72,7 @@ pub trait Io {
     fn announce(&mut self, settled: Settled);
     /// Resolves when the worker of `row` may be told to finish: at once for
     /// a worker that finishes its job by itself, else once it is idle.
-    fn ready_to_drain(&mut self, row: WorkerRow) -> impl Future<Output = ()>;
+    fn ready_to_drain(&self, row: WorkerRow) -> impl Future<Output = ()>;
     /// Stops a worker (if it still runs) that ends on purpose and records
     /// it: not a failure.
     fn end_on_purpose(
@@ -212,12 +212,7 @@ async fn observe<I: Io>(
                 _ = token.cancelled() => Event::Shutdown,
                 cause = worker.wait() => Event::Ended(Failure::Died(cause)),
                 o = order() => ordered!(o),
-                reason = io.hung(row) => {
-                    io.mark_hung(row).await;
-                    let cause = worker.stop(timing.stop_timeout).await;
-                    tracing::info!(worker = %worker.id(), "stopped the hung worker ({cause})");
-                    Event::Ended(Failure::Hung(reason))
-                }
+                reason = io.hung(row) => stop_hung(io, worker, row, reason, timing).await,
             }
         }
         Phase::Draining {
@@ -230,6 +225,9 @@ async fn observe<I: Io>(
                 cause = worker.wait() => Event::Ended(Failure::Died(cause)),
                 o = order() => ordered!(o),
                 _ = io.ready_to_drain(row), if !signalled => Event::ReadyToDrain,
+                // Still supervised on its way out: a job that never ends
+                // must not keep it (and its job) for ever.
+                reason = io.hung(row) => stop_hung(io, worker, row, reason, timing).await,
             }
         }
         Phase::BackingOff { until } => tokio::select! {
@@ -248,6 +246,20 @@ async fn observe<I: Io>(
             Event::Shutdown
         }
     }
+}
+
+/// Marks a worker found hung, stops it, and says so.
+async fn stop_hung<I: Io>(
+    io: &mut I,
+    worker: &mut I::Worker,
+    row: WorkerRow,
+    reason: HungReason,
+    timing: Timing,
+) -> Event<I::Worker> {
+    io.mark_hung(row).await;
+    let cause = worker.stop(timing.stop_timeout).await;
+    tracing::info!(worker = %worker.id(), "stopped the hung worker ({cause})");
+    Event::Ended(Failure::Hung(reason))
 }
 
 /// How often an idle built-in worker refreshes its heartbeat: often enough

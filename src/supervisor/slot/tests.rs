@@ -29,6 +29,9 @@ enum Script {
     /// Registers, then exits with code 0 after this long (the built-in
     /// worker after `max_jobs`).
     FinishesAfter(Duration),
+    /// Registers and takes a job that never ends: it never gets idle to be
+    /// told to finish, and is reported hung after this long.
+    StuckAfter(Duration),
 }
 
 struct FakeWorker {
@@ -121,9 +124,9 @@ impl Io for FakeIo {
         self.note(format!("forget {id}"));
     }
 
-    async fn hung(&mut self, _row: WorkerRow) -> HungReason {
+    async fn hung(&self, _row: WorkerRow) -> HungReason {
         match self.current {
-            Some(Script::HangsAfter(d)) => {
+            Some(Script::HangsAfter(d) | Script::StuckAfter(d)) => {
                 tokio::time::sleep(d).await;
                 HungReason::Heartbeat {
                     age: Duration::from_secs(31),
@@ -163,7 +166,10 @@ impl Io for FakeIo {
         self.note(format!("settled {settled:?}"));
     }
 
-    async fn ready_to_drain(&mut self, _row: WorkerRow) {
+    async fn ready_to_drain(&self, _row: WorkerRow) {
+        if let Some(Script::StuckAfter(_)) = self.current {
+            return std::future::pending().await;
+        }
         self.note("drain".into());
     }
 
@@ -479,4 +485,41 @@ async fn a_built_in_worker_that_finishes_by_itself_is_recycled_not_counted() {
         !log.iter()
             .any(|(_, w)| w.starts_with("state backoff") || w.starts_with("end"))
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_worker_told_to_leave_after_its_job_is_still_judged_hung() {
+    for (order, then) in [
+        (restart_order(false), "launch 2"),
+        (
+            Order::Retire {
+                now: false,
+                why: Why::Retire("scaled to 0".into()),
+            },
+            "removed",
+        ),
+    ] {
+        let (log, heard) = drive_with(
+            vec![Ok(Script::StuckAfter(Duration::from_secs(40))), Ok(Script::Serves)],
+            restart(),
+            Duration::from_secs(60),
+            vec![(Duration::from_secs(5), order)],
+            false,
+        )
+        .await;
+        let what: Vec<&str> = log.iter().map(|(_, w)| w.as_str()).collect();
+        // Told at 5 s, its job never ends; 40 s later it is found hung,
+        // stopped and recorded as such, and then what was ordered happens.
+        let hung = what
+            .iter()
+            .position(|w| *w == "hung 1")
+            .expect("judged hung while draining");
+        assert_eq!(at(&log, "hung"), vec![45_000], "{log:#?}");
+        assert!(
+            what[hung + 1].starts_with("end w1 row Some(WorkerRow(1)) hung: was hung"),
+            "{what:#?}"
+        );
+        assert!(what[hung + 2..].contains(&then), "{what:#?}");
+        assert_eq!(heard, vec![Ok(())]);
+    }
 }
