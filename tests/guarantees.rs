@@ -129,3 +129,72 @@ fn a_draining_worker_whose_job_never_ends_is_stopped_as_hung() {
     });
     assert!(pool.processes().is_empty(), "the job's command is gone");
 }
+
+/// Runs a worker by hand on the pool's database (as docs/cli.md shows):
+/// the built-in one with `job`, or the Python CLX worker of the tests.
+fn hand_worker(pool: &Pool, worker_type: &str, id: &str, job: Option<&str>) -> common::ChildGuard {
+    let mut cmd = match job {
+        Some(script) => {
+            let mut c = std::process::Command::new(common::bin());
+            c.args(["worker", "--", "sh", "-c", script]);
+            c
+        }
+        None => {
+            let mut c = std::process::Command::new("python3");
+            c.arg(common::repo_path("tests/workers/clx_protocol_worker.py"));
+            c
+        }
+    };
+    let log = std::fs::File::create(pool.path(&format!("{id}.log"))).unwrap();
+    let child = cmd
+        .env("WORKER_TYPE", worker_type)
+        .env("WORKER_ID", id)
+        .env("DB_PATH", pool.db_path())
+        .env("CLM_JOBS_DB_PATH", pool.db_path())
+        .env("WORKSPACE_PATH", pool.path("workspace"))
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    common::ChildGuard(Some(child.id() as i32))
+}
+
+/// Jobs held by live workers the pool did not start are theirs: the
+/// reconciliation leaves them alone, under both protocols.
+#[test]
+fn jobs_of_workers_the_pool_did_not_start_are_left_to_them() {
+    for protocol in ["clx", "clm"] {
+        let mut pool = Pool::new(
+            &format!("protocol = \"{protocol}\"\ncheck_interval = \"200ms\"\n"),
+            &sh_workers("own", 1, common::COPY),
+        );
+        pool.start_ready();
+        let _builtin = hand_worker(&pool, "byhand", "by-hand-1", Some(&ledger_job("8")));
+        let _python = (protocol == "clx").then(|| hand_worker(&pool, "python", "by-hand-2", None));
+        wait_for("the hand-run workers to register", Duration::from_secs(20), || {
+            let want = if protocol == "clx" { 2 } else { 1 };
+            (pool.try_i64("SELECT COUNT(*) FROM workers WHERE container_id LIKE 'by-hand-%'")? == want).then_some(())
+        });
+        let mut ids = vec![pool.submit_with("byhand", "h.txt", &[])];
+        if protocol == "clx" {
+            ids.push(pool.submit_with("python", "p.txt", &["--payload", "{\"sleep\": 8}"]));
+        }
+        pool.drained("60s");
+        assert_eq!(
+            starts(&pool).get(&ids[0]),
+            Some(&1),
+            "{protocol}: the built-in worker's job ran once"
+        );
+        let bad = pool.query_strings(
+            "SELECT id || ' ' || status || ' attempts ' || attempts || ' ' || COALESCE(error, '') FROM jobs
+             WHERE status != 'completed' OR attempts != 1",
+        );
+        assert!(bad.is_empty(), "{protocol}: {bad:#?}\n{}", pool.supervisor_log());
+        assert!(
+            !pool.supervisor_log().contains("put them back"),
+            "{protocol}: {}",
+            pool.supervisor_log()
+        );
+    }
+}

@@ -283,36 +283,30 @@ pub struct Reconciled {
     pub failed: Vec<i64>,
 }
 
-/// Jobs left `processing` by a worker that is gone, found by the monitor's
-/// reconciliation pass: their worker row is missing, dead, or (in a CLX
-/// database, which belongs to the pool alone) not the worker of any live
-/// slot; in a shared CLM database only the pool's own rows count (persistent,
-/// started by `supervisor_pid`). Jobs claimed less than `grace_seconds` ago
-/// are left alone, so a worker that just registered is never robbed.
-/// Puts their jobs back (or fails them) and marks their rows dead, in one
-/// transaction.
-pub fn reconcile(
-    conn: &mut Connection,
-    protocol: Protocol,
-    supervisor_pid: i64,
-    grace_seconds: i64,
-) -> rusqlite::Result<Vec<Reconciled>> {
+/// Jobs left `processing` by a worker known to be dead, found by the
+/// monitor's reconciliation pass: its row says `dead` (it said so itself
+/// on its way out, or was recorded dead), or, in a CLX database, its row is
+/// gone. Nothing else is evidence: a live worker the pool did not start
+/// (run by hand, by a `clm build`) keeps its jobs however long they run,
+/// and in a shared CLM database only the pool's own rows count
+/// (persistent, started by `supervisor_pid`). Puts their jobs back (or
+/// fails them) in one transaction.
+pub fn reconcile(conn: &mut Connection, protocol: Protocol, supervisor_pid: i64) -> rusqlite::Result<Vec<Reconciled>> {
     const ORPHANED: &str =
         "SELECT DISTINCT j.worker_id, w.container_id FROM jobs j LEFT JOIN workers w ON w.id = j.worker_id
-         WHERE j.status = 'processing'
-           AND COALESCE(unixepoch('now') - unixepoch(j.started_at), ?1) >= ?1
-           AND (w.id IS NULL OR w.status = 'dead'
-                OR NOT EXISTS (SELECT 1 FROM clx_pool_slots s
-                               WHERE s.state IN ('running', 'starting') AND s.worker_id = w.container_id))";
+         WHERE j.status = 'processing'";
     let find = |c: &Connection| -> rusqlite::Result<Vec<(Option<WorkerRow>, Option<String>)>> {
         let map = |r: &rusqlite::Row| Ok((r.get(0)?, r.get(1)?));
         match protocol {
-            Protocol::Clx => c.prepare_cached(ORPHANED)?.query_map([grace_seconds], map)?.collect(),
+            Protocol::Clx => c
+                .prepare_cached(&format!("{ORPHANED} AND (w.id IS NULL OR w.status = 'dead')"))?
+                .query_map([], map)?
+                .collect(),
             Protocol::Clm => c
                 .prepare_cached(&format!(
-                    "{ORPHANED} AND w.managed_by = 'persistent' AND w.parent_pid = ?2"
+                    "{ORPHANED} AND w.status = 'dead' AND w.managed_by = 'persistent' AND w.parent_pid = ?1"
                 ))?
-                .query_map(params![grace_seconds, supervisor_pid], map)?
+                .query_map([supervisor_pid], map)?
                 .collect(),
         }
     };
@@ -326,9 +320,6 @@ pub fn reconcile(
     for (row, cid) in orphaned {
         let who = cid.clone().unwrap_or_else(|| "(unknown)".into());
         let (requeued, failed) = recover(&tx, row, &who, "was no longer running (found by the monitor)")?;
-        if let Some(row) = row {
-            tx.execute("UPDATE workers SET status = 'dead' WHERE id = ?1", [row])?;
-        }
         out.push(Reconciled {
             worker_row: row,
             worker_id: cid,
@@ -487,48 +478,45 @@ mod tests {
     }
 
     #[test]
-    fn reconciliation_finds_jobs_of_workers_that_are_gone_under_both_protocols() {
+    fn reconciliation_takes_back_only_jobs_of_workers_known_dead() {
+        // (holder, its row's status or None for a row that is gone, whose
+        // row: the pool's (parent 42) or another program's; put back under
+        // CLX, under CLM)
+        let cases = [
+            ("pool worker, live", Some("busy"), 42, false, false),
+            ("worker run by hand, live", Some("busy"), 7, false, false),
+            ("pool worker, dead", Some("dead"), 42, true, true),
+            ("another program's worker, dead", Some("dead"), 7, true, false),
+            ("a row that is gone", None, 42, true, false),
+        ];
         for protocol in Protocol::ALL.iter().copied() {
-            let mut conn = Connection::open_in_memory().unwrap();
-            schema::prepare(&conn, Some(protocol)).unwrap();
-            let live = workers::register(&conn, protocol, "t", "live").unwrap();
-            let gone = workers::register(&conn, protocol, "t", "gone").unwrap();
-            conn.execute(
-                "INSERT INTO clx_pool_slots (worker_type, slot, execution_mode, state, worker_id, worker_row)
-                 VALUES ('t', 0, 'direct', 'running', 'live', ?1)",
-                [live],
-            )
-            .unwrap();
-            if protocol == Protocol::Clm {
-                conn.execute("UPDATE workers SET managed_by = 'persistent', parent_pid = 42", [])
+            for (name, status, parent, clx_back, clm_back) in cases {
+                let mut conn = Connection::open_in_memory().unwrap();
+                // As every connection of the workers and the supervisor.
+                conn.pragma_update(None, "foreign_keys", false).unwrap();
+                schema::prepare(&conn, Some(protocol)).unwrap();
+                let w = workers::register(&conn, protocol, "t", "w").unwrap();
+                let id = submit(&conn, &job("t", "a", 0)).unwrap();
+                claim(&mut conn, "t", clx_or_clm(protocol, w)).unwrap().unwrap();
+                // Claimed long ago: age is no evidence either way.
+                conn.execute("UPDATE jobs SET started_at = datetime('now', '-1 day')", [])
                     .unwrap();
+                if protocol == Protocol::Clm {
+                    conn.execute(
+                        "UPDATE workers SET managed_by = 'persistent', parent_pid = ?1",
+                        [parent],
+                    )
+                    .unwrap();
+                }
+                match status {
+                    Some(s) => conn.execute("UPDATE workers SET status = ?1", [s]).unwrap(),
+                    None => conn.execute("DELETE FROM workers", []).unwrap(),
+                };
+                let found = reconcile(&mut conn, protocol, 42).unwrap();
+                let want = if protocol == Protocol::Clx { clx_back } else { clm_back };
+                let back: Vec<i64> = found.iter().flat_map(|r| r.requeued.clone()).collect();
+                assert_eq!(back, if want { vec![id] } else { vec![] }, "{protocol}: {name}");
             }
-            let a = submit(&conn, &job("t", "a", 0)).unwrap();
-            let b = submit(&conn, &job("t", "b", 0)).unwrap();
-            claim(&mut conn, "t", clx_or_clm(protocol, live)).unwrap().unwrap();
-            claim(&mut conn, "t", clx_or_clm(protocol, gone)).unwrap().unwrap();
-            conn.execute("UPDATE jobs SET started_at = datetime('now', '-60 seconds')", [])
-                .unwrap();
-            // In a shared CLM database, rows another program started are left alone.
-            if protocol == Protocol::Clm {
-                assert!(reconcile(&mut conn, protocol, 7, 5).unwrap().is_empty());
-            }
-            let found = reconcile(&mut conn, protocol, 42, 5).unwrap();
-            assert_eq!(found.len(), 1, "{protocol}: {found:?}");
-            assert_eq!(found[0].worker_row, Some(gone));
-            assert_eq!(found[0].requeued, vec![b], "{protocol}");
-            let status: Vec<String> = conn
-                .prepare("SELECT status FROM jobs ORDER BY id")
-                .unwrap()
-                .query_map([], |r| r.get(0))
-                .unwrap()
-                .collect::<Result<_, _>>()
-                .unwrap();
-            assert_eq!(
-                status,
-                vec!["processing", "pending"],
-                "{protocol}: job {a} stays with its live worker"
-            );
         }
     }
 

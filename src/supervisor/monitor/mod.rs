@@ -57,10 +57,6 @@ pub struct Monitor {
 /// tick: an idle pool should cost next to nothing.
 const USAGE_PERIOD: Duration = Duration::from_secs(30);
 
-/// A job claimed this recently is never taken back by reconciliation: its
-/// worker may have registered a moment before its slot recorded it.
-const RECONCILE_GRACE_SECONDS: i64 = 5;
-
 #[derive(Default)]
 struct State {
     usage: usage::Usage,
@@ -359,13 +355,13 @@ impl Monitor {
     }
 
     /// The safety net under every other recovery: any job still
-    /// `processing` under a worker that is gone goes back to the queue.
+    /// `processing` under a worker known to be dead goes back to the queue.
     async fn reconcile(&self) -> anyhow::Result<()> {
         let protocol = self.db.protocol();
         let me = i64::from(std::process::id());
         let found = self
             .db
-            .call(move |c| crate::db::jobs::reconcile(c, protocol, me, RECONCILE_GRACE_SECONDS))
+            .call(move |c| crate::db::jobs::reconcile(c, protocol, me))
             .await?;
         for r in found {
             warn!(
