@@ -198,3 +198,129 @@ fn jobs_of_workers_the_pool_did_not_start_are_left_to_them() {
         );
     }
 }
+
+/// libfaketime, which moves the real-time clock of the processes it is
+/// preloaded into (Debian's `faketime`); None (skipped with a message)
+/// without it, except under CI=true, where .ci/run installs it.
+fn faketime() -> Option<&'static str> {
+    const LIB: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
+    if std::path::Path::new(LIB).exists() {
+        return Some(LIB);
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("clock-step tests need libfaketime under CI (apt-get install faketime)");
+    }
+    eprintln!("SKIPPED: libfaketime is not installed (apt-get install faketime)");
+    None
+}
+
+/// A pool whose processes all read the real-time clock through
+/// libfaketime, offset by what the file `clock` says ("+0", "+3600", …);
+/// the monotonic clock is left alone, as a real clock step leaves it.
+fn pool_with_clock(pool_extra: &str, workers: &str) -> Option<Pool> {
+    let lib = faketime()?;
+    let pool = Pool::new(pool_extra, workers);
+    std::fs::write(pool.path("clock"), "+0").unwrap();
+    let clock = pool.path("clock").to_string_lossy().into_owned();
+    Some(
+        pool.with_env("LD_PRELOAD", lib)
+            .with_env("FAKETIME_TIMESTAMP_FILE", &clock)
+            .with_env("FAKETIME_CACHE_DURATION", "1")
+            .with_env("DONT_FAKE_MONOTONIC", "1"),
+    )
+}
+
+fn step_clock(pool: &Pool, offset: &str) {
+    std::fs::write(pool.path("clock"), offset).unwrap();
+}
+
+fn slot_pids(pool: &Pool) -> Vec<i64> {
+    let c = pool.conn();
+    let mut stmt = c
+        .prepare("SELECT pid FROM clx_pool_slots WHERE state = 'running' ORDER BY worker_type, slot")
+        .unwrap();
+    stmt.query_map([], |r| r.get(0)).unwrap().map(Result::unwrap).collect()
+}
+
+/// Worker ends recorded so far, as "event cause".
+fn ends(pool: &Pool) -> Vec<String> {
+    pool.query_strings("SELECT event || ' ' || worker_id || ': ' || COALESCE(cause, '') FROM clx_pool_events")
+}
+
+/// The real-time clock jumps an hour ahead: no idle worker is taken for
+/// hung, no job is taken for too long, nothing runs twice.
+#[test]
+fn a_clock_step_forward_kills_nobody_and_runs_nothing_twice() {
+    let workers = format!(
+        "{}max_job_time = \"60s\"\n\n{}",
+        sh_workers("busy", 1, &ledger_job("8")),
+        sh_workers("idle", 3, common::COPY)
+    );
+    let Some(mut pool) = pool_with_clock("check_interval = \"200ms\"\nheartbeat_timeout = \"3s\"\n", &workers) else {
+        return;
+    };
+    pool.start_ready();
+    let job = pool.submit_with("busy", "a.txt", &[]);
+    wait_for("the job to run", Duration::from_secs(20), || {
+        (busy(&pool) == 1).then_some(())
+    });
+    let before = slot_pids(&pool);
+    step_clock(&pool, "+3600");
+    // Through several heartbeat timeouts, and past the job's end.
+    std::thread::sleep(Duration::from_secs(4));
+    pool.drained("60s");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(ends(&pool), Vec::<String>::new(), "{}", pool.supervisor_log());
+    assert_eq!(slot_pids(&pool), before);
+    each_once(&pool, &[job]);
+}
+
+/// The real-time clock jumps an hour back: a worker that stops answering
+/// is still found hung within its heartbeat_timeout, not an hour later.
+#[test]
+fn a_clock_step_back_does_not_hide_a_hung_worker() {
+    let Some(mut pool) = pool_with_clock(
+        "check_interval = \"200ms\"\nheartbeat_timeout = \"3s\"\n",
+        &sh_workers("idle", 2, common::COPY),
+    ) else {
+        return;
+    };
+    pool.start_ready();
+    let (pid, id) = pool.slot_worker("idle", 0);
+    step_clock(&pool, "-3600");
+    std::thread::sleep(Duration::from_secs(1));
+    common::signal(pid, nix::sys::signal::Signal::SIGSTOP);
+    let cause = wait_for("the stopped worker to be found hung", Duration::from_secs(20), || {
+        pool.try_i64("SELECT COUNT(*) FROM clx_pool_events WHERE event = 'hung'")
+            .filter(|n| *n > 0)
+            .map(|_| pool.cause_of(&id))
+    });
+    assert!(cause.contains("heartbeat"), "{cause}");
+    let hung = pool.query_strings("SELECT worker_id FROM clx_pool_events WHERE event = 'hung'");
+    assert_eq!(hung, vec![id], "only the stopped worker");
+}
+
+/// A write lock longer than heartbeat_timeout (and than a job's
+/// max_job_time): no worker could heartbeat or record a result meanwhile,
+/// so that time is no evidence against any of them.
+#[test]
+fn a_lock_longer_than_heartbeat_timeout_kills_nobody() {
+    let workers = format!(
+        "{}max_job_time = \"4s\"\n\n{}",
+        sh_workers("busy", 1, &ledger_job("2")),
+        sh_workers("idle", 3, common::COPY)
+    );
+    let mut pool = Pool::new("check_interval = \"200ms\"\nheartbeat_timeout = \"2s\"\n", &workers);
+    pool.start_ready();
+    let job = pool.submit_with("busy", "a.txt", &["--max-attempts", "1"]);
+    wait_for("the job to run", Duration::from_secs(20), || {
+        (busy(&pool) == 1).then_some(())
+    });
+    let before = slot_pids(&pool);
+    common::WriteLock::hold(&pool.db_path(), Duration::from_secs(8)).join();
+    pool.drained("60s");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(ends(&pool), Vec::<String>::new(), "{}", pool.supervisor_log());
+    assert_eq!(slot_pids(&pool), before);
+    each_once(&pool, &[job]);
+}

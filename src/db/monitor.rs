@@ -8,18 +8,6 @@ use rusqlite::Connection;
 
 use crate::vocab::{Mode, ModeKind, SlotId, WorkerId, WorkerRow, WorkerStatus};
 
-/// Which workers a tick reads: on most ticks only those that could be hung
-/// (heartbeat or job older than the smallest limit), so an idle pool's tick
-/// reads next to nothing; with `everything`, all of them.
-#[derive(Debug, Clone, Copy)]
-pub struct Filter {
-    pub min_heartbeat: Duration,
-    pub min_job_time: Duration,
-    /// Some type has the zero-CPU rule: every busy worker is read.
-    pub all_busy: bool,
-    pub everything: bool,
-}
-
 /// A registered worker of a running slot, as a monitor tick sees it.
 #[derive(Debug, Clone)]
 pub struct Observed {
@@ -30,42 +18,32 @@ pub struct Observed {
     /// … or its container (docker).
     pub container: Option<WorkerId>,
     pub status: WorkerStatus,
-    pub heartbeat_age: Duration,
-    /// The job in hand (the oldest if several) and how long it has run.
-    pub job: Option<(i64, Duration)>,
+    /// `last_heartbeat` as written: compared only with its own earlier
+    /// values, never with a clock.
+    pub heartbeat: Option<String>,
+    /// The job in hand (the oldest if several) and its attempt.
+    pub job: Option<(i64, i64)>,
     /// No memory figure was written for it yet (a new worker).
     pub unmeasured: bool,
     /// Jobs it finished (completed or failed).
     pub jobs_done: i64,
 }
 
-pub fn observe(c: &mut Connection, f: &Filter) -> rusqlite::Result<Vec<Observed>> {
+/// Every live worker of a running slot, with its job. No age is computed
+/// here: the monitor measures time on its own monotonic clock.
+pub fn observe(c: &mut Connection) -> rusqlite::Result<Vec<Observed>> {
     let mut stmt = c.prepare_cached(
-        "SELECT * FROM (
-            SELECT s.worker_type, s.slot, w.id, s.pid, w.status, s.execution_mode, s.worker_id,
-                   COALESCE(unixepoch('now') - unixepoch(w.last_heartbeat), 0) AS hb_age,
-                   j.id AS job, unixepoch('now') - unixepoch(j.started_at) AS job_age,
-                   w.memory_usage IS NULL AS unmeasured, j.started_at AS job_started,
-                   COALESCE(w.jobs_processed, 0) + COALESCE(w.jobs_failed, 0) AS done
-            FROM clx_pool_slots s
-            JOIN workers w ON w.id = s.worker_row
-            LEFT JOIN jobs j ON j.worker_id = w.id AND j.status = 'processing'
-            WHERE s.state = 'running')
-         WHERE ?4 OR unmeasured
-            OR (job IS NULL AND hb_age > ?1)
-            OR (job IS NOT NULL AND (job_age > ?2 OR ?3))
-         ORDER BY worker_type, slot, job_started",
+        "SELECT s.worker_type, s.slot, w.id, s.pid, w.status, s.execution_mode, s.worker_id,
+                w.last_heartbeat, j.id, COALESCE(j.attempts, 0), w.memory_usage IS NULL,
+                COALESCE(w.jobs_processed, 0) + COALESCE(w.jobs_failed, 0)
+         FROM clx_pool_slots s
+         JOIN workers w ON w.id = s.worker_row
+         LEFT JOIN jobs j ON j.worker_id = w.id AND j.status = 'processing'
+         WHERE s.state = 'running'
+         ORDER BY s.worker_type, s.slot, j.id",
     )?;
-    let params = rusqlite::params![
-        f.min_heartbeat.as_secs() as i64,
-        f.min_job_time.as_secs() as i64,
-        f.all_busy,
-        f.everything
-    ];
-    let secs = |s: i64| Duration::from_secs(s.max(0) as u64);
-    let rows = stmt.query_map(params, |r| {
+    let rows = stmt.query_map([], |r| {
         let job: Option<i64> = r.get(8)?;
-        let age: Option<i64> = r.get(9)?;
         let mode: Mode = r.get(5)?;
         Ok(Observed {
             slot: SlotId {
@@ -79,10 +57,10 @@ pub fn observe(c: &mut Connection, f: &Filter) -> rusqlite::Result<Vec<Observed>
                 ModeKind::Direct => None,
             },
             status: r.get(4)?,
-            heartbeat_age: secs(r.get(7)?),
-            job: job.map(|j| (j, secs(age.unwrap_or(0)))),
+            heartbeat: r.get(7)?,
+            job: job.map(|j| Ok::<_, rusqlite::Error>((j, r.get(9)?))).transpose()?,
             unmeasured: r.get(10)?,
-            jobs_done: r.get(12)?,
+            jobs_done: r.get(11)?,
         })
     })?;
     let mut out: Vec<Observed> = Vec::new();
@@ -95,6 +73,23 @@ pub fn observe(c: &mut Connection, f: &Filter) -> rusqlite::Result<Vec<Observed>
         out.push(o);
     }
     Ok(out)
+}
+
+/// Whether the database can be written now: a write transaction is begun
+/// (waiting at most `wait` for another writer) and rolled back, writing
+/// nothing. A worker cannot heartbeat or record a result while this is
+/// false, so that time is no evidence against it.
+pub fn writable(c: &mut Connection, wait: Duration) -> rusqlite::Result<bool> {
+    c.busy_timeout(wait)?;
+    let probe = c
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        .and_then(|tx| tx.rollback());
+    c.busy_timeout(super::BUSY_TIMEOUT)?;
+    match probe {
+        Ok(()) => Ok(true),
+        Err(e) if super::is_transient(&e) => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 /// Jobs completed at or after `since` (those of the current run when

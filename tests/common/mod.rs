@@ -64,8 +64,13 @@ impl Pool {
     }
 
     /// Runs the supervisor and commands with `TZ=zone`.
-    pub fn tz(mut self, zone: &str) -> Pool {
-        self.env.push(("TZ".into(), zone.into()));
+    pub fn tz(self, zone: &str) -> Pool {
+        self.with_env("TZ", zone)
+    }
+
+    /// Runs the supervisor and commands with `name=value` set.
+    pub fn with_env(mut self, name: &str, value: &str) -> Pool {
+        self.env.push((name.into(), value.into()));
         self
     }
 

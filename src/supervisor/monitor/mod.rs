@@ -6,6 +6,7 @@
 //! reaping of orphans adopted as child subreaper. A hung worker is
 //! reported to its slot, which stops and replaces it.
 
+pub mod liveness;
 pub mod rules;
 pub mod usage;
 
@@ -23,7 +24,7 @@ use super::sdnotify::SdNotify;
 use super::slot::{Command, Order, Why};
 use crate::config::{Config, WorkerProgram};
 use crate::db::Db;
-use crate::db::monitor::{Filter, Observed};
+use crate::db::monitor::Observed;
 use crate::executor::docker::DockerEngine;
 use crate::procs;
 use crate::vocab::{HungReason, WorkerRow};
@@ -57,8 +58,20 @@ pub struct Monitor {
 /// tick: an idle pool should cost next to nothing.
 const USAGE_PERIOD: Duration = Duration::from_secs(30);
 
+/// How long a tick waits for the database's write lock: a worker's own
+/// writes take well under a millisecond; a writer holding it longer is a
+/// lock no worker can heartbeat through.
+const PROBE_WAIT: Duration = Duration::from_millis(200);
+
+/// A tick whose look at the database took longer than this waited for it
+/// (a write of the supervisor's own stuck behind a lock): it is no
+/// evidence against a worker.
+const SLOW_LOOK: Duration = Duration::from_secs(1);
+
 #[derive(Default)]
 struct State {
+    /// Signs of life and job ages on the monotonic clock.
+    liveness: liveness::Liveness,
     usage: usage::Usage,
     /// Start of the current window of the zero-CPU rule, per (row, job).
     windows: HashMap<(WorkerRow, i64), Sample>,
@@ -151,29 +164,26 @@ impl Monitor {
         }
     }
 
-    fn filter(&self, everything: bool) -> Filter {
-        let config = self.current();
-        let w = &config.workers;
-        // Recycling needs every worker's count and memory on every tick.
-        let recycling = w.iter().any(|w| {
-            w.max_memory.is_some() || (w.max_jobs.is_some() && !matches!(w.program, WorkerProgram::JobCommand(_)))
-        });
-        Filter {
-            min_heartbeat: w.iter().map(|w| w.heartbeat_timeout).min().unwrap_or_default(),
-            min_job_time: w.iter().map(|w| w.max_job_time).min().unwrap_or_default(),
-            all_busy: w.iter().any(|w| w.hung_cpu.is_some()),
-            everything: everything || recycling,
-        }
-    }
-
     async fn tick(&self, state: &mut State, rules: &HashMap<String, Rules>) -> anyhow::Result<()> {
         let now = Instant::now();
         let period_due = state.sampled_at.is_none_or(|t| now.duration_since(t) >= USAGE_PERIOD);
         if period_due {
             state.sampled_at = Some(now);
         }
-        let filter = self.filter(period_due);
-        let observed = self.db.call(move |c| crate::db::monitor::observe(c, &filter)).await?;
+        let looked = self
+            .db
+            .call(|c| {
+                let observed = crate::db::monitor::observe(c)?;
+                Ok((observed, crate::db::monitor::writable(c, PROBE_WAIT)?))
+            })
+            .await;
+        let healthy = matches!(looked, Ok((_, true))) && now.elapsed() < SLOW_LOOK;
+        state.liveness.tick(now, healthy);
+        if !healthy {
+            // No worker could write meanwhile: CPU windows start again.
+            state.windows.clear();
+        }
+        let (observed, _) = looked?;
         // Sample a worker when its type has the zero-CPU rule, when it is
         // new, or once per period.
         let due: Vec<&Observed> = observed
@@ -187,13 +197,13 @@ impl Monitor {
             })
             .collect();
         let samples = self.sample(&due, now).await?;
+        let live: HashSet<WorkerRow> = observed.iter().map(|o| o.row).collect();
+        state.liveness.retain(|r| live.contains(r));
+        state.usage.retain(|r| live.contains(r));
+        state.windows.retain(|(r, _), _| live.contains(r));
+        state.reported.retain(|r| live.contains(r));
+        state.recycling.retain(|r| live.contains(r));
         if period_due {
-            // Only a full observation tells which workers are gone.
-            let live: HashSet<WorkerRow> = observed.iter().map(|o| o.row).collect();
-            state.usage.retain(|r| live.contains(r));
-            state.windows.retain(|(r, _), _| live.contains(r));
-            state.reported.retain(|r| live.contains(r));
-            state.recycling.retain(|r| live.contains(r));
             let pool = self.current().pool.clone();
             let (keep, age) = (pool.events_keep, pool.events_max_age.as_secs());
             self.db
@@ -208,12 +218,21 @@ impl Monitor {
             {
                 writes.push((o.row, cpu, mem));
             }
+            let sign = liveness::Sign {
+                heartbeat: o.heartbeat.clone(),
+                status: o.status.to_string(),
+                jobs_done: o.jobs_done,
+            };
+            let ages = state.liveness.observe(o.row, sign, o.job);
             let Some(r) = rules.get(&o.slot.worker_type) else {
                 continue;
             };
-            if !state.reported.contains(&o.row)
-                && let Some(reason) = judge(state, o, &r.limits, sample.map(|(s, _)| s))
-            {
+            let verdict = if state.liveness.healthy() && !state.reported.contains(&o.row) {
+                judge(state, o, ages, &r.limits, sample.map(|(s, _)| s))
+            } else {
+                None
+            };
+            if let Some(reason) = verdict {
                 self.report(state, o, reason);
             } else if !state.recycling.contains(&o.row)
                 && let Some(why) = recycle_reason(o, r, sample.map(|(_, rss)| rss))
@@ -376,9 +395,6 @@ impl Monitor {
     }
 }
 
-/// Applies the hung rules to one worker, keeping the window of the
-/// zero-CPU rule: it starts at the first sample of a job and restarts at
-/// each verdict.
 /// Whether a worker is due for recycling (see `rules::recycle`).
 fn recycle_reason(o: &Observed, r: &Rules, rss: Option<u64>) -> Option<String> {
     // The built-in worker stops after `max_jobs` by itself (exactly).
@@ -386,13 +402,23 @@ fn recycle_reason(o: &Observed, r: &Rules, rss: Option<u64>) -> Option<String> {
     rules::recycle(o.jobs_done, rss, max_jobs, r.max_memory)
 }
 
-fn judge(state: &mut State, o: &Observed, limits: &Limits, sample: Option<Sample>) -> Option<HungReason> {
+/// Applies the hung rules to one worker, with its ages on the monotonic
+/// clock, keeping the window of the zero-CPU rule: it starts at the first
+/// sample of a job and restarts at each verdict.
+fn judge(
+    state: &mut State,
+    o: &Observed,
+    ages: liveness::Ages,
+    limits: &Limits,
+    sample: Option<Sample>,
+) -> Option<HungReason> {
+    let job = o.job.map(|(id, _)| (id, ages.job.unwrap_or_default()));
     let seen = Seen {
         status: o.status,
-        heartbeat_age: o.heartbeat_age,
-        job: o.job,
+        heartbeat_age: ages.quiet,
+        job,
     };
-    let cpu = match (o.job, limits.hung_cpu, sample) {
+    let cpu = match (job, limits.hung_cpu, sample) {
         (Some((job, _)), Some(rule), Some(now)) => {
             let start = *state.windows.entry((o.row, job)).or_insert(now);
             let full = now.at.duration_since(start.at) >= rule.window;

@@ -1,6 +1,6 @@
 //! When a worker is hung, as a pure rule with table tests (Horust's
-//! `Check`): an idle worker whose heartbeat is older than its type's
-//! `heartbeat_timeout`; a busy one whose job has run longer than
+//! `Check`): an idle worker that showed no sign of life (its heartbeat
+//! unchanged) for longer than its type's `heartbeat_timeout`; a busy one whose job has run longer than
 //! `max_job_time`; optionally a busy one that used less than
 //! `hung_cpu_percent` of one CPU over a `hung_cpu_window`.
 
@@ -11,6 +11,10 @@ use tokio::time::Instant;
 use crate::config::HungCpu;
 use crate::vocab::{HungReason, WorkerStatus};
 
+/// `last_heartbeat` is written in whole seconds: a worker that heartbeats
+/// more often than once a second shows a change at most once a second.
+pub const HEARTBEAT_RESOLUTION: Duration = Duration::from_secs(1);
+
 /// A worker's type's limits.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -19,10 +23,13 @@ pub struct Limits {
     pub hung_cpu: Option<HungCpu>,
 }
 
-/// What the database says of a worker.
+/// What the monitor saw of a worker, its ages measured on the monotonic
+/// clock (see `liveness.rs`).
 #[derive(Debug, Clone, Copy)]
 pub struct Seen {
     pub status: WorkerStatus,
+    /// How long no sign of life was seen (its heartbeat, status or job
+    /// unchanged).
     pub heartbeat_age: Duration,
     /// The job in hand and how long it has run.
     pub job: Option<(i64, Duration)>,
@@ -67,7 +74,9 @@ pub fn verdict(seen: &Seen, limits: &Limits, cpu: Option<(Sample, Sample)>) -> O
                 threshold: rule.percent,
             })
         }
-        None if seen.status == WorkerStatus::Idle && seen.heartbeat_age > limits.heartbeat_timeout => {
+        None if seen.status == WorkerStatus::Idle
+            && seen.heartbeat_age > limits.heartbeat_timeout + HEARTBEAT_RESOLUTION =>
+        {
             Some(HungReason::Heartbeat {
                 age: seen.heartbeat_age,
                 limit: limits.heartbeat_timeout,
@@ -137,11 +146,12 @@ mod tests {
         let cases: Vec<Case> = vec![
             ("fresh idle", idle(29), None, None),
             ("idle at the limit", idle(30), None, None),
+            ("idle within the timestamps' resolution", idle(31), None, None),
             (
                 "idle past the limit",
-                idle(31),
+                idle(32),
                 None,
-                Some("its heartbeat is 31s old, older than heartbeat_timeout 30s"),
+                Some("its heartbeat is 32s old, older than heartbeat_timeout 30s"),
             ),
             ("a busy worker's old heartbeat is fine", busy(10), None, None),
             ("job at the limit", busy(600), None, None),
