@@ -132,7 +132,7 @@ fn a_draining_worker_whose_job_never_ends_is_stopped_as_hung() {
 
 /// Runs a worker by hand on the pool's database (as docs/cli.md shows):
 /// the built-in one with `job`, or the Python CLX worker of the tests.
-fn hand_worker(pool: &Pool, worker_type: &str, id: &str, job: Option<&str>) -> common::ChildGuard {
+fn hand_worker(pool: &Pool, worker_type: &str, id: &str, job: Option<&str>) -> common::OwnedChild {
     let mut cmd = match job {
         Some(script) => {
             let mut c = std::process::Command::new(common::bin());
@@ -157,7 +157,7 @@ fn hand_worker(pool: &Pool, worker_type: &str, id: &str, job: Option<&str>) -> c
         .stderr(log)
         .spawn()
         .unwrap();
-    common::ChildGuard(Some(child.id() as i32))
+    common::OwnedChild(child)
 }
 
 /// Jobs held by live workers the pool did not start are theirs: the

@@ -637,3 +637,22 @@ impl Drop for ChildGuard {
         }
     }
 }
+
+/// A child process the test owns: SIGTERM, then SIGKILL after 10 s, and
+/// collected, when dropped (also when the test fails).
+pub struct OwnedChild(pub Child);
+
+impl Drop for OwnedChild {
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
+        if self.0.try_wait().ok().flatten().is_none() {
+            nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).ok();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while self.0.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            self.0.kill().ok();
+        }
+        self.0.wait().ok();
+    }
+}
