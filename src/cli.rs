@@ -180,12 +180,15 @@ pub enum Command {
     Scale {
         #[command(flatten)]
         db: DbArgs,
-        /// TYPE=N pairs.
+        /// TYPE=N pairs (N from 0 to 10000, as `count`).
         #[arg(required = true, value_parser = parse_scale, value_name = "TYPE=N")]
         counts: Vec<(String, u32)>,
         /// Retire busy workers at once (their jobs go back to the queue).
         #[arg(long)]
         now: bool,
+        /// How long to wait for the supervisor's answer.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
     },
     /// Replace workers: all, a type's, or single slots (`TYPE-N`); revives given-up slots.
     #[command(
@@ -202,6 +205,9 @@ pub enum Command {
         /// Do not wait for busy workers to finish their job.
         #[arg(long)]
         now: bool,
+        /// How long to wait for the replacements (they go on after it).
+        #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+        timeout: Duration,
     },
     /// Re-read the config and apply the difference (as SIGHUP does).
     #[command(
@@ -210,6 +216,9 @@ pub enum Command {
     Reload {
         #[command(flatten)]
         db: DbArgs,
+        /// How long to wait for changed entries to be replaced (they go on after it).
+        #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+        timeout: Duration,
     },
     /// A live view: workers, pools, queue, throughput, events; r restarts the selected worker, +/- scale its type.
     Top {
@@ -342,6 +351,9 @@ fn parse_scale(s: &str) -> Result<(String, u32), String> {
         .split_once('=')
         .ok_or_else(|| format!("`{s}`: expected TYPE=N, e.g. upper=4"))?;
     let n: u32 = n.parse().map_err(|_| format!("`{s}`: N must be a whole number"))?;
+    if n > crate::config::MAX_COUNT {
+        return Err(format!("`{s}`: N must be between 0 and {}", crate::config::MAX_COUNT));
+    }
     if t.is_empty() {
         return Err(format!("`{s}`: the type is missing"));
     }

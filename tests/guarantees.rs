@@ -32,7 +32,14 @@ fn starts(pool: &Pool) -> std::collections::BTreeMap<i64, usize> {
 fn each_once(pool: &Pool, ids: &[i64]) {
     let ran = starts(pool);
     let twice: Vec<_> = ran.iter().filter(|(_, n)| **n != 1).collect();
-    assert!(twice.is_empty(), "jobs whose command ran more than once: {twice:?}");
+    assert!(
+        twice.is_empty(),
+        "jobs whose command ran more than once: {twice:?}\n{:#?}\n{}",
+        pool.query_strings(
+            "SELECT 'job ' || id || ' ' || status || ' attempts ' || attempts || ': ' || COALESCE(error, '') FROM jobs"
+        ),
+        pool.supervisor_log()
+    );
     assert_eq!(ran.keys().copied().collect::<Vec<_>>(), ids, "every job ran");
     let bad = pool.query_strings(
         "SELECT id || ' ' || status || ' attempts ' || attempts || ' ' || COALESCE(error, '') FROM jobs
@@ -323,4 +330,137 @@ fn a_lock_longer_than_heartbeat_timeout_kills_nobody() {
     assert_eq!(ends(&pool), Vec::<String>::new(), "{}", pool.supervisor_log());
     assert_eq!(slot_pids(&pool), before);
     each_once(&pool, &[job]);
+}
+
+/// The config of the storm test: `w` with its count and a setting that a
+/// reload sees as a change.
+fn storm_config(pool: &Pool, count: u32, flavour: u32) -> String {
+    let config = std::fs::read_to_string(pool.config()).unwrap();
+    let head = &config[..config.find("[[workers]]").unwrap()];
+    format!(
+        "{head}{}env = {{ FLAVOUR = \"{flavour}\" }}\n",
+        sh_workers("w", count, &ledger_job("0.5"))
+    )
+}
+
+/// Fifty requests at once (scale, rolling restarts, reloads, SIGHUP), then a
+/// last `scale w=3`: every request is answered or refused in time, the last
+/// scale is what the pool ends with, and every job runs once.
+#[test]
+fn a_storm_of_control_requests_is_answered_and_the_last_scale_wins() {
+    let mut pool = Pool::new("check_interval = \"200ms\"\n", &sh_workers("w", 2, &ledger_job("0.5")));
+    std::fs::write(pool.config(), storm_config(&pool, 2, 0)).unwrap();
+    pool.start_ready();
+    let ids: Vec<i64> = (0..10)
+        .map(|i| pool.submit_with("w", &format!("a{i}.txt"), &[]))
+        .collect();
+    let db = pool.db_path();
+    let mut clients = Vec::new();
+    for i in 0..50u32 {
+        let args: Vec<String> = match i % 5 {
+            0 | 3 => vec!["scale".into(), format!("w={}", (i * 7) % 6)],
+            1 => vec!["restart".into(), "w".into(), "--rolling".into()],
+            2 => {
+                std::fs::write(pool.config(), storm_config(&pool, 2 + i % 3, i)).unwrap();
+                vec!["reload".into()]
+            }
+            _ => {
+                common::signal(pool.supervisor_pid(), nix::sys::signal::Signal::SIGHUP);
+                vec!["restart".into(), format!("w-{}", i % 4)]
+            }
+        };
+        let mut cmd = std::process::Command::new(common::bin());
+        cmd.args(&args).arg("--db").arg(&db);
+        cmd.stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        clients.push((args.join(" "), std::time::Instant::now(), cmd.spawn().unwrap()));
+    }
+    let more: Vec<i64> = (0..10)
+        .map(|i| pool.submit_with("w", &format!("b{i}.txt"), &[]))
+        .collect();
+    // Every client hears back (its answer or a refusal) within a minute.
+    for (what, started, child) in clients {
+        let mut child = common::OwnedChild(child);
+        let status = wait_for(&format!("`{what}` to be answered"), Duration::from_secs(60), || {
+            child.0.try_wait().unwrap()
+        });
+        let mut out = String::new();
+        use std::io::Read;
+        child.0.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+        child.0.stderr.take().unwrap().read_to_string(&mut out).unwrap();
+        assert!(
+            matches!(status.code(), Some(0 | 1)),
+            "`{what}` after {:?}: {status:?} {out}",
+            started.elapsed()
+        );
+    }
+    std::fs::write(pool.config(), storm_config(&pool, 3, 99)).unwrap();
+    scale(&pool, "w=3");
+    pool.drained("120s");
+    let mut all = ids.clone();
+    all.extend(more);
+    each_once(&pool, &all);
+    wait_for("three slots of w", Duration::from_secs(60), || {
+        (pool.try_i64("SELECT COUNT(*) FROM clx_pool_slots WHERE worker_type = 'w' AND state = 'running'")? == 3
+            && pool.try_i64("SELECT COUNT(*) FROM clx_pool_slots")? == 3)
+            .then_some(())
+    });
+    let json: serde_json::Value = serde_json::from_slice(&pool.cli(&["stats", "--json"]).stdout).unwrap();
+    assert_eq!(json["pools"]["w"]["wanted"], 3, "{json}");
+    assert_eq!(json["pools"]["w"]["running"], 3, "{json}");
+}
+
+/// A reload whose new worker program cannot start stops its roll-out at
+/// the first failure: the workers not yet replaced keep running, the one
+/// that failed starts again with the setup it had, and `reload` says so.
+#[test]
+fn a_reload_that_breaks_the_workers_rolls_back_and_keeps_the_old_ones() {
+    let python = |t: &str, n: u32, command: &str| {
+        format!("[[workers]]\nworker_type = \"{t}\"\ncount = {n}\ncommand = {command}\n")
+    };
+    let worker = format!(
+        "[\"python3\", {}]",
+        common::toml_str(
+            common::repo_path("tests/workers/clx_protocol_worker.py")
+                .to_str()
+                .unwrap()
+        )
+    );
+    let mut pool = Pool::new("check_interval = \"200ms\"\n", &python("rev", 3, &worker));
+    pool.start_ready();
+    let before = slot_pids(&pool);
+    let config = std::fs::read_to_string(pool.config()).unwrap();
+    let head = &config[..config.find("[[workers]]").unwrap()];
+    std::fs::write(
+        pool.config(),
+        format!(
+            "{head}{}",
+            python("rev", 3, "[\"sh\", \"-c\", \"echo broken >&2; exit 3\"]")
+        ),
+    )
+    .unwrap();
+    let out = pool.cli(&["reload"]);
+    assert_eq!(out.status.code(), Some(1), "{}{}", stdout(&out), stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("exited with code 3") && err.contains("roll-out stopped") && err.contains("kept"),
+        "{err}"
+    );
+    // Three workers of the old setup: two never touched, one started again.
+    let after = wait_for("three running workers", Duration::from_secs(30), || {
+        let p = slot_pids(&pool);
+        (p.len() == 3).then_some(p)
+    });
+    let kept = after.iter().filter(|p| before.contains(p)).count();
+    assert_eq!(kept, 2, "{before:?} → {after:?}");
+    for pid in after {
+        assert!(common::cmdline(pid as i32).contains("clx_protocol_worker.py"), "{pid}");
+    }
+    let job = pool.submit("rev", "r.txt", "abc");
+    let out = pool.cli(&["wait", "--jobs", &job.to_string(), "--timeout", "30s"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // The config in force is the one that runs: the next reload of the
+    // same file tries again.
+    let out = pool.cli(&["reload"]);
+    assert_eq!(out.status.code(), Some(1), "{}{}", stdout(&out), stderr(&out));
 }

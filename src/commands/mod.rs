@@ -92,28 +92,36 @@ pub async fn run(cmd: &Command) -> anyhow::Result<i32> {
         }
         Command::Jobs { action, list } => jobs::run(action.as_ref(), list),
         Command::Check { config } => check::run(config).await,
-        Command::Scale { db, counts, now } => {
+        Command::Scale {
+            db,
+            counts,
+            now,
+            timeout,
+        } => {
             let request = crate::supervisor::control::Request::Scale {
                 counts: counts.clone(),
                 now: *now,
             };
-            control::run(db, request).await
+            control::run(db, request, *timeout).await
         }
         Command::Restart {
             db,
             targets,
             rolling,
             now,
+            timeout,
         } => {
             let request = crate::supervisor::control::Request::Restart {
                 targets: targets.clone(),
                 rolling: *rolling,
                 now: *now,
             };
-            control::run(db, request).await
+            control::run(db, request, *timeout).await
         }
         Command::Top { db } => top::run(db).await,
-        Command::Reload { db } => control::run(db, crate::supervisor::control::Request::Reload).await,
+        Command::Reload { db, timeout } => {
+            control::run(db, crate::supervisor::control::Request::Reload, *timeout).await
+        }
         Command::Logs {
             db,
             targets,

@@ -473,7 +473,7 @@ fn events_text(events: &[EventRow]) -> String {
 pub async fn prometheus(args: &DbArgs) -> anyhow::Result<i32> {
     use crate::supervisor::control::{self, Request};
     let t = target(args)?;
-    if let Some(r) = control::ask(&t.db_path, &Request::Metrics).await?
+    if let Some(r) = control::ask(&t.db_path, &Request::Metrics, control::ANSWER_WITHIN).await?
         && r.ok
     {
         super::print(&r.lines.join("\n"));

@@ -26,9 +26,13 @@ pub async fn run(args: &DbArgs, timeout: Duration) -> anyhow::Result<i32> {
             pid = super::supervisor_pid(&db_path);
         }
         if let Some(pid) = pid {
-            // The control socket first; a signal if it does not answer.
+            // The control socket first (briefly: stop is answered at once);
+            // a signal if it does not answer.
+            let within = deadline
+                .saturating_duration_since(Instant::now())
+                .min(Duration::from_secs(2));
             let asked = matches!(
-                crate::supervisor::control::ask(&db_path, &crate::supervisor::control::Request::Stop).await,
+                crate::supervisor::control::ask(&db_path, &crate::supervisor::control::Request::Stop, within).await,
                 Ok(Some(r)) if r.ok
             );
             if !asked {

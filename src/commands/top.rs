@@ -384,7 +384,7 @@ async fn view(terminal: &mut ratatui::DefaultTerminal, db: &std::path::Path) -> 
 }
 
 async fn ask(db: &std::path::Path, request: Request) -> String {
-    match control::ask(db, &request).await {
+    match control::ask(db, &request, control::ANSWER_WITHIN).await {
         Ok(Some(r)) => r.lines.join("; "),
         Ok(None) => "no supervisor is running".into(),
         Err(e) => format!("{e:#}"),

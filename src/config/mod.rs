@@ -20,6 +20,9 @@ use serde::Deserialize;
 use crate::vocab::Protocol;
 pub use defaults::{BASIC_ENV, DEFAULTS, Defaults};
 
+/// The most workers of one type, for `count` and `clx-pool scale` alike.
+pub const MAX_COUNT: u32 = 10_000;
+
 /// A fully validated configuration, with every path absolute.
 #[derive(Debug, Clone)]
 pub struct Config {

@@ -342,7 +342,7 @@ fn worker<'t>(
         }
         None => String::new(),
     };
-    let count = k.int("count", DEFAULTS.count, 0, 10_000);
+    let count = k.int("count", DEFAULTS.count, 0, i64::from(super::MAX_COUNT));
     let execution_mode =
         k.r.get::<ExecutionMode>(t, "execution_mode", "\"direct\", \"docker\" or \"auto\"")
             .map(|(m, _)| m)

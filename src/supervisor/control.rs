@@ -4,16 +4,35 @@
 //! root only (checked with the peer's credentials, whatever the file's
 //! mode). `scale`, `restart`, `reload` and `stop` use it; docs/protocol.md
 //! describes the requests.
+//!
+//! Every request is answered or refused within [`ANSWER_WITHIN`]: at most
+//! [`WAITING`] requests wait for the supervisor (more are refused at once),
+//! and one not answered in time is refused and dropped, never carried out
+//! later. Long work (replacing workers) goes on in the background as an
+//! operation whose progress the client asks for.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
+
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
+
+use super::rollout::{OperationId, Operations};
+
+/// The supervisor answers every request within this, or refuses it.
+pub const ANSWER_WITHIN: Duration = Duration::from_secs(10);
+
+/// Requests that may wait for the supervisor at once; more are refused.
+pub const WAITING: usize = 64;
+
+/// How long a client may take to send its request.
+const REQUEST_WITHIN: Duration = Duration::from_secs(5);
 
 /// A request, as sent on the socket (one JSON line).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -35,24 +54,61 @@ pub enum Request {
     Reload,
     /// The Prometheus metrics, as `/metrics` serves them.
     Metrics,
+    /// How a `restart` or `reload` stands.
+    Progress { operation: OperationId },
 }
 
-/// The answer: whether it worked, and what happened (one line each).
+/// The answer: whether it worked, and what happened (one line each);
+/// for work that goes on in the background, the operation to follow.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Response {
     pub ok: bool,
     pub lines: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operation: Option<OperationRef>,
+}
+
+/// An operation and whether it is done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OperationRef {
+    pub id: OperationId,
+    pub done: bool,
+    /// Slots dealt with so far, of all.
+    pub settled: usize,
+    pub total: usize,
 }
 
 impl Response {
     pub fn ok(lines: Vec<String>) -> Response {
-        Response { ok: true, lines }
+        Response {
+            ok: true,
+            lines,
+            operation: None,
+        }
     }
 
     pub fn error(line: impl Into<String>) -> Response {
         Response {
             ok: false,
             lines: vec![line.into()],
+            operation: None,
+        }
+    }
+
+    /// How operation `id` stands.
+    pub fn progress(operations: &Operations, id: OperationId) -> Response {
+        match operations.progress(id) {
+            Some(p) => Response {
+                ok: p.ok,
+                lines: p.lines,
+                operation: Some(OperationRef {
+                    id,
+                    done: p.done,
+                    settled: p.settled,
+                    total: p.total,
+                }),
+            },
+            None => Response::error(format!("no operation {id} (this supervisor remembers its latest 256)")),
         }
     }
 }
@@ -71,7 +127,7 @@ pub fn socket_path(db: &Path) -> PathBuf {
 /// supervisor lock) and serves it until `token` is cancelled.
 /// A `stop` request is carried out at once (cancelling `token`), also
 /// while the pool is still starting.
-pub fn serve(db: &Path, token: CancellationToken) -> anyhow::Result<mpsc::UnboundedReceiver<Incoming>> {
+pub fn serve(db: &Path, token: CancellationToken, operations: Operations) -> anyhow::Result<mpsc::Receiver<Incoming>> {
     use anyhow::Context;
     let path = socket_path(db);
     match std::fs::symlink_metadata(&path) {
@@ -85,16 +141,16 @@ pub fn serve(db: &Path, token: CancellationToken) -> anyhow::Result<mpsc::Unboun
         UnixListener::bind(&path).with_context(|| format!("creating the control socket {}", path.display()))?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("restricting {}", path.display()))?;
-    let (tx, rx) = mpsc::unbounded_channel();
+    let (tx, rx) = mpsc::channel(WAITING);
     tokio::spawn(async move {
         loop {
             tokio::select! {
                 _ = token.cancelled() => break,
                 accepted = listener.accept() => match accepted {
                     Ok((stream, _)) => {
-                        let (tx, stop) = (tx.clone(), token.clone());
+                        let (tx, stop, ops) = (tx.clone(), token.clone(), operations.clone());
                         tokio::spawn(async move {
-                            if let Err(e) = answer(stream, tx, stop).await {
+                            if let Err(e) = answer(stream, tx, stop, ops).await {
                                 debug!("control connection: {e}");
                             }
                         });
@@ -117,8 +173,9 @@ pub fn allowed(peer_uid: u32, own_uid: u32) -> bool {
 
 async fn answer(
     stream: UnixStream,
-    requests: mpsc::UnboundedSender<Incoming>,
+    requests: mpsc::Sender<Incoming>,
     stop: CancellationToken,
+    operations: Operations,
 ) -> std::io::Result<()> {
     let peer = stream.peer_cred()?.uid();
     let own = nix::unistd::geteuid().as_raw();
@@ -126,9 +183,11 @@ async fn answer(
     // Read the request first in every case, so the peer always hears the
     // answer instead of a broken pipe.
     let mut line = String::new();
-    BufReader::new(tokio::io::AsyncReadExt::take(read, 64 * 1024))
-        .read_line(&mut line)
-        .await?;
+    let mut reader = BufReader::new(tokio::io::AsyncReadExt::take(read, 64 * 1024));
+    match tokio::time::timeout(REQUEST_WITHIN, reader.read_line(&mut line)).await {
+        Ok(read) => read?,
+        Err(_) => return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "no request in time")),
+    };
     let response = if !allowed(peer, own) {
         warn!(peer_uid = peer, "refused a control request from another user");
         Response::error(format!(
@@ -142,13 +201,23 @@ async fn answer(
                 stop.cancel();
                 Response::ok(vec!["stopping".into()])
             }
+            Ok(Request::Progress { operation }) => Response::progress(&operations, operation),
             Ok(request) => {
                 let (tx, rx) = oneshot::channel();
-                if requests.send((request, tx)).is_err() {
-                    Response::error("the supervisor is stopping")
-                } else {
-                    rx.await
-                        .unwrap_or_else(|_| Response::error("the supervisor is stopping"))
+                match requests.try_send((request, tx)) {
+                    Err(mpsc::error::TrySendError::Full(_)) => Response::error(format!(
+                        "refused: {WAITING} requests are already waiting for the supervisor; try again"
+                    )),
+                    Err(mpsc::error::TrySendError::Closed(_)) => Response::error("the supervisor is stopping"),
+                    // Dropping the receiver on timeout withdraws the
+                    // request: the supervisor skips it.
+                    Ok(()) => match tokio::time::timeout(ANSWER_WITHIN, rx).await {
+                        Ok(answer) => answer.unwrap_or_else(|_| Response::error("the supervisor is stopping")),
+                        Err(_) => Response::error(format!(
+                            "refused: not answered within {}; nothing was done",
+                            humantime::format_duration(ANSWER_WITHIN)
+                        )),
+                    },
                 }
             }
         }
@@ -160,12 +229,23 @@ async fn answer(
 }
 
 /// The client side: sends `request` to the supervisor of `db` and waits
-/// for its answer (a rolling restart may take a while). None when no
-/// supervisor listens there.
-pub async fn ask(db: &Path, request: &Request) -> anyhow::Result<Option<Response>> {
-    use anyhow::Context;
+/// for its answer, for at most `within`. None when no supervisor listens
+/// there.
+pub async fn ask(db: &Path, request: &Request, within: Duration) -> anyhow::Result<Option<Response>> {
     let path = socket_path(db);
-    let stream = match UnixStream::connect(&path).await {
+    match tokio::time::timeout(within, exchange(&path, request)).await {
+        Ok(answer) => answer,
+        Err(_) => anyhow::bail!(
+            "the supervisor did not answer within {} ({})",
+            humantime::format_duration(within),
+            path.display()
+        ),
+    }
+}
+
+async fn exchange(path: &Path, request: &Request) -> anyhow::Result<Option<Response>> {
+    use anyhow::Context;
+    let stream = match UnixStream::connect(path).await {
         Ok(s) => s,
         Err(e)
             if matches!(

@@ -7,15 +7,17 @@
 //! the next worker runs, and a rolling replacement makes it happen.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::warn;
 
 use super::monitor::Hung;
+use super::rollout::{self, OperationId, Operations, Outcome, Rollouts};
 use super::slot::io::Links;
 use super::slot::{self, Command, Order, Why};
 use crate::config::{Config, WorkerConfig, WorkerProgram};
@@ -29,6 +31,9 @@ pub struct Entry {
     pub worker: Arc<WorkerConfig>,
     pub executor: Executor,
     pub mode: Mode,
+    /// Which setup this is: every change of what the workers run (a
+    /// reload, a roll-back) gets a new number, across all entries.
+    pub generation: u64,
 }
 
 pub type SharedEntry = Arc<Mutex<Entry>>;
@@ -62,13 +67,76 @@ pub struct Fleet {
     /// a run, so a new slot never takes the identity (its records, its
     /// worker's jobs) of one that is still draining.
     next_index: HashMap<String, u32>,
+    generations: Arc<AtomicU64>,
+    /// Restarts and reloads under way (their clients ask how they stand).
+    pub operations: Operations,
+    rollouts: Rollouts,
+    wanted: Wanted,
 }
 
-/// Orders sent, and how to hear back.
-type Waiting = Vec<(SlotId, oneshot::Receiver<Result<(), String>>)>;
+/// What a scale did.
+#[derive(Debug, Default)]
+pub struct Scaled {
+    pub line: String,
+    pub started: Vec<u32>,
+    pub retiring: Vec<u32>,
+}
+
+/// How long a write of the wanted counts may hold up a request: it goes on
+/// in the background (a database lock) and the last value wins.
+const WANTED_WAIT: Duration = Duration::from_secs(1);
+
+/// Writes what the pool wants, for `stats`, in the background: the latest
+/// value wins, and a database lock never holds up a control request.
+struct Wanted {
+    tx: watch::Sender<(u64, Vec<(String, u32)>)>,
+    written: watch::Receiver<u64>,
+}
+
+impl Wanted {
+    fn spawn(db: db::Db, token: CancellationToken) -> Wanted {
+        let (tx, mut rx) = watch::channel((0u64, Vec::new()));
+        let (written_tx, written) = watch::channel(0u64);
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = token.cancelled() => return,
+                    changed = rx.changed() => if changed.is_err() { return },
+                }
+                let (version, wanted) = rx.borrow_and_update().clone();
+                let result = db
+                    .call_until_done("recording the wanted workers", move |c| {
+                        db::pool::set_wanted(c, &wanted)
+                    })
+                    .await;
+                if let Err(e) = result {
+                    warn!("{e:#}");
+                }
+                written_tx.send_replace(version);
+            }
+        });
+        Wanted { tx, written }
+    }
+
+    /// Records `wanted`; waits a moment for it to be written.
+    async fn record(&mut self, wanted: Vec<(String, u32)>) {
+        let version = self.tx.borrow().0 + 1;
+        self.tx.send_replace((version, wanted));
+        // Written in the background if not within the wait.
+        tokio::time::timeout(WANTED_WAIT, self.written.wait_for(|v| *v >= version))
+            .await
+            .ok();
+    }
+}
 
 impl Fleet {
-    pub fn new(config: Arc<Config>, executors: &[(Executor, Mode)], links: Links, token: CancellationToken) -> Fleet {
+    pub fn new(
+        config: Arc<Config>,
+        executors: &[(Executor, Mode)],
+        links: Links,
+        token: CancellationToken,
+        operations: Operations,
+    ) -> Fleet {
         let entries = config
             .workers
             .iter()
@@ -78,18 +146,37 @@ impl Fleet {
                     worker: Arc::new(w.clone()),
                     executor: executor.clone(),
                     mode: *mode,
+                    generation: 0,
                 };
                 (w.worker_type.clone(), Arc::new(Mutex::new(entry)))
             })
             .collect();
+        let config: SharedConfig = Arc::new(RwLock::new(config));
+        let directory: Directory = Arc::new(Mutex::new(HashMap::new()));
+        let limit = {
+            let config = config.clone();
+            Arc::new(move || replace_limit(&config.read().unwrap_or_else(|e| e.into_inner())))
+        };
+        let (rollouts, rolling) = Rollouts::spawn(directory.clone(), operations.clone(), limit, token.clone());
+        let mut tasks = JoinSet::new();
+        tasks.spawn(async move {
+            if let Err(e) = rolling.await {
+                tracing::error!("the roll-out task failed: {e}");
+            }
+        });
+        let wanted = Wanted::spawn(links.db.clone(), token.clone());
         Fleet {
-            config: Arc::new(RwLock::new(config)),
-            directory: Arc::new(Mutex::new(HashMap::new())),
-            tasks: JoinSet::new(),
+            config,
+            directory,
+            tasks,
             links,
             token,
             entries,
             next_index: HashMap::new(),
+            generations: Arc::new(AtomicU64::new(0)),
+            operations,
+            rollouts,
+            wanted,
         }
     }
 
@@ -97,23 +184,15 @@ impl Fleet {
         self.config.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// Records what the pool wants now, for `stats`.
-    pub async fn record_wanted(&self) {
+    /// Records what the pool wants now, for `stats` (waiting at most a
+    /// second for the write).
+    pub async fn record_wanted(&mut self) {
         let wanted: Vec<(String, u32)> = self
             .entries
             .iter()
             .map(|(t, e)| (t.clone(), lock(e).worker.count))
             .collect();
-        if let Err(e) = self
-            .links
-            .db
-            .call_until_done("recording the wanted workers", move |c| {
-                db::pool::set_wanted(c, &wanted)
-            })
-            .await
-        {
-            warn!("{e:#}");
-        }
+        self.wanted.record(wanted).await;
     }
 
     /// Starts every slot of every entry.
@@ -189,7 +268,7 @@ impl Fleet {
 
     /// Grows at once; shrinks by retiring idle workers first, busy ones
     /// after their current job (unless `now`). Returns what it did.
-    pub async fn scale(&mut self, worker_type: &str, wanted: u32, now: bool) -> Result<String, String> {
+    pub async fn scale(&mut self, worker_type: &str, wanted: u32, now: bool) -> Result<Scaled, String> {
         let Some(entry) = self.entries.get(worker_type).cloned() else {
             return Err(format!("no pool takes `{worker_type}` (known: {})", self.types()));
         };
@@ -202,18 +281,23 @@ impl Fleet {
             e.worker = Arc::new(w);
         }
         if wanted > have {
-            let added: Vec<u32> = (have..wanted).filter_map(|_| self.spawn_slot(worker_type)).collect();
-            return Ok(format!(
-                "{worker_type}: {have} → {wanted} (started slots {})",
-                list(&added)
-            ));
+            let started: Vec<u32> = (have..wanted).filter_map(|_| self.spawn_slot(worker_type)).collect();
+            let line = format!("{worker_type}: {have} → {wanted} (started slots {})", list(&started));
+            return Ok(Scaled {
+                line,
+                started,
+                ..Scaled::default()
+            });
         }
         if wanted == have {
-            return Ok(format!("{worker_type}: already {have}"));
+            return Ok(Scaled {
+                line: format!("{worker_type}: already {have}"),
+                ..Scaled::default()
+            });
         }
         let order = self.retire_order(worker_type, &running).await;
-        let retired: Vec<u32> = order.into_iter().take((have - wanted) as usize).collect();
-        for &i in &retired {
+        let retiring: Vec<u32> = order.into_iter().take((have - wanted) as usize).collect();
+        for &i in &retiring {
             let slot = SlotId {
                 worker_type: worker_type.to_string(),
                 index: i,
@@ -225,10 +309,14 @@ impl Fleet {
         } else {
             "idle ones now, busy ones after their job"
         };
-        Ok(format!(
-            "{worker_type}: {have} → {wanted} (retiring slots {}, {how})",
-            list(&retired)
-        ))
+        Ok(Scaled {
+            line: format!(
+                "{worker_type}: {have} → {wanted} (retiring slots {}, {how})",
+                list(&retiring)
+            ),
+            retiring,
+            ..Scaled::default()
+        })
     }
 
     /// Tells a slot to end (after its worker's job unless `now`); from now
@@ -242,78 +330,113 @@ impl Fleet {
     }
 
     /// Which slots of a type to retire first: idle ones, highest first.
+    /// The database is asked which are busy, briefly: behind a lock, the
+    /// highest go first.
     async fn retire_order(&self, worker_type: &str, running: &[u32]) -> Vec<u32> {
         let t = worker_type.to_string();
-        let busy: Vec<u32> = self
-            .links
-            .db
-            .call(move |c| db::pool::busy_slots(c, &t))
-            .await
-            .unwrap_or_default();
+        let asked = self.links.db.call(move |c| db::pool::busy_slots(c, &t));
+        let busy: Vec<u32> = match tokio::time::timeout(Duration::from_secs(1), asked).await {
+            Ok(Ok(busy)) => busy,
+            Ok(Err(e)) => {
+                warn!("which workers are busy: {e:#}");
+                Vec::new()
+            }
+            Err(_) => Vec::new(),
+        };
         let mut order: Vec<u32> = running.iter().rev().copied().collect();
         order.sort_by_key(|i| busy.contains(i));
         order
     }
 
-    /// Replaces the workers of `targets` (every slot when empty): one at a
-    /// time with `rolling` (each replacement registered before the next
-    /// goes), else all at once; busy workers finish their job first unless
-    /// `now`. Given-up slots start again.
-    pub async fn restart(&mut self, targets: &[SlotId], rolling: bool, now: bool, why: &str) -> Result<String, String> {
-        let slots: Vec<SlotId> = if targets.is_empty() {
-            let mut all: Vec<SlotId> = lock(&self.directory)
-                .iter()
-                .filter(|(_, c)| !c.retiring)
-                .map(|(s, _)| s.clone())
+    /// Every slot that is not retiring, in order.
+    pub fn all_slots(&self) -> Vec<SlotId> {
+        let mut all: Vec<SlotId> = lock(&self.directory)
+            .iter()
+            .filter(|(_, c)| !c.retiring)
+            .map(|(s, _)| s.clone())
+            .collect();
+        all.sort();
+        all
+    }
+
+    /// Starts replacing the workers of `slots`: one at a time with
+    /// `rolling` (each replacement registered before the next goes, after
+    /// the replacements already queued), else all at once; busy workers
+    /// finish their job first unless `now`. Given-up slots start again.
+    /// Returns the operation its client follows.
+    pub fn restart(&mut self, slots: Vec<SlotId>, rolling: bool, now: bool, why: &str) -> OperationId {
+        let op = self
+            .operations
+            .create(Vec::new(), false, vec![(String::new(), slots.clone(), rolling)]);
+        if rolling {
+            let items = slots
+                .into_iter()
+                .map(|slot| rollout::Item {
+                    slot,
+                    ops: vec![op],
+                    why: why.to_string(),
+                    now,
+                    reload: None,
+                })
                 .collect();
-            all.sort();
-            all
-        } else {
-            targets.to_vec()
-        };
-        let mut waiting: Waiting = Vec::new();
-        let mut failed = Vec::new();
-        let limit = self.replace_limit();
-        for slot in &slots {
+            self.rollouts.enqueue(items);
+            return op;
+        }
+        let mut waiting = Vec::new();
+        for slot in slots {
             let order = Order::Replace {
                 now,
                 why: Why::Restart(why.to_string()),
             };
-            let Some(rx) = self.order(slot, order) else {
-                failed.push(format!("{slot}: no such running slot"));
-                continue;
-            };
-            if rolling {
-                if let Err(e) = settle(slot, rx, limit).await {
-                    failed.push(e);
-                }
-            } else {
-                waiting.push((slot.clone(), rx));
+            match self.order(&slot, order) {
+                Some(rx) => waiting.push((slot, rx)),
+                None => self.operations.resolve(op, &slot, Outcome::Retired),
             }
         }
-        for (slot, rx) in waiting {
-            if let Err(e) = settle(&slot, rx, limit).await {
-                failed.push(e);
+        let (operations, limit) = (self.operations.clone(), replace_limit(&self.current()));
+        tokio::spawn(async move {
+            let settled = waiting.into_iter().map(|(slot, rx)| async move {
+                let outcome = match tokio::time::timeout(limit, rx).await {
+                    Ok(Ok(Ok(()))) => Outcome::Replaced,
+                    Ok(Ok(Err(e))) => Outcome::Failed(e),
+                    Ok(Err(_)) => Outcome::Retired,
+                    Err(_) => Outcome::Failed(format!("not replaced within {}", humantime::format_duration(limit))),
+                };
+                (slot, outcome)
+            });
+            for (slot, outcome) in futures_util::future::join_all(settled).await {
+                operations.resolve(op, &slot, outcome);
             }
-        }
-        let names: Vec<String> = slots.iter().map(|s| s.to_string()).collect();
-        if failed.is_empty() {
-            Ok(format!(
-                "replaced {} ({})",
-                names.join(", "),
-                if rolling { "one at a time" } else { "all at once" }
-            ))
-        } else {
-            Err(format!("replacing {}: {}", names.join(", "), failed.join("; ")))
-        }
+        });
+        op
     }
 
-    /// How long one replacement may take: the old worker's job, then the
-    /// new worker's start.
-    fn replace_limit(&self) -> Duration {
-        let c = self.current();
-        let job = c.workers.iter().map(|w| w.max_job_time).max().unwrap_or_default();
-        job + c.pool.startup_timeout + c.pool.stop_timeout * 2
+    /// Queues a reload's replacement of `slots` (one at a time): the new
+    /// setup of their entry, generation `generation`, rolls out unless a
+    /// new worker fails, which brings `previous` back.
+    pub fn roll_out(&mut self, op: OperationId, slots: Vec<SlotId>, previous: Entry, generation: u64) {
+        let Some(entry) = slots.first().and_then(|s| self.entries.get(&s.worker_type)).cloned() else {
+            return;
+        };
+        let reload = rollout::Reload {
+            op,
+            generation,
+            entry,
+            previous,
+            config: self.config.clone(),
+            generations: self.generations.clone(),
+        };
+        let items = slots
+            .into_iter()
+            .map(|slot| rollout::Item {
+                slot,
+                ops: vec![op],
+                why: "the config changed (reload)".into(),
+                now: false,
+                reload: Some(reload.clone()),
+            })
+            .collect();
+        self.rollouts.enqueue(items);
     }
 
     fn types(&self) -> String {
@@ -326,9 +449,10 @@ impl Fleet {
     }
 
     /// A new entry (reload): its slots start.
-    pub fn add_entry(&mut self, entry: Entry) {
+    pub fn add_entry(&mut self, mut entry: Entry) {
         let (t, count) = (entry.worker.worker_type.clone(), entry.worker.count);
         super::bells::install(&self.current().pool.db_path, std::slice::from_ref(&t));
+        entry.generation = self.generations.fetch_add(1, Ordering::SeqCst) + 1;
         self.entries.insert(t.clone(), Arc::new(Mutex::new(entry)));
         for _ in 0..count {
             self.spawn_slot(&t);
@@ -354,10 +478,13 @@ impl Fleet {
     }
 
     /// A changed entry (reload): the next workers run the new setup.
-    pub fn change_entry(&mut self, entry: Entry) {
-        if let Some(shared) = self.entries.get(&entry.worker.worker_type) {
-            *lock(shared) = entry;
-        }
+    /// Returns the setup it had, and the new one's generation.
+    pub fn change_entry(&mut self, mut entry: Entry) -> Option<(Entry, u64)> {
+        let shared = self.entries.get(&entry.worker.worker_type)?;
+        entry.generation = self.generations.fetch_add(1, Ordering::SeqCst) + 1;
+        let generation = entry.generation;
+        let previous = std::mem::replace(&mut *lock(shared), entry);
+        Some((previous, generation))
     }
 
     /// The running slots of a type, as ids.
@@ -371,15 +498,6 @@ impl Fleet {
             .collect()
     }
 
-    /// Replaces one worker gracefully (recycling); false if its slot is gone.
-    pub fn recycle(&self, slot: &SlotId, why: String) -> bool {
-        let order = Order::Replace {
-            now: false,
-            why: Why::Recycle(why),
-        };
-        self.order(slot, order).is_some()
-    }
-
     pub fn config_path(&self) -> std::path::PathBuf {
         self.current().path.clone()
     }
@@ -389,23 +507,11 @@ impl Fleet {
     }
 }
 
-/// Waits for a slot to carry out an order.
-async fn settle(slot: &SlotId, rx: oneshot::Receiver<Result<(), String>>, limit: Duration) -> Result<(), String> {
-    match tokio::time::timeout(limit, rx).await {
-        Ok(Ok(Ok(()))) => {
-            info!(%slot, "replaced");
-            Ok(())
-        }
-        Ok(Ok(Err(e))) => Err(format!("{slot}: {e}")),
-        Ok(Err(_)) => Err(format!("{slot}: the slot ended")),
-        Err(_) => {
-            warn!(%slot, "its replacement did not register in time");
-            Err(format!(
-                "{slot}: not replaced within {}",
-                humantime::format_duration(limit)
-            ))
-        }
-    }
+/// How long one replacement may take: the old worker's job, then the
+/// new worker's start.
+fn replace_limit(c: &Config) -> Duration {
+    let job = c.workers.iter().map(|w| w.max_job_time).max().unwrap_or_default();
+    job + c.pool.startup_timeout + c.pool.stop_timeout * 2
 }
 
 fn list(v: &[u32]) -> String {

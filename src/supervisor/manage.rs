@@ -1,15 +1,20 @@
 //! What the running supervisor does when asked (control socket) or told
-//! (SIGHUP): scale, restart, reload, stop. Requests are handled one at a
-//! time; a reload applies only the difference between the config in force
-//! and the file (see [`plan_reload`], a pure function with table tests).
+//! (SIGHUP): scale, restart, reload. Requests are handled one at a time and
+//! each is answered at once: nothing here waits for a worker. Replacing
+//! workers goes on in the background (`rollout.rs`) while later requests
+//! are served; a later request changes what the pool wants (the last
+//! writer wins). A reload applies only the difference between the config
+//! in force and the file (see [`plan_reload`], a pure function with table
+//! tests).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::signal::unix::Signal;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info};
+use tracing::{debug, error, info};
 
 use super::control::{Incoming, Request, Response};
 use super::fleet::{Entry, Fleet};
@@ -19,6 +24,13 @@ use crate::executor::Executor;
 use crate::executor::docker::DockerEngine;
 use crate::executor::plan::{self, Decision};
 use crate::vocab::{ModeKind, Protocol, SlotId};
+
+/// How long reading the config file may take (a hung mount, a FIFO).
+const READ_WITHIN: Duration = Duration::from_secs(5);
+
+/// How long deciding how a changed entry runs may take (the engine is
+/// asked about its image).
+const DECIDE_WITHIN: Duration = Duration::from_secs(5);
 
 pub struct Manager {
     pub fleet: Fleet,
@@ -32,11 +44,29 @@ pub struct Manager {
 
 impl Manager {
     /// Serves requests and SIGHUP until the pool stops.
-    pub async fn run(&mut self, mut requests: mpsc::UnboundedReceiver<Incoming>, mut hangups: Signal) {
+    pub async fn run(&mut self, mut requests: mpsc::Receiver<Incoming>, mut hangups: Signal) {
         loop {
             tokio::select! {
                 _ = self.token.cancelled() => return,
                 Some((request, reply)) = requests.recv() => {
+                    if reply.is_closed() {
+                        // Its client was refused (not answered in time).
+                        debug!(?request, "dropped a request nobody waits for");
+                        continue;
+                    }
+                    if let Request::Metrics = request {
+                        // A read that a database lock may hold up: beside
+                        // the other requests, not in front of them.
+                        let (db, metrics) = (self.db.clone(), self.metrics.clone());
+                        tokio::spawn(async move {
+                            let r = match super::metrics::scrape(&db, &metrics).await {
+                                Ok(text) => Response::ok(text.lines().map(str::to_string).collect()),
+                                Err(e) => Response::error(format!("{e:#}")),
+                            };
+                            reply.send(r).ok();
+                        });
+                        continue;
+                    }
                     let response = self.handle(request).await;
                     reply.send(response).ok();
                 }
@@ -67,10 +97,16 @@ impl Manager {
                 Response::ok(vec!["stopping".into()])
             }
             Request::Scale { counts, now } => {
+                if let Some((t, n)) = counts.iter().find(|(_, n)| *n > crate::config::MAX_COUNT) {
+                    return Response::error(format!(
+                        "`{t}={n}`: at most {} workers of a type",
+                        crate::config::MAX_COUNT
+                    ));
+                }
                 let mut lines = Vec::new();
                 for (t, n) in counts {
                     match self.fleet.scale(&t, n, now).await {
-                        Ok(line) => lines.push(line),
+                        Ok(s) => lines.push(s.line),
                         Err(e) => return Response::error(e),
                     }
                 }
@@ -79,19 +115,16 @@ impl Manager {
             }
             Request::Restart { targets, rolling, now } => {
                 let slots = match self.targets(&targets) {
+                    Ok(s) if s.is_empty() => self.fleet.all_slots(),
                     Ok(s) => s,
                     Err(e) => return Response::error(e),
                 };
-                match self.fleet.restart(&slots, rolling, now, "clx-pool restart").await {
-                    Ok(line) => Response::ok(vec![line]),
-                    Err(e) => Response::error(e),
-                }
+                let op = self.fleet.restart(slots, rolling, now, "clx-pool restart");
+                Response::progress(&self.fleet.operations, op)
             }
             Request::Reload => self.reload().await,
-            Request::Metrics => match super::metrics::scrape(&self.db, &self.metrics).await {
-                Ok(text) => Response::ok(text.lines().map(str::to_string).collect()),
-                Err(e) => Response::error(format!("{e:#}")),
-            },
+            Request::Metrics => Response::error("metrics are answered beside the other requests"),
+            Request::Progress { operation } => Response::progress(&self.fleet.operations, operation),
         }
     }
 
@@ -117,19 +150,33 @@ impl Manager {
                 None => return Err(format!("`{name}` names no running type or slot (TYPE or TYPE-N)")),
             }
         }
+        out.dedup();
         Ok(out)
     }
 
     /// Re-reads the config; applies the difference, or changes nothing and
-    /// says why.
+    /// says why. Changed entries roll out in the background, one worker at
+    /// a time; the answer names the operation that follows them.
     pub async fn reload(&mut self) -> Response {
         let path = self.fleet.config_path();
-        let new = match Config::load(&path) {
-            Ok(c) => c,
-            Err(e) => {
+        let reading = {
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || Config::load(&path))
+        };
+        let new = match tokio::time::timeout(READ_WITHIN, reading).await {
+            Ok(Ok(Ok(c))) => c,
+            Ok(Ok(Err(e))) => {
                 let mut r = Response::error(format!("{} is not valid; nothing changed:", path.display()));
                 r.lines.push(format!("{e:#}"));
                 return r;
+            }
+            Ok(Err(e)) => return Response::error(format!("reading {}: {e}; nothing changed", path.display())),
+            Err(_) => {
+                return Response::error(format!(
+                    "reading {} took longer than {}; nothing changed",
+                    path.display(),
+                    humantime::format_duration(READ_WITHIN)
+                ));
             }
         };
         if let Err(e) = new.check_protocol(self.protocol) {
@@ -144,12 +191,20 @@ impl Manager {
                 .iter()
                 .find(|w| &w.worker_type == t)
                 .expect("planned from new");
-            match self.entry_for(&new, w).await {
-                Ok(e) => entries.insert(t.clone(), e),
-                Err(e) => return Response::error(format!("{e}; nothing changed")),
+            let decided = tokio::time::timeout(DECIDE_WITHIN, self.entry_for(&new, w)).await;
+            match decided {
+                Ok(Ok(e)) => entries.insert(t.clone(), e),
+                Ok(Err(e)) => return Response::error(format!("{e}; nothing changed")),
+                Err(_) => {
+                    return Response::error(format!(
+                        "workers `{t}`: the Docker engine did not answer within {}; nothing changed",
+                        humantime::format_duration(DECIDE_WITHIN)
+                    ));
+                }
             };
         }
         let mut lines = Vec::new();
+        let mut failed = false;
         for t in &plan.removed {
             let slots = self.fleet.remove_entry(t);
             lines.push(format!(
@@ -164,30 +219,39 @@ impl Manager {
         }
         for (t, n) in &plan.scaled {
             match self.fleet.scale(t, *n, false).await {
-                Ok(line) => lines.push(format!("scaled {line}")),
-                Err(e) => lines.push(format!("scaling `{t}`: {e}")),
+                Ok(s) => lines.push(format!("scaled {}", s.line)),
+                Err(e) => {
+                    failed = true;
+                    lines.push(format!("scaling `{t}`: {e}"));
+                }
             }
         }
-        let mut ok = true;
+        let mut rollouts = Vec::new();
         for t in &plan.changed {
-            let before = self.fleet.slot_ids(t);
             let e = entries.remove(t).expect("prepared");
             let wanted = e.worker.count;
-            self.fleet.change_entry(e);
-            if let Err(e) = self.fleet.scale(t, wanted, false).await {
-                lines.push(format!("scaling `{t}`: {e}"));
-            }
-            let keep: Vec<SlotId> = before.into_iter().filter(|s| s.index < wanted).collect();
-            match self
-                .fleet
-                .restart(&keep, true, false, "the config changed (reload)")
-                .await
-            {
-                Ok(line) => lines.push(format!("changed `{t}`: {line}")),
+            let Some((previous, generation)) = self.fleet.change_entry(e) else {
+                continue;
+            };
+            // New slots start with the new setup; the others are replaced.
+            let started = match self.fleet.scale(t, wanted, false).await {
+                Ok(s) => s.started,
                 Err(e) => {
-                    ok = false;
-                    lines.push(format!("changed `{t}`: {e}"));
+                    failed = true;
+                    lines.push(format!("scaling `{t}`: {e}"));
+                    Vec::new()
                 }
+            };
+            let old: Vec<SlotId> = self
+                .fleet
+                .slot_ids(t)
+                .into_iter()
+                .filter(|s| !started.contains(&s.index))
+                .collect();
+            if old.is_empty() {
+                lines.push(format!("changed `{t}` (no worker to replace)"));
+            } else {
+                rollouts.push((t.clone(), old, previous, generation));
             }
         }
         if !plan.pool_keys.is_empty() {
@@ -196,7 +260,7 @@ impl Manager {
                 plan.pool_keys.join(", ")
             ));
         }
-        if lines.is_empty() {
+        if lines.is_empty() && rollouts.is_empty() {
             lines.push("nothing changed".into());
         }
         for w in &plan.unchanged {
@@ -209,7 +273,15 @@ impl Manager {
             workers: new.workers.clone(),
             warnings: new.warnings.clone(),
         }));
-        Response { ok, lines }
+        let groups = rollouts
+            .iter()
+            .map(|(t, slots, _, _)| (format!("changed `{t}`: "), slots.clone(), true))
+            .collect();
+        let op = self.fleet.operations.create(lines, failed, groups);
+        for (_, slots, previous, generation) in rollouts {
+            self.fleet.roll_out(op, slots, previous, generation);
+        }
+        Response::progress(&self.fleet.operations, op)
     }
 
     /// How an added or changed entry runs, with the engine and API of the
@@ -247,6 +319,7 @@ impl Manager {
             worker: Arc::new(w.clone()),
             executor,
             mode,
+            generation: 0,
         })
     }
 }

@@ -15,6 +15,7 @@ pub mod monitor;
 pub mod notify;
 pub mod policy;
 pub mod registry;
+pub mod rollout;
 pub mod sdnotify;
 pub mod slot;
 
@@ -64,14 +65,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let reaper_token = CancellationToken::new();
     let reaper = spawn_reaper(reaper_token.clone())?;
     // Orders from `scale`, `restart`, `reload` and `stop`; SIGHUP reloads.
-    let requests = control::serve(&config.pool.db_path, token.clone())?;
+    let operations = rollout::Operations::default();
+    let requests = control::serve(&config.pool.db_path, token.clone(), operations.clone())?;
     let hangups = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let sd = sdnotify::SdNotify::from_env();
     // Idle built-in workers wait for their type's bell, rung from here.
     let types: Vec<String> = config.workers.iter().map(|w| w.worker_type.clone()).collect();
     bells::install(&config.pool.db_path, &types);
     let bell_ringer = tokio::spawn(bells::run(config.pool.db_path.clone(), token.clone()));
-    let (ready_rx, mut manager, monitor) = start_pool(&config, &prepared, &token, &sd);
+    let (ready_rx, mut manager, monitor) = start_pool(&config, &prepared, &token, &sd, operations);
     info!(workers = config.total_workers(), db = %config.pool.db_path.display(), "starting pool");
     if let Some(listener) = prepared.metrics_listener {
         let bound = metrics::serve(listener, prepared.db.clone(), manager.metrics.clone(), token.clone())?;
@@ -330,6 +332,7 @@ fn start_pool(
     p: &Prepared,
     token: &CancellationToken,
     sd: &sdnotify::SdNotify,
+    operations: rollout::Operations,
 ) -> (
     mpsc::UnboundedReceiver<Settled>,
     manage::Manager,
@@ -348,7 +351,7 @@ fn start_pool(
         notifier: notifier.clone(),
         metrics: metrics.clone(),
     };
-    let mut fleet = fleet::Fleet::new(config.clone(), &p.executors, links, token.clone());
+    let mut fleet = fleet::Fleet::new(config.clone(), &p.executors, links, token.clone(), operations);
     fleet.start_all();
     let monitor = monitor::Monitor {
         config: fleet.config.clone(),

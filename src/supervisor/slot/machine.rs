@@ -19,8 +19,14 @@ use crate::vocab::{EndCause, EndEvent, HungReason, SlotState, WorkerRow};
 pub enum Phase<W> {
     /// About to start a worker (the `Launch` action is under way).
     Launching,
-    /// A worker was started and has not registered yet.
-    AwaitingRegistration { worker: W, since: Instant },
+    /// A worker was started and has not registered yet. `then`: an order
+    /// that came meanwhile, to carry out once it has (it may have claimed
+    /// a job already: it is never stopped mid-job on purpose).
+    AwaitingRegistration {
+        worker: W,
+        since: Instant,
+        then: Option<(After, Why)>,
+    },
     /// Its worker registered and takes jobs.
     Serving { worker: W, row: WorkerRow, since: Instant },
     /// Waiting before the next start (backoff, or a cool-down after faults
@@ -124,6 +130,9 @@ pub const ALLOWED: &[(Kind, Kind)] = &[
     (Kind::Launching, Kind::GivenUp),
     (Kind::Launching, Kind::Stopped),
     (Kind::AwaitingRegistration, Kind::Serving),
+    // An order before it registered: kept, carried out once it has.
+    (Kind::AwaitingRegistration, Kind::AwaitingRegistration),
+    (Kind::AwaitingRegistration, Kind::Draining),
     (Kind::AwaitingRegistration, Kind::Launching),
     (Kind::AwaitingRegistration, Kind::BackingOff),
     (Kind::AwaitingRegistration, Kind::GivenUp),
@@ -296,16 +305,54 @@ pub fn next<W>(phase: Phase<W>, event: Event<W>, ctx: &mut Context, now: Instant
     use Event as E;
     use Phase as P;
     match (phase, event) {
-        (P::Launching, E::Launched(worker)) => (P::AwaitingRegistration { worker, since: now }, vec![]),
+        (P::Launching, E::Launched(worker)) => (
+            P::AwaitingRegistration {
+                worker,
+                since: now,
+                then: None,
+            },
+            vec![],
+        ),
         (P::Launching, E::LaunchFailed(failure)) => failed(None, None, failure, now, now, ctx),
-        (P::AwaitingRegistration { worker, since }, E::Registered(row)) => {
+        (P::AwaitingRegistration { worker, since, then }, E::Registered(row)) => {
             let mut actions = vec![Action::RecordRegistered { row }];
             if !std::mem::replace(&mut ctx.announced, true) {
                 actions.push(Action::Announce(Settled::Registered));
             }
-            (P::Serving { worker, row, since }, actions)
+            match then {
+                None => (P::Serving { worker, row, since }, actions),
+                Some((then, why)) => (
+                    P::Draining {
+                        worker,
+                        row,
+                        then,
+                        why,
+                        signalled: false,
+                    },
+                    actions,
+                ),
+            }
         }
-        (P::AwaitingRegistration { worker, since }, E::Ended(failure)) => {
+        // It was told to end meanwhile: it ends, recorded as it failed.
+        (
+            P::AwaitingRegistration {
+                worker,
+                then: Some((After::Retire, _)),
+                ..
+            },
+            E::Ended(failure),
+        ) => (
+            P::Retired,
+            vec![
+                Action::RecordEnd {
+                    worker: Some(worker),
+                    row: None,
+                    failure,
+                },
+                Action::RemoveSlot,
+            ],
+        ),
+        (P::AwaitingRegistration { worker, since, .. }, E::Ended(failure)) => {
             failed(Some(worker), None, failure, since, now, ctx)
         }
         (P::Serving { worker, row, .. }, E::Ended(Failure::Died(EndCause::Code(0)))) if ctx.clean_exit_is_recycle => {
@@ -462,7 +509,27 @@ fn ordered<W>(phase: Phase<W>, order: Order, ctx: &mut Context) -> (Phase<W>, Ve
                 vec![],
             )
         }
-        P::AwaitingRegistration { worker, .. } => end(Some(worker), None, why),
+        P::AwaitingRegistration { worker, .. } if now => end(Some(worker), None, why),
+        // It may have claimed a job already: told once it registered.
+        P::AwaitingRegistration {
+            worker,
+            since,
+            then: before,
+        } => {
+            // A retirement wins over a replacement.
+            let then = match before {
+                Some((After::Retire, earlier)) => (After::Retire, earlier),
+                _ => (then, why),
+            };
+            (
+                P::AwaitingRegistration {
+                    worker,
+                    since,
+                    then: Some(then),
+                },
+                vec![],
+            )
+        }
         P::BackingOff { .. } | P::GivenUp if then == After::Relaunch => {
             ctx.policy = RestartPolicy::new(ctx.restart.clone());
             (
@@ -561,6 +628,12 @@ mod tests {
             Phase::AwaitingRegistration {
                 worker: "w",
                 since: now,
+                then: None,
+            },
+            Phase::AwaitingRegistration {
+                worker: "w",
+                since: now,
+                then: Some((After::Retire, Why::Retire("test".into()))),
             },
             Phase::Serving {
                 worker: "w",
@@ -641,7 +714,9 @@ mod tests {
                         c.policy.on_failure(now, Duration::ZERO, false);
                     }
                     let (to, _) = next(phase, event, &mut c, now);
-                    if from != to.kind() || matches!(from, Kind::Launching | Kind::Draining) {
+                    if from != to.kind()
+                        || matches!(from, Kind::Launching | Kind::Draining | Kind::AwaitingRegistration)
+                    {
                         assert!(ALLOWED.contains(&(from, to.kind())), "{from:?} -> {:?}", to.kind());
                         seen.insert((from, to.kind()));
                     }
@@ -660,6 +735,7 @@ mod tests {
         let p = Phase::AwaitingRegistration {
             worker: "w",
             since: now,
+            then: None,
         };
         let (p, actions) = next(p, Event::Registered(WorkerRow(7)), &mut c, now);
         assert!(matches!(p, Phase::Serving { row: WorkerRow(7), .. }));
@@ -683,6 +759,7 @@ mod tests {
         let p = Phase::AwaitingRegistration {
             worker: "v",
             since: now,
+            then: None,
         };
         let (_, actions) = next(p, Event::Registered(WorkerRow(8)), &mut c, now);
         assert_eq!(actions.len(), 1);

@@ -112,9 +112,22 @@ pub async fn run<I: Io>(io: &mut I, mut ctx: Context, timing: Timing, token: Can
             Some(event) => event,
             None => observe(io, &mut phase, timing, &token, &mut orders, &mut waiters).await,
         };
+        // A worker started since an order failed: those waiting hear it
+        // now, not after the restart policy's retries.
+        let failed_start = match (&phase, &event) {
+            (Phase::Launching, Event::LaunchFailed(f)) | (Phase::AwaitingRegistration { .. }, Event::Ended(f)) => {
+                Some(f.describe(ctx.startup_timeout).1)
+            }
+            _ => None,
+        };
         let (next, actions) = machine::next(phase, event, &mut ctx, Instant::now());
         phase = next;
         pending.extend(actions);
+        if let Some(cause) = failed_start {
+            for w in waiters.drain(..) {
+                w.send(Err(format!("its new worker {cause}"))).ok();
+            }
+        }
     }
 }
 
@@ -147,7 +160,7 @@ async fn carry_out<I: Io>(
             });
         }
         Action::RecordRegistered { row } => {
-            if let Phase::Serving { worker, .. } = phase {
+            if let Phase::Serving { worker, .. } | Phase::Draining { worker, .. } = phase {
                 io.record_registered(worker, row).await;
             }
         }
@@ -188,7 +201,7 @@ async fn observe<I: Io>(
         }};
     }
     match phase {
-        Phase::AwaitingRegistration { worker, since } => {
+        Phase::AwaitingRegistration { worker, since, .. } => {
             let id = worker.id().clone();
             let deadline = *since + timing.startup_timeout;
             let event = tokio::select! {
@@ -196,7 +209,9 @@ async fn observe<I: Io>(
                 _ = token.cancelled() => Event::Shutdown,
                 cause = worker.wait() => Event::Ended(Failure::Died(cause)),
                 row = io.registered(&id) => return Event::Registered(row),
-                o = order() => ordered!(o),
+                // Still waiting for it: an order is carried out once it
+                // registered.
+                o = order() => return ordered!(o),
                 _ = tokio::time::sleep_until(deadline) => {
                     worker.stop(timing.stop_timeout).await;
                     Event::Ended(Failure::NoRegister)

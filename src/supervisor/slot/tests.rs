@@ -32,6 +32,8 @@ enum Script {
     /// Registers and takes a job that never ends: it never gets idle to be
     /// told to finish, and is reported hung after this long.
     StuckAfter(Duration),
+    /// Registers only after this long, then serves.
+    RegistersAfter(Duration),
 }
 
 struct FakeWorker {
@@ -85,6 +87,8 @@ struct FakeIo {
     t0: Instant,
     scripts: VecDeque<Result<Script, Failure>>,
     current: Option<Script>,
+    /// When the current worker was launched.
+    started: Instant,
     launches: u32,
     log: Arc<Mutex<Log>>,
 }
@@ -104,6 +108,7 @@ impl Io for FakeIo {
         self.note(format!("launch {}", self.launches));
         let script = next?;
         self.current = Some(script);
+        self.started = Instant::now();
         Ok(FakeWorker {
             id: WorkerId(format!("w{}", self.launches)),
             script,
@@ -116,6 +121,10 @@ impl Io for FakeIo {
     async fn registered(&mut self, _id: &WorkerId) -> WorkerRow {
         match self.current {
             Some(Script::Silent) | None => std::future::pending().await,
+            Some(Script::RegistersAfter(d)) => {
+                tokio::time::sleep_until(self.started + d).await;
+                WorkerRow(i64::from(self.launches))
+            }
             _ => WorkerRow(i64::from(self.launches)),
         }
     }
@@ -223,6 +232,7 @@ async fn drive_with(
         t0: Instant::now(),
         scripts: scripts.into(),
         current: None,
+        started: Instant::now(),
         launches: 0,
         log: log.clone(),
     };
@@ -520,6 +530,40 @@ async fn a_worker_told_to_leave_after_its_job_is_still_judged_hung() {
             "{what:#?}"
         );
         assert!(what[hung + 2..].contains(&then), "{what:#?}");
+        assert_eq!(heard, vec![Ok(())]);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_order_before_registration_waits_for_it_and_never_stops_a_job() {
+    for (order, then) in [
+        (restart_order(false), "launch 2"),
+        (
+            Order::Retire {
+                now: false,
+                why: Why::Retire("scaled to 0".into()),
+            },
+            "removed",
+        ),
+    ] {
+        let (log, heard) = drive_with(
+            vec![Ok(Script::RegistersAfter(Duration::from_secs(1))), Ok(Script::Serves)],
+            restart(),
+            Duration::from_secs(10),
+            vec![(Duration::from_millis(100), order)],
+            false,
+        )
+        .await;
+        let what: Vec<&str> = log.iter().map(|(_, w)| w.as_str()).collect();
+        // Not stopped when told at 0.1 s (it may have claimed a job): it
+        // registers at 1 s, is told to finish after its job, then goes.
+        let registered = what
+            .iter()
+            .position(|w| *w == "registered w1 as 1")
+            .unwrap_or_else(|| panic!("{what:#?}"));
+        assert_eq!(what[registered + 2], "drain", "{what:#?}");
+        assert!(what[registered + 3].contains(" w1 row Some(WorkerRow(1))"), "{what:#?}");
+        assert!(what.contains(&then), "{what:#?}");
         assert_eq!(heard, vec![Ok(())]);
     }
 }
