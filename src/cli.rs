@@ -263,6 +263,9 @@ pub enum Command {
     Guard {
         #[arg(long, value_name = "FILE")]
         db: PathBuf,
+        /// The run it guards (`CLX_POOL_RUN` of that run's processes).
+        #[arg(long, value_name = "RUN")]
+        run: String,
     },
 }
 

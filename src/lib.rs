@@ -116,9 +116,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             .await?;
             Ok(0)
         }
-        Command::Guard { db } => {
+        Command::Guard { db, run } => {
             init_logging(&cli, "info");
-            supervisor::guard::run(db).await?;
+            supervisor::guard::run(db, run).await?;
             Ok(0)
         }
         other => {

@@ -72,10 +72,27 @@ pub enum LockError {
     Io { path: String, err: std::io::Error },
 }
 
+/// How long `start` or `stop` waits for the guard of a supervisor that
+/// died to finish cleaning up after it (it holds the lock meanwhile).
+const GUARD_WAIT: Duration = Duration::from_secs(30);
+
+/// What the pid file says after the pid of a guard holding the lock.
+const GUARD_MARK: &str = "guard";
+
 impl SupervisorLock {
     /// Takes the lock of `db` (creating the file if needed) and writes this
-    /// process's pid into the pid file.
+    /// process's pid into the pid file. Waits while the guard of a dead
+    /// supervisor holds it (a `start` right after a crash).
     pub fn acquire(db: &Path) -> Result<SupervisorLock, LockError> {
+        Self::take(db, false)
+    }
+
+    /// The lock for the guard, marked as such in the pid file.
+    pub fn acquire_as_guard(db: &Path) -> Result<SupervisorLock, LockError> {
+        Self::take(db, true)
+    }
+
+    fn take(db: &Path, guard: bool) -> Result<SupervisorLock, LockError> {
         let io = |err: std::io::Error| LockError::Io {
             path: db.display().to_string(),
             err,
@@ -85,12 +102,16 @@ impl SupervisorLock {
         }
         let file = handle(db, true).map_err(io)?;
         // A brief retry, so that a `stop` or `stats` probing the lock at the
-        // same moment does not make this start fail.
-        let deadline = Instant::now() + Duration::from_millis(300);
+        // same moment does not make this start fail; a longer one while a
+        // guard cleans up.
+        let started = Instant::now();
         loop {
+            let waited = started.elapsed();
             match file.try_lock() {
                 Ok(()) => break,
-                Err(TryLockError::WouldBlock) if Instant::now() < deadline => {
+                Err(TryLockError::WouldBlock)
+                    if waited < Duration::from_millis(300) || (!guard && waited < GUARD_WAIT && held_by_guard(db)) =>
+                {
                     std::thread::sleep(Duration::from_millis(20))
                 }
                 Err(TryLockError::WouldBlock) => {
@@ -103,7 +124,7 @@ impl SupervisorLock {
             }
         }
         HELD.lock().unwrap_or_else(|e| e.into_inner()).push(db.to_path_buf());
-        write_pid_file(db).map_err(|err| LockError::Io {
+        write_pid_file(db, guard).map_err(|err| LockError::Io {
             path: lock_path(db).display().to_string(),
             err,
         })?;
@@ -111,18 +132,24 @@ impl SupervisorLock {
     }
 }
 
-/// Writes this process's pid into `<db>.lock`, refusing to follow a symlink
-/// there (which could point anywhere).
-fn write_pid_file(db: &Path) -> std::io::Result<()> {
+/// Writes this process's pid into `<db>.lock` (and, for a guard, that it
+/// is one), refusing to follow a symlink there (which could point
+/// anywhere).
+fn write_pid_file(db: &Path, guard: bool) -> std::io::Result<()> {
     let mut f = crate::files::open_own_file(&lock_path(db), false)?;
     f.set_len(0)?;
     f.seek(SeekFrom::Start(0))?;
-    writeln!(f, "{}", std::process::id())?;
+    if guard {
+        writeln!(f, "{} {GUARD_MARK}", std::process::id())?;
+    } else {
+        writeln!(f, "{}", std::process::id())?;
+    }
     f.sync_data()
 }
 
-/// The pid in the pid file, if it names a live process.
-fn pid_hint(db: &Path) -> Option<i32> {
+/// The pid in the pid file, if it names a live process, and whether it
+/// is a guard's.
+fn pid_file(db: &Path) -> Option<(i32, bool)> {
     let mut text = String::new();
     OpenOptions::new()
         .read(true)
@@ -131,8 +158,20 @@ fn pid_hint(db: &Path) -> Option<i32> {
         .ok()?
         .read_to_string(&mut text)
         .ok()?;
-    let pid: i32 = text.trim().parse().ok()?;
-    (pid > 0 && crate::procs::start_ticks(pid).is_some()).then_some(pid)
+    let mut words = text.split_whitespace();
+    let pid: i32 = words.next()?.parse().ok()?;
+    let guard = words.next() == Some(GUARD_MARK);
+    (pid > 0 && crate::procs::start_ticks(pid).is_some()).then_some((pid, guard))
+}
+
+/// The pid in the pid file, if it names a live process.
+fn pid_hint(db: &Path) -> Option<i32> {
+    pid_file(db).map(|(pid, _)| pid)
+}
+
+/// Whether the lock's holder is the guard of a supervisor that died.
+fn held_by_guard(db: &Path) -> bool {
+    pid_file(db).is_some_and(|(_, guard)| guard)
 }
 
 /// A supervisor running for a database.
@@ -144,6 +183,7 @@ pub struct Running {
 }
 
 /// Whether a supervisor holds the lock of `db` (and its pid, if known).
+/// The guard of a supervisor that died, cleaning up after it, is none.
 pub fn running_supervisor(db: &Path) -> Option<Running> {
     // A probe through our own descriptor would convert (and then drop) a
     // lock this process holds.
@@ -160,7 +200,12 @@ pub fn running_supervisor(db: &Path) -> Option<Running> {
             }
             None
         }
-        Err(TryLockError::WouldBlock) => Some(Running { pid: pid_hint(db) }),
+        Err(TryLockError::WouldBlock) => match pid_file(db) {
+            Some((_, true)) => None,
+            found => Some(Running {
+                pid: found.map(|(pid, _)| pid),
+            }),
+        },
         Err(TryLockError::Error(_)) => None,
     }
 }

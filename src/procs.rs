@@ -168,6 +168,50 @@ pub fn tree_usage_of(root: i32) -> Option<(u64, u64)> {
     Some((ticks, pages * page_size()))
 }
 
+/// Every live descendant of `root` (zombies left out), found through the
+/// children lists of `/proc`.
+pub fn descendants_of(root: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    let mut stack = children_of(root);
+    while let Some(pid) = stack.pop() {
+        if !is_zombie(pid) {
+            out.push(pid);
+        }
+        stack.extend(children_of(pid));
+    }
+    out
+}
+
+/// Kills every descendant of this process and collects them: what a job
+/// command left behind, in a session of its own (`setsid`), after a double
+/// fork or `nohup` — as child subreaper this process adopted them all.
+/// Call only when no child of this process may live on (between jobs):
+/// it reaps any child. Returns how many it found.
+pub async fn end_descendants(limit: Duration) -> usize {
+    let me = std::process::id() as i32;
+    let first = descendants_of(me);
+    let deadline = Instant::now() + limit;
+    let mut left = first.clone();
+    while !left.is_empty() {
+        for &pid in &left {
+            if let Err(e) = signal_process(pid, Signal::SIGKILL) {
+                tracing::debug!(pid, "SIGKILL: {e}");
+            }
+        }
+        reap();
+        if Instant::now() >= deadline {
+            tracing::warn!(processes = ?left, "descendants survived SIGKILL");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        // Killed ones' children are ours now; killed ones are zombies.
+        reap();
+        left = descendants_of(me);
+    }
+    reap();
+    first.len()
+}
+
 fn children_of(pid: i32) -> Vec<i32> {
     let mut out = Vec::new();
     if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
@@ -239,16 +283,19 @@ pub fn find_worker_processes(worker_id: &str) -> Vec<i32> {
 
 /// Processes of any worker of the pool whose database is `db`, and what
 /// they started: they inherited the pool tag (`CLX_SUPERVISOR_DB=<db>`),
-/// which the workers of other programs on the same database lack.
-pub fn find_pool_processes(db: &std::path::Path) -> Vec<i32> {
-    let tag = format!("{}={}", crate::executor::POOL_TAG_VAR, db.display());
+/// which the workers of other programs on the same database lack. With
+/// `run`, only those of that run (`CLX_POOL_RUN`): a later run's are not
+/// touched.
+pub fn find_pool_processes(db: &std::path::Path, run: Option<&str>) -> Vec<i32> {
+    let pool = format!("{}={}", crate::executor::POOL_TAG_VAR, db.display());
+    let run = run.map(|r| format!("{}={r}", crate::executor::RUN_TAG_VAR));
     find_by_env(|vars| {
+        let (mut of_pool, mut of_run) = (false, run.is_none());
         for kv in vars {
-            if kv == tag.as_bytes() {
-                return true;
-            }
+            of_pool |= kv == pool.as_bytes();
+            of_run |= run.as_ref().is_some_and(|r| kv == r.as_bytes());
         }
-        false
+        of_pool && of_run
     })
 }
 

@@ -464,3 +464,131 @@ fn a_reload_that_breaks_the_workers_rolls_back_and_keeps_the_old_ones() {
     let out = pool.cli(&["reload"]);
     assert_eq!(out.status.code(), Some(1), "{}{}", stdout(&out), stderr(&out));
 }
+
+/// Live processes whose command line is exactly `cmd`.
+fn processes_named(cmd: &str) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| common::alive(pid) && common::cmdline(pid).trim_end() == cmd)
+        .collect()
+}
+
+/// Kills what a test left, whatever happened to it.
+struct KillOnDrop(Vec<&'static str>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        for name in &self.0 {
+            for pid in processes_named(name) {
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).ok();
+            }
+        }
+    }
+}
+
+/// Whatever a job command starts ends with the job: a process in a new
+/// session, a double fork, `nohup`, one that cleared its environment.
+#[test]
+fn nothing_a_job_command_starts_outlives_the_job() {
+    let names = ["sleep 4101", "sleep 4102", "sleep 4103", "sleep 4104"];
+    let _left = KillOnDrop(names.to_vec());
+    let script = "setsid sleep 4101 </dev/null >/dev/null 2>&1 & \
+                  ( sleep 4102 </dev/null >/dev/null 2>&1 & ) ; \
+                  nohup sleep 4103 </dev/null >/dev/null 2>&1 & \
+                  env -i setsid sleep 4104 </dev/null >/dev/null 2>&1 & \
+                  sleep 0.3; cp \"$CLX_INPUT_FILE\" \"$CLX_OUTPUT_FILE\"";
+    let mut pool = Pool::new("", &sh_workers("leaky", 1, script));
+    pool.start_ready();
+    for round in 0..3 {
+        let job = pool.submit_with("leaky", &format!("l{round}.txt"), &[]);
+        let out = pool.cli(&["wait", "--jobs", &job.to_string(), "--timeout", "30s"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        // Gone by the time the job is recorded, not at the pool's stop.
+        for name in names {
+            assert_eq!(
+                processes_named(name),
+                Vec::<i32>::new(),
+                "round {round}: `{name}` outlived its job"
+            );
+        }
+    }
+    let (pid, _) = pool.slot_worker("leaky", 0);
+    assert!(common::alive(pid), "the worker itself goes on");
+}
+
+/// A hook that hangs ends with the pool: when it stops, and when the
+/// supervisor is killed.
+#[test]
+fn a_hanging_on_event_hook_ends_with_the_pool() {
+    for kill in [false, true] {
+        let name = if kill { "sleep 4112" } else { "sleep 4111" };
+        let _left = KillOnDrop(vec![name]);
+        let hook = format!(
+            "on_event = [\"sh\", \"-c\", {}]\nrestart_limit = 1\n",
+            common::toml_str(&format!("cat >/dev/null; {name}"))
+        );
+        let workers = format!(
+            "{}\n[[workers]]\nworker_type = \"broken\"\ncommand = [\"sh\", \"-c\", \"exit 1\"]\n",
+            sh_workers("copy", 1, "true")
+        );
+        let mut pool = Pool::new(&hook, &workers);
+        pool.start();
+        wait_for("the hook to run", Duration::from_secs(20), || {
+            (!processes_named(name).is_empty()).then_some(())
+        });
+        if kill {
+            common::kill9(pool.supervisor_pid());
+            pool.wait_supervisor_exit(Duration::from_secs(10));
+        } else {
+            let out = pool.cli(&["stop", "--timeout", "30s"]);
+            assert!(out.status.success(), "{}", stderr(&out));
+        }
+        wait_for(
+            &format!("`{name}` to end (kill -9: {kill})"),
+            Duration::from_secs(10),
+            || processes_named(name).is_empty().then_some(()),
+        );
+    }
+}
+
+/// kill -9 of the supervisor, then at once a new `start`: the guard of the
+/// dead one cleans up after its own run only, never the new workers. (The
+/// old guard is held up until the new pool runs, as a loaded machine may.)
+#[test]
+fn the_guard_of_a_killed_supervisor_never_touches_the_next_pools_workers() {
+    let mut pool = Pool::new("", &sh_workers("w", 3, &ledger_job("30")));
+    pool.start_ready();
+    // A busy worker, with a job command for the guard to kill.
+    let job = pool.submit_with("w", "j.txt", &[]);
+    wait_for("the job to run", Duration::from_secs(20), || {
+        (starts(&pool).contains_key(&job)).then_some(())
+    });
+    let old = pool.processes();
+    let guard = pool.guard_pid();
+    common::signal(guard, nix::sys::signal::Signal::SIGSTOP);
+    common::kill9(pool.supervisor_pid());
+    pool.wait_supervisor_exit(Duration::from_secs(10));
+    pool.start_ready();
+    let workers = slot_pids(&pool);
+    assert_eq!(workers.len(), 3);
+    common::signal(guard, nix::sys::signal::Signal::SIGCONT);
+    wait_for("the old guard to finish", Duration::from_secs(20), || {
+        (!common::alive(guard)).then_some(())
+    });
+    for pid in &workers {
+        assert!(
+            common::alive(*pid as i32),
+            "worker {pid} of the new pool was killed\n{}",
+            pool.supervisor_log()
+        );
+    }
+    let left: Vec<&i32> = old.iter().filter(|p| common::alive(**p)).collect();
+    assert!(left.is_empty(), "processes of the old run left: {left:?}");
+    let run_started = pool.query_strings("SELECT started_at FROM clx_pool_supervisor")[0].clone();
+    let ends = pool.query_i64(&format!(
+        "SELECT COUNT(*) FROM clx_pool_events WHERE at >= '{run_started}' AND event != 'stopped'"
+    ));
+    assert_eq!(ends, 0, "{:?}", self::ends(&pool));
+}

@@ -18,6 +18,30 @@ use crate::vocab::{EndCause, ModeKind, Protocol, WorkerId, WorkerRow};
 /// programs' workers on the same database (a `clm build`'s own) lack it.
 pub const POOL_TAG_VAR: &str = "CLX_SUPERVISOR_DB";
 
+/// Tags every process of one run (one supervisor's life) beside the pool
+/// tag, so that the guard of a supervisor that died kills what that run
+/// left, never the workers of the next run on the same database.
+pub const RUN_TAG_VAR: &str = "CLX_POOL_RUN";
+
+/// This process's run: its pid and start time, which no other process on
+/// this machine shares.
+pub fn this_run() -> &'static str {
+    static RUN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    RUN.get_or_init(|| {
+        let pid = std::process::id() as i32;
+        format!("{pid}-{}", crate::procs::start_ticks(pid).unwrap_or(0))
+    })
+}
+
+/// The pool and run tags, for every process a run starts on the host
+/// (direct workers, `on_event` hooks).
+pub fn tags(db: &std::path::Path) -> [(String, String); 2] {
+    [
+        (POOL_TAG_VAR.into(), db.to_string_lossy().into_owned()),
+        (RUN_TAG_VAR.into(), this_run().into()),
+    ]
+}
+
 /// Variables CLM's workers read that the supervisor passes on from its own
 /// environment when it has them (an entry's `env` may set them too).
 pub const CLM_PASS_THROUGH: &[&str] = &["PLANTUML_JAR", "DRAWIO_EXECUTABLE", "CLM_CACHE_DB_PATH"];
@@ -59,7 +83,7 @@ impl Launch {
             }
         }
         if seen.tagged {
-            env.push((POOL_TAG_VAR.into(), self.db_path.to_string_lossy().into_owned()));
+            env.extend(tags(&self.db_path));
         }
         if matches!(self.program, WorkerProgram::JobCommand(_)) {
             let bell = crate::worker::wake::bell_path(std::path::Path::new(seen.db_path), &self.worker_type);

@@ -82,8 +82,11 @@ pub async fn orphans(db: &Db, grace: Duration, engine: Option<Arc<DockerEngine>>
     // Descendants that had left their worker's process group (setsid, job
     // commands), found by the environment they inherited.
     let db_path = db.path().to_path_buf();
-    report.processes_stopped +=
-        procs::sweep(move || procs::find_pool_processes(&db_path), Duration::from_secs(5)).await;
+    report.processes_stopped += procs::sweep(
+        move || procs::find_pool_processes(&db_path, None),
+        Duration::from_secs(5),
+    )
+    .await;
     let protocol = db.protocol();
     let (dead, requeued, failed) = db
         .call(move |c| {

@@ -47,6 +47,7 @@ pub fn spawn(db: &Path) -> anyhow::Result<Guard> {
         .arg("guard")
         .arg("--db")
         .arg(db)
+        .args(["--run", crate::executor::this_run()])
         .stdin(Stdio::from(read_end))
         .stdout(Stdio::null())
         .spawn()
@@ -74,7 +75,7 @@ impl Guard {
 
 /// `clx-pool guard --db DB`: waits for the supervisor's pipe to close, then
 /// cleans up if it was not dismissed.
-pub async fn run(db_path: &Path) -> anyhow::Result<()> {
+pub async fn run(db_path: &Path, run: &str) -> anyhow::Result<()> {
     nix::unistd::setsid().context("leaving the supervisor's session")?;
     let outcome = tokio::task::spawn_blocking(|| {
         let mut byte = [0u8; 1];
@@ -88,15 +89,20 @@ pub async fn run(db_path: &Path) -> anyhow::Result<()> {
         return Ok(());
     }
     warn!(db = %db_path.display(), "the supervisor is gone without stopping its pool: cleaning up after it");
-    // First and at once: every process of the pool, wherever it went.
-    let db = db_path.to_path_buf();
-    let killed = procs::sweep(move || procs::find_pool_processes(&db), Duration::from_secs(5)).await;
+    // First and at once: every process of the run, wherever it went (and
+    // only of that run: a new supervisor may be starting its own).
+    let (db, run) = (db_path.to_path_buf(), run.to_string());
+    let killed = procs::sweep(
+        move || procs::find_pool_processes(&db, Some(&run)),
+        Duration::from_secs(5),
+    )
+    .await;
     if killed > 0 {
         info!(processes = killed, "killed what the pool left running");
     }
     // Then, as `clx-pool stop` would: containers, rows, jobs. A supervisor
     // that started meanwhile does that itself.
-    let Ok(_lock) = SupervisorLock::acquire(db_path) else {
+    let Ok(_lock) = SupervisorLock::acquire_as_guard(db_path) else {
         info!("another supervisor took over this database; it cleans up instead");
         return Ok(());
     };

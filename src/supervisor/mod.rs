@@ -319,7 +319,12 @@ fn handle_signals(token: &CancellationToken, config: &Arc<Config>) -> anyhow::Re
             s.recv().await;
             warn!("second signal: killing every worker now");
             let db = config.pool.db_path.clone();
-            procs::sweep(move || procs::find_pool_processes(&db), Duration::from_secs(5)).await;
+            let run = crate::executor::this_run();
+            procs::sweep(
+                move || procs::find_pool_processes(&db, Some(run)),
+                Duration::from_secs(5),
+            )
+            .await;
         });
     }
     Ok(signals)
@@ -340,7 +345,7 @@ fn start_pool(
 ) {
     let registry = registry::Registry::spawn(p.db.clone(), p.after_row, token.child_token());
     let (ready_tx, ready_rx) = mpsc::unbounded_channel();
-    let notifier = notify::Notifier::new(config.pool.on_event.clone());
+    let notifier = notify::Notifier::new(config.pool.on_event.clone(), &config.pool.db_path);
     let metrics = Arc::new(metrics::Metrics::for_types(
         config.workers.iter().map(|w| w.worker_type.as_str()),
     ));
@@ -424,7 +429,12 @@ async fn await_settled(
 /// containers of the pool that are still there.
 async fn sweep_leftovers(config: &Config, engine: Option<&DockerEngine>) {
     let db_path = config.pool.db_path.clone();
-    let swept = procs::sweep(move || procs::find_pool_processes(&db_path), Duration::from_secs(5)).await;
+    let run = crate::executor::this_run();
+    let swept = procs::sweep(
+        move || procs::find_pool_processes(&db_path, Some(run)),
+        Duration::from_secs(5),
+    )
+    .await;
     if swept > 0 {
         info!(processes = swept, "killed processes the workers left running");
     }

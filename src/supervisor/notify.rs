@@ -2,7 +2,9 @@
 //! crash loop, a hung worker killed, a job failed for good) with the event
 //! as one JSON object on stdin. It runs beside supervision, never in its
 //! way: each run gets its own process group and is killed after
-//! [`TIMEOUT`]; its exit status is logged, nothing else.
+//! [`TIMEOUT`]; its exit status is logged, nothing else. It ends with the
+//! pool: it carries the pool's tags (`stop` and the guard sweep what it
+//! left), and dies with the supervisor (parent-death signal).
 
 use std::io::Write;
 use std::os::unix::process::CommandExt;
@@ -21,12 +23,15 @@ pub const TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Clone, Default)]
 pub struct Notifier {
     command: Option<Arc<Vec<String>>>,
+    /// The pool's and run's tags, for the hook's environment.
+    tags: Arc<Vec<(String, String)>>,
 }
 
 impl Notifier {
-    pub fn new(command: Option<Vec<String>>) -> Notifier {
+    pub fn new(command: Option<Vec<String>>, db: &std::path::Path) -> Notifier {
         Notifier {
             command: command.map(Arc::new),
+            tags: Arc::new(crate::executor::tags(db).to_vec()),
         }
     }
 
@@ -43,22 +48,37 @@ impl Notifier {
             map.insert("supervisor_pid".into(), json!(std::process::id()));
         }
         let body = fields.to_string();
+        let tags = self.tags.clone();
         tokio::spawn(async move {
-            if let Err(e) = run(&command, body).await {
+            if let Err(e) = run(&command, &tags, body).await {
                 warn!(command = %command.join(" "), "on_event: {e:#}");
             }
         });
     }
 }
 
-async fn run(command: &[String], body: String) -> anyhow::Result<()> {
+async fn run(command: &[String], tags: &[(String, String)], body: String) -> anyhow::Result<()> {
     use anyhow::Context;
     let mut cmd = Command::new(&command[0]);
     cmd.args(&command[1..])
+        .envs(tags.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .process_group(0);
+    let supervisor = std::process::id() as i32;
+    // SAFETY: runs in the forked child before exec and only makes the
+    // async-signal-safe prctl and getppid syscalls.
+    unsafe {
+        cmd.pre_exec(move || {
+            // It dies with the supervisor, however the supervisor dies.
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
+            if nix::unistd::getppid().as_raw() != supervisor {
+                return Err(std::io::Error::from_raw_os_error(nix::libc::ESRCH));
+            }
+            Ok(())
+        });
+    }
     let mut child = cmd.spawn().with_context(|| format!("starting `{}`", command[0]))?;
     let pid = child.id() as i32;
     // The supervisor's one reaper collects it (see `procs::reap`).

@@ -162,16 +162,29 @@ pub async fn run(
             if let Err(e) = child.wait().await {
                 warn!(job = job.id, "waiting for the killed job command: {e}");
             }
+            end_leftovers(job.id).await;
             collector.abort();
             return why;
         }
     };
+    // And whatever left the group (a new session, a double fork, nohup):
+    // nothing outlives its job. That also closes the stderr they held.
+    end_leftovers(job.id).await;
     if tokio::time::timeout(DRAIN_AFTER_EXIT, &mut collector).await.is_err() {
-        // A descendant outside the group (setsid) still holds the pipe.
+        // Something this worker did not start holds the pipe.
         collector.abort();
     }
     let tail = tail.lock().unwrap_or_else(|e| e.into_inner()).clone();
     Ran::Done(judge(setup.command, &output, status, &tail, oom_before))
+}
+
+/// Kills what a finished job command left running anywhere below this
+/// worker (its child subreaper: every orphan of the command is ours).
+async fn end_leftovers(job: i64) {
+    let n = procs::end_descendants(Duration::from_secs(5)).await;
+    if n > 0 {
+        tracing::info!(job, processes = n, "killed what the job command left running");
+    }
 }
 
 /// The job command dies with the worker, even if the worker is SIGKILLed.

@@ -181,6 +181,9 @@ pub async fn run(opts: WorkerOptions) -> anyhow::Result<()> {
         bail!("no job command given: run `clx-pool worker -- COMMAND [ARGS...]`");
     }
     let me = identity()?;
+    // What a job command leaves behind (a new session, a double fork)
+    // becomes this worker's child, and ends with the job.
+    nix::sys::prctl::set_child_subreaper(true).context("becoming a child subreaper")?;
     let (conn, protocol) = db::open_existing(&me.db_path).map_err(|e| unavailable(e, &me))?;
     let row = register(&conn, protocol, &me).await.map_err(|e| unavailable(e, &me))?;
     // SIGUSR1: finish the current job, then leave (a graceful replacement).

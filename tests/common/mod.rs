@@ -252,7 +252,7 @@ impl Pool {
                 let pid: i32 = e.file_name().to_str()?.parse().ok()?;
                 let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
                 let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-                (cmd.trim_end() == want).then_some(pid)
+                cmd.starts_with(&format!("{want} --run ")).then_some(pid)
             })
         })
     }
