@@ -476,3 +476,186 @@ fn find_files(dir: &Path, ext: &str) -> Vec<String> {
     }
     out
 }
+
+/// What `clm build` sees of the `reverse` workers when it submits: live
+/// ones it may use, and pre-registered ones it waits for (CLM's own
+/// functions, as its submission gate calls them for a build session).
+fn clm_gate(clm: &Clm, db: &Path) -> (i64, i64) {
+    let out = clm.py(
+        "import sqlite3, sys\n\
+         from clm.infrastructure.database.worker_liveness import count_available_workers, count_workers_awaiting_activation\n\
+         c = sqlite3.connect(sys.argv[1])\n\
+         print(count_available_workers(c, 'reverse', execution_mode='direct', session_id='a-build'),\n\
+               count_workers_awaiting_activation(c, 'reverse', execution_mode='direct', session_id='a-build'))\n",
+        &[db.to_str().unwrap()],
+    );
+    let text = stdout(&out);
+    let mut n = text.split_whitespace().map(|v| v.parse::<i64>().unwrap());
+    (n.next().unwrap(), n.next().unwrap())
+}
+
+/// A worker killed again and again backs off; while its slot waits, the
+/// next worker's row is pre-registered already, so a `clm build` that
+/// submits meanwhile waits for it instead of concluding there is none.
+#[test]
+fn a_slot_waiting_to_restart_is_never_invisible_to_clm() {
+    let Some(clm) = clm() else { return };
+    let mut pool = clm.pool_with(
+        "restart_limit = 100\nrestart_window = \"60s\"\nrestart_backoff = \"2s\"\nrestart_backoff_max = \"60s\"\n",
+        &reverse_workers(&clm, 1),
+    );
+    pool.start_ready();
+    // Each kill of a worker that just started backs the slot off longer:
+    // at once, 2 s, 4 s, 8 s.
+    for _ in 0..4 {
+        let (pid, id) = wait_for("a registered worker", Duration::from_secs(30), || {
+            let c = pool.conn();
+            c.query_row(
+                "SELECT pid, worker_id FROM clx_pool_slots WHERE state = 'running'",
+                [],
+                |r| Ok((r.get::<_, i64>(0)? as i32, r.get::<_, String>(1)?)),
+            )
+            .ok()
+        });
+        kill9(pid);
+        wait_for("the kill to be recorded", Duration::from_secs(20), || {
+            (pool.try_i64(&format!(
+                "SELECT COUNT(*) FROM clx_pool_events WHERE worker_id = '{id}'"
+            ))? == 1)
+                .then_some(())
+        });
+    }
+    let note = wait_for("the slot to back off", Duration::from_secs(10), || {
+        pool.query_strings("SELECT COALESCE(note, '') FROM clx_pool_slots WHERE state = 'backoff'")
+            .pop()
+    });
+    assert!(note.contains("restarting in"), "{note}");
+    // Until a worker runs again, CLM always sees one live or coming.
+    let mut looks = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while pool.try_i64("SELECT COUNT(*) FROM clx_pool_slots WHERE state = 'running'") != Some(1) {
+        let (live, coming) = clm_gate(&clm, &pool.db_path());
+        assert!(live + coming >= 1, "after {looks} looks, CLM sees no worker: {note}");
+        looks += 1;
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the slot never came back\n{}",
+            pool.supervisor_log()
+        );
+    }
+    assert!(looks > 3, "the backoff was over before CLM looked ({looks} looks)");
+    // Capped for CLM: well inside the 30 s a build waits for activation.
+    assert!(
+        pool.supervisor_log().contains("restarting in 8s") || pool.supervisor_log().contains("restarting in 4s"),
+        "{}",
+        pool.supervisor_log()
+    );
+    // And it works.
+    let ws = pool.path("workspace");
+    std::fs::write(ws.join("r.txt"), "abc").unwrap();
+    let job = clm.add_job(
+        &pool.db_path(),
+        "reverse",
+        &ws.join("r.txt"),
+        &ws.join("out/r.txt"),
+        "{}",
+    );
+    let out = pool.cli(&["wait", "--jobs", &job.to_string(), "--timeout", "30s"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // Stopped while it waits, a slot leaves no row that promises a worker.
+    let (pid, _) = pool.slot_worker("reverse", 0);
+    kill9(pid);
+    wait_for("the slot to back off again", Duration::from_secs(20), || {
+        (pool.try_i64("SELECT COUNT(*) FROM workers WHERE status = 'created'")? == 1).then_some(())
+    });
+    let out = pool.cli(&["stop"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        pool.query_i64("SELECT COUNT(*) FROM workers WHERE status = 'created'"),
+        0
+    );
+}
+
+/// A real `clm build` that reuses the pool while its one worker is killed
+/// again and again (whenever it is idle, so no job runs out of attempts):
+/// the build waits for the slot's next worker and completes.
+#[test]
+fn clm_build_completes_while_its_worker_is_killed_again_and_again() {
+    let Some(clm) = clm() else { return };
+    let mut pool = clm.pool_with(
+        "restart_limit = 100\nrestart_window = \"60s\"\nrestart_backoff = \"2s\"\ncheck_interval = \"200ms\"\n",
+        "[[workers]]\nworker_type = \"plantuml\"\ncount = 1\n",
+    );
+    pool.start_ready();
+    let course = pool.path("course");
+    copy_dir(&repo_path("tests/fixtures/clm-course"), &course);
+    let log_dir = pool.path("clm-logs");
+    let build = Command::new(clm.venv.join("bin/clm"))
+        .arg("--jobs-db-path")
+        .arg(pool.db_path())
+        .arg("--cache-db-path")
+        .arg(pool.path("cache.db"))
+        .arg("build")
+        .arg(course.join("course-specs/course.xml"))
+        .arg("--output-dir")
+        .arg(pool.path("site"))
+        .args([
+            "--workers",
+            "direct",
+            "--plantuml-workers",
+            "1",
+            "--notebook-workers",
+            "0",
+        ])
+        .args(["--drawio-workers", "0", "--no-progress", "--no-color", "--no-env-file"])
+        .args(["--log-level", "info"])
+        .envs(clm.env())
+        .env("CLM_LOG_DIR", &log_dir)
+        .env("COLUMNS", "200")
+        .env_remove("CI")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(pool.path("clm-build.err")).unwrap())
+        .spawn()
+        .unwrap();
+    let mut build = common::OwnedChild(build);
+    // Once the build chose to reuse the pool, its worker dies whenever it
+    // is idle, four times: the slot backs off 2 s, 4 s, 8 s meanwhile.
+    let log = || std::fs::read_to_string(log_dir.join("clm.log")).unwrap_or_default();
+    wait_for("the build to choose the pool", Duration::from_secs(120), || {
+        log()
+            .contains("Sufficient healthy workers already running")
+            .then_some(())
+    });
+    for kill in 0..4 {
+        let pid = wait_for("an idle worker", Duration::from_secs(60), || {
+            let c = pool.conn();
+            c.query_row(
+                "SELECT s.pid FROM clx_pool_slots s JOIN workers w ON w.id = s.worker_row
+                 WHERE s.state = 'running' AND w.status = 'idle'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .ok()
+        });
+        assert!(
+            build.0.try_wait().unwrap().is_none() || kill > 0,
+            "the build ended before the kills"
+        );
+        kill9(pid as i32);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let status = wait_for("the build to finish", Duration::from_secs(240), || {
+        build.0.try_wait().unwrap()
+    });
+    let err = std::fs::read_to_string(pool.path("clm-build.err")).unwrap_or_default();
+    assert!(
+        status.success(),
+        "clm build failed: {err}\n{}\n{}",
+        log(),
+        pool.supervisor_log()
+    );
+    assert!(!log().contains("Starting managed workers"), "{}", log());
+    let pngs = find_files(&pool.path("site"), "png");
+    assert!(pngs.iter().any(|p| p.ends_with("hello.png")), "{pngs:?}");
+    assert!(pool.query_i64("SELECT COUNT(*) FROM clx_pool_events WHERE event = 'died'") >= 4);
+}

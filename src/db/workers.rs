@@ -120,6 +120,12 @@ pub fn release(conn: &Connection, row: WorkerRow) -> rusqlite::Result<()> {
     Ok(())
 }
 
+/// Removes a pre-registered row that nobody activated (and only such).
+pub fn discard_created(conn: &Connection, row: WorkerRow) -> rusqlite::Result<()> {
+    conn.execute("DELETE FROM workers WHERE id = ?1 AND status = 'created'", [row])?;
+    Ok(())
+}
+
 /// Removes a worker's row, as a CLM worker does when it stops.
 pub fn deregister(conn: &Connection, row: WorkerRow) -> rusqlite::Result<()> {
     conn.execute("DELETE FROM workers WHERE id = ?1", [row])?;

@@ -233,7 +233,8 @@ impl Fleet {
         );
         let builtin = matches!(lock(&entry).worker.program, WorkerProgram::JobCommand(_));
         let mut io = slot::SlotIo::new(config.clone(), entry, index, self.links.clone(), hung);
-        let mut ctx = slot::machine::Context::new(config.pool.restart.clone(), config.pool.startup_timeout);
+        let restart = super::policy::for_protocol(config.pool.restart.clone(), self.links.db.protocol());
+        let mut ctx = slot::machine::Context::new(restart, config.pool.startup_timeout);
         ctx.clean_exit_is_recycle = builtin;
         let timing = slot::Timing {
             startup_timeout: config.pool.startup_timeout,

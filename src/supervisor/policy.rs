@@ -13,6 +13,19 @@ use tokio::time::Instant;
 
 use crate::config::RestartConfig;
 
+/// The longest backoff of a slot in a CLM pool: a `clm build` that finds
+/// no live worker waits up to 30 s for a pre-registered one to activate,
+/// then declares it dead; the slot's next worker must come well before.
+pub const CLM_BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+/// The restart settings of a slot under `protocol` (backoff capped for CLM).
+pub fn for_protocol(mut cfg: RestartConfig, protocol: crate::vocab::Protocol) -> RestartConfig {
+    if protocol == crate::vocab::Protocol::Clm {
+        cfg.backoff_max = cfg.backoff_max.min(CLM_BACKOFF_MAX);
+    }
+    cfg
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
     /// Start a replacement after this delay (zero: at once).

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::machine::{Failure, Settled, Why};
 use super::{Io, Worker, heartbeat_interval};
@@ -65,6 +65,10 @@ pub struct SlotIo {
     /// for it (CLM).
     current: Option<WorkerId>,
     preregistered: Option<WorkerRow>,
+    /// CLM: while the slot waits to start its next worker, that worker's
+    /// row is pre-registered already (`created`), so that a `clm build`
+    /// meanwhile sees a worker coming, never none.
+    reserved: Option<(WorkerId, WorkerRow)>,
 }
 
 /// What every slot of a pool shares.
@@ -112,6 +116,7 @@ impl SlotIo {
             ready,
             current: None,
             preregistered: None,
+            reserved: None,
         }
     }
 
@@ -184,15 +189,66 @@ impl SlotIo {
         }
     }
 
-    /// Pre-registers the worker's row (CLM), as CLM's own pool does.
+    /// A new worker's id: `{mode}-{type}-{slot}-{8 hex}`.
+    fn new_worker_id(&self) -> WorkerId {
+        WorkerId(format!(
+            "{}-{}-{}-{}",
+            self.executor.kind(),
+            self.slot.worker_type,
+            self.slot.index,
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        ))
+    }
+
+    /// Pre-registers the worker's row (CLM), as CLM's own pool does; a row
+    /// reserved while the slot waited serves, if it is still `created`.
     async fn preregister(&mut self, worker_id: &WorkerId) -> Result<(), Failure> {
         self.preregistered = None;
         if self.protocol() != Protocol::Clm {
             return Ok(());
         }
+        if let Some((id, row)) = self.reserved.take_if(|(id, _)| id == worker_id) {
+            let status = self.db.call(move |c| db::workers::status(c, row)).await;
+            if matches!(status, Ok(Some(WorkerStatus::Created))) {
+                self.preregistered = Some(row);
+                return Ok(());
+            }
+            // A build that waited for it in vain declared it dead.
+            debug!(worker = %id, %row, "the reserved row is no longer `created`; pre-registering anew");
+        }
+        self.preregistered = Some(self.preregister_row(worker_id).await?);
+        Ok(())
+    }
+
+    /// CLM: while the slot waits, pre-registers its next worker's row.
+    async fn reserve(&mut self) {
+        if self.protocol() != Protocol::Clm || self.reserved.is_some() {
+            return;
+        }
+        let id = self.new_worker_id();
+        match self.preregister_row(&id).await {
+            Ok(row) => {
+                debug!(worker = %id, %row, "pre-registered the next worker while the slot waits");
+                self.reserved = Some((id, row));
+            }
+            Err(e) => warn!(slot = %self.slot, "pre-registering the next worker: {e:?}"),
+        }
+    }
+
+    /// Removes a reserved row nobody will activate (the slot ends or gives up).
+    async fn unreserve(&mut self) {
+        if let Some((_, row)) = self.reserved.take() {
+            self.write("removing the reserved worker row", move |c| {
+                db::workers::discard_created(c, row)
+            })
+            .await;
+        }
+    }
+
+    /// Writes a pre-registered (`created`) row for `worker_id`.
+    async fn preregister_row(&self, worker_id: &WorkerId) -> Result<WorkerRow, Failure> {
         let (slot, id, mode) = (self.slot.clone(), worker_id.clone(), self.executor.kind());
-        let row = self
-            .db
+        self.db
             .call(move |c| {
                 db::pool::preregister_worker(
                     c,
@@ -209,9 +265,7 @@ impl SlotIo {
             .map_err(|e| Failure::SpawnFailed {
                 error: format!("pre-registering its worker row: {e:#}"),
                 outside: db::is_transient_any(&e),
-            })?;
-        self.preregistered = Some(row);
-        Ok(())
+            })
     }
 
     /// The worker's row, if it registered (possibly just before it died).
@@ -308,13 +362,16 @@ impl Io for SlotIo {
 
     async fn launch(&mut self) -> Result<Running, Failure> {
         self.refresh();
-        let worker_id = WorkerId(format!(
-            "{}-{}-{}-{}",
-            self.executor.kind(),
-            self.slot.worker_type,
-            self.slot.index,
-            &uuid::Uuid::new_v4().simple().to_string()[..8]
-        ));
+        // The worker a reserved row was made for, if it was made for this
+        // mode (a reload may have changed it).
+        let kind = self.executor.kind().to_string();
+        let worker_id = match &self.reserved {
+            Some((id, _)) if id.as_str().starts_with(&format!("{kind}-")) => id.clone(),
+            _ => {
+                self.unreserve().await;
+                self.new_worker_id()
+            }
+        };
         // Reports about an earlier worker of this slot are stale.
         while self.hung.get_mut().try_recv().is_ok() {}
         self.current = Some(worker_id.clone());
@@ -437,6 +494,11 @@ impl Io for SlotIo {
     }
 
     async fn set_state(&mut self, state: SlotState, note: Option<String>) {
+        match state {
+            SlotState::Backoff => self.reserve().await,
+            SlotState::Failed | SlotState::Stopped => self.unreserve().await,
+            SlotState::Starting | SlotState::Running => {}
+        }
         let event = match state {
             SlotState::Failed => Some("slot_given_up"),
             SlotState::Backoff => Some("crash_loop"),
@@ -496,6 +558,7 @@ impl Io for SlotIo {
     }
 
     async fn remove_slot(&mut self) {
+        self.unreserve().await;
         let slot = self.slot.clone();
         self.write("removing the retired slot", move |c| db::pool::remove_slot(c, &slot))
             .await;
