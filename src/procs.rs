@@ -240,12 +240,68 @@ pub fn clock_ticks_per_second() -> u64 {
         .unwrap_or(100)
 }
 
-/// The number of OOM kills on this host since boot (`/proc/vmstat`).
-pub fn oom_kills() -> Option<u64> {
-    std::fs::read_to_string("/proc/vmstat")
-        .ok()?
-        .lines()
-        .find_map(|l| l.strip_prefix("oom_kill ").and_then(|v| v.trim().parse().ok()))
+/// Whether the kernel logged that its OOM killer killed process `pid`
+/// (started at `start_ticks`): the process's own evidence, from the
+/// kernel's log (`/dev/kmsg`). False when the log cannot be read (no
+/// privilege, a container), never a guess from the host's OOM count.
+pub fn killed_by_oom(pid: i32, start_ticks: Option<i64>) -> bool {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let Ok(mut log) = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NONBLOCK)
+        .open("/dev/kmsg")
+    else {
+        return false;
+    };
+    // Records carry microseconds since boot; the process began at this.
+    let since = start_ticks.map_or(0, |t| t.max(0) as u64 * 1_000_000 / clock_ticks_per_second());
+    let mut record = vec![0u8; 8192];
+    loop {
+        match log.read(&mut record) {
+            Ok(0) => return false,
+            Ok(n) => {
+                if kmsg_says_oom_killed(&record[..n], pid, since) {
+                    return true;
+                }
+            }
+            // Records overwritten while reading: read on.
+            Err(e) if e.raw_os_error() == Some(nix::libc::EPIPE) => continue,
+            // EAGAIN: the end of the log.
+            Err(_) => return false,
+        }
+    }
+}
+
+/// Whether one `/dev/kmsg` record ("prio,seq,usec,flags;message") says
+/// the OOM killer killed `pid`, at or after `since` µs since boot.
+fn kmsg_says_oom_killed(record: &[u8], pid: i32, since: u64) -> bool {
+    let text = String::from_utf8_lossy(record);
+    let Some((head, message)) = text.split_once(';') else {
+        return false;
+    };
+    let at: u64 = head.split(',').nth(2).and_then(|u| u.parse().ok()).unwrap_or(0);
+    let message = message.lines().next().unwrap_or("");
+    at >= since
+        && message.to_ascii_lowercase().contains("out of memory")
+        && message.contains(&format!("Killed process {pid} ("))
+}
+
+/// The OOM kills counted by this process's own cgroup, when it has one to
+/// itself (inside a container): `memory.events` (cgroup v2) or
+/// `memory.oom_control` (v1), as the container sees them.
+pub fn own_cgroup_oom_kills() -> Option<u64> {
+    [
+        "/sys/fs/cgroup/memory.events",
+        "/sys/fs/cgroup/memory/memory.oom_control",
+    ]
+    .iter()
+    .find_map(|file| {
+        std::fs::read_to_string(file)
+            .ok()?
+            .lines()
+            .find_map(|l| l.strip_prefix("oom_kill ").and_then(|v| v.trim().parse().ok()))
+    })
 }
 
 /// Live processes (not this one) whose environment satisfies `pred`,

@@ -592,3 +592,186 @@ fn the_guard_of_a_killed_supervisor_never_touches_the_next_pools_workers() {
     ));
     assert_eq!(ends, 0, "{:?}", self::ends(&pool));
 }
+
+/// Live built-in worker processes of the pool: (pid, WORKER_ID).
+fn worker_processes(pool: &Pool) -> Vec<(i32, String)> {
+    let mut out: Vec<(i32, String)> = pool
+        .processes()
+        .into_iter()
+        .filter(|&pid| common::cmdline(pid).contains(" worker "))
+        .filter_map(|pid| Some((pid, common::env_of(pid, "WORKER_ID")?)))
+        .collect();
+    out.sort();
+    out
+}
+
+/// The live workers `stats --workers` shows: (pid, worker id).
+fn shown_workers(pool: &Pool) -> Vec<(i32, String)> {
+    let out = pool.cli(&["stats", "--workers", "--json"]);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut shown: Vec<(i32, String)> = json["worker_list"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| {
+            (
+                w["pid"].as_i64().unwrap_or(0) as i32,
+                w["worker_id"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    shown.sort();
+    shown
+}
+
+/// A full disk while workers die and are replaced: once it has room
+/// again, every worker process that runs is one `stats` shows, and every
+/// one it shows runs.
+#[test]
+fn after_a_disk_full_spell_stats_shows_every_running_worker() {
+    let Some(fs) = common::Tmpfs::mount("6m") else { return };
+    let db = fs.path().join("jobs.db");
+    let mut pool = Pool::with_db(
+        "check_interval = \"200ms\"\nrestart_backoff = \"50ms\"\nrestart_cooldown = \"1s\"\n",
+        &sh_workers("w", 3, common::COPY),
+        &db,
+    );
+    pool.start_ready();
+    let ids: Vec<i64> = (0..3)
+        .map(|i| pool.submit_with("w", &format!("a{i}.txt"), &[]))
+        .collect();
+    pool.drained("30s");
+    let filler = fs.fill("filler");
+    for round in 0..3 {
+        if let Some((pid, _)) = worker_processes(&pool).first() {
+            common::kill9(*pid);
+        }
+        std::thread::sleep(Duration::from_millis(700 + 300 * round));
+    }
+    std::fs::remove_file(filler).unwrap();
+    wait_for("three worker processes again", Duration::from_secs(60), || {
+        (worker_processes(&pool).len() == 3
+            && pool.try_i64("SELECT COUNT(*) FROM clx_pool_slots WHERE state = 'running'")? == 3)
+            .then_some(())
+    });
+    let more: Vec<i64> = (0..3)
+        .map(|i| pool.submit_with("w", &format!("b{i}.txt"), &[]))
+        .collect();
+    pool.drained("60s");
+    let running = worker_processes(&pool);
+    assert_eq!(running.len(), 3, "{running:?}\n{}", pool.supervisor_log());
+    assert_eq!(shown_workers(&pool), running, "{}", pool.supervisor_log());
+    assert_eq!(
+        pool.query_i64("SELECT COUNT(*) FROM jobs WHERE status = 'completed'"),
+        (ids.len() + more.len()) as i64
+    );
+}
+
+/// A job command that cannot be started for a reason that passes (the
+/// process limit reached: fork fails with EAGAIN) is no failure of the
+/// job: it goes back to the queue, its attempt not counted, and runs once
+/// the limit allows.
+#[test]
+fn a_job_command_that_cannot_start_for_now_goes_back_uncounted() {
+    let mut pool = Pool::new("", &sh_workers("w", 1, &ledger_job("0")));
+    pool.start_ready();
+    let (pid, _) = pool.slot_worker("w", 0);
+    let Some(mut cgroup) = common::Cgroup::new("pids") else {
+        return;
+    };
+    cgroup.add(pid);
+    cgroup.pids_max(&cgroup.pids_current().to_string());
+    let job = pool.submit_with("w", "a.txt", &["--max-attempts", "1"]);
+    wait_for("the worker to try", Duration::from_secs(20), || {
+        let gave_back = std::fs::read_to_string(pool.path("logs/w-0.log"))
+            .ok()?
+            .contains("the job goes back to the queue");
+        let failed = pool.try_i64(&format!(
+            "SELECT COUNT(*) FROM jobs WHERE id = {job} AND status = 'failed'"
+        ))? == 1;
+        (gave_back || failed).then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    let error = pool.query_strings(&format!("SELECT COALESCE(error, '') FROM jobs WHERE id = {job}"));
+    assert_ne!(
+        pool.query_strings(&format!("SELECT status FROM jobs WHERE id = {job}")),
+        ["failed"],
+        "failed for good at its first attempt: {error:?}"
+    );
+    let (status, attempts) = pool
+        .conn()
+        .query_row(
+            &format!("SELECT status, attempts FROM jobs WHERE id = {job}"),
+            [],
+            |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)),
+        )
+        .unwrap();
+    assert!(status == "pending" || status == "processing", "{status}");
+    assert!(attempts <= 1, "{attempts}");
+    cgroup.pids_max("max");
+    pool.drained("30s");
+    each_once(&pool, &[job]);
+    assert!(common::alive(pid), "the worker rode it out");
+}
+
+/// The shell command that grows past any small memory limit.
+const HOG: &str = "x=$(head -c 200000000 /dev/zero | tr '\\0' x)";
+
+/// A worker killed with SIGKILL is not said to be OOM-killed because the
+/// OOM killer acted elsewhere on the host meanwhile; a job command the OOM
+/// killer did kill is named as such, from the kernel's own record.
+#[test]
+fn oom_is_named_only_from_the_processs_own_evidence() {
+    let Some(mut elsewhere) = common::Cgroup::new("memory") else {
+        return;
+    };
+    elsewhere.memory_max(32 * 1024 * 1024);
+    let mut pool = Pool::new("", &sh_workers("w", 1, common::COPY));
+    pool.start_ready();
+    let (pid, id) = pool.slot_worker("w", 0);
+    // Another program, in a cgroup of its own, is OOM-killed.
+    let mut hog = std::process::Command::new("sh")
+        .args(["-c", &format!("read _; {HOG}")])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    elsewhere.add(hog.id() as i32);
+    drop(hog.stdin.take());
+    let status = hog.wait().unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), Some(9), "the hog was OOM-killed: {status:?}");
+    // Then our worker is killed, by SIGKILL and not by the OOM killer.
+    common::kill9(pid);
+    let cause = wait_for("the worker's end", Duration::from_secs(20), || {
+        pool.try_i64(&format!(
+            "SELECT COUNT(*) FROM clx_pool_events WHERE worker_id = '{id}'"
+        ))
+        .filter(|n| *n == 1)
+        .map(|_| pool.cause_of(&id))
+    });
+    assert_eq!(cause, "was killed by SIGKILL");
+
+    // A job command the OOM killer kills (its worker in a small cgroup).
+    let Some(mut small) = common::Cgroup::new("memory") else {
+        return;
+    };
+    small.memory_max(64 * 1024 * 1024);
+    let mut pool = Pool::new(
+        "",
+        &sh_workers("hog", 1, &format!("{HOG}; cp \"$CLX_INPUT_FILE\" \"$CLX_OUTPUT_FILE\"")),
+    );
+    pool.start_ready();
+    let (pid, _) = pool.slot_worker("hog", 0);
+    small.add(pid);
+    let job = pool.submit_with("hog", "h.txt", &["--max-attempts", "1"]);
+    let error = wait_for("the job to fail", Duration::from_secs(60), || {
+        pool.query_strings(&format!(
+            "SELECT COALESCE(error, '') FROM jobs WHERE id = {job} AND status = 'failed'"
+        ))
+        .pop()
+    });
+    assert!(
+        error.contains("was killed by the kernel's OOM killer (out of memory)"),
+        "{error}"
+    );
+}

@@ -32,8 +32,6 @@ pub struct DirectWorker {
     /// Its exit status, from the reaper.
     exited: oneshot::Receiver<WaitStatus>,
     exit: Option<EndCause>,
-    /// The host's OOM-kill count when the worker started.
-    oom_kills_at_start: Option<u64>,
     /// Set once we send SIGKILL ourselves, so that exit is not blamed on OOM.
     killed_by_us: bool,
     /// The task copying its output to the log and the tail.
@@ -87,7 +85,6 @@ pub fn launch(spec: &Launch) -> anyhow::Result<DirectWorker> {
         pgid: pid,
         exited,
         exit: None,
-        oom_kills_at_start: procs::oom_kills(),
         killed_by_us: false,
         drain: Some(drain),
         builtin: matches!(spec.program, WorkerProgram::JobCommand(_)),
@@ -171,8 +168,7 @@ impl DirectWorker {
         };
         if cause == EndCause::Signal(Signal::SIGKILL as i32)
             && !self.killed_by_us
-            && let (Some(before), Some(now)) = (self.oom_kills_at_start, procs::oom_kills())
-            && now > before
+            && procs::killed_by_oom(self.process.pid, self.process.start_ticks)
         {
             cause = EndCause::Oom;
         }

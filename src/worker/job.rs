@@ -58,6 +58,9 @@ pub struct Setup<'a> {
     pub worker_type: &'a str,
     pub workspace: &'a Path,
     pub command: &'a [String],
+    /// In a container, whose cgroup is the worker's own: its OOM count
+    /// before the job.
+    pub own_cgroup: Option<u64>,
 }
 
 /// How running a job ended.
@@ -69,6 +72,10 @@ pub enum Ran {
     /// The job stopped being this worker's (cancelled, or given to another
     /// attempt); the command was killed.
     TakenAway,
+    /// The command could not be started for a reason that passes (too many
+    /// processes or open files, no memory): the job did nothing wrong and
+    /// goes back to the queue without counting the attempt.
+    NotStarted(String),
 }
 
 /// How often a running job is checked for cancellation.
@@ -124,12 +131,13 @@ pub async fn run(
         None => cmd.env("CLX_PAYLOAD", &job.payload),
     };
     tie_to_worker(&mut cmd);
-    let oom_before = procs::oom_kills();
     let mut child = match cmd.spawn() {
         Ok(c) => c,
+        Err(e) if passes(&e) => return Ran::NotStarted(format!("could not start `{}`: {e}", setup.command[0])),
         Err(e) => return Ran::Done(Err(format!("could not run `{}`: {e}", setup.command[0]))),
     };
     let pgid = child.id().map(|p| p as i32);
+    let started = pgid.map(|p| (p, procs::start_ticks(p)));
     let tail = Arc::new(Mutex::new(Vec::new()));
     let mut collector = tokio::spawn(collect_stderr(
         child.stderr.take().expect("stderr is piped"),
@@ -175,7 +183,16 @@ pub async fn run(
         collector.abort();
     }
     let tail = tail.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    Ran::Done(judge(setup.command, &output, status, &tail, oom_before))
+    Ran::Done(judge(setup.command, &output, status, &tail, started, setup.own_cgroup))
+}
+
+/// Whether a failed start is one that passes by itself: the process or
+/// open-files limit reached, memory short for a moment.
+fn passes(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(nix::libc::EAGAIN | nix::libc::ENOMEM | nix::libc::EMFILE | nix::libc::ENFILE)
+    )
 }
 
 /// Kills what a finished job command left running anywhere below this
@@ -236,7 +253,8 @@ fn judge(
     output: &Path,
     status: std::io::Result<ExitStatus>,
     tail: &[u8],
-    oom_before: Option<u64>,
+    started: Option<(i32, Option<i64>)>,
+    own_cgroup: Option<u64>,
 ) -> Result<(), String> {
     use std::os::unix::process::ExitStatusExt;
     let status = status.map_err(|e| format!("waiting for `{}`: {e}", command[0]))?;
@@ -253,8 +271,12 @@ fn judge(
     }
     let text = String::from_utf8_lossy(tail);
     let text = last_chars(text.trim(), ERROR_TAIL);
+    // Named OOM only on the command's own evidence: the kernel's record of
+    // killing this very process, or the OOM count of a cgroup that is the
+    // worker's own (its container's), never the host's count.
     let oom = status.signal() == Some(Signal::SIGKILL as i32)
-        && matches!((oom_before, procs::oom_kills()), (Some(b), Some(a)) if a > b);
+        && (started.is_some_and(|(pid, start)| procs::killed_by_oom(pid, start))
+            || own_cgroup.is_some_and(|before| procs::own_cgroup_oom_kills().is_some_and(|now| now > before)));
     let what = match (status.code(), oom) {
         (_, true) => "was killed by the kernel's OOM killer (out of memory)".to_string(),
         (Some(c), _) => format!("exited with code {c}"),

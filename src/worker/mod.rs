@@ -204,6 +204,7 @@ pub async fn run(opts: WorkerOptions) -> anyhow::Result<()> {
         stop: StopSignals::install()?,
         finish,
         jobs_done: 0,
+        spawn_faults: Backoff::default(),
         conn,
         protocol,
         row,
@@ -233,6 +234,8 @@ struct Worker {
     /// Set by SIGUSR1: finish the current job, then leave.
     finish: Arc<AtomicBool>,
     jobs_done: u32,
+    /// Pacing while job commands cannot be started (a process limit).
+    spawn_faults: Backoff,
     last_heartbeat: Instant,
     /// `PRAGMA data_version` changes only when another connection commits:
     /// while it stands still, nothing new can have been queued.
@@ -270,8 +273,9 @@ impl Worker {
                 Ok(Turn::Job(job)) => {
                     backoff = Backoff::default();
                     self.recheck = None;
-                    self.work(&job).await?;
-                    self.jobs_done += 1;
+                    if self.work(&job).await? {
+                        self.jobs_done += 1;
+                    }
                 }
                 Ok(Turn::Idle) => {
                     backoff = Backoff::default();
@@ -369,8 +373,9 @@ impl Worker {
         Ok(Turn::Idle)
     }
 
-    /// Runs a claimed job and records its outcome.
-    async fn work(&mut self, job: &jobs::ClaimedJob) -> anyhow::Result<()> {
+    /// Runs a claimed job and records its outcome; false when the job went
+    /// back to the queue without running.
+    async fn work(&mut self, job: &jobs::ClaimedJob) -> anyhow::Result<bool> {
         let started = Instant::now();
         let outcome = if self.opts.no_command {
             Ok(())
@@ -380,6 +385,11 @@ impl Worker {
                 worker_type: &self.me.worker_type,
                 workspace: &self.me.workspace,
                 command: &self.opts.job_command,
+                // A container's cgroup is its own; a direct worker's is not.
+                own_cgroup: match self.opts.execution_mode {
+                    ModeKind::Docker => crate::procs::own_cgroup_oom_kills(),
+                    ModeKind::Direct => None,
+                },
             };
             let (conn, row) = (&self.conn, self.row);
             let still_mine = || jobs::still_mine(conn, job, row).unwrap_or(true);
@@ -387,7 +397,24 @@ impl Worker {
                 Ran::Done(outcome) => outcome,
                 Ran::Interrupted => {
                     self.stopping = true;
-                    return self.hand_back(job).await;
+                    self.hand_back(job).await?;
+                    return Ok(false);
+                }
+                Ran::NotStarted(why) => {
+                    // Not the job's fault: back to the queue, uncounted;
+                    // this worker waits a moment before it claims again.
+                    let delay = self.spawn_faults.step();
+                    warn!(
+                        job = job.id,
+                        "{why}; the job goes back to the queue (its attempt is not counted); claiming again in {}",
+                        humantime::format_duration(delay)
+                    );
+                    self.hand_back(job).await?;
+                    if let Err(e) = db::workers::release(&self.conn, self.row) {
+                        warn!(job = job.id, "setting the worker idle again: {e}");
+                    }
+                    self.pause(delay).await;
+                    return Ok(false);
                 }
                 Ran::TakenAway => {
                     info!(
@@ -397,11 +424,13 @@ impl Worker {
                     if let Err(e) = db::workers::release(&self.conn, self.row) {
                         warn!(job = job.id, "setting the worker idle again: {e}");
                     }
-                    return Ok(());
+                    return Ok(true);
                 }
             }
         };
-        self.record(job, outcome, started.elapsed().as_secs_f64()).await
+        self.spawn_faults = Backoff::default();
+        self.record(job, outcome, started.elapsed().as_secs_f64()).await?;
+        Ok(true)
     }
 
     /// Writes a job's outcome until it lands: a command that ran is never

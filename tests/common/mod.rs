@@ -35,6 +35,8 @@ pub struct Pool {
     pub supervisor: Option<Child>,
     /// Extra environment for the supervisor and every command (e.g. TZ).
     pub env: Vec<(String, String)>,
+    /// The database, when not `jobs.db` in the pool's folder.
+    pub db: Option<PathBuf>,
 }
 
 impl Pool {
@@ -60,7 +62,16 @@ impl Pool {
             dir,
             supervisor: None,
             env: Vec::new(),
+            db: None,
         }
+    }
+
+    /// A pool whose database is `db` (elsewhere: a small file system).
+    pub fn with_db(pool_extra: &str, workers: &str, db: &Path) -> Pool {
+        let extra = format!("db_path = {}\n{pool_extra}", toml_str(db.to_str().unwrap()));
+        let mut pool = Pool::new(&extra, workers);
+        pool.db = Some(db.to_path_buf());
+        pool
     }
 
     /// Runs the supervisor and commands with `TZ=zone`.
@@ -83,7 +94,7 @@ impl Pool {
     }
 
     pub fn db_path(&self) -> PathBuf {
-        self.path("jobs.db")
+        self.db.clone().unwrap_or_else(|| self.path("jobs.db"))
     }
 
     /// Runs a clx-pool command against this pool's config and waits for it.
@@ -654,5 +665,101 @@ impl Drop for OwnedChild {
             self.0.kill().ok();
         }
         self.0.wait().ok();
+    }
+}
+
+/// A cgroup of one controller (`pids` or `memory`, cgroup v1 or v2) that a
+/// test puts processes in and sets limits on (past `pids.max` fork fails
+/// with EAGAIN; past the memory limit the kernel's OOM killer acts).
+/// Removed, its processes moved back, when dropped.
+pub struct Cgroup {
+    dir: PathBuf,
+    parent_procs: PathBuf,
+    v2: bool,
+    members: Vec<i32>,
+}
+
+impl Cgroup {
+    /// A new cgroup of `controller`; None (skipped with a message) where
+    /// none can be made, except under CI=true.
+    pub fn new(controller: &str) -> Option<Cgroup> {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let name = format!("clx-pool-test-{}-{n}", std::process::id());
+        for (root, v2) in [
+            (PathBuf::from("/sys/fs/cgroup").join(controller), false),
+            (PathBuf::from("/sys/fs/cgroup"), true),
+        ] {
+            if !root.join("cgroup.procs").exists() {
+                continue;
+            }
+            if v2 {
+                let controllers = std::fs::read_to_string(root.join("cgroup.controllers")).unwrap_or_default();
+                if !controllers.split_whitespace().any(|c| c == controller)
+                    || std::fs::write(root.join("cgroup.subtree_control"), format!("+{controller}")).is_err()
+                {
+                    continue;
+                }
+            }
+            let dir = root.join(&name);
+            if std::fs::create_dir(&dir).is_ok() {
+                return Some(Cgroup {
+                    dir,
+                    parent_procs: root.join("cgroup.procs"),
+                    v2,
+                    members: Vec::new(),
+                });
+            }
+        }
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("this test needs a writable {controller} cgroup under CI");
+        }
+        eprintln!("SKIPPED: no writable {controller} cgroup");
+        None
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Moves `pid` (all its threads) in.
+    pub fn add(&mut self, pid: i32) {
+        std::fs::write(self.dir.join("cgroup.procs"), pid.to_string()).unwrap();
+        self.members.push(pid);
+    }
+
+    /// Tasks (threads) in it now.
+    pub fn pids_current(&self) -> u64 {
+        std::fs::read_to_string(self.dir.join("pids.current"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    /// Sets the process limit: a number, or "max".
+    pub fn pids_max(&self, max: &str) {
+        std::fs::write(self.dir.join("pids.max"), max).unwrap();
+    }
+
+    /// Sets the memory limit, in bytes.
+    pub fn memory_max(&self, bytes: u64) {
+        let file = if self.v2 { "memory.max" } else { "memory.limit_in_bytes" };
+        std::fs::write(self.dir.join(file), bytes.to_string()).unwrap();
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.dir.join("pids.max"), "max");
+        for pid in &self.members {
+            if alive(*pid) {
+                let _ = std::fs::write(&self.parent_procs, pid.to_string());
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while std::fs::remove_dir(&self.dir).is_err() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
