@@ -118,6 +118,7 @@ pub async fn run(
         .env("CLX_INPUT_FILE", &input)
         .env("CLX_OUTPUT_FILE", &output)
         .env("CLX_JOB_ID", job.id.to_string())
+        .env("CLX_JOB_ATTEMPT", job.attempt.to_string())
         .env("CLX_JOB_TYPE", setup.worker_type)
         .current_dir(setup.workspace)
         .stdin(Stdio::null())
