@@ -169,11 +169,14 @@ pub fn tree_usage_of(root: i32) -> Option<(u64, u64)> {
 }
 
 /// Every live descendant of `root` (zombies left out), found through the
-/// children lists of `/proc`.
-pub fn descendants_of(root: i32) -> Vec<i32> {
+/// children lists of `/proc`; `spare` and theirs left out.
+pub fn descendants_of(root: i32, spare: &[i32]) -> Vec<i32> {
     let mut out = Vec::new();
     let mut stack = children_of(root);
     while let Some(pid) = stack.pop() {
+        if spare.contains(&pid) {
+            continue;
+        }
         if !is_zombie(pid) {
             out.push(pid);
         }
@@ -182,14 +185,15 @@ pub fn descendants_of(root: i32) -> Vec<i32> {
     out
 }
 
-/// Kills every descendant of this process and collects them: what a job
-/// command left behind, in a session of its own (`setsid`), after a double
-/// fork or `nohup` — as child subreaper this process adopted them all.
-/// Call only when no child of this process may live on (between jobs):
-/// it reaps any child. Returns how many it found.
-pub async fn end_descendants(limit: Duration) -> usize {
+/// Kills every descendant of this process but `spare` and collects them:
+/// what a job command left behind, in a session of its own (`setsid`),
+/// after a double fork or `nohup` — as child subreaper this process adopted
+/// them all. Call only when no other child of this process may live on
+/// (between jobs; after the pool stopped): it reaps any child. Returns how
+/// many it found.
+pub async fn end_descendants(limit: Duration, spare: &[i32]) -> usize {
     let me = std::process::id() as i32;
-    let first = descendants_of(me);
+    let first = descendants_of(me, spare);
     let deadline = Instant::now() + limit;
     let mut left = first.clone();
     while !left.is_empty() {
@@ -206,7 +210,7 @@ pub async fn end_descendants(limit: Duration) -> usize {
         tokio::time::sleep(Duration::from_millis(2)).await;
         // Killed ones' children are ours now; killed ones are zombies.
         reap();
-        left = descendants_of(me);
+        left = descendants_of(me, spare);
     }
     reap();
     first.len()

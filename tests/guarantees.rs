@@ -775,3 +775,30 @@ fn oom_is_named_only_from_the_processs_own_evidence() {
         "{error}"
     );
 }
+
+/// What a worker (not the built-in one) starts in a session of its own
+/// with a cleared environment (no tag, no WORKER_ID) ends with the pool:
+/// the supervisor adopted it as child subreaper.
+#[test]
+fn nothing_a_worker_starts_outlives_the_pool() {
+    let _left = KillOnDrop(vec!["sleep 4121"]);
+    let python = common::repo_path("tests/workers/clx_protocol_worker.py");
+    let script = format!(
+        "env -i setsid sleep 4121 </dev/null >/dev/null 2>&1 & exec python3 {}",
+        python.display()
+    );
+    let mut pool = Pool::new(
+        "",
+        &format!(
+            "[[workers]]\nworker_type = \"rev\"\ncount = 1\ncommand = [\"sh\", \"-c\", {}]\n",
+            common::toml_str(&script)
+        ),
+    );
+    pool.start_ready();
+    wait_for("the helper", Duration::from_secs(10), || {
+        (!processes_named("sleep 4121").is_empty()).then_some(())
+    });
+    let out = pool.cli(&["stop", "--timeout", "30s"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(processes_named("sleep 4121"), Vec::<i32>::new(), "outlived the pool");
+}

@@ -98,6 +98,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     }
     sweep_leftovers(&config, prepared.engine.as_deref()).await;
+    // What the workers started and left, without the tags (a cleared
+    // environment), was adopted by this child subreaper: it goes too.
+    let adopted = procs::end_descendants(Duration::from_secs(5), &[prepared.guard.pid() as i32]).await;
+    if adopted > 0 {
+        info!(processes = adopted, "killed processes the workers left running");
+    }
     if let Err(e) = bell_ringer.await {
         error!("the bell task failed: {e}");
     }

@@ -199,7 +199,7 @@ fn passes(e: &std::io::Error) -> bool {
 /// Kills what a finished job command left running anywhere below this
 /// worker (its child subreaper: every orphan of the command is ours).
 async fn end_leftovers(job: i64) {
-    let n = procs::end_descendants(Duration::from_secs(5)).await;
+    let n = procs::end_descendants(Duration::from_secs(5), &[]).await;
     if n > 0 {
         tracing::info!(job, processes = n, "killed what the job command left running");
     }
