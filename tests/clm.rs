@@ -342,31 +342,7 @@ fn clm_build_reuses_the_pool_and_starts_no_worker_of_its_own() {
     let slots_before = pool.query_strings("SELECT worker_id || ':' || pid FROM clx_pool_slots ORDER BY slot");
     let rows_before = pool.query_strings("SELECT CAST(id AS TEXT) FROM workers ORDER BY id");
     let log_dir = pool.path("clm-logs");
-    let out = Command::new(clm.venv.join("bin/clm"))
-        .arg("--jobs-db-path")
-        .arg(pool.db_path())
-        .arg("--cache-db-path")
-        .arg(pool.path("cache.db"))
-        .arg("build")
-        .arg(course.join("course-specs/course.xml"))
-        .arg("--output-dir")
-        .arg(pool.path("site"))
-        .args([
-            "--workers",
-            "direct",
-            "--plantuml-workers",
-            "2",
-            "--notebook-workers",
-            "0",
-        ])
-        .args(["--drawio-workers", "0", "--no-progress", "--no-color", "--no-env-file"])
-        .args(["--log-level", "info"])
-        .envs(clm.env())
-        .env("CLM_LOG_DIR", &log_dir)
-        .env("COLUMNS", "200")
-        .env_remove("CI")
-        .output()
-        .unwrap();
+    let out = clm_build(&clm, &pool, &course, 2).output().unwrap();
     let log = std::fs::read_to_string(log_dir.join("clm.log")).unwrap_or_default();
     assert!(out.status.success(), "clm build failed: {}\n{log}", stderr(&out));
     assert!(log.contains("Sufficient healthy workers already running"), "{log}");
@@ -446,6 +422,33 @@ fn a_clm_made_database_is_followed_when_unset_and_refused_under_clx() {
         2
     );
     assert_eq!(pool.schema_versions(), vec![11]);
+}
+
+/// `clm build` of the test course on the pool's database with direct
+/// PlantUML workers (its log in `clm-logs` of the pool's folder).
+fn clm_build(clm: &Clm, pool: &Pool, course: &Path, plantuml_workers: u32) -> Command {
+    let mut cmd = Command::new(clm.venv.join("bin/clm"));
+    cmd.arg("--jobs-db-path")
+        .arg(pool.db_path())
+        .arg("--cache-db-path")
+        .arg(pool.path("cache.db"))
+        .arg("build")
+        .arg(course.join("course-specs/course.xml"))
+        .arg("--output-dir")
+        .arg(pool.path("site"))
+        .args([
+            "--workers",
+            "direct",
+            "--plantuml-workers",
+            &plantuml_workers.to_string(),
+        ])
+        .args(["--notebook-workers", "0", "--drawio-workers", "0"])
+        .args(["--no-progress", "--no-color", "--no-env-file", "--log-level", "info"])
+        .envs(clm.env())
+        .env("CLM_LOG_DIR", pool.path("clm-logs"))
+        .env("COLUMNS", "200")
+        .env_remove("CI");
+    cmd
 }
 
 fn copy_dir(from: &Path, to: &Path) {
@@ -590,29 +593,7 @@ fn clm_build_completes_while_its_worker_is_killed_again_and_again() {
     let course = pool.path("course");
     copy_dir(&repo_path("tests/fixtures/clm-course"), &course);
     let log_dir = pool.path("clm-logs");
-    let build = Command::new(clm.venv.join("bin/clm"))
-        .arg("--jobs-db-path")
-        .arg(pool.db_path())
-        .arg("--cache-db-path")
-        .arg(pool.path("cache.db"))
-        .arg("build")
-        .arg(course.join("course-specs/course.xml"))
-        .arg("--output-dir")
-        .arg(pool.path("site"))
-        .args([
-            "--workers",
-            "direct",
-            "--plantuml-workers",
-            "1",
-            "--notebook-workers",
-            "0",
-        ])
-        .args(["--drawio-workers", "0", "--no-progress", "--no-color", "--no-env-file"])
-        .args(["--log-level", "info"])
-        .envs(clm.env())
-        .env("CLM_LOG_DIR", &log_dir)
-        .env("COLUMNS", "200")
-        .env_remove("CI")
+    let build = clm_build(&clm, &pool, &course, 1)
         .stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(pool.path("clm-build.err")).unwrap())
         .spawn()

@@ -341,17 +341,7 @@ pub fn next<W>(phase: Phase<W>, event: Event<W>, ctx: &mut Context, now: Instant
                 ..
             },
             E::Ended(failure),
-        ) => (
-            P::Retired,
-            vec![
-                Action::RecordEnd {
-                    worker: Some(worker),
-                    row: None,
-                    failure,
-                },
-                Action::RemoveSlot,
-            ],
-        ),
+        ) => failed_on_its_way(worker, None, failure, After::Retire),
         (P::AwaitingRegistration { worker, since, .. }, E::Ended(failure)) => {
             failed(Some(worker), None, failure, since, now, ctx)
         }
@@ -395,21 +385,8 @@ pub fn next<W>(phase: Phase<W>, event: Event<W>, ctx: &mut Context, now: Instant
             After::Relaunch => relaunch(Some(worker), Some(row), why),
             After::Retire => retire(Some(worker), Some(row), why),
         },
-        // It hung or died on its way out: a failure, recorded as such; then
-        // what was ordered still happens.
         (P::Draining { worker, row, then, .. }, E::Ended(failure)) => {
-            let end = Action::RecordEnd {
-                worker: Some(worker),
-                row: Some(row),
-                failure,
-            };
-            match then {
-                After::Relaunch => (
-                    P::Launching,
-                    vec![end, Action::SetState(SlotState::Starting, None), Action::Launch],
-                ),
-                After::Retire => (P::Retired, vec![end, Action::RemoveSlot]),
-            }
+            failed_on_its_way(worker, Some(row), failure, then)
         }
         (P::Draining { worker, row, .. }, E::Shutdown) => stopping(Some(worker), Some(row)),
         (P::BackingOff { .. }, E::TimerFired) => (P::Launching, vec![Action::Launch]),
@@ -435,6 +412,28 @@ fn drained_as_told(failure: &Failure, signalled: bool, ctx: &Context) -> bool {
         Failure::Died(EndCause::Code(0)) => signalled || ctx.clean_exit_is_recycle,
         Failure::Died(_) => signalled && !ctx.clean_exit_is_recycle,
         _ => false,
+    }
+}
+
+/// A worker told to go hung or died on its way out: a failure, recorded
+/// as such; then what was ordered still happens.
+fn failed_on_its_way<W>(
+    worker: W,
+    row: Option<WorkerRow>,
+    failure: Failure,
+    then: After,
+) -> (Phase<W>, Vec<Action<W>>) {
+    let end = Action::RecordEnd {
+        worker: Some(worker),
+        row,
+        failure,
+    };
+    match then {
+        After::Relaunch => (
+            Phase::Launching,
+            vec![end, Action::SetState(SlotState::Starting, None), Action::Launch],
+        ),
+        After::Retire => (Phase::Retired, vec![end, Action::RemoveSlot]),
     }
 }
 

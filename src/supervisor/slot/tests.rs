@@ -497,9 +497,10 @@ async fn a_built_in_worker_that_finishes_by_itself_is_recycled_not_counted() {
     );
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_worker_told_to_leave_after_its_job_is_still_judged_hung() {
-    for (order, then) in [
+/// The orders that tell a worker to go after its job, and what follows
+/// once it went.
+fn orders_to_go() -> [(Order, &'static str); 2] {
+    [
         (restart_order(false), "launch 2"),
         (
             Order::Retire {
@@ -508,7 +509,12 @@ async fn a_worker_told_to_leave_after_its_job_is_still_judged_hung() {
             },
             "removed",
         ),
-    ] {
+    ]
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_worker_told_to_leave_after_its_job_is_still_judged_hung() {
+    for (order, then) in orders_to_go() {
         let (log, heard) = drive_with(
             vec![Ok(Script::StuckAfter(Duration::from_secs(40))), Ok(Script::Serves)],
             restart(),
@@ -536,16 +542,7 @@ async fn a_worker_told_to_leave_after_its_job_is_still_judged_hung() {
 
 #[tokio::test(start_paused = true)]
 async fn an_order_before_registration_waits_for_it_and_never_stops_a_job() {
-    for (order, then) in [
-        (restart_order(false), "launch 2"),
-        (
-            Order::Retire {
-                now: false,
-                why: Why::Retire("scaled to 0".into()),
-            },
-            "removed",
-        ),
-    ] {
+    for (order, then) in orders_to_go() {
         let (log, heard) = drive_with(
             vec![Ok(Script::RegistersAfter(Duration::from_secs(1))), Ok(Script::Serves)],
             restart(),
