@@ -12,14 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{COPY, Pool, bin, sh_workers, signal, stderr, stdout, wait_for};
-
-/// Each job appends its id to the ledger, works a little, then copies.
-fn ledger_job(work: &str) -> String {
-    format!(
-        "echo \"$CLX_JOB_ID\" >> \"$WORKSPACE_PATH/ledger\"; sleep {work}; cp \"$CLX_INPUT_FILE\" \"$CLX_OUTPUT_FILE\""
-    )
-}
+use common::{COPY, Pool, bin, ledger_job, sh_workers, signal, stderr, stdout, wait_for};
 
 fn submit_many(pool: &Pool, job_type: &str, n: usize) -> Vec<i64> {
     (0..n)

@@ -8,15 +8,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Pool, sh_workers, stderr, stdout, wait_for};
-
-/// Each job notes its id in the ledger when its command starts, works for
-/// `work`, then copies its input.
-fn ledger_job(work: &str) -> String {
-    format!(
-        "echo \"$CLX_JOB_ID\" >> \"$WORKSPACE_PATH/ledger\"; sleep {work}; cp \"$CLX_INPUT_FILE\" \"$CLX_OUTPUT_FILE\""
-    )
-}
+use common::{Pool, ledger_job, sh_workers, stderr, stdout, wait_for};
 
 /// How many times each job's command started, by job id.
 fn starts(pool: &Pool) -> std::collections::BTreeMap<i64, usize> {

@@ -397,7 +397,12 @@ pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-/// A TOML `[[workers]]` entry for built-in workers running `sh -c script`.
+/// A job command that notes its job's id in `$WORKSPACE_PATH/ledger` when
+/// it starts, works for `work` (sleep's argument), then copies.
+pub fn ledger_job(work: &str) -> String {
+    format!("echo \"$CLX_JOB_ID\" >> \"$WORKSPACE_PATH/ledger\"; sleep {work}; {COPY}")
+}
+
 /// A job command that copies its input to its output.
 pub const COPY: &str = "cp \"$CLX_INPUT_FILE\" \"$CLX_OUTPUT_FILE\"";
 
@@ -405,6 +410,7 @@ pub const COPY: &str = "cp \"$CLX_INPUT_FILE\" \"$CLX_OUTPUT_FILE\"";
 /// it can be caught in the act.
 pub const SLOW_FIRST: &str = "m=\"$WORKSPACE_PATH/attempted-$CLX_JOB_ID\"; if [ ! -e \"$m\" ]; then touch \"$m\"; sleep 60; fi; cp \"$CLX_INPUT_FILE\" \"$CLX_OUTPUT_FILE\"";
 
+/// A TOML `[[workers]]` entry for built-in workers running `sh -c script`.
 pub fn sh_workers(worker_type: &str, count: u32, script: &str) -> String {
     format!(
         "[[workers]]\nworker_type = \"{worker_type}\"\ncount = {count}\njob_command = [\"sh\", \"-c\", {}]\n",
