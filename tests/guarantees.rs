@@ -435,7 +435,7 @@ fn a_reload_that_breaks_the_workers_rolls_back_and_keeps_the_old_ones() {
     assert_eq!(out.status.code(), Some(1), "{}{}", stdout(&out), stderr(&out));
     let err = stderr(&out);
     assert!(
-        err.contains("exited with code 3") && err.contains("roll-out stopped") && err.contains("kept"),
+        err.contains("exited with code 3") && err.contains("roll-out stopped") && err.contains("not replaced: rev-"),
         "{err}"
     );
     // Three workers of the old setup: two never touched, one started again.

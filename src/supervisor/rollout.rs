@@ -94,7 +94,7 @@ impl Group {
         }
         let kept = names(&|o| matches!(o, Outcome::Kept));
         if !kept.is_empty() {
-            parts.push(format!("kept {} as they were", kept.join(", ")));
+            parts.push(format!("not replaced: {}", kept.join(", ")));
         }
         let retired = names(&|o| matches!(o, Outcome::Retired));
         if !retired.is_empty() {
@@ -548,7 +548,7 @@ mod tests {
         assert!(p.done && !p.ok);
         assert_eq!(
             p.lines[1],
-            "changed `w`: w-1: its new worker exited with code 3; replaced w-0; kept w-2 as they were; roll-out stopped"
+            "changed `w`: w-1: its new worker exited with code 3; replaced w-0; not replaced: w-2; roll-out stopped"
         );
         // A plain restart that went well reads as it always did.
         let id = ops.create(Vec::new(), false, vec![(String::new(), vec![slot(0), slot(3)], false)]);

@@ -15,25 +15,73 @@ use super::{Command, Io, Timing, Worker, run};
 use crate::config::RestartConfig;
 use crate::vocab::{EndCause, HungReason, SlotState, WorkerId, WorkerRow};
 
-/// What a fake worker does once started.
-#[derive(Clone, Copy, Debug)]
-enum Script {
-    /// Registers at once, then dies after this long.
-    DiesAfter(Duration),
-    /// Registers and serves until stopped.
-    Serves,
-    /// Never registers.
-    Silent,
-    /// Registers, then is reported hung after this long.
-    HangsAfter(Duration),
-    /// Registers, then exits with code 0 after this long (the built-in
-    /// worker after `max_jobs`).
-    FinishesAfter(Duration),
-    /// Registers and takes a job that never ends: it never gets idle to be
-    /// told to finish, and is reported hung after this long.
-    StuckAfter(Duration),
-    /// Registers only after this long, then serves.
-    RegistersAfter(Duration),
+/// What a fake worker does once started (times from its start).
+#[derive(Clone, Copy, Debug, Default)]
+struct Script {
+    /// Registers after this long; never when None.
+    registers: Option<Duration>,
+    /// Exits with code 1 after this long.
+    dies: Option<Duration>,
+    /// Exits with code 0 after this long (the built-in worker after
+    /// `max_jobs`).
+    finishes: Option<Duration>,
+    /// Reported hung this long after the slot starts watching for it.
+    hangs: Option<Duration>,
+    /// Its job never ends: it never gets idle to be told to finish.
+    stuck: bool,
+}
+
+/// Registers at once and serves until stopped.
+fn serves() -> Script {
+    Script {
+        registers: Some(Duration::ZERO),
+        ..Script::default()
+    }
+}
+
+/// Registers at once, then dies after `d`.
+fn dies_after(d: Duration) -> Script {
+    Script {
+        dies: Some(d),
+        ..serves()
+    }
+}
+
+/// Never registers.
+fn silent() -> Script {
+    Script::default()
+}
+
+/// Registers, then is reported hung after `d`.
+fn hangs_after(d: Duration) -> Script {
+    Script {
+        hangs: Some(d),
+        ..serves()
+    }
+}
+
+/// Registers, then exits with code 0 after `d`.
+fn finishes_after(d: Duration) -> Script {
+    Script {
+        finishes: Some(d),
+        ..serves()
+    }
+}
+
+/// Registers, takes a job that never ends, and is reported hung after `d`.
+fn stuck_after(d: Duration) -> Script {
+    Script {
+        stuck: true,
+        ..hangs_after(d)
+    }
+}
+
+/// Registers only after `d`, then serves.
+fn registers_after(d: Duration) -> Script {
+    Script {
+        registers: Some(d),
+        ..Script::default()
+    }
 }
 
 struct FakeWorker {
@@ -55,17 +103,19 @@ impl Worker for FakeWorker {
             tokio::time::sleep_until(at + Duration::from_secs(1)).await;
             return EndCause::Code(0);
         }
-        match self.script {
-            Script::FinishesAfter(d) if !self.stopped => {
+        if self.stopped {
+            return EndCause::Signal(15);
+        }
+        match (self.script.finishes, self.script.dies) {
+            (Some(d), _) => {
                 tokio::time::sleep_until(self.started + d).await;
                 EndCause::Code(0)
             }
-            Script::DiesAfter(d) if !self.stopped => {
+            (None, Some(d)) => {
                 tokio::time::sleep_until(self.started + d).await;
                 EndCause::Code(1)
             }
-            _ if self.stopped => EndCause::Signal(15),
-            _ => std::future::pending().await,
+            (None, None) => std::future::pending().await,
         }
     }
 
@@ -104,7 +154,7 @@ impl Io for FakeIo {
 
     async fn launch(&mut self) -> Result<FakeWorker, Failure> {
         self.launches += 1;
-        let next = self.scripts.pop_front().unwrap_or(Ok(Script::Serves));
+        let next = self.scripts.pop_front().unwrap_or(Ok(serves()));
         self.note(format!("launch {}", self.launches));
         let script = next?;
         self.current = Some(script);
@@ -119,13 +169,12 @@ impl Io for FakeIo {
     }
 
     async fn registered(&mut self, _id: &WorkerId) -> WorkerRow {
-        match self.current {
-            Some(Script::Silent) | None => std::future::pending().await,
-            Some(Script::RegistersAfter(d)) => {
+        match self.current.and_then(|s| s.registers) {
+            None => std::future::pending().await,
+            Some(d) => {
                 tokio::time::sleep_until(self.started + d).await;
                 WorkerRow(i64::from(self.launches))
             }
-            _ => WorkerRow(i64::from(self.launches)),
         }
     }
 
@@ -134,15 +183,15 @@ impl Io for FakeIo {
     }
 
     async fn hung(&self, _row: WorkerRow) -> HungReason {
-        match self.current {
-            Some(Script::HangsAfter(d) | Script::StuckAfter(d)) => {
+        match self.current.and_then(|s| s.hangs) {
+            Some(d) => {
                 tokio::time::sleep(d).await;
                 HungReason::Heartbeat {
                     age: Duration::from_secs(31),
                     limit: Duration::from_secs(30),
                 }
             }
-            _ => std::future::pending().await,
+            None => std::future::pending().await,
         }
     }
 
@@ -176,7 +225,7 @@ impl Io for FakeIo {
     }
 
     async fn ready_to_drain(&self, _row: WorkerRow) {
-        if let Some(Script::StuckAfter(_)) = self.current {
+        if self.current.is_some_and(|s| s.stuck) {
             return std::future::pending().await;
         }
         self.note("drain".into());
@@ -243,10 +292,11 @@ async fn drive_with(
         stopper.cancel();
     });
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let t0 = Instant::now();
     let heard = tokio::spawn(async move {
         let mut answers = Vec::new();
         for (at, order) in orders {
-            tokio::time::sleep_until(Instant::now() + at - Instant::now().elapsed().min(at)).await;
+            tokio::time::sleep_until(t0 + at).await;
             let (done, waiter) = tokio::sync::oneshot::channel();
             tx.send(Command {
                 order,
@@ -277,7 +327,7 @@ fn at(log: &[(Duration, String)], prefix: &str) -> Vec<u128> {
 
 #[tokio::test(start_paused = true)]
 async fn a_crashing_worker_is_restarted_at_once_then_with_doubling_backoff_until_given_up() {
-    let dies = || Ok(Script::DiesAfter(Duration::from_millis(100)));
+    let dies = || Ok(dies_after(Duration::from_millis(100)));
     let log = drive(
         vec![dies(), dies(), dies(), dies(), dies(), dies()],
         restart(),
@@ -308,7 +358,7 @@ async fn a_crashing_worker_is_restarted_at_once_then_with_doubling_backoff_until
 #[tokio::test(start_paused = true)]
 async fn a_healthy_worker_is_replaced_at_once_and_stopped_with_the_pool() {
     let log = drive(
-        vec![Ok(Script::DiesAfter(Duration::from_secs(20))), Ok(Script::Serves)],
+        vec![Ok(dies_after(Duration::from_secs(20))), Ok(serves())],
         restart(),
         Duration::from_secs(25),
     )
@@ -334,12 +384,7 @@ async fn a_healthy_worker_is_replaced_at_once_and_stopped_with_the_pool() {
 
 #[tokio::test(start_paused = true)]
 async fn a_worker_that_never_registers_is_stopped_after_startup_timeout() {
-    let log = drive(
-        vec![Ok(Script::Silent), Ok(Script::Serves)],
-        restart(),
-        Duration::from_secs(15),
-    )
-    .await;
+    let log = drive(vec![Ok(silent()), Ok(serves())], restart(), Duration::from_secs(15)).await;
     assert!(
         log.iter()
             .any(|(t, w)| *t == Duration::from_secs(10)
@@ -353,7 +398,7 @@ async fn a_worker_that_never_registers_is_stopped_after_startup_timeout() {
 #[tokio::test(start_paused = true)]
 async fn a_hung_worker_is_marked_stopped_and_replaced() {
     let log = drive(
-        vec![Ok(Script::HangsAfter(Duration::from_secs(40))), Ok(Script::Serves)],
+        vec![Ok(hangs_after(Duration::from_secs(40))), Ok(serves())],
         restart(),
         Duration::from_secs(45),
     )
@@ -376,7 +421,7 @@ async fn faults_outside_the_worker_cool_down_and_the_slot_comes_back() {
         })
     };
     let mut scripts: Vec<Result<Script, Failure>> = (0..5).map(|_| outside()).collect();
-    scripts.push(Ok(Script::Serves));
+    scripts.push(Ok(serves()));
     let log = drive(scripts, restart(), Duration::from_secs(120)).await;
     // Five quick failures (0, 0.5, 1.5, 3.5 s backoff), then a 60 s
     // cool-down instead of giving up, then it serves.
@@ -387,7 +432,7 @@ async fn faults_outside_the_worker_cool_down_and_the_slot_comes_back() {
 
 #[tokio::test(start_paused = true)]
 async fn a_stop_during_backoff_ends_the_slot_at_once() {
-    let dies = || Ok(Script::DiesAfter(Duration::from_millis(10)));
+    let dies = || Ok(dies_after(Duration::from_millis(10)));
     let log = drive(vec![dies(), dies(), dies()], restart(), Duration::from_millis(300)).await;
     // Died at 10 and 20 ms; backing off 500 ms when the pool stops at 300.
     assert_eq!(at(&log, "launch"), vec![0, 10]);
@@ -407,7 +452,7 @@ fn restart_order(now: bool) -> Order {
 #[tokio::test(start_paused = true)]
 async fn a_replace_order_lets_the_job_finish_then_starts_a_new_worker_without_a_failure() {
     let (log, heard) = drive_with(
-        vec![Ok(Script::Serves), Ok(Script::Serves)],
+        vec![Ok(serves()), Ok(serves())],
         restart(),
         Duration::from_secs(10),
         vec![(Duration::from_secs(5), restart_order(false))],
@@ -439,7 +484,7 @@ async fn a_retire_order_ends_the_slot_before_the_pool_stops() {
         why: Why::Retire("scaled to 0".into()),
     };
     let (log, heard) = drive_with(
-        vec![Ok(Script::Serves)],
+        vec![Ok(serves())],
         restart(),
         Duration::from_secs(10),
         vec![(Duration::from_secs(2), retire)],
@@ -457,9 +502,9 @@ async fn a_retire_order_ends_the_slot_before_the_pool_stops() {
 
 #[tokio::test(start_paused = true)]
 async fn a_replace_order_revives_a_given_up_slot() {
-    let dies = || Ok(Script::DiesAfter(Duration::from_millis(100)));
+    let dies = || Ok(dies_after(Duration::from_millis(100)));
     let mut scripts: Vec<_> = (0..5).map(|_| dies()).collect();
-    scripts.push(Ok(Script::Serves));
+    scripts.push(Ok(serves()));
     let (log, heard) = drive_with(
         scripts,
         restart(),
@@ -474,7 +519,7 @@ async fn a_replace_order_revives_a_given_up_slot() {
 
 #[tokio::test(start_paused = true)]
 async fn a_built_in_worker_that_finishes_by_itself_is_recycled_not_counted() {
-    let finishes = || Ok(Script::FinishesAfter(Duration::from_secs(1)));
+    let finishes = || Ok(finishes_after(Duration::from_secs(1)));
     let (log, _) = drive_with(
         (0..8).map(|_| finishes()).collect(),
         restart(),
@@ -516,7 +561,7 @@ fn orders_to_go() -> [(Order, &'static str); 2] {
 async fn a_worker_told_to_leave_after_its_job_is_still_judged_hung() {
     for (order, then) in orders_to_go() {
         let (log, heard) = drive_with(
-            vec![Ok(Script::StuckAfter(Duration::from_secs(40))), Ok(Script::Serves)],
+            vec![Ok(stuck_after(Duration::from_secs(40))), Ok(serves())],
             restart(),
             Duration::from_secs(60),
             vec![(Duration::from_secs(5), order)],
@@ -544,7 +589,7 @@ async fn a_worker_told_to_leave_after_its_job_is_still_judged_hung() {
 async fn an_order_before_registration_waits_for_it_and_never_stops_a_job() {
     for (order, then) in orders_to_go() {
         let (log, heard) = drive_with(
-            vec![Ok(Script::RegistersAfter(Duration::from_secs(1))), Ok(Script::Serves)],
+            vec![Ok(registers_after(Duration::from_secs(1))), Ok(serves())],
             restart(),
             Duration::from_secs(10),
             vec![(Duration::from_millis(100), order)],
@@ -563,4 +608,132 @@ async fn an_order_before_registration_waits_for_it_and_never_stops_a_job() {
         assert!(what.contains(&then), "{what:#?}");
         assert_eq!(heard, vec![Ok(())]);
     }
+}
+
+/// Every interleaving of orders (replace or retire, after the job or at
+/// once; given before the worker registered, while it serves, and again
+/// while it drains) with what befalls the worker (it serves, dies before or
+/// after the order, hangs, or its job never ends): the rules always hold.
+/// A worker is never ended on purpose while it may be in a job unless an
+/// order said `now`; each worker ends once; nothing happens after the slot
+/// retired, and it retires exactly when told to; every order is answered.
+#[tokio::test(start_paused = true)]
+async fn every_interleaving_of_orders_and_failures_keeps_the_rules() {
+    let ms = Duration::from_millis;
+    let replace = |now| restart_order(now);
+    let retire = |now| Order::Retire {
+        now,
+        why: Why::Retire("scaled down".into()),
+    };
+    let fates: Vec<(&str, Script)> = vec![
+        ("serves", registers_after(ms(1000))),
+        (
+            "dies early",
+            Script {
+                dies: Some(ms(1500)),
+                ..registers_after(ms(1000))
+            },
+        ),
+        (
+            "dies late",
+            Script {
+                dies: Some(ms(2600)),
+                ..registers_after(ms(1000))
+            },
+        ),
+        (
+            "hangs",
+            Script {
+                hangs: Some(ms(1700)),
+                ..registers_after(ms(1000))
+            },
+        ),
+        (
+            "stuck in its job",
+            Script {
+                stuck: true,
+                hangs: Some(ms(3000)),
+                ..registers_after(ms(1000))
+            },
+        ),
+        ("never registers", silent()),
+    ];
+    let mut cases = 0;
+    for (fate, script) in &fates {
+        for first_at in [ms(100), ms(2000)] {
+            for first in [replace(false), replace(true), retire(false), retire(true)] {
+                for second in [None, Some(replace(false)), Some(retire(false)), Some(retire(true))] {
+                    let mut orders = vec![(first_at, first.clone())];
+                    if let Some(o) = &second {
+                        orders.push((first_at + ms(300), o.clone()));
+                    }
+                    let now_given = orders
+                        .iter()
+                        .any(|(_, o)| matches!(o, Order::Replace { now: true, .. } | Order::Retire { now: true, .. }));
+                    let retire_given = orders.iter().any(|(_, o)| matches!(o, Order::Retire { .. }));
+                    let (log, heard) = drive_with(
+                        vec![Ok(*script)],
+                        restart(),
+                        Duration::from_secs(30),
+                        orders.clone(),
+                        false,
+                    )
+                    .await;
+                    let what: Vec<&str> = log.iter().map(|(_, w)| w.as_str()).collect();
+                    let case = format!("{fate}, {orders:?}: {what:#?}");
+                    // Every order is answered (one sent after the slot
+                    // retired finds no slot, as the fleet's would).
+                    assert_eq!(heard.len(), orders.len(), "{case}");
+                    let removed_at = log.iter().find(|(_, w)| w == "removed").map(|(t, _)| *t);
+                    for ((at, _), h) in orders.iter().zip(&heard) {
+                        if h.as_ref().err().is_some_and(|e| e == "dropped") {
+                            assert!(removed_at.is_some_and(|t| t <= *at), "an order went unanswered: {case}");
+                        }
+                    }
+                    // It retires exactly when told to; nothing happens after.
+                    let removed = what.iter().position(|w| *w == "removed");
+                    assert_eq!(removed.is_some(), retire_given, "{case}");
+                    if let Some(r) = removed {
+                        assert_eq!(r, what.len() - 1, "{case}");
+                    }
+                    // Each worker ends once.
+                    let launched = what.iter().filter(|w| w.starts_with("launch")).count();
+                    for k in 1..=launched {
+                        let id = format!(" w{k} ");
+                        let ends = what
+                            .iter()
+                            .filter(|w| {
+                                w.contains(&id)
+                                    && ["end", "replaced", "retired", "recycled", "stopped"]
+                                        .iter()
+                                        .any(|e| w.starts_with(e))
+                            })
+                            .count()
+                            + what.iter().filter(|w| **w == format!("stopped w{k}")).count();
+                        assert!(ends <= 1, "w{k} ended {ends} times: {case}");
+                    }
+                    // Never ended on purpose while it may be in a job.
+                    if !now_given {
+                        for (i, w) in what.iter().enumerate() {
+                            let Some(k) = ["replaced w", "retired w"].iter().find_map(|p| w.strip_prefix(p)) else {
+                                continue;
+                            };
+                            let k = k.split(' ').next().unwrap();
+                            // Started, it may have claimed a job before the
+                            // slot saw it register.
+                            let launched = what[..i].iter().rposition(|x| *x == format!("launch {k}"));
+                            if let Some(l) = launched {
+                                assert!(
+                                    what[l..i].contains(&"drain"),
+                                    "w{k} ended on purpose without being told to finish its job: {case}"
+                                );
+                            }
+                        }
+                    }
+                    cases += 1;
+                }
+            }
+        }
+    }
+    assert_eq!(cases, 6 * 2 * 4 * 4);
 }
