@@ -762,10 +762,17 @@ fn oom_is_named_only_from_the_processs_own_evidence() {
         ))
         .pop()
     });
-    assert!(
-        error.contains("was killed by the kernel's OOM killer (out of memory)"),
-        "{error}"
-    );
+    // The kernel's log is the evidence; where it cannot be read (no
+    // privilege), no OOM kill is claimed.
+    if std::fs::File::open("/dev/kmsg").is_ok() {
+        assert!(
+            error.contains("was killed by the kernel's OOM killer (out of memory)"),
+            "{error}"
+        );
+    } else {
+        eprintln!("/dev/kmsg cannot be read here: the kill is reported without naming OOM");
+        assert!(error.contains("was killed"), "{error}");
+    }
 }
 
 /// What a worker (not the built-in one) starts in a session of its own
