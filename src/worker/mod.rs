@@ -186,13 +186,15 @@ pub async fn run(opts: WorkerOptions) -> anyhow::Result<()> {
     nix::sys::prctl::set_child_subreaper(true).context("becoming a child subreaper")?;
     let (conn, protocol) = db::open_existing(&me.db_path).map_err(|e| unavailable(e, &me))?;
     let row = register(&conn, protocol, &me).await.map_err(|e| unavailable(e, &me))?;
-    // SIGUSR1: finish the current job, then leave (a graceful replacement).
-    let finish = Arc::new(AtomicBool::new(false));
+    // SIGUSR1: finish the current job, then leave (a graceful
+    // replacement); an idle worker leaves at once.
+    let finish = Arc::new(Told::default());
     let mut usr1 = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())?;
-    let flag = finish.clone();
+    let told = finish.clone();
     tokio::spawn(async move {
         while usr1.recv().await.is_some() {
-            flag.store(true, Ordering::SeqCst);
+            told.flag.store(true, Ordering::SeqCst);
+            told.wake.notify_one();
         }
     });
     let bell = std::env::var_os(wake::BELL_VAR).map(PathBuf::from);
@@ -217,6 +219,14 @@ pub async fn run(opts: WorkerOptions) -> anyhow::Result<()> {
     worker.serve().await
 }
 
+/// SIGUSR1 came: finish the current job, then leave.
+#[derive(Default)]
+struct Told {
+    flag: AtomicBool,
+    /// Wakes an idle worker at once.
+    wake: tokio::sync::Notify,
+}
+
 /// A registered worker.
 struct Worker {
     conn: Connection,
@@ -232,7 +242,7 @@ struct Worker {
     /// The job claimed with the last one's outcome.
     next: Option<jobs::ClaimedJob>,
     /// Set by SIGUSR1: finish the current job, then leave.
-    finish: Arc<AtomicBool>,
+    finish: Arc<Told>,
     jobs_done: u32,
     /// Pacing while job commands cannot be started (a process limit).
     spawn_faults: Backoff,
@@ -255,7 +265,7 @@ impl Worker {
     async fn serve(&mut self) -> anyhow::Result<()> {
         let mut backoff = Backoff::default();
         while !self.stopping {
-            if self.finish.load(Ordering::SeqCst) {
+            if self.finish.flag.load(Ordering::SeqCst) {
                 info!(worker = %self.me.worker_id, "told to finish (SIGUSR1): leaving");
                 break;
             }
@@ -327,6 +337,8 @@ impl Worker {
                 self.stopping = true;
                 false
             }
+            // Told to leave: the loop sees the flag at once.
+            _ = self.finish.wake.notified() => false,
             changed = self.wake.changed(limit) => changed,
         };
         if woke && self.wake.needs_settling() {
@@ -334,11 +346,12 @@ impl Worker {
         }
     }
 
-    /// Sleeps `d`, or until asked to stop.
+    /// Sleeps `d`, or until asked to stop or to leave.
     async fn pause(&mut self, d: Duration) {
         tokio::select! {
             biased;
             _ = self.stop.recv() => self.stopping = true,
+            _ = self.finish.wake.notified() => {}
             _ = tokio::time::sleep(d) => {}
         }
     }
@@ -445,7 +458,7 @@ impl Worker {
         let mut backoff = Backoff::default();
         // The next job is claimed in the same transaction, unless this
         // worker is about to leave.
-        let leaving = self.finish.load(Ordering::SeqCst)
+        let leaving = self.finish.flag.load(Ordering::SeqCst)
             || self.opts.max_jobs.is_some_and(|n| self.jobs_done + 1 >= n)
             || self.stopping;
         let claimant = jobs::Claimant {
