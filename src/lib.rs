@@ -12,6 +12,7 @@ pub mod files;
 pub mod lock;
 pub mod logs;
 pub mod procs;
+pub mod stderr;
 pub mod supervisor;
 pub mod vocab;
 pub mod worker;
@@ -40,7 +41,7 @@ pub fn run(cli: Cli) -> i32 {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
+            stderr::line(&format!("error: cannot start the async runtime: {e}"));
             return 1;
         }
     };
@@ -51,19 +52,19 @@ pub fn run(cli: Cli) -> i32 {
         Ok(code) => code,
         Err(e) => {
             if let Some(c) = e.downcast_ref::<config::ConfigError>() {
-                eprintln!("error: {c}");
+                stderr::line(&format!("error: {c}"));
                 2
             } else if let Some(u) = e.downcast_ref::<UsageError>() {
-                eprintln!("error: {u}");
+                stderr::line(&format!("error: {u}"));
                 2
             } else if let Some(r) = e.downcast_ref::<db::Refused>() {
-                eprintln!("error: {r}");
+                stderr::line(&format!("error: {r}"));
                 2
             } else if let Some(d) = e.downcast_ref::<worker::DatabaseUnavailable>() {
-                eprintln!("error: {d}");
+                stderr::line(&format!("error: {d}"));
                 worker::EXIT_DATABASE_UNAVAILABLE
             } else {
-                eprintln!("error: {e:#}");
+                stderr::line(&format!("error: {e:#}"));
                 1
             }
         }
@@ -85,11 +86,12 @@ fn init_logging(cli: &Cli, default_level: &str) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
     if let Err(e) = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(stderr::Stderr)
         .with_ansi(commands::colour::enabled_on_stderr())
+        .log_internal_errors(false)
         .try_init()
     {
-        eprintln!("warning: logging is not set up: {e}");
+        stderr::line(&format!("warning: logging is not set up: {e}"));
     }
 }
 

@@ -37,3 +37,75 @@ fn idle_workers_told_to_leave_go_at_once() {
     });
     let _ = stdout(&out);
 }
+
+/// Kills slot 0's worker, waits for its replacement, and stops the pool.
+fn replaced_and_stopped(pool: &Pool, how: &str) {
+    let running = |pool: &Pool| {
+        pool.try_i64("SELECT pid FROM clx_pool_slots WHERE worker_type = 'w' AND slot = 0 AND state = 'running'")
+    };
+    let worker = wait_for("slot 0's worker", Duration::from_secs(30), || running(pool));
+    common::kill9(worker as i32);
+    wait_for(&format!("{how}: a replacement"), Duration::from_secs(20), || {
+        running(pool).filter(|pid| *pid != worker)
+    });
+    let out = pool.cli(&["stop", "--timeout", "30s"]);
+    assert!(out.status.success(), "{how}: {}", stderr(&out));
+}
+
+/// Its stderr gone — the pipe's reader exited, or the terminal closed — the
+/// supervisor logs on (the lines are dropped and counted), replaces a
+/// killed worker, and stops cleanly.
+#[test]
+fn a_gone_stderr_never_stops_supervision() {
+    // A pipe whose reader goes away at once.
+    let pool = Pool::new("", &sh_workers("w", 2, COPY));
+    let mut child = std::process::Command::new(common::bin())
+        .args(["start", "--config"])
+        .arg(pool.config())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    drop(child.stderr.take());
+    let mut supervisor = common::OwnedChild(child);
+    replaced_and_stopped(&pool, "closed pipe");
+    let status = wait_for("the supervisor to exit", Duration::from_secs(10), || {
+        supervisor.0.try_wait().unwrap()
+    });
+    assert_eq!(status.code(), Some(0), "closed pipe");
+
+    // A terminal (pty) that goes away: a helper starts the supervisor on
+    // it, waits for its pool, closes the terminal and exits.
+    let pool = Pool::new("", &sh_workers("w", 2, COPY));
+    let script = format!(
+        "import os, pty, sqlite3, time\n\
+         pid, fd = pty.fork()\n\
+         if pid == 0:\n    os.execv({bin:?}, [{bin:?}, 'start', '--config', {cfg:?}])\n\
+         print(pid, flush=True)\n\
+         for _ in range(600):\n\
+         \x20   try:\n\
+         \x20       if sqlite3.connect({db:?}).execute(\"SELECT COUNT(*) FROM clx_pool_slots WHERE state = 'running'\").fetchone()[0] == 2: break\n\
+         \x20   except Exception: pass\n\
+         \x20   time.sleep(0.05)\n\
+         os.close(fd)\n",
+        bin = common::bin(),
+        cfg = pool.config().to_str().unwrap(),
+        db = pool.db_path().to_str().unwrap()
+    );
+    let out = std::process::Command::new("python3")
+        .args(["-c", &script])
+        .output()
+        .unwrap();
+    let pid: i32 = stdout(&out)
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("{}", stderr(&out)));
+    let _supervisor = common::ChildGuard(Some(pid));
+    assert!(common::alive(pid), "the supervisor died with its terminal");
+    replaced_and_stopped(&pool, "vanished terminal");
+    wait_for("the supervisor to exit", Duration::from_secs(10), || {
+        (!common::alive(pid)).then_some(())
+    });
+}

@@ -264,7 +264,7 @@ impl Config {
         let env: Vec<(String, String)> = std::env::vars().filter(|(k, _)| k.starts_with("CLX_POOL_")).collect();
         let config = Config::parse(path, &text, &env)?;
         for w in &config.warnings {
-            eprintln!("warning: {w}");
+            crate::stderr::line(&format!("warning: {w}"));
         }
         Ok(config)
     }

@@ -136,6 +136,13 @@ pub fn render(conn: &Connection, protocol: Protocol, counters: Option<&Metrics>)
             Unit::Seconds,
             m.job_seconds.clone(),
         );
+        let dropped = Counter::<u64>::default();
+        dropped.inc_by(crate::stderr::dropped());
+        r.register(
+            "clx_pool_log_lines_dropped",
+            "Lines the supervisor could not write to its stderr (a closed terminal or pipe)",
+            dropped,
+        );
     }
     gauges(conn, protocol, &mut r)?;
     let mut text = String::new();
