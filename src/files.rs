@@ -13,6 +13,40 @@ pub const FILE_MODE: u32 = 0o644;
 /// Mode of the folders it creates.
 pub const DIR_MODE: u32 = 0o755;
 
+/// Refuses, at once and without opening it, a path that exists and is not
+/// a regular file: opening a FIFO waits for a writer, a device may block or
+/// never end, so reading either would stop the reader for ever.
+pub fn regular_or_missing(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let Ok(meta) = std::fs::metadata(path) else {
+        return Ok(());
+    };
+    let t = meta.file_type();
+    let what = if t.is_file() {
+        return Ok(());
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_char_device() || t.is_block_device() {
+        "a device"
+    } else if t.is_dir() {
+        "a directory"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        "not a file"
+    };
+    Err(std::io::Error::new(
+        std::io::ErrorKind::InvalidInput,
+        format!("it is {what}, not a regular file"),
+    ))
+}
+
+/// Reads a whole regular file (see [`regular_or_missing`]).
+pub fn read_regular(path: &Path) -> std::io::Result<String> {
+    regular_or_missing(path)?;
+    std::fs::read_to_string(path)
+}
+
 /// Creates `dir` and its missing parents with [`DIR_MODE`] (never
 /// world-writable, whatever the umask).
 pub fn create_dirs(dir: &Path) -> std::io::Result<()> {

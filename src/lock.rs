@@ -36,6 +36,7 @@ fn handle(db: &Path, create: bool) -> std::io::Result<&'static File> {
     if let Some(f) = handles.get(db) {
         return Ok(f);
     }
+    crate::files::regular_or_missing(db)?;
     let existed = db.exists();
     let file = OpenOptions::new()
         .read(true)

@@ -109,3 +109,78 @@ fn a_gone_stderr_never_stops_supervision() {
         (!common::alive(pid)).then_some(())
     });
 }
+
+/// Runs a clx-pool command that must end within `limit`; its output.
+fn within(limit: Duration, args: &[&std::ffi::OsStr]) -> std::process::Output {
+    let child = std::process::Command::new(common::bin())
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut child = common::OwnedChild(child);
+    let what = format!("{args:?} to end");
+    wait_for(&what, limit, || child.0.try_wait().unwrap());
+    let mut out = std::process::Output {
+        status: child.0.try_wait().unwrap().unwrap(),
+        stdout: Vec::new(),
+        stderr: Vec::new(),
+    };
+    use std::io::Read;
+    child.0.stdout.take().unwrap().read_to_end(&mut out.stdout).unwrap();
+    child.0.stderr.take().unwrap().read_to_end(&mut out.stderr).unwrap();
+    out
+}
+
+fn mkfifo(path: &std::path::Path) {
+    nix::unistd::mkfifo(path, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+}
+
+/// A config (or database) that is a FIFO is refused at once: reading it
+/// would wait for a writer for ever. A reload of one leaves the running
+/// pool as it was, supervising.
+#[test]
+fn a_fifo_is_refused_at_once_and_never_freezes_the_supervisor() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("pool.toml");
+    mkfifo(&fifo);
+    for cmd in ["check", "start"] {
+        let out = within(
+            Duration::from_secs(10),
+            &[cmd.as_ref(), "--config".as_ref(), fifo.as_os_str()],
+        );
+        assert_eq!(out.status.code(), Some(2), "{cmd}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains("a FIFO, not a regular file"),
+            "{cmd}: {}",
+            stderr(&out)
+        );
+    }
+    let db = dir.path().join("jobs.db");
+    mkfifo(&db);
+    let out = within(
+        Duration::from_secs(10),
+        &["stats".as_ref(), "--db".as_ref(), db.as_os_str()],
+    );
+    assert_ne!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stderr(&out).contains("a FIFO, not a regular file"), "{}", stderr(&out));
+
+    let mut pool = Pool::new("", &sh_workers("w", 1, COPY));
+    pool.start_ready();
+    std::fs::remove_file(pool.config()).unwrap();
+    mkfifo(&pool.config());
+    let out = within(
+        Duration::from_secs(15),
+        &["reload".as_ref(), "--db".as_ref(), pool.db_path().as_os_str()],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("a FIFO, not a regular file"), "{}", stderr(&out));
+    common::signal(pool.supervisor_pid(), nix::sys::signal::Signal::SIGHUP);
+    replaced_and_stopped_one(&pool);
+}
+
+/// Kills the one worker of `w`, waits for its replacement, stops the pool.
+fn replaced_and_stopped_one(pool: &Pool) {
+    replaced_and_stopped(pool, "after a FIFO");
+}

@@ -61,7 +61,7 @@ pub struct ApiServer {
 /// The token: read from `file` (trimmed, not empty), or 32 random bytes.
 pub fn token(file: Option<&Path>) -> anyhow::Result<Arc<str>> {
     if let Some(file) = file {
-        let text = std::fs::read_to_string(file)
+        let text = crate::files::read_regular(file)
             .with_context(|| format!("reading the worker API token from {}", file.display()))?;
         let t = text.trim();
         anyhow::ensure!(!t.is_empty(), "the worker API token file {} is empty", file.display());

@@ -251,7 +251,7 @@ impl Config {
     /// Reads, overrides from the environment, and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let path = &normalize(&std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf()));
-        let text = std::fs::read_to_string(path).map_err(|e| {
+        let text = crate::files::read_regular(path).map_err(|e| {
             ConfigError(vec![Problem {
                 source: Source::File {
                     path: path.to_path_buf(),

@@ -43,6 +43,7 @@ pub struct Refused {
 /// clx-pool's own tables up to date. A database that is refused is left
 /// byte for byte as it was.
 pub fn open(path: &Path, wanted: Option<Protocol>) -> anyhow::Result<(Connection, Protocol)> {
+    regular(path)?;
     if let Some(dir) = path.parent() {
         crate::files::create_dirs(dir).with_context(|| format!("creating the database folder {}", dir.display()))?;
     }
@@ -77,10 +78,17 @@ pub fn peek(path: &Path) -> anyhow::Result<Option<schema::Found>> {
     }
 }
 
+/// A database path that is there must be a regular file: SQLite would
+/// wait for ever on a FIFO.
+fn regular(path: &Path) -> anyhow::Result<()> {
+    crate::files::regular_or_missing(path).with_context(|| format!("the database {}", path.display()))
+}
+
 fn read_only_connection(path: &Path) -> anyhow::Result<Option<Connection>> {
     if !path.exists() {
         return Ok(None);
     }
+    regular(path)?;
     let conn = Connection::open_with_flags(
         path,
         rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
@@ -146,6 +154,7 @@ pub fn open_if_ready(path: &Path) -> anyhow::Result<Option<(Connection, Protocol
     if !path.exists() {
         return Ok(None);
     }
+    regular(path)?;
     let conn = Connection::open(path).with_context(|| format!("opening the database {}", path.display()))?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
     let found = schema::detect(&conn).with_context(|| format!("reading the database {}", path.display()))?;

@@ -298,7 +298,12 @@ impl Drop for Pool {
         for pid in self.processes() {
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
         }
-        let config = std::fs::read_to_string(self.config()).unwrap_or_default();
+        // (Only a regular file: a test may have put a FIFO there.)
+        let config = std::fs::metadata(self.config())
+            .ok()
+            .filter(|m| m.is_file())
+            .and_then(|_| std::fs::read_to_string(self.config()).ok())
+            .unwrap_or_default();
         if config.contains("\"docker\"") || config.contains("\"auto\"") {
             for id in self.containers() {
                 let _ = Command::new("docker").args(["rm", "-f", &id]).output();
