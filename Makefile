@@ -7,7 +7,7 @@ IMAGE ?= clx-pool/test:$(VERSION)
 TARGET := x86_64-unknown-linux-gnu
 STATIC_BIN := target/$(TARGET)/release/clx-pool
 
-.PHONY: build run demo test lint fmt clean install docker-image clm-test-image bench bench-quick clm-venv
+.PHONY: build run demo test lint fmt clean install docker-image clm-test-image bench bench-quick clm-venv tools-venv
 
 build:
 	$(CARGO) build --release
@@ -19,8 +19,9 @@ demo: build
 	CLX_POOL=$(BIN) CONFIG=$(CONFIG) sh scripts/demo.sh
 
 # One debug build serves unit and integration tests. The CLM tests use a
-# venv with today's CLM workers from PyPI (made once by clm-venv).
-test: clm-venv
+# venv with today's CLM workers from PyPI (made once by clm-venv), others a
+# venv of tools (the reference Prometheus parser; tools-venv).
+test: clm-venv tools-venv
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
 		$(CARGO) nextest run --no-fail-fast; \
 	else \
@@ -31,6 +32,9 @@ test: clm-venv
 # Python >= 3.12 found on PATH or under pyenv (skipped with a note if none).
 clm-venv:
 	bash scripts/clm-venv.sh
+
+tools-venv:
+	bash scripts/tools-venv.sh
 
 # A tiny image of the built-in worker (statically linked clx-pool + busybox),
 # made without any registry; the docker tests and the docker demo use it.

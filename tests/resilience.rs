@@ -184,3 +184,121 @@ fn a_fifo_is_refused_at_once_and_never_freezes_the_supervisor() {
 fn replaced_and_stopped_one(pool: &Pool) {
     replaced_and_stopped(pool, "after a FIFO");
 }
+
+/// Parses an OpenMetrics text with the reference parser (prometheus_client):
+/// its samples as (name, labels, value), or the parser's error.
+fn parse_metrics(
+    python: &std::path::Path,
+    text: &str,
+) -> Result<Vec<(String, std::collections::BTreeMap<String, String>, f64)>, String> {
+    use std::io::Write;
+    let script = "import json, sys\n\
+        from prometheus_client.openmetrics.parser import text_string_to_metric_families\n\
+        try:\n    fams = list(text_string_to_metric_families(sys.stdin.read()))\n\
+        except Exception as e:\n    print(json.dumps({'error': repr(e)})); sys.exit(0)\n\
+        print(json.dumps({'samples': [[s.name, s.labels, s.value] for f in fams for s in f.samples]}))\n";
+    let mut child = std::process::Command::new(python)
+        .args(["-c", script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    if let Some(e) = json.get("error") {
+        return Err(e.to_string());
+    }
+    Ok(json["samples"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            let labels = s[1]
+                .as_object()
+                .unwrap()
+                .iter()
+                .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string()))
+                .collect();
+            (s[0].as_str().unwrap().to_string(), labels, s[2].as_f64().unwrap())
+        })
+        .collect())
+}
+
+/// Job types and worker types are anyone's to choose (a job queued, a
+/// worker run by hand): whatever they hold, the metrics stay well-formed —
+/// the reference parser reads every series, with the exact values, and no
+/// series is forged.
+#[test]
+fn metrics_are_well_formed_whatever_the_job_and_worker_types() {
+    let Some(python) = common::tools_python() else { return };
+    let mut pool = Pool::new("", &sh_workers("copy", 1, COPY));
+    pool.start_ready();
+    // Fuzzed names, from a fixed seed, with the characters that matter.
+    let alphabet: Vec<char> = "ab \"\\\n{}=,#;:'\t\rüÿ✓💥/_-.0".chars().collect();
+    let mut seed: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut next = || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let mut names: Vec<String> = vec![
+        "x\"} 1\nforged_series{a=\"b\"} 99\n# EOF\n".into(),
+        "quote\"".into(),
+        "back\\slash".into(),
+        "new\nline".into(),
+    ];
+    for _ in 0..40 {
+        let len = 1 + next() % 12;
+        names.push(
+            (0..len)
+                .map(|_| alphabet[(next() % alphabet.len() as u64) as usize])
+                .collect(),
+        );
+    }
+    names.sort();
+    names.dedup();
+    let c = pool.conn();
+    for (i, name) in names.iter().enumerate() {
+        for _ in 0..=i % 3 {
+            c.execute(
+                "INSERT INTO jobs (job_type, status, input_file, output_file, content_hash, payload)
+                 VALUES (?1, 'pending', 'in', 'out', 'h', '{}')",
+                [name],
+            )
+            .unwrap();
+        }
+        c.execute(
+            "INSERT INTO workers (worker_type, container_id, status) VALUES (?1, ?2, 'idle')",
+            rusqlite::params![name, format!("by-hand-{i}")],
+        )
+        .unwrap();
+    }
+    let out = pool.cli(&["stats", "--prometheus"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    let samples = parse_metrics(&python, &text).unwrap_or_else(|e| panic!("the scrape does not parse: {e}\n{text}"));
+    assert!(
+        samples.iter().all(|(n, _, _)| n.starts_with("clx_pool_")),
+        "forged series: {:?}",
+        samples
+            .iter()
+            .filter(|(n, _, _)| !n.starts_with("clx_pool_"))
+            .collect::<Vec<_>>()
+    );
+    for (i, name) in names.iter().enumerate() {
+        let depth = samples
+            .iter()
+            .find(|(n, l, _)| n == "clx_pool_queue_depth" && l.get("worker_type") == Some(name))
+            .unwrap_or_else(|| panic!("no queue depth for {name:?}"));
+        assert_eq!(depth.2, (i % 3 + 1) as f64, "{name:?}");
+        assert!(
+            samples.iter().any(|(n, l, v)| n == "clx_pool_workers"
+                && l.get("worker_type") == Some(name)
+                && l.get("state").map(String::as_str) == Some("idle")
+                && *v == 1.0),
+            "no worker series for {name:?}"
+        );
+    }
+}

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -22,28 +22,62 @@ use rusqlite::Connection;
 use crate::db;
 use crate::vocab::{EndEvent, Protocol};
 
+/// A label value, escaped as the text format asks (a backslash, a double
+/// quote and a line feed become `\\`, `\"` and `\n`): prometheus-client
+/// writes values as they are, so a job type with a `"` in it (anyone may
+/// queue one) would break the whole scrape or forge series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct Text(pub String);
+
+impl From<String> for Text {
+    fn from(s: String) -> Text {
+        Text(s)
+    }
+}
+
+impl From<&str> for Text {
+    fn from(s: &str) -> Text {
+        Text(s.to_string())
+    }
+}
+
+impl EncodeLabelValue for Text {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> std::fmt::Result {
+        use std::fmt::Write;
+        for c in self.0.chars() {
+            match c {
+                '\\' => encoder.write_str("\\\\")?,
+                '"' => encoder.write_str("\\\"")?,
+                '\n' => encoder.write_str("\\n")?,
+                c => encoder.write_char(c)?,
+            }
+        }
+        Ok(())
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TypeLabel {
-    pub worker_type: String,
+    pub worker_type: Text,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EndLabels {
-    pub worker_type: String,
-    pub cause: String,
+    pub worker_type: Text,
+    pub cause: Text,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabels {
-    worker_type: String,
-    state: String,
+    worker_type: Text,
+    state: Text,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct WorkerLabels {
-    worker_type: String,
-    slot: String,
-    worker: String,
+    worker_type: Text,
+    slot: Text,
+    worker: Text,
 }
 
 type FloatGauge = Gauge<f64, AtomicU64>;
@@ -80,7 +114,7 @@ impl Metrics {
         let m = Metrics::default();
         for t in types {
             let label = TypeLabel {
-                worker_type: t.to_string(),
+                worker_type: t.to_string().into(),
             };
             drop(m.restarts.get_or_create(&label));
             drop(m.job_seconds.get_or_create(&label));
@@ -93,14 +127,14 @@ impl Metrics {
     pub fn worker_ended(&self, worker_type: &str, event: EndEvent, restart: bool) {
         self.ends
             .get_or_create(&EndLabels {
-                worker_type: worker_type.to_string(),
-                cause: event.to_string(),
+                worker_type: worker_type.to_string().into(),
+                cause: event.to_string().into(),
             })
             .inc();
         if restart {
             self.restarts
                 .get_or_create(&TypeLabel {
-                    worker_type: worker_type.to_string(),
+                    worker_type: worker_type.to_string().into(),
                 })
                 .inc();
         }
@@ -109,7 +143,7 @@ impl Metrics {
     pub fn job_finished(&self, worker_type: &str, seconds: f64) {
         self.job_seconds
             .get_or_create(&TypeLabel {
-                worker_type: worker_type.to_string(),
+                worker_type: worker_type.to_string().into(),
             })
             .observe(seconds);
     }
@@ -157,8 +191,8 @@ fn gauges(conn: &Connection, protocol: Protocol, r: &mut Registry) -> anyhow::Re
         for (status, n) in by_status {
             workers
                 .get_or_create(&StateLabels {
-                    worker_type: t.clone(),
-                    state: status,
+                    worker_type: t.clone().into(),
+                    state: status.into(),
                 })
                 .set(n);
         }
@@ -170,8 +204,8 @@ fn gauges(conn: &Connection, protocol: Protocol, r: &mut Registry) -> anyhow::Re
         *per_type.entry(s.worker_type.clone()).or_default() += 1;
         slots
             .get_or_create(&StateLabels {
-                worker_type: s.worker_type,
-                state: s.state.to_string(),
+                worker_type: s.worker_type.into(),
+                state: s.state.to_string().into(),
             })
             .inc();
     }
@@ -180,7 +214,11 @@ fn gauges(conn: &Connection, protocol: Protocol, r: &mut Registry) -> anyhow::Re
     let recorded = db::pool::wanted(conn)?;
     for (t, &n) in &per_type {
         let n = recorded.get(t).copied().unwrap_or(n);
-        wanted.get_or_create(&TypeLabel { worker_type: t.clone() }).set(n);
+        wanted
+            .get_or_create(&TypeLabel {
+                worker_type: t.clone().into(),
+            })
+            .set(n);
     }
     r.register("clx_pool_workers_wanted", "Workers the pool wants, per type", wanted);
     queue(conn, per_type.keys(), r)?;
@@ -204,25 +242,27 @@ fn queue<'a>(conn: &Connection, served: impl Iterator<Item = &'a String>, r: &mu
     let depth = Family::<TypeLabel, Gauge>::default();
     let oldest = Family::<TypeLabel, FloatGauge>::default();
     for t in served {
-        let label = TypeLabel { worker_type: t.clone() };
+        let label = TypeLabel {
+            worker_type: t.clone().into(),
+        };
         drop(depth.get_or_create(&label));
         drop(oldest.get_or_create(&label));
     }
     for c in db::admin::by_type(conn)? {
         jobs.get_or_create(&StateLabels {
-            worker_type: c.job_type.clone(),
-            state: c.status.to_string(),
+            worker_type: c.job_type.clone().into(),
+            state: c.status.to_string().into(),
         })
         .set(c.count);
         if c.status == crate::vocab::JobStatus::Pending {
             depth
                 .get_or_create(&TypeLabel {
-                    worker_type: c.job_type.clone(),
+                    worker_type: c.job_type.clone().into(),
                 })
                 .set(c.count);
             oldest
                 .get_or_create(&TypeLabel {
-                    worker_type: c.job_type,
+                    worker_type: c.job_type.into(),
                 })
                 .set(c.oldest_age.unwrap_or(0.0));
         }
@@ -243,9 +283,9 @@ fn per_worker(conn: &Connection, since: Option<&str>, r: &mut Registry) -> anyho
     let rss = Family::<WorkerLabels, FloatGauge>::default();
     for w in db::pool::worker_lines(conn, since, false)? {
         let labels = WorkerLabels {
-            worker_type: w.worker_type.clone(),
-            slot: w.slot.map(|s| s.to_string()).unwrap_or_default(),
-            worker: w.worker_id.to_string(),
+            worker_type: w.worker_type.clone().into(),
+            slot: w.slot.map(|s| s.to_string()).unwrap_or_default().into(),
+            worker: w.worker_id.to_string().into(),
         };
         if let Some(c) = w.cpu_percent {
             cpu.get_or_create(&labels).set(c / 100.0);
@@ -326,3 +366,34 @@ pub fn serve(
 }
 
 use axum::response::IntoResponse;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_values_are_escaped_as_the_text_format_asks() {
+        let family = Family::<TypeLabel, Gauge>::default();
+        for name in ["plain", "a\"b", "c\\d", "e\nf", "ü✓ {x=\"y\"} 1"] {
+            family
+                .get_or_create(&TypeLabel {
+                    worker_type: name.into(),
+                })
+                .set(1);
+        }
+        let mut r = Registry::default();
+        r.register("t", "test", family);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &r).unwrap();
+        for want in [
+            r#"t{worker_type="plain"} 1"#,
+            r#"t{worker_type="a\"b"} 1"#,
+            r#"t{worker_type="c\\d"} 1"#,
+            r#"t{worker_type="e\nf"} 1"#,
+            r#"t{worker_type="ü✓ {x=\"y\"} 1"} 1"#,
+        ] {
+            assert!(text.lines().any(|l| l == want), "{want}\n{text}");
+        }
+        assert_eq!(text.lines().filter(|l| l.starts_with("t{")).count(), 5, "{text}");
+    }
+}

@@ -774,3 +774,23 @@ impl Drop for Cgroup {
         }
     }
 }
+
+/// The Python of the tools venv (`scripts/tools-venv.sh`, run by `make
+/// test`), with the reference Prometheus parser; None (skipped with a
+/// message) without it, except under CI=true.
+pub fn tools_python() -> Option<PathBuf> {
+    let venv = std::env::var_os("TOOLS_TEST_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_path("target/tools-venv"));
+    if venv.join(".clx-pool-installed").exists() {
+        return Some(venv.join("bin/python"));
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("no tools venv at {} (scripts/tools-venv.sh)", venv.display());
+    }
+    eprintln!(
+        "SKIPPED: no tools venv at {} (run scripts/tools-venv.sh)",
+        venv.display()
+    );
+    None
+}
