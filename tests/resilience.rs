@@ -185,12 +185,12 @@ fn replaced_and_stopped_one(pool: &Pool) {
     replaced_and_stopped(pool, "after a FIFO");
 }
 
+/// A sample: its name, its labels, its value.
+type Sample = (String, std::collections::BTreeMap<String, String>, f64);
+
 /// Parses an OpenMetrics text with the reference parser (prometheus_client):
-/// its samples as (name, labels, value), or the parser's error.
-fn parse_metrics(
-    python: &std::path::Path,
-    text: &str,
-) -> Result<Vec<(String, std::collections::BTreeMap<String, String>, f64)>, String> {
+/// its samples, or the parser's error.
+fn parse_metrics(python: &std::path::Path, text: &str) -> Result<Vec<Sample>, String> {
     use std::io::Write;
     let script = "import json, sys\n\
         from prometheus_client.openmetrics.parser import text_string_to_metric_families\n\
