@@ -9,6 +9,7 @@ pub mod config;
 pub mod db;
 pub mod executor;
 pub mod files;
+pub mod listen;
 pub mod lock;
 pub mod logs;
 pub mod procs;

@@ -302,3 +302,65 @@ fn metrics_are_well_formed_whatever_the_job_and_worker_types() {
         );
     }
 }
+
+/// Hundreds of idle and half-sent connections to the control socket and to
+/// `/metrics` (anyone on the machine may connect there), under a lowered
+/// descriptor limit: the listeners cap and time them out, so a killed
+/// worker is still replaced at once, the accept loops never spin, and the
+/// pool stops cleanly.
+#[test]
+fn idle_and_half_sent_connections_never_stop_supervision() {
+    use std::io::Write;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut pool = Pool::new(
+        &format!("metrics_listen = \"127.0.0.1:{port}\"\ncheck_interval = \"200ms\"\n"),
+        &sh_workers("w", 2, COPY),
+    );
+    let log = std::fs::File::create(pool.path("supervisor.log")).unwrap();
+    let child = std::process::Command::new("prlimit")
+        .args(["--nofile=200:200", common::bin(), "start", "--config"])
+        .arg(pool.config())
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    pool.supervisor = Some(child);
+    let out = pool.cli(&["wait", "--ready", "--timeout", "30s"]);
+    assert!(out.status.success(), "{}\n{}", stderr(&out), pool.supervisor_log());
+    let socket = format!("{}.sock", pool.db_path().display());
+    // (Each listener's backlog holds 128 beyond what it accepted; more
+    // would wait in connect.)
+    let mut held = Vec::new();
+    for i in 0..150 {
+        let mut unix = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+        if i % 2 == 0 {
+            unix.write_all(b"{\"command\": ").unwrap();
+        }
+        held.push(Box::new(unix) as Box<dyn std::any::Any>);
+    }
+    for i in 0..140 {
+        let mut tcp = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        if i % 2 == 0 {
+            tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n").unwrap();
+        }
+        held.push(Box::new(tcp));
+    }
+    let supervisor = pool.supervisor_pid();
+    let fds = std::fs::read_dir(format!("/proc/{supervisor}/fd")).unwrap().count();
+    assert!(fds < 200, "the supervisor holds {fds} descriptors");
+    replaced_and_stopped(&pool, "under a flood of connections");
+    let status = pool.wait_supervisor_exit(Duration::from_secs(20));
+    assert_eq!(status, 0, "{}", pool.supervisor_log());
+    let complaints = pool.supervisor_log().matches("cannot accept").count();
+    assert!(
+        complaints <= 4,
+        "{complaints} accept warnings:\n{}",
+        pool.supervisor_log()
+    );
+    drop(held);
+}

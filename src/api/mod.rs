@@ -27,6 +27,19 @@ use tokio_util::sync::CancellationToken;
 
 use crate::db::Db;
 
+/// What one client of the Worker API gets: its request's headers within
+/// 10 s, a connection for at most 5 minutes (a worker opens another), and
+/// at most [`CONNECTIONS`] at once.
+pub const LIMITS: crate::listen::Limits = crate::listen::Limits {
+    connections: CONNECTIONS,
+    request_within: Duration::from_secs(10),
+    connection_within: Duration::from_secs(300),
+};
+
+/// Connections the Worker API keeps open at once: a worker holds one or
+/// two; more wait in the kernel's backlog.
+pub const CONNECTIONS: usize = 512;
+
 /// The name containers use for the host (CLM's `DOCKER_HOST_ALIAS`).
 pub const HOST_ALIAS: &str = "host.docker.internal";
 
@@ -113,15 +126,13 @@ pub async fn start(
     let mut tasks = JoinSet::new();
     for listener in listeners {
         let (router, stop) = (router.clone(), stop.clone());
-        tasks.spawn(async move {
-            let addr = listener.local_addr().ok();
-            if let Err(e) = axum::serve(listener, router)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await
-            {
-                tracing::error!(?addr, "the worker API stopped: {e}");
-            }
-        });
+        tasks.spawn(crate::listen::serve(
+            listener,
+            LIMITS,
+            stop,
+            "the worker API",
+            move |io| crate::listen::http(io, router.clone(), LIMITS),
+        ));
     }
     Ok(ApiServer {
         endpoint,

@@ -28,11 +28,20 @@ use super::rollout::{OperationId, Operations};
 /// The supervisor answers every request within this, or refuses it.
 pub const ANSWER_WITHIN: Duration = Duration::from_secs(10);
 
-/// Requests that may wait for the supervisor at once; more are refused.
-pub const WAITING: usize = 64;
+/// Requests that may wait for the supervisor at once, and connections
+/// open at once; more are refused (or wait in the kernel's backlog).
+pub const WAITING: usize = 32;
 
 /// How long a client may take to send its request.
 const REQUEST_WITHIN: Duration = Duration::from_secs(5);
+
+/// What one client of the control socket gets: idle or half-sent
+/// connections are closed, and no more than [`WAITING`] are open at once.
+const LIMITS: crate::listen::Limits = crate::listen::Limits {
+    connections: WAITING,
+    request_within: REQUEST_WITHIN,
+    connection_within: Duration::from_secs(20),
+};
 
 /// A request, as sent on the socket (one JSON line).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -143,22 +152,16 @@ pub fn serve(db: &Path, token: CancellationToken, operations: Operations) -> any
         .with_context(|| format!("restricting {}", path.display()))?;
     let (tx, rx) = mpsc::channel(WAITING);
     tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                _ = token.cancelled() => break,
-                accepted = listener.accept() => match accepted {
-                    Ok((stream, _)) => {
-                        let (tx, stop, ops) = (tx.clone(), token.clone(), operations.clone());
-                        tokio::spawn(async move {
-                            if let Err(e) = answer(stream, tx, stop, ops).await {
-                                debug!("control connection: {e}");
-                            }
-                        });
-                    }
-                    Err(e) => warn!("control socket: {e}"),
-                },
+        let stop = token.clone();
+        crate::listen::serve(listener, LIMITS, token, "control socket", move |stream| {
+            let (tx, stop, ops) = (tx.clone(), stop.clone(), operations.clone());
+            async move {
+                if let Err(e) = answer(stream, tx, stop, ops).await {
+                    debug!("control connection: {e}");
+                }
             }
-        }
+        })
+        .await;
         if let Err(e) = std::fs::remove_file(&path) {
             debug!("removing the control socket: {e}");
         }

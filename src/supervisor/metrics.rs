@@ -354,16 +354,19 @@ pub fn serve(
             }
         }),
     );
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app)
-            .with_graceful_shutdown(token.cancelled_owned())
-            .await
-        {
-            tracing::error!("metrics server: {e}");
-        }
-    });
+    tokio::spawn(crate::listen::serve(listener, LIMITS, token, "/metrics", move |io| {
+        crate::listen::http(io, app.clone(), LIMITS)
+    }));
     Ok(bound)
 }
+
+/// What one client of `/metrics` gets: a scraper needs one connection, a
+/// few seconds for its request and a few for the answer.
+const LIMITS: crate::listen::Limits = crate::listen::Limits {
+    connections: 16,
+    request_within: std::time::Duration::from_secs(5),
+    connection_within: std::time::Duration::from_secs(60),
+};
 
 use axum::response::IntoResponse;
 

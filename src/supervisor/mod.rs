@@ -137,7 +137,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 /// every entry, the cleanup after an earlier run, the new run's record.
 async fn prepare(config: &Arc<Config>) -> anyhow::Result<Prepared> {
     let pool = &config.pool;
-    raise_open_files_limit(config.total_workers())?;
+    raise_open_files_limit(config.total_workers(), listener_connections(config))?;
     // Held until the process exits (see `lock`).
     let _lock: SupervisorLock = SupervisorLock::acquire(&pool.db_path)?;
     // Orphaned descendants of workers (a `setsid` grandchild whose parent
@@ -466,23 +466,35 @@ async fn record_state(db: &Db, state: SupervisorState) {
     }
 }
 
-/// Open files a pool needs: a few for the supervisor itself, and per worker
-/// its output pipe, its log file and its process handle (or, in docker
-/// mode, its log stream), with room for a replacement starting while the
-/// old worker is being stopped.
-fn open_files_needed(workers: u32) -> u64 {
-    64 + 6 * u64::from(workers)
+/// Open files a pool needs: a few for the supervisor itself and its
+/// control socket's connections, per worker its output pipe, its log file
+/// and its process handle (or, in docker mode, its log stream), with room
+/// for a replacement starting while the old worker is being stopped, and
+/// the connections `/metrics` and the Worker API may hold.
+fn open_files_needed(workers: u32, listeners: u64) -> u64 {
+    64 + 6 * u64::from(workers) + listeners
+}
+
+/// Connections the pool's listeners other than the control socket may hold.
+fn listener_connections(config: &Config) -> u64 {
+    let metrics = if config.pool.metrics_listen.is_some() { 16 } else { 0 };
+    let api = config.pool.protocol != Some(Protocol::Clx)
+        && config.workers.iter().any(|w| {
+            w.execution_mode != crate::config::ExecutionMode::Direct
+                && !matches!(w.program, WorkerProgram::JobCommand(_))
+        });
+    metrics + if api { api::CONNECTIONS as u64 } else { 0 }
 }
 
 /// Raises the soft open-files limit to the hard one (workers inherit it)
 /// and refuses, before anything starts, a pool that cannot fit under it.
-fn raise_open_files_limit(workers: u32) -> anyhow::Result<()> {
+fn raise_open_files_limit(workers: u32, listeners: u64) -> anyhow::Result<()> {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
     let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).context("reading the open-files limit")?;
     if soft < hard {
         setrlimit(Resource::RLIMIT_NOFILE, hard, hard).context("raising the open-files limit")?;
     }
-    let needed = open_files_needed(workers);
+    let needed = open_files_needed(workers, listeners);
     if hard < needed {
         anyhow::bail!(
             "a pool of {workers} workers needs about {needed} open files, but the limit is {hard} (hard limit); \
