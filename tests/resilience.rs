@@ -364,3 +364,91 @@ fn idle_and_half_sent_connections_never_stop_supervision() {
     );
     drop(held);
 }
+
+/// The control socket, removed by someone, is made again: `scale` and
+/// `stop` reach the supervisor.
+#[test]
+fn a_removed_control_socket_is_made_again() {
+    let mut pool = Pool::new("", &sh_workers("w", 1, COPY));
+    pool.start_ready();
+    std::fs::remove_file(format!("{}.sock", pool.db_path().display())).unwrap();
+    wait_for("the control socket to answer again", Duration::from_secs(20), || {
+        pool.cli(&["scale", "w=2"]).status.success().then_some(())
+    });
+    wait_for("two workers", Duration::from_secs(20), || {
+        (pool.try_i64("SELECT COUNT(*) FROM clx_pool_slots WHERE state = 'running'")? == 2).then_some(())
+    });
+    let out = pool.cli(&["stop", "--timeout", "30s"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("stopped the supervisor"), "{}", stdout(&out));
+}
+
+/// A bell removed by someone is made again, and the workers that opened
+/// the old one still hear it: idle workers are woken by jobs at once, not
+/// at their next heartbeat (every 10 s here).
+#[test]
+fn a_removed_bell_still_wakes_the_idle_workers() {
+    let mut pool = Pool::new("heartbeat_timeout = \"60s\"\n", &sh_workers("w", 2, COPY));
+    pool.start_ready();
+    let bell = pool.path(".jobs.db.bell-w");
+    assert!(bell.exists());
+    std::fs::remove_file(&bell).unwrap();
+    // Workers started after the removal wait on the bell made again.
+    let out = pool.cli(&["scale", "w=3"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    wait_for("the bell to be made again", Duration::from_secs(10), || {
+        bell.exists().then_some(())
+    });
+    wait_for("three workers", Duration::from_secs(20), || {
+        (pool.try_i64("SELECT COUNT(*) FROM workers WHERE status = 'idle'")? == 3).then_some(())
+    });
+    for i in 0..5 {
+        let job = pool.submit_with("w", &format!("b{i}.txt"), &[]);
+        let out = pool.cli(&["wait", "--jobs", &job.to_string(), "--timeout", "5s"]);
+        assert!(
+            out.status.success(),
+            "job {i} was not picked up at once: {}",
+            stderr(&out)
+        );
+    }
+}
+
+/// The database deleted under a running pool: the supervisor says so and
+/// stops the pool cleanly, instead of running on unseen.
+#[test]
+fn a_deleted_database_stops_the_pool_with_a_clear_error() {
+    let mut pool = Pool::new("", &sh_workers("w", 2, COPY));
+    pool.start_ready();
+    let workers = pool.processes();
+    assert!(!workers.is_empty());
+    std::fs::remove_file(pool.db_path()).unwrap();
+    let code = pool.wait_supervisor_exit(Duration::from_secs(20));
+    assert_eq!(code, 1, "{}", pool.supervisor_log());
+    assert!(
+        pool.supervisor_log().contains("was deleted while the pool ran"),
+        "{}",
+        pool.supervisor_log()
+    );
+    assert!(workers.iter().all(|p| !common::alive(*p)), "workers left running");
+}
+
+/// A database deep in a folder tree: its socket's path is longer than a
+/// socket address holds; the pool starts, answers and stops all the same.
+#[test]
+fn a_database_path_longer_than_a_socket_address_works() {
+    let dir = tempfile::Builder::new().prefix("clx-pool-test-").tempdir().unwrap();
+    let deep = dir
+        .path()
+        .join("a-rather-long-folder-name-".repeat(5))
+        .join("and-one-more-level-of-it");
+    std::fs::create_dir_all(&deep).unwrap();
+    let db = deep.join("jobs.db");
+    assert!(format!("{}.sock", db.display()).len() > 107);
+    let mut pool = Pool::with_db("", &sh_workers("w", 1, COPY), &db);
+    pool.start_ready();
+    let out = pool.cli(&["scale", "w=2"]);
+    assert!(out.status.success(), "{}{}", stderr(&out), pool.supervisor_log());
+    let out = pool.cli(&["stop", "--timeout", "30s"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("stopped the supervisor"), "{}", stdout(&out));
+}

@@ -4,9 +4,16 @@
 //! that type's idle workers wait on. One process looking at every commit
 //! instead of every idle worker: the heartbeats of hundreds of idle
 //! workers then wake nobody.
+//!
+//! The supervisor keeps every bell it made open and rings through that
+//! descriptor, so a bell removed by someone (a cleanup job, `rm`) still
+//! reaches the workers that opened it; within a second it is made again
+//! for the workers that start later, and both are rung.
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::{LazyLock, Mutex};
 use std::time::Duration;
 
 use rusqlite::Connection;
@@ -14,6 +21,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::db;
 use crate::worker::wake::{Wake, bell_path, open_bell};
+
+/// The bells made, by path: every one made there (the latest last), open.
+static BELLS: LazyLock<Mutex<HashMap<PathBuf, Vec<std::fs::File>>>> = LazyLock::new(Default::default);
+
+fn bells() -> std::sync::MutexGuard<'static, HashMap<PathBuf, Vec<std::fs::File>>> {
+    BELLS.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// After a write to the WAL the commit is published a moment later: look
 /// again after these delays until it shows.
@@ -33,6 +47,7 @@ pub async fn run(db_path: PathBuf, token: CancellationToken) {
             // A periodic look as well: a change inotify did not report.
             _ = wake.changed(Duration::from_secs(1)) => {}
         }
+        heal();
         for delay in SETTLE {
             tokio::time::sleep(Duration::from_millis(delay)).await;
             match look(&conn, &db_path, &mut seen) {
@@ -78,45 +93,80 @@ fn look(conn: &Connection, db_path: &Path, seen: &mut Option<i64>) -> rusqlite::
 const MAX_RINGS: i64 = 64;
 
 /// `times` bytes into the bell, one per job waiting: each wakes one idle
-/// worker; a full bell (nobody listening) stays full.
+/// worker; a full bell (nobody listening) stays full. Every bell made at
+/// that path is rung (workers started before it was removed wait on the
+/// old one).
 fn ring(bell: &Path, times: i64) {
-    let Some(mut f) = open_bell(bell) else {
+    let mut all = bells();
+    let Some(open) = all.get_mut(bell) else {
         tracing::debug!(bell = %bell.display(), "no bell to ring");
         return;
     };
-    if let Err(e) = f.write_all(&vec![b'1'; times as usize])
-        && e.kind() != std::io::ErrorKind::WouldBlock
-    {
-        tracing::debug!(bell = %bell.display(), "ringing: {e}");
+    for f in open.iter_mut() {
+        if let Err(e) = f.write_all(&vec![b'1'; times as usize])
+            && e.kind() != std::io::ErrorKind::WouldBlock
+        {
+            tracing::debug!(bell = %bell.display(), "ringing: {e}");
+        }
     }
+}
+
+/// Makes again every bell that is gone or is no longer the one made.
+fn heal() {
+    let lost: Vec<PathBuf> = bells()
+        .iter()
+        .filter(|(path, open)| !is_current(path, open.last()))
+        .map(|(path, _)| path.clone())
+        .collect();
+    for path in lost {
+        tracing::warn!(bell = %path.display(), "a bell was removed or replaced: making it again");
+        make(&path);
+    }
+}
+
+/// Whether the FIFO at `path` is the one `open` holds.
+fn is_current(path: &Path, open: Option<&std::fs::File>) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let (Ok(there), Some(Ok(held))) = (std::fs::symlink_metadata(path), open.map(|f| f.metadata())) else {
+        return false;
+    };
+    (there.dev(), there.ino()) == (held.dev(), held.ino())
 }
 
 /// Creates the bells (FIFOs) of `types` before their workers start.
 pub fn install(db_path: &Path, types: &[String]) {
-    use nix::sys::stat::Mode;
     for t in types {
         let bell = bell_path(db_path, t);
-        if open_bell(&bell).is_some() {
+        if is_current(&bell, bells().get(&bell).and_then(|o| o.last())) {
             continue;
         }
-        // Whatever is there instead (an older clx-pool's bell file) goes.
-        if let Err(e) = std::fs::remove_file(&bell)
-            && e.kind() != std::io::ErrorKind::NotFound
-        {
-            tracing::warn!(bell = %bell.display(), "replacing: {e}");
-        }
-        // Readable and writable by the workers' users (containers may run
-        // as another uid); the database's folder guards who gets here.
-        let made = nix::unistd::mkfifo(&bell, Mode::from_bits_truncate(0o666)).and_then(|()| {
-            nix::sys::stat::fchmodat(
-                nix::fcntl::AT_FDCWD,
-                &bell,
-                Mode::from_bits_truncate(0o666),
-                nix::sys::stat::FchmodatFlags::FollowSymlink,
-            )
-        });
-        if let Err(e) = made {
-            tracing::warn!(bell = %bell.display(), "creating the bell: {e}; its workers will watch the database instead");
+        make(&bell);
+    }
+}
+
+/// Makes the bell at `path` (whatever else is there goes) and keeps it open.
+fn make(bell: &Path) {
+    use nix::sys::stat::Mode;
+    if let Err(e) = std::fs::remove_file(bell)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::warn!(bell = %bell.display(), "replacing: {e}");
+    }
+    // Readable and writable by the workers' users (containers may run as
+    // another uid); the database's folder guards who gets here.
+    let made = nix::unistd::mkfifo(bell, Mode::from_bits_truncate(0o666)).and_then(|()| {
+        nix::sys::stat::fchmodat(
+            nix::fcntl::AT_FDCWD,
+            bell,
+            Mode::from_bits_truncate(0o666),
+            nix::sys::stat::FchmodatFlags::FollowSymlink,
+        )
+    });
+    match made.map(|()| open_bell(bell)) {
+        Ok(Some(f)) => bells().entry(bell.to_path_buf()).or_default().push(f),
+        Ok(None) => tracing::warn!(bell = %bell.display(), "cannot open the bell just made"),
+        Err(e) => {
+            tracing::warn!(bell = %bell.display(), "creating the bell: {e}; its workers will watch the database instead")
         }
     }
 }
@@ -125,6 +175,7 @@ pub fn install(db_path: &Path, types: &[String]) {
 pub fn remove(db_path: &Path, types: &[String]) {
     for t in types {
         let bell = bell_path(db_path, t);
+        bells().remove(&bell);
         if let Err(e) = std::fs::remove_file(&bell)
             && e.kind() != std::io::ErrorKind::NotFound
         {

@@ -132,37 +132,133 @@ pub fn socket_path(db: &Path) -> PathBuf {
     PathBuf::from(p)
 }
 
-/// Binds the socket (replacing a stale one: the caller holds the
-/// supervisor lock) and serves it until `token` is cancelled.
-/// A `stop` request is carried out at once (cancelling `token`), also
-/// while the pool is still starting.
-pub fn serve(db: &Path, token: CancellationToken, operations: Operations) -> anyhow::Result<mpsc::Receiver<Incoming>> {
+/// The longest path a Unix socket address holds (`sun_path` is 108 bytes
+/// with its NUL).
+const SUN_PATH_MAX: usize = 107;
+
+/// A socket path usable in a socket address: the path itself, or, when it
+/// is too long (a deep CI checkout), the same file reached through a
+/// short `/proc/self/fd/N/NAME` of its folder, open while the returned
+/// handle lives.
+fn addressable(path: &Path) -> std::io::Result<(PathBuf, Option<std::fs::File>)> {
+    use std::os::unix::ffi::OsStrExt;
+    if path.as_os_str().as_bytes().len() <= SUN_PATH_MAX {
+        return Ok((path.to_path_buf(), None));
+    }
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "no folder"));
+    };
+    use std::os::unix::fs::OpenOptionsExt;
+    let handle = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_PATH | nix::libc::O_DIRECTORY)
+        .open(dir)?;
+    use std::os::fd::AsRawFd;
+    let short = Path::new("/proc/self/fd")
+        .join(handle.as_raw_fd().to_string())
+        .join(name);
+    if short.as_os_str().as_bytes().len() > SUN_PATH_MAX {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "the socket's file name alone is too long for a socket address",
+        ));
+    }
+    Ok((short, Some(handle)))
+}
+
+/// Binds the socket at `path` (replacing a stale one: the caller holds the
+/// supervisor lock), mode 0600.
+fn bind(path: &Path) -> anyhow::Result<UnixListener> {
     use anyhow::Context;
-    let path = socket_path(db);
-    match std::fs::symlink_metadata(&path) {
+    match std::fs::symlink_metadata(path) {
         Ok(m) if std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()) => {
-            std::fs::remove_file(&path).with_context(|| format!("removing the stale socket {}", path.display()))?
+            std::fs::remove_file(path).with_context(|| format!("removing the stale socket {}", path.display()))?
         }
         Ok(_) => anyhow::bail!("{} exists and is not a socket; remove it", path.display()),
         Err(_) => {}
     }
+    let (address, _dir) = addressable(path).with_context(|| format!("the control socket {}", path.display()))?;
     let listener =
-        UnixListener::bind(&path).with_context(|| format!("creating the control socket {}", path.display()))?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+        UnixListener::bind(&address).with_context(|| format!("creating the control socket {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("restricting {}", path.display()))?;
+    Ok(listener)
+}
+
+/// The socket file and what it is, to see it replaced or removed.
+fn identity(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+/// How often the socket file is looked at (removed by a cleanup job, it is
+/// made again).
+const LOOK_AT_FILE: Duration = Duration::from_secs(1);
+
+/// Binds the socket (replacing a stale one: the caller holds the
+/// supervisor lock) and serves it until `token` is cancelled; a socket
+/// file that someone removes is made again within a second. A `stop`
+/// request is carried out at once (cancelling `token`), also while the
+/// pool is still starting.
+pub fn serve(db: &Path, token: CancellationToken, operations: Operations) -> anyhow::Result<mpsc::Receiver<Incoming>> {
+    let path = socket_path(db);
+    let mut listener = bind(&path)?;
     let (tx, rx) = mpsc::channel(WAITING);
     tokio::spawn(async move {
-        let stop = token.clone();
-        crate::listen::serve(listener, LIMITS, token, "control socket", move |stream| {
-            let (tx, stop, ops) = (tx.clone(), stop.clone(), operations.clone());
-            async move {
-                if let Err(e) = answer(stream, tx, stop, ops).await {
-                    debug!("control connection: {e}");
+        let mut bound;
+        loop {
+            bound = identity(&path);
+            let serving = token.child_token();
+            let (stop, ops, tx) = (token.clone(), operations.clone(), tx.clone());
+            let accepting = tokio::spawn(crate::listen::serve(
+                listener,
+                LIMITS,
+                serving.clone(),
+                "control socket",
+                move |stream| {
+                    let (tx, stop, ops) = (tx.clone(), stop.clone(), ops.clone());
+                    async move {
+                        if let Err(e) = answer(stream, tx, stop, ops).await {
+                            debug!("control connection: {e}");
+                        }
+                    }
+                },
+            ));
+            // Until the pool stops, or the file is no longer this socket.
+            loop {
+                tokio::select! {
+                    _ = token.cancelled() => break,
+                    _ = tokio::time::sleep(LOOK_AT_FILE) => {}
+                }
+                if identity(&path) != bound {
+                    break;
                 }
             }
-        })
-        .await;
-        if let Err(e) = std::fs::remove_file(&path) {
+            serving.cancel();
+            if let Err(e) = accepting.await {
+                warn!("the control socket's task failed: {e}");
+            }
+            if token.is_cancelled() {
+                break;
+            }
+            warn!(socket = %path.display(), "the control socket was removed or replaced: making it again");
+            listener = loop {
+                match bind(&path) {
+                    Ok(l) => break l,
+                    Err(e) => {
+                        warn!("{e:#}; trying again in a second");
+                        tokio::select! {
+                            _ = token.cancelled() => return,
+                            _ = tokio::time::sleep(LOOK_AT_FILE) => {}
+                        }
+                    }
+                }
+            };
+        }
+        // Only our own socket goes.
+        if identity(&path) == bound
+            && let Err(e) = std::fs::remove_file(&path)
+        {
             debug!("removing the control socket: {e}");
         }
     });
@@ -248,7 +344,12 @@ pub async fn ask(db: &Path, request: &Request, within: Duration) -> anyhow::Resu
 
 async fn exchange(path: &Path, request: &Request) -> anyhow::Result<Option<Response>> {
     use anyhow::Context;
-    let stream = match UnixStream::connect(path).await {
+    let (address, _dir) = match addressable(path) {
+        Ok(a) => a,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(anyhow::Error::new(e).context(format!("the control socket {}", path.display()))),
+    };
+    let stream = match UnixStream::connect(&address).await {
         Ok(s) => s,
         Err(e)
             if matches!(

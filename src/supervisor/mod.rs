@@ -73,6 +73,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let types: Vec<String> = config.workers.iter().map(|w| w.worker_type.clone()).collect();
     bells::install(&config.pool.db_path, &types);
     let bell_ringer = tokio::spawn(bells::run(config.pool.db_path.clone(), token.clone()));
+    let database = tokio::spawn(watch_database(config.pool.db_path.clone(), token.clone()));
     let (ready_rx, mut manager, monitor) = start_pool(&config, &prepared, &token, &sd, operations);
     info!(workers = config.total_workers(), db = %config.pool.db_path.display(), "starting pool");
     if let Some(listener) = prepared.metrics_listener {
@@ -130,7 +131,42 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     info!("all workers stopped in {:.3}s", stopping.elapsed().as_secs_f64());
     signals.abort_all();
     prepared.guard.dismiss();
-    Ok(())
+    match database.await {
+        Ok(Some(lost)) => Err(anyhow::anyhow!(lost)),
+        Ok(None) => Ok(()),
+        Err(e) => Err(anyhow::anyhow!("the database watch failed: {e}")),
+    }
+}
+
+/// Watches the database file: one deleted or replaced under a running
+/// pool (a cleanup job, a user's `rm`) would leave it running unseen, on a
+/// file nobody else can open. The pool is stopped cleanly instead, and
+/// `start` ends with the reason.
+async fn watch_database(path: std::path::PathBuf, token: CancellationToken) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let id = |p: &std::path::Path| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+    let first = id(&path);
+    loop {
+        tokio::select! {
+            _ = token.cancelled() => return None,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        let now = id(&path);
+        if now != first {
+            let how = if now.is_none() {
+                "deleted"
+            } else {
+                "replaced by another file"
+            };
+            let why = format!(
+                "the database {} was {how} while the pool ran; the pool stopped (its jobs were in that file)",
+                path.display()
+            );
+            error!("{why}: stopping the pool");
+            token.cancel();
+            return Some(why);
+        }
+    }
 }
 
 /// Takes the database: limits, lock, folders, schema, guard, the plan of
