@@ -16,6 +16,24 @@ use tokio::net::unix::pipe;
 /// How much of a worker's latest output is kept in memory.
 const TAIL_BYTES: usize = 4096;
 
+/// A worker's log could not be opened (a full disk, a path that became a
+/// folder, permissions): a fault outside the worker, which the slot waits
+/// out (a cool-down) instead of giving up on.
+#[derive(Debug, thiserror::Error)]
+#[error("opening the worker log {}: {source}", path.display())]
+pub struct LogUnavailable {
+    pub path: std::path::PathBuf,
+    pub source: std::io::Error,
+}
+
+/// Opens a worker's log.
+pub fn open_worker_log(path: &Path, max_size: u64, keep: u32) -> Result<RotatingLog, LogUnavailable> {
+    RotatingLog::open(path, max_size, keep).map_err(|source| LogUnavailable {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
 /// A size-rotated log file.
 pub struct RotatingLog {
     path: PathBuf,

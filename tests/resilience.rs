@@ -452,3 +452,153 @@ fn a_database_path_longer_than_a_socket_address_works() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stdout(&out).contains("stopped the supervisor"), "{}", stdout(&out));
 }
+
+/// The database's folder seen read-only (a mounted snapshot): `stats` and
+/// `jobs` read it, as docs/cli.md promises.
+#[test]
+fn stats_and_jobs_read_a_database_on_a_read_only_file_system() {
+    if !nix::unistd::geteuid().is_root() {
+        assert!(
+            std::env::var("CI").ok().as_deref() != Some("true"),
+            "needs root under CI"
+        );
+        eprintln!("SKIPPED: a read-only bind mount needs root");
+        return;
+    }
+    let mut pool = Pool::new("", &sh_workers("w", 1, COPY));
+    pool.start_ready();
+    let job = pool.submit_with("w", "a.txt", &[]);
+    pool.drained("30s");
+    let out = pool.cli(&["stop"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // The same folder, mounted read-only elsewhere.
+    let ro = tempfile::tempdir().unwrap();
+    let mount = |args: &[&str]| {
+        let out = std::process::Command::new("mount").args(args).output().unwrap();
+        assert!(out.status.success(), "mount {args:?}: {}", stderr(&out));
+    };
+    let (from, to) = (pool.dir.path().to_str().unwrap(), ro.path().to_str().unwrap());
+    mount(&["--bind", from, to]);
+    struct Unmount(String);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).output();
+        }
+    }
+    let _mounted = Unmount(to.to_string());
+    mount(&["-o", "remount,bind,ro", to]);
+    let db = ro.path().join("jobs.db");
+    let out = pool.cli(&["stats", "--json", "--db", db.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["jobs"]["completed"], 1, "{json}");
+    let out = pool.cli(&["jobs", "show", &job.to_string(), "--db", db.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("completed"), "{}", stdout(&out));
+}
+
+/// After kill -9 of the supervisor, `stats` says its run ended without
+/// stopping its pool, and about when — also once its guard cleaned up.
+#[test]
+fn after_a_kill_stats_says_the_run_ended_uncleanly_and_when() {
+    let mut pool = Pool::new("", &sh_workers("w", 1, COPY));
+    pool.start_ready();
+    common::kill9(pool.supervisor_pid());
+    pool.wait_supervisor_exit(Duration::from_secs(10));
+    // The guard cleans up (its rows dead) within moments.
+    wait_for("the guard's cleanup", Duration::from_secs(20), || {
+        (pool.try_i64("SELECT COUNT(*) FROM workers WHERE status != 'dead'")? == 0).then_some(())
+    });
+    let out = pool.cli(&["stats", "--json"]);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["supervisor"]["stopped_uncleanly"], true, "{json}");
+    assert!(json["supervisor"]["ended_uncleanly_at"].is_string(), "{json}");
+    let text = stdout(&pool.cli(&["stats"]));
+    assert!(
+        text.contains("ended without stopping its pool (killed or crashed) at about"),
+        "{text}"
+    );
+}
+
+/// A guard that dies is reported and replaced; the new one cleans up after
+/// a later kill of the supervisor.
+#[test]
+fn a_guard_that_dies_is_replaced() {
+    let events = tempfile::NamedTempFile::new().unwrap();
+    let hook = format!(
+        "on_event = [\"sh\", \"-c\", {}]\n",
+        common::toml_str(&format!(
+            "cat >> {}; echo >> {}",
+            events.path().display(),
+            events.path().display()
+        ))
+    );
+    let mut pool = Pool::new(&hook, &sh_workers("w", 1, &common::ledger_job("60")));
+    pool.start_ready();
+    let first = pool.guard_pid();
+    common::kill9(first);
+    let second = wait_for("a new guard", Duration::from_secs(20), || {
+        let g = pool.guard_pid();
+        (g != first).then_some(g)
+    });
+    wait_for("the event", Duration::from_secs(20), || {
+        std::fs::read_to_string(events.path())
+            .ok()?
+            .contains("guard_restarted")
+            .then_some(())
+    });
+    assert!(
+        pool.supervisor_log().contains("the guard ended"),
+        "{}",
+        pool.supervisor_log()
+    );
+    // A job command running; then the supervisor dies: the new guard kills
+    // what the run left.
+    pool.submit_with("w", "j.txt", &[]);
+    wait_for("the job command", Duration::from_secs(20), || {
+        pool.path("workspace/ledger").exists().then_some(())
+    });
+    let left = pool.processes();
+    assert!(!left.is_empty());
+    common::kill9(pool.supervisor_pid());
+    pool.wait_supervisor_exit(Duration::from_secs(10));
+    wait_for("the new guard's cleanup", Duration::from_secs(20), || {
+        left.iter().all(|p| !common::alive(*p)).then_some(())
+    });
+    wait_for("the new guard to finish", Duration::from_secs(20), || {
+        (!common::alive(second)).then_some(())
+    });
+}
+
+/// A worker log that cannot be opened (here a folder took its name) is a
+/// fault outside the worker: its slot cools down and tries again, saying
+/// which file, and comes back once the file can be opened.
+#[test]
+fn an_unopenable_log_file_cools_down_and_comes_back() {
+    let mut pool = Pool::new(
+        "restart_limit = 2\nrestart_window = \"30s\"\nrestart_backoff = \"50ms\"\nrestart_cooldown = \"2s\"\n",
+        &sh_workers("w", 1, COPY),
+    );
+    pool.start_ready();
+    let log = pool.path("logs/w-0.log");
+    std::fs::remove_file(&log).unwrap();
+    std::fs::create_dir(&log).unwrap();
+    let (pid, _) = pool.slot_worker("w", 0);
+    common::kill9(pid);
+    let why = wait_for("the slot to cool down", Duration::from_secs(20), || {
+        pool.query_strings("SELECT COALESCE(note, '') FROM clx_pool_slots WHERE state = 'backoff'")
+            .pop()
+            .filter(|n| n.contains("outside the worker"))
+    });
+    assert!(why.contains(&log.display().to_string()), "{why}");
+    assert!(
+        pool.query_i64("SELECT COUNT(*) FROM clx_pool_slots WHERE state = 'failed'") == 0,
+        "given up"
+    );
+    let causes = pool.query_strings("SELECT cause FROM clx_pool_events WHERE event = 'spawn-failed'");
+    assert!(causes.iter().any(|c| c.contains("w-0.log")), "{causes:?}");
+    std::fs::remove_dir(&log).unwrap();
+    wait_for("the slot to come back", Duration::from_secs(20), || {
+        (pool.try_i64("SELECT COUNT(*) FROM clx_pool_slots WHERE state = 'running'")? == 1).then_some(())
+    });
+}

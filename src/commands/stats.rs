@@ -57,6 +57,9 @@ pub struct SupervisorStats {
     pub state: Option<SupervisorState>,
     /// The last run ended without stopping its pool (killed, crashed).
     pub stopped_uncleanly: bool,
+    /// When that was found (by its guard, or the next `start`/`stop`); null
+    /// while nobody has looked yet.
+    pub ended_uncleanly_at: Option<String>,
     pub started_at: Option<String>,
     pub ready_at: Option<String>,
     pub stopped_at: Option<String>,
@@ -170,7 +173,11 @@ pub fn collect(db_path: &Path, events: bool, workers: bool) -> anyhow::Result<St
         state: record
             .as_ref()
             .map(|r| if running { r.state } else { SupervisorState::Stopped }),
-        stopped_uncleanly: !running && record.as_ref().is_some_and(|r| r.state != SupervisorState::Stopped),
+        stopped_uncleanly: !running
+            && record
+                .as_ref()
+                .is_some_and(|r| r.state != SupervisorState::Stopped || r.ended_uncleanly_at.is_some()),
+        ended_uncleanly_at: record.as_ref().and_then(|r| r.ended_uncleanly_at.clone()),
         started_at: record.as_ref().map(|r| r.started_at.clone()),
         ready_at: record.as_ref().and_then(|r| r.ready_at.clone()),
         stopped_at: record.as_ref().and_then(|r| r.stopped_at.clone()),
@@ -308,7 +315,11 @@ fn supervisor_line(sup: &SupervisorStats) -> String {
             plural(sup.expected_workers, "worker", "workers")
         ),
         (false, Some(_)) if sup.stopped_uncleanly => format!(
-            "supervisor: not running; the run started {since} UTC ended without stopping its pool (killed?), so none of its workers runs"
+            "supervisor: not running; the run started {since} UTC ended without stopping its pool (killed or crashed){}, so none of its workers runs",
+            sup.ended_uncleanly_at
+                .as_deref()
+                .map(|at| format!(" at about {at} UTC"))
+                .unwrap_or_default()
         ),
         (false, Some(_)) => format!(
             "supervisor: not running (the last run stopped {} UTC)",

@@ -95,7 +95,38 @@ fn read_only_connection(path: &Path) -> anyhow::Result<Option<Connection>> {
     )
     .with_context(|| format!("opening the database {} read-only", path.display()))?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
-    Ok(Some(conn))
+    // A database in WAL mode needs its `-shm` file, which SQLite cannot
+    // make on a read-only file system (a mounted snapshot, a read-only
+    // share): there, with no writer possible, it is read as immutable.
+    match conn.query_row("SELECT COUNT(*) FROM sqlite_master", [], |r| r.get::<_, i64>(0)) {
+        Err(e) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::CannotOpen) && on_read_only_fs(path) => {
+            let uri = format!("file:{}?immutable=1", uri_path(path));
+            let conn = Connection::open_with_flags(
+                &uri,
+                rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY
+                    | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX
+                    | rusqlite::OpenFlags::SQLITE_OPEN_URI,
+            )
+            .with_context(|| format!("opening the database {} on a read-only file system", path.display()))?;
+            Ok(Some(conn))
+        }
+        _ => Ok(Some(conn)),
+    }
+}
+
+/// Whether the file system holding `path` is mounted read-only.
+fn on_read_only_fs(path: &Path) -> bool {
+    nix::sys::statvfs::statvfs(path).is_ok_and(|st| st.flags().contains(nix::sys::statvfs::FsFlags::ST_RDONLY))
+}
+
+/// `path` for an SQLite URI: absolute, with `%`, `?` and `#` escaped.
+fn uri_path(path: &Path) -> String {
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    absolute
+        .to_string_lossy()
+        .replace('%', "%25")
+        .replace('?', "%3f")
+        .replace('#', "%23")
 }
 
 /// Opens a job database read-only, for commands that only read (`stats`,

@@ -59,6 +59,8 @@ pub struct SupervisorRecord {
     pub started_at: String,
     pub ready_at: Option<String>,
     pub stopped_at: Option<String>,
+    /// When the run was found to have ended without stopping its pool.
+    pub ended_uncleanly_at: Option<String>,
 }
 
 pub struct NewSupervisor<'a> {
@@ -131,14 +133,16 @@ pub fn set_state(conn: &Connection, protocol: Protocol, state: SupervisorState) 
 }
 
 /// After a supervisor that is gone: its slots run nothing and it is
-/// recorded as stopped.
+/// recorded as stopped — uncleanly, and when that was found, if it had
+/// not stopped its pool.
 pub fn close_run(conn: &Connection) -> rusqlite::Result<()> {
     conn.execute(
         "UPDATE clx_pool_slots SET pid = NULL, proc_start = NULL, state = ?1",
         [SlotState::Stopped],
     )?;
     conn.execute(
-        "UPDATE clx_pool_supervisor SET state = ?1, stopped_at = COALESCE(stopped_at, CURRENT_TIMESTAMP)
+        "UPDATE clx_pool_supervisor SET state = ?1, stopped_at = COALESCE(stopped_at, CURRENT_TIMESTAMP),
+             ended_uncleanly_at = CURRENT_TIMESTAMP
          WHERE state != ?1",
         [SupervisorState::Stopped],
     )?;
@@ -146,12 +150,16 @@ pub fn close_run(conn: &Connection) -> rusqlite::Result<()> {
 }
 
 pub fn supervisor(conn: &Connection) -> rusqlite::Result<Option<SupervisorRecord>> {
-    if super::schema::pool_version(conn)? == 0 {
-        return Ok(None);
-    }
+    let unclean = match super::schema::pool_version(conn)? {
+        0 => return Ok(None),
+        1..5 => "NULL",
+        _ => "ended_uncleanly_at",
+    };
     conn.query_row(
-        "SELECT pid, proc_start, hostname, config_path, workspace_path, state, expected_workers,
-                started_at, ready_at, stopped_at FROM clx_pool_supervisor WHERE id = 1",
+        &format!(
+            "SELECT pid, proc_start, hostname, config_path, workspace_path, state, expected_workers,
+                    started_at, ready_at, stopped_at, {unclean} FROM clx_pool_supervisor WHERE id = 1"
+        ),
         [],
         |r| {
             Ok(SupervisorRecord {
@@ -165,6 +173,7 @@ pub fn supervisor(conn: &Connection) -> rusqlite::Result<Option<SupervisorRecord
                 started_at: r.get(7)?,
                 ready_at: r.get(8)?,
                 stopped_at: r.get(9)?,
+                ended_uncleanly_at: r.get(10)?,
             })
         },
     )

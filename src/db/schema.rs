@@ -141,6 +141,12 @@ const POOL_MIGRATIONS: &[(&str, &str)] = &[
         "",
         "CREATE INDEX IF NOT EXISTS clx_pool_jobs_completed_at ON jobs(completed_at);",
     ),
+    (
+        // 5: when a run was found to have ended without stopping its pool
+        // (the supervisor killed or crashed), for `stats`.
+        "ALTER TABLE clx_pool_supervisor ADD COLUMN ended_uncleanly_at TIMESTAMP;",
+        "",
+    ),
 ];
 
 /// CLM 1.35's `SCHEMA_SQL` (`clm/infrastructure/database/schema.py`),

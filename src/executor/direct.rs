@@ -20,7 +20,7 @@ use tokio::sync::oneshot;
 
 use super::{Launch, Process};
 use crate::config::{InheritEnv, WorkerProgram};
-use crate::logs::{self, RotatingLog, Tail};
+use crate::logs::{self, Tail};
 use crate::procs;
 use crate::vocab::{EndCause, ModeKind, WorkerId};
 
@@ -52,8 +52,7 @@ const OUTPUT_SETTLES: Duration = Duration::from_millis(5);
 pub fn launch(spec: &Launch) -> anyhow::Result<DirectWorker> {
     let worker_id = spec.worker_id.clone();
     let argv = argv(spec)?;
-    let mut log = RotatingLog::open(&spec.log_path, spec.log_max_size, spec.log_keep)
-        .with_context(|| format!("opening the worker log {}", spec.log_path.display()))?;
+    let mut log = logs::open_worker_log(&spec.log_path, spec.log_max_size, spec.log_keep)?;
     let (read_end, write_end) = nix::unistd::pipe2(OFlag::O_CLOEXEC).context("creating the worker's output pipe")?;
     let mut cmd = command(spec, &argv, write_end)?;
     logs::mark(&mut log, &format!("starting worker {worker_id} ({})", argv.join(" ")));

@@ -252,8 +252,7 @@ impl DockerEngine {
             .await
             .with_context(|| format!("creating container {name} from {image}"))?;
         let id = created.id;
-        let mut log = RotatingLog::open(&spec.log_path, spec.log_max_size, spec.log_keep)
-            .with_context(|| format!("opening the worker log {}", spec.log_path.display()))?;
+        let mut log = logs::open_worker_log(&spec.log_path, spec.log_max_size, spec.log_keep)?;
         logs::mark(
             &mut log,
             &format!("starting container {name} ({}) from {image}", &id[..12]),

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use nix::fcntl::OFlag;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::db::{self, Db};
 use crate::lock::SupervisorLock;
@@ -34,6 +34,8 @@ const DISMISS: u8 = b'x';
 pub struct Guard {
     pipe: Option<std::fs::File>,
     child: Child,
+    /// Its exit, from the supervisor's reaper.
+    exited: Option<tokio::sync::oneshot::Receiver<nix::sys::wait::WaitStatus>>,
 }
 
 /// Starts the guard for the pool of `db`.
@@ -52,10 +54,89 @@ pub fn spawn(db: &Path) -> anyhow::Result<Guard> {
         .stdout(Stdio::null())
         .spawn()
         .context("starting the guard process")?;
+    // The supervisor's one reaper collects it; no await since the spawn.
+    let exited = Some(procs::watch(child.id() as i32));
     Ok(Guard {
         pipe: Some(std::fs::File::from(write_end)),
         child,
+        exited,
     })
+}
+
+/// Keeps a guard beside the supervisor while it runs: one that dies
+/// (killed, crashed) is reported (a log line, `on_event` `guard_restarted`)
+/// and replaced, so a later crash of the supervisor is still cleaned up.
+pub struct Keeper {
+    dismiss: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+    pid: std::sync::Arc<std::sync::atomic::AtomicU32>,
+}
+
+impl Keeper {
+    pub fn start(guard: Guard, db: &Path, notifier: super::notify::Notifier) -> Keeper {
+        let (dismiss, mut dismissed) = tokio::sync::oneshot::channel();
+        let pid = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(guard.pid()));
+        let (db, current) = (db.to_path_buf(), pid.clone());
+        let task = tokio::spawn(async move {
+            let mut guard = guard;
+            loop {
+                let exited = guard.exited.take();
+                let status = tokio::select! {
+                    _ = &mut dismissed => {
+                        guard.dismiss();
+                        return;
+                    }
+                    status = async {
+                        match exited {
+                            Some(rx) => rx.await.ok(),
+                            None => std::future::pending().await,
+                        }
+                    } => status,
+                };
+                let why = status.map(|s| format!("{s:?}")).unwrap_or_else(|| "it is gone".into());
+                let old = guard.pid();
+                // Until a new one runs, nobody would clean up after a crash.
+                guard = loop {
+                    match spawn(&db) {
+                        Ok(g) => break g,
+                        Err(e) => {
+                            error!("starting a new guard: {e:#}; trying again in a second");
+                            tokio::select! {
+                                _ = &mut dismissed => return,
+                                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                            }
+                        }
+                    }
+                };
+                current.store(guard.pid(), std::sync::atomic::Ordering::SeqCst);
+                error!(old, new = guard.pid(), "the guard ended ({why}); started a new one");
+                notifier.send(
+                    "guard_restarted",
+                    serde_json::json!({ "old_pid": old, "new_pid": guard.pid(), "why": why }),
+                );
+            }
+        });
+        Keeper {
+            dismiss: Some(dismiss),
+            task,
+            pid,
+        }
+    }
+
+    /// The guard's pid now.
+    pub fn pid(&self) -> u32 {
+        self.pid.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The pool stopped cleanly: the guard exits without doing anything.
+    pub async fn dismiss(mut self) {
+        if let Some(tx) = self.dismiss.take() {
+            tx.send(()).ok();
+        }
+        if let Err(e) = self.task.await {
+            error!("the guard's keeper failed: {e}");
+        }
+    }
 }
 
 impl Guard {

@@ -74,7 +74,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     bells::install(&config.pool.db_path, &types);
     let bell_ringer = tokio::spawn(bells::run(config.pool.db_path.clone(), token.clone()));
     let database = tokio::spawn(watch_database(config.pool.db_path.clone(), token.clone()));
-    let (ready_rx, mut manager, monitor) = start_pool(&config, &prepared, &token, &sd, operations);
+    let notifier = notify::Notifier::new(config.pool.on_event.clone(), &config.pool.db_path);
+    let (ready_rx, mut manager, monitor) = start_pool(&config, &prepared, &token, &sd, operations, notifier.clone());
+    let guard = guard::Keeper::start(prepared.guard, &config.pool.db_path, notifier);
     info!(workers = config.total_workers(), db = %config.pool.db_path.display(), "starting pool");
     if let Some(listener) = prepared.metrics_listener {
         let bound = metrics::serve(listener, prepared.db.clone(), manager.metrics.clone(), token.clone())?;
@@ -101,7 +103,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     sweep_leftovers(&config, prepared.engine.as_deref()).await;
     // What the workers started and left, without the tags (a cleared
     // environment), was adopted by this child subreaper: it goes too.
-    let adopted = procs::end_descendants(Duration::from_secs(5), &[prepared.guard.pid() as i32]).await;
+    let adopted = procs::end_descendants(Duration::from_secs(5), &[guard.pid() as i32]).await;
     if adopted > 0 {
         info!(processes = adopted, "killed processes the workers left running");
     }
@@ -130,7 +132,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     record_state(&prepared.db, SupervisorState::Stopped).await;
     info!("all workers stopped in {:.3}s", stopping.elapsed().as_secs_f64());
     signals.abort_all();
-    prepared.guard.dismiss();
+    guard.dismiss().await;
     match database.await {
         Ok(Some(lost)) => Err(anyhow::anyhow!(lost)),
         Ok(None) => Ok(()),
@@ -380,6 +382,7 @@ fn start_pool(
     token: &CancellationToken,
     sd: &sdnotify::SdNotify,
     operations: rollout::Operations,
+    notifier: notify::Notifier,
 ) -> (
     mpsc::UnboundedReceiver<Settled>,
     manage::Manager,
@@ -387,7 +390,6 @@ fn start_pool(
 ) {
     let registry = registry::Registry::spawn(p.db.clone(), p.after_row, token.child_token());
     let (ready_tx, ready_rx) = mpsc::unbounded_channel();
-    let notifier = notify::Notifier::new(config.pool.on_event.clone(), &config.pool.db_path);
     let metrics = Arc::new(metrics::Metrics::for_types(
         config.workers.iter().map(|w| w.worker_type.as_str()),
     ));

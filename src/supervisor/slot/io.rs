@@ -339,6 +339,9 @@ impl SlotIo {
 fn launch_error_is_outside(e: &anyhow::Error) -> bool {
     use std::io::ErrorKind::*;
     for cause in e.chain() {
+        if cause.downcast_ref::<crate::logs::LogUnavailable>().is_some() {
+            return true;
+        }
         if let Some(io) = cause.downcast_ref::<std::io::Error>() {
             return matches!(
                 io.kind(),
