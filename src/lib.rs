@@ -6,6 +6,7 @@ pub mod api;
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod contract;
 pub mod db;
 pub mod executor;
 pub mod files;
@@ -63,7 +64,7 @@ pub fn run(cli: Cli) -> i32 {
                 2
             } else if let Some(d) = e.downcast_ref::<worker::DatabaseUnavailable>() {
                 stderr::line(&format!("error: {d}"));
-                worker::EXIT_DATABASE_UNAVAILABLE
+                contract::exit::DATABASE_UNAVAILABLE
             } else {
                 stderr::line(&format!("error: {e:#}"));
                 1
@@ -106,7 +107,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
         Command::Worker(args) => {
-            let level = std::env::var("LOG_LEVEL").unwrap_or_else(|_| "info".into());
+            let level = std::env::var(contract::env::LOG_LEVEL).unwrap_or_else(|_| "info".into());
             init_logging(&cli, &level);
             worker::run(worker::WorkerOptions {
                 job_command: args.job_command.clone(),

@@ -17,14 +17,10 @@ use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+
+pub use crate::contract::lock_path;
 use std::sync::{LazyLock, Mutex};
 use std::time::{Duration, Instant};
-
-pub fn lock_path(db: &Path) -> PathBuf {
-    let mut name = db.file_name().map(|n| n.to_os_string()).unwrap_or_default();
-    name.push(".lock");
-    db.with_file_name(name)
-}
 
 /// Descriptors of database files, one per path, open until the process
 /// exits (see the module comment).

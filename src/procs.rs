@@ -347,8 +347,8 @@ pub fn find_worker_processes(worker_id: &str) -> Vec<i32> {
 /// `run`, only those of that run (`CLX_POOL_RUN`): a later run's are not
 /// touched.
 pub fn find_pool_processes(db: &std::path::Path, run: Option<&str>) -> Vec<i32> {
-    let pool = format!("{}={}", crate::executor::POOL_TAG_VAR, db.display());
-    let run = run.map(|r| format!("{}={r}", crate::executor::RUN_TAG_VAR));
+    let pool = format!("{}={}", crate::contract::env::POOL_TAG, db.display());
+    let run = run.map(|r| format!("{}={r}", crate::contract::env::RUN_TAG));
     find_by_env(|vars| {
         let (mut of_pool, mut of_run) = (false, run.is_none());
         for kv in vars {

@@ -124,8 +124,8 @@ impl Protocol {
     /// The environment variable naming the database for a worker.
     pub fn db_env_var(self) -> &'static str {
         match self {
-            Protocol::Clx => "DB_PATH",
-            Protocol::Clm => "CLM_JOBS_DB_PATH",
+            Protocol::Clx => crate::contract::env::DB_PATH,
+            Protocol::Clm => crate::contract::env::CLM_JOBS_DB_PATH,
         }
     }
 }
@@ -403,7 +403,7 @@ pub enum EndCause {
 impl EndCause {
     /// The exit code of a built-in worker that could not reach its
     /// database (EX_TEMPFAIL): a fault outside the worker.
-    pub const DATABASE_UNAVAILABLE: i32 = 75;
+    pub const DATABASE_UNAVAILABLE: i32 = crate::contract::exit::DATABASE_UNAVAILABLE;
 }
 
 impl fmt::Display for EndCause {

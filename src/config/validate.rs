@@ -536,7 +536,7 @@ fn no_placeholders_in_scripts(k: &mut Keys, command: &[String]) {
     };
     let first = command[script_at + 1..]
         .iter()
-        .find_map(|a| crate::worker::placeholders::used_in(a).first().copied());
+        .find_map(|a| crate::contract::placeholders::used_in(a).first().copied());
     if let Some(first) = first {
         let var = match first {
             "input" => "CLX_INPUT_FILE",

@@ -25,6 +25,7 @@ use tokio::sync::Notify;
 use super::Launch;
 use crate::api::Endpoint;
 use crate::config::WorkerProgram;
+use crate::contract::env;
 use crate::logs::{self, RotatingLog, Tail};
 use crate::vocab::{EndCause, ModeKind, Protocol, WorkerId};
 
@@ -373,15 +374,15 @@ const SOURCE_WRITING_TYPES: &[&str] = &["plantuml", "drawio"];
 /// the course sources at `/source`.
 fn clm_api_contract(spec: &Launch, api: &Endpoint) -> Contract {
     let mut env: Vec<(String, String)> = vec![
-        ("WORKER_TYPE".into(), spec.worker_type.clone()),
-        ("CLM_API_URL".into(), api.url.clone()),
-        ("CLM_API_TOKEN".into(), api.token.to_string()),
-        ("CLM_HOST_WORKSPACE".into(), spec.workspace.display().to_string()),
-        ("LOG_LEVEL".into(), spec.log_level.clone()),
+        (env::WORKER_TYPE.into(), spec.worker_type.clone()),
+        (env::CLM_API_URL.into(), api.url.clone()),
+        (env::CLM_API_TOKEN.into(), api.token.to_string()),
+        (env::CLM_HOST_WORKSPACE.into(), spec.workspace.display().to_string()),
+        (env::LOG_LEVEL.into(), spec.log_level.clone()),
         ("PYTHONUNBUFFERED".into(), "1".into()),
     ];
     if let Some(row) = spec.preregistered_row {
-        env.push(("CLM_WORKER_ID".into(), row.to_string()));
+        env.push((env::CLM_WORKER_ID.into(), row.to_string()));
     }
     let mut binds = vec![format!("{}:/workspace:rw", spec.workspace.display())];
     if let Some(data) = &spec.data_dir {
@@ -391,7 +392,7 @@ fn clm_api_contract(spec: &Launch, api: &Endpoint) -> Contract {
             "ro"
         };
         binds.push(format!("{}:/source:{mode}", data.display()));
-        env.push(("CLM_HOST_DATA_DIR".into(), data.display().to_string()));
+        env.push((env::CLM_HOST_DATA_DIR.into(), data.display().to_string()));
     }
     for (k, v) in &spec.extra_env {
         env.retain(|(name, _)| name != k);

@@ -11,40 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::{InheritEnv, WorkerProgram};
+use crate::contract::{self, env};
 use crate::vocab::{EndCause, ModeKind, Protocol, WorkerId, WorkerRow};
-
-/// Tags every process of a pool with the database it serves, so that what
-/// a worker leaves behind can be found and stopped, and nothing else: other
-/// programs' workers on the same database (a `clm build`'s own) lack it.
-pub const POOL_TAG_VAR: &str = "CLX_SUPERVISOR_DB";
-
-/// Tags every process of one run (one supervisor's life) beside the pool
-/// tag, so that the guard of a supervisor that died kills what that run
-/// left, never the workers of the next run on the same database.
-pub const RUN_TAG_VAR: &str = "CLX_POOL_RUN";
-
-/// This process's run: its pid and start time, which no other process on
-/// this machine shares.
-pub fn this_run() -> &'static str {
-    static RUN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    RUN.get_or_init(|| {
-        let pid = std::process::id() as i32;
-        format!("{pid}-{}", crate::procs::start_ticks(pid).unwrap_or(0))
-    })
-}
-
-/// The pool and run tags, for every process a run starts on the host
-/// (direct workers, `on_event` hooks).
-pub fn tags(db: &std::path::Path) -> [(String, String); 2] {
-    [
-        (POOL_TAG_VAR.into(), db.to_string_lossy().into_owned()),
-        (RUN_TAG_VAR.into(), this_run().into()),
-    ]
-}
-
-/// Variables CLM's workers read that the supervisor passes on from its own
-/// environment when it has them (an entry's `env` may set them too).
-pub const CLM_PASS_THROUGH: &[&str] = &["PLANTUML_JAR", "DRAWIO_EXECUTABLE", "CLM_CACHE_DB_PATH"];
 
 /// Where a worker finds the database and the workspace: host paths for a
 /// direct worker, mount points inside a container.
@@ -62,20 +30,20 @@ impl Launch {
     /// The worker's environment under its protocol (SPEC §4 for CLX, §7
     /// for CLM), the pool tag, then the entry's own `env`, which wins.
     pub fn environment(&self, seen: &Seen) -> Vec<(String, String)> {
-        let mut env: Vec<(String, String)> = vec![("WORKER_TYPE".into(), self.worker_type.clone())];
+        let mut env: Vec<(String, String)> = vec![(env::WORKER_TYPE.into(), self.worker_type.clone())];
         if let Some(id) = seen.worker_id {
-            env.push(("WORKER_ID".into(), id.to_string()));
+            env.push((env::WORKER_ID.into(), id.to_string()));
         }
         env.push((self.protocol.db_env_var().into(), seen.db_path.to_string()));
-        env.push(("WORKSPACE_PATH".into(), seen.workspace.to_string()));
-        env.push(("LOG_LEVEL".into(), self.log_level.clone()));
+        env.push((env::WORKSPACE_PATH.into(), seen.workspace.to_string()));
+        env.push((env::LOG_LEVEL.into(), self.log_level.clone()));
         match self.protocol {
-            Protocol::Clx => env.push(("USE_SQLITE_QUEUE".into(), "true".into())),
+            Protocol::Clx => env.push((env::USE_SQLITE_QUEUE.into(), "true".into())),
             Protocol::Clm => {
                 if let Some(row) = self.preregistered_row {
-                    env.push(("CLM_WORKER_ID".into(), row.to_string()));
+                    env.push((env::CLM_WORKER_ID.into(), row.to_string()));
                 }
-                for name in CLM_PASS_THROUGH {
+                for name in env::CLM_PASS_THROUGH {
                     if let Ok(value) = std::env::var(name) {
                         env.push((name.to_string(), value));
                     }
@@ -83,14 +51,11 @@ impl Launch {
             }
         }
         if seen.tagged {
-            env.extend(tags(&self.db_path));
+            env.extend(contract::tags(&self.db_path));
         }
         if matches!(self.program, WorkerProgram::JobCommand(_)) {
-            let bell = crate::worker::wake::bell_path(std::path::Path::new(seen.db_path), &self.worker_type);
-            env.push((
-                crate::worker::wake::BELL_VAR.into(),
-                bell.to_string_lossy().into_owned(),
-            ));
+            let bell = contract::bell_path(std::path::Path::new(seen.db_path), &self.worker_type);
+            env.push((env::BELL.into(), bell.to_string_lossy().into_owned()));
         }
         for (k, v) in &self.extra_env {
             env.retain(|(name, _)| name != k);

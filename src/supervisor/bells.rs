@@ -19,8 +19,9 @@ use std::time::Duration;
 use rusqlite::Connection;
 use tokio_util::sync::CancellationToken;
 
+use crate::contract::bell_path;
 use crate::db;
-use crate::worker::wake::{Wake, bell_path, open_bell};
+use crate::worker::wake::{Wake, open_bell};
 
 /// The bells made, by path: every one made there (the latest last), open.
 static BELLS: LazyLock<Mutex<HashMap<PathBuf, Vec<std::fs::File>>>> = LazyLock::new(Default::default);

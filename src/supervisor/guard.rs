@@ -49,7 +49,7 @@ pub fn spawn(db: &Path) -> anyhow::Result<Guard> {
         .arg("guard")
         .arg("--db")
         .arg(db)
-        .args(["--run", crate::executor::this_run()])
+        .args(["--run", crate::contract::this_run()])
         .stdin(Stdio::from(read_end))
         .stdout(Stdio::null())
         .spawn()

@@ -120,11 +120,11 @@ impl Manager {
                     Err(e) => return Response::error(e),
                 };
                 let op = self.fleet.restart(slots, rolling, now, "clx-pool restart");
-                Response::progress(&self.fleet.operations, op)
+                super::control::progress(&self.fleet.operations, op)
             }
             Request::Reload => self.reload().await,
             Request::Metrics => Response::error("metrics are answered beside the other requests"),
-            Request::Progress { operation } => Response::progress(&self.fleet.operations, operation),
+            Request::Progress { operation } => super::control::progress(&self.fleet.operations, operation),
         }
     }
 
@@ -281,7 +281,7 @@ impl Manager {
         for (_, slots, previous, generation) in rollouts {
             self.fleet.roll_out(op, slots, previous, generation);
         }
-        Response::progress(&self.fleet.operations, op)
+        super::control::progress(&self.fleet.operations, op)
     }
 
     /// How an added or changed entry runs, with the engine and API of the

@@ -363,7 +363,7 @@ fn handle_signals(token: &CancellationToken, config: &Arc<Config>) -> anyhow::Re
             s.recv().await;
             warn!("second signal: killing every worker now");
             let db = config.pool.db_path.clone();
-            let run = crate::executor::this_run();
+            let run = crate::contract::this_run();
             procs::sweep(
                 move || procs::find_pool_processes(&db, Some(run)),
                 Duration::from_secs(5),
@@ -473,7 +473,7 @@ async fn await_settled(
 /// containers of the pool that are still there.
 async fn sweep_leftovers(config: &Config, engine: Option<&DockerEngine>) {
     let db_path = config.pool.db_path.clone();
-    let run = crate::executor::this_run();
+    let run = crate::contract::this_run();
     let swept = procs::sweep(
         move || procs::find_pool_processes(&db_path, Some(run)),
         Duration::from_secs(5),

@@ -31,7 +31,7 @@ impl Notifier {
     pub fn new(command: Option<Vec<String>>, db: &std::path::Path) -> Notifier {
         Notifier {
             command: command.map(Arc::new),
-            tags: Arc::new(crate::executor::tags(db).to_vec()),
+            tags: Arc::new(crate::contract::tags(db).to_vec()),
         }
     }
 

@@ -14,7 +14,8 @@ use tokio::io::AsyncReadExt;
 use tokio::signal::unix::{Signal as SignalStream, SignalKind, signal};
 use tracing::warn;
 
-use super::placeholders;
+use crate::contract::env::job as env;
+use crate::contract::placeholders;
 use crate::db::jobs::ClaimedJob;
 use crate::procs;
 
@@ -115,11 +116,11 @@ pub async fn run(
     };
     let mut cmd = tokio::process::Command::new(&argv[0]);
     cmd.args(&argv[1..])
-        .env("CLX_INPUT_FILE", &input)
-        .env("CLX_OUTPUT_FILE", &output)
-        .env("CLX_JOB_ID", job.id.to_string())
-        .env("CLX_JOB_ATTEMPT", job.attempt.to_string())
-        .env("CLX_JOB_TYPE", setup.worker_type)
+        .env(env::INPUT_FILE, &input)
+        .env(env::OUTPUT_FILE, &output)
+        .env(env::JOB_ID, job.id.to_string())
+        .env(env::JOB_ATTEMPT, job.attempt.to_string())
+        .env(env::JOB_TYPE, setup.worker_type)
         .current_dir(setup.workspace)
         .stdin(Stdio::null())
         .stderr(Stdio::piped())
@@ -128,8 +129,8 @@ pub async fn run(
         // command, so the worker alone decides what becomes of the job.
         .process_group(0);
     match payload.path() {
-        Some(file) => cmd.env("CLX_PAYLOAD_FILE", file),
-        None => cmd.env("CLX_PAYLOAD", &job.payload),
+        Some(file) => cmd.env(env::PAYLOAD_FILE, file),
+        None => cmd.env(env::PAYLOAD, &job.payload),
     };
     tie_to_worker(&mut cmd);
     let mut child = match cmd.spawn() {

@@ -14,7 +14,6 @@
 //! fault outside the worker.
 
 pub mod job;
-pub mod placeholders;
 pub mod wake;
 
 use std::path::PathBuf;
@@ -26,6 +25,7 @@ use anyhow::{Context, bail};
 use rusqlite::Connection;
 use tracing::{info, warn};
 
+use crate::contract::env;
 use crate::db::{self, Backoff, jobs};
 use crate::vocab::{ModeKind, Protocol, WorkerRow, WorkerStatus};
 use job::{Ran, StopSignals};
@@ -33,10 +33,6 @@ use job::{Ran, StopSignals};
 /// After a write to the WAL, an idle worker looks again after 1, 2, … up to
 /// this many ms: the commit is published a moment after its last write.
 const RECHECK_MAX: Duration = Duration::from_millis(32);
-
-/// The exit code of a worker that could not register because the database
-/// was unavailable (locked, full): a fault outside the worker.
-pub const EXIT_DATABASE_UNAVAILABLE: i32 = 75;
 
 /// The database stayed unavailable while the worker tried to register.
 #[derive(Debug, thiserror::Error)]
@@ -65,10 +61,10 @@ struct Identity {
 
 fn identity() -> anyhow::Result<Identity> {
     let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-    let worker_type = var("WORKER_TYPE")
+    let worker_type = var(env::WORKER_TYPE)
         .context("WORKER_TYPE is not set (the supervisor sets it; set it by hand to run a worker yourself)")?;
-    let worker_id = var("WORKER_ID")
-        .or_else(|| var("HOSTNAME"))
+    let worker_id = var(env::WORKER_ID)
+        .or_else(|| var(env::HOSTNAME))
         .or_else(|| {
             nix::unistd::gethostname()
                 .ok()
@@ -76,12 +72,12 @@ fn identity() -> anyhow::Result<Identity> {
         })
         .context("neither WORKER_ID nor HOSTNAME is set")?;
     let db_path = PathBuf::from(
-        var("CLM_JOBS_DB_PATH")
-            .or_else(|| var("DB_PATH"))
+        var(env::CLM_JOBS_DB_PATH)
+            .or_else(|| var(env::DB_PATH))
             .context("neither CLM_JOBS_DB_PATH (CLM) nor DB_PATH (CLX) is set")?,
     );
-    let workspace = PathBuf::from(var("WORKSPACE_PATH").unwrap_or_else(|| ".".into()));
-    let preregistered = match var("CLM_WORKER_ID") {
+    let workspace = PathBuf::from(var(env::WORKSPACE_PATH).unwrap_or_else(|| ".".into()));
+    let preregistered = match var(env::CLM_WORKER_ID) {
         None => None,
         Some(v) => Some(WorkerRow(
             v.parse()
@@ -197,7 +193,7 @@ pub async fn run(opts: WorkerOptions) -> anyhow::Result<()> {
             told.wake.notify_one();
         }
     });
-    let bell = std::env::var_os(wake::BELL_VAR).map(PathBuf::from);
+    let bell = std::env::var_os(env::BELL).map(PathBuf::from);
     let wake = wake::Wake::new(&me.db_path, bell.as_deref());
     let mut worker = Worker {
         wake,

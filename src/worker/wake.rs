@@ -14,24 +14,11 @@
 //! polls at `--poll-interval`.
 
 use std::ffi::OsString;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 use tokio::io::unix::AsyncFd;
-
-/// The variable naming a worker's bell file.
-pub const BELL_VAR: &str = "CLX_POOL_BELL";
-
-/// The bell of `worker_type` for the database at `db`.
-pub fn bell_path(db: &Path, worker_type: &str) -> PathBuf {
-    let dir = db.parent().unwrap_or(Path::new("."));
-    let name = db
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    dir.join(format!(".{name}.bell-{worker_type}"))
-}
 
 /// `AsyncFd` wants `AsRawFd`; nix's `Inotify` offers `AsFd`.
 struct Fd(Inotify);
