@@ -58,7 +58,7 @@ pub struct DbArgs {
     #[arg(long, short = 'c', value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// The database file.
-    #[arg(long, value_name = "FILE", env = "CLX_DB_PATH")]
+    #[arg(long, value_name = "FILE", env = crate::contract::env::cli::DB_PATH)]
     pub db: Option<PathBuf>,
 }
 

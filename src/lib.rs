@@ -44,7 +44,7 @@ pub fn run(cli: Cli) -> i32 {
         Ok(rt) => rt,
         Err(e) => {
             stderr::line(&format!("error: cannot start the async runtime: {e}"));
-            return 1;
+            return contract::exit::FAILURE;
         }
     };
     let result = runtime.block_on(dispatch(cli));
@@ -55,19 +55,19 @@ pub fn run(cli: Cli) -> i32 {
         Err(e) => {
             if let Some(c) = e.downcast_ref::<config::ConfigError>() {
                 stderr::line(&format!("error: {c}"));
-                2
+                contract::exit::USAGE
             } else if let Some(u) = e.downcast_ref::<UsageError>() {
                 stderr::line(&format!("error: {u}"));
-                2
+                contract::exit::USAGE
             } else if let Some(r) = e.downcast_ref::<db::Refused>() {
                 stderr::line(&format!("error: {r}"));
-                2
+                contract::exit::USAGE
             } else if let Some(d) = e.downcast_ref::<worker::DatabaseUnavailable>() {
                 stderr::line(&format!("error: {d}"));
                 contract::exit::DATABASE_UNAVAILABLE
             } else {
                 stderr::line(&format!("error: {e:#}"));
-                1
+                contract::exit::FAILURE
             }
         }
     }
@@ -104,7 +104,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             let cfg = config::Config::load(config)?;
             init_logging(&cli, &cfg.pool.log_level);
             supervisor::run(cfg).await?;
-            Ok(0)
+            Ok(contract::exit::OK)
         }
         Command::Worker(args) => {
             let level = std::env::var(contract::env::LOG_LEVEL).unwrap_or_else(|_| "info".into());
@@ -118,12 +118,12 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 max_jobs: args.max_jobs,
             })
             .await?;
-            Ok(0)
+            Ok(contract::exit::OK)
         }
         Command::Guard { db, run } => {
             init_logging(&cli, "info");
             supervisor::guard::run(db, run).await?;
-            Ok(0)
+            Ok(contract::exit::OK)
         }
         other => {
             init_logging(&cli, "warn");

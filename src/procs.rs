@@ -330,7 +330,7 @@ fn find_by_env(mut pred: impl FnMut(&mut dyn Iterator<Item = &[u8]>) -> bool) ->
 /// commands, their children, helpers that left the worker's process group
 /// with `setsid`. They all inherit `WORKER_ID` from the worker.
 pub fn find_worker_processes(worker_id: &str) -> Vec<i32> {
-    let tag = format!("WORKER_ID={worker_id}");
+    let tag = format!("{}={worker_id}", crate::contract::env::WORKER_ID);
     find_by_env(|vars| {
         for kv in vars {
             if kv == tag.as_bytes() {

@@ -376,20 +376,6 @@ impl WorkerId {
     }
 }
 
-/// One slot of a pool: the `[[workers]]` type and its index, shown as
-/// `plantuml-1`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-pub struct SlotId {
-    pub worker_type: String,
-    pub index: u32,
-}
-
-impl fmt::Display for SlotId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}-{}", self.worker_type, self.index)
-    }
-}
-
 /// How a worker process or container ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EndCause {

@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::config::{Config, WorkerConfig, WorkerProgram};
+use crate::contract::exit;
 use crate::db;
 use crate::executor::docker;
 use crate::executor::plan::{self, Decision};
@@ -68,12 +69,12 @@ pub async fn run(path: &Path) -> anyhow::Result<i32> {
             config.total_workers(),
             config.workers.len()
         ));
-        Ok(0)
+        Ok(exit::OK)
     } else {
         for p in &problems {
             eprintln!("error: {p}");
         }
-        Ok(1)
+        Ok(exit::FAILURE)
     }
 }
 

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use super::target;
 use crate::cli::DbArgs;
+use crate::contract::exit;
 use crate::supervisor::control::{self, Request, Response};
 
 /// How often a background operation is asked how it stands.
@@ -21,7 +22,7 @@ pub async fn run(args: &DbArgs, request: Request, timeout: Duration) -> anyhow::
         || (control::ANSWER_WITHIN + Duration::from_secs(2)).min(deadline.saturating_duration_since(Instant::now()));
     let Some(mut response) = control::ask(&t.db_path, &request, within()).await? else {
         eprintln!("error: no supervisor is running for {}", t.db_path.display());
-        return Ok(1);
+        return Ok(exit::FAILURE);
     };
     let progress = super::progress::Progress::new("replaced");
     while let Some(op) = response.operation.filter(|op| !op.done) {
@@ -35,7 +36,7 @@ pub async fn run(args: &DbArgs, request: Request, timeout: Duration) -> anyhow::
                 op.total,
                 op.id
             );
-            return Ok(1);
+            return Ok(exit::FAILURE);
         }
         tokio::time::sleep(POLL).await;
         let ask = Request::Progress { operation: op.id };

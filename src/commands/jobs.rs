@@ -5,6 +5,7 @@ use comfy_table::Table;
 use super::target;
 use crate::UsageError;
 use crate::cli::{DbArgs, JobsAction, ListArgs};
+use crate::contract::exit;
 use crate::db::{self, admin};
 use crate::vocab::JobStatus;
 
@@ -73,11 +74,11 @@ fn list(args: &ListArgs) -> anyhow::Result<i32> {
     if args.json {
         let out = serde_json::json!({ "jobs": rows, "total": total });
         super::print(&serde_json::to_string_pretty(&out)?);
-        return Ok(0);
+        return Ok(exit::OK);
     }
     if rows.is_empty() {
         super::print("no jobs match");
-        return Ok(0);
+        return Ok(exit::OK);
     }
     let mut table = Table::new();
     table.load_preset(comfy_table::presets::NOTHING);
@@ -113,7 +114,7 @@ fn list(args: &ListArgs) -> anyhow::Result<i32> {
             total - shown
         ));
     }
-    Ok(0)
+    Ok(exit::OK)
 }
 
 fn show(args: &DbArgs, id: i64, json: bool) -> anyhow::Result<i32> {
@@ -124,7 +125,7 @@ fn show(args: &DbArgs, id: i64, json: bool) -> anyhow::Result<i32> {
     };
     if json {
         super::print(&serde_json::to_string_pretty(&d)?);
-        return Ok(0);
+        return Ok(exit::OK);
     }
     let none = || "-".to_string();
     let worker = match (&d.worker, d.worker_row) {
@@ -150,7 +151,7 @@ fn show(args: &DbArgs, id: i64, json: bool) -> anyhow::Result<i32> {
     ];
     let text: Vec<String> = lines.iter().map(|(k, v)| format!("{k:>12}: {v}")).collect();
     super::print(&text.join("\n"));
-    Ok(0)
+    Ok(exit::OK)
 }
 
 /// Runs a change on the queue and says what it touched.
@@ -168,7 +169,7 @@ fn change(
         1 => super::print(&format!("1 job {done}: {list}")),
         n => super::print(&format!("{n} jobs {done}: {list}")),
     }
-    Ok(0)
+    Ok(exit::OK)
 }
 
 fn prune(args: &DbArgs, older_than: std::time::Duration, statuses: &[JobStatus], vacuum: bool) -> anyhow::Result<i32> {
@@ -195,5 +196,5 @@ fn prune(args: &DbArgs, older_than: std::time::Duration, statuses: &[JobStatus],
         conn.execute_batch("VACUUM")?;
         super::print("database vacuumed");
     }
-    Ok(0)
+    Ok(exit::OK)
 }

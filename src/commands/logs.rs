@@ -14,6 +14,7 @@ use std::time::{Duration, SystemTime};
 use super::target;
 use crate::UsageError;
 use crate::cli::DbArgs;
+use crate::contract::{self, SlotId, exit};
 
 pub struct Options {
     pub targets: Vec<String>,
@@ -75,15 +76,12 @@ pub async fn run(args: &DbArgs, o: Options) -> anyhow::Result<i32> {
     if o.follow {
         follow(&log_dir, &wanted).await?;
     }
-    Ok(0)
+    Ok(exit::OK)
 }
 
 /// Whether a target (`TYPE` or `TYPE-N`) names a slot (`TYPE-N`).
 fn matches(target: &str, slot: &str) -> bool {
-    slot == target
-        || slot
-            .rsplit_once('-')
-            .is_some_and(|(t, i)| t == target && i.parse::<u32>().is_ok())
+    slot == target || slot.parse::<SlotId>().is_ok_and(|s| s.worker_type == target)
 }
 
 /// The log files of every slot, oldest rotation first.
@@ -94,13 +92,8 @@ fn slot_files(dir: &Path) -> anyhow::Result<BTreeMap<String, Vec<PathBuf>>> {
         let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
             continue;
         };
-        let (slot, rotation) = match name.split_once(".log") {
-            Some((slot, "")) => (slot, 0),
-            Some((slot, n)) => match n.strip_prefix('.').and_then(|n| n.parse::<u32>().ok()) {
-                Some(n) => (slot, n),
-                None => continue,
-            },
-            None => continue,
+        let Some((slot, rotation)) = contract::parse_log_file(name) else {
+            continue;
         };
         out.entry(slot.to_string()).or_default().push((rotation, path));
     }
@@ -192,7 +185,10 @@ fn rotated_since(dir: &Path, slot: &str, inode: u64) -> Vec<String> {
         .ok()
         .and_then(|mut m| m.remove(slot))
         .unwrap_or_default();
-    let rotated: Vec<&PathBuf> = files.iter().filter(|p| !p.ends_with(format!("{slot}.log"))).collect();
+    let rotated: Vec<&PathBuf> = files
+        .iter()
+        .filter(|p| !p.ends_with(contract::log_file(slot)))
+        .collect();
     let start = rotated
         .iter()
         .position(|p| std::fs::metadata(p).is_ok_and(|m| m.ino() == inode))
@@ -214,7 +210,7 @@ async fn follow(dir: &Path, wanted: &dyn Fn(&str) -> bool) -> anyhow::Result<()>
     let mut followed: BTreeMap<String, Followed> = BTreeMap::new();
     // What exists now was printed above; follow from its end.
     for slot in slot_files(dir)?.into_keys().filter(|s| wanted(s)) {
-        if let Some(f) = Followed::open(&dir.join(format!("{slot}.log")), true) {
+        if let Some(f) = Followed::open(&dir.join(contract::log_file(&slot)), true) {
             followed.insert(slot, f);
         }
     }
@@ -225,7 +221,7 @@ async fn follow(dir: &Path, wanted: &dyn Fn(&str) -> bool) -> anyhow::Result<()>
         }
         let mut batch: Vec<Line> = Vec::new();
         for slot in slot_files(dir)?.into_keys().filter(|s| wanted(s)) {
-            let path = dir.join(format!("{slot}.log"));
+            let path = dir.join(contract::log_file(&slot));
             let inode = std::fs::metadata(&path).map(|m| m.ino()).ok();
             let f = match followed.get_mut(&slot) {
                 Some(f) => f,

@@ -18,6 +18,7 @@ use std::path::PathBuf;
 use crate::UsageError;
 use crate::cli::{Command, DbArgs};
 use crate::config::Config;
+use crate::contract::exit;
 
 pub async fn run(cmd: &Command) -> anyhow::Result<i32> {
     match cmd {
@@ -70,7 +71,7 @@ pub async fn run(cmd: &Command) -> anyhow::Result<i32> {
             if *wait {
                 wait::run(db, wait::Until::Jobs(vec![id]), *timeout).await
             } else {
-                Ok(0)
+                Ok(exit::OK)
             }
         }
         Command::Wait {
@@ -144,7 +145,7 @@ pub async fn run(cmd: &Command) -> anyhow::Result<i32> {
             let mut out = Vec::new();
             clap_complete::generate(*shell, &mut cmd, "clx-pool", &mut out);
             print(String::from_utf8_lossy(&out).trim_end());
-            Ok(0)
+            Ok(exit::OK)
         }
         Command::Man { out } => {
             std::fs::create_dir_all(out).map_err(|e| anyhow::anyhow!("creating {}: {e}", out.display()))?;
@@ -152,7 +153,7 @@ pub async fn run(cmd: &Command) -> anyhow::Result<i32> {
             clap_mangen::generate_to(cmd, out)
                 .map_err(|e| anyhow::anyhow!("writing man pages to {}: {e}", out.display()))?;
             print(&format!("man pages written to {}", out.display()));
-            Ok(0)
+            Ok(exit::OK)
         }
         Command::Start { .. } | Command::Worker(_) | Command::Guard { .. } => {
             unreachable!("handled by lib::dispatch")
@@ -167,10 +168,10 @@ pub fn print(text: &str) {
     let mut out = std::io::stdout().lock();
     if let Err(e) = writeln!(out, "{text}").and_then(|_| out.flush()) {
         if e.kind() == std::io::ErrorKind::BrokenPipe {
-            std::process::exit(0);
+            std::process::exit(exit::OK);
         }
         eprintln!("error: writing to stdout: {e}");
-        std::process::exit(1);
+        std::process::exit(exit::FAILURE);
     }
 }
 

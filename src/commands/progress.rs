@@ -14,7 +14,7 @@ pub struct Progress {
 impl Progress {
     /// A bar counting `unit` (e.g. "jobs finished"), shown only on a terminal.
     pub fn new(unit: &str) -> Progress {
-        if !std::io::stderr().is_terminal() || std::env::var_os("CLX_POOL_NO_PROGRESS").is_some() {
+        if !std::io::stderr().is_terminal() || std::env::var_os(crate::contract::env::cli::NO_PROGRESS).is_some() {
             return Progress { bar: None };
         }
         let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());

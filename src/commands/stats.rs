@@ -11,6 +11,7 @@ use serde::Serialize;
 
 use super::target;
 use crate::cli::DbArgs;
+use crate::contract::exit;
 use crate::db::{self, jobs::JobCounts, pool::EventRow, pool::WorkerLine};
 use crate::lock;
 use crate::vocab::{Mode, Protocol, SlotState, SupervisorState, WorkerStatus};
@@ -103,8 +104,8 @@ impl HealthStatus {
     pub fn exit_code(self) -> i32 {
         match self {
             HealthStatus::Healthy => 0,
-            HealthStatus::Degraded => 1,
-            HealthStatus::Down => 2,
+            HealthStatus::Degraded => exit::FAILURE,
+            HealthStatus::Down => exit::USAGE,
         }
     }
 }
@@ -488,11 +489,11 @@ pub async fn prometheus(args: &DbArgs) -> anyhow::Result<i32> {
         && r.ok
     {
         super::print(&r.lines.join("\n"));
-        return Ok(0);
+        return Ok(exit::OK);
     }
     let (conn, protocol) = db::open_for_reading(&t.db_path)?;
     super::print(crate::supervisor::metrics::render(&conn, protocol, None)?.trim_end());
-    Ok(0)
+    Ok(exit::OK)
 }
 
 /// The shortest `--watch` interval: each refresh reads the whole database.
@@ -538,7 +539,7 @@ pub async fn run(args: &DbArgs, o: Options) -> anyhow::Result<i32> {
             super::print(&format!("{}\n", render(&s)));
         }
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => return Ok(0),
+            _ = tokio::signal::ctrl_c() => return Ok(exit::OK),
             _ = tokio::time::sleep(every) => {}
         }
     }

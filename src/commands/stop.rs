@@ -8,6 +8,7 @@ use nix::sys::signal::Signal;
 
 use super::target;
 use crate::cli::DbArgs;
+use crate::contract::exit;
 use crate::db::{self, Db};
 use crate::lock::{self, SupervisorLock};
 use crate::procs;
@@ -63,7 +64,7 @@ pub async fn run(args: &DbArgs, timeout: Duration) -> anyhow::Result<i32> {
                 db_path.display(),
                 started.elapsed().as_secs_f64()
             ));
-            return Ok(0);
+            return Ok(exit::OK);
         }
     }
     if !db_path.exists() {
@@ -71,7 +72,7 @@ pub async fn run(args: &DbArgs, timeout: Duration) -> anyhow::Result<i32> {
             "no supervisor is running for {} (there is no database there)",
             db_path.display()
         ));
-        return Ok(0);
+        return Ok(exit::OK);
     }
     // Hold the lock while cleaning so no `start` runs meanwhile.
     let _lock = SupervisorLock::acquire(&db_path)?;
@@ -92,7 +93,7 @@ pub async fn run(args: &DbArgs, timeout: Duration) -> anyhow::Result<i32> {
     } else {
         super::print(&format!("no supervisor is running for {}; {report}", db_path.display()));
     }
-    Ok(0)
+    Ok(exit::OK)
 }
 
 /// How many of the pool's slots no longer run a worker, of how many.

@@ -9,6 +9,7 @@ use rusqlite::Connection;
 use super::target;
 use crate::UsageError;
 use crate::cli::DbArgs;
+use crate::contract::exit;
 use crate::db::{self, admin};
 use crate::lock;
 use crate::vocab::{JobStatus, SlotState, SupervisorState};
@@ -68,7 +69,7 @@ pub async fn run(args: &DbArgs, until: Until, timeout: Duration) -> anyhow::Resu
         if Instant::now() >= deadline {
             progress.finish();
             eprintln!("error: timed out after {}: {last}", humantime::format_duration(timeout));
-            return Ok(1);
+            return Ok(exit::FAILURE);
         }
         tokio::time::sleep(POLL).await;
     }

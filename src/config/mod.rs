@@ -261,7 +261,9 @@ impl Config {
                 message: format!("cannot read the config file: {e}"),
             }])
         })?;
-        let env: Vec<(String, String)> = std::env::vars().filter(|(k, _)| k.starts_with("CLX_POOL_")).collect();
+        let env: Vec<(String, String)> = std::env::vars()
+            .filter(|(k, _)| k.starts_with(crate::contract::env::cli::POOL_OVERRIDE_PREFIX))
+            .collect();
         let config = Config::parse(path, &text, &env)?;
         for w in &config.warnings {
             crate::stderr::line(&format!("warning: {w}"));

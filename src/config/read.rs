@@ -166,7 +166,7 @@ impl<'t> Reader<'t> {
     pub fn overlay_env(&mut self, table: &mut Table<'t>, env: &[(String, String)], known: &[&str]) -> Vec<String> {
         let mut unknown = Vec::new();
         for (name, value) in env {
-            let Some(key) = name.strip_prefix("CLX_POOL_") else {
+            let Some(key) = name.strip_prefix(crate::contract::env::cli::POOL_OVERRIDE_PREFIX) else {
                 continue;
             };
             let key = key.to_ascii_lowercase();

@@ -16,6 +16,7 @@ use super::{
     Config, ConfigError, ContainerUser, DEFAULTS, ExecutionMode, HungCpu, InheritEnv, PoolConfig, Problem,
     RestartConfig, Source, WorkerConfig, WorkerProgram, normalize, parse_size, real_path,
 };
+use crate::contract::env::job as job_env;
 use crate::vocab::Protocol;
 
 const DURATION: &str = "a duration such as \"30s\" or \"1m 30s\"";
@@ -539,11 +540,11 @@ fn no_placeholders_in_scripts(k: &mut Keys, command: &[String]) {
         .find_map(|a| crate::contract::placeholders::used_in(a).first().copied());
     if let Some(first) = first {
         let var = match first {
-            "input" => "CLX_INPUT_FILE",
-            "output" => "CLX_OUTPUT_FILE",
-            "payload" => "CLX_PAYLOAD",
-            "payload_file" => "CLX_PAYLOAD_FILE",
-            _ => "CLX_JOB_ID",
+            "input" => job_env::INPUT_FILE,
+            "output" => job_env::OUTPUT_FILE,
+            "payload" => job_env::PAYLOAD,
+            "payload_file" => job_env::PAYLOAD_FILE,
+            _ => job_env::JOB_ID,
         };
         k.problem(
             "job_command",

@@ -63,6 +63,9 @@ pub mod env {
         /// systemd's notification socket and watchdog period.
         pub const NOTIFY_SOCKET: &str = "NOTIFY_SOCKET";
         pub const WATCHDOG_USEC: &str = "WATCHDOG_USEC";
+        pub const WATCHDOG_PID: &str = "WATCHDOG_PID";
+        /// The Docker engine to use.
+        pub const DOCKER_HOST: &str = "DOCKER_HOST";
     }
 }
 
@@ -105,9 +108,24 @@ pub fn bell_path(db: &Path, worker_type: &str) -> PathBuf {
     dir.join(format!(".{name}.bell-{worker_type}"))
 }
 
-/// The log of a slot's workers in the pool's log folder.
+/// The log of a slot's workers in the pool's log folder: `TYPE-N.log`,
+/// rotated to `TYPE-N.log.1` (newest) … `TYPE-N.log.<log_keep>`.
 pub fn log_path(log_dir: &Path, slot: &SlotId) -> PathBuf {
-    log_dir.join(format!("{slot}.log"))
+    log_dir.join(log_file(&slot.to_string()))
+}
+
+/// The name of the live log file of the slot named `slot`.
+pub fn log_file(slot: &str) -> String {
+    format!("{slot}.log")
+}
+
+/// A log folder entry read back: the slot's name and the rotation (0 for
+/// the live file); `None` for a file that is no slot's log.
+pub fn parse_log_file(name: &str) -> Option<(&str, u32)> {
+    match name.split_once(".log")? {
+        (slot, "") => Some((slot, 0)),
+        (slot, n) => Some((slot, n.strip_prefix('.')?.parse().ok()?)),
+    }
 }
 
 /// This process's run: its pid and start time, which no other process on
@@ -174,6 +192,23 @@ impl FromStr for SlotId {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn log_file_names_read_back_as_written() {
+        for (name, parsed) in [
+            ("upper-0.log", Some(("upper-0", 0))),
+            ("my-type-12.log.3", Some(("my-type-12", 3))),
+            ("upper-0.log.x", None),
+            ("upper-0.log3", None),
+            ("notes.txt", None),
+        ] {
+            assert_eq!(parse_log_file(name), parsed, "{name}");
+        }
+        let slot: SlotId = "upper-2".parse().unwrap();
+        let path = log_path(Path::new("/l"), &slot);
+        let name = path.file_name().unwrap().to_str().unwrap();
+        assert_eq!(parse_log_file(name), Some(("upper-2", 0)));
+    }
 
     #[test]
     fn slot_names_read_back_as_written() {

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use rusqlite::Connection;
 
-use crate::vocab::{Mode, ModeKind, SlotId, WorkerId, WorkerRow, WorkerStatus};
+use crate::contract::SlotId;
+use crate::vocab::{Mode, ModeKind, WorkerId, WorkerRow, WorkerStatus};
 
 /// A registered worker of a running slot, as a monitor tick sees it.
 #[derive(Debug, Clone)]

@@ -8,8 +8,9 @@ use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 use serde_json::json;
 
+use crate::contract::SlotId;
 use crate::vocab::{
-    ClmEvent, EndEvent, Mode, ModeKind, Protocol, SlotId, SlotState, SupervisorState, WorkerId, WorkerRow, WorkerStatus,
+    ClmEvent, EndEvent, Mode, ModeKind, Protocol, SlotState, SupervisorState, WorkerId, WorkerRow, WorkerStatus,
 };
 
 /// One row of CLM's `worker_events` (CLM databases only).

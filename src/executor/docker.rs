@@ -47,7 +47,7 @@ pub fn db_id(db: &Path) -> String {
 
 /// Where the engine is expected, for messages.
 pub fn engine_address() -> String {
-    std::env::var("DOCKER_HOST").unwrap_or_else(|_| "unix:///var/run/docker.sock".into())
+    std::env::var(env::cli::DOCKER_HOST).unwrap_or_else(|_| "unix:///var/run/docker.sock".into())
 }
 
 /// Connects to the engine named by `DOCKER_HOST` (or the local socket) and

@@ -21,9 +21,10 @@ use super::rollout::{self, OperationId, Operations, Outcome, Rollouts};
 use super::slot::io::Links;
 use super::slot::{self, Command, Order, Why};
 use crate::config::{Config, WorkerConfig, WorkerProgram};
+use crate::contract::SlotId;
 use crate::db;
 use crate::executor::Executor;
-use crate::vocab::{Mode, SlotId};
+use crate::vocab::Mode;
 
 /// What an entry's workers run; its slots read it at every launch.
 #[derive(Clone)]

@@ -20,10 +20,11 @@ use super::control::{Incoming, Request, Response};
 use super::fleet::{Entry, Fleet};
 use crate::api::Endpoint;
 use crate::config::{Config, PoolConfig, WorkerConfig, WorkerProgram};
+use crate::contract::SlotId;
 use crate::executor::Executor;
 use crate::executor::docker::DockerEngine;
 use crate::executor::plan::{self, Decision};
-use crate::vocab::{ModeKind, Protocol, SlotId};
+use crate::vocab::{ModeKind, Protocol};
 
 /// How long reading the config file may take (a hung mount, a FIFO).
 const READ_WITHIN: Duration = Duration::from_secs(5);
@@ -138,12 +139,8 @@ impl Manager {
                 continue;
             }
             let slot = name
-                .rsplit_once('-')
-                .and_then(|(t, i)| Some((t, i.parse::<u32>().ok()?)))
-                .map(|(t, i)| SlotId {
-                    worker_type: t.to_string(),
-                    index: i,
-                })
+                .parse::<SlotId>()
+                .ok()
                 .filter(|s| self.fleet.slot_ids(&s.worker_type).contains(s));
             match slot {
                 Some(s) => out.push(s),

@@ -27,7 +27,7 @@ use tracing::{info, warn};
 use super::fleet::{Directory, Entry, SharedConfig, SharedEntry, lock};
 use super::slot::{Command, Order, Why};
 use crate::config::Config;
-use crate::vocab::SlotId;
+use crate::contract::SlotId;
 
 pub type OperationId = u64;
 

@@ -9,6 +9,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use crate::contract::env::cli as env;
+
 #[derive(Clone, Default)]
 pub struct SdNotify {
     inner: Option<Arc<Inner>>,
@@ -25,7 +27,7 @@ impl SdNotify {
     /// From `NOTIFY_SOCKET` and `WATCHDOG_USEC` (for this process only, if
     /// `WATCHDOG_PID` says so).
     pub fn from_env() -> SdNotify {
-        let Some(path) = std::env::var_os("NOTIFY_SOCKET").filter(|p| !p.is_empty()) else {
+        let Some(path) = std::env::var_os(env::NOTIFY_SOCKET).filter(|p| !p.is_empty()) else {
             return SdNotify::default();
         };
         let to = match path.to_str().and_then(|p| p.strip_prefix('@')) {
@@ -42,11 +44,11 @@ impl SdNotify {
             );
             return SdNotify::default();
         };
-        let ours = std::env::var("WATCHDOG_PID")
+        let ours = std::env::var(env::WATCHDOG_PID)
             .ok()
             .and_then(|p| p.parse::<u32>().ok())
             .is_none_or(|p| p == std::process::id());
-        let watchdog = std::env::var("WATCHDOG_USEC")
+        let watchdog = std::env::var(env::WATCHDOG_USEC)
             .ok()
             .and_then(|u| u.parse::<u64>().ok())
             .filter(|_| ours)

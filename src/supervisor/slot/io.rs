@@ -12,15 +12,14 @@ use tracing::{debug, error, info, warn};
 use super::machine::{Failure, Settled, Why};
 use super::{Io, Worker, heartbeat_interval};
 use crate::config::{Config, WorkerConfig, WorkerProgram};
+use crate::contract::SlotId;
 use crate::db::{self, Db};
 use crate::executor::{Executor, Launch, Running};
 use crate::supervisor::fleet::{SharedEntry, lock};
 use crate::supervisor::monitor::Hung;
 use crate::supervisor::notify::Notifier;
 use crate::supervisor::registry::Registry;
-use crate::vocab::{
-    EndCause, EndEvent, HungReason, Mode, Protocol, SlotId, SlotState, WorkerId, WorkerRow, WorkerStatus,
-};
+use crate::vocab::{EndCause, EndEvent, HungReason, Mode, Protocol, SlotState, WorkerId, WorkerRow, WorkerStatus};
 
 impl Worker for Running {
     fn id(&self) -> &WorkerId {
@@ -167,7 +166,7 @@ impl SlotIo {
             memory_limit: self.worker.memory_limit,
             container_user: self.worker.user.docker_user(),
             data_dir: pool.data_dir.clone(),
-            log_path: pool.log_dir.join(format!("{}.log", self.slot)),
+            log_path: crate::contract::log_path(&pool.log_dir, &self.slot),
             log_max_size: pool.log_max_size,
             log_keep: pool.log_keep,
         }
