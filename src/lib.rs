@@ -14,8 +14,10 @@ pub mod listen;
 pub mod lock;
 pub mod logs;
 pub mod procs;
+pub mod status;
 pub mod stderr;
 pub mod supervisor;
+pub mod takeover;
 pub mod vocab;
 pub mod worker;
 

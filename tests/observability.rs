@@ -325,3 +325,148 @@ fn a_taken_metrics_port_stops_start_before_any_worker_runs() {
     assert_eq!(pool.query_i64("SELECT COUNT(*) FROM workers"), 0);
     assert!(pool.processes().is_empty());
 }
+
+/// What `stats --json`, `stats --prometheus` and `top` must agree on: the
+/// running slots and live workers per type, and the jobs by status.
+#[derive(Debug, Default, PartialEq)]
+struct Counts {
+    running: std::collections::BTreeMap<String, i64>,
+    live: std::collections::BTreeMap<String, i64>,
+    jobs: [i64; 4],
+}
+
+const JOB_WORDS: [&str; 4] = ["pending", "processing", "completed", "failed"];
+
+fn counts_from_json(pool: &Pool) -> Counts {
+    let v: serde_json::Value = serde_json::from_slice(&pool.cli(&["stats", "--json"]).stdout).unwrap();
+    let mut c = Counts::default();
+    for (t, p) in v["pools"].as_object().unwrap() {
+        c.running.insert(t.clone(), p["running"].as_i64().unwrap());
+    }
+    for (t, by) in v["workers"].as_object().unwrap() {
+        let n = ["idle", "busy", "hung"].iter().filter_map(|k| by[*k].as_i64()).sum();
+        c.live.insert(t.clone(), n);
+    }
+    c.jobs = JOB_WORDS.map(|k| v["jobs"][k].as_i64().unwrap());
+    c
+}
+
+fn counts_from_prometheus(pool: &Pool) -> Counts {
+    let out = pool.cli(&["stats", "--prometheus"]);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let mut c = Counts::default();
+    for line in String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+    {
+        let (series, value) = line.rsplit_once(' ').unwrap();
+        let label = |name: &str| {
+            let at = series.find(&format!("{name}=\"")).map(|i| i + name.len() + 2)?;
+            Some(series[at..].split('"').next().unwrap().to_string())
+        };
+        let (Some(t), Some(state)) = (label("worker_type"), label("state")) else {
+            continue;
+        };
+        let n: i64 = value.parse().unwrap();
+        match series.split('{').next().unwrap() {
+            "clx_pool_slots" => *c.running.entry(t).or_default() += if state == "running" { n } else { 0 },
+            "clx_pool_workers" => {
+                *c.live.entry(t).or_default() += if ["idle", "busy", "hung"].contains(&state.as_str()) {
+                    n
+                } else {
+                    0
+                }
+            }
+            "clx_pool_jobs" => {
+                if let Some(i) = JOB_WORDS.iter().position(|w| *w == state) {
+                    c.jobs[i] += n;
+                }
+            }
+            _ => {}
+        }
+    }
+    c
+}
+
+/// The numbers before each of `words` in `line` ("2 pending, 1 …").
+fn numbers_before(line: &str, words: &[&str]) -> Vec<i64> {
+    let tokens: Vec<&str> = line.split([' ', ',', '·']).filter(|t| !t.is_empty()).collect();
+    words
+        .iter()
+        .map(|w| {
+            let at = tokens
+                .iter()
+                .position(|t| t == w)
+                .unwrap_or_else(|| panic!("no `{w}` in {line}"));
+            tokens[at - 1].parse().unwrap()
+        })
+        .collect()
+}
+
+/// What `top` shows for `types`, once its screen has drawn them all.
+fn counts_from_top(screen: &str, types: &[&str]) -> Option<Counts> {
+    let lines: Vec<String> = screen.lines().map(|l| l.replace('│', " ")).collect();
+    let first = |l: &String| l.split_whitespace().next().map(str::to_string);
+    let mut c = Counts::default();
+    for t in types {
+        let row = lines.iter().find(|l| first(l).as_deref() == Some(*t))?;
+        c.running
+            .insert(t.to_string(), row.split_whitespace().nth(3)?.parse().ok()?);
+        let live = lines
+            .iter()
+            .filter(|l| first(l).is_some_and(|w| w.starts_with(&format!("{t}-"))))
+            .count();
+        c.live.insert(t.to_string(), live as i64);
+    }
+    let queue = lines.iter().find(|l| l.trim_start().starts_with("queue:"))?;
+    c.jobs = numbers_before(queue, &JOB_WORDS).try_into().ok()?;
+    Some(c)
+}
+
+#[test]
+fn stats_json_stats_prometheus_and_top_show_the_same_counts() {
+    let mut pool = Pool::new(
+        "",
+        &format!(
+            "{}\n{}",
+            sh_workers("copy", 2, COPY),
+            sh_workers("broken", 1, "echo no >&2; exit 3")
+        ),
+    );
+    pool.start_ready();
+    for i in 0..3 {
+        pool.submit("copy", &format!("c{i}.txt"), "x");
+    }
+    pool.submit_with("broken", "b.txt", &["--max-attempts", "1"]);
+    pool.submit_with("nobody", "n.txt", &[]);
+    // A quiet pool: every job that can finish has finished.
+    let want_jobs = [1, 0, 3, 1];
+    let json = wait_for("the jobs to finish", Duration::from_secs(60), || {
+        let c = counts_from_json(&pool);
+        (c.jobs == want_jobs).then_some(c)
+    });
+    assert_eq!(json.running, [("broken".into(), 1), ("copy".into(), 2)].into());
+    assert_eq!(json.live, json.running, "every running slot has a live worker");
+    assert_eq!(
+        counts_from_prometheus(&pool),
+        json,
+        "stats --prometheus vs stats --json"
+    );
+    let tmux = Tmux::new(&pool.dir.path().join("tmux.sock"));
+    tmux.run(&[
+        "new-session",
+        "-d",
+        "-x",
+        "140",
+        "-y",
+        "40",
+        &format!("{} top --db {}", common::bin(), pool.db_path().display()),
+    ]);
+    let top = wait_for("top to draw the pool", Duration::from_secs(20), || {
+        counts_from_top(&tmux.screen(), &["broken", "copy"]).filter(|c| c.live == json.live)
+    });
+    assert_eq!(top, json, "top vs stats --json");
+    assert_eq!(counts_from_json(&pool), json, "nothing changed meanwhile");
+    tmux.run(&["send-keys", "q"]);
+    wait_for("top to quit", Duration::from_secs(10), || (!tmux.alive()).then_some(()));
+}

@@ -54,7 +54,7 @@ pub async fn run(path: &Path) -> anyhow::Result<i32> {
     }
     check_folders(&config, &mut problems);
     if lock::running_supervisor(&config.pool.db_path).is_some() {
-        let pid = super::supervisor_pid(&config.pool.db_path)
+        let pid = crate::status::supervisor_pid(&config.pool.db_path)
             .map(|p| p.to_string())
             .unwrap_or_else(|| "unknown".into());
         super::print(&format!(

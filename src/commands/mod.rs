@@ -7,6 +7,8 @@ pub mod control;
 pub mod jobs;
 pub mod logs;
 pub mod progress;
+#[cfg(test)]
+mod renderings;
 pub mod stats;
 pub mod stop;
 pub mod submit;
@@ -173,20 +175,6 @@ pub fn print(text: &str) {
         eprintln!("error: writing to stdout: {e}");
         std::process::exit(exit::FAILURE);
     }
-}
-
-/// The pid of the supervisor running for `db`: from its pid file, or else
-/// from its record in the database (checked against the process's start
-/// time, so a reused pid is never taken for it).
-pub fn supervisor_pid(db: &std::path::Path) -> Option<i32> {
-    let running = crate::lock::running_supervisor(db)?;
-    if let Some(pid) = running.pid {
-        return Some(pid);
-    }
-    let (conn, _) = crate::db::open_read_only(db).ok()??;
-    let record = crate::db::pool::supervisor(&conn).ok()??;
-    let pid = record.pid as i32;
-    (crate::procs::start_ticks(pid).is_some() && crate::procs::start_ticks(pid) == record.proc_start).then_some(pid)
 }
 
 /// The database a command works on, and the config if one was named.

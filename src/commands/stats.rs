@@ -7,271 +7,24 @@ use std::path::Path;
 use std::time::Duration;
 
 use comfy_table::Table;
-use serde::Serialize;
 
 use super::target;
 use crate::cli::DbArgs;
 use crate::contract::exit;
-use crate::db::{self, jobs::JobCounts, pool::EventRow, pool::WorkerLine};
-use crate::lock;
-use crate::vocab::{Mode, Protocol, SlotState, SupervisorState, WorkerStatus};
+use crate::db::pool::{EventRow, WorkerLine};
+use crate::status::{self, Detail, Health, HealthStatus, PoolStats, SupervisorStats};
+use crate::vocab::{Protocol, SupervisorState, WorkerStatus};
 
-#[derive(Debug, Serialize)]
-pub struct Stats {
-    pub db_path: String,
-    /// The generation of workers the database serves: `clx` or `clm`.
-    pub protocol: Protocol,
-    pub supervisor: SupervisorStats,
-    /// healthy, degraded or down, and why (what `stats --check` exits with).
-    pub health: Health,
-    /// Worker rows of the current (or last) run per type, then per status
-    /// (idle, busy, hung, dead; and created under CLM). Without a running
-    /// supervisor no row counts as live: they are all under dead.
-    pub workers: BTreeMap<String, BTreeMap<String, i64>>,
-    /// The supervisor's slots per type.
-    pub pools: BTreeMap<String, PoolStats>,
-    /// Jobs of the current (or last) run: pending and processing ones, and
-    /// those that finished since it started.
-    pub jobs: JobCounts,
-    /// Slots that wait (backing off, cooling down, given up), and why.
-    pub waiting: Vec<Waiting>,
-    /// With --workers: one line per live worker of the run.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub worker_list: Option<Vec<WorkerLine>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub events: Option<Vec<EventRow>>,
-}
-
-#[derive(Debug, Serialize)]
-pub struct Waiting {
-    pub worker_type: String,
-    pub slot: u32,
-    pub state: SlotState,
-    pub why: Option<String>,
-}
-
-#[derive(Debug, Serialize)]
-pub struct SupervisorStats {
-    pub running: bool,
-    pub pid: Option<i64>,
-    /// starting, running, stopping, stopped; null if no pool ever ran here.
-    pub state: Option<SupervisorState>,
-    /// The last run ended without stopping its pool (killed, crashed).
-    pub stopped_uncleanly: bool,
-    /// When that was found (by its guard, or the next `start`/`stop`); null
-    /// while nobody has looked yet.
-    pub ended_uncleanly_at: Option<String>,
-    pub started_at: Option<String>,
-    pub ready_at: Option<String>,
-    pub stopped_at: Option<String>,
-    pub config_path: Option<String>,
-    pub expected_workers: i64,
-}
-
-#[derive(Debug, Serialize)]
-pub struct PoolStats {
-    pub execution_mode: Mode,
-    /// How many workers the running pool wants (`scale`, `reload`).
-    pub wanted: i64,
-    pub slots: i64,
-    pub running: i64,
-    pub starting: i64,
-    pub backoff: i64,
-    pub failed: i64,
-    pub stopped: i64,
-    pub restarts: i64,
-    /// Memory of its live workers, MiB (as the monitor last measured it).
-    pub memory_mib: f64,
-}
-
-/// What `stats --check` judges.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum HealthStatus {
-    Healthy,
-    Degraded,
-    Down,
-}
-
-#[derive(Debug, Serialize)]
-pub struct Health {
-    pub status: HealthStatus,
-    pub reasons: Vec<String>,
-}
-
-impl HealthStatus {
-    /// The exit code of `stats --check`.
-    pub fn exit_code(self) -> i32 {
-        match self {
-            HealthStatus::Healthy => 0,
-            HealthStatus::Degraded => exit::FAILURE,
-            HealthStatus::Down => exit::USAGE,
-        }
-    }
-}
+/// The picture `stats` shows (in every format).
+pub use crate::status::Status as Stats;
 
 fn plural(n: i64, one: &str, many: &str) -> String {
     format!("{n} {}", if n == 1 { one } else { many })
 }
 
-/// The rule, from what `collect` found.
-fn health(sup: &SupervisorStats, pools: &BTreeMap<String, PoolStats>, jobs: &JobCounts) -> Health {
-    let mut reasons = Vec::new();
-    if !sup.running {
-        reasons.push(if sup.stopped_uncleanly {
-            "the supervisor ended without stopping its pool".to_string()
-        } else {
-            "no supervisor is running".to_string()
-        });
-        return Health {
-            status: HealthStatus::Down,
-            reasons,
-        };
-    }
-    match sup.state {
-        Some(SupervisorState::Stopping | SupervisorState::Stopped) => {
-            return Health {
-                status: HealthStatus::Down,
-                reasons: vec!["the pool is stopping".into()],
-            };
-        }
-        Some(SupervisorState::Starting) | None => reasons.push("the pool is starting".into()),
-        Some(SupervisorState::Running) => {}
-    }
-    for (ty, p) in pools {
-        if p.failed > 0 {
-            reasons.push(format!("{} of `{ty}` given up", plural(p.failed, "slot", "slots")));
-        }
-        if p.backoff > 0 {
-            reasons.push(format!(
-                "{} of `{ty}` waiting to restart",
-                plural(p.backoff, "slot", "slots")
-            ));
-        }
-    }
-    if jobs.failed > 0 {
-        reasons.push(format!("{} failed in this run", plural(jobs.failed, "job", "jobs")));
-    }
-    let status = if reasons.is_empty() {
-        HealthStatus::Healthy
-    } else {
-        HealthStatus::Degraded
-    };
-    Health { status, reasons }
-}
-
+/// Reads the pool's picture for `stats` (and `top`).
 pub fn collect(db_path: &Path, events: bool, workers: bool) -> anyhow::Result<Stats> {
-    let (conn, protocol) = db::open_for_reading(db_path)?;
-    let running_pid = super::supervisor_pid(db_path).or_else(|| lock::running_supervisor(db_path).map(|_| 0));
-    let running = running_pid.is_some();
-    let record = db::pool::supervisor(&conn)?;
-    let supervisor = SupervisorStats {
-        running,
-        pid: running_pid
-            .map(i64::from)
-            .or(record.as_ref().map(|r| r.pid))
-            .filter(|_| running),
-        state: record
-            .as_ref()
-            .map(|r| if running { r.state } else { SupervisorState::Stopped }),
-        stopped_uncleanly: !running
-            && record
-                .as_ref()
-                .is_some_and(|r| r.state != SupervisorState::Stopped || r.ended_uncleanly_at.is_some()),
-        ended_uncleanly_at: record.as_ref().and_then(|r| r.ended_uncleanly_at.clone()),
-        started_at: record.as_ref().map(|r| r.started_at.clone()),
-        ready_at: record.as_ref().and_then(|r| r.ready_at.clone()),
-        stopped_at: record.as_ref().and_then(|r| r.stopped_at.clone()),
-        config_path: record.as_ref().and_then(|r| r.config_path.clone()),
-        expected_workers: record.as_ref().map(|r| r.expected_workers).unwrap_or(0),
-    };
-    let since = supervisor.started_at.clone();
-    let live = db::pool::worker_lines(&conn, since.as_deref(), false)?;
-    let (pools, waiting) = slots(&conn, running, &live)?;
-    let mut counts = db::workers::counts(&conn, protocol, since.as_deref())?;
-    if !running {
-        // Rows a dead supervisor left live are not running.
-        for by_status in counts.values_mut() {
-            let gone: i64 = by_status
-                .iter_mut()
-                .filter(|(s, _)| s.as_str() != WorkerStatus::Dead.as_str())
-                .map(|(_, n)| std::mem::take(n))
-                .sum();
-            *by_status.entry(WorkerStatus::Dead.to_string()).or_insert(0) += gone;
-        }
-    }
-    let jobs = db::admin::run_counts(&conn, since.as_deref())?;
-    Ok(Stats {
-        db_path: db_path.display().to_string(),
-        protocol,
-        health: health(&supervisor, &pools, &jobs),
-        supervisor,
-        workers: counts,
-        pools,
-        jobs,
-        waiting,
-        worker_list: (workers && running).then_some(live).or_else(|| workers.then(Vec::new)),
-        events: if events {
-            Some(db::pool::recent_events(&conn, 20)?)
-        } else {
-            None
-        },
-    })
-}
-
-/// Slots per type; without a running supervisor every slot is stopped.
-fn slots(
-    conn: &rusqlite::Connection,
-    running: bool,
-    live: &[WorkerLine],
-) -> anyhow::Result<(BTreeMap<String, PoolStats>, Vec<Waiting>)> {
-    let mut pools: BTreeMap<String, PoolStats> = BTreeMap::new();
-    let mut waiting = Vec::new();
-    for s in db::pool::slots(conn)? {
-        let state = if running { s.state } else { SlotState::Stopped };
-        if matches!(state, SlotState::Backoff | SlotState::Failed) {
-            waiting.push(Waiting {
-                worker_type: s.worker_type.clone(),
-                slot: s.slot,
-                state,
-                why: s.note.clone().or_else(|| s.last_cause.clone()),
-            });
-        }
-        let p = pools.entry(s.worker_type.clone()).or_insert_with(|| PoolStats {
-            execution_mode: s.execution_mode,
-            wanted: 0,
-            slots: 0,
-            running: 0,
-            starting: 0,
-            backoff: 0,
-            failed: 0,
-            stopped: 0,
-            restarts: 0,
-            memory_mib: 0.0,
-        });
-        p.execution_mode = s.execution_mode;
-        p.slots += 1;
-        p.restarts += s.restarts;
-        *match state {
-            SlotState::Running => &mut p.running,
-            SlotState::Starting => &mut p.starting,
-            SlotState::Backoff => &mut p.backoff,
-            SlotState::Failed => &mut p.failed,
-            SlotState::Stopped => &mut p.stopped,
-        } += 1;
-    }
-    let wanted = db::pool::wanted(conn)?;
-    for (t, p) in pools.iter_mut() {
-        p.wanted = wanted.get(t).copied().unwrap_or(p.slots);
-    }
-    if running {
-        for w in live {
-            if let Some(p) = pools.get_mut(&w.worker_type) {
-                p.memory_mib += w.memory_mib.unwrap_or(0.0);
-            }
-        }
-    }
-    Ok((pools, waiting))
+    status::read(db_path, Detail { workers, events })
 }
 
 pub fn render(s: &Stats) -> String {
@@ -491,8 +244,8 @@ pub async fn prometheus(args: &DbArgs) -> anyhow::Result<i32> {
         super::print(&r.lines.join("\n"));
         return Ok(exit::OK);
     }
-    let (conn, protocol) = db::open_for_reading(&t.db_path)?;
-    super::print(crate::supervisor::metrics::render(&conn, protocol, None)?.trim_end());
+    let status = status::read(&t.db_path, Detail::GAUGES)?;
+    super::print(crate::supervisor::metrics::render(&status, None)?.trim_end());
     Ok(exit::OK)
 }
 

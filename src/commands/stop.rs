@@ -9,10 +9,10 @@ use nix::sys::signal::Signal;
 use super::target;
 use crate::cli::DbArgs;
 use crate::contract::exit;
-use crate::db::{self, Db};
-use crate::lock::{self, SupervisorLock};
+use crate::db;
+use crate::lock;
 use crate::procs;
-use crate::supervisor::cleanup;
+use crate::takeover::{self, Takeover, Taker};
 
 pub async fn run(args: &DbArgs, timeout: Duration) -> anyhow::Result<i32> {
     let t = target(args)?;
@@ -21,10 +21,10 @@ pub async fn run(args: &DbArgs, timeout: Duration) -> anyhow::Result<i32> {
     let deadline = started + timeout;
     if lock::running_supervisor(&db_path).is_some() {
         // The pid file is written right after the lock is taken.
-        let mut pid = super::supervisor_pid(&db_path);
+        let mut pid = crate::status::supervisor_pid(&db_path);
         while pid.is_none() && lock::running_supervisor(&db_path).is_some() && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
-            pid = super::supervisor_pid(&db_path);
+            pid = crate::status::supervisor_pid(&db_path);
         }
         if let Some(pid) = pid {
             // The control socket first (briefly: stop is answered at once);
@@ -74,17 +74,22 @@ pub async fn run(args: &DbArgs, timeout: Duration) -> anyhow::Result<i32> {
         ));
         return Ok(exit::OK);
     }
-    // Hold the lock while cleaning so no `start` runs meanwhile.
-    let _lock = SupervisorLock::acquire(&db_path)?;
-    let grace = t
-        .config
-        .as_ref()
-        .map(|c| c.pool.stop_timeout)
-        .unwrap_or(Duration::from_secs(10));
-    let path = db_path.clone();
-    let wanted = t.config.as_ref().and_then(|c| c.pool.protocol);
-    let (conn, protocol) = tokio::task::spawn_blocking(move || db::open(&path, wanted)).await??;
-    let report = cleanup::orphans(&Db::new(conn, &db_path, protocol), grace, None).await?;
+    // The lock is held while cleaning, so no `start` runs meanwhile.
+    let taken = takeover::take_over(
+        Takeover {
+            db_path: &db_path,
+            taker: Taker::Stop,
+            protocol: t.config.as_ref().and_then(|c| c.pool.protocol),
+            grace: t
+                .config
+                .as_ref()
+                .map(|c| c.pool.stop_timeout)
+                .unwrap_or(Duration::from_secs(10)),
+        },
+        takeover::nothing,
+    )
+    .await?;
+    let report = taken.report;
     if report.is_empty() {
         super::print(&format!(
             "no supervisor is running for {}; nothing to stop",

@@ -307,12 +307,7 @@ pub fn snapshot(db_path: &std::path::Path, history: &mut History) -> anyhow::Res
         }
     }
     let rates = history.rates(stats.jobs.completed);
-    let (conn, _) = crate::db::open_for_reading(db_path)?;
-    let queue = crate::db::admin::by_type(&conn)?
-        .into_iter()
-        .filter(|c| c.status == crate::vocab::JobStatus::Pending)
-        .map(|c| (c.job_type, (c.count, c.oldest_age.unwrap_or(0.0))))
-        .collect();
+    let queue = stats.pending().map(|(t, n, age)| (t.to_string(), (n, age))).collect();
     Ok(Snapshot { stats, queue, rates })
 }
 

@@ -11,8 +11,8 @@ use crate::UsageError;
 use crate::cli::DbArgs;
 use crate::contract::exit;
 use crate::db::{self, admin};
-use crate::lock;
-use crate::vocab::{JobStatus, SlotState, SupervisorState};
+use crate::status::{self, Ready};
+use crate::vocab::{JobStatus, Protocol};
 
 const POLL: Duration = Duration::from_millis(20);
 
@@ -45,9 +45,9 @@ pub async fn run(args: &DbArgs, until: Until, timeout: Duration) -> anyhow::Resu
     });
     let mut last = String::from("the database does not exist yet");
     loop {
-        if let Some((conn, _)) = db::open_read_only(&t.db_path)? {
+        if let Some((conn, protocol)) = db::open_read_only(&t.db_path)? {
             let look = match &until {
-                Until::Ready => ready(&conn, &t.db_path)?,
+                Until::Ready => ready(&conn, protocol, &t.db_path)?,
                 Until::Drained { all } => drained(&conn, *all)?,
                 Until::Jobs(ids) => jobs(&conn, ids, &t.db_path)?,
             };
@@ -171,56 +171,28 @@ fn jobs(conn: &Connection, ids: &[i64], db_path: &std::path::Path) -> anyhow::Re
     Ok(Look::Over(1, String::new(), err))
 }
 
-fn ready(conn: &Connection, db_path: &std::path::Path) -> anyhow::Result<Look> {
-    let not_yet = |why: &str| Look::NotYet {
-        done: 0,
-        total: 0,
-        why: why.to_string(),
-    };
-    let Some(running) = lock::running_supervisor(db_path) else {
-        return Ok(not_yet("no supervisor is running"));
-    };
-    let Some(sup) = db::pool::supervisor(conn)? else {
-        return Ok(not_yet("the supervisor is starting"));
-    };
-    // The record may still be an earlier run's until this one has cleaned
-    // up: it must name the live supervisor (by pid file, or by the start
-    // time of the recorded pid).
-    let recorded = sup.pid as i32;
-    let current = match running.pid {
-        Some(pid) => pid == recorded,
-        None => crate::procs::start_ticks(recorded).is_some() && crate::procs::start_ticks(recorded) == sup.proc_start,
-    };
-    if !current {
-        return Ok(not_yet("the supervisor is starting"));
-    }
-    if matches!(sup.state, SupervisorState::Stopping | SupervisorState::Stopped) {
-        return Ok(not_yet(&format!("the supervisor is {}", sup.state)));
-    }
-    let slots = db::pool::slots(conn)?;
-    let failed: Vec<String> = slots
-        .iter()
-        .filter(|s| s.state == SlotState::Failed)
-        .map(|s| format!("{}-{}", s.worker_type, s.slot))
-        .collect();
-    if !failed.is_empty() {
-        let err = format!(
-            "error: the pool cannot become ready: slot(s) {} were given up (see `clx-pool stats --events`)",
-            failed.join(", ")
-        );
-        return Ok(Look::Over(1, String::new(), vec![err]));
-    }
-    let running = slots.iter().filter(|s| s.state == SlotState::Running).count();
-    if running as i64 == sup.expected_workers && sup.state == SupervisorState::Running {
-        let out = match running {
-            1 => "the worker is registered".to_string(),
-            n => format!("all {n} workers registered"),
-        };
-        return Ok(Look::Over(0, out, Vec::new()));
-    }
-    Ok(Look::NotYet {
-        done: running as u64,
-        total: sup.expected_workers.max(0) as u64,
-        why: format!("{running} of {} workers registered", sup.expected_workers),
+fn ready(conn: &Connection, protocol: Protocol, db_path: &std::path::Path) -> anyhow::Result<Look> {
+    let live = status::Liveness::of(db_path, conn);
+    let status = status::build(conn, protocol, db_path, live, status::Detail::default())?;
+    Ok(match status.ready() {
+        Ready::Yes { workers } => {
+            let out = match workers {
+                1 => "the worker is registered".to_string(),
+                n => format!("all {n} workers registered"),
+            };
+            Look::Over(exit::OK, out, Vec::new())
+        }
+        Ready::NotYet { running, expected, why } => Look::NotYet {
+            done: running.max(0) as u64,
+            total: expected.max(0) as u64,
+            why,
+        },
+        Ready::Never { given_up } => {
+            let err = format!(
+                "error: the pool cannot become ready: slot(s) {} were given up (see `clx-pool stats --events`)",
+                given_up.join(", ")
+            );
+            Look::Over(exit::FAILURE, String::new(), vec![err])
+        }
     })
 }

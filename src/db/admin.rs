@@ -273,6 +273,7 @@ pub fn run_failures(conn: &Connection, since: Option<&str>, limit: i64) -> rusql
 }
 
 /// How many jobs of a type have a status, and the age of the oldest.
+#[derive(Debug, Clone)]
 pub struct TypeCount {
     pub job_type: String,
     pub status: JobStatus,

@@ -136,25 +136,3 @@ pub fn write_usage(c: &mut Connection, usage: &[(WorkerRow, Option<f64>, f64)]) 
     }
     tx.commit()
 }
-
-/// The figures of systemd's STATUS line: slots running and in all, slots
-/// waiting (backoff, cooling down, given up), and the jobs of this run.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Summary {
-    pub running: usize,
-    pub slots: usize,
-    pub waiting: usize,
-    pub jobs: super::jobs::JobCounts,
-}
-
-pub fn summary(c: &mut Connection) -> rusqlite::Result<Summary> {
-    use crate::vocab::SlotState;
-    let slots = super::pool::slots(c)?;
-    let count = |f: fn(SlotState) -> bool| slots.iter().filter(|s| f(s.state)).count();
-    Ok(Summary {
-        running: count(|s| s == SlotState::Running),
-        slots: slots.len(),
-        waiting: count(|s| matches!(s, SlotState::Backoff | SlotState::Failed)),
-        jobs: super::admin::run_counts(c, super::admin::run_started(c)?.as_deref())?,
-    })
-}

@@ -23,9 +23,9 @@ use anyhow::Context;
 use nix::fcntl::OFlag;
 use tracing::{error, info, warn};
 
-use crate::db::{self, Db};
-use crate::lock::SupervisorLock;
+use crate::lock::LockError;
 use crate::procs;
+use crate::takeover::{self, Takeover, Taker};
 
 /// The byte a supervisor that stops cleanly sends.
 const DISMISS: u8 = b'x';
@@ -183,13 +183,21 @@ pub async fn run(db_path: &Path, run: &str) -> anyhow::Result<()> {
     }
     // Then, as `clx-pool stop` would: containers, rows, jobs. A supervisor
     // that started meanwhile does that itself.
-    let Ok(_lock) = SupervisorLock::acquire_as_guard(db_path) else {
-        info!("another supervisor took over this database; it cleans up instead");
-        return Ok(());
+    let takeover = Takeover {
+        db_path,
+        taker: Taker::Guard,
+        protocol: None,
+        grace: Duration::ZERO,
     };
-    let path = db_path.to_path_buf();
-    let (conn, protocol) = tokio::task::spawn_blocking(move || db::open(&path, None)).await??;
-    let report = super::cleanup::orphans(&Db::new(conn, db_path, protocol), Duration::ZERO, None).await?;
-    info!("cleaned up after the supervisor: {report}");
-    Ok(())
+    match takeover::take_over(takeover, takeover::nothing).await {
+        Ok(taken) => {
+            info!("cleaned up after the supervisor: {}", taken.report);
+            Ok(())
+        }
+        Err(e) if e.downcast_ref::<LockError>().is_some() => {
+            info!("another supervisor took over this database; it cleans up instead");
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
 }

@@ -7,20 +7,18 @@
 //! `clx-pool stats --prometheus` prints the same text (asked of the
 //! supervisor over its control socket, or the gauges alone when none runs).
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
+use crate::db::{self, pool::WorkerLine};
+use crate::status::{self, Detail, Liveness, Status};
+use crate::vocab::{EndEvent, SlotState};
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
-use rusqlite::Connection;
-
-use crate::db;
-use crate::vocab::{EndEvent, Protocol};
 
 /// A label value, escaped as the text format asks (a backslash, a double
 /// quote and a line feed become `\\`, `\"` and `\n`): prometheus-client
@@ -61,6 +59,14 @@ pub struct TypeLabel {
     pub worker_type: Text,
 }
 
+impl TypeLabel {
+    fn new(worker_type: &str) -> TypeLabel {
+        TypeLabel {
+            worker_type: worker_type.into(),
+        }
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EndLabels {
     pub worker_type: Text,
@@ -71,6 +77,15 @@ pub struct EndLabels {
 struct StateLabels {
     worker_type: Text,
     state: Text,
+}
+
+impl StateLabels {
+    fn new(worker_type: &str, state: &str) -> StateLabels {
+        StateLabels {
+            worker_type: worker_type.into(),
+            state: state.into(),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -150,25 +165,35 @@ impl Metrics {
 }
 
 /// The exposition text: the counters (when the supervisor renders it) and
-/// the database's gauges.
-pub fn render(conn: &Connection, protocol: Protocol, counters: Option<&Metrics>) -> anyhow::Result<String> {
+/// the gauges of the pool's picture.
+pub fn render(status: &Status, counters: Option<&Metrics>) -> anyhow::Result<String> {
     let mut r = Registry::default();
     if let Some(m) = counters {
+        m.register(&mut r);
+    }
+    gauges(status, &mut r);
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &r)?;
+    Ok(text)
+}
+
+impl Metrics {
+    fn register(&self, r: &mut Registry) {
         r.register(
             "clx_pool_worker_ends",
             "Workers that ended, by cause (died, hung, no-register, spawn-failed, stopped, replaced, recycled, retired)",
-            m.ends.clone(),
+            self.ends.clone(),
         );
         r.register(
             "clx_pool_restarts",
             "Workers replaced after a failure",
-            m.restarts.clone(),
+            self.restarts.clone(),
         );
         r.register_with_unit(
             "clx_pool_job_duration",
             "How long completed jobs ran, from claim to completion (the database's clock: whole seconds)",
             Unit::Seconds,
-            m.job_seconds.clone(),
+            self.job_seconds.clone(),
         );
         let dropped = Counter::<u64>::default();
         dropped.inc_by(crate::stderr::dropped());
@@ -178,51 +203,31 @@ pub fn render(conn: &Connection, protocol: Protocol, counters: Option<&Metrics>)
             dropped,
         );
     }
-    gauges(conn, protocol, &mut r)?;
-    let mut text = String::new();
-    prometheus_client::encoding::text::encode(&mut text, &r)?;
-    Ok(text)
 }
 
-fn gauges(conn: &Connection, protocol: Protocol, r: &mut Registry) -> anyhow::Result<()> {
-    let since = db::admin::run_started(conn)?;
+fn gauges(s: &Status, r: &mut Registry) {
     let workers = Family::<StateLabels, Gauge>::default();
-    for (t, by_status) in db::workers::counts(conn, protocol, since.as_deref())? {
-        for (status, n) in by_status {
-            workers
-                .get_or_create(&StateLabels {
-                    worker_type: t.clone().into(),
-                    state: status.into(),
-                })
-                .set(n);
+    for (t, by_status) in &s.workers {
+        for (status, &n) in by_status {
+            workers.get_or_create(&StateLabels::new(t, status)).set(n);
         }
     }
     r.register("clx_pool_workers", "Worker rows of the current run, by status", workers);
     let slots = Family::<StateLabels, Gauge>::default();
-    let mut per_type: HashMap<String, i64> = HashMap::new();
-    for s in db::pool::slots(conn)? {
-        *per_type.entry(s.worker_type.clone()).or_default() += 1;
-        slots
-            .get_or_create(&StateLabels {
-                worker_type: s.worker_type.into(),
-                state: s.state.to_string().into(),
-            })
-            .inc();
+    let wanted = Family::<TypeLabel, Gauge>::default();
+    for (t, p) in &s.pools {
+        for &state in SlotState::ALL {
+            let n = p.in_state(state);
+            if n > 0 {
+                slots.get_or_create(&StateLabels::new(t, state.as_str())).set(n);
+            }
+        }
+        wanted.get_or_create(&TypeLabel::new(t)).set(p.wanted);
     }
     r.register("clx_pool_slots", "Slots of the pool, by state", slots);
-    let wanted = Family::<TypeLabel, Gauge>::default();
-    let recorded = db::pool::wanted(conn)?;
-    for (t, &n) in &per_type {
-        let n = recorded.get(t).copied().unwrap_or(n);
-        wanted
-            .get_or_create(&TypeLabel {
-                worker_type: t.clone().into(),
-            })
-            .set(n);
-    }
     r.register("clx_pool_workers_wanted", "Workers the pool wants, per type", wanted);
-    queue(conn, per_type.keys(), r)?;
-    per_worker(conn, since.as_deref(), r)?;
+    queue(s, r);
+    per_worker(s.worker_list.as_deref().unwrap_or_default(), r);
     let rss = FloatGauge::default();
     let me = crate::procs::stat(std::process::id() as i32);
     rss.set(me.map(|s| s.rss_pages * crate::procs::page_size()).unwrap_or(0) as f64);
@@ -232,40 +237,25 @@ fn gauges(conn: &Connection, protocol: Protocol, r: &mut Registry) -> anyhow::Re
         Unit::Bytes,
         rss,
     );
-    Ok(())
 }
 
 /// Jobs by type and status; the queue of each type the pool serves (0 when
 /// empty) and of any other type with pending jobs.
-fn queue<'a>(conn: &Connection, served: impl Iterator<Item = &'a String>, r: &mut Registry) -> anyhow::Result<()> {
+fn queue(s: &Status, r: &mut Registry) {
     let jobs = Family::<StateLabels, Gauge>::default();
     let depth = Family::<TypeLabel, Gauge>::default();
     let oldest = Family::<TypeLabel, FloatGauge>::default();
-    for t in served {
-        let label = TypeLabel {
-            worker_type: t.clone().into(),
-        };
-        drop(depth.get_or_create(&label));
-        drop(oldest.get_or_create(&label));
+    for t in s.pools.keys() {
+        drop(depth.get_or_create(&TypeLabel::new(t)));
+        drop(oldest.get_or_create(&TypeLabel::new(t)));
     }
-    for c in db::admin::by_type(conn)? {
-        jobs.get_or_create(&StateLabels {
-            worker_type: c.job_type.clone().into(),
-            state: c.status.to_string().into(),
-        })
-        .set(c.count);
-        if c.status == crate::vocab::JobStatus::Pending {
-            depth
-                .get_or_create(&TypeLabel {
-                    worker_type: c.job_type.clone().into(),
-                })
-                .set(c.count);
-            oldest
-                .get_or_create(&TypeLabel {
-                    worker_type: c.job_type.into(),
-                })
-                .set(c.oldest_age.unwrap_or(0.0));
-        }
+    for c in &s.queue {
+        jobs.get_or_create(&StateLabels::new(&c.job_type, c.status.as_str()))
+            .set(c.count);
+    }
+    for (t, n, age) in s.pending() {
+        depth.get_or_create(&TypeLabel::new(t)).set(n);
+        oldest.get_or_create(&TypeLabel::new(t)).set(age);
     }
     r.register("clx_pool_jobs", "Jobs in the database, by type and status", jobs);
     r.register("clx_pool_queue_depth", "Pending jobs, by type", depth);
@@ -275,13 +265,12 @@ fn queue<'a>(conn: &Connection, served: impl Iterator<Item = &'a String>, r: &mu
         Unit::Seconds,
         oldest,
     );
-    Ok(())
 }
 
-fn per_worker(conn: &Connection, since: Option<&str>, r: &mut Registry) -> anyhow::Result<()> {
+fn per_worker(lines: &[WorkerLine], r: &mut Registry) {
     let cpu = Family::<WorkerLabels, FloatGauge>::default();
     let rss = Family::<WorkerLabels, FloatGauge>::default();
-    for w in db::pool::worker_lines(conn, since, false)? {
+    for w in lines {
         let labels = WorkerLabels {
             worker_type: w.worker_type.clone().into(),
             slot: w.slot.map(|s| s.to_string()).unwrap_or_default().into(),
@@ -306,15 +295,20 @@ fn per_worker(conn: &Connection, since: Option<&str>, r: &mut Registry) -> anyho
         Unit::Bytes,
         rss,
     );
-    Ok(())
 }
 
 /// The exposition text of the running supervisor (its counters and the
 /// database's gauges), as `/metrics` and the control request `metrics`
 /// answer.
 pub async fn scrape(db: &db::Db, metrics: &Arc<Metrics>) -> anyhow::Result<String> {
-    let (m, protocol) = (metrics.clone(), db.protocol());
-    db.call(move |c| Ok(render(c, protocol, Some(&m)))).await?
+    let (protocol, path) = (db.protocol(), db.path().to_path_buf());
+    let status = db
+        .call(move |c| {
+            let live = Liveness::this_process();
+            status::build(c, protocol, &path, live, Detail::GAUGES)
+        })
+        .await?;
+    render(&status, Some(metrics))
 }
 
 /// Binds `metrics_listen` (before any worker starts, so a taken port

@@ -5,7 +5,6 @@
 //! parallel before exiting; a second signal kills them at once.
 
 pub mod bells;
-pub mod cleanup;
 pub mod control;
 pub mod fleet;
 pub mod guard;
@@ -35,8 +34,8 @@ use crate::db::{self, Db};
 use crate::executor::Executor;
 use crate::executor::docker::DockerEngine;
 use crate::executor::plan::{self, Decision};
-use crate::lock::SupervisorLock;
 use crate::procs;
+use crate::takeover::{self, Takeover, Taker};
 use crate::vocab::{Mode, ModeKind, Protocol, SupervisorState, WorkerRow};
 use slot::Settled;
 
@@ -171,45 +170,48 @@ async fn watch_database(path: std::path::PathBuf, token: CancellationToken) -> O
     }
 }
 
-/// Takes the database: limits, lock, folders, schema, guard, the plan of
-/// every entry, the cleanup after an earlier run, the new run's record.
+/// Takes the database over (lock, schema, the plan of every entry, the
+/// cleanup after an earlier run), then starts the guard and records the
+/// new run.
 async fn prepare(config: &Arc<Config>) -> anyhow::Result<Prepared> {
     let pool = &config.pool;
     raise_open_files_limit(config.total_workers(), listener_connections(config))?;
-    // Held until the process exits (see `lock`).
-    let _lock: SupervisorLock = SupervisorLock::acquire(&pool.db_path)?;
-    // Orphaned descendants of workers (a `setsid` grandchild whose parent
-    // died) become our children instead of init's, so none escapes `stop`.
-    nix::sys::prctl::set_child_subreaper(true).context("becoming a child subreaper")?;
-    for dir in [&pool.workspace_path, &pool.log_dir] {
-        crate::files::create_dirs(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    let (db_path, wanted) = (pool.db_path.clone(), pool.protocol);
-    let (conn, protocol) = tokio::task::spawn_blocking(move || db::open(&db_path, wanted)).await??;
-    config.check_protocol(protocol)?;
-    let db = Db::new(conn, &pool.db_path, protocol);
-    info!(protocol = %protocol, db = %pool.db_path.display(), "opened the job database");
-    // From here on, if this process dies without stopping the pool, the
-    // guard cleans up after it.
-    let guard = guard::spawn(&pool.db_path)?;
-    tracing::debug!(pid = guard.pid(), "started the guard");
-    // Nothing of this run started yet: if it cannot start, the guard has
-    // nothing to clean up.
-    let ready = async {
-        let (engine, executors, api) = executors(config, protocol).await?;
+    let takeover = Takeover {
+        db_path: &pool.db_path,
+        taker: Taker::Start,
+        protocol: pool.protocol,
+        grace: pool.stop_timeout,
+    };
+    // The lock is held until the process exits (see `lock`).
+    let taken = takeover::take_over(takeover, async |db: &Db| {
+        // Orphaned descendants of workers (a `setsid` grandchild whose
+        // parent died) become our children instead of init's, so none
+        // escapes `stop`.
+        nix::sys::prctl::set_child_subreaper(true).context("becoming a child subreaper")?;
+        for dir in [&pool.workspace_path, &pool.log_dir] {
+            crate::files::create_dirs(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        config.check_protocol(db.protocol())?;
+        info!(protocol = %db.protocol(), db = %pool.db_path.display(), "opened the job database");
+        let (engine, executors, api) = executors(config, db.protocol()).await?;
         let metrics_listener = match pool.metrics_listen {
             Some(addr) => Some(metrics::listen(addr).await?),
             None => None,
         };
-        let report = cleanup::orphans(&db, pool.stop_timeout, engine.clone()).await?;
-        if !report.is_empty() {
-            warn!("cleaned up after an earlier run of this database: {report}");
-        }
-        let after_row = begin_run(config, &db).await?;
-        anyhow::Ok((engine, executors, api, metrics_listener, after_row))
-    };
-    let (engine, executors, api, metrics_listener, after_row) = match ready.await {
-        Ok(r) => r,
+        Ok(((engine.clone(), executors, api, metrics_listener), engine))
+    })
+    .await?;
+    if !taken.report.is_empty() {
+        warn!("cleaned up after an earlier run of this database: {}", taken.report);
+    }
+    let ((engine, executors, api, metrics_listener), db) = (taken.prepared, taken.db);
+    // From here on, if this process dies without stopping the pool, the
+    // guard cleans up after it. Nothing of this run started yet: if it
+    // cannot start, the guard has nothing to clean up.
+    let guard = guard::spawn(&pool.db_path)?;
+    tracing::debug!(pid = guard.pid(), "started the guard");
+    let after_row = match begin_run(config, &db).await {
+        Ok(row) => row,
         Err(e) => {
             guard.dismiss();
             return Err(e);

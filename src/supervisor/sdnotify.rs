@@ -110,7 +110,7 @@ impl SdNotify {
 
 /// The one-line STATUS systemd shows (`systemctl status`): the workers, the
 /// queue, and what this run has done.
-pub fn status_line(s: &crate::db::monitor::Summary) -> String {
+pub fn status_line(s: &crate::status::Summary) -> String {
     let j = &s.jobs;
     let mut line = format!("{}/{} workers running", s.running, s.slots);
     if s.waiting > 0 {
@@ -128,7 +128,7 @@ pub fn status_line(s: &crate::db::monitor::Summary) -> String {
 mod tests {
     use super::status_line;
     use crate::db::jobs::JobCounts;
-    use crate::db::monitor::Summary;
+    use crate::status::Summary;
 
     #[test]
     fn the_status_line_says_what_an_operator_asks_first() {

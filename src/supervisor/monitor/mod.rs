@@ -350,8 +350,15 @@ impl Monitor {
 
     /// Keeps systemd's STATUS line current (sent when it changes).
     async fn tell_systemd(&self, state: &mut State) -> anyhow::Result<()> {
-        let summary = self.db.call(crate::db::monitor::summary).await?;
-        let line = super::sdnotify::status_line(&summary);
+        let (protocol, path) = (self.db.protocol(), self.db.path().to_path_buf());
+        let status = self
+            .db
+            .call(move |c| {
+                let live = crate::status::Liveness::this_process();
+                crate::status::build(c, protocol, &path, live, crate::status::Detail::default())
+            })
+            .await?;
+        let line = super::sdnotify::status_line(&status.summary());
         if state.sd_status.as_deref() != Some(line.as_str()) {
             self.sd.status(&line);
             state.sd_status = Some(line);
