@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::commands::colour::ColorChoice;
 use crate::vocab::{JobStatus, ModeKind};
 
 const AFTER_HELP: &str = "\
@@ -393,6 +392,15 @@ pub struct WorkerArgs {
 
 fn parse_mode_kind(s: &str) -> Result<ModeKind, String> {
     s.parse().map_err(|e: crate::vocab::UnknownWord| e.to_string())
+}
+
+/// `--color`: when to colour the output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]
+pub enum ColorChoice {
+    #[default]
+    Auto,
+    Always,
+    Never,
 }
 
 #[cfg(test)]

@@ -417,3 +417,20 @@ pub fn reap() {
         }
     }
 }
+
+/// CPU time used by a worker (its process tree, or its container) by a
+/// moment.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sample {
+    pub at: tokio::time::Instant,
+    pub cpu_seconds: f64,
+}
+
+/// Percent of one CPU used between two samples.
+pub fn cpu_percent(from: &Sample, to: &Sample) -> f64 {
+    let secs = to.at.duration_since(from.at).as_secs_f64();
+    if secs <= 0.0 {
+        return 0.0;
+    }
+    (to.cpu_seconds - from.cpu_seconds).max(0.0) / secs * 100.0
+}

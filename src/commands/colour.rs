@@ -5,13 +5,7 @@
 use std::io::IsTerminal;
 use std::sync::OnceLock;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]
-pub enum ColorChoice {
-    #[default]
-    Auto,
-    Always,
-    Never,
-}
+pub use crate::cli::ColorChoice;
 
 static CHOICE: OnceLock<ColorChoice> = OnceLock::new();
 

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use super::target;
 use crate::cli::DbArgs;
+use crate::contract::control::{self, Request, Response};
 use crate::contract::exit;
-use crate::supervisor::control::{self, Request, Response};
 
 /// How often a background operation is asked how it stands.
 const POLL: Duration = Duration::from_millis(100);

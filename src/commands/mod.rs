@@ -20,6 +20,7 @@ use std::path::PathBuf;
 use crate::UsageError;
 use crate::cli::{Command, DbArgs};
 use crate::config::Config;
+use crate::contract::control::Request;
 use crate::contract::exit;
 
 pub async fn run(cmd: &Command) -> anyhow::Result<i32> {
@@ -101,7 +102,7 @@ pub async fn run(cmd: &Command) -> anyhow::Result<i32> {
             now,
             timeout,
         } => {
-            let request = crate::supervisor::control::Request::Scale {
+            let request = Request::Scale {
                 counts: counts.clone(),
                 now: *now,
             };
@@ -114,7 +115,7 @@ pub async fn run(cmd: &Command) -> anyhow::Result<i32> {
             now,
             timeout,
         } => {
-            let request = crate::supervisor::control::Request::Restart {
+            let request = Request::Restart {
                 targets: targets.clone(),
                 rolling: *rolling,
                 now: *now,
@@ -122,9 +123,7 @@ pub async fn run(cmd: &Command) -> anyhow::Result<i32> {
             control::run(db, request, *timeout).await
         }
         Command::Top { db } => top::run(db).await,
-        Command::Reload { db, timeout } => {
-            control::run(db, crate::supervisor::control::Request::Reload, *timeout).await
-        }
+        Command::Reload { db, timeout } => control::run(db, Request::Reload, *timeout).await,
         Command::Logs {
             db,
             targets,

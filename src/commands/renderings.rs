@@ -71,7 +71,7 @@ fn from_text(s: &Status) -> Counts {
 }
 
 fn from_prometheus(s: &Status) -> Counts {
-    let text = crate::supervisor::metrics::render(s, None).unwrap();
+    let text = crate::status::prometheus::render(s, |_| ()).unwrap();
     let mut c = Counts::default();
     let mut jobs = BTreeMap::new();
     for line in text.lines().filter(|l| !l.starts_with('#')) {
@@ -101,7 +101,7 @@ fn from_prometheus(s: &Status) -> Counts {
 
 /// The STATUS line has totals only.
 fn status_line_totals(s: &Status) -> (i64, [i64; 4]) {
-    let line = crate::supervisor::sdnotify::status_line(&s.summary());
+    let line = crate::status::status_line(&s.summary());
     let running = line.split('/').next().unwrap().parse().unwrap();
     let jobs = if line.contains("queue empty") {
         let done = numbers_before(&line, &["completed", "failed"]);

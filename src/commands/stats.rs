@@ -236,7 +236,7 @@ fn events_text(events: &[EventRow]) -> String {
 /// `stats --prometheus`: the running supervisor's metrics, or (none
 /// running) the database's gauges alone.
 pub async fn prometheus(args: &DbArgs) -> anyhow::Result<i32> {
-    use crate::supervisor::control::{self, Request};
+    use crate::contract::control::{self, Request};
     let t = target(args)?;
     if let Some(r) = control::ask(&t.db_path, &Request::Metrics, control::ANSWER_WITHIN).await?
         && r.ok
@@ -245,7 +245,7 @@ pub async fn prometheus(args: &DbArgs) -> anyhow::Result<i32> {
         return Ok(exit::OK);
     }
     let status = status::read(&t.db_path, Detail::GAUGES)?;
-    super::print(crate::supervisor::metrics::render(&status, None)?.trim_end());
+    super::print(crate::status::prometheus::render(&status, |_| ())?.trim_end());
     Ok(exit::OK)
 }
 

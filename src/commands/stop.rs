@@ -33,7 +33,7 @@ pub async fn run(args: &DbArgs, timeout: Duration) -> anyhow::Result<i32> {
                 .saturating_duration_since(Instant::now())
                 .min(Duration::from_secs(2));
             let asked = matches!(
-                crate::supervisor::control::ask(&db_path, &crate::supervisor::control::Request::Stop, within).await,
+                crate::contract::control::ask(&db_path, &crate::contract::control::Request::Stop, within).await,
                 Ok(Some(r)) if r.ok
             );
             if !asked {

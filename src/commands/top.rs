@@ -19,10 +19,10 @@ use ratatui::widgets::{Block, Paragraph, Row, Sparkline, Table, TableState};
 use super::stats::{self, Stats};
 use super::target;
 use crate::cli::DbArgs;
+use crate::contract::control::{self, Request};
 use crate::db::pool::WorkerLine;
 use crate::procs;
-use crate::supervisor::control::{self, Request};
-use crate::supervisor::monitor::rules::{Sample, cpu_percent};
+use crate::procs::{Sample, cpu_percent};
 
 /// What one refresh shows.
 pub struct Snapshot {

@@ -13,6 +13,8 @@
 //! stopped.
 
 mod health;
+mod line;
+pub mod prometheus;
 mod ready;
 
 use std::collections::BTreeMap;
@@ -22,6 +24,7 @@ use rusqlite::Connection;
 use serde::Serialize;
 
 pub use health::{Health, HealthStatus};
+pub use line::status_line;
 pub use ready::Ready;
 
 use crate::db::{self, admin::TypeCount, jobs::JobCounts, pool::EventRow, pool::WorkerLine};

@@ -73,7 +73,7 @@ pub struct Keeper {
 }
 
 impl Keeper {
-    pub fn start(guard: Guard, db: &Path, notifier: super::notify::Notifier) -> Keeper {
+    pub fn start(guard: Guard, db: &Path, notifier: super::observe::notify::Notifier) -> Keeper {
         let (dismiss, mut dismissed) = tokio::sync::oneshot::channel();
         let pid = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(guard.pid()));
         let (db, current) = (db.to_path_buf(), pid.clone());

@@ -6,16 +6,12 @@
 
 pub mod bells;
 pub mod control;
-pub mod fleet;
 pub mod guard;
-pub mod manage;
-pub mod metrics;
 pub mod monitor;
-pub mod notify;
+pub mod observe;
 pub mod policy;
 pub mod registry;
-pub mod rollout;
-pub mod sdnotify;
+pub mod shared;
 pub mod slot;
 
 use std::sync::Arc;
@@ -37,6 +33,8 @@ use crate::executor::plan::{self, Decision};
 use crate::procs;
 use crate::takeover::{self, Takeover, Taker};
 use crate::vocab::{Mode, ModeKind, Protocol, SupervisorState, WorkerRow};
+use control::{fleet, manage, rollout};
+use observe::{metrics, notify, sdnotify};
 use slot::Settled;
 
 /// What `start` prepared before any worker runs.
@@ -65,7 +63,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let reaper = spawn_reaper(reaper_token.clone())?;
     // Orders from `scale`, `restart`, `reload` and `stop`; SIGHUP reloads.
     let operations = rollout::Operations::default();
-    let requests = control::serve(&config.pool.db_path, token.clone(), operations.clone())?;
+    let requests = control::server::serve(&config.pool.db_path, token.clone(), operations.clone())?;
     let hangups = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let sd = sdnotify::SdNotify::from_env();
     // Idle built-in workers wait for their type's bell, rung from here.

@@ -18,10 +18,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use super::fleet::{Directory, SharedConfig, lock};
-use super::notify::Notifier;
-use super::sdnotify::SdNotify;
-use super::slot::{Command, Order, Why};
+use super::observe::notify::Notifier;
+use super::observe::sdnotify::SdNotify;
+use super::shared::{SharedConfig, lock};
+use super::slot::{Command, Directory, Hung, Order, Why};
 use crate::config::{Config, WorkerProgram};
 use crate::db::Db;
 use crate::db::monitor::Observed;
@@ -29,13 +29,6 @@ use crate::executor::docker::DockerEngine;
 use crate::procs;
 use crate::vocab::{HungReason, WorkerRow};
 use rules::{Limits, Sample, Seen};
-
-/// A worker found hung: its row and why.
-#[derive(Debug, Clone)]
-pub struct Hung {
-    pub worker_row: WorkerRow,
-    pub reason: HungReason,
-}
 
 pub struct Monitor {
     /// The config in force (a reload replaces it).
@@ -51,7 +44,7 @@ pub struct Monitor {
     /// systemd's watchdog is fed from every tick.
     pub sd: SdNotify,
     /// Job durations go into its histogram.
-    pub metrics: Arc<super::metrics::Metrics>,
+    pub metrics: Arc<super::observe::metrics::Metrics>,
 }
 
 /// How often CPU and memory are sampled when no zero-CPU rule needs every
@@ -358,7 +351,7 @@ impl Monitor {
                 crate::status::build(c, protocol, &path, live, crate::status::Detail::default())
             })
             .await?;
-        let line = super::sdnotify::status_line(&status.summary());
+        let line = crate::status::status_line(&status.summary());
         if state.sd_status.as_deref() != Some(line.as_str()) {
             self.sd.status(&line);
             state.sd_status = Some(line);

@@ -6,9 +6,8 @@
 
 use std::time::Duration;
 
-use tokio::time::Instant;
-
 use crate::config::HungCpu;
+pub use crate::procs::{Sample, cpu_percent};
 use crate::vocab::{HungReason, WorkerStatus};
 
 /// `last_heartbeat` is written in whole seconds: a worker that heartbeats
@@ -33,23 +32,6 @@ pub struct Seen {
     pub heartbeat_age: Duration,
     /// The job in hand and how long it has run.
     pub job: Option<(i64, Duration)>,
-}
-
-/// CPU time used by a worker (its process tree, or its container) by a
-/// moment.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Sample {
-    pub at: Instant,
-    pub cpu_seconds: f64,
-}
-
-/// Percent of one CPU used between two samples.
-pub fn cpu_percent(from: &Sample, to: &Sample) -> f64 {
-    let secs = to.at.duration_since(from.at).as_secs_f64();
-    if secs <= 0.0 {
-        return 0.0;
-    }
-    (to.cpu_seconds - from.cpu_seconds).max(0.0) / secs * 100.0
 }
 
 /// Whether the worker is hung, and why. `cpu` is its CPU use over the
@@ -106,6 +88,8 @@ pub fn recycle(jobs_done: i64, rss: Option<u64>, max_jobs: Option<u32>, max_memo
 
 #[cfg(test)]
 mod tests {
+    use tokio::time::Instant;
+
     use super::*;
 
     #[tokio::test(start_paused = true)]

@@ -10,15 +10,15 @@ use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
 
 use super::machine::{Failure, Settled, Why};
+use super::{Hung, SharedEntry};
 use super::{Io, Worker, heartbeat_interval};
 use crate::config::{Config, WorkerConfig, WorkerProgram};
 use crate::contract::SlotId;
 use crate::db::{self, Db};
 use crate::executor::{Executor, Launch, Running};
-use crate::supervisor::fleet::{SharedEntry, lock};
-use crate::supervisor::monitor::Hung;
-use crate::supervisor::notify::Notifier;
+use crate::supervisor::observe::notify::Notifier;
 use crate::supervisor::registry::Registry;
+use crate::supervisor::shared::lock;
 use crate::vocab::{EndCause, EndEvent, HungReason, Mode, Protocol, SlotState, WorkerId, WorkerRow, WorkerStatus};
 
 impl Worker for Running {
@@ -59,7 +59,7 @@ pub struct SlotIo {
     entry: SharedEntry,
     /// `on_event`: a slot given up, a crash loop.
     notifier: Notifier,
-    metrics: Arc<crate::supervisor::metrics::Metrics>,
+    metrics: Arc<crate::supervisor::observe::metrics::Metrics>,
     /// The id of the current (or last) worker, and the row pre-registered
     /// for it (CLM).
     current: Option<WorkerId>,
@@ -78,7 +78,7 @@ pub struct Links {
     /// Told once how each slot settled.
     pub ready: mpsc::UnboundedSender<Settled>,
     pub notifier: Notifier,
-    pub metrics: Arc<crate::supervisor::metrics::Metrics>,
+    pub metrics: Arc<crate::supervisor::observe::metrics::Metrics>,
 }
 
 impl SlotIo {

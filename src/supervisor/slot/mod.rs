@@ -9,6 +9,7 @@
 
 pub mod io;
 pub mod machine;
+pub mod reach;
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -22,6 +23,7 @@ use crate::vocab::{EndCause, HungReason, SlotState, WorkerId, WorkerRow};
 pub use io::SlotIo;
 use machine::{Action, Context, Event, Failure, Phase};
 pub use machine::{Order, Settled, Why};
+pub use reach::{Directory, Entry, Hung, SharedEntry, SlotChannels};
 
 /// An order for a slot, and who wants to hear when it is carried out: the
 /// new worker registered (or the slot ended), or why not.

@@ -16,14 +16,15 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info};
 
-use super::control::{Incoming, Request, Response};
-use super::fleet::{Entry, Fleet};
+use super::fleet::Fleet;
+use super::server::{Incoming, Request, Response};
 use crate::api::Endpoint;
 use crate::config::{Config, PoolConfig, WorkerConfig, WorkerProgram};
 use crate::contract::SlotId;
 use crate::executor::Executor;
 use crate::executor::docker::DockerEngine;
 use crate::executor::plan::{self, Decision};
+use crate::supervisor::slot::Entry;
 use crate::vocab::{ModeKind, Protocol};
 
 /// How long reading the config file may take (a hung mount, a FIFO).
@@ -39,7 +40,7 @@ pub struct Manager {
     pub engine: Option<Arc<DockerEngine>>,
     pub api: Option<Arc<Endpoint>>,
     pub token: CancellationToken,
-    pub metrics: Arc<super::metrics::Metrics>,
+    pub metrics: Arc<crate::supervisor::observe::metrics::Metrics>,
     pub db: crate::db::Db,
 }
 
@@ -60,7 +61,7 @@ impl Manager {
                         // the other requests, not in front of them.
                         let (db, metrics) = (self.db.clone(), self.metrics.clone());
                         tokio::spawn(async move {
-                            let r = match super::metrics::scrape(&db, &metrics).await {
+                            let r = match crate::supervisor::observe::metrics::scrape(&db, &metrics).await {
                                 Ok(text) => Response::ok(text.lines().map(str::to_string).collect()),
                                 Err(e) => Response::error(format!("{e:#}")),
                             };
@@ -121,11 +122,11 @@ impl Manager {
                     Err(e) => return Response::error(e),
                 };
                 let op = self.fleet.restart(slots, rolling, now, "clx-pool restart");
-                super::control::progress(&self.fleet.operations, op)
+                super::server::progress(&self.fleet.operations, op)
             }
             Request::Reload => self.reload().await,
             Request::Metrics => Response::error("metrics are answered beside the other requests"),
-            Request::Progress { operation } => super::control::progress(&self.fleet.operations, operation),
+            Request::Progress { operation } => super::server::progress(&self.fleet.operations, operation),
         }
     }
 
@@ -278,7 +279,7 @@ impl Manager {
         for (_, slots, previous, generation) in rollouts {
             self.fleet.roll_out(op, slots, previous, generation);
         }
-        super::control::progress(&self.fleet.operations, op)
+        super::server::progress(&self.fleet.operations, op)
     }
 
     /// How an added or changed entry runs, with the engine and API of the

@@ -1,24 +1,19 @@
-//! Prometheus metrics (OpenMetrics text, prometheus-client): counters the
-//! supervisor keeps while it runs (worker ends by cause, restarts, a
-//! job-duration histogram) and gauges read from the database at each
-//! scrape (workers by state, slots, jobs by status, queue depth and the
-//! oldest pending job's age, each worker's CPU and memory, the
-//! supervisor's memory). Served on `[pool] metrics_listen` at `/metrics`;
-//! `clx-pool stats --prometheus` prints the same text (asked of the
-//! supervisor over its control socket, or the gauges alone when none runs).
+//! The pool's picture as Prometheus gauges (OpenMetrics text,
+//! prometheus-client): workers by state, slots, jobs by status, queue depth
+//! and the oldest pending job's age, each live worker's CPU and memory,
+//! and the resident memory of the process that renders them. A running
+//! supervisor adds its counters (`supervisor::observe::metrics`).
 
-use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
-use crate::db::{self, pool::WorkerLine};
-use crate::status::{self, Detail, Liveness, Status};
-use crate::vocab::{EndEvent, SlotState};
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
-use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
+
+use super::Status;
+use crate::db::pool::WorkerLine;
+use crate::vocab::SlotState;
 
 /// A label value, escaped as the text format asks (a backslash, a double
 /// quote and a line feed become `\\`, `\"` and `\n`): prometheus-client
@@ -60,7 +55,7 @@ pub struct TypeLabel {
 }
 
 impl TypeLabel {
-    fn new(worker_type: &str) -> TypeLabel {
+    pub fn new(worker_type: &str) -> TypeLabel {
         TypeLabel {
             worker_type: worker_type.into(),
         }
@@ -74,13 +69,13 @@ pub struct EndLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct StateLabels {
+pub struct StateLabels {
     worker_type: Text,
     state: Text,
 }
 
 impl StateLabels {
-    fn new(worker_type: &str, state: &str) -> StateLabels {
+    pub fn new(worker_type: &str, state: &str) -> StateLabels {
         StateLabels {
             worker_type: worker_type.into(),
             state: state.into(),
@@ -89,120 +84,23 @@ impl StateLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct WorkerLabels {
+pub struct WorkerLabels {
     worker_type: Text,
     slot: Text,
     worker: Text,
 }
 
-type FloatGauge = Gauge<f64, AtomicU64>;
-
-fn job_buckets() -> Histogram {
-    // Claim and completion times are the database's, in whole seconds.
-    Histogram::new([
-        0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
-    ])
-}
-
-/// What the supervisor counts as it runs.
-#[derive(Clone)]
-pub struct Metrics {
-    ends: Family<EndLabels, Counter>,
-    restarts: Family<TypeLabel, Counter>,
-    job_seconds: Family<TypeLabel, Histogram, fn() -> Histogram>,
-}
-
-impl Default for Metrics {
-    fn default() -> Self {
-        Metrics {
-            ends: Family::default(),
-            restarts: Family::default(),
-            job_seconds: Family::new_with_constructor(job_buckets),
-        }
-    }
-}
-
-impl Metrics {
-    /// Counters for the given worker types, each series present from the
-    /// start at 0 (so `rate()` and `increase()` see the first restart).
-    pub fn for_types<'a>(types: impl IntoIterator<Item = &'a str>) -> Metrics {
-        let m = Metrics::default();
-        for t in types {
-            let label = TypeLabel {
-                worker_type: t.to_string().into(),
-            };
-            drop(m.restarts.get_or_create(&label));
-            drop(m.job_seconds.get_or_create(&label));
-        }
-        m
-    }
-
-    /// A worker's time in a slot ended (`restart`: it is replaced after a
-    /// failure).
-    pub fn worker_ended(&self, worker_type: &str, event: EndEvent, restart: bool) {
-        self.ends
-            .get_or_create(&EndLabels {
-                worker_type: worker_type.to_string().into(),
-                cause: event.to_string().into(),
-            })
-            .inc();
-        if restart {
-            self.restarts
-                .get_or_create(&TypeLabel {
-                    worker_type: worker_type.to_string().into(),
-                })
-                .inc();
-        }
-    }
-
-    pub fn job_finished(&self, worker_type: &str, seconds: f64) {
-        self.job_seconds
-            .get_or_create(&TypeLabel {
-                worker_type: worker_type.to_string().into(),
-            })
-            .observe(seconds);
-    }
-}
+pub type FloatGauge = Gauge<f64, AtomicU64>;
 
 /// The exposition text: the counters (when the supervisor renders it) and
 /// the gauges of the pool's picture.
-pub fn render(status: &Status, counters: Option<&Metrics>) -> anyhow::Result<String> {
+pub fn render(status: &Status, counters: impl FnOnce(&mut Registry)) -> anyhow::Result<String> {
     let mut r = Registry::default();
-    if let Some(m) = counters {
-        m.register(&mut r);
-    }
+    counters(&mut r);
     gauges(status, &mut r);
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &r)?;
     Ok(text)
-}
-
-impl Metrics {
-    fn register(&self, r: &mut Registry) {
-        r.register(
-            "clx_pool_worker_ends",
-            "Workers that ended, by cause (died, hung, no-register, spawn-failed, stopped, replaced, recycled, retired)",
-            self.ends.clone(),
-        );
-        r.register(
-            "clx_pool_restarts",
-            "Workers replaced after a failure",
-            self.restarts.clone(),
-        );
-        r.register_with_unit(
-            "clx_pool_job_duration",
-            "How long completed jobs ran, from claim to completion (the database's clock: whole seconds)",
-            Unit::Seconds,
-            self.job_seconds.clone(),
-        );
-        let dropped = Counter::<u64>::default();
-        dropped.inc_by(crate::stderr::dropped());
-        r.register(
-            "clx_pool_log_lines_dropped",
-            "Lines the supervisor could not write to its stderr (a closed terminal or pipe)",
-            dropped,
-        );
-    }
 }
 
 fn gauges(s: &Status, r: &mut Registry) {
@@ -296,73 +194,6 @@ fn per_worker(lines: &[WorkerLine], r: &mut Registry) {
         rss,
     );
 }
-
-/// The exposition text of the running supervisor (its counters and the
-/// database's gauges), as `/metrics` and the control request `metrics`
-/// answer.
-pub async fn scrape(db: &db::Db, metrics: &Arc<Metrics>) -> anyhow::Result<String> {
-    let (protocol, path) = (db.protocol(), db.path().to_path_buf());
-    let status = db
-        .call(move |c| {
-            let live = Liveness::this_process();
-            status::build(c, protocol, &path, live, Detail::GAUGES)
-        })
-        .await?;
-    render(&status, Some(metrics))
-}
-
-/// Binds `metrics_listen` (before any worker starts, so a taken port
-/// stops `start` with nothing to undo).
-pub async fn listen(addr: std::net::SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
-    use anyhow::Context;
-    tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("[pool] metrics_listen = \"{addr}\": cannot listen there"))
-}
-
-/// Serves `/metrics` on `listener` until `token` is cancelled.
-pub fn serve(
-    listener: tokio::net::TcpListener,
-    db: db::Db,
-    metrics: Arc<Metrics>,
-    token: tokio_util::sync::CancellationToken,
-) -> anyhow::Result<std::net::SocketAddr> {
-    use axum::http::header;
-    let bound = listener.local_addr()?;
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let (db, metrics) = (db.clone(), metrics.clone());
-            async move {
-                match scrape(&db, &metrics).await {
-                    Ok(text) => (
-                        [(
-                            header::CONTENT_TYPE,
-                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        )],
-                        text,
-                    )
-                        .into_response(),
-                    Err(e) => (axum::http::StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}\n")).into_response(),
-                }
-            }
-        }),
-    );
-    tokio::spawn(crate::listen::serve(listener, LIMITS, token, "/metrics", move |io| {
-        crate::listen::http(io, app.clone(), LIMITS)
-    }));
-    Ok(bound)
-}
-
-/// What one client of `/metrics` gets: a scraper needs one connection, a
-/// few seconds for its request and a few for the answer.
-const LIMITS: crate::listen::Limits = crate::listen::Limits {
-    connections: 16,
-    request_within: std::time::Duration::from_secs(5),
-    connection_within: std::time::Duration::from_secs(60),
-};
-
-use axum::response::IntoResponse;
 
 #[cfg(test)]
 mod tests {

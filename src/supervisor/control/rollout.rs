@@ -24,10 +24,10 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::fleet::{Directory, Entry, SharedConfig, SharedEntry, lock};
-use super::slot::{Command, Order, Why};
 use crate::config::Config;
 use crate::contract::SlotId;
+use crate::supervisor::shared::{SharedConfig, lock};
+use crate::supervisor::slot::{Command, Directory, Entry, Order, SharedEntry, Why};
 
 pub type OperationId = u64;
 

@@ -16,46 +16,15 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use super::monitor::Hung;
 use super::rollout::{self, OperationId, Operations, Outcome, Rollouts};
-use super::slot::io::Links;
-use super::slot::{self, Command, Order, Why};
-use crate::config::{Config, WorkerConfig, WorkerProgram};
+use crate::config::{Config, WorkerProgram};
 use crate::contract::SlotId;
 use crate::db;
 use crate::executor::Executor;
+use crate::supervisor::shared::{SharedConfig, lock};
+use crate::supervisor::slot::io::Links;
+use crate::supervisor::slot::{self, Command, Directory, Entry, Order, SharedEntry, SlotChannels, Why};
 use crate::vocab::Mode;
-
-/// What an entry's workers run; its slots read it at every launch.
-#[derive(Clone)]
-pub struct Entry {
-    pub worker: Arc<WorkerConfig>,
-    pub executor: Executor,
-    pub mode: Mode,
-    /// Which setup this is: every change of what the workers run (a
-    /// reload, a roll-back) gets a new number, across all entries.
-    pub generation: u64,
-}
-
-pub type SharedEntry = Arc<Mutex<Entry>>;
-
-/// The config in force (replaced by a reload).
-pub type SharedConfig = Arc<RwLock<Arc<Config>>>;
-
-/// How to reach a running slot.
-#[derive(Clone)]
-pub struct SlotChannels {
-    pub hung: mpsc::UnboundedSender<Hung>,
-    pub orders: mpsc::UnboundedSender<Command>,
-    /// Told to end (scaled down, its entry removed): it no longer counts
-    /// among its type's slots, but stays here, and supervised (hung
-    /// reports, recycling), until its task has ended.
-    pub retiring: bool,
-}
-
-/// Every slot whose task runs, shared with the monitor. A slot leaves it
-/// when its task ends, never before.
-pub type Directory = Arc<Mutex<HashMap<SlotId, SlotChannels>>>;
 
 pub struct Fleet {
     pub config: SharedConfig,
@@ -234,7 +203,7 @@ impl Fleet {
         );
         let builtin = matches!(lock(&entry).worker.program, WorkerProgram::JobCommand(_));
         let mut io = slot::SlotIo::new(config.clone(), entry, index, self.links.clone(), hung);
-        let restart = super::policy::for_protocol(config.pool.restart.clone(), self.links.db.protocol());
+        let restart = crate::supervisor::policy::for_protocol(config.pool.restart.clone(), self.links.db.protocol());
         let mut ctx = slot::machine::Context::new(restart, config.pool.startup_timeout);
         ctx.clean_exit_is_recycle = builtin;
         let timing = slot::Timing {
@@ -453,7 +422,7 @@ impl Fleet {
     /// A new entry (reload): its slots start.
     pub fn add_entry(&mut self, mut entry: Entry) {
         let (t, count) = (entry.worker.worker_type.clone(), entry.worker.count);
-        super::bells::install(&self.current().pool.db_path, std::slice::from_ref(&t));
+        crate::supervisor::bells::install(&self.current().pool.db_path, std::slice::from_ref(&t));
         entry.generation = self.generations.fetch_add(1, Ordering::SeqCst) + 1;
         self.entries.insert(t.clone(), Arc::new(Mutex::new(entry)));
         for _ in 0..count {
@@ -518,8 +487,4 @@ fn replace_limit(c: &Config) -> Duration {
 
 fn list(v: &[u32]) -> String {
     v.iter().map(u32::to_string).collect::<Vec<_>>().join(", ")
-}
-
-pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
