@@ -537,3 +537,7 @@ mod tests {
         assert!(check_notebook(b"not json").is_err());
     }
 }
+
+#[cfg(test)]
+#[path = "tests.rs"]
+mod over_http;
