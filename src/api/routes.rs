@@ -188,7 +188,7 @@ struct RegisterBody {
 
 async fn register(State(s): State<ApiState>, Body(b): Body<RegisterBody>) -> ApiResult {
     let row =
-        s.db.call(move |c| db::api::register(c, &b.worker_type, &b.container_id, b.parent_pid))
+        s.db.call(move |c| db::workers::register_remote(c, &b.worker_type, &b.container_id, b.parent_pid))
             .await
             .map_err(|e| ApiError::internal("Failed to register worker", e))?;
     tracing::info!(worker_row = %row, "worker API: registered a worker");
@@ -258,12 +258,12 @@ async fn claim(State(s): State<ApiState>, Body(b): Body<ClaimBody>) -> ApiResult
                 };
                 match serde_json::from_str::<Value>(&job.payload) {
                     Ok(payload) if payload.is_object() => {
-                        let correlation_id = db::api::correlation_id(c, job.id)?;
+                        let correlation_id = db::jobs::correlation_id(c, job.id)?;
                         return Ok(Some((job, payload, correlation_id)));
                     }
                     _ => {
                         let error = "the job's payload is not a JSON object; a CLM worker cannot take it";
-                        db::api::fail_unservable(c, job.id, row, error)?;
+                        db::jobs::fail_unservable(c, job.id, row, error)?;
                     }
                 }
             }
@@ -316,9 +316,9 @@ async fn job_status(
     let (result, error, row) = (text(&b.result), text(&b.error), WorkerRow(b.worker_id));
     let taken =
         s.db.call_until_done("recording a job's outcome from the worker API", move |c| {
-            db::api::report(
+            db::jobs::report(
                 c,
-                &db::api::Report {
+                &db::jobs::Report {
                     job_id,
                     worker_row: row,
                     status,
@@ -347,7 +347,7 @@ async fn heartbeat(State(s): State<ApiState>, Body(b): Body<WorkerBody>) -> ApiR
 async fn cancelled(State(s): State<ApiState>, job_id: Result<Path<i64>, PathRejection>) -> ApiResult {
     let job_id = path_id(job_id)?;
     let found =
-        s.db.call(move |c| db::api::cancellation(c, job_id))
+        s.db.call(move |c| db::jobs::cancellation(c, job_id))
             .await
             .map_err(|e| ApiError::internal("Failed to check job cancellation", e))?;
     let c = found.ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("Job {job_id} not found")))?;
@@ -371,7 +371,7 @@ fn graceful() -> String {
 
 async fn unregister(State(s): State<ApiState>, Body(b): Body<UnregisterBody>) -> ApiResult {
     let row = WorkerRow(b.worker_id);
-    s.db.call(move |c| db::api::unregister(c, row))
+    s.db.call(move |c| db::workers::mark_dead(c, row))
         .await
         .map_err(|e| ApiError::internal("Failed to unregister worker", e))?;
     tracing::info!(worker_row = %row, reason = %b.reason, "worker API: a worker unregistered");
@@ -387,7 +387,7 @@ struct CacheAddBody {
 
 async fn cache_add(State(s): State<ApiState>, Body(b): Body<CacheAddBody>) -> ApiResult {
     let metadata = Value::Object(b.result_metadata).to_string();
-    s.db.call(move |c| db::api::cache_add(c, &b.output_file, &b.content_hash, &metadata))
+    s.db.call(move |c| db::cache::cache_add(c, &b.output_file, &b.content_hash, &metadata))
         .await
         .map_err(|e| ApiError::internal("Failed to add to cache", e))?;
     Ok(Json(json!({ "acknowledged": true })))
@@ -402,8 +402,8 @@ struct NotebookQuery {
 }
 
 impl NotebookQuery {
-    fn key(&self) -> db::api::NotebookKey<'_> {
-        db::api::NotebookKey {
+    fn key(&self) -> db::cache::NotebookKey<'_> {
+        db::cache::NotebookKey {
             input_file: &self.input_file,
             content_hash: &self.content_hash,
             language: &self.language,
@@ -418,7 +418,7 @@ async fn with_cache<T: Send + 'static>(
 ) -> anyhow::Result<T> {
     use anyhow::Context;
     tokio::task::spawn_blocking(move || {
-        let conn = db::api::open_cache(&path).with_context(|| format!("cache database {}", path.display()))?;
+        let conn = db::cache::open_cache(&path).with_context(|| format!("cache database {}", path.display()))?;
         f(&conn).with_context(|| format!("cache database {}", path.display()))
     })
     .await
@@ -430,7 +430,7 @@ async fn get_notebook(
     q: Result<Query<NotebookQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(q) = q.map_err(|e| ApiError::unprocessable("query", e.body_text()))?;
-    let found = with_cache(s.cache_db.clone(), move |c| db::api::notebook(c, &q.key()))
+    let found = with_cache(s.cache_db.clone(), move |c| db::cache::notebook(c, &q.key()))
         .await
         .map_err(|e| ApiError::internal("Failed to read executed_notebook cache", e))?;
     let json = found.ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "Executed notebook not cached"))?;
@@ -459,9 +459,11 @@ async fn store_notebook(
     let json = gunzip(&body)?;
     check_notebook(&json)?;
     let stored = json.len();
-    with_cache(s.cache_db.clone(), move |c| db::api::store_notebook(c, &q.key(), &json))
-        .await
-        .map_err(|e| ApiError::internal("Failed to store executed_notebook cache", e))?;
+    with_cache(s.cache_db.clone(), move |c| {
+        db::cache::store_notebook(c, &q.key(), &json)
+    })
+    .await
+    .map_err(|e| ApiError::internal("Failed to store executed_notebook cache", e))?;
     Ok(Json(json!({ "acknowledged": true, "bytes_stored": stored })))
 }
 

@@ -6,7 +6,8 @@ use super::target;
 use crate::UsageError;
 use crate::cli::{DbArgs, JobsAction, ListArgs};
 use crate::contract::exit;
-use crate::db::{self, admin};
+use crate::db;
+use crate::db::jobs::admin;
 use crate::vocab::JobStatus;
 
 pub fn run(action: Option<&JobsAction>, list_args: &ListArgs) -> anyhow::Result<i32> {

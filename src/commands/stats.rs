@@ -11,7 +11,7 @@ use comfy_table::Table;
 use super::target;
 use crate::cli::DbArgs;
 use crate::contract::exit;
-use crate::db::pool::{EventRow, WorkerLine};
+use crate::db::{events::EventRow, workers::WorkerLine};
 use crate::status::{self, Detail, Health, HealthStatus, PoolStats, SupervisorStats};
 use crate::vocab::{Protocol, SupervisorState, WorkerStatus};
 

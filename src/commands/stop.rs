@@ -104,7 +104,7 @@ pub async fn run(args: &DbArgs, timeout: Duration) -> anyhow::Result<i32> {
 /// How many of the pool's slots no longer run a worker, of how many.
 fn stopped_workers(db_path: &std::path::Path) -> Option<(u64, u64)> {
     let (conn, _) = db::open_read_only(db_path).ok()??;
-    let slots = db::pool::slots(&conn).ok()?;
+    let slots = db::slots::slots(&conn).ok()?;
     let live = slots
         .iter()
         .filter(|s| {

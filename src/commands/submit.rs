@@ -39,7 +39,7 @@ pub fn run(s: Submit) -> anyhow::Result<i64> {
             let workspace = match (s.workspace, &t.config) {
                 (Some(w), _) => w.to_path_buf(),
                 (None, Some(c)) => c.pool.workspace_path.clone(),
-                (None, None) => db::pool::supervisor(&conn)?
+                (None, None) => db::supervisor::supervisor(&conn)?
                     .and_then(|r| r.workspace_path)
                     .map(PathBuf::from)
                     .unwrap_or_else(|| PathBuf::from(".")),
@@ -98,7 +98,7 @@ fn warn_if_no_pool_takes(conn: &rusqlite::Connection, db: &Path, job_type: &str)
     if crate::lock::running_supervisor(db).is_none() {
         return Ok(());
     }
-    let types: Vec<String> = db::pool::slots(conn)?.into_iter().map(|s| s.worker_type).collect();
+    let types: Vec<String> = db::slots::slots(conn)?.into_iter().map(|s| s.worker_type).collect();
     if !types.is_empty() && !types.iter().any(|t| t == job_type) {
         let mut known = types;
         known.dedup();

@@ -20,7 +20,7 @@ use super::stats::{self, Stats};
 use super::target;
 use crate::cli::DbArgs;
 use crate::contract::control::{self, Request};
-use crate::db::pool::WorkerLine;
+use crate::db::workers::WorkerLine;
 use crate::procs;
 use crate::procs::{Sample, cpu_percent};
 

@@ -10,7 +10,8 @@ use super::target;
 use crate::UsageError;
 use crate::cli::DbArgs;
 use crate::contract::exit;
-use crate::db::{self, admin};
+use crate::db::jobs::{admin, counts};
+use crate::db::{self, supervisor};
 use crate::status::{self, Ready};
 use crate::vocab::{JobStatus, Protocol};
 
@@ -95,8 +96,8 @@ fn failures(rows: &[admin::Listed]) -> Vec<String> {
 }
 
 fn drained(conn: &Connection, all: bool) -> anyhow::Result<Look> {
-    let since = if all { None } else { admin::run_started(conn)? };
-    let c = admin::run_counts(conn, since.as_deref())?;
+    let since = if all { None } else { supervisor::run_started(conn)? };
+    let c = counts::run_counts(conn, since.as_deref())?;
     let finished = c.completed + c.failed + c.cancelled;
     if c.pending > 0 || c.processing > 0 {
         return Ok(Look::NotYet {

@@ -1,18 +1,26 @@
-//! The SQLite file shared by the supervisor, the workers and the CLI.
+//! The SQLite file shared by the supervisor, the workers and the CLI, one
+//! module per table: every statement that writes a table is in its module.
 //!
-//! `schema` creates the job tables exactly as the workers of the chosen
-//! protocol expect them (CLX version 1 or CLM version 11) and adds
-//! clx-pool's own tables; `jobs` is the job queue,
-//! `workers` the CLX worker registry, `pool` clx-pool's own records (the
-//! supervisor, its slots, the restart history). [`Db`] runs queries for async
-//! code on the blocking pool, so no connection is ever held across an await.
+//! | module | tables |
+//! |---|---|
+//! | [`schema`] | creates them, exactly as the workers of the chosen protocol expect them (CLX version 1 or CLM version 11), and migrates clx-pool's own |
+//! | [`jobs`] | `jobs`: the queue (`jobs`), its handling by people (`jobs::admin`), its counts (`jobs::counts`) |
+//! | [`workers`] | `workers` |
+//! | [`events`] | `clx_pool_events`, CLM's `worker_events` |
+//! | [`supervisor`] | `clx_pool_supervisor` |
+//! | [`slots`] | `clx_pool_slots`, `clx_pool_wanted` |
+//! | [`cache`] | CLM's `results_cache` and executed-notebook cache |
+//!
+//! Status words in SQL are the vocabulary's (`crate::vocab`), bound as
+//! parameters. [`Db`] runs queries for async code on the blocking pool, so
+//! no connection is ever held across an await.
 
-pub mod admin;
-pub mod api;
+pub mod cache;
+pub mod events;
 pub mod jobs;
-pub mod monitor;
-pub mod pool;
 pub mod schema;
+pub mod slots;
+pub mod supervisor;
 pub mod workers;
 
 use std::path::{Path, PathBuf};
@@ -207,6 +215,23 @@ pub fn open_for_reading(path: &Path) -> anyhow::Result<(Connection, Protocol)> {
             path.display()
         )
     })
+}
+
+/// Whether the database can be written now: a write transaction is begun
+/// (waiting at most `wait` for another writer) and rolled back, writing
+/// nothing. A worker cannot heartbeat or record a result while this is
+/// false, so that time is no evidence against it.
+pub fn writable(c: &mut Connection, wait: Duration) -> rusqlite::Result<bool> {
+    c.busy_timeout(wait)?;
+    let probe = c
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        .and_then(|tx| tx.rollback());
+    c.busy_timeout(BUSY_TIMEOUT)?;
+    match probe {
+        Ok(()) => Ok(true),
+        Err(e) if is_transient(&e) => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 /// True for errors that go away by themselves: another connection holding

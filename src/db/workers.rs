@@ -1,10 +1,13 @@
-//! The `workers` table: registration (by the worker itself, or
-//! pre-registration by the supervisor and activation by the worker, as CLM
-//! does), heartbeats and status.
+//! The `workers` table: every statement that writes it. Registration (by
+//! the worker itself, directly or over the Worker API, or pre-registration
+//! by the supervisor and activation by the worker, as CLM does),
+//! heartbeats, status, usage figures, and the one way a worker is marked
+//! dead ([`mark_dead`], with its jobs put back by [`bury`]).
 
 use std::collections::BTreeMap;
 
 use rusqlite::{Connection, OptionalExtension, params};
+use serde::Serialize;
 
 use crate::vocab::{MANAGED_BY_PERSISTENT, ModeKind, Protocol, WorkerId, WorkerRow, WorkerStatus};
 
@@ -34,6 +37,21 @@ pub fn register(
         )?,
     };
     row.ok_or(rusqlite::Error::QueryReturnedNoRows)
+}
+
+/// A worker that registers itself (no pre-registered row): CLM's
+/// `POST /api/worker/register`.
+pub fn register_remote(
+    conn: &Connection,
+    worker_type: &str,
+    container_id: &str,
+    parent_pid: Option<i64>,
+) -> rusqlite::Result<WorkerRow> {
+    conn.execute(
+        "INSERT INTO workers (worker_type, container_id, status, parent_pid) VALUES (?1, ?2, 'idle', ?3)",
+        params![worker_type, container_id, parent_pid],
+    )?;
+    Ok(WorkerRow(conn.last_insert_rowid()))
 }
 
 /// The row a supervisor writes for a CLM worker before starting it
@@ -132,6 +150,13 @@ pub fn deregister(conn: &Connection, row: WorkerRow) -> rusqlite::Result<()> {
     Ok(())
 }
 
+/// Marks a worker's row dead: the one statement that does (a worker saying
+/// goodbye over the Worker API, as CLM's route does; [`bury`]). Returns
+/// whether there was such a row.
+pub fn mark_dead(conn: &Connection, row: WorkerRow) -> rusqlite::Result<bool> {
+    Ok(conn.execute("UPDATE workers SET status = 'dead' WHERE id = ?1", [row])? == 1)
+}
+
 /// Rows registered after `after_row` that are live (neither pre-registered
 /// and waiting nor dead): `(row, container_id)`.
 pub fn registered_since(conn: &Connection, after_row: WorkerRow) -> rusqlite::Result<Vec<(WorkerRow, WorkerId)>> {
@@ -210,62 +235,136 @@ pub fn counts(
     Ok(out)
 }
 
-/// Marks the live worker rows of a pool whose supervisor is gone dead and
-/// puts back their jobs; pre-registered rows that never came alive go. A
-/// CLX database belongs to its pool alone, so every row counts; a CLM
-/// database is shared with `clm build`'s own workers, so only the pool's
-/// rows do (its slots' rows, and persistent rows the old supervisor
-/// started). Returns (workers, jobs requeued, jobs failed).
-pub fn bury_pool_rows(
-    conn: &mut Connection,
-    protocol: Protocol,
-    old_supervisor: Option<i64>,
-    cause: &str,
-) -> rusqlite::Result<(usize, usize, usize)> {
-    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    // Both forms take the old supervisor's pid as ?1, so one parameter list
-    // serves every statement below.
-    let ours = match protocol {
+/// A worker's figures after a job (done or failed, its time into the
+/// average), and the worker idle again.
+pub(crate) fn count_outcome(
+    tx: &Connection,
+    worker_row: WorkerRow,
+    completed: bool,
+    seconds: f64,
+) -> rusqlite::Result<()> {
+    let (done, failed) = if completed { (1, 0) } else { (0, 1) };
+    tx.prepare_cached(
+        "UPDATE workers SET
+            status = CASE WHEN status = 'busy' THEN 'idle' ELSE status END,
+            last_heartbeat = CURRENT_TIMESTAMP,
+            avg_processing_time = (COALESCE(avg_processing_time, 0) * (COALESCE(jobs_processed, 0) + COALESCE(jobs_failed, 0)) + ?2)
+                                  / (COALESCE(jobs_processed, 0) + COALESCE(jobs_failed, 0) + 1),
+            jobs_processed = COALESCE(jobs_processed, 0) + ?3,
+            jobs_failed = COALESCE(jobs_failed, 0) + ?4
+         WHERE id = ?1",
+    )?
+    .execute(params![worker_row, seconds, done, failed])?;
+    Ok(())
+}
+
+/// Writes CPU % (kept when None) and memory (MiB) of workers, in one
+/// transaction.
+pub fn write_usage(c: &mut Connection, usage: &[(WorkerRow, Option<f64>, f64)]) -> rusqlite::Result<()> {
+    let tx = c.transaction()?;
+    {
+        let mut stmt = tx.prepare_cached(
+            "UPDATE workers SET cpu_usage = COALESCE(?2, cpu_usage), memory_usage = ?3 WHERE id = ?1",
+        )?;
+        for (row, cpu, mem) in usage {
+            stmt.execute(rusqlite::params![row, cpu, mem])?;
+        }
+    }
+    tx.commit()
+}
+
+/// The rows of a pool whose supervisor is gone, as an SQL condition over
+/// `workers` taking that supervisor's pid as `?1`. A CLX database belongs
+/// to its pool alone, so every row counts; a CLM database is shared with
+/// `clm build`'s own workers, so only the pool's rows do (its slots' rows,
+/// and persistent rows the old supervisor started).
+pub fn pool_rows(protocol: Protocol) -> &'static str {
+    match protocol {
         Protocol::Clx => "(?1 IS NULL OR ?1 IS NOT NULL)",
         Protocol::Clm => {
             "(id IN (SELECT worker_row FROM clx_pool_slots WHERE worker_row IS NOT NULL)
               OR container_id IN (SELECT worker_id FROM clx_pool_slots WHERE worker_id IS NOT NULL)
               OR (managed_by = 'persistent' AND parent_pid = ?1))"
         }
-    };
-    let with_owner = |sql: &str| sql.replace("?OURS", ours);
-    tx.execute(
-        &with_owner("DELETE FROM workers WHERE status = 'created' AND ?OURS"),
+    }
+}
+
+/// Removes the pre-registered rows of a pool whose supervisor is gone
+/// (see [`pool_rows`]).
+pub fn discard_pool_created(
+    conn: &Connection,
+    protocol: Protocol,
+    old_supervisor: Option<i64>,
+) -> rusqlite::Result<()> {
+    conn.execute(
+        &format!(
+            "DELETE FROM workers WHERE status = 'created' AND {}",
+            pool_rows(protocol)
+        ),
         [old_supervisor],
     )?;
-    let rows: Vec<(WorkerRow, String)> = tx
-        .prepare(&with_owner(
-            "SELECT id, container_id FROM workers WHERE status != 'dead' AND ?OURS",
-        ))?
-        .query_map([old_supervisor], |r| Ok((r.get(0)?, r.get(1)?)))?
-        .collect::<Result<_, _>>()?;
-    let (mut requeued, mut failed) = (0, 0);
-    for (row, cid) in &rows {
-        tx.execute("UPDATE workers SET status = 'dead' WHERE id = ?1", [row])?;
-        let (r, f) = super::jobs::recover(&tx, Some(*row), cid, cause)?;
-        requeued += r.len();
-        failed += f.len();
-    }
-    // Jobs held by rows of the pool that were already dead (an earlier
-    // crash mid-recovery).
-    let orphans: Vec<(WorkerRow, String)> = tx
-        .prepare(&with_owner(
-            "SELECT DISTINCT w.id, w.container_id FROM jobs j JOIN workers w ON w.id = j.worker_id
-             WHERE j.status = 'processing' AND w.status = 'dead' AND w.id IN
-                 (SELECT id FROM workers WHERE ?OURS)",
-        ))?
-        .query_map([old_supervisor], |r| Ok((r.get(0)?, r.get(1)?)))?
-        .collect::<Result<_, _>>()?;
-    for (row, cid) in &orphans {
-        let (r, f) = super::jobs::recover(&tx, Some(*row), cid, cause)?;
-        requeued += r.len();
-        failed += f.len();
-    }
-    tx.commit()?;
-    Ok((rows.len(), requeued, failed))
+    Ok(())
+}
+
+/// The worker took a job: busy, and alive now.
+pub fn set_busy(conn: &Connection, row: WorkerRow) -> rusqlite::Result<()> {
+    conn.prepare_cached("UPDATE workers SET status = 'busy', last_heartbeat = CURRENT_TIMESTAMP WHERE id = ?1")?
+        .execute([row])?;
+    Ok(())
+}
+
+/// One worker of the current run, for `stats --workers`.
+#[derive(Debug, Clone, Serialize)]
+pub struct WorkerLine {
+    pub row: WorkerRow,
+    pub worker_type: String,
+    pub worker_id: WorkerId,
+    pub status: WorkerStatus,
+    /// Its process (direct mode), from its slot.
+    pub pid: Option<i64>,
+    pub slot: Option<u32>,
+    pub job_id: Option<i64>,
+    /// Seconds the current job has run.
+    pub job_seconds: Option<i64>,
+    pub cpu_percent: Option<f64>,
+    pub memory_mib: Option<f64>,
+    pub jobs_done: i64,
+    pub jobs_failed: i64,
+}
+
+/// The workers registered since `since` (the run's start; all without it),
+/// dead ones left out unless `dead`.
+pub fn worker_lines(conn: &Connection, since: Option<&str>, dead: bool) -> rusqlite::Result<Vec<WorkerLine>> {
+    let slots = if super::schema::pool_version(conn)? == 0 {
+        "(SELECT NULL AS worker_id, NULL AS pid, NULL AS slot WHERE 0)"
+    } else {
+        "clx_pool_slots"
+    };
+    conn.prepare(&format!(
+        "SELECT w.id, w.worker_type, w.container_id, w.status, s.pid, s.slot,
+                j.id, unixepoch('now') - unixepoch(j.started_at),
+                w.cpu_usage, w.memory_usage, COALESCE(w.jobs_processed, 0), COALESCE(w.jobs_failed, 0)
+         FROM workers w
+         LEFT JOIN {slots} s ON s.worker_id = w.container_id
+         LEFT JOIN jobs j ON j.worker_id = w.id AND j.status = 'processing'
+         WHERE (?1 IS NULL OR w.started_at >= ?1) AND (?2 OR w.status != 'dead')
+         GROUP BY w.id ORDER BY w.worker_type, s.slot, w.id"
+    ))?
+    .query_map(params![since, dead], |r| {
+        Ok(WorkerLine {
+            row: r.get(0)?,
+            worker_type: r.get(1)?,
+            worker_id: r.get(2)?,
+            status: r.get(3)?,
+            pid: r.get(4)?,
+            slot: r.get(5)?,
+            job_id: r.get(6)?,
+            job_seconds: r.get(7)?,
+            cpu_percent: r.get(8)?,
+            memory_mib: r.get(9)?,
+            jobs_done: r.get(10)?,
+            jobs_failed: r.get(11)?,
+        })
+    })?
+    .collect()
 }

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use rusqlite::Connection;
 
 use crate::contract::SlotId;
-use crate::db::{self, jobs, pool, workers};
+use crate::db::{self, jobs, slots, supervisor, workers};
 use crate::vocab::{Mode, ModeKind, Protocol, SlotState, WorkerId, WorkerRow};
 
 /// A pool in a temporary database: type `upper` with three slots (two
@@ -35,10 +35,10 @@ impl Fixture {
         let path = dir.path().join("jobs.db");
         let (mut conn, protocol) = db::open(&path, Some(protocol)).unwrap();
         let pid = 4_000_000;
-        pool::begin_run(
+        supervisor::begin_run(
             &mut conn,
             protocol,
-            &pool::NewSupervisor {
+            &supervisor::NewSupervisor {
                 pid,
                 proc_start: Some(1),
                 hostname: "here",
@@ -78,7 +78,7 @@ impl Fixture {
             jobs::finish(&mut f.conn, &job, upper0, outcome, 0.5).unwrap();
         }
         f.claim("upper", upper0);
-        pool::set_state(&f.conn, protocol, crate::vocab::SupervisorState::Running).unwrap();
+        supervisor::set_state(&f.conn, protocol, crate::vocab::SupervisorState::Running).unwrap();
         f
     }
 
@@ -87,7 +87,7 @@ impl Fixture {
             worker_type: t.into(),
             index: i,
         };
-        pool::set_slot_state(&self.conn, &slot, DIRECT, state, note).unwrap();
+        slots::set_slot_state(&self.conn, &slot, DIRECT, state, note).unwrap();
         slot
     }
 
@@ -95,15 +95,15 @@ impl Fixture {
     fn running(&self, t: &str, i: u32) -> WorkerRow {
         let slot = self.slot(t, i, SlotState::Starting, None);
         let id = WorkerId(format!("{t}-{i}-w"));
-        pool::slot_launched(&self.conn, &slot, &id, Some((5_000_000 + i as i32, Some(1)))).unwrap();
+        slots::slot_launched(&self.conn, &slot, &id, Some((5_000_000 + i as i32, Some(1)))).unwrap();
         let row = workers::register(&self.conn, self.protocol, t, id.as_str()).unwrap();
-        let registered = pool::Registered {
+        let registered = slots::Registered {
             slot: &slot,
             worker_row: row,
             worker_id: &id,
             execution_mode: ModeKind::Direct,
         };
-        pool::slot_registered(&self.conn, self.protocol, &registered).unwrap();
+        slots::slot_registered(&self.conn, self.protocol, &registered).unwrap();
         row
     }
 

@@ -27,7 +27,10 @@ pub use health::{Health, HealthStatus};
 pub use line::status_line;
 pub use ready::Ready;
 
-use crate::db::{self, admin::TypeCount, jobs::JobCounts, pool::EventRow, pool::WorkerLine};
+use crate::db;
+use crate::db::events::EventRow;
+use crate::db::jobs::{JobCounts, counts::TypeCount};
+use crate::db::workers::WorkerLine;
 use crate::vocab::{JobStatus, Mode, Protocol, SlotState, SupervisorState, WorkerStatus};
 
 /// The picture of one pool. Its JSON is `stats --json` (docs/cli.md).
@@ -190,7 +193,7 @@ impl Liveness {
 /// The recorded supervisor's pid, if that process still runs (a reused pid
 /// has another start time).
 fn recorded_pid(conn: &Connection) -> Option<i32> {
-    let record = db::pool::supervisor(conn).ok()??;
+    let record = db::supervisor::supervisor(conn).ok()??;
     let pid = record.pid as i32;
     let ticks = crate::procs::start_ticks(pid);
     (ticks.is_some() && ticks == record.proc_start).then_some(pid)
@@ -223,17 +226,17 @@ pub fn build(
     live: Liveness,
     detail: Detail,
 ) -> rusqlite::Result<Status> {
-    let record = db::pool::supervisor(conn)?;
+    let record = db::supervisor::supervisor(conn)?;
     let supervisor = supervisor(record.as_ref(), live);
     let running = supervisor.running;
     let since = supervisor.started_at.clone();
-    let lines = db::pool::worker_lines(conn, since.as_deref(), false)?;
+    let lines = db::workers::worker_lines(conn, since.as_deref(), false)?;
     let (pools, waiting) = slots(conn, running, &lines)?;
     let mut workers = db::workers::counts(conn, protocol, since.as_deref())?;
     if !running {
         all_dead(&mut workers);
     }
-    let jobs = db::admin::run_counts(conn, since.as_deref())?;
+    let jobs = db::jobs::counts::run_counts(conn, since.as_deref())?;
     let record_is_current = match (live, &record) {
         (Liveness::Running(Some(pid)), Some(r)) => r.pid == i64::from(pid),
         _ => false,
@@ -249,16 +252,16 @@ pub fn build(
         waiting,
         worker_list: detail.workers.then(|| if running { lines } else { Vec::new() }),
         events: if detail.events {
-            Some(db::pool::recent_events(conn, 20)?)
+            Some(db::events::recent_events(conn, 20)?)
         } else {
             None
         },
-        queue: db::admin::by_type(conn)?,
+        queue: db::jobs::counts::by_type(conn)?,
         record_is_current,
     })
 }
 
-fn supervisor(record: Option<&db::pool::SupervisorRecord>, live: Liveness) -> SupervisorStats {
+fn supervisor(record: Option<&db::supervisor::SupervisorRecord>, live: Liveness) -> SupervisorStats {
     let running = live != Liveness::NotRunning;
     let live_pid = match live {
         Liveness::Running(pid) => Some(pid.unwrap_or(0)),
@@ -300,7 +303,7 @@ fn slots(
 ) -> rusqlite::Result<(BTreeMap<String, PoolStats>, Vec<Waiting>)> {
     let mut pools: BTreeMap<String, PoolStats> = BTreeMap::new();
     let mut waiting = Vec::new();
-    for s in db::pool::slots(conn)? {
+    for s in db::slots::slots(conn)? {
         let state = if running { s.state } else { SlotState::Stopped };
         if matches!(state, SlotState::Backoff | SlotState::Failed) {
             waiting.push(Waiting {
@@ -318,7 +321,7 @@ fn slots(
         p.restarts += s.restarts;
         p.count(state);
     }
-    let wanted = db::pool::wanted(conn)?;
+    let wanted = db::slots::wanted(conn)?;
     for (t, p) in pools.iter_mut() {
         p.wanted = wanted.get(t).copied().unwrap_or(p.slots);
     }

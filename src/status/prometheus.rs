@@ -12,7 +12,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::{Registry, Unit};
 
 use super::Status;
-use crate::db::pool::WorkerLine;
+use crate::db::workers::WorkerLine;
 use crate::vocab::SlotState;
 
 /// A label value, escaped as the text format asks (a backslash, a double

@@ -331,10 +331,10 @@ async fn begin_run(config: &Config, db: &Db) -> anyhow::Result<WorkerRow> {
     );
     let protocol = db.protocol();
     db.call(move |c| {
-        db::pool::begin_run(
+        db::supervisor::begin_run(
             c,
             protocol,
-            &db::pool::NewSupervisor {
+            &db::supervisor::NewSupervisor {
                 pid: me,
                 proc_start,
                 hostname: &host,
@@ -497,7 +497,7 @@ async fn record_state(db: &Db, state: SupervisorState) {
     let protocol = db.protocol();
     let what = format!("recording the supervisor's state {state}");
     if let Err(e) = db
-        .call_until_done(&what, move |c| db::pool::set_state(c, protocol, state))
+        .call_until_done(&what, move |c| db::supervisor::set_state(c, protocol, state))
         .await
     {
         error!("{e:#}");

@@ -50,7 +50,7 @@ impl fmt::Display for CleanupReport {
 /// Call only while holding the supervisor lock or after checking that no
 /// supervisor runs.
 pub async fn orphans(db: &Db, grace: Duration, engine: Option<Arc<DockerEngine>>) -> anyhow::Result<CleanupReport> {
-    let slots = db.call(|c| db::pool::slots(c)).await?;
+    let slots = db.call(|c| db::slots::slots(c)).await?;
     let mut report = CleanupReport::default();
     // Containers outlive a crashed supervisor; find them by label. Docker
     // is asked only if this pool used it (or is about to).
@@ -90,9 +90,9 @@ pub async fn orphans(db: &Db, grace: Duration, engine: Option<Arc<DockerEngine>>
     let protocol = db.protocol();
     let (dead, requeued, failed) = db
         .call(move |c| {
-            let old = db::pool::supervisor(c)?.map(|s| s.pid);
-            let r = db::workers::bury_pool_rows(c, protocol, old, "was left behind by a supervisor that is gone")?;
-            db::pool::close_run(c)?;
+            let old = db::supervisor::supervisor(c)?.map(|s| s.pid);
+            let r = db::jobs::bury_pool_rows(c, protocol, old, "was left behind by a supervisor that is gone")?;
+            db::supervisor::close_run(c)?;
             Ok(r)
         })
         .await?;

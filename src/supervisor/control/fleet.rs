@@ -76,7 +76,7 @@ impl Wanted {
                 let (version, wanted) = rx.borrow_and_update().clone();
                 let result = db
                     .call_until_done("recording the wanted workers", move |c| {
-                        db::pool::set_wanted(c, &wanted)
+                        db::slots::set_wanted(c, &wanted)
                     })
                     .await;
                 if let Err(e) = result {
@@ -305,7 +305,7 @@ impl Fleet {
     /// highest go first.
     async fn retire_order(&self, worker_type: &str, running: &[u32]) -> Vec<u32> {
         let t = worker_type.to_string();
-        let asked = self.links.db.call(move |c| db::pool::busy_slots(c, &t));
+        let asked = self.links.db.call(move |c| db::slots::busy_slots(c, &t));
         let busy: Vec<u32> = match tokio::time::timeout(Duration::from_secs(1), asked).await {
             Ok(Ok(busy)) => busy,
             Ok(Err(e)) => {

@@ -24,7 +24,7 @@ use super::shared::{SharedConfig, lock};
 use super::slot::{Command, Directory, Hung, Order, Why};
 use crate::config::{Config, WorkerProgram};
 use crate::db::Db;
-use crate::db::monitor::Observed;
+use crate::db::slots::Observed;
 use crate::executor::docker::DockerEngine;
 use crate::procs;
 use crate::vocab::{HungReason, WorkerRow};
@@ -166,8 +166,8 @@ impl Monitor {
         let looked = self
             .db
             .call(|c| {
-                let observed = crate::db::monitor::observe(c)?;
-                Ok((observed, crate::db::monitor::writable(c, PROBE_WAIT)?))
+                let observed = crate::db::slots::observe(c)?;
+                Ok((observed, crate::db::writable(c, PROBE_WAIT)?))
             })
             .await;
         let healthy = matches!(looked, Ok((_, true))) && now.elapsed() < SLOW_LOOK;
@@ -200,7 +200,7 @@ impl Monitor {
             let pool = self.current().pool.clone();
             let (keep, age) = (pool.events_keep, pool.events_max_age.as_secs());
             self.db
-                .call(move |c| crate::db::pool::prune_events(c, keep, age))
+                .call(move |c| crate::db::events::prune_events(c, keep, age))
                 .await?;
         }
         let mut writes = Vec::new();
@@ -235,7 +235,7 @@ impl Monitor {
         }
         if !writes.is_empty() {
             self.db
-                .call(move |c| crate::db::monitor::write_usage(c, &writes))
+                .call(move |c| crate::db::workers::write_usage(c, &writes))
                 .await?;
         }
         Ok(())
@@ -326,7 +326,7 @@ impl Monitor {
         let since = state.completed_since.clone();
         let done = self
             .db
-            .call(move |c| crate::db::monitor::completed_since(c, since.as_deref()))
+            .call(move |c| crate::db::jobs::counts::completed_since(c, since.as_deref()))
             .await?;
         for (id, job_type, seconds, at) in done {
             if state.completed_since.as_deref() == Some(at.as_str()) && !state.completed_at_edge.insert(id) {
@@ -361,7 +361,7 @@ impl Monitor {
 
     /// Tells `on_event` of jobs that failed for good since it last looked.
     async fn notify_failed_jobs(&self, state: &mut State) -> anyhow::Result<()> {
-        let failed = self.db.call(crate::db::monitor::recently_failed).await?;
+        let failed = self.db.call(crate::db::jobs::counts::recently_failed).await?;
         for (id, job_type, error) in failed {
             if state.notified.insert(id) {
                 self.notifier.send(

@@ -249,7 +249,7 @@ impl SlotIo {
         let (slot, id, mode) = (self.slot.clone(), worker_id.clone(), self.executor.kind());
         self.db
             .call(move |c| {
-                db::pool::preregister_worker(
+                db::slots::preregister_worker(
                     c,
                     slot.index,
                     &db::workers::Preregistration {
@@ -285,7 +285,7 @@ impl SlotIo {
     async fn record_launch(&self, running: &Running) {
         let (slot, id, process) = (self.slot.clone(), running.worker_id().clone(), running.process());
         self.write("recording the worker's launch", move |c| {
-            db::pool::slot_launched(c, &slot, &id, process.map(|p| (p.pid, p.start_ticks)))
+            db::slots::slot_launched(c, &slot, &id, process.map(|p| (p.pid, p.start_ticks)))
         })
         .await;
     }
@@ -305,10 +305,10 @@ impl SlotIo {
         let (slot, owned_id, mode, protocol) = (self.slot.clone(), id.clone(), self.executor.kind(), self.protocol());
         let result = self
             .write("recording the worker's end", move |c| {
-                db::pool::record_end(
+                db::slots::record_end(
                     c,
                     protocol,
-                    &db::pool::WorkerEnd {
+                    &db::slots::WorkerEnd {
                         slot: &slot,
                         worker_id: &owned_id,
                         worker_row: row,
@@ -443,10 +443,10 @@ impl Io for SlotIo {
             self.protocol(),
         );
         self.write("recording the worker's registration", move |c| {
-            db::pool::slot_registered(
+            db::slots::slot_registered(
                 c,
                 protocol,
-                &db::pool::Registered {
+                &db::slots::Registered {
                     slot: &slot,
                     worker_row: row,
                     worker_id: &id,
@@ -519,7 +519,7 @@ impl Io for SlotIo {
         let (slot, mode) = (self.slot.clone(), self.mode);
         let what = format!("recording slot {} as {state}", self.slot);
         self.write(&what, move |c| {
-            db::pool::set_slot_state(c, &slot, mode, state, note.as_deref())
+            db::slots::set_slot_state(c, &slot, mode, state, note.as_deref())
         })
         .await;
     }
@@ -562,7 +562,7 @@ impl Io for SlotIo {
     async fn remove_slot(&mut self) {
         self.unreserve().await;
         let slot = self.slot.clone();
-        self.write("removing the retired slot", move |c| db::pool::remove_slot(c, &slot))
+        self.write("removing the retired slot", move |c| db::slots::remove_slot(c, &slot))
             .await;
         info!(slot = %self.slot, "slot retired");
     }

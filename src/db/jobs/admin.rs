@@ -1,6 +1,6 @@
 //! The queue as people and CI scripts handle it (`clx-pool jobs ...`,
 //! `wait --jobs`, `wait --drained`): listing with filters, one job in full,
-//! cancelling, retrying, pruning, and which jobs belong to the current run.
+//! cancelling, retrying, pruning.
 //!
 //! A CLX database (schema v1) has no `cancelled` status (its CHECK allows
 //! four), so a cancelled CLX job is `failed` with the error [`CANCELLED`];
@@ -12,14 +12,8 @@ use rusqlite::types::ToSql;
 use rusqlite::{Connection, OptionalExtension, params_from_iter};
 use serde::Serialize;
 
+use super::{CANCELLED, SHOWN_STATUS};
 use crate::vocab::{JobStatus, Protocol};
-
-/// The error a cancelled CLX job carries (see the module's note).
-pub const CANCELLED: &str = "cancelled (clx-pool jobs cancel)";
-
-/// The status as shown: a CLX job failed with [`CANCELLED`] is cancelled.
-const SHOWN_STATUS: &str =
-    "CASE WHEN status = 'failed' AND error = 'cancelled (clx-pool jobs cancel)' THEN 'cancelled' ELSE status END";
 
 /// Which jobs: every given condition holds.
 #[derive(Debug, Default, Clone)]
@@ -81,7 +75,7 @@ pub struct Listed {
 
 /// A [`Listed`] job from `SELECT id, job_type, {SHOWN_STATUS},
 /// COALESCE(attempts, 0), input_file, output_file, created_at, error`.
-fn listed(r: &rusqlite::Row) -> rusqlite::Result<Listed> {
+pub(super) fn listed(r: &rusqlite::Row) -> rusqlite::Result<Listed> {
     Ok(Listed {
         id: r.get(0)?,
         job_type: r.get(1)?,
@@ -223,40 +217,16 @@ pub fn prune(conn: &Connection, filter: &Filter) -> rusqlite::Result<usize> {
     )
 }
 
-/// When the current (or last) supervisor run began, if there was one: the
-/// jobs of a run are those still to do and those that ended since.
-pub fn run_started(conn: &Connection) -> rusqlite::Result<Option<String>> {
-    Ok(super::pool::supervisor(conn)?.map(|s| s.started_at))
-}
-
-/// Per-status counts of the jobs of the run that began at `since` (all
-/// jobs without it), cancelled CLX jobs counted as cancelled.
-pub fn run_counts(conn: &Connection, since: Option<&str>) -> rusqlite::Result<super::jobs::JobCounts> {
-    let Some(since) = since else {
-        return super::jobs::JobCounts::from_rows(
-            &mut conn.prepare(&format!("SELECT {SHOWN_STATUS}, COUNT(*) FROM jobs GROUP BY 1"))?,
-            [],
-        );
+/// The status (as shown) of each of `ids` that exists.
+pub fn statuses(conn: &Connection, ids: &[i64]) -> rusqlite::Result<Vec<(i64, JobStatus)>> {
+    let filter = Filter {
+        ids: ids.to_vec(),
+        ..Filter::default()
     };
-    // COALESCE(completed_at, started_at, created_at) >= ?1 for finished
-    // jobs, spelled as disjoint ranges of indexes (status; completed_at) so
-    // that a monitor tick does not read the whole history (`+status` keeps
-    // the planner off the status index where completed_at narrows more).
-    super::jobs::JobCounts::from_rows(
-        &mut conn.prepare(&format!(
-            "SELECT {SHOWN_STATUS}, COUNT(*) FROM (
-                 SELECT status, error FROM jobs WHERE status IN ('pending', 'processing')
-                 UNION ALL
-                 SELECT status, error FROM jobs
-                 WHERE +status NOT IN ('pending', 'processing') AND completed_at >= ?1
-                 UNION ALL
-                 SELECT status, error FROM jobs
-                 WHERE +status NOT IN ('pending', 'processing') AND completed_at IS NULL
-                   AND COALESCE(started_at, created_at) >= ?1)
-             GROUP BY 1"
-        ))?,
-        [since],
-    )
+    let (cond, params) = filter.sql("created_at");
+    conn.prepare(&format!("SELECT id, {SHOWN_STATUS} FROM jobs WHERE {cond}"))?
+        .query_map(params_from_iter(params.iter()), |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect()
 }
 
 /// The failed jobs of that run (as [`run_counts`] scopes it), newest first.
@@ -272,48 +242,10 @@ pub fn run_failures(conn: &Connection, since: Option<&str>, limit: i64) -> rusql
     .collect()
 }
 
-/// How many jobs of a type have a status, and the age of the oldest.
-#[derive(Debug, Clone)]
-pub struct TypeCount {
-    pub job_type: String,
-    pub status: JobStatus,
-    pub count: i64,
-    /// Seconds since the oldest of them was created.
-    pub oldest_age: Option<f64>,
-}
-
-/// Jobs per type and status (as shown), for metrics.
-pub fn by_type(conn: &Connection) -> rusqlite::Result<Vec<TypeCount>> {
-    conn.prepare(&format!(
-        "SELECT job_type, {SHOWN_STATUS}, COUNT(*), (julianday('now') - julianday(MIN(created_at))) * 86400.0
-         FROM jobs GROUP BY 1, 2 ORDER BY 1, 2"
-    ))?
-    .query_map([], |r| {
-        Ok(TypeCount {
-            job_type: r.get(0)?,
-            status: r.get(1)?,
-            count: r.get(2)?,
-            oldest_age: r.get(3)?,
-        })
-    })?
-    .collect()
-}
-
-/// The status (as shown) of each of `ids` that exists.
-pub fn statuses(conn: &Connection, ids: &[i64]) -> rusqlite::Result<Vec<(i64, JobStatus)>> {
-    let filter = Filter {
-        ids: ids.to_vec(),
-        ..Filter::default()
-    };
-    let (cond, params) = filter.sql("created_at");
-    conn.prepare(&format!("SELECT id, {SHOWN_STATUS} FROM jobs WHERE {cond}"))?
-        .query_map(params_from_iter(params.iter()), |r| Ok((r.get(0)?, r.get(1)?)))?
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::db::jobs::counts::run_counts;
     use crate::db::jobs::{NewJob, submit};
     use crate::db::schema;
 

@@ -1,12 +1,29 @@
-//! The CLX job queue: submitting, claiming, finishing and recovering jobs.
-//! Every state change is one guarded statement or transaction, so two
-//! workers never get the same job and a late write from a worker that was
-//! declared dead never overwrites the outcome of a later attempt.
+//! The `jobs` table: every statement that writes it. The queue as workers
+//! use it — submitting, claiming, finishing, giving back and recovering
+//! jobs ([`self`]); as people and CI scripts handle it ([`admin`]); and
+//! what is counted of it ([`counts`]). Every state change is one guarded
+//! statement or transaction, so two workers never get the same job and a
+//! late write from a worker that was declared dead never overwrites the
+//! outcome of a later attempt.
+
+pub mod admin;
+pub mod counts;
+pub mod recovery;
 
 use rusqlite::{Connection, OptionalExtension, params};
-use serde::Serialize;
 
+pub use counts::JobCounts;
+pub use recovery::{Reconciled, bury, bury_pool_rows, held_by, reconcile, recover};
+
+use crate::db::workers;
 use crate::vocab::{JobStatus, ModeKind, Protocol, WorkerRow};
+
+/// The error a cancelled CLX job carries (see the module's note).
+pub const CANCELLED: &str = "cancelled (clx-pool jobs cancel)";
+
+/// The status as shown: a CLX job failed with [`CANCELLED`] is cancelled.
+pub(crate) const SHOWN_STATUS: &str =
+    "CASE WHEN status = 'failed' AND error = 'cancelled (clx-pool jobs cancel)' THEN 'cancelled' ELSE status END";
 
 /// A job as a worker sees it after claiming it.
 #[derive(Debug, Clone)]
@@ -128,33 +145,9 @@ fn take(tx: &Connection, id: i64, worker_row: WorkerRow) -> rusqlite::Result<Opt
         },
     )?;
     if job.is_some() {
-        tx.prepare_cached("UPDATE workers SET status = 'busy', last_heartbeat = CURRENT_TIMESTAMP WHERE id = ?1")?
-            .execute([worker_row])?;
+        workers::set_busy(tx, worker_row)?;
     }
     Ok(job)
-}
-
-/// A worker's figures after a job (done or failed, its time into the
-/// average), and the worker idle again.
-pub(super) fn count_outcome(
-    tx: &Connection,
-    worker_row: WorkerRow,
-    completed: bool,
-    seconds: f64,
-) -> rusqlite::Result<()> {
-    let (done, failed) = if completed { (1, 0) } else { (0, 1) };
-    tx.prepare_cached(
-        "UPDATE workers SET
-            status = CASE WHEN status = 'busy' THEN 'idle' ELSE status END,
-            last_heartbeat = CURRENT_TIMESTAMP,
-            avg_processing_time = (COALESCE(avg_processing_time, 0) * (COALESCE(jobs_processed, 0) + COALESCE(jobs_failed, 0)) + ?2)
-                                  / (COALESCE(jobs_processed, 0) + COALESCE(jobs_failed, 0) + 1),
-            jobs_processed = COALESCE(jobs_processed, 0) + ?3,
-            jobs_failed = COALESCE(jobs_failed, 0) + ?4
-         WHERE id = ?1",
-    )?
-    .execute(params![worker_row, seconds, done, failed])?;
-    Ok(())
 }
 
 /// Outcome of one job run, as the worker saw it.
@@ -211,7 +204,7 @@ pub fn finish_and_claim(
             format!("{{\"job_id\": {}}}", job.id)
         ])?;
     }
-    count_outcome(&tx, worker_row, status == JobStatus::Completed, seconds)?;
+    workers::count_outcome(&tx, worker_row, status == JobStatus::Completed, seconds)?;
     let claimed = match next {
         Some((job_type, who)) => match candidate(&tx, job_type, who)? {
             Some(id) => take(&tx, id, worker_row)?,
@@ -244,163 +237,95 @@ pub fn give_back(conn: &Connection, job: &ClaimedJob, worker_row: WorkerRow) -> 
     Ok(n == 1)
 }
 
-/// Puts back every job the worker row held in `processing`: to `pending`, or
-/// to `failed` once its attempts are used up. Returns the ids put back and
-/// the ids failed. Call inside the transaction that marks the worker dead.
-pub fn recover(
-    conn: &Connection,
-    worker_row: Option<WorkerRow>,
-    worker_id: &str,
-    cause: &str,
-) -> rusqlite::Result<(Vec<i64>, Vec<i64>)> {
-    let failed: Vec<i64> = conn
-        .prepare(
-            "UPDATE jobs SET status = 'failed', completed_at = CURRENT_TIMESTAMP,
-                error = 'gave up after ' || attempts || ' attempts: worker ' || ?2 || ' ' || ?3 || ' while processing this job'
-             WHERE status = 'processing' AND worker_id IS ?1 AND attempts >= COALESCE(max_attempts, 3)
-             RETURNING id",
-        )?
-        .query_map(params![worker_row, worker_id, cause], |r| r.get(0))?
-        .collect::<Result<_, _>>()?;
-    let requeued: Vec<i64> = conn
-        .prepare(
-            "UPDATE jobs SET status = 'pending', started_at = NULL, worker_id = NULL,
-                error = 'attempt ' || attempts || ': worker ' || ?2 || ' ' || ?3
-             WHERE status = 'processing' AND worker_id IS ?1
-             RETURNING id",
-        )?
-        .query_map(params![worker_row, worker_id, cause], |r| r.get(0))?
-        .collect::<Result<_, _>>()?;
-    Ok((requeued, failed))
+/// A worker's finished job, as it reports it.
+pub struct Report<'a> {
+    pub job_id: i64,
+    pub worker_row: WorkerRow,
+    /// `Completed` or `Failed`.
+    pub status: JobStatus,
+    /// JSON text, or None.
+    pub result: Option<&'a str>,
+    pub error: Option<&'a str>,
 }
 
-/// What the reconciliation pass put back, per worker that was gone.
-#[derive(Debug)]
-pub struct Reconciled {
-    pub worker_row: Option<WorkerRow>,
-    pub worker_id: Option<String>,
-    pub requeued: Vec<i64>,
-    pub failed: Vec<i64>,
-}
-
-/// Jobs left `processing` by a worker known to be dead, found by the
-/// monitor's reconciliation pass: its row says `dead` (it said so itself
-/// on its way out, or was recorded dead), or, in a CLX database, its row is
-/// gone. Nothing else is evidence: a live worker the pool did not start
-/// (run by hand, by a `clm build`) keeps its jobs however long they run,
-/// and in a shared CLM database only the pool's own rows count
-/// (persistent, started by `supervisor_pid`). Puts their jobs back (or
-/// fails them) in one transaction.
-pub fn reconcile(conn: &mut Connection, protocol: Protocol, supervisor_pid: i64) -> rusqlite::Result<Vec<Reconciled>> {
-    const ORPHANED: &str =
-        "SELECT DISTINCT j.worker_id, w.container_id FROM jobs j LEFT JOIN workers w ON w.id = j.worker_id
-         WHERE j.status = 'processing'";
-    let find = |c: &Connection| -> rusqlite::Result<Vec<(Option<WorkerRow>, Option<String>)>> {
-        let map = |r: &rusqlite::Row| Ok((r.get(0)?, r.get(1)?));
-        match protocol {
-            Protocol::Clx => c
-                .prepare_cached(&format!("{ORPHANED} AND (w.id IS NULL OR w.status = 'dead')"))?
-                .query_map([], map)?
-                .collect(),
-            Protocol::Clm => c
-                .prepare_cached(&format!(
-                    "{ORPHANED} AND w.status = 'dead' AND w.managed_by = 'persistent' AND w.parent_pid = ?1"
-                ))?
-                .query_map([supervisor_pid], map)?
-                .collect(),
-        }
-    };
-    // A plain read first: a healthy pool's tick takes no write lock.
-    if find(conn)?.is_empty() {
-        return Ok(Vec::new());
-    }
+/// Records a reported outcome, as CLM's `update_job_status` does (completed:
+/// `completed_at`, no error, the result; failed: the error and the result),
+/// but only while the job is still this worker's and `processing`: a worker
+/// declared dead meanwhile cannot overwrite a later attempt, nor a
+/// cancelled job. Sets the worker idle with fresh statistics in the same
+/// transaction. Returns whether the job was the worker's to report.
+pub fn report(conn: &mut Connection, r: &Report) -> rusqlite::Result<bool> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    let orphaned = find(&tx)?;
-    let mut out = Vec::new();
-    for (row, cid) in orphaned {
-        let who = cid.clone().unwrap_or_else(|| "(unknown)".into());
-        let (requeued, failed) = recover(&tx, row, &who, "was no longer running (found by the monitor)")?;
-        out.push(Reconciled {
-            worker_row: row,
-            worker_id: cid,
-            requeued,
-            failed,
-        });
+    let seconds: Option<f64> = tx
+        .query_row(
+            "SELECT (julianday('now') - julianday(started_at)) * 86400.0 FROM jobs
+             WHERE id = ?1 AND worker_id = ?2 AND status = 'processing'",
+            params![r.job_id, r.worker_row],
+            |row| row.get(0),
+        )
+        .optional()?
+        .flatten();
+    let changed = match r.status {
+        JobStatus::Completed => tx.execute(
+            "UPDATE jobs SET status = 'completed', completed_at = CURRENT_TIMESTAMP, error = NULL, result = ?3
+             WHERE id = ?1 AND worker_id = ?2 AND status = 'processing'",
+            params![r.job_id, r.worker_row, r.result],
+        )?,
+        _ => tx.execute(
+            "UPDATE jobs SET status = 'failed', error = ?3, result = ?4
+             WHERE id = ?1 AND worker_id = ?2 AND status = 'processing'",
+            params![r.job_id, r.worker_row, r.error, r.result],
+        )?,
+    };
+    if changed == 1 {
+        workers::count_outcome(
+            &tx,
+            r.worker_row,
+            r.status == JobStatus::Completed,
+            seconds.unwrap_or(0.0),
+        )?;
     }
     tx.commit()?;
-    Ok(out)
+    Ok(changed == 1)
 }
 
-/// Job counts per status (every status always present; `cancelled` is
-/// always 0 in a CLX database).
-#[derive(Debug, Default, Clone, Serialize, PartialEq, Eq)]
-pub struct JobCounts {
-    pub pending: i64,
-    pub processing: i64,
-    pub completed: i64,
-    pub failed: i64,
-    pub cancelled: i64,
+/// A CLM job's correlation id (for the worker's logs).
+pub fn correlation_id(conn: &Connection, job_id: i64) -> rusqlite::Result<Option<String>> {
+    conn.prepare_cached("SELECT correlation_id FROM jobs WHERE id = ?1")?
+        .query_row([job_id], |r| r.get(0))
+        .optional()
+        .map(Option::flatten)
 }
 
-impl JobCounts {
-    /// Adds `n` jobs of `status`.
-    pub fn add(&mut self, status: JobStatus, n: i64) {
-        *match status {
-            JobStatus::Pending => &mut self.pending,
-            JobStatus::Processing => &mut self.processing,
-            JobStatus::Completed => &mut self.completed,
-            JobStatus::Failed => &mut self.failed,
-            JobStatus::Cancelled => &mut self.cancelled,
-        } += n;
-    }
-
-    /// Counts from rows of (status, count).
-    pub fn from_rows(stmt: &mut rusqlite::Statement, params: impl rusqlite::Params) -> rusqlite::Result<JobCounts> {
-        let mut c = JobCounts::default();
-        for row in stmt.query_map(params, |r| Ok((r.get::<_, JobStatus>(0)?, r.get::<_, i64>(1)?)))? {
-            let (status, n) = row?;
-            c.add(status, n);
-        }
-        Ok(c)
-    }
+/// Fails a claimed job the API cannot hand out (its payload is not JSON),
+/// so it is not left `processing`.
+pub fn fail_unservable(conn: &Connection, job_id: i64, worker_row: WorkerRow, error: &str) -> rusqlite::Result<()> {
+    conn.execute(
+        "UPDATE jobs SET status = 'failed', completed_at = CURRENT_TIMESTAMP, error = ?3
+         WHERE id = ?1 AND worker_id = ?2 AND status = 'processing'",
+        params![job_id, worker_row, error],
+    )?;
+    workers::release(conn, worker_row)?;
+    Ok(())
 }
 
-pub fn counts(conn: &Connection, job_type: Option<&str>) -> rusqlite::Result<JobCounts> {
-    JobCounts::from_rows(
-        &mut conn.prepare("SELECT status, COUNT(*) FROM jobs WHERE ?1 IS NULL OR job_type = ?1 GROUP BY status")?,
-        [job_type],
-    )
+/// What `GET /jobs/{id}/cancelled` tells: None when there is no such job.
+pub struct Cancellation {
+    pub cancelled: bool,
+    pub cancelled_at: Option<String>,
+    pub cancelled_by: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize)]
-pub struct JobRow {
-    pub id: i64,
-    pub job_type: String,
-    pub status: JobStatus,
-    pub input_file: String,
-    pub output_file: String,
-    pub attempts: i64,
-    pub error: Option<String>,
-}
-
-/// Jobs in `status`, oldest first, for listings.
-pub fn list(conn: &Connection, status: Option<JobStatus>, limit: i64) -> rusqlite::Result<Vec<JobRow>> {
-    conn.prepare(
-        "SELECT id, job_type, status, input_file, output_file, COALESCE(attempts, 0), error FROM jobs
-         WHERE ?1 IS NULL OR status = ?1 ORDER BY id LIMIT ?2",
-    )?
-    .query_map(params![status, limit], |r| {
-        Ok(JobRow {
-            id: r.get(0)?,
-            job_type: r.get(1)?,
-            status: r.get(2)?,
-            input_file: r.get(3)?,
-            output_file: r.get(4)?,
-            attempts: r.get(5)?,
-            error: r.get(6)?,
+pub fn cancellation(conn: &Connection, job_id: i64) -> rusqlite::Result<Option<Cancellation>> {
+    conn.prepare_cached("SELECT status, cancelled_at, cancelled_by FROM jobs WHERE id = ?1")?
+        .query_row([job_id], |r| {
+            Ok(Cancellation {
+                cancelled: r.get::<_, JobStatus>(0)? == JobStatus::Cancelled,
+                cancelled_at: r.get(1)?,
+                cancelled_by: r.get(2)?,
+            })
         })
-    })?
-    .collect()
+        .optional()
 }
 
 #[cfg(test)]

@@ -1,0 +1,372 @@
+//! The slot tables: `clx_pool_slots` (the slot behind each worker: the
+//! process running it, its state, its restarts) and `clx_pool_wanted` (how
+//! many workers of each type the pool wants). A slot's transitions that
+//! touch a worker (pre-registration, its end) are one transaction with
+//! the worker's row and the events.
+
+use rusqlite::{Connection, params};
+use serde::Serialize;
+use serde_json::json;
+
+use super::events::{self, ClmEventRow, clm_event};
+use super::jobs;
+use crate::contract::SlotId;
+use crate::vocab::{ClmEvent, EndEvent, Mode, ModeKind, Protocol, SlotState, WorkerId, WorkerRow, WorkerStatus};
+
+/// A CLM worker about to be started in a slot: its pre-registered row
+/// (see `workers::preregister`) and CLM's `worker_starting` event, in one
+/// transaction. Returns the row, whose id the worker gets as `CLM_WORKER_ID`.
+pub fn preregister_worker(
+    conn: &mut Connection,
+    slot: u32,
+    p: &crate::db::workers::Preregistration,
+) -> rusqlite::Result<WorkerRow> {
+    let tx = conn.transaction()?;
+    let row = crate::db::workers::preregister(&tx, p)?;
+    clm_event(
+        &tx,
+        Protocol::Clm,
+        ClmEventRow {
+            event: ClmEvent::WorkerStarting,
+            worker_row: Some(row),
+            worker_type: p.worker_type,
+            execution_mode: Some(p.execution_mode),
+            message: format!(
+                "clx-pool starting {} worker {}-{slot} ({})",
+                p.execution_mode, p.worker_type, p.container_id
+            ),
+            metadata: json!({ "index": slot, "executor_id": p.container_id }),
+        },
+    )?;
+    tx.commit()?;
+    Ok(row)
+}
+
+/// Records the process now running in a slot (before it registers), so that
+/// a later `start` or `stop` can find it even if this supervisor crashes:
+/// its pid and start time (direct mode).
+pub fn slot_launched(
+    conn: &Connection,
+    slot: &SlotId,
+    worker_id: &WorkerId,
+    process: Option<(i32, Option<i64>)>,
+) -> rusqlite::Result<()> {
+    conn.execute(
+        "UPDATE clx_pool_slots SET state = ?6, worker_id = ?3, worker_row = NULL, pid = ?4, proc_start = ?5,
+             note = NULL, updated_at = CURRENT_TIMESTAMP
+         WHERE worker_type = ?1 AND slot = ?2",
+        params![
+            slot.worker_type,
+            slot.index,
+            worker_id,
+            process.map(|p| p.0),
+            process.and_then(|p| p.1),
+            SlotState::Starting
+        ],
+    )?;
+    Ok(())
+}
+
+/// A slot's worker registered (or activated its pre-registered row).
+pub struct Registered<'a> {
+    pub slot: &'a SlotId,
+    pub worker_row: WorkerRow,
+    pub worker_id: &'a WorkerId,
+    pub execution_mode: ModeKind,
+}
+
+pub fn slot_registered(conn: &Connection, protocol: Protocol, r: &Registered) -> rusqlite::Result<()> {
+    let tx = conn.unchecked_transaction()?;
+    tx.execute(
+        "UPDATE clx_pool_slots SET state = ?4, worker_row = ?3, updated_at = CURRENT_TIMESTAMP
+         WHERE worker_type = ?1 AND slot = ?2",
+        params![r.slot.worker_type, r.slot.index, r.worker_row, SlotState::Running],
+    )?;
+    clm_event(
+        &tx,
+        protocol,
+        ClmEventRow {
+            event: ClmEvent::WorkerRegistered,
+            worker_row: Some(r.worker_row),
+            worker_type: &r.slot.worker_type,
+            execution_mode: Some(r.execution_mode),
+            message: format!(
+                "Worker {} #{} registered (executor: {}, slot {})",
+                r.slot.worker_type, r.worker_row, r.worker_id, r.slot
+            ),
+            metadata: json!({ "index": r.slot.index, "executor_id": r.worker_id }),
+        },
+    )?;
+    tx.commit()
+}
+
+/// Sets a slot's state (creating its row the first time), with why it
+/// waits (`note`, shown by `stats`) or None.
+pub fn set_slot_state(
+    conn: &Connection,
+    slot: &SlotId,
+    mode: Mode,
+    state: SlotState,
+    note: Option<&str>,
+) -> rusqlite::Result<()> {
+    conn.execute(
+        "INSERT INTO clx_pool_slots (worker_type, slot, execution_mode, state, note) VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT(worker_type, slot) DO UPDATE SET
+             execution_mode = excluded.execution_mode, state = excluded.state, note = excluded.note,
+             updated_at = CURRENT_TIMESTAMP",
+        params![slot.worker_type, slot.index, mode, state, note],
+    )?;
+    Ok(())
+}
+
+/// A worker that ended, as the supervisor saw it.
+pub struct WorkerEnd<'a> {
+    pub slot: &'a SlotId,
+    pub worker_id: &'a WorkerId,
+    pub worker_row: Option<WorkerRow>,
+    pub execution_mode: ModeKind,
+    pub event: EndEvent,
+    pub cause: &'a str,
+    pub log_tail: &'a str,
+    /// Counts as a restart of the slot (false for a clean stop).
+    pub restart: bool,
+}
+
+/// In one transaction: marks the worker dead (a pre-registered row it
+/// never activated goes), puts its jobs back (or fails them), clears the
+/// slot's process and records the event. Returns (jobs requeued, jobs failed).
+pub fn record_end(
+    conn: &mut Connection,
+    protocol: Protocol,
+    end: &WorkerEnd,
+) -> rusqlite::Result<(Vec<i64>, Vec<i64>)> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let held = match end.worker_row {
+        Some(row) => jobs::held_by(&tx, row)?,
+        None => None,
+    };
+    let (requeued, failed) = match end.worker_row {
+        Some(row) => jobs::bury(&tx, row, end.worker_id.as_str(), end.cause)?,
+        None => (Vec::new(), Vec::new()),
+    };
+    clm_end_event(&tx, protocol, end, held, &requeued, &failed)?;
+    tx.execute(
+        "UPDATE clx_pool_slots SET pid = NULL, proc_start = NULL, worker_row = NULL,
+             restarts = restarts + ?3, last_cause = CASE WHEN ?3 = 1 THEN ?4 ELSE last_cause END,
+             updated_at = CURRENT_TIMESTAMP
+         WHERE worker_type = ?1 AND slot = ?2",
+        params![end.slot.worker_type, end.slot.index, end.restart as i64, end.cause],
+    )?;
+    events::record_end(
+        &tx,
+        &events::EndRow {
+            slot: end.slot,
+            worker_id: end.worker_id,
+            event: end.event,
+            cause: end.cause,
+            job_id: held,
+            log_tail: end.log_tail,
+        },
+    )?;
+    tx.commit()?;
+    Ok((requeued, failed))
+}
+
+/// CLM's `worker_stopped` or `worker_failed` for a worker's end.
+fn clm_end_event(
+    tx: &Connection,
+    protocol: Protocol,
+    end: &WorkerEnd,
+    held: Option<i64>,
+    requeued: &[i64],
+    failed: &[i64],
+) -> rusqlite::Result<()> {
+    let t = &end.slot.worker_type;
+    let (event, message) = match end.event {
+        EndEvent::Stopped => (
+            ClmEvent::WorkerStopped,
+            format!("Worker {t} {} stopped by clx-pool ({})", end.worker_id, end.cause),
+        ),
+        _ => (
+            ClmEvent::WorkerFailed,
+            format!(
+                "Worker {t} failed: {} {}{}",
+                end.worker_id,
+                end.cause,
+                if end.restart { "; clx-pool replaces it" } else { "" }
+            ),
+        ),
+    };
+    clm_event(
+        tx,
+        protocol,
+        ClmEventRow {
+            event,
+            worker_row: end.worker_row,
+            worker_type: t,
+            execution_mode: Some(end.execution_mode),
+            message,
+            metadata: json!({
+                "index": end.slot.index,
+                "executor_id": end.worker_id,
+                "reason": end.event,
+                "error": end.cause,
+                "job_id": held,
+                "requeued_jobs": requeued,
+                "failed_jobs": failed,
+            }),
+        },
+    )
+}
+
+/// Records how many workers of each type the pool wants (all of them: the
+/// types not given are gone).
+pub fn set_wanted(conn: &mut Connection, wanted: &[(String, u32)]) -> rusqlite::Result<()> {
+    let tx = conn.transaction()?;
+    tx.execute("DELETE FROM clx_pool_wanted", [])?;
+    for (t, n) in wanted {
+        tx.execute(
+            "INSERT INTO clx_pool_wanted (worker_type, wanted) VALUES (?1, ?2)",
+            params![t, n],
+        )?;
+    }
+    tx.commit()
+}
+
+/// How many workers of each type the pool wants (empty before version 3).
+pub fn wanted(conn: &Connection) -> rusqlite::Result<std::collections::BTreeMap<String, i64>> {
+    if super::schema::pool_version(conn)? < 3 {
+        return Ok(Default::default());
+    }
+    conn.prepare("SELECT worker_type, wanted FROM clx_pool_wanted")?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect()
+}
+
+/// The slots of a type whose worker is busy.
+pub fn busy_slots(conn: &Connection, worker_type: &str) -> rusqlite::Result<Vec<u32>> {
+    conn.prepare(
+        "SELECT s.slot FROM clx_pool_slots s JOIN workers w ON w.id = s.worker_row
+         WHERE s.worker_type = ?1 AND w.status = 'busy'",
+    )?
+    .query_map([worker_type], |r| r.get(0))?
+    .collect()
+}
+
+/// A slot that ended for good (scaled down, its entry removed).
+pub fn remove_slot(conn: &Connection, slot: &SlotId) -> rusqlite::Result<()> {
+    conn.execute(
+        "DELETE FROM clx_pool_slots WHERE worker_type = ?1 AND slot = ?2",
+        params![slot.worker_type, slot.index],
+    )?;
+    Ok(())
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SlotRow {
+    pub worker_type: String,
+    pub slot: u32,
+    pub execution_mode: Mode,
+    pub state: SlotState,
+    pub worker_id: Option<WorkerId>,
+    pub pid: Option<i64>,
+    pub proc_start: Option<i64>,
+    pub restarts: i64,
+    pub last_cause: Option<String>,
+    /// Why the slot waits (cooling down, given up), if it does.
+    pub note: Option<String>,
+}
+
+pub fn slots(conn: &Connection) -> rusqlite::Result<Vec<SlotRow>> {
+    let note = match super::schema::pool_version(conn)? {
+        0 => return Ok(Vec::new()),
+        1 => "NULL",
+        _ => "note",
+    };
+    conn.prepare(&format!(
+        "SELECT worker_type, slot, execution_mode, state, worker_id, pid, proc_start, restarts, last_cause, {note}
+         FROM clx_pool_slots ORDER BY worker_type, slot"
+    ))?
+    .query_map([], |r| {
+        Ok(SlotRow {
+            worker_type: r.get(0)?,
+            slot: r.get(1)?,
+            execution_mode: r.get(2)?,
+            state: r.get(3)?,
+            worker_id: r.get(4)?,
+            pid: r.get(5)?,
+            proc_start: r.get(6)?,
+            restarts: r.get(7)?,
+            last_cause: r.get(8)?,
+            note: r.get(9)?,
+        })
+    })?
+    .collect()
+}
+
+/// A registered worker of a running slot, as a monitor tick sees it.
+#[derive(Debug, Clone)]
+pub struct Observed {
+    pub slot: SlotId,
+    pub row: WorkerRow,
+    /// The worker's process (direct) …
+    pub pid: Option<i32>,
+    /// … or its container (docker).
+    pub container: Option<WorkerId>,
+    pub status: WorkerStatus,
+    /// `last_heartbeat` as written: compared only with its own earlier
+    /// values, never with a clock.
+    pub heartbeat: Option<String>,
+    /// The job in hand (the oldest if several) and its attempt.
+    pub job: Option<(i64, i64)>,
+    /// No memory figure was written for it yet (a new worker).
+    pub unmeasured: bool,
+    /// Jobs it finished (completed or failed).
+    pub jobs_done: i64,
+}
+
+/// Every live worker of a running slot, with its job. No age is computed
+/// here: the monitor measures time on its own monotonic clock.
+pub fn observe(c: &mut Connection) -> rusqlite::Result<Vec<Observed>> {
+    let mut stmt = c.prepare_cached(
+        "SELECT s.worker_type, s.slot, w.id, s.pid, w.status, s.execution_mode, s.worker_id,
+                w.last_heartbeat, j.id, COALESCE(j.attempts, 0), w.memory_usage IS NULL,
+                COALESCE(w.jobs_processed, 0) + COALESCE(w.jobs_failed, 0)
+         FROM clx_pool_slots s
+         JOIN workers w ON w.id = s.worker_row
+         LEFT JOIN jobs j ON j.worker_id = w.id AND j.status = 'processing'
+         WHERE s.state = 'running'
+         ORDER BY s.worker_type, s.slot, j.id",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        let job: Option<i64> = r.get(8)?;
+        let mode: Mode = r.get(5)?;
+        Ok(Observed {
+            slot: SlotId {
+                worker_type: r.get(0)?,
+                index: r.get(1)?,
+            },
+            row: r.get(2)?,
+            pid: r.get::<_, Option<i64>>(3)?.map(|p| p as i32),
+            container: match mode.kind {
+                ModeKind::Docker => r.get(6)?,
+                ModeKind::Direct => None,
+            },
+            status: r.get(4)?,
+            heartbeat: r.get(7)?,
+            job: job.map(|j| Ok::<_, rusqlite::Error>((j, r.get(9)?))).transpose()?,
+            unmeasured: r.get(10)?,
+            jobs_done: r.get(11)?,
+        })
+    })?;
+    let mut out: Vec<Observed> = Vec::new();
+    for o in rows {
+        let o = o?;
+        // Several jobs in hand: the oldest (first) decides.
+        if out.last().is_some_and(|l| l.row == o.row) {
+            continue;
+        }
+        out.push(o);
+    }
+    Ok(out)
+}
