@@ -10,6 +10,8 @@ pub mod contract;
 pub mod db;
 pub mod executor;
 pub mod files;
+#[cfg(test)]
+mod layering;
 pub mod listen;
 pub mod lock;
 pub mod logs;

@@ -23,7 +23,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
 use crate::db::{self, Db};
-use crate::vocab::{JobStatus, ModeKind, Protocol, WorkerRow};
+use crate::vocab::{JobStatus, ModeKind, Protocol, WorkerRow, WorkerStatus};
 
 /// Largest JSON body a route accepts (a job's result with its warnings is
 /// a few kilobytes).
@@ -217,7 +217,10 @@ async fn activate(State(s): State<ApiState>, Body(b): Body<WorkerBody>) -> ApiRe
         Ok(false) => Err(ApiError::new(StatusCode::NOT_FOUND, format!("Worker {row} not found"))),
         Err(status) => Err(ApiError::new(
             StatusCode::BAD_REQUEST,
-            format!("Worker {row} has status '{status}', expected 'created'"),
+            format!(
+                "Worker {row} has status '{status}', expected '{}'",
+                WorkerStatus::Created
+            ),
         )),
     }
 }
@@ -303,7 +306,12 @@ async fn job_status(
         _ => {
             return Err(ApiError::new(
                 StatusCode::BAD_REQUEST,
-                format!("Invalid status: {}. Must be 'completed' or 'failed'", b.status),
+                format!(
+                    "Invalid status: {}. Must be '{}' or '{}'",
+                    b.status,
+                    JobStatus::Completed,
+                    JobStatus::Failed
+                ),
             ));
         }
     };

@@ -181,13 +181,13 @@ fn prune(args: &DbArgs, older_than: std::time::Duration, statuses: &[JobStatus],
         return Err(UsageError(format!("--status {s}: only finished jobs are pruned")).into());
     }
     let t = target(args)?;
-    let (conn, _) = db::open_existing(&t.db_path)?;
+    let (conn, protocol) = db::open_existing(&t.db_path)?;
     let filter = admin::Filter {
         statuses: statuses.to_vec(),
         older_than: Some(older_than),
         ..admin::Filter::default()
     };
-    let n = admin::prune(&conn, &filter)?;
+    let n = admin::prune(&conn, protocol, &filter)?;
     super::print(&format!(
         "{n} job{} pruned (finished more than {} ago)",
         if n == 1 { "" } else { "s" },

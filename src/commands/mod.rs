@@ -23,9 +23,63 @@ use crate::config::Config;
 use crate::contract::control::Request;
 use crate::contract::exit;
 
+/// Runs one of the subcommands this module owns, by family; `start`,
+/// `worker` and `guard` never come here.
 pub async fn run(cmd: &Command) -> anyhow::Result<i32> {
     match cmd {
+        Command::Stop { .. } | Command::Scale { .. } | Command::Restart { .. } | Command::Reload { .. } => {
+            supervisor_command(cmd).await
+        }
+        Command::Stats { .. } | Command::Top { .. } | Command::Logs { .. } => observing_command(cmd).await,
+        Command::Submit { .. } | Command::Wait { .. } | Command::Jobs { .. } => jobs_command(cmd).await,
+        Command::Check { config } => check::run(config).await,
+        Command::Completions { shell } => completions(*shell),
+        Command::Man { out } => man_pages(out),
+        Command::Start { .. } | Command::Worker(_) | Command::Guard { .. } => {
+            unreachable!("handled by lib::dispatch")
+        }
+    }
+}
+
+/// Runs a command that tells the running supervisor what to do: `stop`,
+/// `scale`, `restart`, `reload`.
+async fn supervisor_command(cmd: &Command) -> anyhow::Result<i32> {
+    match cmd {
         Command::Stop { db, timeout } => stop::run(db, *timeout).await,
+        Command::Scale {
+            db,
+            counts,
+            now,
+            timeout,
+        } => {
+            let request = Request::Scale {
+                counts: counts.clone(),
+                now: *now,
+            };
+            control::run(db, request, *timeout).await
+        }
+        Command::Restart {
+            db,
+            targets,
+            rolling,
+            now,
+            timeout,
+        } => {
+            let request = Request::Restart {
+                targets: targets.clone(),
+                rolling: *rolling,
+                now: *now,
+            };
+            control::run(db, request, *timeout).await
+        }
+        Command::Reload { db, timeout } => control::run(db, Request::Reload, *timeout).await,
+        _ => unreachable!("commands::run sends only supervisor commands here"),
+    }
+}
+
+/// Runs a command that only looks at the pool: `stats`, `top`, `logs`.
+async fn observing_command(cmd: &Command) -> anyhow::Result<i32> {
+    match cmd {
         Command::Stats {
             db,
             json,
@@ -47,6 +101,31 @@ pub async fn run(cmd: &Command) -> anyhow::Result<i32> {
             };
             stats::run(db, options).await
         }
+        Command::Top { db } => top::run(db).await,
+        Command::Logs {
+            db,
+            targets,
+            follow,
+            lines,
+            since,
+            log_dir,
+        } => {
+            let options = logs::Options {
+                targets: targets.clone(),
+                follow: *follow,
+                lines: *lines,
+                since: *since,
+                log_dir: log_dir.clone(),
+            };
+            logs::run(db, options).await
+        }
+        _ => unreachable!("commands::run sends only observing commands here"),
+    }
+}
+
+/// Runs a command about the queue: `submit`, `wait`, `jobs`.
+async fn jobs_command(cmd: &Command) -> anyhow::Result<i32> {
+    match cmd {
         Command::Submit {
             db,
             job_type,
@@ -84,82 +163,39 @@ pub async fn run(cmd: &Command) -> anyhow::Result<i32> {
             jobs,
             all,
             timeout,
-        } => {
-            let until = if *ready {
-                wait::Until::Ready
-            } else if !jobs.is_empty() {
-                wait::Until::Jobs(jobs.clone())
-            } else {
-                wait::Until::Drained { all: *all }
-            };
-            wait::run(db, until, *timeout).await
-        }
+        } => wait::run(db, wait_until(*ready, jobs, *all), *timeout).await,
         Command::Jobs { action, list } => jobs::run(action.as_ref(), list),
-        Command::Check { config } => check::run(config).await,
-        Command::Scale {
-            db,
-            counts,
-            now,
-            timeout,
-        } => {
-            let request = Request::Scale {
-                counts: counts.clone(),
-                now: *now,
-            };
-            control::run(db, request, *timeout).await
-        }
-        Command::Restart {
-            db,
-            targets,
-            rolling,
-            now,
-            timeout,
-        } => {
-            let request = Request::Restart {
-                targets: targets.clone(),
-                rolling: *rolling,
-                now: *now,
-            };
-            control::run(db, request, *timeout).await
-        }
-        Command::Top { db } => top::run(db).await,
-        Command::Reload { db, timeout } => control::run(db, Request::Reload, *timeout).await,
-        Command::Logs {
-            db,
-            targets,
-            follow,
-            lines,
-            since,
-            log_dir,
-        } => {
-            let options = logs::Options {
-                targets: targets.clone(),
-                follow: *follow,
-                lines: *lines,
-                since: *since,
-                log_dir: log_dir.clone(),
-            };
-            logs::run(db, options).await
-        }
-        Command::Completions { shell } => {
-            let mut cmd = <crate::cli::Cli as clap::CommandFactory>::command();
-            let mut out = Vec::new();
-            clap_complete::generate(*shell, &mut cmd, "clx-pool", &mut out);
-            print(String::from_utf8_lossy(&out).trim_end());
-            Ok(exit::OK)
-        }
-        Command::Man { out } => {
-            std::fs::create_dir_all(out).map_err(|e| anyhow::anyhow!("creating {}: {e}", out.display()))?;
-            let cmd = <crate::cli::Cli as clap::CommandFactory>::command();
-            clap_mangen::generate_to(cmd, out)
-                .map_err(|e| anyhow::anyhow!("writing man pages to {}: {e}", out.display()))?;
-            print(&format!("man pages written to {}", out.display()));
-            Ok(exit::OK)
-        }
-        Command::Start { .. } | Command::Worker(_) | Command::Guard { .. } => {
-            unreachable!("handled by lib::dispatch")
-        }
+        _ => unreachable!("commands::run sends only job commands here"),
     }
+}
+
+/// What `wait` waits for: `--ready`, else `--jobs`, else `--drained`.
+fn wait_until(ready: bool, jobs: &[i64], all: bool) -> wait::Until {
+    if ready {
+        wait::Until::Ready
+    } else if !jobs.is_empty() {
+        wait::Until::Jobs(jobs.to_vec())
+    } else {
+        wait::Until::Drained { all }
+    }
+}
+
+/// `completions`: prints the shell's completion script.
+fn completions(shell: clap_complete::Shell) -> anyhow::Result<i32> {
+    let mut cmd = <crate::cli::Cli as clap::CommandFactory>::command();
+    let mut out = Vec::new();
+    clap_complete::generate(shell, &mut cmd, "clx-pool", &mut out);
+    print(String::from_utf8_lossy(&out).trim_end());
+    Ok(exit::OK)
+}
+
+/// `man`: writes the man pages into `out`, creating it if needed.
+fn man_pages(out: &std::path::Path) -> anyhow::Result<i32> {
+    std::fs::create_dir_all(out).map_err(|e| anyhow::anyhow!("creating {}: {e}", out.display()))?;
+    let cmd = <crate::cli::Cli as clap::CommandFactory>::command();
+    clap_mangen::generate_to(cmd, out).map_err(|e| anyhow::anyhow!("writing man pages to {}: {e}", out.display()))?;
+    print(&format!("man pages written to {}", out.display()));
+    Ok(exit::OK)
 }
 
 /// Writes `text` and a newline to stdout. A reader that went away (`| head`)

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::status::fixture::Fixture;
+use crate::db::fixture::Fixture;
 use crate::status::{self, Detail, Liveness, Status};
 use crate::vocab::Protocol;
 

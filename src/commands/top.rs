@@ -66,6 +66,25 @@ pub fn draw(frame: &mut Frame, snap: &Snapshot, ui: &mut Ui) {
         Constraint::Length(1),
     ])
     .areas(frame.area());
+    frame.render_widget(Paragraph::new(header(s)), head);
+    frame.render_widget(types_table(s, &snap.queue), types);
+    let rows = s.worker_list.as_deref().unwrap_or(&[]);
+    keep_selection_within(&mut ui.selected, rows.len());
+    frame.render_stateful_widget(workers_table(rows), workers, &mut ui.selected);
+    frame.render_widget(rates_sparkline(&snap.rates), spark);
+    frame.render_widget(
+        Paragraph::new(event_lines(s)).block(Block::bordered().title("recent events")),
+        events,
+    );
+    frame.render_widget(
+        Paragraph::new(ui.problem.clone().unwrap_or_else(|| ui.message.clone())),
+        foot,
+    );
+}
+
+/// The top two lines: the pool, its supervisor and health, then the queue
+/// and this run's job counts.
+fn header(s: &Stats) -> Vec<Line<'static>> {
     let sup = match (s.supervisor.running, s.supervisor.pid) {
         (true, Some(pid)) => format!(
             "supervisor pid {pid}, {}",
@@ -75,29 +94,35 @@ pub fn draw(frame: &mut Frame, snap: &Snapshot, ui: &mut Ui) {
         _ => "supervisor: not running".into(),
     };
     let j = &s.jobs;
-    let header = vec![
+    vec![
         Line::from(format!("clx-pool top · {} · {} · health: {:?}", s.db_path, sup, s.health.status).to_lowercase()),
         Line::from(format!(
             "queue: {} pending, {} processing · this run: {} completed, {} failed, {} cancelled",
             j.pending, j.processing, j.completed, j.failed, j.cancelled
         )),
-    ];
-    frame.render_widget(Paragraph::new(header), head);
-    frame.render_widget(types_table(s, &snap.queue), types);
-    let rows = s.worker_list.as_deref().unwrap_or(&[]);
-    if let Some(sel) = ui.selected.selected()
-        && sel >= rows.len()
+    ]
+}
+
+/// Moves the selection onto the last worker row when the rows it pointed at
+/// are gone.
+fn keep_selection_within(selected: &mut TableState, rows: usize) {
+    if let Some(sel) = selected.selected()
+        && sel >= rows
     {
-        ui.selected.select(rows.len().checked_sub(1));
+        selected.select(rows.checked_sub(1));
     }
-    frame.render_stateful_widget(workers_table(rows), workers, &mut ui.selected);
-    let last = snap.rates.last().copied().unwrap_or(0);
-    frame.render_widget(
-        Sparkline::default()
-            .block(Block::bordered().title(format!("jobs completed per second (now {last})")))
-            .data(&snap.rates),
-        spark,
-    );
+}
+
+/// Jobs completed per second, titled with the latest rate.
+fn rates_sparkline(rates: &[u64]) -> Sparkline<'_> {
+    let last = rates.last().copied().unwrap_or(0);
+    Sparkline::default()
+        .block(Block::bordered().title(format!("jobs completed per second (now {last})")))
+        .data(rates)
+}
+
+/// The latest five events, newest first, or a line saying what would show.
+fn event_lines(s: &Stats) -> Vec<Line<'static>> {
     let mut lines: Vec<Line> = s
         .events
         .as_deref()
@@ -121,14 +146,7 @@ pub fn draw(frame: &mut Frame, snap: &Snapshot, ui: &mut Ui) {
             "none: worker deaths, hung kills, recycles and restarts show here",
         ));
     }
-    frame.render_widget(
-        Paragraph::new(lines).block(Block::bordered().title("recent events")),
-        events,
-    );
-    frame.render_widget(
-        Paragraph::new(ui.problem.clone().unwrap_or_else(|| ui.message.clone())),
-        foot,
-    );
+    lines
 }
 
 fn types_table(s: &Stats, queue: &HashMap<String, (i64, f64)>) -> Table<'static> {

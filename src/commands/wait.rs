@@ -49,7 +49,7 @@ pub async fn run(args: &DbArgs, until: Until, timeout: Duration) -> anyhow::Resu
         if let Some((conn, protocol)) = db::open_read_only(&t.db_path)? {
             let look = match &until {
                 Until::Ready => ready(&conn, protocol, &t.db_path)?,
-                Until::Drained { all } => drained(&conn, *all)?,
+                Until::Drained { all } => drained(&conn, protocol, *all)?,
                 Until::Jobs(ids) => jobs(&conn, ids, &t.db_path)?,
             };
             match look {
@@ -95,9 +95,9 @@ fn failures(rows: &[admin::Listed]) -> Vec<String> {
         .collect()
 }
 
-fn drained(conn: &Connection, all: bool) -> anyhow::Result<Look> {
+fn drained(conn: &Connection, protocol: Protocol, all: bool) -> anyhow::Result<Look> {
     let since = if all { None } else { supervisor::run_started(conn)? };
-    let c = counts::run_counts(conn, since.as_deref())?;
+    let c = counts::run_counts(conn, protocol, since.as_deref())?;
     let finished = c.completed + c.failed + c.cancelled;
     if c.pending > 0 || c.processing > 0 {
         return Ok(Look::NotYet {

@@ -323,40 +323,13 @@ fn worker<'t>(
 ) -> Option<WorkerConfig> {
     let before = r.problems.len();
     let mut k = Keys { r, t };
-    let worker_type = match k.string("worker_type") {
-        Some(name) if valid_type_name(&name) => name,
-        Some(name) => {
-            k.problem(
-                "worker_type",
-                format!("`{name}` is not a valid type name (letters, digits, `_` and `-`)"),
-            );
-            String::new()
-        }
-        None if !k.r.has(t, "worker_type") => {
-            k.r.problem(
-                t,
-                None,
-                "worker_type",
-                "missing; every [[workers]] entry needs a worker_type".into(),
-            );
-            String::new()
-        }
-        None => String::new(),
-    };
+    let worker_type = worker_type(&mut k);
     let count = k.int("count", DEFAULTS.count, 0, i64::from(super::MAX_COUNT));
     let execution_mode =
         k.r.get::<ExecutionMode>(t, "execution_mode", "\"direct\", \"docker\" or \"auto\"")
             .map(|(m, _)| m)
             .unwrap_or(ExecutionMode::Direct);
-    let image = k.string("image");
-    if execution_mode == ExecutionMode::Docker && image.is_none() && !k.r.has(t, "image") {
-        k.r.problem(
-            t,
-            Some("execution_mode"),
-            "image",
-            "missing; execution_mode = \"docker\" needs an image".into(),
-        );
-    }
+    let image = image(&mut k, execution_mode);
     let memory_limit = k.size("memory_limit", 4 * 1024 * 1024, "\"512m\", \"1g\"");
     let max_job_time = k.whole_seconds("max_job_time", DEFAULTS.max_job_time);
     let heartbeat_timeout = if k.r.has(t, "heartbeat_timeout") {
@@ -371,15 +344,7 @@ fn worker<'t>(
             .map(|(e, _)| e)
             .unwrap_or_default();
     let user = container_user(&mut k, execution_mode);
-    let max_jobs =
-        k.r.get::<i64>(t, "max_jobs", "a whole number")
-            .and_then(|(n, _)| match u32::try_from(n) {
-                Ok(n) if n >= 1 => Some(n),
-                _ => {
-                    k.problem("max_jobs", format!("must be at least 1, got {n}"));
-                    None
-                }
-            });
+    let max_jobs = max_jobs(&mut k);
     let max_memory = k.size("max_memory", 1024 * 1024, "\"512m\", \"2g\"");
     let line = k.r.line_of(t, "worker_type").or(t.line).unwrap_or(1);
     if k.r.problems.len() > before {
@@ -401,6 +366,57 @@ fn worker<'t>(
         max_memory,
         line: t.line.unwrap_or(line),
     })
+}
+
+/// `worker_type`: required, and a valid type name; empty when it is not
+/// (the problem is recorded).
+fn worker_type(k: &mut Keys) -> String {
+    match k.string("worker_type") {
+        Some(name) if valid_type_name(&name) => name,
+        Some(name) => {
+            k.problem(
+                "worker_type",
+                format!("`{name}` is not a valid type name (letters, digits, `_` and `-`)"),
+            );
+            String::new()
+        }
+        None if !k.r.has(k.t, "worker_type") => {
+            k.r.problem(
+                k.t,
+                None,
+                "worker_type",
+                "missing; every [[workers]] entry needs a worker_type".into(),
+            );
+            String::new()
+        }
+        None => String::new(),
+    }
+}
+
+/// `image`, which `execution_mode = "docker"` requires.
+fn image(k: &mut Keys, mode: ExecutionMode) -> Option<String> {
+    let image = k.string("image");
+    if mode == ExecutionMode::Docker && image.is_none() && !k.r.has(k.t, "image") {
+        k.r.problem(
+            k.t,
+            Some("execution_mode"),
+            "image",
+            "missing; execution_mode = \"docker\" needs an image".into(),
+        );
+    }
+    image
+}
+
+/// `max_jobs`: how many jobs a worker runs before it is replaced, at least 1.
+fn max_jobs(k: &mut Keys) -> Option<u32> {
+    k.r.get::<i64>(k.t, "max_jobs", "a whole number")
+        .and_then(|(n, _)| match u32::try_from(n) {
+            Ok(n) if n >= 1 => Some(n),
+            _ => {
+                k.problem("max_jobs", format!("must be at least 1, got {n}"));
+                None
+            }
+        })
 }
 
 /// `user`: `"auto"` (the supervisor's uid:gid), `"image"`, or a user as

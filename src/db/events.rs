@@ -121,3 +121,165 @@ pub fn recent_events(conn: &Connection, limit: i64) -> rusqlite::Result<Vec<Even
     rows.reverse();
     Ok(rows)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::db::schema;
+
+    /// A job database as `db::open` leaves it.
+    fn db(protocol: Protocol) -> Connection {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.pragma_update(None, "foreign_keys", false).unwrap();
+        schema::prepare(&conn, Some(protocol)).unwrap();
+        conn
+    }
+
+    fn end(conn: &Connection, index: u32, event: EndEvent, job_id: Option<i64>) {
+        let slot = SlotId {
+            worker_type: "notebook".into(),
+            index,
+        };
+        let worker_id = WorkerId(format!("direct-notebook-{index}-0000000{index}"));
+        record_end(
+            conn,
+            &EndRow {
+                slot: &slot,
+                worker_id: &worker_id,
+                event,
+                cause: &format!("cause {index}"),
+                job_id,
+                log_tail: "last words",
+            },
+        )
+        .unwrap();
+    }
+
+    fn ids(conn: &Connection) -> Vec<i64> {
+        conn.prepare("SELECT id FROM clx_pool_events ORDER BY id")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    }
+
+    #[test]
+    fn clm_events_reach_clms_table_naming_clx_pool_and_clx_databases_get_none() {
+        for protocol in Protocol::ALL.iter().copied() {
+            let conn = db(protocol);
+            clm_event(
+                &conn,
+                protocol,
+                ClmEventRow {
+                    event: ClmEvent::WorkerRegistered,
+                    worker_row: Some(WorkerRow(7)),
+                    worker_type: "plantuml",
+                    execution_mode: Some(ModeKind::Docker),
+                    message: "registered".into(),
+                    metadata: json!({ "index": 3 }),
+                },
+            )
+            .unwrap();
+            let has_table: bool = conn
+                .query_row(
+                    "SELECT EXISTS(SELECT 1 FROM sqlite_master WHERE name = 'worker_events')",
+                    [],
+                    |r| r.get(0),
+                )
+                .unwrap();
+            assert_eq!(
+                has_table,
+                protocol == Protocol::Clm,
+                "{protocol}: CLX has no such table"
+            );
+            if protocol == Protocol::Clx {
+                continue;
+            }
+            let (event, worker, t, mode, message, metadata): (String, i64, String, String, String, String) = conn
+                .query_row(
+                    "SELECT event_type, worker_id, worker_type, execution_mode, message, metadata FROM worker_events",
+                    [],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
+                )
+                .unwrap();
+            assert_eq!(
+                (event.as_str(), worker, t.as_str(), mode.as_str(), message.as_str()),
+                ("worker_registered", 7, "plantuml", "docker", "registered")
+            );
+            let metadata: serde_json::Value = serde_json::from_str(&metadata).unwrap();
+            assert_eq!(metadata["index"], 3, "the caller's metadata is kept");
+            assert_eq!(metadata["supervisor"], "clx-pool");
+            assert_eq!(metadata["supervisor_pid"], std::process::id());
+        }
+    }
+
+    #[test]
+    fn recent_events_are_the_latest_ones_oldest_first() {
+        for protocol in Protocol::ALL.iter().copied() {
+            let conn = db(protocol);
+            end(&conn, 0, EndEvent::Died, Some(11));
+            end(&conn, 1, EndEvent::NoRegister, None);
+            end(&conn, 2, EndEvent::SpawnFailed, None);
+            let events = recent_events(&conn, 2).unwrap();
+            let shown: Vec<(u32, EndEvent)> = events.iter().map(|e| (e.slot, e.event)).collect();
+            assert_eq!(
+                shown,
+                vec![(1, EndEvent::NoRegister), (2, EndEvent::SpawnFailed)],
+                "{protocol}"
+            );
+            let all = recent_events(&conn, 10).unwrap();
+            assert_eq!(all.len(), 3, "{protocol}");
+            let first = &all[0];
+            assert_eq!(first.worker_type, "notebook");
+            assert_eq!(first.worker_id, Some(WorkerId("direct-notebook-0-00000000".into())));
+            assert_eq!(
+                (first.cause.as_deref(), first.job_id, first.log_tail.as_deref()),
+                (Some("cause 0"), Some(11), Some("last words"))
+            );
+            assert!(!first.at.is_empty());
+        }
+    }
+
+    #[test]
+    fn pruning_keeps_the_newest_events_up_to_the_limit() {
+        for protocol in Protocol::ALL.iter().copied() {
+            let conn = db(protocol);
+            for i in 0..5 {
+                end(&conn, i, EndEvent::Died, None);
+            }
+            let before = ids(&conn);
+            assert_eq!(prune_events(&conn, 3, 86_400).unwrap(), 2, "{protocol}");
+            assert_eq!(ids(&conn), before[2..].to_vec(), "{protocol}: the newest three");
+            assert_eq!(prune_events(&conn, 3, 86_400).unwrap(), 0, "{protocol}");
+            end(&conn, 5, EndEvent::Hung, None);
+            assert_eq!(prune_events(&conn, 3, 86_400).unwrap(), 1, "{protocol}");
+            let slots: Vec<u32> = recent_events(&conn, 10).unwrap().iter().map(|e| e.slot).collect();
+            assert_eq!(slots, vec![3, 4, 5], "{protocol}");
+        }
+    }
+
+    #[test]
+    fn pruning_drops_events_older_than_the_age_limit_however_few_there_are() {
+        for protocol in Protocol::ALL.iter().copied() {
+            let conn = db(protocol);
+            end(&conn, 0, EndEvent::Died, None);
+            end(&conn, 1, EndEvent::Died, None);
+            conn.execute(
+                "UPDATE clx_pool_events SET at = datetime('now', '-2 days') WHERE slot = 0",
+                [],
+            )
+            .unwrap();
+            assert_eq!(prune_events(&conn, 1000, 86_400).unwrap(), 1, "{protocol}");
+            let left: Vec<u32> = recent_events(&conn, 10).unwrap().iter().map(|e| e.slot).collect();
+            assert_eq!(left, vec![1], "{protocol}: the fresh one stays");
+        }
+    }
+
+    #[test]
+    fn a_database_no_supervisor_has_prepared_shows_no_events() {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(schema::CLX_SCHEMA).unwrap();
+        assert!(recent_events(&conn, 10).unwrap().is_empty());
+    }
+}

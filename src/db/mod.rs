@@ -17,6 +17,8 @@
 
 pub mod cache;
 pub mod events;
+#[cfg(test)]
+pub(crate) mod fixture;
 pub mod jobs;
 pub mod schema;
 pub mod slots;
@@ -232,6 +234,18 @@ pub fn writable(c: &mut Connection, wait: Duration) -> rusqlite::Result<bool> {
         Err(e) if is_transient(&e) => Ok(false),
         Err(e) => Err(e),
     }
+}
+
+/// A vocabulary word as an SQL literal (`'pending'`), for the statements
+/// built around a dynamic filter or shared as text (where binding would
+/// renumber every parameter): the word still comes from the vocabulary.
+pub(crate) fn lit(word: impl std::fmt::Display) -> String {
+    format!("'{word}'")
+}
+
+/// Words as a list of SQL literals (`'pending', 'processing'`).
+pub(crate) fn lits<T: std::fmt::Display>(words: &[T]) -> String {
+    words.iter().map(lit).collect::<Vec<_>>().join(", ")
 }
 
 /// True for errors that go away by themselves: another connection holding

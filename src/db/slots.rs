@@ -11,7 +11,9 @@ use serde_json::json;
 use super::events::{self, ClmEventRow, clm_event};
 use super::jobs;
 use crate::contract::SlotId;
-use crate::vocab::{ClmEvent, EndEvent, Mode, ModeKind, Protocol, SlotState, WorkerId, WorkerRow, WorkerStatus};
+use crate::vocab::{
+    ClmEvent, EndEvent, JobStatus, Mode, ModeKind, Protocol, SlotState, WorkerId, WorkerRow, WorkerStatus,
+};
 
 /// A CLM worker about to be started in a slot: its pre-registered row
 /// (see `workers::preregister`) and CLM's `worker_starting` event, in one
@@ -247,9 +249,9 @@ pub fn wanted(conn: &Connection) -> rusqlite::Result<std::collections::BTreeMap<
 pub fn busy_slots(conn: &Connection, worker_type: &str) -> rusqlite::Result<Vec<u32>> {
     conn.prepare(
         "SELECT s.slot FROM clx_pool_slots s JOIN workers w ON w.id = s.worker_row
-         WHERE s.worker_type = ?1 AND w.status = 'busy'",
+         WHERE s.worker_type = ?1 AND w.status = ?2",
     )?
-    .query_map([worker_type], |r| r.get(0))?
+    .query_map(params![worker_type, WorkerStatus::Busy], |r| r.get(0))?
     .collect()
 }
 
@@ -334,11 +336,11 @@ pub fn observe(c: &mut Connection) -> rusqlite::Result<Vec<Observed>> {
                 COALESCE(w.jobs_processed, 0) + COALESCE(w.jobs_failed, 0)
          FROM clx_pool_slots s
          JOIN workers w ON w.id = s.worker_row
-         LEFT JOIN jobs j ON j.worker_id = w.id AND j.status = 'processing'
-         WHERE s.state = 'running'
+         LEFT JOIN jobs j ON j.worker_id = w.id AND j.status = ?1
+         WHERE s.state = ?2
          ORDER BY s.worker_type, s.slot, j.id",
     )?;
-    let rows = stmt.query_map([], |r| {
+    let rows = stmt.query_map(params![JobStatus::Processing, SlotState::Running], |r| {
         let job: Option<i64> = r.get(8)?;
         let mode: Mode = r.get(5)?;
         Ok(Observed {
@@ -369,4 +371,327 @@ pub fn observe(c: &mut Connection) -> rusqlite::Result<Vec<Observed>> {
         out.push(o);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::db::{schema, workers};
+
+    const DIRECT: Mode = Mode {
+        kind: ModeKind::Direct,
+        auto: false,
+    };
+
+    /// A job database as `db::open` leaves it.
+    fn db(protocol: Protocol) -> Connection {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.pragma_update(None, "foreign_keys", false).unwrap();
+        schema::prepare(&conn, Some(protocol)).unwrap();
+        conn
+    }
+
+    fn slot(worker_type: &str, index: u32) -> SlotId {
+        SlotId {
+            worker_type: worker_type.into(),
+            index,
+        }
+    }
+
+    fn id(s: &str) -> WorkerId {
+        WorkerId(s.into())
+    }
+
+    /// A slot running a registered worker: its row.
+    fn running(conn: &Connection, protocol: Protocol, s: &SlotId, mode: Mode, wid: &WorkerId) -> WorkerRow {
+        set_slot_state(conn, s, mode, SlotState::Starting, None).unwrap();
+        // A process in direct mode; a container has none of its own.
+        let process = (mode.kind == ModeKind::Direct).then_some((4321 + s.index as i32, Some(99)));
+        slot_launched(conn, s, wid, process).unwrap();
+        let row = workers::register(conn, protocol, &s.worker_type, wid.as_str()).unwrap();
+        let r = Registered {
+            slot: s,
+            worker_row: row,
+            worker_id: wid,
+            execution_mode: mode.kind,
+        };
+        slot_registered(conn, protocol, &r).unwrap();
+        row
+    }
+
+    /// A job of `job_type` claimed by `row`.
+    fn claimed(conn: &mut Connection, protocol: Protocol, job_type: &str, row: WorkerRow) -> i64 {
+        jobs::submit(
+            conn,
+            &jobs::NewJob {
+                job_type,
+                input_file: "in",
+                output_file: "out",
+                content_hash: "h",
+                payload: "{}",
+                priority: 0,
+                max_attempts: 3,
+            },
+        )
+        .unwrap();
+        let who = jobs::Claimant {
+            protocol,
+            worker_row: row,
+            execution_mode: ModeKind::Direct,
+        };
+        jobs::claim(conn, job_type, who).unwrap().unwrap().id
+    }
+
+    fn the_slot(conn: &Connection, s: &SlotId) -> SlotRow {
+        slots(conn)
+            .unwrap()
+            .into_iter()
+            .find(|r| r.worker_type == s.worker_type && r.slot == s.index)
+            .unwrap()
+    }
+
+    fn job_status(conn: &Connection, id: i64) -> JobStatus {
+        conn.query_row("SELECT status FROM jobs WHERE id = ?1", [id], |r| r.get(0))
+            .unwrap()
+    }
+
+    fn clm_events(conn: &Connection) -> Vec<(String, Option<i64>, serde_json::Value)> {
+        conn.prepare("SELECT event_type, worker_id, metadata FROM worker_events ORDER BY id")
+            .unwrap()
+            .query_map([], |r| {
+                let metadata: String = r.get(2)?;
+                Ok((r.get(0)?, r.get(1)?, serde_json::from_str(&metadata).unwrap()))
+            })
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    }
+
+    fn end<'a>(s: &'a SlotId, wid: &'a WorkerId, row: Option<WorkerRow>, event: EndEvent) -> WorkerEnd<'a> {
+        WorkerEnd {
+            slot: s,
+            worker_id: wid,
+            worker_row: row,
+            execution_mode: ModeKind::Direct,
+            event,
+            cause: "was killed by SIGKILL",
+            log_tail: "Traceback …",
+            restart: event != EndEvent::Stopped,
+        }
+    }
+
+    #[test]
+    fn a_slot_keeps_its_process_and_restarts_across_state_changes_and_a_launch_clears_its_note() {
+        let conn = db(Protocol::Clx);
+        let s = slot("notebook", 0);
+        set_slot_state(&conn, &s, DIRECT, SlotState::Starting, None).unwrap();
+        slot_launched(&conn, &s, &id("w0"), Some((4321, Some(77)))).unwrap();
+        conn.execute("UPDATE clx_pool_slots SET restarts = 2", []).unwrap();
+        let auto_docker = Mode {
+            kind: ModeKind::Docker,
+            auto: true,
+        };
+        set_slot_state(&conn, &s, auto_docker, SlotState::Backoff, Some("cooling down")).unwrap();
+        let r = the_slot(&conn, &s);
+        assert_eq!(slots(&conn).unwrap().len(), 1, "one row per slot");
+        assert_eq!(
+            (r.execution_mode, r.state, r.note.as_deref()),
+            (auto_docker, SlotState::Backoff, Some("cooling down"))
+        );
+        assert_eq!(
+            (r.worker_id, r.pid, r.proc_start, r.restarts),
+            (Some(id("w0")), Some(4321), Some(77), 2)
+        );
+
+        slot_launched(&conn, &s, &id("w1"), None).unwrap();
+        let r = the_slot(&conn, &s);
+        assert_eq!((r.state, r.note, r.pid), (SlotState::Starting, None, None));
+        assert_eq!(r.worker_id, Some(id("w1")));
+    }
+
+    #[test]
+    fn a_registered_worker_is_observed_in_its_running_slot_with_its_oldest_job() {
+        for protocol in Protocol::ALL.iter().copied() {
+            let mut conn = db(protocol);
+            let docker = Mode {
+                kind: ModeKind::Docker,
+                auto: true,
+            };
+            let direct_row = running(&conn, protocol, &slot("a", 0), DIRECT, &id("direct-a-0"));
+            let docker_row = running(&conn, protocol, &slot("b", 0), docker, &id("0123456789ab"));
+            let first = claimed(&mut conn, protocol, "a", direct_row);
+            let _second = claimed(&mut conn, protocol, "a", direct_row);
+            // A slot backing off is not observed, nor one without a worker.
+            let off = running(&conn, protocol, &slot("c", 0), DIRECT, &id("off"));
+            set_slot_state(&conn, &slot("c", 0), DIRECT, SlotState::Backoff, None).unwrap();
+            set_slot_state(&conn, &slot("d", 0), DIRECT, SlotState::Starting, None).unwrap();
+            workers::write_usage(&mut conn, &[(docker_row, None, 10.0)]).unwrap();
+
+            let seen = observe(&mut conn).unwrap();
+            let rows: Vec<WorkerRow> = seen.iter().map(|o| o.row).collect();
+            assert_eq!(rows, vec![direct_row, docker_row], "{protocol}");
+            assert!(!rows.contains(&off));
+            let (a, b) = (&seen[0], &seen[1]);
+            assert_eq!((a.pid, a.container.clone()), (Some(4321), None), "{protocol}");
+            assert_eq!(
+                (b.pid, b.container.clone()),
+                (None, Some(id("0123456789ab"))),
+                "{protocol}"
+            );
+            assert_eq!((a.status, a.job), (WorkerStatus::Busy, Some((first, 1))), "{protocol}");
+            assert_eq!((b.status, b.job), (WorkerStatus::Idle, None), "{protocol}");
+            assert!(a.unmeasured && !b.unmeasured, "{protocol}");
+            assert!(a.heartbeat.is_some(), "{protocol}");
+            assert_eq!(busy_slots(&conn, "a").unwrap(), vec![0], "{protocol}");
+            assert!(busy_slots(&conn, "b").unwrap().is_empty(), "{protocol}");
+        }
+    }
+
+    #[test]
+    fn a_workers_end_puts_its_job_back_clears_the_slots_process_and_counts_a_restart() {
+        for protocol in Protocol::ALL.iter().copied() {
+            let mut conn = db(protocol);
+            let s = slot("notebook", 0);
+            let wid = id("direct-notebook-0-aaaaaaaa");
+            let row = running(&conn, protocol, &s, DIRECT, &wid);
+            let job = claimed(&mut conn, protocol, "notebook", row);
+
+            let e = end(&s, &wid, Some(row), EndEvent::Died);
+            assert_eq!(
+                record_end(&mut conn, protocol, &e).unwrap(),
+                (vec![job], vec![]),
+                "{protocol}"
+            );
+            assert_eq!(job_status(&conn, job), JobStatus::Pending, "{protocol}");
+            assert_eq!(
+                workers::status(&conn, row).unwrap(),
+                Some(WorkerStatus::Dead),
+                "{protocol}"
+            );
+            let r = the_slot(&conn, &s);
+            assert_eq!((r.pid, r.proc_start, r.restarts), (None, None, 1), "{protocol}");
+            assert_eq!(r.last_cause.as_deref(), Some("was killed by SIGKILL"), "{protocol}");
+            assert!(
+                observe(&mut conn).unwrap().is_empty(),
+                "{protocol}: no worker in the slot"
+            );
+
+            let events = events::recent_events(&conn, 10).unwrap();
+            assert_eq!(events.len(), 1, "{protocol}");
+            assert_eq!(
+                (events[0].event, events[0].job_id, events[0].worker_id.clone()),
+                (EndEvent::Died, Some(job), Some(wid.clone())),
+                "{protocol}"
+            );
+            assert_eq!(events[0].log_tail.as_deref(), Some("Traceback …"));
+            if protocol == Protocol::Clm {
+                let (event, worker, metadata) = clm_events(&conn).pop().unwrap();
+                assert_eq!((event.as_str(), worker), ("worker_failed", Some(row.0)));
+                assert_eq!(metadata["reason"], "died");
+                assert_eq!(metadata["job_id"], job);
+                assert_eq!(metadata["requeued_jobs"], json!([job]));
+                assert_eq!(metadata["failed_jobs"], json!([]));
+            }
+        }
+    }
+
+    #[test]
+    fn a_clean_stop_is_no_restart_and_keeps_the_last_cause() {
+        for protocol in Protocol::ALL.iter().copied() {
+            let mut conn = db(protocol);
+            let s = slot("notebook", 0);
+            let wid = id("w");
+            let row = running(&conn, protocol, &s, DIRECT, &wid);
+            conn.execute("UPDATE clx_pool_slots SET restarts = 3, last_cause = 'earlier'", [])
+                .unwrap();
+            let e = end(&s, &wid, Some(row), EndEvent::Stopped);
+            assert_eq!(record_end(&mut conn, protocol, &e).unwrap(), (vec![], vec![]));
+            let r = the_slot(&conn, &s);
+            assert_eq!(
+                (r.restarts, r.last_cause.as_deref()),
+                (3, Some("earlier")),
+                "{protocol}"
+            );
+            assert_eq!(
+                workers::status(&conn, row).unwrap(),
+                Some(WorkerStatus::Dead),
+                "{protocol}"
+            );
+            if protocol == Protocol::Clm {
+                assert_eq!(clm_events(&conn).pop().unwrap().0, "worker_stopped");
+            }
+        }
+    }
+
+    #[test]
+    fn a_preregistered_worker_that_never_came_up_leaves_no_row_only_its_events() {
+        let mut conn = db(Protocol::Clm);
+        let s = slot("notebook", 2);
+        let wid = id("direct-notebook-2-bbbbbbbb");
+        set_slot_state(&conn, &s, DIRECT, SlotState::Starting, None).unwrap();
+        let p = workers::Preregistration {
+            worker_type: "notebook",
+            container_id: &wid,
+            execution_mode: ModeKind::Direct,
+            parent_pid: 42,
+        };
+        let row = preregister_worker(&mut conn, 2, &p).unwrap();
+        assert_eq!(workers::status(&conn, row).unwrap(), Some(WorkerStatus::Created));
+        slot_launched(&conn, &s, &wid, Some((555, None))).unwrap();
+
+        let e = end(&s, &wid, Some(row), EndEvent::NoRegister);
+        record_end(&mut conn, Protocol::Clm, &e).unwrap();
+        assert_eq!(workers::status(&conn, row).unwrap(), None, "the row goes");
+        let events = clm_events(&conn);
+        let types: Vec<&str> = events.iter().map(|e| e.0.as_str()).collect();
+        assert_eq!(types, vec!["worker_starting", "worker_failed"]);
+        assert_eq!(events[0].1, Some(row.0));
+        assert_eq!(
+            (events[0].2["index"].clone(), events[0].2["executor_id"].clone()),
+            (json!(2), json!(wid.0))
+        );
+        assert_eq!(the_slot(&conn, &s).restarts, 1);
+        assert_eq!(events::recent_events(&conn, 10).unwrap()[0].event, EndEvent::NoRegister);
+    }
+
+    #[test]
+    fn a_clm_worker_that_removed_its_own_row_still_has_its_job_put_back() {
+        let mut conn = db(Protocol::Clm);
+        let s = slot("notebook", 0);
+        let wid = id("w");
+        let row = running(&conn, Protocol::Clm, &s, DIRECT, &wid);
+        let job = claimed(&mut conn, Protocol::Clm, "notebook", row);
+        workers::deregister(&conn, row).unwrap();
+        let e = end(&s, &wid, Some(row), EndEvent::Died);
+        assert_eq!(record_end(&mut conn, Protocol::Clm, &e).unwrap(), (vec![job], vec![]));
+        assert_eq!(job_status(&conn, job), JobStatus::Pending);
+        assert_eq!(workers::status(&conn, row).unwrap(), None, "no row comes back");
+    }
+
+    #[test]
+    fn the_wanted_counts_are_replaced_as_a_whole_and_a_removed_slot_is_gone() {
+        let mut conn = db(Protocol::Clx);
+        set_wanted(&mut conn, &[("notebook".into(), 2), ("plantuml".into(), 1)]).unwrap();
+        set_wanted(&mut conn, &[("notebook".into(), 3)]).unwrap();
+        let wanted = wanted(&conn).unwrap();
+        assert_eq!(
+            wanted.into_iter().collect::<Vec<_>>(),
+            vec![("notebook".to_string(), 3)]
+        );
+
+        for i in 0..3 {
+            set_slot_state(&conn, &slot("notebook", i), DIRECT, SlotState::Running, None).unwrap();
+        }
+        remove_slot(&conn, &slot("notebook", 1)).unwrap();
+        let left: Vec<u32> = slots(&conn).unwrap().iter().map(|r| r.slot).collect();
+        assert_eq!(left, vec![0, 2]);
+    }
+
+    #[test]
+    fn a_database_no_supervisor_has_prepared_has_no_slots_and_wants_nothing() {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(schema::CLX_SCHEMA).unwrap();
+        assert!(slots(&conn).unwrap().is_empty());
+        assert!(wanted(&conn).unwrap().is_empty());
+    }
 }

@@ -52,8 +52,16 @@ pub fn begin_run(conn: &mut Connection, protocol: Protocol, s: &NewSupervisor) -
     tx.execute(
         "INSERT OR REPLACE INTO clx_pool_supervisor
             (id, pid, proc_start, hostname, config_path, workspace_path, state, expected_workers, started_at, ready_at, stopped_at)
-         VALUES (1, ?1, ?2, ?3, ?4, ?5, 'starting', ?6, CURRENT_TIMESTAMP, NULL, NULL)",
-        params![s.pid, s.proc_start, s.hostname, s.config_path, s.workspace_path, s.expected_workers],
+         VALUES (1, ?1, ?2, ?3, ?4, ?5, ?7, ?6, CURRENT_TIMESTAMP, NULL, NULL)",
+        params![
+            s.pid,
+            s.proc_start,
+            s.hostname,
+            s.config_path,
+            s.workspace_path,
+            s.expected_workers,
+            SupervisorState::Starting
+        ],
     )?;
     tx.execute("DELETE FROM clx_pool_slots", [])?;
     tx.commit()
@@ -146,4 +154,213 @@ pub fn supervisor(conn: &Connection) -> rusqlite::Result<Option<SupervisorRecord
 /// jobs of a run are those still to do and those that ended since.
 pub fn run_started(conn: &Connection) -> rusqlite::Result<Option<String>> {
     Ok(crate::db::supervisor::supervisor(conn)?.map(|s| s.started_at))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::contract::SlotId;
+    use crate::db::{schema, slots};
+    use crate::vocab::{Mode, ModeKind, WorkerId};
+
+    /// A job database as `db::open` leaves it.
+    fn db(protocol: Protocol) -> Connection {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.pragma_update(None, "foreign_keys", false).unwrap();
+        schema::prepare(&conn, Some(protocol)).unwrap();
+        conn
+    }
+
+    fn run(pid: i64, expected_workers: i64) -> NewSupervisor<'static> {
+        NewSupervisor {
+            pid,
+            proc_start: Some(pid * 10),
+            hostname: "here",
+            config_path: "/etc/pool.toml",
+            workspace_path: "/ws",
+            expected_workers,
+        }
+    }
+
+    /// A slot whose worker process is running.
+    fn launched(conn: &Connection, index: u32) {
+        let slot = SlotId {
+            worker_type: "notebook".into(),
+            index,
+        };
+        let mode = Mode {
+            kind: ModeKind::Direct,
+            auto: false,
+        };
+        slots::set_slot_state(conn, &slot, mode, SlotState::Starting, None).unwrap();
+        slots::slot_launched(
+            conn,
+            &slot,
+            &WorkerId(format!("w{index}")),
+            Some((1000 + index as i32, Some(5))),
+        )
+        .unwrap();
+    }
+
+    fn record(conn: &Connection) -> SupervisorRecord {
+        supervisor(conn).unwrap().unwrap()
+    }
+
+    fn clm_events(conn: &Connection) -> Vec<(String, String, String)> {
+        conn.prepare("SELECT event_type, worker_type, message FROM worker_events ORDER BY id")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_new_run_replaces_the_last_one_and_forgets_its_slots() {
+        for protocol in Protocol::ALL.iter().copied() {
+            let mut conn = db(protocol);
+            begin_run(&mut conn, protocol, &run(100, 2)).unwrap();
+            launched(&conn, 0);
+            set_state(&conn, protocol, SupervisorState::Running).unwrap();
+            close_run(&conn).unwrap();
+            assert!(record(&conn).ended_uncleanly_at.is_some(), "{protocol}");
+
+            begin_run(&mut conn, protocol, &run(200, 3)).unwrap();
+            let r = record(&conn);
+            assert_eq!(
+                (r.pid, r.proc_start, r.expected_workers),
+                (200, Some(2000), 3),
+                "{protocol}"
+            );
+            assert_eq!(r.state, SupervisorState::Starting, "{protocol}");
+            assert_eq!(
+                (
+                    r.hostname.as_deref(),
+                    r.config_path.as_deref(),
+                    r.workspace_path.as_deref()
+                ),
+                (Some("here"), Some("/etc/pool.toml"), Some("/ws"))
+            );
+            assert_eq!(
+                (r.ready_at, r.stopped_at, r.ended_uncleanly_at),
+                (None, None, None),
+                "{protocol}: nothing of the last run's end is kept"
+            );
+            assert!(slots::slots(&conn).unwrap().is_empty(), "{protocol}");
+            assert_eq!(run_started(&conn).unwrap(), Some(r.started_at), "{protocol}");
+        }
+    }
+
+    #[test]
+    fn a_run_is_ready_once_and_stopped_when_it_stops() {
+        for protocol in Protocol::ALL.iter().copied() {
+            let mut conn = db(protocol);
+            begin_run(&mut conn, protocol, &run(100, 1)).unwrap();
+            set_state(&conn, protocol, SupervisorState::Running).unwrap();
+            assert!(record(&conn).ready_at.is_some(), "{protocol}");
+            // Running again (after a reload) keeps when it first was ready.
+            conn.execute("UPDATE clx_pool_supervisor SET ready_at = '2001-01-01 00:00:00'", [])
+                .unwrap();
+            set_state(&conn, protocol, SupervisorState::Running).unwrap();
+            assert_eq!(record(&conn).ready_at.as_deref(), Some("2001-01-01 00:00:00"));
+
+            set_state(&conn, protocol, SupervisorState::Stopping).unwrap();
+            let r = record(&conn);
+            assert_eq!((r.state, r.stopped_at), (SupervisorState::Stopping, None), "{protocol}");
+            set_state(&conn, protocol, SupervisorState::Stopped).unwrap();
+            let r = record(&conn);
+            assert_eq!(r.state, SupervisorState::Stopped, "{protocol}");
+            assert!(r.stopped_at.is_some(), "{protocol}");
+            assert_eq!(r.ended_uncleanly_at, None, "{protocol}");
+        }
+    }
+
+    #[test]
+    fn clm_tools_see_the_pool_start_and_stop_and_clx_databases_get_no_events() {
+        for protocol in Protocol::ALL.iter().copied() {
+            let mut conn = db(protocol);
+            begin_run(&mut conn, protocol, &run(100, 4)).unwrap();
+            for state in [
+                SupervisorState::Starting,
+                SupervisorState::Running,
+                SupervisorState::Stopping,
+                SupervisorState::Stopped,
+            ] {
+                set_state(&conn, protocol, state).unwrap();
+            }
+            if protocol == Protocol::Clx {
+                continue;
+            }
+            let events = clm_events(&conn);
+            let types: Vec<&str> = events.iter().map(|e| e.0.as_str()).collect();
+            assert_eq!(
+                types,
+                vec!["pool_starting", "pool_started", "pool_stopping", "pool_stopped"]
+            );
+            assert!(events.iter().all(|e| e.1 == "all"), "pool events are of type `all`");
+            assert!(events[0].2.contains("4 worker(s)"), "{}", events[0].2);
+        }
+    }
+
+    #[test]
+    fn a_run_that_ended_without_stopping_is_closed_as_unclean() {
+        for protocol in Protocol::ALL.iter().copied() {
+            let mut conn = db(protocol);
+            begin_run(&mut conn, protocol, &run(100, 2)).unwrap();
+            launched(&conn, 0);
+            launched(&conn, 1);
+            set_state(&conn, protocol, SupervisorState::Running).unwrap();
+            close_run(&conn).unwrap();
+            let r = record(&conn);
+            assert_eq!(r.state, SupervisorState::Stopped, "{protocol}");
+            assert!(r.stopped_at.is_some() && r.ended_uncleanly_at.is_some(), "{protocol}");
+            for s in slots::slots(&conn).unwrap() {
+                assert_eq!(
+                    (s.state, s.pid, s.proc_start),
+                    (SlotState::Stopped, None, None),
+                    "{protocol}"
+                );
+                assert!(s.worker_id.is_some(), "{protocol}: which worker it ran is kept");
+            }
+        }
+    }
+
+    #[test]
+    fn a_run_that_stopped_cleanly_stays_clean_when_closed() {
+        for protocol in Protocol::ALL.iter().copied() {
+            let mut conn = db(protocol);
+            begin_run(&mut conn, protocol, &run(100, 1)).unwrap();
+            set_state(&conn, protocol, SupervisorState::Stopped).unwrap();
+            conn.execute("UPDATE clx_pool_supervisor SET stopped_at = '2001-01-01 00:00:00'", [])
+                .unwrap();
+            close_run(&conn).unwrap();
+            let r = record(&conn);
+            assert_eq!(r.ended_uncleanly_at, None, "{protocol}");
+            assert_eq!(r.stopped_at.as_deref(), Some("2001-01-01 00:00:00"), "{protocol}");
+        }
+    }
+
+    #[test]
+    fn run_started_is_known_only_once_a_run_began_also_in_an_older_clx_pool_database() {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(schema::CLX_SCHEMA).unwrap();
+        assert_eq!(run_started(&conn).unwrap(), None, "no clx-pool tables at all");
+
+        let mut conn = db(Protocol::Clx);
+        assert_eq!(run_started(&conn).unwrap(), None, "no run yet");
+        begin_run(&mut conn, Protocol::Clx, &run(100, 1)).unwrap();
+        conn.execute("UPDATE clx_pool_supervisor SET started_at = '2024-05-06 07:08:09'", [])
+            .unwrap();
+        assert_eq!(run_started(&conn).unwrap().as_deref(), Some("2024-05-06 07:08:09"));
+
+        // As an older clx-pool left it (before migration 5).
+        conn.execute_batch(
+            "ALTER TABLE clx_pool_supervisor DROP COLUMN ended_uncleanly_at;
+             DELETE FROM clx_pool_schema WHERE version = 5;",
+        )
+        .unwrap();
+        let r = record(&conn);
+        assert_eq!((r.pid, r.ended_uncleanly_at), (100, None));
+        assert_eq!(run_started(&conn).unwrap().as_deref(), Some("2024-05-06 07:08:09"));
+    }
 }

@@ -5,6 +5,7 @@
 //! checked until the group is empty. Its exit status comes from the one
 //! reaper of the supervisor (`procs::reap`), never from a wait of its own.
 
+use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::os::unix::process::CommandExt;
 use std::process::Stdio;
@@ -22,7 +23,7 @@ use super::{Launch, Process};
 use crate::config::{InheritEnv, WorkerProgram};
 use crate::logs::{self, Tail};
 use crate::procs;
-use crate::vocab::{EndCause, ModeKind, WorkerId};
+use crate::vocab::{EndCause, ModeKind, WorkerId, WorkerRow};
 
 pub struct DirectWorker {
     pub worker_id: WorkerId,
@@ -247,6 +248,18 @@ impl DirectWorker {
             tracing::info!(worker = %self.worker_id, processes = n, "killed what the worker left running");
         }
     }
+}
+
+/// CPU seconds and resident bytes of each worker's process tree, read
+/// from `/proc`; workers that are gone are left out. Blocking.
+pub fn usage(pids: Vec<(WorkerRow, i32)>) -> HashMap<WorkerRow, (f64, u64)> {
+    let hz = procs::clock_ticks_per_second() as f64;
+    pids.into_iter()
+        .filter_map(|(row, pid)| {
+            let (ticks, rss) = procs::tree_usage_of(pid)?;
+            Some((row, (ticks as f64 / hz, rss)))
+        })
+        .collect()
 }
 
 fn end_cause(status: WaitStatus) -> EndCause {

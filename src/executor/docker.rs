@@ -46,6 +46,16 @@ pub fn db_id(db: &Path) -> String {
 }
 
 /// Where the engine is expected, for messages.
+/// For an engine's error, whether it lies outside the worker (a busy or
+/// failing engine) rather than in its entry (a missing image: 404); None
+/// for errors that are not the engine's.
+pub fn error_is_outside(cause: &(dyn std::error::Error + 'static)) -> Option<bool> {
+    match cause.downcast_ref::<bollard::errors::Error>()? {
+        bollard::errors::Error::DockerResponseServerError { status_code, .. } => Some(*status_code != 404),
+        _ => None,
+    }
+}
+
 pub fn engine_address() -> String {
     std::env::var(env::cli::DOCKER_HOST).unwrap_or_else(|_| "unix:///var/run/docker.sock".into())
 }

@@ -2,6 +2,7 @@
 //! slots use only [`Mode::launch`] and [`Running`], so restart policy, job
 //! recovery and history are one piece of code for both execution modes.
 
+pub mod backends;
 pub mod direct;
 pub mod docker;
 pub mod plan;
@@ -10,7 +11,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::config::{InheritEnv, WorkerProgram};
+use crate::config::{InheritEnv, WorkerConfig, WorkerProgram};
 use crate::contract::{self, env};
 use crate::vocab::{EndCause, ModeKind, Protocol, WorkerId, WorkerRow};
 
@@ -134,6 +135,17 @@ pub enum Executor {
 }
 
 impl Executor {
+    /// What a worker of this entry runs: in a container the entry's
+    /// program (`Default`: the image's own command); directly the
+    /// protocol's default command where the entry names none (`start`
+    /// checked that the protocol knows it, `Config::check_protocol`).
+    pub fn program(&self, worker: &WorkerConfig, protocol: Protocol) -> WorkerProgram {
+        match self {
+            Executor::Direct => worker.direct_program(protocol).unwrap_or(WorkerProgram::Default),
+            Executor::Docker { .. } => worker.program.clone(),
+        }
+    }
+
     pub fn kind(&self) -> ModeKind {
         match self {
             Executor::Direct => ModeKind::Direct,
@@ -231,4 +243,29 @@ impl Running {
             Running::Docker(w) => w.sweep().await,
         }
     }
+}
+
+/// Whether a launch error lies outside the worker and goes away by itself
+/// (a full disk, too many open files or processes, a busy engine), unlike a
+/// missing program, a forbidden path or a missing image.
+pub fn launch_error_is_outside(e: &anyhow::Error) -> bool {
+    use std::io::ErrorKind::*;
+    for cause in e.chain() {
+        if cause.downcast_ref::<crate::logs::LogUnavailable>().is_some() {
+            return true;
+        }
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                StorageFull | QuotaExceeded | WouldBlock | ResourceBusy | OutOfMemory | Interrupted | TimedOut
+            ) || matches!(
+                io.raw_os_error(),
+                Some(nix::libc::EMFILE | nix::libc::ENFILE | nix::libc::EIO | nix::libc::EAGAIN)
+            );
+        }
+        if let Some(outside) = docker::error_is_outside(cause) {
+            return outside;
+        }
+    }
+    true
 }

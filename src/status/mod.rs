@@ -236,7 +236,7 @@ pub fn build(
     if !running {
         all_dead(&mut workers);
     }
-    let jobs = db::jobs::counts::run_counts(conn, since.as_deref())?;
+    let jobs = db::jobs::counts::run_counts(conn, protocol, since.as_deref())?;
     let record_is_current = match (live, &record) {
         (Liveness::Running(Some(pid)), Some(r)) => r.pid == i64::from(pid),
         _ => false,
@@ -384,7 +384,5 @@ impl Status {
     }
 }
 
-#[cfg(test)]
-pub(crate) mod fixture;
 #[cfg(test)]
 mod tests;

@@ -1,5 +1,5 @@
-use super::fixture::Fixture;
 use super::*;
+use crate::db::fixture::Fixture;
 
 fn running(f: &Fixture) -> Liveness {
     Liveness::Running(Some(f.pid as i32))

@@ -75,16 +75,7 @@ fn look(conn: &Connection, db_path: &Path, seen: &mut Option<i64>) -> rusqlite::
     *seen = Some(version);
     // One ring per idle worker of each type with pending jobs: busy
     // workers claim their next job as they finish one, nobody to wake.
-    let wanted: Vec<(String, i64)> = conn
-        .prepare_cached(
-            "SELECT w.worker_type, COUNT(*) FROM workers w
-             WHERE w.status = 'idle'
-               AND EXISTS (SELECT 1 FROM jobs j WHERE j.status = 'pending' AND j.job_type = w.worker_type)
-             GROUP BY w.worker_type",
-        )?
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
-        .collect::<rusqlite::Result<_>>()?;
-    for (t, n) in wanted {
+    for (t, n) in db::workers::idle_with_work(conn)? {
         ring(&bell_path(db_path, &t), n.clamp(1, MAX_RINGS));
     }
     Ok(true)

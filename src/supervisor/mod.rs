@@ -18,21 +18,21 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::mpsc;
-use tokio::task::JoinSet;
+use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use crate::api;
 use crate::config::{Config, WorkerProgram};
 use crate::db::{self, Db};
 use crate::executor::Executor;
-use crate::executor::docker::DockerEngine;
-use crate::executor::plan::{self, Decision};
+use crate::executor::backends::{Backends, Reached};
 use crate::procs;
 use crate::takeover::{self, Takeover, Taker};
-use crate::vocab::{Mode, ModeKind, Protocol, SupervisorState, WorkerRow};
+use crate::vocab::{Mode, Protocol, SupervisorState, WorkerRow};
 use control::{fleet, manage, rollout};
 use observe::{metrics, notify, sdnotify};
 use slot::Settled;
@@ -41,7 +41,7 @@ use slot::Settled;
 struct Prepared {
     db: Db,
     guard: guard::Guard,
-    engine: Option<Arc<DockerEngine>>,
+    backends: Backends,
     /// CLM's Worker API, when CLM workers run in containers.
     api: Option<api::ApiServer>,
     /// Per `[[workers]]` entry: how it runs.
@@ -57,83 +57,177 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let started = Instant::now();
     let prepared = prepare(&config).await?;
     let token = CancellationToken::new();
-    let mut signals = handle_signals(&token, &config)?;
+    let signals = handle_signals(&token, &config)?;
     // The one reaper runs until every worker is stopped and reaped.
     let reaper_token = CancellationToken::new();
     let reaper = spawn_reaper(reaper_token.clone())?;
+    // Every task beside the slots; all are joined before `start` exits.
+    let background = TaskTracker::new();
     // Orders from `scale`, `restart`, `reload` and `stop`; SIGHUP reloads.
     let operations = rollout::Operations::default();
-    let requests = control::server::serve(&config.pool.db_path, token.clone(), operations.clone())?;
+    let requests = control::server::serve(&config.pool.db_path, token.clone(), operations.clone(), &background)?;
     let hangups = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let sd = sdnotify::SdNotify::from_env();
-    // Idle built-in workers wait for their type's bell, rung from here.
-    let types: Vec<String> = config.workers.iter().map(|w| w.worker_type.clone()).collect();
-    bells::install(&config.pool.db_path, &types);
-    let bell_ringer = tokio::spawn(bells::run(config.pool.db_path.clone(), token.clone()));
-    let database = tokio::spawn(watch_database(config.pool.db_path.clone(), token.clone()));
-    let notifier = notify::Notifier::new(config.pool.on_event.clone(), &config.pool.db_path);
-    let (ready_rx, mut manager, monitor) = start_pool(&config, &prepared, &token, &sd, operations, notifier.clone());
-    let guard = guard::Keeper::start(prepared.guard, &config.pool.db_path, notifier);
+    let bell_ringer = ring_bells(&config, &token, &background);
+    let database = background.spawn(watch_database(config.pool.db_path.clone(), token.clone()));
+    let notifier = notify::Notifier::new(config.pool.on_event.clone(), &config.pool.db_path, background.clone());
+    let (ready_rx, manager, monitor) = start_pool(
+        &config,
+        &prepared,
+        &token,
+        &sd,
+        operations,
+        notifier.clone(),
+        &background,
+    );
+    let Prepared {
+        db,
+        guard,
+        backends,
+        api,
+        metrics_listener,
+        ..
+    } = prepared;
+    let guard = guard::Keeper::start(guard, &config.pool.db_path, notifier);
     info!(workers = config.total_workers(), db = %config.pool.db_path.display(), "starting pool");
-    if let Some(listener) = prepared.metrics_listener {
-        let bound = metrics::serve(listener, prepared.db.clone(), manager.metrics.clone(), token.clone())?;
+    if let Some(listener) = metrics_listener {
+        let bound = metrics::serve(
+            listener,
+            db.clone(),
+            manager.metrics.clone(),
+            token.clone(),
+            &background,
+        )?;
         info!(%bound, "serving Prometheus metrics at /metrics");
     }
-    manager.fleet.record_wanted().await;
-    if await_settled(ready_rx, config.total_workers(), &token, started).await {
-        record_state(&prepared.db, SupervisorState::Running).await;
-        sd.ready(&format!(
-            "{} workers running on {}",
-            config.total_workers(),
-            config.pool.db_path.display()
-        ));
-        manager.run(requests, hangups).await;
+    let mut running = Running {
+        config,
+        db,
+        backends,
+        api,
+        sd,
+        manager,
+        guard,
+        bell_ringer,
+        database,
+        monitor,
+        reaper_token,
+        reaper,
+        signals,
+        background,
+    };
+    running.manager.fleet.record_wanted().await;
+    if await_settled(ready_rx, running.config.total_workers(), &token, started).await {
+        running.serve(requests, hangups).await;
     }
-    sd.stopping();
-    record_state(&prepared.db, SupervisorState::Stopping).await;
-    let stopping = Instant::now();
-    while let Some(res) = manager.fleet.tasks.join_next().await {
-        if let Err(e) = res {
-            error!("a slot task failed: {e}");
+    running.stop().await
+}
+
+/// Idle built-in workers wait for their type's bell, rung from here.
+fn ring_bells(config: &Config, token: &CancellationToken, background: &TaskTracker) -> JoinHandle<()> {
+    let types: Vec<String> = config.workers.iter().map(|w| w.worker_type.clone()).collect();
+    bells::install(&config.pool.db_path, &types);
+    background.spawn(bells::run(config.pool.db_path.clone(), token.clone()))
+}
+
+/// A running pool: what its stop ends, in order.
+struct Running {
+    config: Arc<Config>,
+    db: Db,
+    backends: Backends,
+    api: Option<api::ApiServer>,
+    sd: sdnotify::SdNotify,
+    manager: manage::Manager,
+    guard: guard::Keeper,
+    bell_ringer: JoinHandle<()>,
+    database: JoinHandle<Option<String>>,
+    monitor: JoinHandle<()>,
+    reaper_token: CancellationToken,
+    reaper: JoinHandle<()>,
+    signals: JoinSet<()>,
+    background: TaskTracker,
+}
+
+impl Running {
+    /// Every slot settled: the pool runs and is changed on request until
+    /// it stops.
+    async fn serve(&mut self, requests: mpsc::Receiver<control::server::Incoming>, hangups: Signal) {
+        record_state(&self.db, SupervisorState::Running).await;
+        self.sd.ready(&format!(
+            "{} workers running on {}",
+            self.config.total_workers(),
+            self.config.pool.db_path.display()
+        ));
+        self.manager.run(requests, hangups).await;
+    }
+
+    /// Stops every worker (the slots stop theirs when the token is
+    /// cancelled), sweeps what they left, ends every task, and records the
+    /// stop. Fails when the database went away under the pool.
+    async fn stop(mut self) -> anyhow::Result<()> {
+        self.sd.stopping();
+        record_state(&self.db, SupervisorState::Stopping).await;
+        let stopping = Instant::now();
+        while let Some(res) = self.manager.fleet.tasks.join_next().await {
+            if let Err(e) = res {
+                error!("a slot task failed: {e}");
+            }
+        }
+        sweep_leftovers(&self.config, &self.backends).await;
+        // What the workers started and left, without the tags (a cleared
+        // environment), was adopted by this child subreaper: it goes too.
+        let adopted = procs::end_descendants(Duration::from_secs(5), &[self.guard.pid() as i32]).await;
+        if adopted > 0 {
+            info!(processes = adopted, "killed processes the workers left running");
+        }
+        joined("the bell task", self.bell_ringer).await;
+        let types: Vec<String> = self
+            .manager
+            .fleet
+            .current()
+            .workers
+            .iter()
+            .map(|w| w.worker_type.clone())
+            .collect();
+        bells::remove(&self.config.pool.db_path, &types);
+        if let Some(api) = self.api {
+            api.stop().await;
+        }
+        joined("the monitor task", self.monitor).await;
+        end_background(&self.background).await;
+        self.reaper_token.cancel();
+        joined("the reaper task", self.reaper).await;
+        procs::reap();
+        record_state(&self.db, SupervisorState::Stopped).await;
+        info!("all workers stopped in {:.3}s", stopping.elapsed().as_secs_f64());
+        self.signals.abort_all();
+        self.guard.dismiss().await;
+        match self.database.await {
+            Ok(Some(lost)) => Err(anyhow::anyhow!(lost)),
+            Ok(None) => Ok(()),
+            Err(e) => Err(anyhow::anyhow!("the database watch failed: {e}")),
         }
     }
-    sweep_leftovers(&config, prepared.engine.as_deref()).await;
-    // What the workers started and left, without the tags (a cleared
-    // environment), was adopted by this child subreaper: it goes too.
-    let adopted = procs::end_descendants(Duration::from_secs(5), &[guard.pid() as i32]).await;
-    if adopted > 0 {
-        info!(processes = adopted, "killed processes the workers left running");
+}
+
+/// Waits for a task, saying so if it failed (panicked).
+async fn joined(what: &str, task: JoinHandle<()>) {
+    if let Err(e) = task.await {
+        error!("{what} failed: {e}");
     }
-    if let Err(e) = bell_ringer.await {
-        error!("the bell task failed: {e}");
-    }
-    let types: Vec<String> = manager
-        .fleet
-        .current()
-        .workers
-        .iter()
-        .map(|w| w.worker_type.clone())
-        .collect();
-    bells::remove(&config.pool.db_path, &types);
-    if let Some(api) = prepared.api {
-        api.stop().await;
-    }
-    if let Err(e) = monitor.await {
-        error!("the monitor task failed: {e}");
-    }
-    reaper_token.cancel();
-    if let Err(e) = reaper.await {
-        error!("the reaper task failed: {e}");
-    }
-    procs::reap();
-    record_state(&prepared.db, SupervisorState::Stopped).await;
-    info!("all workers stopped in {:.3}s", stopping.elapsed().as_secs_f64());
-    signals.abort_all();
-    guard.dismiss().await;
-    match database.await {
-        Ok(Some(lost)) => Err(anyhow::anyhow!(lost)),
-        Ok(None) => Ok(()),
-        Err(e) => Err(anyhow::anyhow!("the database watch failed: {e}")),
+}
+
+/// Waits for the background tasks; each ends with the root token, a hook
+/// run within its timeout. A task still running after that is reported.
+async fn end_background(tasks: &TaskTracker) {
+    tasks.close();
+    let limit = notify::TIMEOUT + Duration::from_secs(1);
+    if tokio::time::timeout(limit, tasks.wait()).await.is_err() {
+        warn!(
+            tasks = tasks.len(),
+            "background tasks still running {} after the stop; leaving them",
+            humantime::format_duration(limit)
+        );
     }
 }
 
@@ -191,18 +285,24 @@ async fn prepare(config: &Arc<Config>) -> anyhow::Result<Prepared> {
         }
         config.check_protocol(db.protocol())?;
         info!(protocol = %db.protocol(), db = %pool.db_path.display(), "opened the job database");
-        let (engine, executors, api) = executors(config, db.protocol()).await?;
+        let reached = Backends::reach(config, db.protocol()).await?;
         let metrics_listener = match pool.metrics_listen {
             Some(addr) => Some(metrics::listen(addr).await?),
             None => None,
         };
-        Ok(((engine.clone(), executors, api, metrics_listener), engine))
+        let backends = reached.backends.clone();
+        Ok(((reached, metrics_listener), backends))
     })
     .await?;
     if !taken.report.is_empty() {
         warn!("cleaned up after an earlier run of this database: {}", taken.report);
     }
-    let ((engine, executors, api, metrics_listener), db) = (taken.prepared, taken.db);
+    let ((reached, metrics_listener), db) = (taken.prepared, taken.db);
+    let Reached {
+        backends,
+        executors,
+        api,
+    } = reached;
     // From here on, if this process dies without stopping the pool, the
     // guard cleans up after it. Nothing of this run started yet: if it
     // cannot start, the guard has nothing to clean up.
@@ -218,103 +318,12 @@ async fn prepare(config: &Arc<Config>) -> anyhow::Result<Prepared> {
     Ok(Prepared {
         db,
         guard,
-        engine,
+        backends,
         api,
         executors,
         metrics_listener,
         after_row,
     })
-}
-
-/// Runs the plan: each entry's executor, or the first reason one cannot
-/// run; creates the docker network if an entry uses it, and starts CLM's
-/// Worker API if CLM workers will run in containers.
-async fn executors(config: &Config, protocol: Protocol) -> anyhow::Result<Executors> {
-    let plan = plan::plan(config).await;
-    let mut modes = Vec::new();
-    for (w, decision) in config.workers.iter().zip(&plan.decisions) {
-        let at = format!("{}:{}: workers `{}`", config.path.display(), w.line, w.worker_type);
-        let (mode, why) = match decision {
-            Decision::Cannot(why) => anyhow::bail!("{at}: {why}"),
-            Decision::Runs { mode, why } => (*mode, why),
-        };
-        if let Some(why) = why {
-            info!(worker_type = %w.worker_type, "execution_mode = \"auto\": {why}");
-        }
-        modes.push(mode);
-    }
-    let mut api = None;
-    if let (true, Some(engine)) = (plan.uses_docker(), &plan.engine) {
-        let network = &config.pool.network;
-        engine
-            .ensure_network(network)
-            .await
-            .context("preparing the docker network")?;
-        let needs_api = protocol == Protocol::Clm
-            && config
-                .workers
-                .iter()
-                .zip(&modes)
-                .any(|(w, m)| m.kind == ModeKind::Docker && !matches!(w.program, WorkerProgram::JobCommand(_)));
-        if needs_api {
-            api = Some(start_api(config, engine).await?);
-        }
-    }
-    let endpoint = api.as_ref().map(|a: &api::ApiServer| a.endpoint.clone());
-    let executors = config
-        .workers
-        .iter()
-        .zip(modes)
-        .map(|(w, mode)| {
-            let executor = match (mode.kind, &plan.engine) {
-                (ModeKind::Docker, Some(engine)) => Executor::Docker {
-                    engine: engine.clone(),
-                    image: w.image.clone().unwrap_or_default(),
-                    network: config.pool.network.clone(),
-                    api: endpoint.clone(),
-                },
-                _ => Executor::Direct,
-            };
-            (executor, mode)
-        })
-        .collect();
-    Ok((plan.engine, executors, api))
-}
-
-type Executors = (Option<Arc<DockerEngine>>, Vec<(Executor, Mode)>, Option<api::ApiServer>);
-
-/// Starts CLM's Worker API where the pool's containers reach it.
-async fn start_api(config: &Config, engine: &DockerEngine) -> anyhow::Result<api::ApiServer> {
-    let pool = &config.pool;
-    let at = format!("{}: [pool] network = \"{}\"", config.path.display(), pool.network);
-    let reach = match pool.network.as_str() {
-        "host" => api::Reach::HostNetwork,
-        "none" => anyhow::bail!(
-            "{at}: CLM workers in containers reach the queue through the worker API, over a network; use a bridge network (the default) or \"host\""
-        ),
-        n => match engine.gateway(n).await? {
-            Some(gateway) => api::Reach::Gateway(gateway),
-            None => {
-                anyhow::bail!("{at}: the network has no gateway address, so its containers cannot reach the worker API")
-            }
-        },
-    };
-    if let Some(addr) = pool.api_listen
-        && !api::is_local(addr.ip(), reach)
-    {
-        warn!(%addr, "the worker API listens beyond this machine (api_listen); requests need the token from api_token_file");
-    }
-    let token = api::token(pool.api_token_file.as_deref())
-        .with_context(|| format!("{}: [pool] api_token_file", config.path.display()))?;
-    let (db_path, protocol) = (pool.db_path.clone(), Protocol::Clm);
-    let conn = tokio::task::spawn_blocking(move || db::open_existing(&db_path))
-        .await??
-        .0;
-    let db = Db::new(conn, &pool.db_path, protocol);
-    let server = api::start(db, pool.cache_db_path.clone(), token, pool.api_listen, reach).await?;
-    let at: Vec<String> = server.listening.iter().map(|a| a.to_string()).collect();
-    info!(listening = %at.join(", "), url = %server.endpoint.url, "the worker API is up (bearer token required)");
-    Ok(server)
 }
 
 /// Records the new run; returns the highest worker row before it.
@@ -383,12 +392,9 @@ fn start_pool(
     sd: &sdnotify::SdNotify,
     operations: rollout::Operations,
     notifier: notify::Notifier,
-) -> (
-    mpsc::UnboundedReceiver<Settled>,
-    manage::Manager,
-    tokio::task::JoinHandle<()>,
-) {
-    let registry = registry::Registry::spawn(p.db.clone(), p.after_row, token.child_token());
+    background: &TaskTracker,
+) -> (mpsc::UnboundedReceiver<Settled>, manage::Manager, JoinHandle<()>) {
+    let registry = registry::Registry::spawn(p.db.clone(), p.after_row, token.child_token(), background);
     let (ready_tx, ready_rx) = mpsc::unbounded_channel();
     let metrics = Arc::new(metrics::Metrics::for_types(
         config.workers.iter().map(|w| w.worker_type.as_str()),
@@ -407,7 +413,7 @@ fn start_pool(
         db: p.db.clone(),
         token: token.clone(),
         slots: fleet.directory.clone(),
-        engine: p.engine.clone(),
+        backends: p.backends.clone(),
         notifier,
         sd: sd.clone(),
         metrics: metrics.clone(),
@@ -415,13 +421,12 @@ fn start_pool(
     let manager = manage::Manager {
         fleet,
         protocol: p.db.protocol(),
-        engine: p.engine.clone(),
-        api: p.api.as_ref().map(|a| a.endpoint.clone()),
+        backends: p.backends.clone(),
         token: token.clone(),
         metrics,
         db: p.db.clone(),
     };
-    (ready_rx, manager, tokio::spawn(monitor.run()))
+    (ready_rx, manager, background.spawn(monitor.run()))
 }
 
 /// The one reaper: as child subreaper the supervisor also inherits its
@@ -471,7 +476,7 @@ async fn await_settled(
 
 /// Whatever the stopped workers left outside their process groups, and
 /// containers of the pool that are still there.
-async fn sweep_leftovers(config: &Config, engine: Option<&DockerEngine>) {
+async fn sweep_leftovers(config: &Config, backends: &Backends) {
     let db_path = config.pool.db_path.clone();
     let run = crate::contract::this_run();
     let swept = procs::sweep(
@@ -482,13 +487,7 @@ async fn sweep_leftovers(config: &Config, engine: Option<&DockerEngine>) {
     if swept > 0 {
         info!(processes = swept, "killed processes the workers left running");
     }
-    if let Some(engine) = engine {
-        match engine.remove_pool_containers().await {
-            Ok(0) => {}
-            Ok(n) => info!(containers = n, "removed leftover containers"),
-            Err(e) => warn!("removing leftover containers: {e:#}"),
-        }
-    }
+    backends.sweep().await;
 }
 
 /// Records the supervisor's state, retrying until it lands: `stats` and

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use tokio::sync::{Notify, oneshot};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::db::{self, Db};
 use crate::vocab::{WorkerId, WorkerRow};
@@ -39,7 +40,7 @@ struct State {
 
 impl Registry {
     /// Starts the watcher task; it reads rows with ids above `after_row`.
-    pub fn spawn(db: Db, after_row: WorkerRow, token: CancellationToken) -> Registry {
+    pub fn spawn(db: Db, after_row: WorkerRow, token: CancellationToken, tasks: &TaskTracker) -> Registry {
         let registry = Registry {
             inner: Arc::new(Inner {
                 state: Mutex::new(State::default()),
@@ -47,7 +48,7 @@ impl Registry {
             }),
         };
         let r = registry.clone();
-        tokio::spawn(async move { r.watch(db, after_row, token).await });
+        tasks.spawn(async move { r.watch(db, after_row, token).await });
         registry
     }
 

@@ -5,13 +5,11 @@
 //! runs and by `stop` when no supervisor is running.
 
 use std::fmt;
-use std::sync::Arc;
 use std::time::Duration;
 
 use crate::db::{self, Db};
-use crate::executor::docker::{self, DockerEngine};
+use crate::executor::backends::Backends;
 use crate::procs;
-use crate::vocab::ModeKind;
 
 #[derive(Debug, Default)]
 pub struct CleanupReport {
@@ -49,25 +47,15 @@ impl fmt::Display for CleanupReport {
 
 /// Call only while holding the supervisor lock or after checking that no
 /// supervisor runs.
-pub async fn orphans(db: &Db, grace: Duration, engine: Option<Arc<DockerEngine>>) -> anyhow::Result<CleanupReport> {
+pub async fn orphans(db: &Db, grace: Duration, backends: Backends) -> anyhow::Result<CleanupReport> {
     let slots = db.call(|c| db::slots::slots(c)).await?;
     let mut report = CleanupReport::default();
     // Containers outlive a crashed supervisor; find them by label. Docker
     // is asked only if this pool used it (or is about to).
-    let engine = match engine {
-        Some(e) => Some(e),
-        None if slots.iter().any(|s| s.execution_mode.kind == ModeKind::Docker) => match docker::connect().await {
-            Ok(client) => Some(DockerEngine::new(client, db.path())),
-            Err(e) => {
-                tracing::warn!("cannot look for this pool's leftover containers: {e:#}");
-                None
-            }
-        },
-        None => None,
-    };
-    if let Some(engine) = engine {
-        report.containers_removed = engine.remove_pool_containers().await?;
-    }
+    let backends = backends
+        .for_cleanup(db.path(), slots.iter().map(|s| s.execution_mode.kind))
+        .await;
+    report.containers_removed = backends.remove_leftovers().await?;
     let mut stops = tokio::task::JoinSet::new();
     for s in slots {
         if let Some(pid) = s.pid {

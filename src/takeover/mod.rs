@@ -8,13 +8,12 @@
 pub mod cleanup;
 
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 pub use cleanup::CleanupReport;
 
 use crate::db::{self, Db};
-use crate::executor::docker::DockerEngine;
+use crate::executor::backends::Backends;
 use crate::lock::SupervisorLock;
 use crate::vocab::Protocol;
 
@@ -51,12 +50,11 @@ pub struct Taken<T> {
 
 /// lock → open → `prepare` → clean up. `prepare` checks the opened
 /// database (its protocol) and readies what the caller needs before the
-/// cleanup; the engine it returns is searched for the pool's leftover
-/// containers (without one, Docker is asked only if the pool's slots used
-/// it). Nothing is cleaned up if `prepare` fails.
+/// cleanup; the backends it returns are searched for the pool's leftovers
+/// (without them, Docker is asked only if the pool's slots used it). Nothing is cleaned up if `prepare` fails.
 pub async fn take_over<T>(
     t: Takeover<'_>,
-    prepare: impl AsyncFnOnce(&Db) -> anyhow::Result<(T, Option<Arc<DockerEngine>>)>,
+    prepare: impl AsyncFnOnce(&Db) -> anyhow::Result<(T, Backends)>,
 ) -> anyhow::Result<Taken<T>> {
     let lock = match t.taker {
         Taker::Guard => SupervisorLock::acquire_as_guard(t.db_path)?,
@@ -65,8 +63,8 @@ pub async fn take_over<T>(
     let (path, wanted) = (t.db_path.to_path_buf(), t.protocol);
     let (conn, protocol) = tokio::task::spawn_blocking(move || db::open(&path, wanted)).await??;
     let db = Db::new(conn, t.db_path, protocol);
-    let (prepared, engine) = prepare(&db).await?;
-    let report = cleanup::orphans(&db, t.grace, engine).await?;
+    let (prepared, backends) = prepare(&db).await?;
+    let report = cleanup::orphans(&db, t.grace, backends).await?;
     Ok(Taken {
         lock,
         db,
@@ -76,6 +74,6 @@ pub async fn take_over<T>(
 }
 
 /// A `prepare` for callers that need nothing but the database.
-pub async fn nothing(_: &Db) -> anyhow::Result<((), Option<Arc<DockerEngine>>)> {
-    Ok(((), None))
+pub async fn nothing(_: &Db) -> anyhow::Result<((), Backends)> {
+    Ok(((), Backends::default()))
 }

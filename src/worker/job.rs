@@ -93,46 +93,14 @@ fn resolve(workspace: &Path, file: &str) -> PathBuf {
 
 /// Runs `job` to its end, until `stop` fires, or until `still_mine` says
 /// the job was cancelled or taken away.
-pub async fn run(
-    setup: &Setup<'_>,
-    job: &ClaimedJob,
-    stop: &mut StopSignals,
-    mut still_mine: impl FnMut() -> bool,
-) -> Ran {
+pub async fn run(setup: &Setup<'_>, job: &ClaimedJob, stop: &mut StopSignals, still_mine: impl FnMut() -> bool) -> Ran {
     let input = resolve(setup.workspace, &job.input_file);
     let output = resolve(setup.workspace, &job.output_file);
-    if let Some(dir) = output.parent()
-        && let Err(e) = std::fs::create_dir_all(dir)
-    {
-        return Ran::Done(Err(format!("cannot create the output folder {}: {e}", dir.display())));
-    }
-    let payload = match PayloadFile::for_job(setup.command, job) {
-        Ok(p) => p,
+    // Kept until the job has ended: dropping it removes the payload file.
+    let (_payload, mut cmd) = match command(setup, job, &input, &output) {
+        Ok(c) => c,
         Err(e) => return Ran::Done(Err(e)),
     };
-    let argv = match argv(setup.command, &input, &output, job, payload.path()) {
-        Ok(a) => a,
-        Err(e) => return Ran::Done(Err(e)),
-    };
-    let mut cmd = tokio::process::Command::new(&argv[0]);
-    cmd.args(&argv[1..])
-        .env(env::INPUT_FILE, &input)
-        .env(env::OUTPUT_FILE, &output)
-        .env(env::JOB_ID, job.id.to_string())
-        .env(env::JOB_ATTEMPT, job.attempt.to_string())
-        .env(env::JOB_TYPE, setup.worker_type)
-        .current_dir(setup.workspace)
-        .stdin(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        // Its own group: a stop signal for the worker does not reach the
-        // command, so the worker alone decides what becomes of the job.
-        .process_group(0);
-    match payload.path() {
-        Some(file) => cmd.env(env::PAYLOAD_FILE, file),
-        None => cmd.env(env::PAYLOAD, &job.payload),
-    };
-    tie_to_worker(&mut cmd);
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) if passes(&e) => return Ran::NotStarted(format!("could not start `{}`: {e}", setup.command[0])),
@@ -145,20 +113,7 @@ pub async fn run(
         child.stderr.take().expect("stderr is piped"),
         tail.clone(),
     ));
-    let mut check = tokio::time::interval_at(tokio::time::Instant::now() + CANCEL_CHECK, CANCEL_CHECK);
-    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let status = loop {
-        tokio::select! {
-            biased;
-            _ = stop.recv() => break Err(Ran::Interrupted),
-            s = child.wait() => break Ok(s),
-            _ = check.tick() => {
-                if !still_mine() {
-                    break Err(Ran::TakenAway);
-                }
-            }
-        }
-    };
+    let status = watch(&mut child, stop, still_mine).await;
     // Whatever the command left running in its group goes too; that also
     // closes the stderr they held, so the collector ends.
     if let Some(pgid) = pgid
@@ -186,6 +141,66 @@ pub async fn run(
     }
     let tail = tail.lock().unwrap_or_else(|e| e.into_inner()).clone();
     Ran::Done(judge(setup.command, &output, status, &tail, started, setup.own_cgroup))
+}
+
+/// The job's payload file if it has one and its command, ready to spawn;
+/// or why the job fails before it starts.
+fn command(
+    setup: &Setup<'_>,
+    job: &ClaimedJob,
+    input: &Path,
+    output: &Path,
+) -> Result<(PayloadFile, tokio::process::Command), String> {
+    if let Some(dir) = output.parent()
+        && let Err(e) = std::fs::create_dir_all(dir)
+    {
+        return Err(format!("cannot create the output folder {}: {e}", dir.display()));
+    }
+    let payload = PayloadFile::for_job(setup.command, job)?;
+    let argv = argv(setup.command, input, output, job, payload.path())?;
+    let mut cmd = tokio::process::Command::new(&argv[0]);
+    cmd.args(&argv[1..])
+        .env(env::INPUT_FILE, input)
+        .env(env::OUTPUT_FILE, output)
+        .env(env::JOB_ID, job.id.to_string())
+        .env(env::JOB_ATTEMPT, job.attempt.to_string())
+        .env(env::JOB_TYPE, setup.worker_type)
+        .current_dir(setup.workspace)
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        // Its own group: a stop signal for the worker does not reach the
+        // command, so the worker alone decides what becomes of the job.
+        .process_group(0);
+    match payload.path() {
+        Some(file) => cmd.env(env::PAYLOAD_FILE, file),
+        None => cmd.env(env::PAYLOAD, &job.payload),
+    };
+    tie_to_worker(&mut cmd);
+    Ok((payload, cmd))
+}
+
+/// Waits for the command to exit, checking every [`CANCEL_CHECK`] that the
+/// job is still this worker's; `Err` with why it must be killed instead.
+async fn watch(
+    child: &mut tokio::process::Child,
+    stop: &mut StopSignals,
+    mut still_mine: impl FnMut() -> bool,
+) -> Result<std::io::Result<ExitStatus>, Ran> {
+    let mut check = tokio::time::interval_at(tokio::time::Instant::now() + CANCEL_CHECK, CANCEL_CHECK);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop.recv() => return Err(Ran::Interrupted),
+            s = child.wait() => return Ok(s),
+            _ = check.tick() => {
+                if !still_mine() {
+                    return Err(Ran::TakenAway);
+                }
+            }
+        }
+    }
 }
 
 /// Whether a failed start is one that passes by itself: the process or

@@ -528,7 +528,7 @@ impl Worker {
         let (row, protocol) = (self.row, self.protocol);
         let left = self
             .patiently("leaving", |conn| match protocol {
-                Protocol::Clx => db::workers::set_status(conn, row, WorkerStatus::Dead),
+                Protocol::Clx => db::workers::mark_dead(conn, row).map(|_| ()),
                 Protocol::Clm => db::workers::deregister(conn, row),
             })
             .await;

@@ -12,7 +12,8 @@ use rusqlite::types::ToSql;
 use rusqlite::{Connection, OptionalExtension, params_from_iter};
 use serde::Serialize;
 
-use super::{CANCELLED, SHOWN_STATUS};
+use super::{CANCELLED, OPEN, shown_status};
+use crate::db::{lit, lits};
 use crate::vocab::{JobStatus, Protocol};
 
 /// Which jobs: every given condition holds.
@@ -43,7 +44,8 @@ impl Filter {
         }
         if !self.statuses.is_empty() {
             conds.push(format!(
-                "{SHOWN_STATUS} IN ({})",
+                "{} IN ({})",
+                shown_status(),
                 vec!["?"; self.statuses.len()].join(", ")
             ));
             params.extend(self.statuses.iter().map(|s| Box::new(*s) as Box<dyn ToSql>));
@@ -98,8 +100,9 @@ pub fn list(conn: &Connection, filter: &Filter, limit: i64) -> rusqlite::Result<
     )?;
     let rows = conn
         .prepare(&format!(
-            "SELECT id, job_type, {SHOWN_STATUS}, COALESCE(attempts, 0), input_file, output_file, created_at, error
-             FROM jobs WHERE {cond} ORDER BY id DESC LIMIT {limit}"
+            "SELECT id, job_type, {shown}, COALESCE(attempts, 0), input_file, output_file, created_at, error
+             FROM jobs WHERE {cond} ORDER BY id DESC LIMIT {limit}",
+            shown = shown_status()
         ))?
         .query_map(params_from_iter(params.iter()), listed)?
         .collect::<rusqlite::Result<_>>()?;
@@ -135,7 +138,7 @@ pub fn show(conn: &Connection, id: i64) -> rusqlite::Result<Option<Detail>> {
                     j.payload, COALESCE(j.attempts, 0), COALESCE(j.max_attempts, 3), j.created_at, j.started_at,
                     j.completed_at, j.worker_id, w.container_id, j.error
              FROM jobs j LEFT JOIN workers w ON w.id = j.worker_id WHERE j.id = ?1",
-            SHOWN_STATUS.replace("status", "j.status").replace("error", "j.error")
+            shown_status().replace("status", "j.status").replace("error", "j.error")
         ),
         [id],
         |r| {
@@ -169,15 +172,21 @@ pub fn show(conn: &Connection, id: i64) -> rusqlite::Result<Option<Detail>> {
 pub fn cancel(conn: &mut Connection, protocol: Protocol, filter: &Filter) -> rusqlite::Result<Vec<i64>> {
     let (cond, params) = filter.sql("created_at");
     let set = match protocol {
-        Protocol::Clm => {
-            "status = 'cancelled', cancelled_at = CURRENT_TIMESTAMP, cancelled_by = 'clx-pool'".to_string()
-        }
-        Protocol::Clx => format!("status = 'failed', completed_at = CURRENT_TIMESTAMP, error = '{CANCELLED}'"),
+        Protocol::Clm => format!(
+            "status = {}, cancelled_at = CURRENT_TIMESTAMP, cancelled_by = 'clx-pool'",
+            lit(JobStatus::Cancelled)
+        ),
+        Protocol::Clx => format!(
+            "status = {}, completed_at = CURRENT_TIMESTAMP, error = {}",
+            lit(JobStatus::Failed),
+            lit(CANCELLED)
+        ),
     };
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let ids = tx
         .prepare(&format!(
-            "UPDATE jobs SET {set} WHERE status IN ('pending', 'processing') AND {cond} RETURNING id"
+            "UPDATE jobs SET {set} WHERE status IN ({}) AND {cond} RETURNING id",
+            lits(&OPEN)
         ))?
         .query_map(params_from_iter(params.iter()), |r| r.get(0))?
         .collect::<rusqlite::Result<Vec<i64>>>()?;
@@ -196,9 +205,11 @@ pub fn retry(conn: &mut Connection, protocol: Protocol, filter: &Filter) -> rusq
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let ids = tx
         .prepare(&format!(
-            "UPDATE jobs SET status = 'pending', attempts = 0, error = NULL, started_at = NULL,
+            "UPDATE jobs SET status = {pending}, attempts = 0, error = NULL, started_at = NULL,
                  completed_at = NULL, worker_id = NULL{clear_clm}
-             WHERE status IN ('failed', 'cancelled') AND {cond} RETURNING id"
+             WHERE status IN ({ended}) AND {cond} RETURNING id",
+            pending = lit(JobStatus::Pending),
+            ended = lits(&[JobStatus::Failed, JobStatus::Cancelled])
         ))?
         .query_map(params_from_iter(params.iter()), |r| r.get(0))?
         .collect::<rusqlite::Result<Vec<i64>>>()?;
@@ -209,10 +220,10 @@ pub fn retry(conn: &mut Connection, protocol: Protocol, filter: &Filter) -> rusq
 /// Deletes the matching finished jobs (completed, failed, cancelled: never
 /// pending or processing ones), aged by when they finished; returns how
 /// many.
-pub fn prune(conn: &Connection, filter: &Filter) -> rusqlite::Result<usize> {
-    let (cond, params) = filter.sql("COALESCE(completed_at, started_at, created_at)");
+pub fn prune(conn: &Connection, protocol: Protocol, filter: &Filter) -> rusqlite::Result<usize> {
+    let (cond, params) = filter.sql(super::finished_at(protocol));
     conn.execute(
-        &format!("DELETE FROM jobs WHERE status NOT IN ('pending', 'processing') AND {cond}"),
+        &format!("DELETE FROM jobs WHERE status NOT IN ({}) AND {cond}", lits(&OPEN)),
         params_from_iter(params.iter()),
     )
 }
@@ -224,7 +235,7 @@ pub fn statuses(conn: &Connection, ids: &[i64]) -> rusqlite::Result<Vec<(i64, Jo
         ..Filter::default()
     };
     let (cond, params) = filter.sql("created_at");
-    conn.prepare(&format!("SELECT id, {SHOWN_STATUS} FROM jobs WHERE {cond}"))?
+    conn.prepare(&format!("SELECT id, {} FROM jobs WHERE {cond}", shown_status()))?
         .query_map(params_from_iter(params.iter()), |r| Ok((r.get(0)?, r.get(1)?)))?
         .collect()
 }
@@ -232,13 +243,14 @@ pub fn statuses(conn: &Connection, ids: &[i64]) -> rusqlite::Result<Vec<(i64, Jo
 /// The failed jobs of that run (as [`run_counts`] scopes it), newest first.
 pub fn run_failures(conn: &Connection, since: Option<&str>, limit: i64) -> rusqlite::Result<Vec<Listed>> {
     conn.prepare(&format!(
-        "SELECT id, job_type, {SHOWN_STATUS}, COALESCE(attempts, 0), input_file, output_file, created_at, error
+        "SELECT id, job_type, {shown}, COALESCE(attempts, 0), input_file, output_file, created_at, error
          FROM jobs
-         WHERE status = 'failed' AND error IS NOT '{CANCELLED}'
+         WHERE status = ?3 AND error IS NOT ?4
            AND (?1 IS NULL OR COALESCE(completed_at, started_at, created_at) >= ?1)
-         ORDER BY id DESC LIMIT ?2"
+         ORDER BY id DESC LIMIT ?2",
+        shown = shown_status()
     ))?
-    .query_map(rusqlite::params![since, limit], listed)?
+    .query_map(rusqlite::params![since, limit, JobStatus::Failed, CANCELLED], listed)?
     .collect()
 }
 
@@ -289,7 +301,7 @@ mod tests {
             assert_eq!(cancel(&mut conn, protocol, &only_t).unwrap(), vec![a, b]);
             assert_eq!(status(&conn, a), JobStatus::Cancelled, "{protocol}");
             assert_eq!(status(&conn, c), JobStatus::Completed, "{protocol}: finished jobs stay");
-            let counts = run_counts(&conn, None).unwrap();
+            let counts = run_counts(&conn, protocol, None).unwrap();
             assert_eq!(
                 (counts.cancelled, counts.failed, counts.completed),
                 (2, 0, 1),
@@ -310,13 +322,13 @@ mod tests {
                 older_than: Some(Duration::from_secs(3600)),
                 ..Filter::default()
             };
-            assert_eq!(prune(&conn, &old).unwrap(), 0);
+            assert_eq!(prune(&conn, protocol, &old).unwrap(), 0);
             conn.execute(
                 "UPDATE jobs SET completed_at = datetime('now', '-2 hours') WHERE id IN (?1, ?2)",
                 [b, c],
             )
             .unwrap();
-            assert_eq!(prune(&conn, &old).unwrap(), 2, "{protocol}");
+            assert_eq!(prune(&conn, protocol, &old).unwrap(), 2, "{protocol}");
             assert_eq!(list(&conn, &Filter::default(), 10).unwrap().1, 1);
         }
     }
@@ -353,13 +365,13 @@ mod tests {
         let since: String = conn
             .query_row("SELECT datetime('now', '-1 minute')", [], |r| r.get(0))
             .unwrap();
-        let c = run_counts(&conn, Some(&since)).unwrap();
+        let c = run_counts(&conn, Protocol::Clx, Some(&since)).unwrap();
         assert_eq!(
             (c.failed, c.pending),
             (0, 1),
             "the old failure is not this run's; the waiting job is"
         );
-        assert_eq!(run_counts(&conn, None).unwrap().failed, 1);
+        assert_eq!(run_counts(&conn, Protocol::Clx, None).unwrap().failed, 1);
     }
 
     /// The indexed spelling counts exactly the jobs whose
@@ -389,13 +401,13 @@ mod tests {
                 ))
                 .unwrap();
             }
-            let c = run_counts(&conn, Some("2020-01-01 00:00:00")).unwrap();
+            let c = run_counts(&conn, protocol, Some("2020-01-01 00:00:00")).unwrap();
             assert_eq!(
                 (c.pending, c.processing, c.completed, c.failed),
                 (1, 1, 1, 2),
                 "{protocol}"
             );
-            let all = run_counts(&conn, None).unwrap();
+            let all = run_counts(&conn, protocol, None).unwrap();
             assert_eq!((all.completed, all.failed), (2, 4), "{protocol}");
         }
     }

@@ -15,15 +15,30 @@ use rusqlite::{Connection, OptionalExtension, params};
 pub use counts::JobCounts;
 pub use recovery::{Reconciled, bury, bury_pool_rows, held_by, reconcile, recover};
 
-use crate::db::workers;
-use crate::vocab::{JobStatus, ModeKind, Protocol, WorkerRow};
+use std::sync::LazyLock;
+
+use crate::db::{cache, lit, workers};
+use crate::vocab::{JobStatus, ModeKind, Protocol, WorkerRow, WorkerStatus};
 
 /// The error a cancelled CLX job carries (see the module's note).
 pub const CANCELLED: &str = "cancelled (clx-pool jobs cancel)";
 
-/// The status as shown: a CLX job failed with [`CANCELLED`] is cancelled.
-pub(crate) const SHOWN_STATUS: &str =
-    "CASE WHEN status = 'failed' AND error = 'cancelled (clx-pool jobs cancel)' THEN 'cancelled' ELSE status END";
+/// The status as shown, an SQL expression: a CLX job failed with
+/// [`CANCELLED`] is cancelled.
+pub(crate) fn shown_status() -> &'static str {
+    static SHOWN: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            "CASE WHEN status = {failed} AND error = {cancelled_error} THEN {cancelled} ELSE status END",
+            failed = lit(JobStatus::Failed),
+            cancelled_error = lit(CANCELLED),
+            cancelled = lit(JobStatus::Cancelled)
+        )
+    });
+    &SHOWN
+}
+
+/// The statuses of jobs not finished yet.
+pub(crate) const OPEN: [JobStatus; 2] = [JobStatus::Pending, JobStatus::Processing];
 
 /// A job as a worker sees it after claiming it.
 #[derive(Debug, Clone)]
@@ -50,7 +65,7 @@ pub struct NewJob<'a> {
 pub fn submit(conn: &Connection, job: &NewJob) -> rusqlite::Result<i64> {
     conn.execute(
         "INSERT INTO jobs (job_type, status, priority, input_file, output_file, content_hash, payload, max_attempts)
-         VALUES (?1, 'pending', ?2, ?3, ?4, ?5, ?6, ?7)",
+         VALUES (?1, ?8, ?2, ?3, ?4, ?5, ?6, ?7)",
         params![
             job.job_type,
             job.priority,
@@ -58,7 +73,8 @@ pub fn submit(conn: &Connection, job: &NewJob) -> rusqlite::Result<i64> {
             job.output_file,
             job.content_hash,
             job.payload,
-            job.max_attempts
+            job.max_attempts,
+            JobStatus::Pending
         ],
     )?;
     Ok(conn.last_insert_rowid())
@@ -94,45 +110,68 @@ pub fn claim(conn: &mut Connection, job_type: &str, who: Claimant) -> rusqlite::
     }
 }
 
-/// The candidate job for `who`, read inside the caller's transaction.
+/// The candidate job for `who` (none for a worker declared dead).
 fn candidate(conn: &Connection, job_type: &str, who: Claimant) -> rusqlite::Result<Option<i64>> {
     match who.protocol {
         Protocol::Clx => conn
             .prepare_cached(
                 "SELECT id FROM jobs
-                 WHERE status = 'pending' AND job_type = ?1
+                 WHERE status = ?2 AND job_type = ?1
                    AND COALESCE(attempts, 0) < COALESCE(max_attempts, 3)
+                   AND NOT EXISTS (SELECT 1 FROM workers WHERE id = ?3 AND status = ?4)
                  ORDER BY priority DESC, created_at, id LIMIT 1",
             )?
-            .query_row([job_type], |r| r.get(0))
+            .query_row(
+                params![job_type, JobStatus::Pending, who.worker_row, WorkerStatus::Dead],
+                |r| r.get(0),
+            )
             .optional(),
         Protocol::Clm => conn
             .prepare_cached(
                 "SELECT id FROM jobs
-                 WHERE status = 'pending' AND job_type = ?1
+                 WHERE status = ?4 AND job_type = ?1
                    AND COALESCE(attempts, 0) < COALESCE(max_attempts, 3)
                    AND (execution_mode IS NULL OR execution_mode = ?2)
                    AND (session_id IS NULL
                         OR session_id IS (SELECT session_id FROM workers WHERE id = ?3)
                         OR (SELECT session_id FROM workers WHERE id = ?3) IS NULL)
+                   AND NOT EXISTS (SELECT 1 FROM workers WHERE id = ?3 AND status = ?5)
                  ORDER BY priority DESC, created_at, id LIMIT 1",
             )?
-            .query_row(params![job_type, who.execution_mode, who.worker_row], |r| r.get(0))
+            .query_row(
+                params![
+                    job_type,
+                    who.execution_mode,
+                    who.worker_row,
+                    JobStatus::Pending,
+                    WorkerStatus::Dead
+                ],
+                |r| r.get(0),
+            )
             .optional(),
     }
 }
 
-/// Marks job `id` as the worker's, if it is still pending (inside a
-/// write transaction), and the worker busy.
+/// Marks job `id` as the worker's, if it is still pending and the worker
+/// is not dead (inside a write transaction), and the worker busy. A worker
+/// declared dead takes nothing: nobody would put its job back while the
+/// pool runs.
 fn take(tx: &Connection, id: i64, worker_row: WorkerRow) -> rusqlite::Result<Option<ClaimedJob>> {
     let job = super::returning_one(
         &mut *tx.prepare_cached(
-            "UPDATE jobs SET status = 'processing', started_at = CURRENT_TIMESTAMP,
+            "UPDATE jobs SET status = ?3, started_at = CURRENT_TIMESTAMP,
                     worker_id = ?2, attempts = COALESCE(attempts, 0) + 1, completed_at = NULL
-             WHERE id = ?1 AND status = 'pending'
+             WHERE id = ?1 AND status = ?4
+               AND NOT EXISTS (SELECT 1 FROM workers WHERE id = ?2 AND status = ?5)
              RETURNING id, input_file, output_file, content_hash, payload, attempts",
         )?,
-        params![id, worker_row],
+        params![
+            id,
+            worker_row,
+            JobStatus::Processing,
+            JobStatus::Pending,
+            WorkerStatus::Dead
+        ],
         |r| {
             Ok(ClaimedJob {
                 id: r.get(0)?,
@@ -148,6 +187,15 @@ fn take(tx: &Connection, id: i64, worker_row: WorkerRow) -> rusqlite::Result<Opt
         workers::set_busy(tx, worker_row)?;
     }
     Ok(job)
+}
+
+/// When a finished job finished, as SQL: under CLM a cancelled job has
+/// only `cancelled_at` (CLM's own cancel sets no `completed_at`).
+pub fn finished_at(protocol: Protocol) -> &'static str {
+    match protocol {
+        Protocol::Clx => "COALESCE(completed_at, started_at, created_at)",
+        Protocol::Clm => "COALESCE(completed_at, cancelled_at, started_at, created_at)",
+    }
 }
 
 /// Outcome of one job run, as the worker saw it.
@@ -188,21 +236,18 @@ pub fn finish_and_claim(
     let changed = tx
         .prepare_cached(
             "UPDATE jobs SET status = ?1, completed_at = CURRENT_TIMESTAMP, error = ?2
-         WHERE id = ?3 AND worker_id = ?4 AND status = 'processing' AND attempts = ?5",
-        )?
-        .execute(params![status, error, job.id, worker_row, job.attempt])?;
-    if changed == 1 && status == JobStatus::Completed {
-        tx.prepare_cached(
-            "INSERT INTO results_cache (output_file, content_hash, result_metadata)
-             VALUES (?1, ?2, ?3)
-             ON CONFLICT(output_file, content_hash) DO UPDATE SET
-                 last_accessed = CURRENT_TIMESTAMP, result_metadata = excluded.result_metadata",
+         WHERE id = ?3 AND worker_id = ?4 AND status = ?6 AND attempts = ?5",
         )?
         .execute(params![
-            job.output_file,
-            job.content_hash,
-            format!("{{\"job_id\": {}}}", job.id)
+            status,
+            error,
+            job.id,
+            worker_row,
+            job.attempt,
+            JobStatus::Processing
         ])?;
+    if changed == 1 && status == JobStatus::Completed {
+        cache::remember(&tx, job)?;
     }
     workers::count_outcome(&tx, worker_row, status == JobStatus::Completed, seconds)?;
     let claimed = match next {
@@ -219,20 +264,26 @@ pub fn finish_and_claim(
 /// Whether `job` is still this worker's attempt and `processing` (not
 /// cancelled, not given to another attempt).
 pub fn still_mine(conn: &Connection, job: &ClaimedJob, worker_row: WorkerRow) -> rusqlite::Result<bool> {
-    conn.prepare_cached(
-        "SELECT COUNT(*) FROM jobs WHERE id = ?1 AND worker_id = ?2 AND status = 'processing' AND attempts = ?3",
-    )?
-    .query_row(params![job.id, worker_row, job.attempt], |r| r.get::<_, i64>(0))
-    .map(|n| n == 1)
+    conn.prepare_cached("SELECT COUNT(*) FROM jobs WHERE id = ?1 AND worker_id = ?2 AND status = ?4 AND attempts = ?3")?
+        .query_row(params![job.id, worker_row, job.attempt, JobStatus::Processing], |r| {
+            r.get::<_, i64>(0)
+        })
+        .map(|n| n == 1)
 }
 
 /// Gives a job back to the queue without counting the attempt (the worker
 /// is shutting down; the job did nothing wrong).
 pub fn give_back(conn: &Connection, job: &ClaimedJob, worker_row: WorkerRow) -> rusqlite::Result<bool> {
     let n = conn.execute(
-        "UPDATE jobs SET status = 'pending', started_at = NULL, worker_id = NULL, attempts = attempts - 1
-         WHERE id = ?1 AND worker_id = ?2 AND status = 'processing' AND attempts = ?3",
-        params![job.id, worker_row, job.attempt],
+        "UPDATE jobs SET status = ?4, started_at = NULL, worker_id = NULL, attempts = attempts - 1
+         WHERE id = ?1 AND worker_id = ?2 AND status = ?5 AND attempts = ?3",
+        params![
+            job.id,
+            worker_row,
+            job.attempt,
+            JobStatus::Pending,
+            JobStatus::Processing
+        ],
     )?;
     Ok(n == 1)
 }
@@ -259,22 +310,35 @@ pub fn report(conn: &mut Connection, r: &Report) -> rusqlite::Result<bool> {
     let seconds: Option<f64> = tx
         .query_row(
             "SELECT (julianday('now') - julianday(started_at)) * 86400.0 FROM jobs
-             WHERE id = ?1 AND worker_id = ?2 AND status = 'processing'",
-            params![r.job_id, r.worker_row],
+             WHERE id = ?1 AND worker_id = ?2 AND status = ?3",
+            params![r.job_id, r.worker_row, JobStatus::Processing],
             |row| row.get(0),
         )
         .optional()?
         .flatten();
     let changed = match r.status {
         JobStatus::Completed => tx.execute(
-            "UPDATE jobs SET status = 'completed', completed_at = CURRENT_TIMESTAMP, error = NULL, result = ?3
-             WHERE id = ?1 AND worker_id = ?2 AND status = 'processing'",
-            params![r.job_id, r.worker_row, r.result],
+            "UPDATE jobs SET status = ?4, completed_at = CURRENT_TIMESTAMP, error = NULL, result = ?3
+             WHERE id = ?1 AND worker_id = ?2 AND status = ?5",
+            params![
+                r.job_id,
+                r.worker_row,
+                r.result,
+                JobStatus::Completed,
+                JobStatus::Processing
+            ],
         )?,
         _ => tx.execute(
-            "UPDATE jobs SET status = 'failed', error = ?3, result = ?4
-             WHERE id = ?1 AND worker_id = ?2 AND status = 'processing'",
-            params![r.job_id, r.worker_row, r.error, r.result],
+            "UPDATE jobs SET status = ?5, error = ?3, result = ?4
+             WHERE id = ?1 AND worker_id = ?2 AND status = ?6",
+            params![
+                r.job_id,
+                r.worker_row,
+                r.error,
+                r.result,
+                JobStatus::Failed,
+                JobStatus::Processing
+            ],
         )?,
     };
     if changed == 1 {
@@ -301,9 +365,9 @@ pub fn correlation_id(conn: &Connection, job_id: i64) -> rusqlite::Result<Option
 /// so it is not left `processing`.
 pub fn fail_unservable(conn: &Connection, job_id: i64, worker_row: WorkerRow, error: &str) -> rusqlite::Result<()> {
     conn.execute(
-        "UPDATE jobs SET status = 'failed', completed_at = CURRENT_TIMESTAMP, error = ?3
-         WHERE id = ?1 AND worker_id = ?2 AND status = 'processing'",
-        params![job_id, worker_row, error],
+        "UPDATE jobs SET status = ?4, completed_at = CURRENT_TIMESTAMP, error = ?3
+         WHERE id = ?1 AND worker_id = ?2 AND status = ?5",
+        params![job_id, worker_row, error, JobStatus::Failed, JobStatus::Processing],
     )?;
     workers::release(conn, worker_row)?;
     Ok(())

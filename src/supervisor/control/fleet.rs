@@ -23,7 +23,7 @@ use crate::db;
 use crate::executor::Executor;
 use crate::supervisor::shared::{SharedConfig, lock};
 use crate::supervisor::slot::io::Links;
-use crate::supervisor::slot::{self, Command, Directory, Entry, Order, SharedEntry, SlotChannels, Why};
+use crate::supervisor::slot::{self, Command, Directory, Done, Entry, Order, SharedEntry, SlotChannels, Why};
 use crate::vocab::Mode;
 
 pub struct Fleet {
@@ -42,6 +42,15 @@ pub struct Fleet {
     pub operations: Operations,
     rollouts: Rollouts,
     wanted: Wanted,
+}
+
+/// Why the fleet refuses a request; nothing changed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    #[error("no pool takes `{worker_type}` (known: {known})")]
+    UnknownType { worker_type: String, known: String },
+    #[error("`{0}` names no running type or slot (TYPE or TYPE-N)")]
+    UnknownTarget(String),
 }
 
 /// What a scale did.
@@ -64,10 +73,10 @@ struct Wanted {
 }
 
 impl Wanted {
-    fn spawn(db: db::Db, token: CancellationToken) -> Wanted {
+    fn spawn(db: db::Db, token: CancellationToken, tasks: &mut JoinSet<()>) -> Wanted {
         let (tx, mut rx) = watch::channel((0u64, Vec::new()));
         let (written_tx, written) = watch::channel(0u64);
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             loop {
                 tokio::select! {
                     _ = token.cancelled() => return,
@@ -134,7 +143,7 @@ impl Fleet {
                 tracing::error!("the roll-out task failed: {e}");
             }
         });
-        let wanted = Wanted::spawn(links.db.clone(), token.clone());
+        let wanted = Wanted::spawn(links.db.clone(), token.clone(), &mut tasks);
         Fleet {
             config,
             directory,
@@ -230,7 +239,7 @@ impl Fleet {
     }
 
     /// Sends an order to a slot; None if it is not running.
-    fn order(&self, slot: &SlotId, order: Order) -> Option<oneshot::Receiver<Result<(), String>>> {
+    fn order(&self, slot: &SlotId, order: Order) -> Option<oneshot::Receiver<Done>> {
         let (tx, rx) = oneshot::channel();
         let channels = lock(&self.directory).get(slot).cloned()?;
         channels.orders.send(Command { order, done: Some(tx) }).ok()?;
@@ -239,9 +248,12 @@ impl Fleet {
 
     /// Grows at once; shrinks by retiring idle workers first, busy ones
     /// after their current job (unless `now`). Returns what it did.
-    pub async fn scale(&mut self, worker_type: &str, wanted: u32, now: bool) -> Result<Scaled, String> {
+    pub async fn scale(&mut self, worker_type: &str, wanted: u32, now: bool) -> Result<Scaled, Refused> {
         let Some(entry) = self.entries.get(worker_type).cloned() else {
-            return Err(format!("no pool takes `{worker_type}` (known: {})", self.types()));
+            return Err(Refused::UnknownType {
+                worker_type: worker_type.to_string(),
+                known: self.types(),
+            });
         };
         let running = self.slots_of(worker_type);
         let have = running.len() as u32;
@@ -365,13 +377,13 @@ impl Fleet {
             }
         }
         let (operations, limit) = (self.operations.clone(), replace_limit(&self.current()));
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             let settled = waiting.into_iter().map(|(slot, rx)| async move {
                 let outcome = match tokio::time::timeout(limit, rx).await {
                     Ok(Ok(Ok(()))) => Outcome::Replaced,
-                    Ok(Ok(Err(e))) => Outcome::Failed(e),
+                    Ok(Ok(Err(e))) => Outcome::Failed(e.to_string()),
                     Ok(Err(_)) => Outcome::Retired,
-                    Err(_) => Outcome::Failed(format!("not replaced within {}", humantime::format_duration(limit))),
+                    Err(_) => Outcome::Failed(slot::NotDone::TooSlow(limit).to_string()),
                 };
                 (slot, outcome)
             });

@@ -16,16 +16,13 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info};
 
-use super::fleet::Fleet;
+use super::fleet::{Fleet, Refused};
 use super::server::{Incoming, Request, Response};
-use crate::api::Endpoint;
-use crate::config::{Config, PoolConfig, WorkerConfig, WorkerProgram};
+use crate::config::{Config, PoolConfig, WorkerConfig};
 use crate::contract::SlotId;
-use crate::executor::Executor;
-use crate::executor::docker::DockerEngine;
-use crate::executor::plan::{self, Decision};
+use crate::executor::backends::{Backends, EntryError};
 use crate::supervisor::slot::Entry;
-use crate::vocab::{ModeKind, Protocol};
+use crate::vocab::Protocol;
 
 /// How long reading the config file may take (a hung mount, a FIFO).
 const READ_WITHIN: Duration = Duration::from_secs(5);
@@ -37,11 +34,28 @@ const DECIDE_WITHIN: Duration = Duration::from_secs(5);
 pub struct Manager {
     pub fleet: Fleet,
     pub protocol: Protocol,
-    pub engine: Option<Arc<DockerEngine>>,
-    pub api: Option<Arc<Endpoint>>,
+    pub backends: Backends,
     pub token: CancellationToken,
     pub metrics: Arc<crate::supervisor::observe::metrics::Metrics>,
     pub db: crate::db::Db,
+}
+
+/// What a reload did so far: the answer's lines, whether a step failed,
+/// and the changed entries' roll-outs still to start.
+#[derive(Default)]
+struct Applied {
+    lines: Vec<String>,
+    failed: bool,
+    /// Per changed entry: its type, the slots to replace, the setup they
+    /// run and the new setup's generation.
+    rollouts: Vec<(String, Vec<SlotId>, Entry, u64)>,
+}
+
+impl Applied {
+    fn fail(&mut self, line: String) {
+        self.failed = true;
+        self.lines.push(line);
+    }
 }
 
 impl Manager {
@@ -60,7 +74,7 @@ impl Manager {
                         // A read that a database lock may hold up: beside
                         // the other requests, not in front of them.
                         let (db, metrics) = (self.db.clone(), self.metrics.clone());
-                        tokio::spawn(async move {
+                        self.fleet.tasks.spawn(async move {
                             let r = match crate::supervisor::observe::metrics::scrape(&db, &metrics).await {
                                 Ok(text) => Response::ok(text.lines().map(str::to_string).collect()),
                                 Err(e) => Response::error(format!("{e:#}")),
@@ -109,7 +123,7 @@ impl Manager {
                 for (t, n) in counts {
                     match self.fleet.scale(&t, n, now).await {
                         Ok(s) => lines.push(s.line),
-                        Err(e) => return Response::error(e),
+                        Err(e) => return Response::error(e.to_string()),
                     }
                 }
                 info!("scaled: {}", lines.join("; "));
@@ -119,7 +133,7 @@ impl Manager {
                 let slots = match self.targets(&targets) {
                     Ok(s) if s.is_empty() => self.fleet.all_slots(),
                     Ok(s) => s,
-                    Err(e) => return Response::error(e),
+                    Err(e) => return Response::error(e.to_string()),
                 };
                 let op = self.fleet.restart(slots, rolling, now, "clx-pool restart");
                 super::server::progress(&self.fleet.operations, op)
@@ -131,7 +145,7 @@ impl Manager {
     }
 
     /// `TYPE` (every slot of it) or `TYPE-N` names.
-    fn targets(&self, names: &[String]) -> Result<Vec<SlotId>, String> {
+    fn targets(&self, names: &[String]) -> Result<Vec<SlotId>, Refused> {
         let mut out = Vec::new();
         for name in names {
             let of_type = self.fleet.slot_ids(name);
@@ -145,7 +159,7 @@ impl Manager {
                 .filter(|s| self.fleet.slot_ids(&s.worker_type).contains(s));
             match slot {
                 Some(s) => out.push(s),
-                None => return Err(format!("`{name}` names no running type or slot (TYPE or TYPE-N)")),
+                None => return Err(Refused::UnknownTarget(name.clone())),
             }
         }
         out.dedup();
@@ -156,32 +170,78 @@ impl Manager {
     /// says why. Changed entries roll out in the background, one worker at
     /// a time; the answer names the operation that follows them.
     pub async fn reload(&mut self) -> Response {
+        let new = match self.read_config().await {
+            Ok(c) => c,
+            Err(refused) => return refused,
+        };
+        let current = self.fleet.current();
+        let plan = plan_reload(&current, &new);
+        let mut entries = match self.prepare_entries(&new, &plan).await {
+            Ok(e) => e,
+            Err(refused) => return refused,
+        };
+        let mut applied = Applied::default();
+        for t in &plan.removed {
+            let slots = self.fleet.remove_entry(t);
+            applied.lines.push(format!(
+                "removed `{t}` (retiring {} worker(s) after their jobs)",
+                slots.len()
+            ));
+        }
+        for t in &plan.added {
+            let e = entries.remove(t).expect("prepared");
+            applied
+                .lines
+                .push(format!("added `{t}` ({} worker(s))", e.worker.count));
+            self.fleet.add_entry(e);
+        }
+        for (t, n) in &plan.scaled {
+            match self.fleet.scale(t, *n, false).await {
+                Ok(s) => applied.lines.push(format!("scaled {}", s.line)),
+                Err(e) => applied.fail(format!("scaling `{t}`: {e}")),
+            }
+        }
+        for t in &plan.changed {
+            let e = entries.remove(t).expect("prepared");
+            self.change(t, e, &mut applied).await;
+        }
+        self.finish_reload(&plan, &current, new, applied)
+    }
+
+    /// The config file, read again within [`READ_WITHIN`]; or the answer
+    /// that refuses the reload.
+    async fn read_config(&self) -> Result<Config, Response> {
         let path = self.fleet.config_path();
         let reading = {
             let path = path.clone();
             tokio::task::spawn_blocking(move || Config::load(&path))
         };
-        let new = match tokio::time::timeout(READ_WITHIN, reading).await {
-            Ok(Ok(Ok(c))) => c,
+        match tokio::time::timeout(READ_WITHIN, reading).await {
+            Ok(Ok(Ok(c))) => Ok(c),
             Ok(Ok(Err(e))) => {
                 let mut r = Response::error(format!("{} is not valid; nothing changed:", path.display()));
                 r.lines.push(format!("{e:#}"));
-                return r;
+                Err(r)
             }
-            Ok(Err(e)) => return Response::error(format!("reading {}: {e}; nothing changed", path.display())),
-            Err(_) => {
-                return Response::error(format!(
-                    "reading {} took longer than {}; nothing changed",
-                    path.display(),
-                    humantime::format_duration(READ_WITHIN)
-                ));
-            }
-        };
-        if let Err(e) = new.check_protocol(self.protocol) {
-            return Response::error(format!("{e}; nothing changed"));
+            Ok(Err(e)) => Err(Response::error(format!(
+                "reading {}: {e}; nothing changed",
+                path.display()
+            ))),
+            Err(_) => Err(Response::error(format!(
+                "reading {} took longer than {}; nothing changed",
+                path.display(),
+                humantime::format_duration(READ_WITHIN)
+            ))),
         }
-        let current = self.fleet.current();
-        let plan = plan_reload(&current, &new);
+        .and_then(|new: Config| match new.check_protocol(self.protocol) {
+            Ok(()) => Ok(new),
+            Err(e) => Err(Response::error(format!("{e}; nothing changed"))),
+        })
+    }
+
+    /// How every added or changed entry will run, decided before anything
+    /// changes; or the answer that refuses the reload.
+    async fn prepare_entries(&self, new: &Config, plan: &ReloadPlan) -> Result<BTreeMap<String, Entry>, Response> {
         let mut entries = BTreeMap::new();
         for t in plan.added.iter().chain(&plan.changed) {
             let w = new
@@ -189,130 +249,83 @@ impl Manager {
                 .iter()
                 .find(|w| &w.worker_type == t)
                 .expect("planned from new");
-            let decided = tokio::time::timeout(DECIDE_WITHIN, self.entry_for(&new, w)).await;
-            match decided {
+            match tokio::time::timeout(DECIDE_WITHIN, self.entry_for(new, w)).await {
                 Ok(Ok(e)) => entries.insert(t.clone(), e),
-                Ok(Err(e)) => return Response::error(format!("{e}; nothing changed")),
+                Ok(Err(e)) => return Err(Response::error(format!("{e}; nothing changed"))),
                 Err(_) => {
-                    return Response::error(format!(
+                    return Err(Response::error(format!(
                         "workers `{t}`: the Docker engine did not answer within {}; nothing changed",
                         humantime::format_duration(DECIDE_WITHIN)
-                    ));
+                    )));
                 }
             };
         }
-        let mut lines = Vec::new();
-        let mut failed = false;
-        for t in &plan.removed {
-            let slots = self.fleet.remove_entry(t);
-            lines.push(format!(
-                "removed `{t}` (retiring {} worker(s) after their jobs)",
-                slots.len()
-            ));
-        }
-        for t in &plan.added {
-            let e = entries.remove(t).expect("prepared");
-            lines.push(format!("added `{t}` ({} worker(s))", e.worker.count));
-            self.fleet.add_entry(e);
-        }
-        for (t, n) in &plan.scaled {
-            match self.fleet.scale(t, *n, false).await {
-                Ok(s) => lines.push(format!("scaled {}", s.line)),
-                Err(e) => {
-                    failed = true;
-                    lines.push(format!("scaling `{t}`: {e}"));
-                }
+        Ok(entries)
+    }
+
+    /// Puts a changed entry in force: new slots start with it, the others
+    /// are queued for replacement.
+    async fn change(&mut self, t: &str, e: Entry, applied: &mut Applied) {
+        let wanted = e.worker.count;
+        let Some((previous, generation)) = self.fleet.change_entry(e) else {
+            return;
+        };
+        let started = match self.fleet.scale(t, wanted, false).await {
+            Ok(s) => s.started,
+            Err(e) => {
+                applied.fail(format!("scaling `{t}`: {e}"));
+                Vec::new()
             }
+        };
+        let old: Vec<SlotId> = self
+            .fleet
+            .slot_ids(t)
+            .into_iter()
+            .filter(|s| !started.contains(&s.index))
+            .collect();
+        if old.is_empty() {
+            applied.lines.push(format!("changed `{t}` (no worker to replace)"));
+        } else {
+            applied.rollouts.push((t.to_string(), old, previous, generation));
         }
-        let mut rollouts = Vec::new();
-        for t in &plan.changed {
-            let e = entries.remove(t).expect("prepared");
-            let wanted = e.worker.count;
-            let Some((previous, generation)) = self.fleet.change_entry(e) else {
-                continue;
-            };
-            // New slots start with the new setup; the others are replaced.
-            let started = match self.fleet.scale(t, wanted, false).await {
-                Ok(s) => s.started,
-                Err(e) => {
-                    failed = true;
-                    lines.push(format!("scaling `{t}`: {e}"));
-                    Vec::new()
-                }
-            };
-            let old: Vec<SlotId> = self
-                .fleet
-                .slot_ids(t)
-                .into_iter()
-                .filter(|s| !started.contains(&s.index))
-                .collect();
-            if old.is_empty() {
-                lines.push(format!("changed `{t}` (no worker to replace)"));
-            } else {
-                rollouts.push((t.clone(), old, previous, generation));
-            }
-        }
+    }
+
+    /// Keeps the file's entries (and the pool settings in force), starts
+    /// the roll-outs and answers with the operation that follows them.
+    fn finish_reload(&mut self, plan: &ReloadPlan, current: &Config, new: Config, mut applied: Applied) -> Response {
         if !plan.pool_keys.is_empty() {
-            lines.push(format!(
+            applied.lines.push(format!(
                 "[pool] {} changed: not applied until the supervisor is restarted",
                 plan.pool_keys.join(", ")
             ));
         }
-        if lines.is_empty() && rollouts.is_empty() {
-            lines.push("nothing changed".into());
+        if applied.lines.is_empty() && applied.rollouts.is_empty() {
+            applied.lines.push("nothing changed".into());
         }
         for w in &plan.unchanged {
             tracing::debug!(worker_type = %w, "unchanged by the reload");
         }
-        // The pool settings in force stay; the entries are the file's.
         self.fleet.set_config(Arc::new(Config {
-            path: new.path.clone(),
+            path: new.path,
             pool: current.pool.clone(),
-            workers: new.workers.clone(),
-            warnings: new.warnings.clone(),
+            workers: new.workers,
+            warnings: new.warnings,
         }));
-        let groups = rollouts
+        let groups = applied
+            .rollouts
             .iter()
             .map(|(t, slots, _, _)| (format!("changed `{t}`: "), slots.clone(), true))
             .collect();
-        let op = self.fleet.operations.create(lines, failed, groups);
-        for (_, slots, previous, generation) in rollouts {
+        let op = self.fleet.operations.create(applied.lines, applied.failed, groups);
+        for (_, slots, previous, generation) in applied.rollouts {
             self.fleet.roll_out(op, slots, previous, generation);
         }
         super::server::progress(&self.fleet.operations, op)
     }
 
-    /// How an added or changed entry runs, with the engine and API of the
-    /// pool.
-    async fn entry_for(&self, config: &Config, w: &WorkerConfig) -> Result<Entry, String> {
-        let at = format!("{}:{}: workers `{}`", config.path.display(), w.line, w.worker_type);
-        let decision = plan::decide_one(w, self.engine.as_ref().map(|e| &e.client)).await;
-        let mode = match decision {
-            Decision::Cannot(why) => return Err(format!("{at}: {why}")),
-            Decision::Runs { mode, .. } => mode,
-        };
-        let executor = match (mode.kind, &self.engine) {
-            (ModeKind::Direct, _) => Executor::Direct,
-            (ModeKind::Docker, None) => {
-                return Err(format!(
-                    "{at}: the pool started without Docker; an entry in docker mode needs a restart of the supervisor"
-                ));
-            }
-            (ModeKind::Docker, Some(engine)) => {
-                let clm_api = self.protocol == Protocol::Clm && !matches!(w.program, WorkerProgram::JobCommand(_));
-                if clm_api && self.api.is_none() {
-                    return Err(format!(
-                        "{at}: CLM workers in containers need the worker API, which starts with the supervisor; restart it"
-                    ));
-                }
-                Executor::Docker {
-                    engine: engine.clone(),
-                    image: w.image.clone().unwrap_or_default(),
-                    network: config.pool.network.clone(),
-                    api: self.api.clone(),
-                }
-            }
-        };
+    /// How an added or changed entry runs, with the backends of the pool.
+    async fn entry_for(&self, config: &Config, w: &WorkerConfig) -> Result<Entry, EntryError> {
+        let (executor, mode) = self.backends.executor_for(config, w, self.protocol).await?;
         Ok(Entry {
             worker: Arc::new(w.clone()),
             executor,

@@ -27,7 +27,7 @@ use tracing::{info, warn};
 use crate::config::Config;
 use crate::contract::SlotId;
 use crate::supervisor::shared::{SharedConfig, lock};
-use crate::supervisor::slot::{Command, Directory, Entry, Order, SharedEntry, Why};
+use crate::supervisor::slot::{Command, Directory, Done, Entry, NotDone, Order, SharedEntry, Why};
 
 pub type OperationId = u64;
 
@@ -270,13 +270,13 @@ impl Rollouts {
 }
 
 /// An ordered replacement, and how to hear it was carried out.
-type Ordered = (Item, oneshot::Receiver<Result<(), String>>);
+type Ordered = (Item, oneshot::Receiver<Done>);
 
 /// The replacement under way, with its deadline.
 struct InFlight {
     item: Item,
     deadline: tokio::time::Instant,
-    done: oneshot::Receiver<Result<(), String>>,
+    done: oneshot::Receiver<Done>,
 }
 
 async fn run(
@@ -320,11 +320,8 @@ async fn run(
                 let outcome = match result {
                     Ok(Ok(Ok(()))) => Ok(()),
                     Ok(Ok(Err(e))) => Err(e),
-                    Ok(Err(_)) => Err("the slot ended".to_string()),
-                    Err(_) => Err(format!(
-                        "not replaced within {}",
-                        humantime::format_duration(limit())
-                    )),
+                    Ok(Err(_)) => Err(NotDone::SlotEnded),
+                    Err(_) => Err(NotDone::TooSlow(limit())),
                 };
                 finish(item, outcome, &mut queue, &directory, &operations);
             }
@@ -390,13 +387,7 @@ fn start_next(queue: &mut VecDeque<Item>, directory: &Directory, operations: &Op
 
 /// What a finished replacement means for its operations, and for the rest
 /// of a reload's roll-out when it failed.
-fn finish(
-    item: Item,
-    outcome: Result<(), String>,
-    queue: &mut VecDeque<Item>,
-    directory: &Directory,
-    operations: &Operations,
-) {
+fn finish(item: Item, outcome: Done, queue: &mut VecDeque<Item>, directory: &Directory, operations: &Operations) {
     let error = match outcome {
         Ok(()) => {
             info!(slot = %item.slot, "replaced");
@@ -409,7 +400,7 @@ fn finish(
     };
     warn!(slot = %item.slot, "replacing the worker failed: {error}");
     for op in &item.ops {
-        operations.resolve(*op, &item.slot, Outcome::Failed(error.clone()));
+        operations.resolve(*op, &item.slot, Outcome::Failed(error.to_string()));
     }
     let Some(reload) = item.reload else { return };
     // The roll-out of this setup stops: the workers not yet replaced keep

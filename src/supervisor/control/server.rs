@@ -20,6 +20,7 @@ use tokio::net::{UnixListener, UnixStream};
 
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
 use super::rollout::Operations;
@@ -92,11 +93,16 @@ const LOOK_AT_FILE: Duration = Duration::from_secs(1);
 /// file that someone removes is made again within a second. A `stop`
 /// request is carried out at once (cancelling `token`), also while the
 /// pool is still starting.
-pub fn serve(db: &Path, token: CancellationToken, operations: Operations) -> anyhow::Result<mpsc::Receiver<Incoming>> {
+pub fn serve(
+    db: &Path,
+    token: CancellationToken,
+    operations: Operations,
+    tasks: &TaskTracker,
+) -> anyhow::Result<mpsc::Receiver<Incoming>> {
     let path = socket_path(db);
     let mut listener = bind(&path)?;
     let (tx, rx) = mpsc::channel(WAITING);
-    tokio::spawn(async move {
+    tasks.spawn(async move {
         let mut bound;
         loop {
             bound = identity(&path);

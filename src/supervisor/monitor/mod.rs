@@ -25,7 +25,7 @@ use super::slot::{Command, Directory, Hung, Order, Why};
 use crate::config::{Config, WorkerProgram};
 use crate::db::Db;
 use crate::db::slots::Observed;
-use crate::executor::docker::DockerEngine;
+use crate::executor::backends::{Backends, Place};
 use crate::procs;
 use crate::vocab::{HungReason, WorkerRow};
 use rules::{Limits, Sample, Seen};
@@ -38,7 +38,7 @@ pub struct Monitor {
     /// The running slots: hung reports and recycling orders go there.
     pub slots: Directory,
     /// For the CPU and memory of docker workers.
-    pub engine: Option<Arc<DockerEngine>>,
+    pub backends: Backends,
     /// `on_event`: told of hung kills and jobs failed for good.
     pub notifier: Notifier,
     /// systemd's watchdog is fed from every tick.
@@ -82,6 +82,17 @@ struct State {
     completed_at_edge: HashSet<i64>,
     /// The STATUS last sent to systemd.
     sd_status: Option<String>,
+}
+
+impl State {
+    /// Forgets the workers that are gone.
+    fn forget(&mut self, live: impl Fn(&WorkerRow) -> bool) {
+        self.liveness.retain(&live);
+        self.usage.retain(&live);
+        self.windows.retain(|(r, _), _| live(r));
+        self.reported.retain(|r| live(r));
+        self.recycling.retain(|r| live(r));
+    }
 }
 
 /// What a type's workers are judged by.
@@ -163,20 +174,7 @@ impl Monitor {
         if period_due {
             state.sampled_at = Some(now);
         }
-        let looked = self
-            .db
-            .call(|c| {
-                let observed = crate::db::slots::observe(c)?;
-                Ok((observed, crate::db::writable(c, PROBE_WAIT)?))
-            })
-            .await;
-        let healthy = matches!(looked, Ok((_, true))) && now.elapsed() < SLOW_LOOK;
-        state.liveness.tick(now, healthy);
-        if !healthy {
-            // No worker could write meanwhile: CPU windows start again.
-            state.windows.clear();
-        }
-        let (observed, _) = looked?;
+        let observed = self.look(state, now).await?;
         // Sample a worker when its type has the zero-CPU rule, when it is
         // new, or once per period.
         let due: Vec<&Observed> = observed
@@ -191,11 +189,7 @@ impl Monitor {
             .collect();
         let samples = self.sample(&due, now).await?;
         let live: HashSet<WorkerRow> = observed.iter().map(|o| o.row).collect();
-        state.liveness.retain(|r| live.contains(r));
-        state.usage.retain(|r| live.contains(r));
-        state.windows.retain(|(r, _), _| live.contains(r));
-        state.reported.retain(|r| live.contains(r));
-        state.recycling.retain(|r| live.contains(r));
+        state.forget(|r| live.contains(r));
         if period_due {
             let pool = self.current().pool.clone();
             let (keep, age) = (pool.events_keep, pool.events_max_age.as_secs());
@@ -211,27 +205,7 @@ impl Monitor {
             {
                 writes.push((o.row, cpu, mem));
             }
-            let sign = liveness::Sign {
-                heartbeat: o.heartbeat.clone(),
-                status: o.status.to_string(),
-                jobs_done: o.jobs_done,
-            };
-            let ages = state.liveness.observe(o.row, sign, o.job);
-            let Some(r) = rules.get(&o.slot.worker_type) else {
-                continue;
-            };
-            let verdict = if state.liveness.healthy() && !state.reported.contains(&o.row) {
-                judge(state, o, ages, &r.limits, sample.map(|(s, _)| s))
-            } else {
-                None
-            };
-            if let Some(reason) = verdict {
-                self.report(state, o, reason);
-            } else if !state.recycling.contains(&o.row)
-                && let Some(why) = recycle_reason(o, r, sample.map(|(_, rss)| rss))
-            {
-                self.recycle(state, o, why);
-            }
+            self.watch(state, o, rules, sample);
         }
         if !writes.is_empty() {
             self.db
@@ -241,52 +215,66 @@ impl Monitor {
         Ok(())
     }
 
-    /// CPU seconds and resident bytes of each worker due: its process tree
-    /// from `/proc`, or its container from the engine (concurrently: each
-    /// is a round trip).
-    async fn sample(&self, due: &[&Observed], now: Instant) -> anyhow::Result<HashMap<WorkerRow, (Sample, u64)>> {
-        let hz = procs::clock_ticks_per_second() as f64;
-        let pids: Vec<(WorkerRow, i32)> = due.iter().filter_map(|o| Some((o.row, o.pid?))).collect();
-        let mut out: HashMap<WorkerRow, (Sample, u64)> = tokio::task::spawn_blocking(move || {
-            pids.into_iter()
-                .filter_map(|(row, pid)| {
-                    let (ticks, rss) = procs::tree_usage_of(pid)?;
-                    Some((
-                        row,
-                        (
-                            Sample {
-                                at: now,
-                                cpu_seconds: ticks as f64 / hz,
-                            },
-                            rss,
-                        ),
-                    ))
-                })
-                .collect()
-        })
-        .await?;
-        if let Some(engine) = &self.engine {
-            let asks = due.iter().filter_map(|o| {
-                let id = o.container.clone()?;
-                let row = o.row;
-                Some(async move {
-                    engine.usage(id.as_str()).await.map(|(cpu, rss)| {
-                        (
-                            row,
-                            (
-                                Sample {
-                                    at: now,
-                                    cpu_seconds: cpu,
-                                },
-                                rss,
-                            ),
-                        )
-                    })
-                })
-            });
-            out.extend(futures_util::future::join_all(asks).await.into_iter().flatten());
+    /// What the database says of every worker; whether it could be written
+    /// (quickly) feeds the credible clock.
+    async fn look(&self, state: &mut State, now: Instant) -> anyhow::Result<Vec<Observed>> {
+        let looked = self
+            .db
+            .call(|c| {
+                let observed = crate::db::slots::observe(c)?;
+                Ok((observed, crate::db::writable(c, PROBE_WAIT)?))
+            })
+            .await;
+        let healthy = matches!(looked, Ok((_, true))) && now.elapsed() < SLOW_LOOK;
+        state.liveness.tick(now, healthy);
+        if !healthy {
+            // No worker could write meanwhile: CPU windows start again.
+            state.windows.clear();
         }
-        Ok(out)
+        Ok(looked?.0)
+    }
+
+    /// Judges one worker: hung (reported, then stopped by its slot), or
+    /// due for recycling (its memory).
+    fn watch(&self, state: &mut State, o: &Observed, rules: &HashMap<String, Rules>, sample: Option<(Sample, u64)>) {
+        let sign = liveness::Sign {
+            heartbeat: o.heartbeat.clone(),
+            status: o.status.to_string(),
+            jobs_done: o.jobs_done,
+        };
+        let ages = state.liveness.observe(o.row, sign, o.job);
+        let Some(r) = rules.get(&o.slot.worker_type) else {
+            return;
+        };
+        let verdict = if state.liveness.healthy() && !state.reported.contains(&o.row) {
+            judge(state, o, ages, &r.limits, sample.map(|(s, _)| s))
+        } else {
+            None
+        };
+        if let Some(reason) = verdict {
+            self.report(state, o, reason);
+        } else if !state.recycling.contains(&o.row)
+            && let Some(why) = recycle_reason(o, r, sample.map(|(_, rss)| rss))
+        {
+            self.recycle(state, o, why);
+        }
+    }
+
+    /// CPU seconds and resident bytes of each worker due, from its backend.
+    async fn sample(&self, due: &[&Observed], now: Instant) -> anyhow::Result<HashMap<WorkerRow, (Sample, u64)>> {
+        let places = due
+            .iter()
+            .filter_map(|o| match (o.pid, &o.container) {
+                (_, Some(id)) => Some((o.row, Place::Container(id.clone()))),
+                (Some(pid), None) => Some((o.row, Place::Process(pid))),
+                (None, None) => None,
+            })
+            .collect();
+        let usage = self.backends.usage(places).await?;
+        Ok(usage
+            .into_iter()
+            .map(|(row, (cpu_seconds, rss))| (row, (Sample { at: now, cpu_seconds }, rss)))
+            .collect())
     }
 
     fn report(&self, state: &mut State, o: &Observed, reason: HungReason) {

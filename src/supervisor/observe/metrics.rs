@@ -144,6 +144,7 @@ pub fn serve(
     db: db::Db,
     metrics: Arc<Metrics>,
     token: tokio_util::sync::CancellationToken,
+    tasks: &tokio_util::task::TaskTracker,
 ) -> anyhow::Result<std::net::SocketAddr> {
     use axum::http::header;
     let bound = listener.local_addr()?;
@@ -166,7 +167,7 @@ pub fn serve(
             }
         }),
     );
-    tokio::spawn(crate::listen::serve(listener, LIMITS, token, "/metrics", move |io| {
+    tasks.spawn(crate::listen::serve(listener, LIMITS, token, "/metrics", move |io| {
         crate::listen::http(io, app.clone(), LIMITS)
     }));
     Ok(bound)

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{Value, json};
+use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
 use crate::procs;
@@ -25,13 +26,16 @@ pub struct Notifier {
     command: Option<Arc<Vec<String>>>,
     /// The pool's and run's tags, for the hook's environment.
     tags: Arc<Vec<(String, String)>>,
+    /// The supervisor's background tasks: each run of the hook is one.
+    tasks: TaskTracker,
 }
 
 impl Notifier {
-    pub fn new(command: Option<Vec<String>>, db: &std::path::Path) -> Notifier {
+    pub fn new(command: Option<Vec<String>>, db: &std::path::Path, tasks: TaskTracker) -> Notifier {
         Notifier {
             command: command.map(Arc::new),
             tags: Arc::new(crate::contract::tags(db).to_vec()),
+            tasks,
         }
     }
 
@@ -49,7 +53,7 @@ impl Notifier {
         }
         let body = fields.to_string();
         let tags = self.tags.clone();
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             if let Err(e) = run(&command, &tags, body).await {
                 warn!(command = %command.join(" "), "on_event: {e:#}");
             }

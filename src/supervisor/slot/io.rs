@@ -15,7 +15,7 @@ use super::{Io, Worker, heartbeat_interval};
 use crate::config::{Config, WorkerConfig, WorkerProgram};
 use crate::contract::SlotId;
 use crate::db::{self, Db};
-use crate::executor::{Executor, Launch, Running};
+use crate::executor::{self, Executor, Launch, Running};
 use crate::supervisor::observe::notify::Notifier;
 use crate::supervisor::registry::Registry;
 use crate::supervisor::shared::lock;
@@ -133,15 +133,7 @@ impl SlotIo {
 
     fn launch_spec(&self, worker_id: WorkerId) -> Launch {
         let pool = &self.config.pool;
-        let program = match &self.executor {
-            // `start` checked that the protocol knows every direct type
-            // that has no command (Config::check_protocol).
-            Executor::Direct => self
-                .worker
-                .direct_program(self.protocol())
-                .unwrap_or(WorkerProgram::Default),
-            Executor::Docker { .. } => self.worker.program.clone(),
-        };
+        let program = self.executor.program(&self.worker, self.protocol());
         Launch {
             worker_type: self.slot.worker_type.clone(),
             slot: self.slot.index,
@@ -332,33 +324,6 @@ impl SlotIo {
     }
 }
 
-/// Whether a launch error lies outside the worker and goes away by itself
-/// (a full disk, too many open files or processes, a busy engine), unlike a
-/// missing program, a forbidden path or a missing image.
-fn launch_error_is_outside(e: &anyhow::Error) -> bool {
-    use std::io::ErrorKind::*;
-    for cause in e.chain() {
-        if cause.downcast_ref::<crate::logs::LogUnavailable>().is_some() {
-            return true;
-        }
-        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
-            return matches!(
-                io.kind(),
-                StorageFull | QuotaExceeded | WouldBlock | ResourceBusy | OutOfMemory | Interrupted | TimedOut
-            ) || matches!(
-                io.raw_os_error(),
-                Some(nix::libc::EMFILE | nix::libc::ENFILE | nix::libc::EIO | nix::libc::EAGAIN)
-            );
-        }
-        if let Some(bollard::errors::Error::DockerResponseServerError { status_code, .. }) =
-            cause.downcast_ref::<bollard::errors::Error>()
-        {
-            return *status_code != 404;
-        }
-    }
-    true
-}
-
 impl Io for SlotIo {
     type Worker = Running;
 
@@ -384,7 +349,7 @@ impl Io for SlotIo {
             .await
             .map_err(|e| Failure::SpawnFailed {
                 error: format!("{e:#}"),
-                outside: launch_error_is_outside(&e),
+                outside: executor::launch_error_is_outside(&e),
             })?;
         // A container goes by its own id, known only now.
         if let Some(row) = self.preregistered
@@ -429,10 +394,8 @@ impl Io for SlotIo {
     }
 
     async fn mark_hung(&mut self, row: WorkerRow) {
-        self.write("marking the worker hung", move |c| {
-            db::workers::set_status(c, row, WorkerStatus::Hung)
-        })
-        .await;
+        self.write("marking the worker hung", move |c| db::workers::mark_hung(c, row))
+            .await;
     }
 
     async fn record_registered(&mut self, worker: &Running, row: WorkerRow) {

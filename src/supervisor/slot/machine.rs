@@ -305,6 +305,7 @@ pub fn next<W>(phase: Phase<W>, event: Event<W>, ctx: &mut Context, now: Instant
     use Event as E;
     use Phase as P;
     match (phase, event) {
+        (phase, E::Order(order)) => ordered(phase, order, ctx),
         (P::Launching, E::Launched(worker)) => (
             P::AwaitingRegistration {
                 worker,
@@ -315,23 +316,7 @@ pub fn next<W>(phase: Phase<W>, event: Event<W>, ctx: &mut Context, now: Instant
         ),
         (P::Launching, E::LaunchFailed(failure)) => failed(None, None, failure, now, now, ctx),
         (P::AwaitingRegistration { worker, since, then }, E::Registered(row)) => {
-            let mut actions = vec![Action::RecordRegistered { row }];
-            if !std::mem::replace(&mut ctx.announced, true) {
-                actions.push(Action::Announce(Settled::Registered));
-            }
-            match then {
-                None => (P::Serving { worker, row, since }, actions),
-                Some((then, why)) => (
-                    P::Draining {
-                        worker,
-                        row,
-                        then,
-                        why,
-                        signalled: false,
-                    },
-                    actions,
-                ),
-            }
+            registered(worker, row, since, then, ctx)
         }
         // It was told to end meanwhile: it ends, recorded as it failed.
         (
@@ -352,26 +337,6 @@ pub fn next<W>(phase: Phase<W>, event: Event<W>, ctx: &mut Context, now: Instant
         (P::Serving { worker, row, since }, E::Ended(failure)) => {
             failed(Some(worker), Some(row), failure, since, now, ctx)
         }
-        (phase, E::Order(order)) => ordered(phase, order, ctx),
-        (
-            P::Draining {
-                worker,
-                row,
-                then,
-                why,
-                signalled: false,
-            },
-            E::ReadyToDrain,
-        ) => (
-            P::Draining {
-                worker,
-                row,
-                then,
-                why,
-                signalled: true,
-            },
-            vec![Action::SignalDrain],
-        ),
         (
             P::Draining {
                 worker,
@@ -380,26 +345,99 @@ pub fn next<W>(phase: Phase<W>, event: Event<W>, ctx: &mut Context, now: Instant
                 why,
                 signalled,
             },
-            E::Ended(failure),
-        ) if drained_as_told(&failure, signalled, ctx) => match then {
-            After::Relaunch => relaunch(Some(worker), Some(row), why),
-            After::Retire => retire(Some(worker), Some(row), why),
-        },
-        (P::Draining { worker, row, then, .. }, E::Ended(failure)) => {
-            failed_on_its_way(worker, Some(row), failure, then)
-        }
-        (P::Draining { worker, row, .. }, E::Shutdown) => stopping(Some(worker), Some(row)),
+            event @ (E::ReadyToDrain | E::Ended(_) | E::Shutdown),
+        ) => draining(
+            Draining {
+                worker,
+                row,
+                then,
+                why,
+                signalled,
+            },
+            event,
+            ctx,
+        ),
         (P::BackingOff { .. }, E::TimerFired) => (P::Launching, vec![Action::Launch]),
         (P::AwaitingRegistration { worker, .. }, E::Shutdown) => stopping(Some(worker), None),
         (P::Serving { worker, row, .. }, E::Shutdown) => stopping(Some(worker), Some(row)),
         (P::Launching | P::BackingOff { .. }, E::Shutdown) => stopping(None, None),
         // A given-up slot stays shown as failed after the pool stops.
         (P::GivenUp, E::Shutdown) => (P::Stopped, vec![]),
-        // Nothing else can happen; an event that does is ignored.
-        (phase, event) => {
-            tracing::error!(phase = ?phase.kind(), event = event.name(), "a slot event that cannot happen; ignored");
-            (phase, vec![])
+        (phase, event) => cannot_happen(phase, event),
+    }
+}
+
+/// Nothing else can happen; an event that does is ignored.
+fn cannot_happen<W>(phase: Phase<W>, event: Event<W>) -> (Phase<W>, Vec<Action<W>>) {
+    tracing::error!(phase = ?phase.kind(), event = event.name(), "a slot event that cannot happen; ignored");
+    (phase, vec![])
+}
+
+/// A new worker registered: it serves, or (told to end meanwhile) drains
+/// at once. The first registration of a slot is announced.
+fn registered<W>(
+    worker: W,
+    row: WorkerRow,
+    since: Instant,
+    then: Option<(After, Why)>,
+    ctx: &mut Context,
+) -> (Phase<W>, Vec<Action<W>>) {
+    let mut actions = vec![Action::RecordRegistered { row }];
+    if !std::mem::replace(&mut ctx.announced, true) {
+        actions.push(Action::Announce(Settled::Registered));
+    }
+    match then {
+        None => (Phase::Serving { worker, row, since }, actions),
+        Some((then, why)) => (
+            Phase::Draining {
+                worker,
+                row,
+                then,
+                why,
+                signalled: false,
+            },
+            actions,
+        ),
+    }
+}
+
+/// The fields of [`Phase::Draining`], for the transitions out of it.
+struct Draining<W> {
+    worker: W,
+    row: WorkerRow,
+    then: After,
+    why: Why,
+    signalled: bool,
+}
+
+impl<W> Draining<W> {
+    fn phase(self) -> Phase<W> {
+        let Draining {
+            worker,
+            row,
+            then,
+            why,
+            signalled,
+        } = self;
+        Phase::Draining {
+            worker,
+            row,
+            then,
+            why,
+            signalled,
         }
+    }
+}
+
+/// A draining worker is told to end once it is ready; when it ends as
+/// told, what was ordered happens; otherwise it failed on its way.
+fn draining<W>(d: Draining<W>, event: Event<W>, ctx: &Context) -> (Phase<W>, Vec<Action<W>>) {
+    match event {
+        Event::ReadyToDrain if !d.signalled => (Draining { signalled: true, ..d }.phase(), vec![Action::SignalDrain]),
+        Event::Ended(failure) if drained_as_told(&failure, d.signalled, ctx) => end_as_ordered(d),
+        Event::Ended(failure) => failed_on_its_way(d.worker, Some(d.row), failure, d.then),
+        Event::Shutdown => stopping(Some(d.worker), Some(d.row)),
+        event => cannot_happen(d.phase(), event),
     }
 }
 
@@ -491,22 +529,14 @@ fn ordered<W>(phase: Phase<W>, order: Order, ctx: &mut Context) -> (Phase<W>, Ve
         } => {
             // A retirement wins over a replacement.
             let then = if before == After::Retire { After::Retire } else { then };
-            if now {
-                return match then {
-                    After::Relaunch => relaunch(Some(worker), Some(row), why),
-                    After::Retire => retire(Some(worker), Some(row), why),
-                };
-            }
-            (
-                P::Draining {
-                    worker,
-                    row,
-                    then,
-                    why,
-                    signalled,
-                },
-                vec![],
-            )
+            let d = Draining {
+                worker,
+                row,
+                then,
+                why,
+                signalled,
+            };
+            if now { end_as_ordered(d) } else { (d.phase(), vec![]) }
         }
         P::AwaitingRegistration { worker, .. } if now => end(Some(worker), None, why),
         // It may have claimed a job already: told once it registered.
@@ -520,14 +550,8 @@ fn ordered<W>(phase: Phase<W>, order: Order, ctx: &mut Context) -> (Phase<W>, Ve
                 Some((After::Retire, earlier)) => (After::Retire, earlier),
                 _ => (then, why),
             };
-            (
-                P::AwaitingRegistration {
-                    worker,
-                    since,
-                    then: Some(then),
-                },
-                vec![],
-            )
+            let then = Some(then);
+            (P::AwaitingRegistration { worker, since, then }, vec![])
         }
         P::BackingOff { .. } | P::GivenUp if then == After::Relaunch => {
             ctx.policy = RestartPolicy::new(ctx.restart.clone());
@@ -538,6 +562,14 @@ fn ordered<W>(phase: Phase<W>, order: Order, ctx: &mut Context) -> (Phase<W>, Ve
         }
         P::BackingOff { .. } | P::GivenUp => (P::Retired, vec![Action::RemoveSlot]),
         phase @ (P::Launching | P::Stopped | P::Retired) => (phase, vec![]),
+    }
+}
+
+/// A draining worker ends: what it was ordered to end for happens.
+fn end_as_ordered<W>(d: Draining<W>) -> (Phase<W>, Vec<Action<W>>) {
+    match d.then {
+        After::Relaunch => relaunch(Some(d.worker), Some(d.row), d.why),
+        After::Retire => retire(Some(d.worker), Some(d.row), d.why),
     }
 }
 

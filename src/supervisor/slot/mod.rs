@@ -29,7 +29,27 @@ pub use reach::{Directory, Entry, Hung, SharedEntry, SlotChannels};
 /// new worker registered (or the slot ended), or why not.
 pub struct Command {
     pub order: Order,
-    pub done: Option<oneshot::Sender<Result<(), String>>>,
+    pub done: Option<oneshot::Sender<Done>>,
+}
+
+/// Whether an order was carried out.
+pub type Done = Result<(), NotDone>;
+
+/// Why an order was not carried out.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NotDone {
+    /// The worker started for it failed (why, as the event says).
+    #[error("its new worker {0}")]
+    NewWorkerFailed(String),
+    #[error("the slot was given up (see `clx-pool stats --events`)")]
+    GivenUp,
+    #[error("the pool stopped")]
+    PoolStopped,
+    /// The slot's task ended without answering.
+    #[error("the slot ended")]
+    SlotEnded,
+    #[error("not replaced within {}", humantime::format_duration(*.0))]
+    TooSlow(std::time::Duration),
 }
 
 pub type Orders = mpsc::UnboundedReceiver<Command>;
@@ -100,7 +120,7 @@ pub async fn run<I: Io>(io: &mut I, mut ctx: Context, timing: Timing, token: Can
     let mut phase: Phase<I::Worker> = Phase::Launching;
     let mut pending: VecDeque<Action<I::Worker>> =
         VecDeque::from([Action::SetState(SlotState::Starting, None), Action::Launch]);
-    let mut waiters: Vec<oneshot::Sender<Result<(), String>>> = Vec::new();
+    let mut waiters: Vec<oneshot::Sender<Done>> = Vec::new();
     loop {
         let mut launched = None;
         while let Some(action) = pending.pop_front() {
@@ -127,7 +147,7 @@ pub async fn run<I: Io>(io: &mut I, mut ctx: Context, timing: Timing, token: Can
         pending.extend(actions);
         if let Some(cause) = failed_start {
             for w in waiters.drain(..) {
-                w.send(Err(format!("its new worker {cause}"))).ok();
+                w.send(Err(NotDone::NewWorkerFailed(cause.clone()))).ok();
             }
         }
     }
@@ -135,11 +155,11 @@ pub async fn run<I: Io>(io: &mut I, mut ctx: Context, timing: Timing, token: Can
 
 /// Tells those waiting for an order whether it was carried out, once the
 /// slot got somewhere.
-fn tell<W>(waiters: &mut Vec<oneshot::Sender<Result<(), String>>>, phase: &Phase<W>) {
+fn tell<W>(waiters: &mut Vec<oneshot::Sender<Done>>, phase: &Phase<W>) {
     let outcome = match phase {
         Phase::Serving { .. } | Phase::Retired => Ok(()),
-        Phase::GivenUp => Err("the slot was given up (see `clx-pool stats --events`)".to_string()),
-        Phase::Stopped => Err("the pool stopped".to_string()),
+        Phase::GivenUp => Err(NotDone::GivenUp),
+        Phase::Stopped => Err(NotDone::PoolStopped),
         _ => return,
     };
     for w in waiters.drain(..) {
@@ -188,39 +208,12 @@ async fn observe<I: Io>(
     timing: Timing,
     token: &CancellationToken,
     orders: &mut Orders,
-    waiters: &mut Vec<oneshot::Sender<Result<(), String>>>,
+    waiters: &mut Vec<oneshot::Sender<Done>>,
 ) -> Event<I::Worker> {
-    // An order, with its waiter kept; a closed channel never fires.
-    let mut order = async || match orders.recv().await {
-        Some(Command { order, done }) => (order, done),
-        None => std::future::pending().await,
-    };
-    macro_rules! ordered {
-        ($o:expr) => {{
-            let (o, done) = $o;
-            waiters.extend(done);
-            Event::Order(o)
-        }};
-    }
     match phase {
         Phase::AwaitingRegistration { worker, since, .. } => {
-            let id = worker.id().clone();
             let deadline = *since + timing.startup_timeout;
-            let event = tokio::select! {
-                biased;
-                _ = token.cancelled() => Event::Shutdown,
-                cause = worker.wait() => Event::Ended(Failure::Died(cause)),
-                row = io.registered(&id) => return Event::Registered(row),
-                // Still waiting for it: an order is carried out once it
-                // registered.
-                o = order() => return ordered!(o),
-                _ = tokio::time::sleep_until(deadline) => {
-                    worker.stop(timing.stop_timeout).await;
-                    Event::Ended(Failure::NoRegister)
-                }
-            };
-            io.forget(&id);
-            event
+            await_registration(io, worker, deadline, timing, token, orders, waiters).await
         }
         Phase::Serving { worker, row, .. } => {
             let row = *row;
@@ -228,7 +221,7 @@ async fn observe<I: Io>(
                 biased;
                 _ = token.cancelled() => Event::Shutdown,
                 cause = worker.wait() => Event::Ended(Failure::Died(cause)),
-                o = order() => ordered!(o),
+                c = next_order(orders) => heard(waiters, c),
                 reason = io.hung(row) => stop_hung(io, worker, row, reason, timing).await,
             }
         }
@@ -240,7 +233,7 @@ async fn observe<I: Io>(
                 biased;
                 _ = token.cancelled() => Event::Shutdown,
                 cause = worker.wait() => Event::Ended(Failure::Died(cause)),
-                o = order() => ordered!(o),
+                c = next_order(orders) => heard(waiters, c),
                 _ = io.ready_to_drain(row), if !signalled => Event::ReadyToDrain,
                 // Still supervised on its way out: a job that never ends
                 // must not keep it (and its job) for ever.
@@ -250,19 +243,60 @@ async fn observe<I: Io>(
         Phase::BackingOff { until } => tokio::select! {
             biased;
             _ = token.cancelled() => Event::Shutdown,
-            o = order() => ordered!(o),
+            c = next_order(orders) => heard(waiters, c),
             _ = tokio::time::sleep_until(*until) => Event::TimerFired,
         },
         Phase::GivenUp => tokio::select! {
             biased;
             _ = token.cancelled() => Event::Shutdown,
-            o = order() => ordered!(o),
+            c = next_order(orders) => heard(waiters, c),
         },
         Phase::Launching | Phase::Stopped | Phase::Retired => {
             token.cancelled().await;
             Event::Shutdown
         }
     }
+}
+
+/// Waits for a new worker to register (or die, or miss its deadline). An
+/// order meanwhile is carried out once it registered.
+async fn await_registration<I: Io>(
+    io: &mut I,
+    worker: &mut I::Worker,
+    deadline: Instant,
+    timing: Timing,
+    token: &CancellationToken,
+    orders: &mut Orders,
+    waiters: &mut Vec<oneshot::Sender<Done>>,
+) -> Event<I::Worker> {
+    let id = worker.id().clone();
+    let event = tokio::select! {
+        biased;
+        _ = token.cancelled() => Event::Shutdown,
+        cause = worker.wait() => Event::Ended(Failure::Died(cause)),
+        row = io.registered(&id) => return Event::Registered(row),
+        c = next_order(orders) => return heard(waiters, c),
+        _ = tokio::time::sleep_until(deadline) => {
+            worker.stop(timing.stop_timeout).await;
+            Event::Ended(Failure::NoRegister)
+        }
+    };
+    io.forget(&id);
+    event
+}
+
+/// The next order; a closed channel never fires.
+async fn next_order(orders: &mut Orders) -> Command {
+    match orders.recv().await {
+        Some(c) => c,
+        None => std::future::pending().await,
+    }
+}
+
+/// An order heard: its waiter waits for the slot to get somewhere.
+fn heard<W>(waiters: &mut Vec<oneshot::Sender<Done>>, c: Command) -> Event<W> {
+    waiters.extend(c.done);
+    Event::Order(c.order)
 }
 
 /// Marks a worker found hung, stops it, and says so.

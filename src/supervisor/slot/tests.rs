@@ -11,7 +11,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::machine::{Context, Failure, Order, Settled, Why};
-use super::{Command, Io, Timing, Worker, run};
+use super::{Command, Done, Io, NotDone, Timing, Worker, run};
 use crate::config::RestartConfig;
 use crate::vocab::{EndCause, HungReason, SlotState, WorkerId, WorkerRow};
 
@@ -275,7 +275,7 @@ async fn drive_with(
     until: Duration,
     orders: Vec<(Duration, Order)>,
     clean_exit_is_recycle: bool,
-) -> (Vec<(Duration, String)>, Vec<Result<(), String>>) {
+) -> (Vec<(Duration, String)>, Vec<Done>) {
     let log = Arc::new(Mutex::new(Log::default()));
     let mut io = FakeIo {
         t0: Instant::now(),
@@ -307,7 +307,7 @@ async fn drive_with(
         }
         let mut out = Vec::new();
         for w in answers {
-            out.push(w.await.unwrap_or_else(|_| Err("dropped".into())));
+            out.push(w.await.unwrap_or(Err(NotDone::SlotEnded)));
         }
         out
     });
@@ -686,7 +686,7 @@ async fn every_interleaving_of_orders_and_failures_keeps_the_rules() {
                     assert_eq!(heard.len(), orders.len(), "{case}");
                     let removed_at = log.iter().find(|(_, w)| w == "removed").map(|(t, _)| *t);
                     for ((at, _), h) in orders.iter().zip(&heard) {
-                        if h.as_ref().err().is_some_and(|e| e == "dropped") {
+                        if h.as_ref().err().is_some_and(|e| *e == NotDone::SlotEnded) {
                             assert!(removed_at.is_some_and(|t| t <= *at), "an order went unanswered: {case}");
                         }
                     }

@@ -12,7 +12,7 @@ use crate::vocab::{Mode, ModeKind, Protocol, SlotState, WorkerId, WorkerRow};
 /// A pool in a temporary database: type `upper` with three slots (two
 /// running workers, one idle and one busy; one slot backing off), type
 /// `copy` with one running idle worker; jobs of this run: 2 completed,
-/// 1 failed, 1 processing (held by the busy worker), 3 pending `upper`
+/// 1 failed, 1 processing (held by the busy worker), 1 pending `upper`
 /// and 1 pending `nobody` (a type no worker takes).
 pub struct Fixture {
     /// Holds the database; removed on drop.

@@ -1,0 +1,250 @@
+//! The backends a pool's workers run on, reached once per run: everything
+//! the supervisor asks of "a backend" — how an entry runs, the executor
+//! for it, the usage of running workers, what a pool left behind — without
+//! naming one. The supervisor holds a [`Backends`] and never an engine;
+//! adding a backend touches `executor/` and `config/` only.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tracing::{info, warn};
+
+use super::docker::{self, DockerEngine};
+use super::plan::{self, Decision};
+use super::{Executor, direct};
+use crate::api;
+use crate::config::{Config, WorkerConfig, WorkerProgram};
+use crate::db::{self, Db};
+use crate::vocab::{Mode, ModeKind, Protocol, WorkerId, WorkerRow};
+
+/// The engines of a running pool (none for a direct-only pool).
+#[derive(Clone, Default)]
+pub struct Backends {
+    docker: Option<Arc<DockerEngine>>,
+    /// CLM's Worker API, for CLM workers in containers.
+    api: Option<Arc<api::Endpoint>>,
+}
+
+/// Where a running worker is, for its usage.
+#[derive(Debug, Clone)]
+pub enum Place {
+    /// A direct worker: its process tree.
+    Process(i32),
+    /// A container, by id.
+    Container(WorkerId),
+}
+
+/// Why an entry added or changed at run time cannot run in this pool.
+#[derive(Debug, thiserror::Error)]
+pub enum EntryError {
+    #[error("{at}: {why}")]
+    Cannot { at: String, why: String },
+    #[error("{at}: the pool started without Docker; an entry in docker mode needs a restart of the supervisor")]
+    NoEngine { at: String },
+    #[error("{at}: CLM workers in containers need the worker API, which starts with the supervisor; restart it")]
+    NoApi { at: String },
+}
+
+/// What `start` learns by reaching the backends: them, each entry's
+/// executor and mode, and the Worker API server if it started one.
+pub struct Reached {
+    pub backends: Backends,
+    pub executors: Vec<(Executor, Mode)>,
+    pub api: Option<api::ApiServer>,
+}
+
+impl Backends {
+    /// Runs the plan for `start`: each entry's executor, or the first
+    /// reason one cannot run; creates the docker network if an entry uses
+    /// it, and starts CLM's Worker API if CLM workers will run in
+    /// containers.
+    pub async fn reach(config: &Config, protocol: Protocol) -> anyhow::Result<Reached> {
+        let plan = plan::plan(config).await;
+        let mut modes = Vec::new();
+        for (w, decision) in config.workers.iter().zip(&plan.decisions) {
+            let (mode, why) = match decision {
+                Decision::Cannot(why) => anyhow::bail!("{}: {why}", at(config, w)),
+                Decision::Runs { mode, why } => (*mode, why),
+            };
+            if let Some(why) = why {
+                info!(worker_type = %w.worker_type, "execution_mode = \"auto\": {why}");
+            }
+            modes.push(mode);
+        }
+        let mut backends = Backends {
+            docker: plan.engine.clone(),
+            api: None,
+        };
+        let mut server = None;
+        if let (true, Some(engine)) = (plan.uses_docker(), &plan.engine) {
+            engine
+                .ensure_network(&config.pool.network)
+                .await
+                .context("preparing the docker network")?;
+            let needs_api = config
+                .workers
+                .iter()
+                .zip(&modes)
+                .any(|(w, m)| m.kind == ModeKind::Docker && needs_api(protocol, w));
+            if needs_api {
+                let started = start_api(config, engine).await?;
+                backends.api = Some(started.endpoint.clone());
+                server = Some(started);
+            }
+        }
+        let executors = config
+            .workers
+            .iter()
+            .zip(modes)
+            .map(|(w, mode)| (backends.executor(config, w, mode.kind), mode))
+            .collect();
+        Ok(Reached {
+            backends,
+            executors,
+            api: server,
+        })
+    }
+
+    /// The backends a cleanup needs: these, or if none was reached and the
+    /// pool's slots ran in docker mode, a new connection to Docker.
+    pub async fn for_cleanup(self, db_path: &Path, modes: impl IntoIterator<Item = ModeKind>) -> Backends {
+        if self.docker.is_some() || !modes.into_iter().any(|m| m == ModeKind::Docker) {
+            return self;
+        }
+        match docker::connect().await {
+            Ok(client) => Backends {
+                docker: Some(DockerEngine::new(client, db_path)),
+                ..self
+            },
+            Err(e) => {
+                warn!("cannot look for this pool's leftover containers: {e:#}");
+                self
+            }
+        }
+    }
+
+    /// How an entry added or changed at run time runs, with the engines
+    /// and API this pool started with.
+    pub async fn executor_for(
+        &self,
+        config: &Config,
+        w: &WorkerConfig,
+        protocol: Protocol,
+    ) -> Result<(Executor, Mode), EntryError> {
+        let at = at(config, w);
+        let mode = match plan::decide_one(w, self.docker.as_ref().map(|e| &e.client)).await {
+            Decision::Cannot(why) => return Err(EntryError::Cannot { at, why }),
+            Decision::Runs { mode, .. } => mode,
+        };
+        match (mode.kind, &self.docker) {
+            (ModeKind::Docker, None) => Err(EntryError::NoEngine { at }),
+            (ModeKind::Docker, Some(_)) if needs_api(protocol, w) && self.api.is_none() => {
+                Err(EntryError::NoApi { at })
+            }
+            (kind, _) => Ok((self.executor(config, w, kind), mode)),
+        }
+    }
+
+    /// The executor of an entry in a mode whose backend was reached.
+    fn executor(&self, config: &Config, w: &WorkerConfig, kind: ModeKind) -> Executor {
+        match (kind, &self.docker) {
+            (ModeKind::Docker, Some(engine)) => Executor::Docker {
+                engine: engine.clone(),
+                image: w.image.clone().unwrap_or_default(),
+                network: config.pool.network.clone(),
+                api: self.api.clone(),
+            },
+            _ => Executor::Direct,
+        }
+    }
+
+    /// CPU seconds and resident bytes of running workers, each from its
+    /// backend (containers concurrently: each is a round trip). Workers
+    /// that are gone are left out.
+    pub async fn usage(&self, places: Vec<(WorkerRow, Place)>) -> anyhow::Result<HashMap<WorkerRow, (f64, u64)>> {
+        let (processes, containers): (Vec<_>, Vec<_>) =
+            places.into_iter().partition(|(_, p)| matches!(p, Place::Process(_)));
+        let pids: Vec<(WorkerRow, i32)> = processes
+            .into_iter()
+            .filter_map(|(row, p)| match p {
+                Place::Process(pid) => Some((row, pid)),
+                Place::Container(_) => None,
+            })
+            .collect();
+        let mut out = tokio::task::spawn_blocking(move || direct::usage(pids)).await?;
+        if let Some(engine) = &self.docker {
+            let asks = containers.into_iter().filter_map(|(row, p)| match p {
+                Place::Container(id) => Some(async move { engine.usage(id.as_str()).await.map(|u| (row, u)) }),
+                Place::Process(_) => None,
+            });
+            out.extend(futures_util::future::join_all(asks).await.into_iter().flatten());
+        }
+        Ok(out)
+    }
+
+    /// Removes what of this pool outlived its workers in the backends
+    /// (containers found by their labels); returns how many.
+    pub async fn remove_leftovers(&self) -> anyhow::Result<usize> {
+        match &self.docker {
+            Some(engine) => engine.remove_pool_containers().await,
+            None => Ok(0),
+        }
+    }
+
+    /// Like [`Backends::remove_leftovers`], for the end of a run: logged,
+    /// never failing the stop.
+    pub async fn sweep(&self) {
+        match self.remove_leftovers().await {
+            Ok(0) => {}
+            Ok(n) => info!(containers = n, "removed leftover containers"),
+            Err(e) => warn!("removing leftover containers: {e:#}"),
+        }
+    }
+}
+
+/// Whether a CLM entry's containers reach the queue through the Worker API
+/// (its own worker programs; the built-in worker opens the database).
+fn needs_api(protocol: Protocol, w: &WorkerConfig) -> bool {
+    protocol == Protocol::Clm && !matches!(w.program, WorkerProgram::JobCommand(_))
+}
+
+/// Where an entry is written, for messages.
+fn at(config: &Config, w: &WorkerConfig) -> String {
+    format!("{}:{}: workers `{}`", config.path.display(), w.line, w.worker_type)
+}
+
+/// Starts CLM's Worker API where the pool's containers reach it.
+async fn start_api(config: &Config, engine: &DockerEngine) -> anyhow::Result<api::ApiServer> {
+    let pool = &config.pool;
+    let at = format!("{}: [pool] network = \"{}\"", config.path.display(), pool.network);
+    let reach = match pool.network.as_str() {
+        "host" => api::Reach::HostNetwork,
+        "none" => anyhow::bail!(
+            "{at}: CLM workers in containers reach the queue through the worker API, over a network; use a bridge network (the default) or \"host\""
+        ),
+        n => match engine.gateway(n).await? {
+            Some(gateway) => api::Reach::Gateway(gateway),
+            None => {
+                anyhow::bail!("{at}: the network has no gateway address, so its containers cannot reach the worker API")
+            }
+        },
+    };
+    if let Some(addr) = pool.api_listen
+        && !api::is_local(addr.ip(), reach)
+    {
+        warn!(%addr, "the worker API listens beyond this machine (api_listen); requests need the token from api_token_file");
+    }
+    let token = api::token(pool.api_token_file.as_deref())
+        .with_context(|| format!("{}: [pool] api_token_file", config.path.display()))?;
+    let (db_path, protocol) = (pool.db_path.clone(), Protocol::Clm);
+    let conn = tokio::task::spawn_blocking(move || db::open_existing(&db_path))
+        .await??
+        .0;
+    let db = Db::new(conn, &pool.db_path, protocol);
+    let server = api::start(db, pool.cache_db_path.clone(), token, pool.api_listen, reach).await?;
+    let at: Vec<String> = server.listening.iter().map(|a| a.to_string()).collect();
+    info!(listening = %at.join(", "), url = %server.endpoint.url, "the worker API is up (bearer token required)");
+    Ok(server)
+}
