@@ -123,17 +123,10 @@ pub fn store_notebook(conn: &Connection, key: &NotebookKey, json: &[u8]) -> rusq
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::db::fixture::memory_db as db;
     use crate::db::jobs::ClaimedJob;
-    use crate::db::schema;
-    use crate::vocab::Protocol;
 
-    /// A job database as `db::open` leaves it.
-    fn db(protocol: Protocol) -> Connection {
-        let conn = Connection::open_in_memory().unwrap();
-        conn.pragma_update(None, "foreign_keys", false).unwrap();
-        schema::prepare(&conn, Some(protocol)).unwrap();
-        conn
-    }
+    use crate::vocab::Protocol;
 
     fn completed(id: i64, output_file: &str, content_hash: &str) -> ClaimedJob {
         ClaimedJob {

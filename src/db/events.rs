@@ -125,15 +125,8 @@ pub fn recent_events(conn: &Connection, limit: i64) -> rusqlite::Result<Vec<Even
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::db::fixture::memory_db as db;
     use crate::db::schema;
-
-    /// A job database as `db::open` leaves it.
-    fn db(protocol: Protocol) -> Connection {
-        let conn = Connection::open_in_memory().unwrap();
-        conn.pragma_update(None, "foreign_keys", false).unwrap();
-        schema::prepare(&conn, Some(protocol)).unwrap();
-        conn
-    }
 
     fn end(conn: &Connection, index: u32, event: EndEvent, job_id: Option<i64>) {
         let slot = SlotId {

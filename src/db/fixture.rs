@@ -129,3 +129,30 @@ impl Fixture {
         jobs::claim(&mut self.conn, t, who).unwrap().unwrap()
     }
 }
+
+/// A job database in memory as `db::open` leaves it (foreign keys off, as
+/// on every connection of the workers and the supervisor).
+pub fn memory_db(protocol: Protocol) -> Connection {
+    let conn = Connection::open_in_memory().unwrap();
+    conn.pragma_update(None, "foreign_keys", false).unwrap();
+    crate::db::schema::prepare(&conn, Some(protocol)).unwrap();
+    conn
+}
+
+/// Submits a pending job of `job_type` (input `in`, output `out`) that
+/// may be tried `max_attempts` times; returns its id.
+pub fn add_job(conn: &Connection, job_type: &str, max_attempts: i64) -> i64 {
+    jobs::submit(
+        conn,
+        &jobs::NewJob {
+            job_type,
+            input_file: "in",
+            output_file: "out",
+            content_hash: "h",
+            payload: "{}",
+            priority: 0,
+            max_attempts,
+        },
+    )
+    .unwrap()
+}

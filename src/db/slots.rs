@@ -376,20 +376,13 @@ pub fn observe(c: &mut Connection) -> rusqlite::Result<Vec<Observed>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::db::fixture::memory_db as db;
     use crate::db::{schema, workers};
 
     const DIRECT: Mode = Mode {
         kind: ModeKind::Direct,
         auto: false,
     };
-
-    /// A job database as `db::open` leaves it.
-    fn db(protocol: Protocol) -> Connection {
-        let conn = Connection::open_in_memory().unwrap();
-        conn.pragma_update(None, "foreign_keys", false).unwrap();
-        schema::prepare(&conn, Some(protocol)).unwrap();
-        conn
-    }
 
     fn slot(worker_type: &str, index: u32) -> SlotId {
         SlotId {

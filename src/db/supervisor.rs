@@ -160,16 +160,9 @@ pub fn run_started(conn: &Connection) -> rusqlite::Result<Option<String>> {
 mod tests {
     use super::*;
     use crate::contract::SlotId;
+    use crate::db::fixture::memory_db as db;
     use crate::db::{schema, slots};
     use crate::vocab::{Mode, ModeKind, WorkerId};
-
-    /// A job database as `db::open` leaves it.
-    fn db(protocol: Protocol) -> Connection {
-        let conn = Connection::open_in_memory().unwrap();
-        conn.pragma_update(None, "foreign_keys", false).unwrap();
-        schema::prepare(&conn, Some(protocol)).unwrap();
-        conn
-    }
 
     fn run(pid: i64, expected_workers: i64) -> NewSupervisor<'static> {
         NewSupervisor {

@@ -409,36 +409,17 @@ mod tests {
     use super::*;
     use crate::contract::SlotId;
     use crate::db::fixture::Fixture;
+    use crate::db::fixture::add_job;
+    use crate::db::fixture::memory_db as db;
     use crate::db::{jobs, schema, slots};
     use crate::vocab::{Mode, SlotState};
-
-    /// A job database as `db::open` leaves it (foreign keys off, as every
-    /// connection of the workers and the supervisor).
-    fn db(protocol: Protocol) -> Connection {
-        let conn = Connection::open_in_memory().unwrap();
-        conn.pragma_update(None, "foreign_keys", false).unwrap();
-        schema::prepare(&conn, Some(protocol)).unwrap();
-        conn
-    }
 
     fn id(s: &str) -> WorkerId {
         WorkerId(s.into())
     }
 
     fn submit(conn: &Connection, job_type: &str) -> i64 {
-        jobs::submit(
-            conn,
-            &jobs::NewJob {
-                job_type,
-                input_file: "in",
-                output_file: "out",
-                content_hash: "h",
-                payload: "{}",
-                priority: 0,
-                max_attempts: 3,
-            },
-        )
-        .unwrap()
+        add_job(conn, job_type, 3)
     }
 
     fn preregistration<'a>(container_id: &'a WorkerId, parent_pid: i64) -> Preregistration<'a> {

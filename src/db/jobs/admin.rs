@@ -257,30 +257,12 @@ pub fn run_failures(conn: &Connection, since: Option<&str>, limit: i64) -> rusql
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::db::fixture::add_job;
+    use crate::db::fixture::memory_db as queue;
     use crate::db::jobs::counts::run_counts;
-    use crate::db::jobs::{NewJob, submit};
-    use crate::db::schema;
-
-    fn queue(protocol: Protocol) -> Connection {
-        let conn = Connection::open_in_memory().unwrap();
-        schema::prepare(&conn, Some(protocol)).unwrap();
-        conn
-    }
 
     fn add(conn: &Connection, job_type: &str) -> i64 {
-        submit(
-            conn,
-            &NewJob {
-                job_type,
-                input_file: "in",
-                output_file: "out",
-                content_hash: "h",
-                payload: "{}",
-                priority: 0,
-                max_attempts: 3,
-            },
-        )
-        .unwrap()
+        add_job(conn, job_type, 3)
     }
 
     fn status(conn: &Connection, id: i64) -> JobStatus {

@@ -143,33 +143,15 @@ pub fn recently_failed(c: &mut Connection) -> rusqlite::Result<Vec<(i64, String,
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::db::fixture::add_job;
+    use crate::db::fixture::memory_db as db;
     use crate::db::jobs::admin::{self, Filter};
-    use crate::db::jobs::{NewJob, submit};
-    use crate::db::{schema, supervisor};
+
+    use crate::db::supervisor;
     use crate::vocab::Protocol;
 
-    /// A job database as `db::open` leaves it.
-    fn db(protocol: Protocol) -> Connection {
-        let conn = Connection::open_in_memory().unwrap();
-        conn.pragma_update(None, "foreign_keys", false).unwrap();
-        schema::prepare(&conn, Some(protocol)).unwrap();
-        conn
-    }
-
     fn add(conn: &Connection, job_type: &str) -> i64 {
-        submit(
-            conn,
-            &NewJob {
-                job_type,
-                input_file: "in",
-                output_file: "out",
-                content_hash: "h",
-                payload: "{}",
-                priority: 0,
-                max_attempts: 3,
-            },
-        )
-        .unwrap()
+        add_job(conn, job_type, 3)
     }
 
     /// Sets a job's columns (SQL expressions, as written).

@@ -178,33 +178,11 @@ pub fn bury_pool_rows(
 mod tests {
     use super::*;
     use crate::contract::SlotId;
-    use crate::db::jobs::{Claimant, NewJob, claim, submit};
-    use crate::db::{schema, slots};
+    use crate::db::fixture::add_job as add;
+    use crate::db::fixture::memory_db as db;
+    use crate::db::jobs::{Claimant, claim};
+    use crate::db::slots;
     use crate::vocab::{Mode, ModeKind, SlotState, WorkerId};
-
-    /// A job database as `db::open` leaves it.
-    fn db(protocol: Protocol) -> Connection {
-        let conn = Connection::open_in_memory().unwrap();
-        conn.pragma_update(None, "foreign_keys", false).unwrap();
-        schema::prepare(&conn, Some(protocol)).unwrap();
-        conn
-    }
-
-    fn add(conn: &Connection, job_type: &str, max_attempts: i64) -> i64 {
-        submit(
-            conn,
-            &NewJob {
-                job_type,
-                input_file: "in",
-                output_file: "out",
-                content_hash: "h",
-                payload: "{}",
-                priority: 0,
-                max_attempts,
-            },
-        )
-        .unwrap()
-    }
 
     /// Submits a job of type `t` and has `row` claim it.
     fn held(conn: &mut Connection, protocol: Protocol, row: WorkerRow, max_attempts: i64) -> i64 {
