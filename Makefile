@@ -21,12 +21,16 @@ demo: build
 # One debug build serves unit and integration tests. The CLM tests use a
 # venv with today's CLM workers from PyPI (made once by clm-venv), others a
 # venv of tools (the reference Prometheus parser; tools-venv).
+# The swarm tests run on a two-node swarm of private dockerds
+# (scripts/swarm-ci.sh: up before, down after, also on failure).
 test: clm-venv tools-venv
-	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
+	@bash scripts/swarm-ci.sh up; \
+	swarm=$$(bash scripts/swarm-ci.sh env); [ -z "$$swarm" ] || export $$swarm; \
+	if $(CARGO) nextest --version >/dev/null 2>&1; then \
 		$(CARGO) nextest run --no-fail-fast; \
 	else \
 		$(CARGO) test --no-fail-fast; \
-	fi
+	fi; rc=$$?; bash scripts/swarm-ci.sh down; exit $$rc
 
 # target/clm-venv: coding-academy-lecture-manager[plantuml] 1.35.0 on a
 # Python >= 3.12 found on PATH or under pyenv (skipped with a note if none).

@@ -265,6 +265,9 @@ pub enum Command {
         /// The run it guards (`CLX_POOL_RUN` of that run's processes).
         #[arg(long, value_name = "RUN")]
         run: String,
+        /// The swarm manager the run's swarm slots use.
+        #[arg(long, value_name = "HOST")]
+        swarm_host: Option<String>,
     },
 }
 

@@ -124,9 +124,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             .await?;
             Ok(contract::exit::OK)
         }
-        Command::Guard { db, run } => {
+        Command::Guard { db, run, swarm_host } => {
             init_logging(&cli, "info");
-            supervisor::guard::run(db, run).await?;
+            supervisor::guard::run(db, run, swarm_host.as_deref()).await?;
             Ok(contract::exit::OK)
         }
         other => {

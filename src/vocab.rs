@@ -281,9 +281,22 @@ spelled!(ClmEvent, "CLM worker event" {
 pub enum ModeKind {
     Direct,
     Docker,
+    /// A Docker Swarm service per slot, its task on any node of a swarm.
+    Swarm,
 }
 
-spelled!(ModeKind, "execution mode" { Direct => "direct", Docker => "docker" });
+spelled!(ModeKind, "execution mode" { Direct => "direct", Docker => "docker", Swarm => "swarm" });
+
+impl ModeKind {
+    /// The word CLM's own tables use (`workers.execution_mode`): a swarm
+    /// task is a container to CLM, and takes the jobs meant for containers.
+    pub fn for_clm(self) -> ModeKind {
+        match self {
+            ModeKind::Swarm => ModeKind::Docker,
+            kind => kind,
+        }
+    }
+}
 
 /// How a slot runs its workers: the kind, and whether `execution_mode =
 /// "auto"` chose it. Spelled `docker`, `direct (auto)`, … in `stats` and in

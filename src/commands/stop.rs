@@ -117,6 +117,7 @@ async fn stop_orphans(db_path: &Path, config: Option<&Config>) -> anyhow::Result
             taker: Taker::Stop,
             protocol: config.and_then(|c| c.pool.protocol),
             grace: config.map(|c| c.pool.stop_timeout).unwrap_or(Duration::from_secs(10)),
+            swarm_host: config.and_then(|c| c.pool.swarm.docker_host.as_deref()),
         },
         takeover::nothing,
     )

@@ -89,7 +89,12 @@ pub const POOL_KEYS: &[&str] = &[
     "api_token_file",
     "on_event",
     "metrics_listen",
+    "api_advertise",
+    "api_insecure_http",
 ];
+
+/// The keys of `[swarm]`.
+pub const SWARM_KEYS: &[&str] = &["docker_host"];
 
 /// The keys of a `[[workers]]` entry.
 pub const WORKER_KEYS: &[&str] = &[
@@ -108,10 +113,15 @@ pub const WORKER_KEYS: &[&str] = &[
     "user",
     "max_jobs",
     "max_memory",
+    "constraints",
+    "spread",
+    "cpu_limit",
+    "memory_reservation",
+    "cpu_reservation",
 ];
 
 /// The top-level tables.
-pub const ROOT_KEYS: &[&str] = &["pool", "workers"];
+pub const ROOT_KEYS: &[&str] = &["pool", "workers", "swarm"];
 
 #[cfg(test)]
 mod tests {

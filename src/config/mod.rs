@@ -72,6 +72,37 @@ pub struct PoolConfig {
     pub on_event: Option<Vec<String>>,
     /// Where to serve Prometheus metrics (`/metrics`).
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// The Worker API's URL as workers on other hosts reach it
+    /// (`CLM_API_URL` of swarm workers).
+    pub api_advertise: Option<String>,
+    /// Plain HTTP for a Worker API that listens beyond this machine.
+    pub api_insecure_http: bool,
+    /// `[swarm]`: where swarm entries' services are created.
+    pub swarm: SwarmConfig,
+}
+
+/// `[swarm]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SwarmConfig {
+    /// A manager's engine (`unix://…`, `tcp://…`); unset, `DOCKER_HOST`
+    /// or the local socket.
+    pub docker_host: Option<String>,
+}
+
+/// Where and with what a swarm entry's tasks run: passed to Swarm as
+/// written (`constraints`, `spread`) or as its resources.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Placement {
+    /// Swarm constraints, e.g. `node.labels.clm == true`.
+    pub constraints: Vec<String>,
+    /// Spread tasks over the values of this node attribute.
+    pub spread: Option<String>,
+    /// CPUs a task may use (`Limits.NanoCPUs`).
+    pub cpu_limit: Option<f64>,
+    /// Memory a node must have free for a task (`Reservations.MemoryBytes`).
+    pub memory_reservation: Option<u64>,
+    /// CPUs a node must have free for a task (`Reservations.NanoCPUs`).
+    pub cpu_reservation: Option<f64>,
 }
 
 /// What of the supervisor's environment a direct worker inherits (the
@@ -118,6 +149,16 @@ pub enum ExecutionMode {
     Docker,
     Direct,
     Auto,
+    /// One Docker Swarm service per slot, on the nodes of a swarm.
+    Swarm,
+}
+
+impl ExecutionMode {
+    /// Whether the entry always runs its image (whose own command is the
+    /// default program).
+    pub fn runs_images(self) -> bool {
+        matches!(self, ExecutionMode::Docker | ExecutionMode::Swarm)
+    }
 }
 
 /// Who a worker's container runs as.
@@ -177,6 +218,8 @@ pub struct WorkerConfig {
     pub max_jobs: Option<u32>,
     /// … or once its memory (process tree RSS, container usage) passes this.
     pub max_memory: Option<u64>,
+    /// Swarm entries: constraints, spread and resources.
+    pub placement: Placement,
     /// Line of the `[[workers]]` header, for messages about this entry.
     pub line: usize,
 }
@@ -291,7 +334,7 @@ impl Config {
             .enumerate()
             .filter(|(_, w)| {
                 w.program == WorkerProgram::Default
-                    && w.execution_mode != ExecutionMode::Docker
+                    && !w.execution_mode.runs_images()
                     && protocol.default_command(&w.worker_type).is_none()
             })
             .map(|(i, w)| Problem {
@@ -414,6 +457,62 @@ mod tests {
             Some(WorkerProgram::Command(vec!["python3".into(), "-m".into(), "nb".into()]))
         );
         assert_eq!(c.pool.protocol, None);
+    }
+
+    #[test]
+    fn a_swarm_entry_is_read_with_its_placement_and_manager() {
+        let c = parse(
+            "[pool]\nprotocol = \"clm\"\napi_listen = \"127.0.0.1:8765\"\napi_advertise = \"http://127.0.0.1:8765/\"\n\n[swarm]\ndocker_host = \"unix:///m.sock\"\n\n[[workers]]\nworker_type = \"notebook\"\nexecution_mode = \"swarm\"\nimage = \"clm:1\"\nconstraints = [\"node.labels.clm == true\"]\nspread = \"node.labels.rack\"\ncpu_limit = 2.0\nmemory_reservation = \"1g\"\ncpu_reservation = 0.5\n",
+        )
+        .unwrap();
+        assert_eq!(c.pool.swarm.docker_host.as_deref(), Some("unix:///m.sock"));
+        assert_eq!(c.pool.api_advertise.as_deref(), Some("http://127.0.0.1:8765"));
+        let w = &c.workers[0];
+        assert_eq!(w.execution_mode, ExecutionMode::Swarm);
+        assert_eq!(
+            w.placement,
+            Placement {
+                constraints: vec!["node.labels.clm == true".into()],
+                spread: Some("node.labels.rack".into()),
+                cpu_limit: Some(2.0),
+                memory_reservation: Some(1 << 30),
+                cpu_reservation: Some(0.5),
+            }
+        );
+    }
+
+    #[test]
+    fn a_swarm_entry_without_what_it_needs_names_each_missing_piece() {
+        let p = problems(
+            "[pool]\napi_listen = \"127.0.0.1:0\"\n\n[[workers]]\nworker_type = \"w\"\nexecution_mode = \"swarm\"\nimage = \"i\"\njob_command = [\"cp\", \"{input}\", \"{output}\"]\n",
+        );
+        let all = p.join("\n");
+        for expected in [
+            ":6: workers[0].execution_mode: execution_mode = \"swarm\" runs CLM workers through the Worker API; set [pool] protocol = \"clm\"",
+            ":8: workers[0].job_command: the built-in worker opens the SQLite database",
+            ":2: pool.api_listen: swarm workers on other hosts must know the Worker API's port",
+            "needs [pool] api_advertise",
+        ] {
+            assert!(all.contains(expected), "missing {expected:?} in:\n{all}");
+        }
+        let p = problems(
+            "[[workers]]\nworker_type = \"w\"\nexecution_mode = \"swarm\"\nconstraints = [\"node.labels.clm\"]\n\n[[workers]]\nworker_type = \"d\"\nexecution_mode = \"docker\"\nimage = \"i\"\nspread = \"node.id\"\n",
+        );
+        let all = p.join("\n");
+        for expected in [
+            ":3: workers[0].image: missing; execution_mode = \"swarm\" needs an image",
+            ":4: workers[0].constraints: `node.labels.clm` is not a Swarm constraint",
+            ":10: workers[1].spread: applies to execution_mode = \"swarm\" only",
+        ] {
+            assert!(all.contains(expected), "missing {expected:?} in:\n{all}");
+        }
+        let beyond = problems(
+            "[pool]\nprotocol = \"clm\"\napi_listen = \"0.0.0.0:8765\"\napi_token_file = \"t\"\napi_advertise = \"http://b:8765\"\n[[workers]]\nworker_type = \"w\"\nexecution_mode = \"swarm\"\nimage = \"i\"\n",
+        );
+        assert_eq!(beyond.len(), 1, "{beyond:#?}");
+        assert!(beyond[0].contains("over plain HTTP"), "{}", beyond[0]);
+        let allowed = "[pool]\nprotocol = \"clm\"\napi_listen = \"0.0.0.0:8765\"\napi_token_file = \"t\"\napi_advertise = \"http://b:8765\"\napi_insecure_http = true\n[[workers]]\nworker_type = \"w\"\nexecution_mode = \"swarm\"\nimage = \"i\"\n";
+        assert!(parse(allowed).is_ok());
     }
 
     #[test]

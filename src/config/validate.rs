@@ -10,11 +10,11 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::defaults::{POOL_KEYS, ROOT_KEYS, WORKER_KEYS};
+use super::defaults::{POOL_KEYS, ROOT_KEYS, SWARM_KEYS, WORKER_KEYS};
 use super::read::{Origin, Reader, Table};
 use super::{
-    Config, ConfigError, ContainerUser, DEFAULTS, ExecutionMode, HungCpu, InheritEnv, PoolConfig, Problem,
-    RestartConfig, Source, WorkerConfig, WorkerProgram, normalize, parse_size, real_path,
+    Config, ConfigError, ContainerUser, DEFAULTS, ExecutionMode, HungCpu, InheritEnv, Placement, PoolConfig, Problem,
+    RestartConfig, Source, SwarmConfig, WorkerConfig, WorkerProgram, normalize, parse_size, real_path,
 };
 use crate::contract::env::job as job_env;
 use crate::vocab::Protocol;
@@ -39,6 +39,7 @@ pub(super) fn config(path: &Path, text: &str, env: &[(String, String)]) -> Resul
         return Err(ConfigError(r.problems));
     };
     let mut pool_table = r.sub_table(&mut root, "pool");
+    let swarm_table = r.sub_table(&mut root, "swarm");
     let worker_tables = r.table_array(&mut root, "workers");
     r.unknown_keys(&root, ROOT_KEYS);
     let warnings: Vec<String> = r
@@ -57,7 +58,15 @@ pub(super) fn config(path: &Path, text: &str, env: &[(String, String)]) -> Resul
         .map(Path::to_path_buf)
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or_else(|| PathBuf::from("."));
-    let pool = pool(&mut r, &pool_table, &base);
+    r.unknown_keys(&swarm_table, SWARM_KEYS);
+    let mut pool = pool(&mut r, &pool_table, &base);
+    pool.swarm = SwarmConfig {
+        docker_host: Keys {
+            r: &mut r,
+            t: &swarm_table,
+        }
+        .string("docker_host"),
+    };
     if worker_tables.is_empty() {
         r.problems.push(Problem {
             source: Source::File {
@@ -82,6 +91,7 @@ pub(super) fn config(path: &Path, text: &str, env: &[(String, String)]) -> Resul
             );
             r.problem(t, Some("worker_type"), "worker_type", message);
         }
+        swarm_entry(&mut r, t, &w, &pool, &pool_table);
         workers.push(w);
     }
     if !r.problems.is_empty() {
@@ -249,6 +259,80 @@ fn pool<'t>(r: &mut Reader<'t>, t: &Table<'t>, base: &Path) -> PoolConfig {
         api_token_file: k.path("api_token_file", base),
         on_event: on_event(&mut k),
         metrics_listen: metrics_listen(&mut k),
+        api_advertise: api_advertise(&mut k),
+        api_insecure_http: k
+            .r
+            .get::<bool>(t, "api_insecure_http", "true or false")
+            .is_some_and(|(b, _)| b),
+        swarm: SwarmConfig::default(),
+    }
+}
+
+/// `api_advertise`: the Worker API's URL for workers on other hosts.
+fn api_advertise(k: &mut Keys) -> Option<String> {
+    let text = k.string("api_advertise")?;
+    let rest = text.strip_prefix("http://").or_else(|| text.strip_prefix("https://"));
+    match rest {
+        Some(host) if !host.is_empty() && !host.starts_with('/') => Some(text.trim_end_matches('/').to_string()),
+        _ => {
+            let message =
+                format!("`{text}` is not a URL such as \"https://build1.example.org:8765\" (http:// or https://)");
+            k.problem("api_advertise", message);
+            None
+        }
+    }
+}
+
+/// What a swarm entry needs of the pool (notes/swarm.md §5.1): CLM workers
+/// that speak the Worker API, reached at a fixed address workers on other
+/// hosts are told; plain HTTP beyond this machine only when asked for.
+fn swarm_entry<'t>(r: &mut Reader<'t>, t: &Table<'t>, w: &WorkerConfig, pool: &PoolConfig, pool_table: &Table<'t>) {
+    if w.execution_mode != ExecutionMode::Swarm {
+        return;
+    }
+    let at_mode = |r: &mut Reader<'t>, message: String| r.problem(t, Some("execution_mode"), "execution_mode", message);
+    if pool.protocol != Some(Protocol::Clm) {
+        at_mode(
+            r,
+            "execution_mode = \"swarm\" runs CLM workers through the Worker API; set [pool] protocol = \"clm\"".into(),
+        );
+    }
+    if matches!(w.program, WorkerProgram::JobCommand(_)) {
+        r.problem(
+            t,
+            Some("job_command"),
+            "job_command",
+            "the built-in worker opens the SQLite database, which must not be shared with other hosts; swarm entries run CLM worker images".into(),
+        );
+    }
+    match pool.api_listen {
+        None => at_mode(
+            r,
+            "execution_mode = \"swarm\" needs [pool] api_listen with a fixed port (e.g. \"0.0.0.0:8765\") and api_advertise".into(),
+        ),
+        Some(addr) if addr.port() == 0 => r.problem(
+            pool_table,
+            Some("api_listen"),
+            "api_listen",
+            "swarm workers on other hosts must know the Worker API's port: give a fixed one (e.g. \"0.0.0.0:8765\")"
+                .into(),
+        ),
+        Some(addr) if !addr.ip().is_loopback() && !pool.api_insecure_http => r.problem(
+            pool_table,
+            Some("api_listen"),
+            "api_listen",
+            format!(
+                "{addr} reaches beyond this machine over plain HTTP: the worker API's token would cross the network in clear text; set api_insecure_http = true only on a trusted network (TLS is not built yet)"
+            ),
+        ),
+        Some(_) => {}
+    }
+    if pool.api_advertise.is_none() && !r.has(pool_table, "api_advertise") {
+        at_mode(
+            r,
+            "execution_mode = \"swarm\" needs [pool] api_advertise: the Worker API's URL as the swarm's nodes reach it"
+                .into(),
+        );
     }
 }
 
@@ -326,7 +410,7 @@ fn worker<'t>(
     let worker_type = worker_type(&mut k);
     let count = k.int("count", DEFAULTS.count, 0, i64::from(super::MAX_COUNT));
     let execution_mode =
-        k.r.get::<ExecutionMode>(t, "execution_mode", "\"direct\", \"docker\" or \"auto\"")
+        k.r.get::<ExecutionMode>(t, "execution_mode", "\"direct\", \"docker\", \"auto\" or \"swarm\"")
             .map(|(m, _)| m)
             .unwrap_or(ExecutionMode::Direct);
     let image = image(&mut k, execution_mode);
@@ -346,6 +430,7 @@ fn worker<'t>(
     let user = container_user(&mut k, execution_mode);
     let max_jobs = max_jobs(&mut k);
     let max_memory = k.size("max_memory", 1024 * 1024, "\"512m\", \"2g\"");
+    let placement = placement(&mut k, execution_mode);
     let line = k.r.line_of(t, "worker_type").or(t.line).unwrap_or(1);
     if k.r.problems.len() > before {
         return None;
@@ -364,8 +449,61 @@ fn worker<'t>(
         user,
         max_jobs,
         max_memory,
+        placement,
         line: t.line.unwrap_or(line),
     })
+}
+
+/// `constraints`, `spread` and the CPU and memory figures Swarm places by;
+/// only swarm entries have them.
+fn placement(k: &mut Keys, mode: ExecutionMode) -> Placement {
+    const KEYS: [&str; 5] = [
+        "constraints",
+        "spread",
+        "cpu_limit",
+        "memory_reservation",
+        "cpu_reservation",
+    ];
+    if mode != ExecutionMode::Swarm {
+        let set: Vec<&str> = KEYS.into_iter().filter(|key| k.r.has(k.t, key)).collect();
+        for key in set {
+            k.problem(key, "applies to execution_mode = \"swarm\" only".into());
+        }
+        return Placement::default();
+    }
+    let constraints = k.list("constraints").unwrap_or_default();
+    for c in &constraints {
+        let shaped = ["==", "!="].iter().any(|op| {
+            c.split_once(op)
+                .is_some_and(|(a, b)| !a.trim().is_empty() && !b.trim().is_empty())
+        });
+        if !shaped {
+            k.problem(
+                "constraints",
+                format!(
+                    "`{c}` is not a Swarm constraint such as \"node.labels.clm == true\" (KEY == VALUE or KEY != VALUE)"
+                ),
+            );
+        }
+    }
+    let cpus = |k: &mut Keys, key: &str| {
+        let n =
+            k.r.get::<f64>(k.t, key, "a number of CPUs such as 1.5")
+                .map(|(n, _)| n)?;
+        if n > 0.0 && n <= 1024.0 {
+            Some(n)
+        } else {
+            k.problem(key, format!("must be more than 0 and at most 1024 CPUs, got {n}"));
+            None
+        }
+    };
+    Placement {
+        constraints,
+        spread: k.string("spread"),
+        cpu_limit: cpus(k, "cpu_limit"),
+        memory_reservation: k.size("memory_reservation", 4 * 1024 * 1024, "\"512m\", \"1g\""),
+        cpu_reservation: cpus(k, "cpu_reservation"),
+    }
 }
 
 /// `worker_type`: required, and a valid type name; empty when it is not
@@ -393,15 +531,20 @@ fn worker_type(k: &mut Keys) -> String {
     }
 }
 
-/// `image`, which `execution_mode = "docker"` requires.
+/// `image`, which `execution_mode = "docker"` and `"swarm"` require.
 fn image(k: &mut Keys, mode: ExecutionMode) -> Option<String> {
     let image = k.string("image");
-    if mode == ExecutionMode::Docker && image.is_none() && !k.r.has(k.t, "image") {
+    if mode.runs_images() && image.is_none() && !k.r.has(k.t, "image") {
+        let word = if mode == ExecutionMode::Swarm {
+            "swarm"
+        } else {
+            "docker"
+        };
         k.r.problem(
             k.t,
             Some("execution_mode"),
             "image",
-            "missing; execution_mode = \"docker\" needs an image".into(),
+            format!("missing; execution_mode = \"{word}\" needs an image"),
         );
     }
     image
@@ -526,7 +669,7 @@ fn program(k: &mut Keys, worker_type: &str, mode: ExecutionMode, protocol: Optio
                 None => Protocol::ALL,
             };
             let known = protocols.iter().any(|p| p.default_command(worker_type).is_some());
-            if !known && mode != ExecutionMode::Docker && !worker_type.is_empty() {
+            if !known && !mode.runs_images() && !worker_type.is_empty() {
                 k.r.problem(
                     k.t,
                     Some("worker_type"),

@@ -352,7 +352,7 @@ pub fn observe(c: &mut Connection) -> rusqlite::Result<Vec<Observed>> {
             pid: r.get::<_, Option<i64>>(3)?.map(|p| p as i32),
             container: match mode.kind {
                 ModeKind::Docker => r.get(6)?,
-                ModeKind::Direct => None,
+                ModeKind::Direct | ModeKind::Swarm => None,
             },
             status: r.get(4)?,
             heartbeat: r.get(7)?,

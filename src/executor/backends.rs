@@ -13,6 +13,7 @@ use tracing::{info, warn};
 
 use super::docker::{self, DockerEngine};
 use super::plan::{self, Decision};
+use super::swarm::{SwarmEngine, SwarmLaunch};
 use super::{Executor, direct};
 use crate::api;
 use crate::config::{Config, WorkerConfig, WorkerProgram};
@@ -25,6 +26,10 @@ pub struct Backends {
     docker: Option<Arc<DockerEngine>>,
     /// CLM's Worker API, for CLM workers in containers.
     api: Option<Arc<api::Endpoint>>,
+    /// A swarm manager, for swarm entries.
+    swarm: Option<Arc<SwarmEngine>>,
+    /// The Worker API as swarm nodes reach it (`api_advertise`).
+    swarm_api: Option<Arc<api::Endpoint>>,
 }
 
 /// Where a running worker is, for its usage.
@@ -45,6 +50,8 @@ pub enum EntryError {
     NoEngine { at: String },
     #[error("{at}: CLM workers in containers need the worker API, which starts with the supervisor; restart it")]
     NoApi { at: String },
+    #[error("{at}: the pool started without a swarm manager; a swarm entry needs a restart of the supervisor")]
+    NoSwarm { at: String },
 }
 
 /// What `start` learns by reaching the backends: them, each entry's
@@ -75,7 +82,8 @@ impl Backends {
         }
         let mut backends = Backends {
             docker: plan.engine.clone(),
-            api: None,
+            swarm: plan.swarm.clone(),
+            ..Backends::default()
         };
         let mut server = None;
         if let (true, Some(engine)) = (plan.uses_docker(), &plan.engine) {
@@ -94,6 +102,18 @@ impl Backends {
                 server = Some(started);
             }
         }
+        if modes.iter().any(|m| m.kind == ModeKind::Swarm) {
+            let started = match server.take() {
+                Some(s) => s,
+                None => start_api_for_swarm(config).await?,
+            };
+            backends.swarm_api = Some(Arc::new(api::Endpoint {
+                url: config.pool.api_advertise.clone().unwrap_or_default(),
+                token: started.endpoint.token.clone(),
+                host_alias: None,
+            }));
+            server = Some(started);
+        }
         let executors = config
             .workers
             .iter()
@@ -107,22 +127,29 @@ impl Backends {
         })
     }
 
-    /// The backends a cleanup needs: these, or if none was reached and the
-    /// pool's slots ran in docker mode, a new connection to Docker.
-    pub async fn for_cleanup(self, db_path: &Path, modes: impl IntoIterator<Item = ModeKind>) -> Backends {
-        if self.docker.is_some() || !modes.into_iter().any(|m| m == ModeKind::Docker) {
-            return self;
-        }
-        match docker::connect().await {
-            Ok(client) => Backends {
-                docker: Some(DockerEngine::new(client, db_path)),
-                ..self
-            },
-            Err(e) => {
-                warn!("cannot look for this pool's leftover containers: {e:#}");
-                self
+    /// The backends a cleanup needs: these, and for the modes the pool's
+    /// slots ran in that none was reached for, a new connection (Docker;
+    /// the swarm manager at `swarm_host`).
+    pub async fn for_cleanup(
+        mut self,
+        db_path: &Path,
+        modes: impl IntoIterator<Item = ModeKind>,
+        swarm_host: Option<&str>,
+    ) -> Backends {
+        let modes: Vec<ModeKind> = modes.into_iter().collect();
+        if self.docker.is_none() && modes.contains(&ModeKind::Docker) {
+            match docker::connect().await {
+                Ok(client) => self.docker = Some(DockerEngine::new(client, db_path)),
+                Err(e) => warn!("cannot look for this pool's leftover containers: {e:#}"),
             }
         }
+        if self.swarm.is_none() && modes.contains(&ModeKind::Swarm) {
+            match super::swarm::connect(swarm_host).await {
+                Ok((client, address)) => self.swarm = Some(SwarmEngine::new(client, address, db_path)),
+                Err(e) => warn!("cannot look for this pool's leftover swarm services: {e:#}"),
+            }
+        }
+        self
     }
 
     /// How an entry added or changed at run time runs, with the engines
@@ -134,7 +161,8 @@ impl Backends {
         protocol: Protocol,
     ) -> Result<(Executor, Mode), EntryError> {
         let at = at(config, w);
-        let mode = match plan::decide_one(w, self.docker.as_ref().map(|e| &e.client)).await {
+        let docker = self.docker.as_ref().map(|e| &e.client);
+        let mode = match plan::decide_one(w, docker, self.swarm.as_deref()).await {
             Decision::Cannot(why) => return Err(EntryError::Cannot { at, why }),
             Decision::Runs { mode, .. } => mode,
         };
@@ -143,12 +171,26 @@ impl Backends {
             (ModeKind::Docker, Some(_)) if needs_api(protocol, w) && self.api.is_none() => {
                 Err(EntryError::NoApi { at })
             }
+            (ModeKind::Swarm, _) if self.swarm.is_none() => Err(EntryError::NoSwarm { at }),
+            (ModeKind::Swarm, _) if self.swarm_api.is_none() => Err(EntryError::NoApi { at }),
             (kind, _) => Ok((self.executor(config, w, kind), mode)),
         }
     }
 
     /// The executor of an entry in a mode whose backend was reached.
     fn executor(&self, config: &Config, w: &WorkerConfig, kind: ModeKind) -> Executor {
+        if let (ModeKind::Swarm, Some(engine), Some(api)) = (kind, &self.swarm, &self.swarm_api) {
+            return Executor::Swarm {
+                engine: engine.clone(),
+                how: Arc::new(SwarmLaunch {
+                    image: w.image.clone().unwrap_or_default(),
+                    placement: w.placement.clone(),
+                    stop_grace: config.pool.stop_timeout,
+                    api_url: api.url.clone(),
+                    api_token: api.token.clone(),
+                }),
+            };
+        }
         match (kind, &self.docker) {
             (ModeKind::Docker, Some(engine)) => Executor::Docker {
                 engine: engine.clone(),
@@ -187,10 +229,14 @@ impl Backends {
     /// Removes what of this pool outlived its workers in the backends
     /// (containers found by their labels); returns how many.
     pub async fn remove_leftovers(&self) -> anyhow::Result<usize> {
-        match &self.docker {
-            Some(engine) => engine.remove_pool_containers().await,
-            None => Ok(0),
+        let mut n = 0;
+        if let Some(swarm) = &self.swarm {
+            n += swarm.remove_pool_services().await?;
         }
+        if let Some(engine) = &self.docker {
+            n += engine.remove_pool_containers().await?;
+        }
+        Ok(n)
     }
 
     /// Like [`Backends::remove_leftovers`], for the end of a run: logged,
@@ -198,8 +244,8 @@ impl Backends {
     pub async fn sweep(&self) {
         match self.remove_leftovers().await {
             Ok(0) => {}
-            Ok(n) => info!(containers = n, "removed leftover containers"),
-            Err(e) => warn!("removing leftover containers: {e:#}"),
+            Ok(n) => info!(removed = n, "removed leftover containers and services"),
+            Err(e) => warn!("removing leftover containers and services: {e:#}"),
         }
     }
 }
@@ -213,6 +259,30 @@ fn needs_api(protocol: Protocol, w: &WorkerConfig) -> bool {
 /// Where an entry is written, for messages.
 fn at(config: &Config, w: &WorkerConfig) -> String {
     format!("{}:{}: workers `{}`", config.path.display(), w.line, w.worker_type)
+}
+
+/// Starts CLM's Worker API for swarm entries: exactly at `api_listen`
+/// (checked with the config: a fixed port, TLS or a loopback address).
+async fn start_api_for_swarm(config: &Config) -> anyhow::Result<api::ApiServer> {
+    let pool = &config.pool;
+    let token = api::token(pool.api_token_file.as_deref())
+        .with_context(|| format!("{}: [pool] api_token_file", config.path.display()))?;
+    let (db_path, protocol) = (pool.db_path.clone(), Protocol::Clm);
+    let conn = tokio::task::spawn_blocking(move || db::open_existing(&db_path))
+        .await??
+        .0;
+    let db = Db::new(conn, &pool.db_path, protocol);
+    let server = api::start(
+        db,
+        pool.cache_db_path.clone(),
+        token,
+        pool.api_listen,
+        api::Reach::HostNetwork,
+    )
+    .await?;
+    let at: Vec<String> = server.listening.iter().map(|a| a.to_string()).collect();
+    info!(listening = %at.join(", "), url = ?pool.api_advertise, "the worker API is up for swarm workers (bearer token required)");
+    Ok(server)
 }
 
 /// Starts CLM's Worker API where the pool's containers reach it.

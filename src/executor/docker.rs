@@ -45,7 +45,6 @@ pub fn db_id(db: &Path) -> String {
     digest.iter().take(4).map(|b| format!("{b:02x}")).collect()
 }
 
-/// Where the engine is expected, for messages.
 /// For an engine's error, whether it lies outside the worker (a busy or
 /// failing engine) rather than in its entry (a missing image: 404); None
 /// for errors that are not the engine's.
@@ -56,6 +55,7 @@ pub fn error_is_outside(cause: &(dyn std::error::Error + 'static)) -> Option<boo
     }
 }
 
+/// Where the engine is expected, for messages.
 pub fn engine_address() -> String {
     std::env::var(env::cli::DOCKER_HOST).unwrap_or_else(|_| "unix:///var/run/docker.sock".into())
 }
@@ -383,31 +383,11 @@ const SOURCE_WRITING_TYPES: &[&str] = &["plantuml", "drawio"];
 /// paths it translates job paths from, the workspace at `/workspace` and
 /// the course sources at `/source`.
 fn clm_api_contract(spec: &Launch, api: &Endpoint) -> Contract {
-    let mut env: Vec<(String, String)> = vec![
-        (env::WORKER_TYPE.into(), spec.worker_type.clone()),
-        (env::CLM_API_URL.into(), api.url.clone()),
-        (env::CLM_API_TOKEN.into(), api.token.to_string()),
-        (env::CLM_HOST_WORKSPACE.into(), spec.workspace.display().to_string()),
-        (env::LOG_LEVEL.into(), spec.log_level.clone()),
-        ("PYTHONUNBUFFERED".into(), "1".into()),
-    ];
-    if let Some(row) = spec.preregistered_row {
-        env.push((env::CLM_WORKER_ID.into(), row.to_string()));
-    }
-    let mut binds = vec![format!("{}:/workspace:rw", spec.workspace.display())];
-    if let Some(data) = &spec.data_dir {
-        let mode = if SOURCE_WRITING_TYPES.contains(&spec.worker_type.as_str()) {
-            "rw"
-        } else {
-            "ro"
-        };
-        binds.push(format!("{}:/source:{mode}", data.display()));
-        env.push((env::CLM_HOST_DATA_DIR.into(), data.display().to_string()));
-    }
-    for (k, v) in &spec.extra_env {
-        env.retain(|(name, _)| name != k);
-        env.push((k.clone(), v.clone()));
-    }
+    let env = clm_env(spec, &api.url, &api.token);
+    let binds = clm_mounts(spec)
+        .into_iter()
+        .map(|(host, inside, writable)| format!("{}:{inside}:{}", host.display(), if writable { "rw" } else { "ro" }))
+        .collect();
     let extra_hosts = api
         .host_alias
         .map(|ip| vec![format!("{}:{ip}", crate::api::HOST_ALIAS)]);
@@ -418,7 +398,44 @@ fn clm_api_contract(spec: &Launch, api: &Endpoint) -> Contract {
     )
 }
 
-async fn drain_logs(
+/// The environment of a CLM worker in a container (docker or swarm
+/// mode): the API's URL and token, its pre-registered row, the host paths
+/// it translates job paths from; then the entry's own `env`, which wins.
+pub(super) fn clm_env(spec: &Launch, url: &str, token: &str) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = vec![
+        (env::WORKER_TYPE.into(), spec.worker_type.clone()),
+        (env::CLM_API_URL.into(), url.to_string()),
+        (env::CLM_API_TOKEN.into(), token.to_string()),
+        (env::CLM_HOST_WORKSPACE.into(), spec.workspace.display().to_string()),
+        (env::LOG_LEVEL.into(), spec.log_level.clone()),
+        ("PYTHONUNBUFFERED".into(), "1".into()),
+    ];
+    if let Some(row) = spec.preregistered_row {
+        env.push((env::CLM_WORKER_ID.into(), row.to_string()));
+    }
+    if let Some(data) = &spec.data_dir {
+        env.push((env::CLM_HOST_DATA_DIR.into(), data.display().to_string()));
+    }
+    for (k, v) in &spec.extra_env {
+        env.retain(|(name, _)| name != k);
+        env.push((k.clone(), v.clone()));
+    }
+    env
+}
+
+/// The folders a CLM container sees: (host path, path inside, writable).
+/// The workspace is written; the course sources only by the types that
+/// render into them.
+pub(super) fn clm_mounts(spec: &Launch) -> Vec<(PathBuf, &'static str, bool)> {
+    let mut mounts = vec![(spec.workspace.clone(), "/workspace", true)];
+    if let Some(data) = &spec.data_dir {
+        let writes = SOURCE_WRITING_TYPES.contains(&spec.worker_type.as_str());
+        mounts.push((data.clone(), "/source", writes));
+    }
+    mounts
+}
+
+pub(super) async fn drain_logs(
     mut stream: impl futures_util::Stream<Item = Result<bollard::container::LogOutput, bollard::errors::Error>> + Unpin,
     mut log: RotatingLog,
     tail: Tail,
@@ -437,7 +454,7 @@ fn unix_now() -> i64 {
         .unwrap_or(0)
 }
 
-fn is_not_found(e: &bollard::errors::Error) -> bool {
+pub(super) fn is_not_found(e: &bollard::errors::Error) -> bool {
     matches!(
         e,
         bollard::errors::Error::DockerResponseServerError {

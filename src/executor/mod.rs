@@ -6,6 +6,7 @@ pub mod backends;
 pub mod direct;
 pub mod docker;
 pub mod plan;
+pub mod swarm;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -132,6 +133,10 @@ pub enum Executor {
         /// CLM's Worker API, for CLM worker programs under `clm`.
         api: Option<Arc<crate::api::Endpoint>>,
     },
+    Swarm {
+        engine: Arc<swarm::SwarmEngine>,
+        how: Arc<swarm::SwarmLaunch>,
+    },
 }
 
 impl Executor {
@@ -142,7 +147,7 @@ impl Executor {
     pub fn program(&self, worker: &WorkerConfig, protocol: Protocol) -> WorkerProgram {
         match self {
             Executor::Direct => worker.direct_program(protocol).unwrap_or(WorkerProgram::Default),
-            Executor::Docker { .. } => worker.program.clone(),
+            Executor::Docker { .. } | Executor::Swarm { .. } => worker.program.clone(),
         }
     }
 
@@ -150,6 +155,7 @@ impl Executor {
         match self {
             Executor::Direct => ModeKind::Direct,
             Executor::Docker { .. } => ModeKind::Docker,
+            Executor::Swarm { .. } => ModeKind::Swarm,
         }
     }
 
@@ -166,6 +172,7 @@ impl Executor {
                 .launch(spec, image, network, api.as_deref())
                 .await
                 .map(Running::Docker),
+            Executor::Swarm { engine, how } => engine.launch(spec, how).await.map(Running::Swarm),
         }
     }
 }
@@ -181,6 +188,7 @@ pub struct Process {
 pub enum Running {
     Direct(direct::DirectWorker),
     Docker(docker::DockerWorker),
+    Swarm(swarm::SwarmWorker),
 }
 
 impl Running {
@@ -190,6 +198,7 @@ impl Running {
         match self {
             Running::Direct(w) => &w.worker_id,
             Running::Docker(w) => &w.short_id,
+            Running::Swarm(w) => &w.worker_id,
         }
     }
 
@@ -198,7 +207,7 @@ impl Running {
     pub fn process(&self) -> Option<Process> {
         match self {
             Running::Direct(w) => Some(w.process),
-            Running::Docker(_) => None,
+            Running::Docker(_) | Running::Swarm(_) => None,
         }
     }
 
@@ -207,6 +216,7 @@ impl Running {
         match self {
             Running::Direct(w) => w.tail.lines(lines),
             Running::Docker(w) => w.tail.lines(lines),
+            Running::Swarm(w) => w.tail.lines(lines),
         }
     }
 
@@ -215,6 +225,7 @@ impl Running {
         match self {
             Running::Direct(w) => w.wait().await,
             Running::Docker(w) => w.wait().await,
+            Running::Swarm(w) => w.wait().await,
         }
     }
 
@@ -224,6 +235,7 @@ impl Running {
         match self {
             Running::Direct(w) => w.stop(grace).await,
             Running::Docker(w) => w.stop(grace).await,
+            Running::Swarm(w) => w.stop(grace).await,
         }
     }
 
@@ -233,6 +245,7 @@ impl Running {
         match self {
             Running::Direct(w) => w.finish(),
             Running::Docker(w) => w.finish().await,
+            Running::Swarm(w) => w.finish().await,
         }
     }
 
@@ -241,6 +254,7 @@ impl Running {
         match self {
             Running::Direct(w) => w.sweep().await,
             Running::Docker(w) => w.sweep().await,
+            Running::Swarm(w) => w.sweep().await,
         }
     }
 }

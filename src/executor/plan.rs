@@ -2,11 +2,15 @@
 //! `start` (which runs the plan) and `check` (which reports it): `docker`
 //! needs a reachable engine and the image on this host (clx-pool never
 //! pulls), `auto` falls back to direct without them, `direct` never touches
-//! Docker. Docker is asked only if some entry may use it, and only once.
+//! Docker. Docker is asked only if some entry may use it, and only once;
+//! `swarm` needs a swarm manager's engine (`[swarm] docker_host`), asked
+//! once if some entry is a swarm entry. Images of swarm entries are the
+//! nodes' business (each node pulls or has it), not this host's.
 
 use std::sync::Arc;
 
 use super::docker::{self, DockerEngine};
+use super::swarm::{self, SwarmEngine};
 use crate::config::{Config, ExecutionMode};
 use crate::vocab::{Mode, ModeKind};
 
@@ -52,6 +56,16 @@ pub fn decide(wanted: ExecutionMode, engine: &Engine, image: Image, image_name: 
     };
     match (wanted, engine, image) {
         (ExecutionMode::Direct, _, _) => direct(None),
+        (ExecutionMode::Swarm, Engine::Up, _) => Decision::Runs {
+            mode: Mode {
+                kind: ModeKind::Swarm,
+                auto: false,
+            },
+            why: None,
+        },
+        (ExecutionMode::Swarm, Engine::Down(e), _) => {
+            Decision::Cannot(format!("execution_mode = \"swarm\" needs a swarm manager: {e}"))
+        }
         (ExecutionMode::Docker, Engine::Down(e), _) => {
             Decision::Cannot(format!("execution_mode = \"docker\" needs a Docker engine: {e}"))
         }
@@ -80,9 +94,11 @@ fn build_hint(image: &str) -> &'static str {
     }
 }
 
-/// The decisions for a whole config, and the engine if one was reached.
+/// The decisions for a whole config, and the engines reached.
 pub struct Plan {
     pub engine: Option<Arc<DockerEngine>>,
+    /// The swarm manager, if a swarm entry needs it.
+    pub swarm: Option<Arc<SwarmEngine>>,
     /// One per `[[workers]]` entry, in order.
     pub decisions: Vec<Decision>,
 }
@@ -107,7 +123,10 @@ impl Plan {
 /// Asks the engine (once, if any entry may use it) and the images, and
 /// decides every entry.
 pub async fn plan(config: &Config) -> Plan {
-    let needs_engine = config.workers.iter().any(|w| w.execution_mode != ExecutionMode::Direct);
+    let needs_engine = config
+        .workers
+        .iter()
+        .any(|w| matches!(w.execution_mode, ExecutionMode::Docker | ExecutionMode::Auto));
     let (engine, state) = if needs_engine {
         match docker::connect().await {
             Ok(client) => (Some(DockerEngine::new(client, &config.pool.db_path)), Engine::Up),
@@ -116,16 +135,49 @@ pub async fn plan(config: &Config) -> Plan {
     } else {
         (None, Engine::Down("not needed".into()))
     };
+    let (swarm, swarm_state) = reach_swarm(config).await;
     let mut decisions = Vec::new();
     for w in &config.workers {
-        decisions.push(decide_with(w, &state, engine.as_ref().map(|e| &e.client)).await);
+        decisions.push(match w.execution_mode {
+            ExecutionMode::Swarm => decide(w.execution_mode, &swarm_state, Image::NotConfigured, ""),
+            _ => decide_with(w, &state, engine.as_ref().map(|e| &e.client)).await,
+        });
     }
-    Plan { engine, decisions }
+    Plan {
+        engine,
+        swarm,
+        decisions,
+    }
+}
+
+/// The swarm manager, if a swarm entry needs it.
+async fn reach_swarm(config: &Config) -> (Option<Arc<SwarmEngine>>, Engine) {
+    if !config.workers.iter().any(|w| w.execution_mode == ExecutionMode::Swarm) {
+        return (None, Engine::Down("not needed".into()));
+    }
+    match swarm::connect(config.pool.swarm.docker_host.as_deref()).await {
+        Ok((client, address)) => (
+            Some(SwarmEngine::new(client, address, &config.pool.db_path)),
+            Engine::Up,
+        ),
+        Err(e) => (None, Engine::Down(format!("{e:#}"))),
+    }
 }
 
 /// One entry, with the engine as it is known (a reload uses the running
 /// pool's engine, or none if it started without Docker).
-pub async fn decide_one(w: &crate::config::WorkerConfig, client: Option<&bollard::Docker>) -> Decision {
+pub async fn decide_one(
+    w: &crate::config::WorkerConfig,
+    client: Option<&bollard::Docker>,
+    swarm: Option<&SwarmEngine>,
+) -> Decision {
+    if w.execution_mode == ExecutionMode::Swarm {
+        let state = match swarm {
+            Some(_) => Engine::Up,
+            None => Engine::Down("the pool started without a swarm manager; restart it to add swarm entries".into()),
+        };
+        return decide(w.execution_mode, &state, Image::NotConfigured, "");
+    }
     let state = match client {
         Some(_) => Engine::Up,
         None => Engine::Down("the pool runs without a Docker engine".into()),
@@ -173,6 +225,8 @@ mod tests {
             (Auto, &up, Missing, Ok(runs(ModeKind::Direct, true))),
             (Auto, &up, NotConfigured, Ok(runs(ModeKind::Direct, true))),
             (Auto, &down, Present, Ok(runs(ModeKind::Direct, true))),
+            (Swarm, &up, NotConfigured, Ok(runs(ModeKind::Swarm, false))),
+            (Swarm, &down, NotConfigured, Err("needs a swarm manager: no engine")),
         ];
         for (wanted, engine, image, expected) in cases {
             let got = decide(*wanted, engine, *image, "img:1");

@@ -36,20 +36,27 @@ pub struct Guard {
     child: Child,
     /// Its exit, from the supervisor's reaper.
     exited: Option<tokio::sync::oneshot::Receiver<nix::sys::wait::WaitStatus>>,
+    /// The swarm manager it cleans up on (a replacement gets it too).
+    swarm_host: Option<String>,
 }
 
 /// Starts the guard for the pool of `db`.
-pub fn spawn(db: &Path) -> anyhow::Result<Guard> {
+pub fn spawn(db: &Path, swarm_host: Option<&str>) -> anyhow::Result<Guard> {
     // O_CLOEXEC: no worker inherits the write end, or the guard would not
     // see the supervisor die while workers live.
     let (read_end, write_end): (OwnedFd, OwnedFd) =
         nix::unistd::pipe2(OFlag::O_CLOEXEC).context("creating the guard's pipe")?;
     let exe = std::env::current_exe().context("finding the clx-pool executable for the guard")?;
-    let child = Command::new(exe)
+    let mut command = Command::new(exe);
+    command
         .arg("guard")
         .arg("--db")
         .arg(db)
-        .args(["--run", crate::contract::this_run()])
+        .args(["--run", crate::contract::this_run()]);
+    if let Some(host) = swarm_host {
+        command.args(["--swarm-host", host]);
+    }
+    let child = command
         .stdin(Stdio::from(read_end))
         .stdout(Stdio::null())
         .spawn()
@@ -60,6 +67,7 @@ pub fn spawn(db: &Path) -> anyhow::Result<Guard> {
         pipe: Some(std::fs::File::from(write_end)),
         child,
         exited,
+        swarm_host: swarm_host.map(str::to_string),
     })
 }
 
@@ -95,9 +103,10 @@ impl Keeper {
                 };
                 let why = status.map(|s| format!("{s:?}")).unwrap_or_else(|| "it is gone".into());
                 let old = guard.pid();
+                let swarm_host = guard.swarm_host.clone();
                 // Until a new one runs, nobody would clean up after a crash.
                 guard = loop {
-                    match spawn(&db) {
+                    match spawn(&db, swarm_host.as_deref()) {
                         Ok(g) => break g,
                         Err(e) => {
                             error!("starting a new guard: {e:#}; trying again in a second");
@@ -156,7 +165,7 @@ impl Guard {
 
 /// `clx-pool guard --db DB`: waits for the supervisor's pipe to close, then
 /// cleans up if it was not dismissed.
-pub async fn run(db_path: &Path, run: &str) -> anyhow::Result<()> {
+pub async fn run(db_path: &Path, run: &str, swarm_host: Option<&str>) -> anyhow::Result<()> {
     nix::unistd::setsid().context("leaving the supervisor's session")?;
     let outcome = tokio::task::spawn_blocking(|| {
         let mut byte = [0u8; 1];
@@ -188,6 +197,7 @@ pub async fn run(db_path: &Path, run: &str) -> anyhow::Result<()> {
         taker: Taker::Guard,
         protocol: None,
         grace: Duration::ZERO,
+        swarm_host,
     };
     match takeover::take_over(takeover, takeover::nothing).await {
         Ok(taken) => {

@@ -273,6 +273,7 @@ async fn prepare(config: &Arc<Config>) -> anyhow::Result<Prepared> {
         taker: Taker::Start,
         protocol: pool.protocol,
         grace: pool.stop_timeout,
+        swarm_host: pool.swarm.docker_host.as_deref(),
     };
     // The lock is held until the process exits (see `lock`).
     let taken = takeover::take_over(takeover, async |db: &Db| {
@@ -306,7 +307,7 @@ async fn prepare(config: &Arc<Config>) -> anyhow::Result<Prepared> {
     // From here on, if this process dies without stopping the pool, the
     // guard cleans up after it. Nothing of this run started yet: if it
     // cannot start, the guard has nothing to clean up.
-    let guard = guard::spawn(&pool.db_path)?;
+    let guard = guard::spawn(&pool.db_path, pool.swarm.docker_host.as_deref())?;
     tracing::debug!(pid = guard.pid(), "started the guard");
     let after_row = match begin_run(config, &db).await {
         Ok(row) => row,

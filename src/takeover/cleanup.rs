@@ -47,13 +47,18 @@ impl fmt::Display for CleanupReport {
 
 /// Call only while holding the supervisor lock or after checking that no
 /// supervisor runs.
-pub async fn orphans(db: &Db, grace: Duration, backends: Backends) -> anyhow::Result<CleanupReport> {
+pub async fn orphans(
+    db: &Db,
+    grace: Duration,
+    backends: Backends,
+    swarm_host: Option<&str>,
+) -> anyhow::Result<CleanupReport> {
     let slots = db.call(|c| db::slots::slots(c)).await?;
     let mut report = CleanupReport::default();
     // Containers outlive a crashed supervisor; find them by label. Docker
     // is asked only if this pool used it (or is about to).
     let backends = backends
-        .for_cleanup(db.path(), slots.iter().map(|s| s.execution_mode.kind))
+        .for_cleanup(db.path(), slots.iter().map(|s| s.execution_mode.kind), swarm_host)
         .await;
     report.containers_removed = backends.remove_leftovers().await?;
     let mut stops = tokio::task::JoinSet::new();

@@ -37,6 +37,9 @@ pub struct Takeover<'a> {
     pub protocol: Option<Protocol>,
     /// How long an orphaned worker gets between SIGTERM and SIGKILL.
     pub grace: Duration,
+    /// The swarm manager an earlier run's swarm slots used (`[swarm]
+    /// docker_host`; unset: `DOCKER_HOST` or the local socket).
+    pub swarm_host: Option<&'a str>,
 }
 
 /// The pool, taken over: the lock, the open database, what the caller
@@ -64,7 +67,7 @@ pub async fn take_over<T>(
     let (conn, protocol) = tokio::task::spawn_blocking(move || db::open(&path, wanted)).await??;
     let db = Db::new(conn, t.db_path, protocol);
     let (prepared, backends) = prepare(&db).await?;
-    let report = cleanup::orphans(&db, t.grace, backends).await?;
+    let report = cleanup::orphans(&db, t.grace, backends, t.swarm_host).await?;
     Ok(Taken {
         lock,
         db,

@@ -396,7 +396,7 @@ impl Worker {
                 command: &self.opts.job_command,
                 // A container's cgroup is its own; a direct worker's is not.
                 own_cgroup: match self.opts.execution_mode {
-                    ModeKind::Docker => crate::procs::own_cgroup_oom_kills(),
+                    ModeKind::Docker | ModeKind::Swarm => crate::procs::own_cgroup_oom_kills(),
                     ModeKind::Direct => None,
                 },
             };

@@ -1,0 +1,594 @@
+//! Swarm mode: each slot's worker is a Docker Swarm service of one replica
+//! on a manager's engine, placed by Swarm on any node of the swarm
+//! (notes/swarm.md §5). Swarm places, starts, stops and reports; every
+//! supervision decision stays with the slot (Swarm's own restart policy is
+//! `none`). Swarm emits no event when a task dies, so one pool-wide task
+//! list per second (filtered by label: a filter by service answers 404
+//! once the service is gone) and the nodes' states are read by one poller
+//! and judged per service by [`verdict`], a pure function.
+//!
+//! Workers speak CLM's Worker API (`CLM_API_URL` = `api_advertise`) with
+//! host networking; they see the workspace and course sources at the
+//! coordinator's paths (`[swarm] files = "bind"`: a shared filesystem
+//! mounted at the same path on every node).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use bollard::Docker;
+use bollard::models::{
+    Limit, Mount, MountType, NetworkAttachmentConfig, NodeState, ResourceObject, ServiceSpec, ServiceSpecMode,
+    ServiceSpecModeReplicated, Task, TaskSpec, TaskSpecContainerSpec, TaskSpecPlacement, TaskSpecPlacementPreferences,
+    TaskSpecPlacementSpread, TaskSpecResources, TaskSpecRestartPolicy, TaskSpecRestartPolicyConditionEnum, TaskState,
+};
+use bollard::query_parameters::{
+    ListNodesOptions, ListServicesOptionsBuilder, ListTasksOptionsBuilder, LogsOptionsBuilder,
+    UpdateServiceOptionsBuilder,
+};
+use tokio::sync::watch;
+
+use super::Launch;
+use super::docker::{self, LABEL_DB, LABEL_DB_ID, LABEL_SLOT, LABEL_TYPE, is_not_found};
+use crate::config::{Placement, WorkerProgram};
+use crate::logs::{self, Tail};
+use crate::vocab::{EndCause, WorkerId};
+
+/// How often the poller lists the pool's tasks and the swarm's nodes.
+const POLL: Duration = Duration::from_secs(1);
+
+/// How long a connection to the manager may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The manager's engine for one pool, and what its poller last saw.
+pub struct SwarmEngine {
+    pub client: Docker,
+    /// Where the manager was reached, for messages.
+    pub address: String,
+    db_id: String,
+    db_path: PathBuf,
+    seen: watch::Receiver<Arc<Seen>>,
+}
+
+/// One poll: the newest task of each of the pool's services, and the
+/// nodes that are down (id → hostname).
+#[derive(Debug, Default)]
+pub struct Seen {
+    pub tasks: HashMap<String, TaskView>,
+    pub down: HashMap<String, String>,
+    pub hostnames: HashMap<String, String>,
+    /// Why the last poll failed, if it did (the previous view stays).
+    pub error: Option<String>,
+}
+
+/// What a worker's end is judged by: its newest task.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskView {
+    pub id: String,
+    pub node: Option<String>,
+    pub state: TaskState,
+    pub desired: TaskState,
+    pub exit_code: Option<i64>,
+    /// Swarm's error (`task: non-zero exit (137)`, `no suitable node …`).
+    pub err: Option<String>,
+    pub message: Option<String>,
+}
+
+/// Connects to the manager named by `[swarm] docker_host` (else
+/// `DOCKER_HOST`, else the local socket) and checks that it is a manager.
+pub async fn connect(docker_host: Option<&str>) -> anyhow::Result<(Docker, String)> {
+    let address = docker_host.map(str::to_string).unwrap_or_else(docker::engine_address);
+    let attempt = async {
+        let client = Docker::connect_with_host(&address)?;
+        let client = client.negotiate_version().await?;
+        let info = client.info().await?;
+        Ok::<_, bollard::errors::Error>((client, info))
+    };
+    let (client, info) = match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => anyhow::bail!("no Docker engine answers at {address}: {e}"),
+        Err(_) => anyhow::bail!(
+            "the Docker engine at {address} did not answer within {}s",
+            CONNECT_TIMEOUT.as_secs()
+        ),
+    };
+    let manager = info.swarm.as_ref().and_then(|s| s.control_available) == Some(true);
+    anyhow::ensure!(
+        manager,
+        "the Docker engine at {address} is not a swarm manager (docker info: Swarm.ControlAvailable = false); swarm entries need a manager's engine ([swarm] docker_host or DOCKER_HOST); clx-pool never inits or joins a swarm"
+    );
+    Ok((client, address))
+}
+
+impl SwarmEngine {
+    /// Wraps a manager's client for the pool of `db_path` and starts the
+    /// poller; it ends when the engine is dropped.
+    pub fn new(client: Docker, address: String, db_path: &Path) -> Arc<SwarmEngine> {
+        let (tx, seen) = watch::channel(Arc::new(Seen::default()));
+        let db_id = docker::db_id(db_path);
+        tokio::spawn(poll(client.clone(), db_id.clone(), tx));
+        Arc::new(SwarmEngine {
+            client,
+            address,
+            db_id,
+            db_path: db_path.to_path_buf(),
+            seen,
+        })
+    }
+
+    fn labels(&self, spec: Option<&Launch>) -> HashMap<String, String> {
+        let mut labels = HashMap::from([
+            (LABEL_DB_ID.to_string(), self.db_id.clone()),
+            (LABEL_DB.to_string(), self.db_path.display().to_string()),
+        ]);
+        if let Some(spec) = spec {
+            labels.insert(LABEL_TYPE.to_string(), spec.worker_type.clone());
+            labels.insert(LABEL_SLOT.to_string(), spec.slot.to_string());
+        }
+        labels
+    }
+
+    /// Removes every service of this pool; returns how many.
+    pub async fn remove_pool_services(&self) -> anyhow::Result<usize> {
+        let filters = HashMap::from([("label", vec![format!("{LABEL_DB_ID}={}", self.db_id)])]);
+        let list = self
+            .client
+            .list_services(Some(ListServicesOptionsBuilder::default().filters(&filters).build()))
+            .await
+            .with_context(|| format!("listing the pool's services on {}", self.address))?;
+        let mut n = 0;
+        for id in list.iter().filter_map(|s| s.id.as_deref()) {
+            match self.client.delete_service(id).await {
+                Ok(()) => n += 1,
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => tracing::warn!(service = id, "removing service: {e}"),
+            }
+        }
+        Ok(n)
+    }
+
+    /// Creates the slot's service (after removing one of the same name,
+    /// left by its previous worker).
+    pub async fn launch(self: &Arc<Self>, spec: &Launch, how: &SwarmLaunch) -> anyhow::Result<SwarmWorker> {
+        let name = format!("clx-{}-{}-{}", spec.worker_type, spec.slot, self.db_id);
+        if let Err(e) = self.client.delete_service(&name).await
+            && !is_not_found(&e)
+        {
+            tracing::warn!(service = %name, "removing the slot's earlier service: {e}");
+        }
+        let service = self.service(spec, how, &name);
+        let created = self
+            .client
+            .create_service(service, None)
+            .await
+            .with_context(|| format!("creating service {name} from {} on {}", how.image, self.address))?;
+        let id = created.id.context("the manager answered without a service id")?;
+        let mut log = logs::open_worker_log(&spec.log_path, spec.log_max_size, spec.log_keep)?;
+        logs::mark(&mut log, &format!("created service {name} ({id}) from {}", how.image));
+        let tail = Tail::default();
+        let follow = LogsOptionsBuilder::default()
+            .follow(true)
+            .stdout(true)
+            .stderr(true)
+            .build();
+        tokio::spawn(docker::drain_logs(
+            self.client.service_logs(&id, Some(follow)),
+            log,
+            tail.clone(),
+        ));
+        Ok(SwarmWorker {
+            worker_id: spec.worker_id.clone(),
+            tail,
+            engine: self.clone(),
+            service_id: id,
+            name,
+            ever_seen: false,
+            exit: None,
+        })
+    }
+
+    /// The service of one worker: one replica, Swarm's restart policy
+    /// `none`, host networking, the CLM container contract, the entry's
+    /// placement and resources, labels on service and container.
+    fn service(&self, spec: &Launch, how: &SwarmLaunch, name: &str) -> ServiceSpec {
+        let env = docker::clm_env(spec, &how.api_url, &how.api_token);
+        let mounts = docker::clm_mounts(spec)
+            .into_iter()
+            .map(|(host, inside, writable)| Mount {
+                target: Some(inside.to_string()),
+                source: Some(host.display().to_string()),
+                typ: Some(MountType::BIND),
+                read_only: Some(!writable),
+                ..Default::default()
+            })
+            .collect();
+        let (command, args) = match &spec.program {
+            WorkerProgram::Command(c) if !c.is_empty() => (Some(vec![c[0].clone()]), Some(c[1..].to_vec())),
+            _ => (None, None),
+        };
+        let container = TaskSpecContainerSpec {
+            image: Some(how.image.clone()),
+            labels: Some(self.labels(Some(spec))),
+            command,
+            args,
+            env: Some(env.into_iter().map(|(k, v)| format!("{k}={v}")).collect()),
+            user: spec.container_user.clone(),
+            mounts: Some(mounts),
+            stop_grace_period: Some(how.stop_grace.as_nanos().min(i64::MAX as u128) as i64),
+            init: Some(true),
+            ..Default::default()
+        };
+        ServiceSpec {
+            name: Some(name.to_string()),
+            labels: Some(self.labels(Some(spec))),
+            task_template: Some(TaskSpec {
+                container_spec: Some(container),
+                resources: Some(resources(spec.memory_limit, &how.placement)),
+                restart_policy: Some(TaskSpecRestartPolicy {
+                    condition: Some(TaskSpecRestartPolicyConditionEnum::NONE),
+                    ..Default::default()
+                }),
+                placement: Some(placement(&how.placement)),
+                networks: Some(vec![NetworkAttachmentConfig {
+                    target: Some("host".into()),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+            mode: Some(ServiceSpecMode {
+                replicated: Some(ServiceSpecModeReplicated { replicas: Some(1) }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+}
+
+/// What a swarm entry's services are made of, beside the [`Launch`].
+#[derive(Debug, Clone)]
+pub struct SwarmLaunch {
+    pub image: String,
+    pub placement: Placement,
+    /// `StopGracePeriod`: SIGTERM, then SIGKILL after this (`stop_timeout`).
+    pub stop_grace: Duration,
+    /// `CLM_API_URL`: the API as the nodes reach it (`api_advertise`).
+    pub api_url: String,
+    pub api_token: Arc<str>,
+}
+
+fn resources(memory_limit: Option<u64>, p: &Placement) -> TaskSpecResources {
+    let nanos = |cpus: f64| (cpus * 1e9) as i64;
+    TaskSpecResources {
+        limits: Some(Limit {
+            memory_bytes: memory_limit.map(|m| m as i64),
+            nano_cpus: p.cpu_limit.map(nanos),
+            ..Default::default()
+        }),
+        reservations: Some(ResourceObject {
+            memory_bytes: p.memory_reservation.map(|m| m as i64),
+            nano_cpus: p.cpu_reservation.map(nanos),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn placement(p: &Placement) -> TaskSpecPlacement {
+    TaskSpecPlacement {
+        constraints: Some(p.constraints.clone()),
+        preferences: p.spread.as_ref().map(|s| {
+            vec![TaskSpecPlacementPreferences {
+                spread: Some(TaskSpecPlacementSpread {
+                    spread_descriptor: Some(s.clone()),
+                }),
+            }]
+        }),
+        ..Default::default()
+    }
+}
+
+/// Lists the pool's tasks and the swarm's nodes once per [`POLL`] until
+/// nobody watches.
+async fn poll(client: Docker, db_id: String, tx: watch::Sender<Arc<Seen>>) {
+    let filters = HashMap::from([("label", vec![format!("{LABEL_DB_ID}={db_id}")])]);
+    loop {
+        let tasks = client
+            .list_tasks(Some(ListTasksOptionsBuilder::default().filters(&filters).build()))
+            .await;
+        let nodes = client.list_nodes(None::<ListNodesOptions>).await;
+        let seen = match (tasks, nodes) {
+            (Ok(tasks), Ok(nodes)) => Seen::of(tasks, nodes),
+            (Err(e), _) | (_, Err(e)) => {
+                let before = tx.borrow().clone();
+                tracing::warn!("listing the swarm's tasks: {e}");
+                Seen {
+                    tasks: before.tasks.clone(),
+                    down: before.down.clone(),
+                    hostnames: before.hostnames.clone(),
+                    error: Some(e.to_string()),
+                }
+            }
+        };
+        if tx.send(Arc::new(seen)).is_err() {
+            return;
+        }
+        tokio::time::sleep(POLL).await;
+        if tx.is_closed() {
+            return;
+        }
+    }
+}
+
+impl Seen {
+    fn of(tasks: Vec<Task>, nodes: Vec<bollard::models::Node>) -> Seen {
+        let mut newest: HashMap<String, (i64, TaskView)> = HashMap::new();
+        for t in tasks {
+            let (Some(service), Some(view)) = (t.service_id.clone(), TaskView::of(&t)) else {
+                continue;
+            };
+            let version = t.version.as_ref().and_then(|v| v.index).map_or(0, |i| i as i64);
+            if newest.get(&service).is_none_or(|(v, _)| version > *v) {
+                newest.insert(service, (version, view));
+            }
+        }
+        let mut hostnames = HashMap::new();
+        let mut down = HashMap::new();
+        for n in nodes {
+            let Some(id) = n.id.clone() else { continue };
+            let host = n
+                .description
+                .as_ref()
+                .and_then(|d| d.hostname.clone())
+                .unwrap_or_else(|| id.clone());
+            if n.status.as_ref().and_then(|s| s.state) == Some(NodeState::DOWN) {
+                down.insert(id.clone(), host.clone());
+            }
+            hostnames.insert(id, host);
+        }
+        Seen {
+            tasks: newest.into_iter().map(|(s, (_, v))| (s, v)).collect(),
+            down,
+            hostnames,
+            error: None,
+        }
+    }
+}
+
+impl TaskView {
+    fn of(t: &Task) -> Option<TaskView> {
+        let status = t.status.as_ref()?;
+        Some(TaskView {
+            id: t.id.clone()?,
+            node: t.node_id.clone(),
+            state: status.state?,
+            desired: t.desired_state.unwrap_or(TaskState::RUNNING),
+            exit_code: status.container_status.as_ref().and_then(|c| c.exit_code),
+            err: status.err.clone().filter(|e| !e.is_empty()),
+            message: status.message.clone(),
+        })
+    }
+}
+
+/// Whether a worker whose newest task is `task` has ended, and how: its
+/// task ended (exit code, Swarm's error), Swarm no longer wants it to run
+/// (node lost with restart `none`, a removed service), or its node is down.
+/// `seen_before`: the service had a task at an earlier poll (a service
+/// without tasks yet is still being scheduled).
+pub fn verdict(task: Option<&TaskView>, seen_before: bool, down: &HashMap<String, String>) -> Option<EndCause> {
+    use TaskState as S;
+    let Some(t) = task else {
+        return seen_before.then(|| EndCause::Unknown("its task is gone from the swarm".into()));
+    };
+    let swarm_says = |what: &str| {
+        let why = t.err.as_deref().or(t.message.as_deref()).unwrap_or("no reason given");
+        EndCause::Unknown(format!("{what}: {why}"))
+    };
+    match t.state {
+        S::COMPLETE | S::FAILED => Some(match t.exit_code {
+            Some(code) if code > 128 && code < 160 => EndCause::Signal((code - 128) as i32),
+            Some(code) => EndCause::Code(code as i32),
+            None => swarm_says("its task failed"),
+        }),
+        S::REJECTED => Some(swarm_says("Swarm rejected its task")),
+        S::SHUTDOWN | S::REMOVE | S::ORPHANED => Some(swarm_says(&format!("its task was {}", t.state))),
+        _ => {
+            if let Some(host) = t.node.as_ref().and_then(|n| down.get(n)) {
+                return Some(EndCause::Unknown(format!("node {host} is down")));
+            }
+            (t.desired != S::RUNNING && t.desired != S::READY && t.desired != S::ACCEPTED).then(|| {
+                EndCause::Unknown(format!(
+                    "Swarm no longer runs its task (desired state {}, state {})",
+                    t.desired, t.state
+                ))
+            })
+        }
+    }
+}
+
+/// A started swarm worker: its service, and the verdict once it ended.
+pub struct SwarmWorker {
+    pub worker_id: WorkerId,
+    pub tail: Tail,
+    engine: Arc<SwarmEngine>,
+    service_id: String,
+    name: String,
+    ever_seen: bool,
+    exit: Option<EndCause>,
+}
+
+impl SwarmWorker {
+    /// Resolves when the worker has ended, at the poll that shows it.
+    /// Cancel-safe.
+    pub async fn wait(&mut self) -> EndCause {
+        if let Some(exit) = &self.exit {
+            return exit.clone();
+        }
+        let mut seen = self.engine.seen.clone();
+        loop {
+            let now = seen.borrow_and_update().clone();
+            let task = now.tasks.get(&self.service_id);
+            if let Some(cause) = verdict(task, self.ever_seen, &now.down) {
+                self.exit = Some(cause.clone());
+                return cause;
+            }
+            self.ever_seen |= task.is_some();
+            if seen.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    /// Tells the worker to finish: the service is scaled to 0, so Swarm
+    /// sends SIGTERM and, after `StopGracePeriod`, SIGKILL.
+    pub async fn finish(&self) {
+        if self.exit.is_some() {
+            return;
+        }
+        if let Err(e) = self.scale_to_zero().await {
+            tracing::warn!(service = %self.name, "telling the worker to finish (scaling its service to 0): {e:#}");
+        }
+    }
+
+    async fn scale_to_zero(&self) -> anyhow::Result<()> {
+        let service = self.engine.client.inspect_service(&self.service_id, None).await?;
+        let version = service
+            .version
+            .and_then(|v| v.index)
+            .context("the service has no version")?;
+        let mut spec = service.spec.context("the service has no spec")?;
+        spec.mode = Some(ServiceSpecMode {
+            replicated: Some(ServiceSpecModeReplicated { replicas: Some(0) }),
+            ..Default::default()
+        });
+        let opts = UpdateServiceOptionsBuilder::default().version(version as i32).build();
+        self.engine
+            .client
+            .update_service(&self.service_id, spec, opts, None)
+            .await?;
+        Ok(())
+    }
+
+    /// Removes the service (Swarm stops its task: SIGTERM, SIGKILL after
+    /// `StopGracePeriod`) and waits until its task is gone.
+    pub async fn stop(&mut self, grace: Duration) -> EndCause {
+        self.sweep().await;
+        let deadline = tokio::time::Instant::now() + grace + Duration::from_secs(30);
+        let mut seen = self.engine.seen.clone();
+        loop {
+            let gone = !seen.borrow_and_update().tasks.contains_key(&self.service_id);
+            if gone || tokio::time::timeout_at(deadline, seen.changed()).await.is_err() {
+                break;
+            }
+        }
+        let cause = self
+            .exit
+            .clone()
+            .unwrap_or_else(|| EndCause::Unknown(format!("its service {} was removed", self.name)));
+        self.exit = Some(cause.clone());
+        cause
+    }
+
+    /// Removes the service, whatever became of its task.
+    pub async fn sweep(&self) {
+        if let Err(e) = self.engine.client.delete_service(&self.service_id).await
+            && !is_not_found(&e)
+        {
+            tracing::warn!(service = %self.name, "removing the service: {e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task(state: TaskState, desired: TaskState) -> TaskView {
+        TaskView {
+            id: "t1".into(),
+            node: Some("n2".into()),
+            state,
+            desired,
+            exit_code: None,
+            err: None,
+            message: None,
+        }
+    }
+
+    #[test]
+    fn a_worker_ends_when_its_task_ends_swarm_stops_wanting_it_or_its_node_is_down() {
+        use TaskState as S;
+        let none = HashMap::new();
+        let down = HashMap::from([("n2".to_string(), "build2".to_string())]);
+        let with = |mut t: TaskView, f: &dyn Fn(&mut TaskView)| {
+            f(&mut t);
+            t
+        };
+        let exited = |code| with(task(S::FAILED, S::SHUTDOWN), &|t| t.exit_code = Some(code));
+        let rejected = with(task(S::REJECTED, S::SHUTDOWN), &|t| {
+            t.err = Some("invalid mount config for type \"bind\"".into())
+        });
+        let pending = with(task(S::PENDING, S::RUNNING), &|t| {
+            t.node = None;
+            t.err = Some("no suitable node".into())
+        });
+        type Case<'a> = (
+            &'a str,
+            Option<TaskView>,
+            bool,
+            &'a HashMap<String, String>,
+            Option<EndCause>,
+        );
+        let cases: Vec<Case> = vec![
+            ("not scheduled yet", None, false, &none, None),
+            (
+                "gone after it was seen",
+                None,
+                true,
+                &none,
+                Some(EndCause::Unknown("its task is gone from the swarm".into())),
+            ),
+            ("running", Some(task(S::RUNNING, S::RUNNING)), true, &none, None),
+            ("starting", Some(task(S::STARTING, S::RUNNING)), true, &none, None),
+            ("waiting for a node", Some(pending), true, &none, None),
+            ("exit 3", Some(exited(3)), true, &none, Some(EndCause::Code(3))),
+            ("killed", Some(exited(137)), true, &none, Some(EndCause::Signal(9))),
+            (
+                "complete",
+                Some(with(task(S::COMPLETE, S::SHUTDOWN), &|t| t.exit_code = Some(0))),
+                true,
+                &none,
+                Some(EndCause::Code(0)),
+            ),
+            (
+                "rejected",
+                Some(rejected),
+                true,
+                &none,
+                Some(EndCause::Unknown(
+                    "Swarm rejected its task: invalid mount config for type \"bind\"".into(),
+                )),
+            ),
+            (
+                "node lost (restart none: desired shutdown, still running)",
+                Some(task(S::RUNNING, S::SHUTDOWN)),
+                true,
+                &none,
+                Some(EndCause::Unknown(
+                    "Swarm no longer runs its task (desired state shutdown, state running)".into(),
+                )),
+            ),
+            (
+                "its node is down",
+                Some(task(S::RUNNING, S::RUNNING)),
+                true,
+                &down,
+                Some(EndCause::Unknown("node build2 is down".into())),
+            ),
+        ];
+        for (what, t, seen_before, down, expected) in cases {
+            assert_eq!(verdict(t.as_ref(), seen_before, down), expected, "{what}");
+        }
+    }
+}

@@ -1,0 +1,311 @@
+//! `execution_mode = "swarm"` on a real two-node Docker Swarm: two private
+//! dockerds on this machine (manager on 127.0.0.3, worker on 127.0.0.4),
+//! started by `scripts/swarm-ci.sh up` (which `make test` runs), named by
+//! `CLX_SWARM_HOST` and `CLX_SWARM_WORKER`. The workers are CLM 1.35's own
+//! worker code in `clx-pool/clm-test` (tests/fixtures/clm-image), reaching
+//! the Worker API over host networking. Without the swarm, the image or
+//! the CLM venv these tests skip with a message, and fail under CI=true.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::clm::{Clm, clm};
+use common::{Pool, kill9, stderr, stdout, wait_for};
+
+const IMAGE: &str = "clx-pool/clm-test:1.35.0";
+
+/// The manager's and the worker's engine.
+struct Swarm {
+    manager: String,
+    worker: String,
+}
+
+impl Swarm {
+    /// `docker` against one engine.
+    fn docker(host: &str, args: &[&str]) -> String {
+        let out = Command::new("docker")
+            .env("DOCKER_HOST", host)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        stdout(&out)
+    }
+
+    /// The pool's services on the manager.
+    fn services(&self, pool: &Pool) -> Vec<String> {
+        let label = format!("label=clx-pool.db-id={}", db_id(pool));
+        Swarm::docker(&self.manager, &["service", "ls", "-q", "--filter", &label])
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// The pool's containers on both nodes.
+    fn containers(&self, pool: &Pool) -> Vec<String> {
+        let label = format!("label=clx-pool.db-id={}", db_id(pool));
+        [&self.manager, &self.worker]
+            .iter()
+            .flat_map(|h| {
+                Swarm::docker(h, &["ps", "-aq", "--filter", &label])
+                    .lines()
+                    .map(str::to_string)
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    /// The running tasks of the pool's services: (service name, node id,
+    /// container id).
+    fn running_tasks(&self, pool: &Pool) -> Vec<(String, String, String)> {
+        let mut out = Vec::new();
+        for service in self.services(pool) {
+            let ids = Swarm::docker(
+                &self.manager,
+                &["service", "ps", "-q", "--filter", "desired-state=running", &service],
+            );
+            for task in ids.lines() {
+                let line = Swarm::docker(
+                    &self.manager,
+                    &[
+                        "inspect",
+                        "-f",
+                        "{{.Status.State}} {{.NodeID}} {{.Status.ContainerStatus.ContainerID}}",
+                        task,
+                    ],
+                );
+                let parts: Vec<&str> = line.split_whitespace().collect();
+                if parts.len() == 3 && parts[0] == "running" {
+                    let name = Swarm::docker(&self.manager, &["service", "inspect", "-f", "{{.Spec.Name}}", &service]);
+                    out.push((name.trim().to_string(), parts[1].into(), parts[2].into()));
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    fn node_id(&self, host: &str) -> String {
+        Swarm::docker(host, &["info", "-f", "{{.Swarm.NodeID}}"])
+            .trim()
+            .to_string()
+    }
+}
+
+fn db_id(pool: &Pool) -> String {
+    clx_pool::executor::docker::db_id(&pool.db_path())
+}
+
+/// Removes whatever of a pool is left on the swarm when a test ends (also
+/// when it fails); declared after the pool, so it runs after the pool's
+/// supervisor is stopped.
+struct Leftovers<'a> {
+    swarm: &'a Swarm,
+    db_id: String,
+}
+
+impl Drop for Leftovers<'_> {
+    fn drop(&mut self) {
+        let label = format!("label=clx-pool.db-id={}", self.db_id);
+        let services = Swarm::docker(&self.swarm.manager, &["service", "ls", "-q", "--filter", &label]);
+        for s in services.lines() {
+            Swarm::docker(&self.swarm.manager, &["service", "rm", s]);
+        }
+    }
+}
+
+/// The swarm, the CLM venv and the image on both nodes, or None.
+fn ready() -> Option<(Swarm, Clm)> {
+    let clm = clm()?;
+    let swarm = match (std::env::var("CLX_SWARM_HOST"), std::env::var("CLX_SWARM_WORKER")) {
+        (Ok(manager), Ok(worker)) => Swarm { manager, worker },
+        _ => {
+            let problem =
+                "no swarm: CLX_SWARM_HOST/CLX_SWARM_WORKER unset (`make test` starts one with scripts/swarm-ci.sh)";
+            if std::env::var("CI").is_ok_and(|v| v == "true") {
+                panic!("swarm tests cannot run under CI: {problem}");
+            }
+            eprintln!("SKIPPED: {problem}");
+            return None;
+        }
+    };
+    for host in [&swarm.manager, &swarm.worker] {
+        let found = Swarm::docker(host, &["image", "ls", "-q", IMAGE]);
+        assert!(
+            !found.trim().is_empty(),
+            "{IMAGE} is not on {host}; scripts/swarm-ci.sh up loads it"
+        );
+    }
+    Some((swarm, clm))
+}
+
+/// A port nobody listens on now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A `clm` pool whose entries run as swarm services on `swarm`; its
+/// workspace anyone may write (the image's user is 1000 unless "auto").
+fn pool(clm: &Clm, swarm: &Swarm, workers: &str) -> Pool {
+    use std::os::unix::fs::PermissionsExt;
+    let port = free_port();
+    let extra = format!(
+        "data_dir = \"data\"\napi_listen = \"127.0.0.1:{port}\"\napi_advertise = \"http://127.0.0.1:{port}\"\nstartup_timeout = \"60s\"\n\n[swarm]\ndocker_host = \"{}\"\n",
+        swarm.manager
+    );
+    let pool = clm.pool_with(&extra, workers);
+    std::fs::create_dir_all(pool.path("data")).unwrap();
+    std::fs::create_dir_all(pool.path("workspace/out")).unwrap();
+    for dir in ["workspace", "workspace/out"] {
+        std::fs::set_permissions(pool.path(dir), std::fs::Permissions::from_mode(0o777)).unwrap();
+    }
+    pool
+}
+
+fn entry(worker_type: &str, count: u32, constraint: &str) -> String {
+    format!(
+        "[[workers]]\nworker_type = \"{worker_type}\"\ncount = {count}\nexecution_mode = \"swarm\"\nimage = \"{IMAGE}\"\nconstraints = [\"{constraint}\"]\n"
+    )
+}
+
+/// Queues `n` jobs of `job_type` with CLM's own `JobQueue`.
+fn add_jobs(clm: &Clm, pool: &Pool, job_type: &str, first: usize, n: usize) {
+    for i in first..first + n {
+        let input = pool.path(&format!("data/{job_type}-{i}.txt"));
+        std::fs::write(&input, format!("{job_type} {i}\n")).unwrap();
+        let output = pool.path(&format!("workspace/out/{job_type}-{i}.txt"));
+        clm.add_job(&pool.db_path(), job_type, &input, &output, "{}");
+    }
+}
+
+fn wait_ready(pool: &Pool) {
+    let out = pool.cli(&["wait", "--ready", "--timeout", "120s"]);
+    assert!(
+        out.status.success(),
+        "pool did not become ready: {}\n{}",
+        stderr(&out),
+        pool.supervisor_log()
+    );
+}
+
+#[test]
+fn swarm_slots_run_clm_jobs_on_both_nodes_replace_a_killed_task_and_stop_leaves_nothing() {
+    let Some((swarm, clm)) = ready() else { return };
+    let workers = format!(
+        "{}{}",
+        entry("echo-m", 1, "node.role == manager"),
+        entry("echo-w", 1, "node.role == worker")
+    );
+    let mut pool = pool(&clm, &swarm, &workers);
+    let _leftovers = Leftovers {
+        swarm: &swarm,
+        db_id: db_id(&pool),
+    };
+    pool.start();
+    wait_ready(&pool);
+    // One service per slot, one task each, on the node its entry asked for.
+    let tasks = swarm.running_tasks(&pool);
+    let (manager, worker) = (swarm.node_id(&swarm.manager), swarm.node_id(&swarm.worker));
+    let names: Vec<&str> = tasks.iter().map(|(n, _, _)| n.as_str()).collect();
+    assert_eq!(names.len(), 2, "{tasks:?}");
+    for (name, node, _) in &tasks {
+        let wanted = if name.starts_with("clx-echo-m-") {
+            &manager
+        } else {
+            &worker
+        };
+        assert_eq!(node, wanted, "{name} runs on the node its constraint names: {tasks:?}");
+    }
+    // Both pre-registered rows were activated through the API; CLM sees
+    // container workers.
+    assert_eq!(
+        pool.query_strings("SELECT DISTINCT status || ' ' || execution_mode FROM workers"),
+        vec!["idle docker"]
+    );
+    let stats = stdout(&pool.cli(&["stats"]));
+    assert!(stats.contains("swarm"), "{stats}");
+
+    add_jobs(&clm, &pool, "echo-m", 0, 3);
+    add_jobs(&clm, &pool, "echo-w", 0, 3);
+    pool.drained("120s");
+    for kind in ["echo-m", "echo-w"] {
+        for i in 0..3 {
+            let out = std::fs::read_to_string(pool.path(&format!("workspace/out/{kind}-{i}.txt")));
+            assert_eq!(out.unwrap(), format!("{kind} {i}\n"));
+        }
+    }
+
+    // The worker node's task is killed: the slot sees it at its next poll
+    // and starts a new worker (a new row), which takes the next jobs.
+    let (_, _, container) = tasks
+        .iter()
+        .find(|(n, _, _)| n.starts_with("clx-echo-w-"))
+        .unwrap()
+        .clone();
+    Swarm::docker(&swarm.worker, &["kill", &container]);
+    wait_for(
+        "the killed worker to be recorded and replaced",
+        Duration::from_secs(90),
+        || {
+            let died =
+                pool.query_i64("SELECT COUNT(*) FROM clx_pool_events WHERE event = 'died' AND worker_type = 'echo-w'");
+            let live = pool.query_i64("SELECT COUNT(*) FROM workers WHERE worker_type = 'echo-w' AND status = 'idle'");
+            (died == 1 && live == 1).then_some(())
+        },
+    );
+    let cause = pool.first_cause("died");
+    assert!(cause.contains("137") || cause.contains("SIGKILL"), "{cause}");
+    add_jobs(&clm, &pool, "echo-w", 3, 2);
+    pool.drained("120s");
+    assert_eq!(
+        pool.query_i64("SELECT COUNT(*) FROM jobs WHERE status = 'completed'"),
+        8
+    );
+
+    let out = pool.cli(&["stop", "--timeout", "60s"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        swarm.services(&pool).is_empty(),
+        "services left: {:?}",
+        swarm.services(&pool)
+    );
+    wait_for(
+        "the tasks' containers to be removed on both nodes",
+        Duration::from_secs(60),
+        || swarm.containers(&pool).is_empty().then_some(()),
+    );
+}
+
+#[test]
+fn after_the_supervisor_is_killed_its_guard_removes_every_service_of_the_pool() {
+    let Some((swarm, clm)) = ready() else { return };
+    let mut pool = pool(&clm, &swarm, &entry("echo", 2, "node.labels.clx-test == 1"));
+    let _leftovers = Leftovers {
+        swarm: &swarm,
+        db_id: db_id(&pool),
+    };
+    pool.start();
+    wait_ready(&pool);
+    assert_eq!(swarm.services(&pool).len(), 2);
+    kill9(pool.supervisor_pid());
+    wait_for(
+        "the guard to remove the pool's services",
+        Duration::from_secs(60),
+        || swarm.services(&pool).is_empty().then_some(()),
+    );
+    wait_for(
+        "the tasks' containers to be removed on both nodes",
+        Duration::from_secs(60),
+        || swarm.containers(&pool).is_empty().then_some(()),
+    );
+    // The rows the dead run left are buried.
+    wait_for("the worker rows to be marked dead", Duration::from_secs(30), || {
+        (pool.query_i64("SELECT COUNT(*) FROM workers WHERE status != 'dead'") == 0).then_some(())
+    });
+}
