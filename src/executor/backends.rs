@@ -262,26 +262,12 @@ fn at(config: &Config, w: &WorkerConfig) -> String {
 }
 
 /// Starts CLM's Worker API for swarm entries: exactly at `api_listen`
-/// (checked with the config: a fixed port, TLS or a loopback address).
+/// (checked with the config: a fixed port, and plain HTTP beyond loopback
+/// only when asked for).
 async fn start_api_for_swarm(config: &Config) -> anyhow::Result<api::ApiServer> {
-    let pool = &config.pool;
-    let token = api::token(pool.api_token_file.as_deref())
-        .with_context(|| format!("{}: [pool] api_token_file", config.path.display()))?;
-    let (db_path, protocol) = (pool.db_path.clone(), Protocol::Clm);
-    let conn = tokio::task::spawn_blocking(move || db::open_existing(&db_path))
-        .await??
-        .0;
-    let db = Db::new(conn, &pool.db_path, protocol);
-    let server = api::start(
-        db,
-        pool.cache_db_path.clone(),
-        token,
-        pool.api_listen,
-        api::Reach::HostNetwork,
-    )
-    .await?;
+    let server = serve_api(config, api::Reach::HostNetwork).await?;
     let at: Vec<String> = server.listening.iter().map(|a| a.to_string()).collect();
-    info!(listening = %at.join(", "), url = ?pool.api_advertise, "the worker API is up for swarm workers (bearer token required)");
+    info!(listening = %at.join(", "), url = ?config.pool.api_advertise, "the worker API is up for swarm workers (bearer token required)");
     Ok(server)
 }
 
@@ -306,15 +292,22 @@ async fn start_api(config: &Config, engine: &DockerEngine) -> anyhow::Result<api
     {
         warn!(%addr, "the worker API listens beyond this machine (api_listen); requests need the token from api_token_file");
     }
-    let token = api::token(pool.api_token_file.as_deref())
-        .with_context(|| format!("{}: [pool] api_token_file", config.path.display()))?;
-    let (db_path, protocol) = (pool.db_path.clone(), Protocol::Clm);
-    let conn = tokio::task::spawn_blocking(move || db::open_existing(&db_path))
-        .await??
-        .0;
-    let db = Db::new(conn, &pool.db_path, protocol);
-    let server = api::start(db, pool.cache_db_path.clone(), token, pool.api_listen, reach).await?;
+    let server = serve_api(config, reach).await?;
     let at: Vec<String> = server.listening.iter().map(|a| a.to_string()).collect();
     info!(listening = %at.join(", "), url = %server.endpoint.url, "the worker API is up (bearer token required)");
     Ok(server)
+}
+
+/// The Worker API on its own connection to the database, with the token
+/// of `api_token_file` (or a fresh one).
+async fn serve_api(config: &Config, reach: api::Reach) -> anyhow::Result<api::ApiServer> {
+    let pool = &config.pool;
+    let token = api::token(pool.api_token_file.as_deref())
+        .with_context(|| format!("{}: [pool] api_token_file", config.path.display()))?;
+    let db_path = pool.db_path.clone();
+    let conn = tokio::task::spawn_blocking(move || db::open_existing(&db_path))
+        .await??
+        .0;
+    let db = Db::new(conn, &pool.db_path, Protocol::Clm);
+    api::start(db, pool.cache_db_path.clone(), token, pool.api_listen, reach).await
 }
