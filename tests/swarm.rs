@@ -12,7 +12,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::clm::{Clm, clm};
-use common::{Pool, kill9, stderr, stdout, wait_for};
+use common::{Pool, http, kill9, stderr, stdout, wait_for};
 
 const IMAGE: &str = "clx-pool/clm-test:1.35.0";
 
@@ -87,6 +87,24 @@ impl Swarm {
         out
     }
 
+    /// A variable of a service's worker environment.
+    fn service_env(&self, service: &str, name: &str) -> String {
+        let env = Swarm::docker(
+            &self.manager,
+            &[
+                "service",
+                "inspect",
+                "-f",
+                "{{range .Spec.TaskTemplate.ContainerSpec.Env}}{{println .}}{{end}}",
+                service,
+            ],
+        );
+        env.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}=")))
+            .unwrap_or_else(|| panic!("no {name} in {service}'s environment:\n{env}"))
+            .to_string()
+    }
+
     fn node_id(&self, host: &str) -> String {
         Swarm::docker(host, &["info", "-f", "{{.Swarm.NodeID}}"])
             .trim()
@@ -141,6 +159,17 @@ fn ready() -> Option<(Swarm, Clm)> {
     Some((swarm, clm))
 }
 
+/// `POST /api/worker/heartbeat` for `row` with `token`: the status code.
+fn heartbeat(port: u16, token: &str, row: &str) -> u16 {
+    let auth = format!("Bearer {token}");
+    let body = format!("{{\"worker_id\": {row}}}");
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let headers = [("Authorization", auth.as_str()), ("Content-Type", "application/json")];
+    http(addr, "POST", "/api/worker/heartbeat", &headers, body.as_bytes())
+        .unwrap()
+        .0
+}
+
 /// A port nobody listens on now.
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -152,7 +181,7 @@ fn free_port() -> u16 {
 
 /// A `clm` pool whose entries run as swarm services on `swarm`; its
 /// workspace anyone may write (the image's user is 1000 unless "auto").
-fn pool(clm: &Clm, swarm: &Swarm, workers: &str) -> Pool {
+fn pool(clm: &Clm, swarm: &Swarm, workers: &str) -> (Pool, u16) {
     use std::os::unix::fs::PermissionsExt;
     let port = free_port();
     let extra = format!(
@@ -165,7 +194,7 @@ fn pool(clm: &Clm, swarm: &Swarm, workers: &str) -> Pool {
     for dir in ["workspace", "workspace/out"] {
         std::fs::set_permissions(pool.path(dir), std::fs::Permissions::from_mode(0o777)).unwrap();
     }
-    pool
+    (pool, port)
 }
 
 fn entry(worker_type: &str, count: u32, constraint: &str) -> String {
@@ -202,7 +231,7 @@ fn swarm_slots_run_clm_jobs_on_both_nodes_replace_a_killed_task_and_stop_leaves_
         entry("echo-m", 1, "node.role == manager"),
         entry("echo-w", 1, "node.role == worker")
     );
-    let mut pool = pool(&clm, &swarm, &workers);
+    let (mut pool, port) = pool(&clm, &swarm, &workers);
     let _leftovers = Leftovers {
         swarm: &swarm,
         db_id: db_id(&pool),
@@ -241,6 +270,19 @@ fn swarm_slots_run_clm_jobs_on_both_nodes_replace_a_killed_task_and_stop_leaves_
         }
     }
 
+    // Each worker has a token of its own, bound to its row.
+    let token_of = |name: &str| swarm.service_env(name, "CLM_API_TOKEN");
+    let row_of = |name: &str| swarm.service_env(name, "CLM_WORKER_ID");
+    let (w_name, m_name) = (&tasks[1].0, &tasks[0].0);
+    let (old_token, old_row) = (token_of(w_name), row_of(w_name));
+    assert_ne!(old_token, token_of(m_name));
+    assert_eq!(heartbeat(port, &old_token, &old_row), 200);
+    assert_eq!(
+        heartbeat(port, &old_token, &row_of(m_name)),
+        403,
+        "another worker's row"
+    );
+
     // The worker node's task is killed: the slot sees it at its next poll
     // and starts a new worker (a new row), which takes the next jobs.
     let (_, _, container) = tasks
@@ -261,6 +303,9 @@ fn swarm_slots_run_clm_jobs_on_both_nodes_replace_a_killed_task_and_stop_leaves_
     );
     let cause = pool.first_cause("died");
     assert!(cause.contains("137") || cause.contains("SIGKILL"), "{cause}");
+    // The dead worker's token was revoked with its end: a replica that
+    // lived on would be refused.
+    assert_eq!(heartbeat(port, &old_token, &old_row), 401);
     add_jobs(&clm, &pool, "echo-w", 3, 2);
     pool.drained("120s");
     assert_eq!(
@@ -285,7 +330,7 @@ fn swarm_slots_run_clm_jobs_on_both_nodes_replace_a_killed_task_and_stop_leaves_
 #[test]
 fn after_the_supervisor_is_killed_its_guard_removes_every_service_of_the_pool() {
     let Some((swarm, clm)) = ready() else { return };
-    let mut pool = pool(&clm, &swarm, &entry("echo", 2, "node.labels.clx-test == 1"));
+    let (mut pool, _) = pool(&clm, &swarm, &entry("echo", 2, "node.labels.clx-test == 1"));
     let _leftovers = Leftovers {
         swarm: &swarm,
         db_id: db_id(&pool),

@@ -14,6 +14,7 @@
 //! cannot be handed to another machine).
 
 pub mod routes;
+pub mod tokens;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -66,6 +67,8 @@ pub enum Reach {
 /// A running API: where it listens, and how to stop it.
 pub struct ApiServer {
     pub endpoint: Arc<Endpoint>,
+    /// Tokens of single workers, minted by their executor.
+    pub tokens: tokens::WorkerTokens,
     pub listening: Vec<SocketAddr>,
     stop: CancellationToken,
     tasks: JoinSet<()>,
@@ -121,7 +124,13 @@ pub async fn start(
         token: token.clone(),
         host_alias,
     });
-    let router = routes::router(routes::ApiState { db, cache_db, token });
+    let worker_tokens = tokens::WorkerTokens::default();
+    let router = routes::router(routes::ApiState {
+        db,
+        cache_db,
+        token,
+        workers: worker_tokens.clone(),
+    });
     let stop = CancellationToken::new();
     let mut tasks = JoinSet::new();
     for listener in listeners {
@@ -136,6 +145,7 @@ pub async fn start(
     }
     Ok(ApiServer {
         endpoint,
+        tokens: worker_tokens,
         listening,
         stop,
         tasks,

@@ -2,7 +2,9 @@
 //! worker_routes.py`, `models.py`, `server.py`): same paths, JSON bodies
 //! and status codes, backed by the same database code as direct mode.
 //! Every `/api/worker` route needs the bearer token; `/health` does not.
-//! Errors are FastAPI's shape, `{"detail": ...}`: 401 without the token,
+//! Errors are FastAPI's shape, `{"detail": ...}`: 401 without a token
+//! (the pool's, or a live one of a single worker: see [`super::tokens`]),
+//! 403 when a worker's own token names another worker's row,
 //! 422 for a body, path or query that does not parse (nothing is written),
 //! 413 for a body over the limit, 404/400 as CLM answers them, 500 when
 //! the database fails.
@@ -17,11 +19,12 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
+use super::tokens::{Caller, NotYours, WorkerTokens};
 use crate::db::{self, Db};
 use crate::vocab::{JobStatus, ModeKind, Protocol, WorkerRow, WorkerStatus};
 
@@ -39,6 +42,8 @@ pub struct ApiState {
     /// CLM's cache database (`clm_cache.db`), for executed notebooks.
     pub cache_db: PathBuf,
     pub token: Arc<str>,
+    /// Tokens of single workers (swarm workers).
+    pub workers: WorkerTokens,
 }
 
 pub fn router(state: ApiState) -> Router {
@@ -95,6 +100,12 @@ impl ApiError {
     }
 }
 
+impl From<NotYours> for ApiError {
+    fn from(e: NotYours) -> ApiError {
+        ApiError::new(StatusCode::FORBIDDEN, e.to_string())
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = (self.status, Json(json!({ "detail": self.detail }))).into_response();
@@ -141,7 +152,7 @@ fn path_id(p: Result<Path<i64>, PathRejection>) -> Result<i64, ApiError> {
 
 /// The bearer token, compared without leaking its length or prefix through
 /// timing (both sides hashed first). Never read from the query string.
-async fn require_token(State(state): State<ApiState>, headers: HeaderMap, req: Request, next: Next) -> Response {
+async fn require_token(State(state): State<ApiState>, headers: HeaderMap, mut req: Request, next: Next) -> Response {
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -149,10 +160,20 @@ async fn require_token(State(state): State<ApiState>, headers: HeaderMap, req: R
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
         .map(|(_, token)| token.trim())
         .filter(|t| !t.is_empty());
-    match presented {
-        Some(t) if same_secret(t, &state.token) => next.run(req).await,
-        _ => ApiError::new(StatusCode::UNAUTHORIZED, "Missing or invalid Worker API token").into_response(),
-    }
+    let caller = match presented {
+        Some(t) if same_secret(t, &state.token) => Caller::Pool,
+        Some(t) => match state.workers.row_of(t) {
+            Some(row) => Caller::Worker(row),
+            None => return unauthorized(),
+        },
+        None => return unauthorized(),
+    };
+    req.extensions_mut().insert(caller);
+    next.run(req).await
+}
+
+fn unauthorized() -> Response {
+    ApiError::new(StatusCode::UNAUTHORIZED, "Missing or invalid Worker API token").into_response()
 }
 
 fn same_secret(a: &str, b: &str) -> bool {
@@ -186,7 +207,17 @@ struct RegisterBody {
     parent_pid: Option<i64>,
 }
 
-async fn register(State(s): State<ApiState>, Body(b): Body<RegisterBody>) -> ApiResult {
+async fn register(
+    State(s): State<ApiState>,
+    Extension(caller): Extension<Caller>,
+    Body(b): Body<RegisterBody>,
+) -> ApiResult {
+    if let Caller::Worker(row) = caller {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!("worker {row} was registered by the supervisor; a worker's own token cannot register another"),
+        ));
+    }
     let row =
         s.db.call(move |c| db::workers::register_remote(c, &b.worker_type, &b.container_id, b.parent_pid))
             .await
@@ -200,8 +231,13 @@ struct WorkerBody {
     worker_id: i64,
 }
 
-async fn activate(State(s): State<ApiState>, Body(b): Body<WorkerBody>) -> ApiResult {
+async fn activate(
+    State(s): State<ApiState>,
+    Extension(caller): Extension<Caller>,
+    Body(b): Body<WorkerBody>,
+) -> ApiResult {
     let row = WorkerRow(b.worker_id);
+    caller.may_act_for(row)?;
     let outcome =
         s.db.call(move |c| {
             Ok(match db::workers::activate(c, row) {
@@ -232,7 +268,8 @@ struct ClaimBody {
     execution_mode: Option<String>,
 }
 
-async fn claim(State(s): State<ApiState>, Body(b): Body<ClaimBody>) -> ApiResult {
+async fn claim(State(s): State<ApiState>, Extension(caller): Extension<Caller>, Body(b): Body<ClaimBody>) -> ApiResult {
+    caller.may_act_for(WorkerRow(b.worker_id))?;
     // Only containers reach the queue this way: a missing mode is docker,
     // as CLM assumes for older images.
     let mode = match b.execution_mode.as_deref() {
@@ -297,10 +334,12 @@ struct StatusBody {
 
 async fn job_status(
     State(s): State<ApiState>,
+    Extension(caller): Extension<Caller>,
     job_id: Result<Path<i64>, PathRejection>,
     Body(b): Body<StatusBody>,
 ) -> ApiResult {
     let job_id = path_id(job_id)?;
+    caller.may_act_for(WorkerRow(b.worker_id))?;
     let status = match b.status.parse() {
         Ok(s @ (JobStatus::Completed | JobStatus::Failed)) => s,
         _ => {
@@ -343,8 +382,13 @@ async fn job_status(
     Ok(Json(json!({ "acknowledged": taken })))
 }
 
-async fn heartbeat(State(s): State<ApiState>, Body(b): Body<WorkerBody>) -> ApiResult {
+async fn heartbeat(
+    State(s): State<ApiState>,
+    Extension(caller): Extension<Caller>,
+    Body(b): Body<WorkerBody>,
+) -> ApiResult {
     let row = WorkerRow(b.worker_id);
+    caller.may_act_for(row)?;
     let found =
         s.db.call(move |c| db::workers::heartbeat(c, row))
             .await
@@ -377,8 +421,13 @@ fn graceful() -> String {
     "graceful_shutdown".into()
 }
 
-async fn unregister(State(s): State<ApiState>, Body(b): Body<UnregisterBody>) -> ApiResult {
+async fn unregister(
+    State(s): State<ApiState>,
+    Extension(caller): Extension<Caller>,
+    Body(b): Body<UnregisterBody>,
+) -> ApiResult {
     let row = WorkerRow(b.worker_id);
+    caller.may_act_for(row)?;
     s.db.call(move |c| db::workers::mark_dead(c, row))
         .await
         .map_err(|e| ApiError::internal("Failed to unregister worker", e))?;

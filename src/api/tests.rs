@@ -15,15 +15,19 @@ use serde_json::{Value, json};
 use tower::ServiceExt;
 
 use super::{ApiState, JSON_BODY_LIMIT, router};
+use crate::api::tokens::WorkerTokens;
 use crate::db::jobs::{self, NewJob};
 use crate::db::{self, Db};
 use crate::vocab::Protocol;
+use crate::vocab::WorkerRow;
 
 const TOKEN: &str = "secret";
 
 /// A router over a fresh CLM database; the folder lives as long as it.
 struct Api {
     router: Router,
+    /// Tokens of single workers, as a swarm slot mints them.
+    tokens: WorkerTokens,
     db: PathBuf,
     cache_db: PathBuf,
     _dir: tempfile::TempDir,
@@ -39,8 +43,10 @@ fn app() -> Api {
         db: Db::new(conn, &path, protocol),
         cache_db: cache_db.clone(),
         token: TOKEN.into(),
+        workers: WorkerTokens::default(),
     };
     Api {
+        tokens: state.workers.clone(),
         router: router(state),
         db: path,
         cache_db,
@@ -954,4 +960,56 @@ async fn an_executed_notebook_may_be_larger_than_a_json_body() {
         .await;
     assert_eq!(status, StatusCode::OK, "{}", json_of(&bytes));
     assert_eq!(json_of(&bytes)["bytes_stored"], notebook.len());
+}
+
+#[tokio::test]
+async fn a_workers_own_token_acts_only_for_its_row_and_is_refused_once_revoked() {
+    let api = app();
+    let (mine, other) = (api.worker("created"), api.worker("created"));
+    let token = api.tokens.mint(WorkerRow(mine)).unwrap();
+    let me = Some(token.as_str());
+    let send = |uri: &'static str, body: Value| api.send(Method::POST, uri, me, body);
+    // Its own row: activated, heartbeats, claims.
+    assert_eq!(
+        send("/api/worker/activate", json!({ "worker_id": mine })).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        send("/api/worker/heartbeat", json!({ "worker_id": mine })).await.0,
+        StatusCode::OK
+    );
+    let job = api.job("a.py", "{}");
+    let (status, body) = send("/api/worker/jobs/claim", claim_body(mine)).await;
+    assert_eq!((status, &body["job"]["id"]), (StatusCode::OK, &json!(job)));
+    // Another worker's row: 403 for every route that names a worker, and
+    // nothing written.
+    for (uri, body) in [
+        ("/api/worker/activate", json!({ "worker_id": other })),
+        ("/api/worker/heartbeat", json!({ "worker_id": other })),
+        ("/api/worker/jobs/claim", claim_body(other)),
+        ("/api/worker/unregister", json!({ "worker_id": other })),
+    ] {
+        let (status, body) = send(uri, body).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{uri}: {body}");
+        assert!(
+            body["detail"].as_str().unwrap().contains(&format!("worker {mine}")),
+            "{body}"
+        );
+    }
+    let report = json!({ "worker_id": other, "status": "completed", "result": {} });
+    let (status, _) = api.send(Method::POST, "/api/worker/jobs/1/status", me, report).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(api.worker_status(other), "created");
+    assert_eq!(api.job_status(job), "processing");
+    // It cannot register workers of its own.
+    let register = json!({ "worker_type": "notebook", "container_id": "sneaky", "parent_pid": 1 });
+    assert_eq!(send("/api/worker/register", register).await.0, StatusCode::FORBIDDEN);
+    assert_eq!(api.count("workers"), 2);
+    // Revoked (its worker ended): refused as an unknown token; the pool's
+    // token still works.
+    api.tokens.revoke(WorkerRow(mine));
+    let (status, _) = send("/api/worker/heartbeat", json!({ "worker_id": mine })).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, _) = api.post("/api/worker/heartbeat", json!({ "worker_id": mine })).await;
+    assert_eq!(status, StatusCode::OK);
 }

@@ -28,8 +28,9 @@ pub struct Backends {
     api: Option<Arc<api::Endpoint>>,
     /// A swarm manager, for swarm entries.
     swarm: Option<Arc<SwarmEngine>>,
-    /// The Worker API as swarm nodes reach it (`api_advertise`).
-    swarm_api: Option<Arc<api::Endpoint>>,
+    /// The Worker API as swarm nodes reach it (`api_advertise`), and
+    /// where their tokens are minted.
+    swarm_api: Option<(String, api::tokens::WorkerTokens)>,
 }
 
 /// Where a running worker is, for its usage.
@@ -107,11 +108,8 @@ impl Backends {
                 Some(s) => s,
                 None => start_api_for_swarm(config).await?,
             };
-            backends.swarm_api = Some(Arc::new(api::Endpoint {
-                url: config.pool.api_advertise.clone().unwrap_or_default(),
-                token: started.endpoint.token.clone(),
-                host_alias: None,
-            }));
+            let url = config.pool.api_advertise.clone().unwrap_or_default();
+            backends.swarm_api = Some((url, started.tokens.clone()));
             server = Some(started);
         }
         let executors = config
@@ -179,15 +177,15 @@ impl Backends {
 
     /// The executor of an entry in a mode whose backend was reached.
     fn executor(&self, config: &Config, w: &WorkerConfig, kind: ModeKind) -> Executor {
-        if let (ModeKind::Swarm, Some(engine), Some(api)) = (kind, &self.swarm, &self.swarm_api) {
+        if let (ModeKind::Swarm, Some(engine), Some((url, tokens))) = (kind, &self.swarm, &self.swarm_api) {
             return Executor::Swarm {
                 engine: engine.clone(),
                 how: Arc::new(SwarmLaunch {
                     image: w.image.clone().unwrap_or_default(),
                     placement: w.placement.clone(),
                     stop_grace: config.pool.stop_timeout,
-                    api_url: api.url.clone(),
-                    api_token: api.token.clone(),
+                    api_url: url.clone(),
+                    tokens: tokens.clone(),
                 }),
             };
         }

@@ -32,9 +32,10 @@ use tokio::sync::watch;
 
 use super::Launch;
 use super::docker::{self, LABEL_DB, LABEL_DB_ID, LABEL_SLOT, LABEL_TYPE, is_not_found};
+use crate::api::tokens::WorkerTokens;
 use crate::config::{Placement, WorkerProgram};
 use crate::logs::{self, Tail};
-use crate::vocab::{EndCause, WorkerId};
+use crate::vocab::{EndCause, WorkerId, WorkerRow};
 
 /// How often the poller lists the pool's tasks and the swarm's nodes.
 const POLL: Duration = Duration::from_secs(1);
@@ -158,12 +159,23 @@ impl SwarmEngine {
         {
             tracing::warn!(service = %name, "removing the slot's earlier service: {e}");
         }
-        let service = self.service(spec, how, &name);
-        let created = self
-            .client
-            .create_service(service, None)
-            .await
-            .with_context(|| format!("creating service {name} from {} on {}", how.image, self.address))?;
+        // Its own token, bound to its row: revoked the moment its end is
+        // seen, so a replica that lives on is refused.
+        let row = spec
+            .preregistered_row
+            .context("a swarm worker needs the row the supervisor registers for it")?;
+        let token = how.tokens.mint(row)?;
+        let service = self.service(spec, how, &name, &token);
+        let created = match self.client.create_service(service, None).await {
+            Ok(c) => c,
+            Err(e) => {
+                how.tokens.revoke(row);
+                return Err(anyhow::Error::new(e).context(format!(
+                    "creating service {name} from {} on {}",
+                    how.image, self.address
+                )));
+            }
+        };
         let id = created.id.context("the manager answered without a service id")?;
         let mut log = logs::open_worker_log(&spec.log_path, spec.log_max_size, spec.log_keep)?;
         logs::mark(&mut log, &format!("created service {name} ({id}) from {}", how.image));
@@ -181,6 +193,8 @@ impl SwarmEngine {
         Ok(SwarmWorker {
             worker_id: spec.worker_id.clone(),
             tail,
+            row,
+            tokens: how.tokens.clone(),
             engine: self.clone(),
             service_id: id,
             name,
@@ -192,8 +206,8 @@ impl SwarmEngine {
     /// The service of one worker: one replica, Swarm's restart policy
     /// `none`, host networking, the CLM container contract, the entry's
     /// placement and resources, labels on service and container.
-    fn service(&self, spec: &Launch, how: &SwarmLaunch, name: &str) -> ServiceSpec {
-        let env = docker::clm_env(spec, &how.api_url, &how.api_token);
+    fn service(&self, spec: &Launch, how: &SwarmLaunch, name: &str, token: &str) -> ServiceSpec {
+        let env = docker::clm_env(spec, &how.api_url, token);
         let mounts = docker::clm_mounts(spec)
             .into_iter()
             .map(|(host, inside, writable)| Mount {
@@ -255,7 +269,8 @@ pub struct SwarmLaunch {
     pub stop_grace: Duration,
     /// `CLM_API_URL`: the API as the nodes reach it (`api_advertise`).
     pub api_url: String,
-    pub api_token: Arc<str>,
+    /// Where each worker's own token is minted (and revoked).
+    pub tokens: WorkerTokens,
 }
 
 fn resources(memory_limit: Option<u64>, p: &Placement) -> TaskSpecResources {
@@ -411,6 +426,9 @@ pub fn verdict(task: Option<&TaskView>, seen_before: bool, down: &HashMap<String
 pub struct SwarmWorker {
     pub worker_id: WorkerId,
     pub tail: Tail,
+    /// Its row, and the tokens its own is revoked from when it ends.
+    row: WorkerRow,
+    tokens: WorkerTokens,
     engine: Arc<SwarmEngine>,
     service_id: String,
     name: String,
@@ -430,6 +448,7 @@ impl SwarmWorker {
             let now = seen.borrow_and_update().clone();
             let task = now.tasks.get(&self.service_id);
             if let Some(cause) = verdict(task, self.ever_seen, &now.down) {
+                self.tokens.revoke(self.row);
                 self.exit = Some(cause.clone());
                 return cause;
             }
@@ -492,11 +511,19 @@ impl SwarmWorker {
 
     /// Removes the service, whatever became of its task.
     pub async fn sweep(&self) {
+        self.tokens.revoke(self.row);
         if let Err(e) = self.engine.client.delete_service(&self.service_id).await
             && !is_not_found(&e)
         {
             tracing::warn!(service = %self.name, "removing the service: {e}");
         }
+    }
+}
+
+impl Drop for SwarmWorker {
+    /// However the slot lets go of it, its token goes too.
+    fn drop(&mut self) {
+        self.tokens.revoke(self.row);
     }
 }
 
