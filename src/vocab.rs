@@ -397,6 +397,9 @@ pub enum EndCause {
     /// Killed by the kernel's OOM killer.
     Oom,
     Unknown(String),
+    /// It never ran, for a reason outside it that may pass (no node of a
+    /// swarm could take its task): a fault outside the worker.
+    NotPlaced(String),
 }
 
 impl EndCause {
@@ -415,6 +418,7 @@ impl fmt::Display for EndCause {
             },
             EndCause::Oom => write!(f, "was killed by the kernel's OOM killer (out of memory)"),
             EndCause::Unknown(e) => write!(f, "ended ({e})"),
+            EndCause::NotPlaced(why) => write!(f, "was never placed ({why})"),
         }
     }
 }

@@ -354,3 +354,135 @@ fn after_the_supervisor_is_killed_its_guard_removes_every_service_of_the_pool() 
         (pool.query_i64("SELECT COUNT(*) FROM workers WHERE status != 'dead'") == 0).then_some(())
     });
 }
+
+#[test]
+fn a_task_no_node_can_take_cools_the_slot_down_with_swarms_reason() {
+    let Some((swarm, clm)) = ready() else { return };
+    let (mut pool, _) = pool(&clm, &swarm, &entry("echo", 1, "node.labels.nowhere == 1"));
+    // (`startup_timeout` of the pool is 60 s; this entry's attempt ends
+    // just before a shorter one.)
+    let config = std::fs::read_to_string(pool.config()).unwrap().replace(
+        "startup_timeout = \"60s\"",
+        "startup_timeout = \"4s\"\nrestart_limit = 2\nrestart_window = \"1m\"\nrestart_cooldown = \"10m\"",
+    );
+    std::fs::write(pool.config(), config).unwrap();
+    let _leftovers = Leftovers {
+        swarm: &swarm,
+        db_id: db_id(&pool),
+    };
+    pool.start();
+    // Two attempts that no node took: then a cool-down, never a give-up.
+    let note = wait_for("the slot to cool down", Duration::from_secs(60), || {
+        let conn = rusqlite::Connection::open(pool.db_path()).ok()?;
+        conn.query_row(
+            "SELECT state || ' ' || COALESCE(note, '') FROM clx_pool_slots
+             WHERE state = 'backoff' AND note LIKE '%fault outside the worker%'",
+            [],
+            |r| r.get::<_, String>(0),
+        )
+        .ok()
+    });
+    assert!(note.contains("fault outside the worker"), "{note}");
+    assert!(note.contains("no suitable node"), "Swarm's reason: {note}");
+    let cause = pool.first_cause("died");
+    assert!(cause.starts_with("was never placed (no suitable node"), "{cause}");
+    // Not given up: it waits for restart_cooldown.
+    assert_eq!(
+        pool.query_i64("SELECT COUNT(*) FROM clx_pool_slots WHERE state = 'failed'"),
+        0
+    );
+    let out = pool.cli(&["stop", "--timeout", "60s"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(swarm.services(&pool).is_empty());
+}
+
+/// Pauses scheduling on a node until dropped.
+struct Paused<'a> {
+    swarm: &'a Swarm,
+    node: String,
+}
+
+impl<'a> Paused<'a> {
+    fn new(swarm: &'a Swarm, node: String) -> Paused<'a> {
+        Swarm::docker(&swarm.manager, &["node", "update", "--availability", "pause", &node]);
+        Paused { swarm, node }
+    }
+}
+
+impl Drop for Paused<'_> {
+    fn drop(&mut self) {
+        Swarm::docker(
+            &self.swarm.manager,
+            &["node", "update", "--availability", "active", &self.node],
+        );
+    }
+}
+
+/// Freezes an engine (SIGSTOP) until dropped: its node looks lost to the
+/// swarm while its containers run on.
+struct Frozen(i32);
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        common::signal(self.0, nix::sys::signal::Signal::SIGCONT);
+    }
+}
+
+#[test]
+fn a_worker_on_a_lost_node_is_ended_and_replaced_on_a_live_one_and_its_token_refused() {
+    let Some((swarm, clm)) = ready() else { return };
+    let root = std::env::var("CLX_SWARM_ROOT").unwrap_or_else(|_| "/tmp/clx-swarm".into());
+    let Ok(pid) = std::fs::read_to_string(format!("{root}/w/docker.pid")) else {
+        panic!("no pid file of the worker node's dockerd under {root}");
+    };
+    let (mut pool, port) = pool(&clm, &swarm, &entry("echo", 1, "node.labels.clx-test == 1"));
+    let _leftovers = Leftovers {
+        swarm: &swarm,
+        db_id: db_id(&pool),
+    };
+    let (manager, worker) = (swarm.node_id(&swarm.manager), swarm.node_id(&swarm.worker));
+    {
+        // The first task goes to the worker node.
+        let _paused = Paused::new(&swarm, manager.clone());
+        pool.start();
+        wait_ready(&pool);
+    }
+    let tasks = swarm.running_tasks(&pool);
+    assert_eq!(tasks.len(), 1);
+    assert_eq!(tasks[0].1, worker, "{tasks:?}");
+    let (token, row) = (
+        swarm.service_env(&tasks[0].0, "CLM_API_TOKEN"),
+        swarm.service_env(&tasks[0].0, "CLM_WORKER_ID"),
+    );
+    let frozen = Frozen(pid.trim().parse().unwrap());
+    common::signal(frozen.0, nix::sys::signal::Signal::SIGSTOP);
+    // Swarm marks the node down (about 15 s); the slot ends the worker
+    // with that cause and starts a new one, which Swarm puts on the
+    // manager.
+    let cause = wait_for(
+        "the worker on the lost node to be ended",
+        Duration::from_secs(90),
+        || {
+            pool.query_strings("SELECT cause FROM clx_pool_events WHERE event = 'died'")
+                .into_iter()
+                .next()
+        },
+    );
+    assert!(
+        cause.contains("is down") || cause.contains("no longer runs its task"),
+        "{cause}"
+    );
+    wait_for("a new worker on the manager", Duration::from_secs(90), || {
+        let idle = pool.query_i64("SELECT COUNT(*) FROM workers WHERE status = 'idle'");
+        let on_manager = swarm.running_tasks(&pool).iter().any(|(_, node, _)| *node == manager);
+        (idle == 1 && on_manager).then_some(())
+    });
+    // The replica on the frozen node still runs, but its token is dead.
+    assert_eq!(heartbeat(port, &token, &row), 401);
+    add_jobs(&clm, &pool, "echo", 0, 2);
+    pool.drained("120s");
+    drop(frozen);
+    let out = pool.cli(&["stop", "--timeout", "60s"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(swarm.services(&pool).is_empty());
+}

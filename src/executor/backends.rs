@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use tracing::{info, warn};
@@ -186,6 +187,11 @@ impl Backends {
                     stop_grace: config.pool.stop_timeout,
                     api_url: url.clone(),
                     tokens: tokens.clone(),
+                    place_within: config
+                        .pool
+                        .startup_timeout
+                        .saturating_sub(Duration::from_millis(500))
+                        .max(Duration::from_millis(100)),
                 }),
             };
         }

@@ -193,6 +193,7 @@ impl SwarmEngine {
         Ok(SwarmWorker {
             worker_id: spec.worker_id.clone(),
             tail,
+            place_by: tokio::time::Instant::now() + how.place_within,
             row,
             tokens: how.tokens.clone(),
             engine: self.clone(),
@@ -271,6 +272,9 @@ pub struct SwarmLaunch {
     pub api_url: String,
     /// Where each worker's own token is minted (and revoked).
     pub tokens: WorkerTokens,
+    /// A task no node took by then ends the attempt as a fault outside
+    /// the worker (just before the slot's own `startup_timeout`).
+    pub place_within: Duration,
 }
 
 fn resources(memory_limit: Option<u64>, p: &Placement) -> TaskSpecResources {
@@ -422,10 +426,28 @@ pub fn verdict(task: Option<&TaskView>, seen_before: bool, down: &HashMap<String
     }
 }
 
+/// Why a worker's task is not on a node yet (Swarm's message), or None
+/// once a node took it.
+pub fn unplaced(task: Option<&TaskView>) -> Option<String> {
+    use TaskState as S;
+    match task {
+        None => Some("Swarm has not scheduled its task".into()),
+        Some(t) if matches!(t.state, S::NEW | S::ALLOCATED | S::PENDING) || t.node.is_none() => Some(
+            t.err
+                .clone()
+                .or_else(|| t.message.clone())
+                .unwrap_or_else(|| "no node took its task".into()),
+        ),
+        Some(_) => None,
+    }
+}
+
 /// A started swarm worker: its service, and the verdict once it ended.
 pub struct SwarmWorker {
     pub worker_id: WorkerId,
     pub tail: Tail,
+    /// When a task no node took ends the attempt.
+    place_by: tokio::time::Instant,
     /// Its row, and the tokens its own is revoked from when it ends.
     row: WorkerRow,
     tokens: WorkerTokens,
@@ -447,14 +469,22 @@ impl SwarmWorker {
         loop {
             let now = seen.borrow_and_update().clone();
             let task = now.tasks.get(&self.service_id);
-            if let Some(cause) = verdict(task, self.ever_seen, &now.down) {
+            let unplaced = unplaced(task);
+            let cause = verdict(task, self.ever_seen, &now.down).or_else(|| {
+                let late = tokio::time::Instant::now() >= self.place_by;
+                unplaced.clone().filter(|_| late).map(EndCause::NotPlaced)
+            });
+            if let Some(cause) = cause {
                 self.tokens.revoke(self.row);
                 self.exit = Some(cause.clone());
                 return cause;
             }
             self.ever_seen |= task.is_some();
-            if seen.changed().await.is_err() {
-                std::future::pending::<()>().await;
+            tokio::select! {
+                changed = seen.changed() => if changed.is_err() {
+                    std::future::pending::<()>().await;
+                },
+                _ = tokio::time::sleep_until(self.place_by), if unplaced.is_some() => {}
             }
         }
     }
@@ -616,6 +646,22 @@ mod tests {
         ];
         for (what, t, seen_before, down, expected) in cases {
             assert_eq!(verdict(t.as_ref(), seen_before, down), expected, "{what}");
+        }
+    }
+
+    #[test]
+    fn a_task_is_unplaced_until_a_node_takes_it_and_says_why() {
+        use TaskState as S;
+        let mut pending = task(S::PENDING, S::RUNNING);
+        pending.node = None;
+        pending.err = Some("no suitable node (scheduling constraints not satisfied on 2 nodes)".into());
+        assert_eq!(
+            unplaced(Some(&pending)).as_deref(),
+            Some("no suitable node (scheduling constraints not satisfied on 2 nodes)")
+        );
+        assert_eq!(unplaced(None).as_deref(), Some("Swarm has not scheduled its task"));
+        for placed in [S::ASSIGNED, S::ACCEPTED, S::PREPARING, S::STARTING, S::RUNNING] {
+            assert_eq!(unplaced(Some(&task(placed, S::RUNNING))), None, "{placed}");
         }
     }
 }

@@ -198,6 +198,7 @@ impl Failure {
         match self {
             Failure::SpawnFailed { outside, .. } => *outside,
             Failure::Died(EndCause::Code(c)) => *c == EndCause::DATABASE_UNAVAILABLE,
+            Failure::Died(EndCause::NotPlaced(_)) => true,
             _ => false,
         }
     }
@@ -873,5 +874,6 @@ mod tests {
         );
         assert!(Failure::Died(EndCause::Code(75)).is_outside_worker());
         assert!(!Failure::Died(EndCause::Code(1)).is_outside_worker());
+        assert!(Failure::Died(EndCause::NotPlaced("no suitable node".into())).is_outside_worker());
     }
 }
