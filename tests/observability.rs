@@ -93,8 +93,12 @@ fn metrics_are_scraped_during_a_run_and_agree_with_the_database() {
     pool.submit_with("nobody", "waits.txt", &[]);
     let (pid, _) = pool.slot_worker("copy", 0);
     common::kill9(pid);
+    // The death recorded, then both slots running again (until the slot
+    // notices, it is still `running` too).
     wait_for("the replacement", Duration::from_secs(20), || {
-        (pool.try_i64("SELECT COUNT(*) FROM clx_pool_slots WHERE state = 'running'")? == 2).then_some(())
+        let died = pool.try_i64("SELECT COUNT(*) FROM clx_pool_events WHERE event = 'died'")?;
+        let running = pool.try_i64("SELECT COUNT(*) FROM clx_pool_slots WHERE state = 'running'")?;
+        (died == 1 && running == 2).then_some(())
     });
     let scrape = || {
         let (status, body) = common::http(addr, "GET", "/metrics", &[], b"").unwrap();

@@ -349,6 +349,12 @@ fn killed_supervisor_leaves_no_worker_and_next_start_cleans_up() {
     )
     .tz(ZONES[1]);
     pool.start_ready();
+    // The python worker starts its setsid helper after it registered.
+    wait_for("the setsid helper", Duration::from_secs(10), || {
+        pool.processes()
+            .into_iter()
+            .find(|&p| cmdline(p).starts_with("sleep 300"))
+    });
     let id = pool.submit("copy", "a.txt", "survives");
     // The job command marks its first attempt before it starts to sleep.
     wait_for("the job's first attempt to run", Duration::from_secs(10), || {

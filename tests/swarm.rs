@@ -486,3 +486,78 @@ fn a_worker_on_a_lost_node_is_ended_and_replaced_on_a_live_one_and_its_token_ref
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(swarm.services(&pool).is_empty());
 }
+
+/// A private CA and a certificate for 127.0.0.1 signed by it, made with
+/// `openssl` in `dir`: (ca.pem, api.crt, api.key). Both carry what Python
+/// 3.13's strict verification (CLM's images) wants: key usages, a CA's
+/// basic constraints, key identifiers.
+fn private_ca(dir: &std::path::Path) -> (String, String, String) {
+    let run = |args: &str| {
+        let args: Vec<&str> = args.split_whitespace().collect();
+        let out = Command::new("openssl").args(&args).current_dir(dir).output().unwrap();
+        assert!(out.status.success(), "openssl {args:?}: {}", stderr(&out));
+    };
+    let ec = "-newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes";
+    run(&format!(
+        "req -x509 {ec} -days 2 -subj /CN=clx-test-ca -addext basicConstraints=critical,CA:TRUE \
+         -addext keyUsage=critical,keyCertSign,cRLSign -keyout ca.key -out ca.pem"
+    ));
+    run(&format!("req {ec} -subj /CN=127.0.0.1 -keyout api.key -out api.csr"));
+    let ext = "subjectAltName = IP:127.0.0.1\nkeyUsage = critical,digitalSignature\n\
+               extendedKeyUsage = serverAuth\nsubjectKeyIdentifier = hash\nauthorityKeyIdentifier = keyid,issuer\n";
+    std::fs::write(dir.join("api.ext"), ext).unwrap();
+    run("x509 -req -in api.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 -extfile api.ext -out api.crt");
+    let path = |f: &str| dir.join(f).to_str().unwrap().to_string();
+    (path("ca.pem"), path("api.crt"), path("api.key"))
+}
+
+#[test]
+fn the_worker_api_serves_https_and_swarm_workers_trust_its_private_ca() {
+    let Some((swarm, clm)) = ready() else { return };
+    let (mut pool, port) = pool(&clm, &swarm, &entry("echo", 2, "node.labels.clx-test == 1"));
+    let (ca, cert, key) = private_ca(&pool.path(""));
+    let config = std::fs::read_to_string(pool.config()).unwrap().replace(
+        &format!("api_advertise = \"http://127.0.0.1:{port}\""),
+        &format!(
+            "api_advertise = \"https://127.0.0.1:{port}\"\napi_tls_cert = \"{cert}\"\napi_tls_key = \"{key}\"\napi_tls_ca = \"{ca}\""
+        ),
+    );
+    std::fs::write(pool.config(), config).unwrap();
+    let _leftovers = Leftovers {
+        swarm: &swarm,
+        db_id: db_id(&pool),
+    };
+    pool.start();
+    wait_ready(&pool);
+    // CLM's own client (httpx) registered and works over HTTPS, trusting
+    // the private CA through the secret clx-pool handed it.
+    add_jobs(&clm, &pool, "echo", 0, 4);
+    pool.drained("120s");
+    assert_eq!(
+        pool.query_i64("SELECT COUNT(*) FROM jobs WHERE status = 'completed'"),
+        4
+    );
+    let service = &swarm.running_tasks(&pool)[0].0;
+    assert_eq!(swarm.service_env(service, "SSL_CERT_FILE"), "/run/secrets/clx_ca.pem");
+    // Plain HTTP gets no HTTP answer; HTTPS with the CA does.
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let plain = http(addr, "GET", "/health", &[], b"");
+    assert!(!matches!(plain, Ok((200, _))), "{plain:?}");
+    let https = Command::new("curl")
+        .args(["-sS", "--cacert", &ca, &format!("https://127.0.0.1:{port}/health")])
+        .output()
+        .unwrap();
+    assert!(
+        stdout(&https).contains("\"status\":\"ok\""),
+        "{}{}",
+        stdout(&https),
+        stderr(&https)
+    );
+    let label = format!("label=clx-pool.db-id={}", db_id(&pool));
+    let secrets = || Swarm::docker(&swarm.manager, &["secret", "ls", "-q", "--filter", &label]);
+    assert_eq!(secrets().lines().count(), 1, "the CA's secret");
+    let out = pool.cli(&["stop", "--timeout", "60s"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(swarm.services(&pool).is_empty());
+    assert_eq!(secrets().trim(), "", "no secret left");
+}

@@ -99,14 +99,62 @@ pub fn is_local(ip: IpAddr, reach: Reach) -> bool {
     ip.is_loopback() || matches!(reach, Reach::Gateway(g) if g == ip)
 }
 
+/// HTTPS for the Worker API: rustls (its `ring` provider, TLS 1.2 and
+/// 1.3, ALPN `http/1.1`) with the certificate chain and key read from PEM
+/// files now.
+pub fn tls_config(tls: &crate::config::ApiTls) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_file_iter(&tls.cert)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .with_context(|| {
+            format!(
+                "reading the worker API's certificate chain {} (api_tls_cert)",
+                tls.cert.display()
+            )
+        })?;
+    anyhow::ensure!(
+        !certs.is_empty(),
+        "{} holds no certificate (api_tls_cert: a PEM chain)",
+        tls.cert.display()
+    );
+    let key = PrivateKeyDer::from_pem_file(&tls.key).with_context(|| {
+        format!(
+            "reading the worker API's private key {} (api_tls_key)",
+            tls.key.display()
+        )
+    })?;
+    // ring, not aws-lc-rs: it builds with a C compiler alone (no cmake,
+    // no Go). rustls 0.23.48 deprecates it for lacking post-quantum key
+    // exchange; X25519 and the NIST curves remain, which CLM's httpx uses.
+    #[allow(deprecated)]
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .with_context(|| {
+            format!(
+                "the worker API's key {} does not fit its certificate {}",
+                tls.key.display(),
+                tls.cert.display()
+            )
+        })?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
 /// Where to listen and serve: exactly `listen` when configured; by default
-/// loopback plus the network's gateway on one system-chosen port.
+/// loopback plus the network's gateway on one system-chosen port. With
+/// `tls`, every connection is HTTPS (its handshake within the time a
+/// request's headers get).
 pub async fn start(
     db: Db,
     cache_db: PathBuf,
     token: Arc<str>,
     listen: Option<SocketAddr>,
     reach: Reach,
+    tls: Option<Arc<rustls::ServerConfig>>,
 ) -> anyhow::Result<ApiServer> {
     let listeners = match listen {
         Some(addr) => vec![
@@ -119,8 +167,9 @@ pub async fn start(
     let listening: Vec<SocketAddr> = listeners.iter().filter_map(|l| l.local_addr().ok()).collect();
     let port = listening.first().map(|a| a.port()).unwrap_or_default();
     let (host, host_alias) = container_view(listening[0].ip(), reach);
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let endpoint = Arc::new(Endpoint {
-        url: format!("http://{}:{port}", url_host(host, host_alias)),
+        url: format!("{scheme}://{}:{port}", url_host(host, host_alias)),
         token: token.clone(),
         host_alias,
     });
@@ -133,14 +182,15 @@ pub async fn start(
     });
     let stop = CancellationToken::new();
     let mut tasks = JoinSet::new();
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     for listener in listeners {
-        let (router, stop) = (router.clone(), stop.clone());
+        let (router, stop, acceptor) = (router.clone(), stop.clone(), acceptor.clone());
         tasks.spawn(crate::listen::serve(
             listener,
             LIMITS,
             stop,
             "the worker API",
-            move |io| crate::listen::http(io, router.clone(), LIMITS),
+            move |io| serve_one(io, router.clone(), acceptor.clone()),
         ));
     }
     Ok(ApiServer {
@@ -150,6 +200,19 @@ pub async fn start(
         stop,
         tasks,
     })
+}
+
+/// One connection: HTTP/1, inside TLS when the API has a certificate.
+async fn serve_one(io: tokio::net::TcpStream, router: axum::Router, tls: Option<tokio_rustls::TlsAcceptor>) {
+    let Some(acceptor) = tls else {
+        return crate::listen::http(io, router, LIMITS).await;
+    };
+    let peer = io.peer_addr().ok();
+    match tokio::time::timeout(LIMITS.request_within, acceptor.accept(io)).await {
+        Ok(Ok(stream)) => crate::listen::http(stream, router, LIMITS).await,
+        Ok(Err(e)) => tracing::debug!(?peer, "worker API: TLS handshake failed: {e}"),
+        Err(_) => tracing::debug!(?peer, "worker API: no TLS handshake within {:?}", LIMITS.request_within),
+    }
 }
 
 /// The host as containers name it: the alias where they have one.

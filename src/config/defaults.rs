@@ -91,6 +91,9 @@ pub const POOL_KEYS: &[&str] = &[
     "metrics_listen",
     "api_advertise",
     "api_insecure_http",
+    "api_tls_cert",
+    "api_tls_key",
+    "api_tls_ca",
 ];
 
 /// The keys of `[swarm]`.

@@ -77,8 +77,20 @@ pub struct PoolConfig {
     pub api_advertise: Option<String>,
     /// Plain HTTP for a Worker API that listens beyond this machine.
     pub api_insecure_http: bool,
+    /// HTTPS for the Worker API: the certificate chain and key (PEM).
+    pub api_tls: Option<ApiTls>,
+    /// A private CA that signed `api_tls`' certificate, handed to swarm
+    /// workers (as a Swarm secret, with `SSL_CERT_FILE`).
+    pub api_tls_ca: Option<PathBuf>,
     /// `[swarm]`: where swarm entries' services are created.
     pub swarm: SwarmConfig,
+}
+
+/// The Worker API's certificate chain and private key (PEM files).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// `[swarm]`.
@@ -511,6 +523,32 @@ mod tests {
         );
         assert_eq!(beyond.len(), 1, "{beyond:#?}");
         assert!(beyond[0].contains("over plain HTTP"), "{}", beyond[0]);
+        let tls = |extra: &str| {
+            format!(
+                "[pool]\nprotocol = \"clm\"\napi_listen = \"0.0.0.0:8765\"\napi_token_file = \"t\"\n{extra}\n[[workers]]\nworker_type = \"w\"\nexecution_mode = \"swarm\"\nimage = \"i\"\n"
+            )
+        };
+        let with_tls = parse(&tls("api_advertise = \"https://b:8765\"\napi_tls_cert = \"c.pem\"\napi_tls_key = \"k.pem\"\napi_tls_ca = \"ca.pem\"")).unwrap();
+        assert_eq!(
+            with_tls.pool.api_tls,
+            Some(ApiTls {
+                cert: PathBuf::from("/cfg/c.pem"),
+                key: PathBuf::from("/cfg/k.pem")
+            })
+        );
+        assert_eq!(with_tls.pool.api_tls_ca, Some(PathBuf::from("/cfg/ca.pem")));
+        let p = problems(&tls("api_advertise = \"http://b:8765\"\napi_tls_cert = \"c.pem\""));
+        let all = p.join("\n");
+        assert!(all.contains("pool.api_tls_cert: needs api_tls_key"), "{all}");
+        let p = problems(&tls(
+            "api_advertise = \"http://b:8765\"\napi_tls_cert = \"c.pem\"\napi_tls_key = \"k.pem\"",
+        ));
+        assert_eq!(p.len(), 1, "{p:#?}");
+        assert!(
+            p[0].contains("pool.api_advertise: `http://b:8765`: the worker API serves HTTPS"),
+            "{}",
+            p[0]
+        );
         let allowed = "[pool]\nprotocol = \"clm\"\napi_listen = \"0.0.0.0:8765\"\napi_token_file = \"t\"\napi_advertise = \"http://b:8765\"\napi_insecure_http = true\n[[workers]]\nworker_type = \"w\"\nexecution_mode = \"swarm\"\nimage = \"i\"\n";
         assert!(parse(allowed).is_ok());
     }

@@ -13,8 +13,8 @@ use serde::Deserialize;
 use super::defaults::{POOL_KEYS, ROOT_KEYS, SWARM_KEYS, WORKER_KEYS};
 use super::read::{Origin, Reader, Table};
 use super::{
-    Config, ConfigError, ContainerUser, DEFAULTS, ExecutionMode, HungCpu, InheritEnv, Placement, PoolConfig, Problem,
-    RestartConfig, Source, SwarmConfig, WorkerConfig, WorkerProgram, normalize, parse_size, real_path,
+    ApiTls, Config, ConfigError, ContainerUser, DEFAULTS, ExecutionMode, HungCpu, InheritEnv, Placement, PoolConfig,
+    Problem, RestartConfig, Source, SwarmConfig, WorkerConfig, WorkerProgram, normalize, parse_size, real_path,
 };
 use crate::contract::env::job as job_env;
 use crate::vocab::Protocol;
@@ -79,6 +79,7 @@ pub(super) fn config(path: &Path, text: &str, env: &[(String, String)]) -> Resul
     }
     let mut workers = Vec::new();
     let mut seen_types: BTreeMap<String, usize> = BTreeMap::new();
+    let mut first_swarm = None;
     for (i, t) in worker_tables.iter().enumerate() {
         r.unknown_keys(t, WORKER_KEYS);
         let Some(w) = worker(&mut r, t, pool.heartbeat_timeout, pool.protocol) else {
@@ -91,8 +92,14 @@ pub(super) fn config(path: &Path, text: &str, env: &[(String, String)]) -> Resul
             );
             r.problem(t, Some("worker_type"), "worker_type", message);
         }
-        swarm_entry(&mut r, t, &w, &pool, &pool_table);
+        swarm_entry(&mut r, t, &w, &pool);
+        if w.execution_mode == ExecutionMode::Swarm {
+            first_swarm.get_or_insert(i);
+        }
         workers.push(w);
+    }
+    if let Some(i) = first_swarm {
+        swarm_pool(&mut r, &worker_tables[i], &pool, &pool_table);
     }
     if !r.problems.is_empty() {
         let mut problems = r.problems;
@@ -264,7 +271,28 @@ fn pool<'t>(r: &mut Reader<'t>, t: &Table<'t>, base: &Path) -> PoolConfig {
             .r
             .get::<bool>(t, "api_insecure_http", "true or false")
             .is_some_and(|(b, _)| b),
+        api_tls: api_tls(&mut k, base),
+        api_tls_ca: k.path("api_tls_ca", base),
         swarm: SwarmConfig::default(),
+    }
+}
+
+/// `api_tls_cert` and `api_tls_key`: both or neither.
+fn api_tls(k: &mut Keys, base: &Path) -> Option<ApiTls> {
+    match (k.path("api_tls_cert", base), k.path("api_tls_key", base)) {
+        (Some(cert), Some(key)) => Some(ApiTls { cert, key }),
+        (None, None) => None,
+        (Some(_), None) => {
+            k.problem(
+                "api_tls_cert",
+                "needs api_tls_key, the certificate's private key (PEM)".into(),
+            );
+            None
+        }
+        (None, Some(_)) => {
+            k.problem("api_tls_key", "needs api_tls_cert, the certificate chain (PEM)".into());
+            None
+        }
     }
 }
 
@@ -283,10 +311,9 @@ fn api_advertise(k: &mut Keys) -> Option<String> {
     }
 }
 
-/// What a swarm entry needs of the pool (notes/swarm.md §5.1): CLM workers
-/// that speak the Worker API, reached at a fixed address workers on other
-/// hosts are told; plain HTTP beyond this machine only when asked for.
-fn swarm_entry<'t>(r: &mut Reader<'t>, t: &Table<'t>, w: &WorkerConfig, pool: &PoolConfig, pool_table: &Table<'t>) {
+/// What a swarm entry needs (notes/swarm.md §5.1): CLM workers that
+/// speak the Worker API, never the built-in worker (it opens SQLite).
+fn swarm_entry<'t>(r: &mut Reader<'t>, t: &Table<'t>, w: &WorkerConfig, pool: &PoolConfig) {
     if w.execution_mode != ExecutionMode::Swarm {
         return;
     }
@@ -305,6 +332,13 @@ fn swarm_entry<'t>(r: &mut Reader<'t>, t: &Table<'t>, w: &WorkerConfig, pool: &P
             "the built-in worker opens the SQLite database, which must not be shared with other hosts; swarm entries run CLM worker images".into(),
         );
     }
+}
+
+/// What swarm entries need of `[pool]`, said once however many there are:
+/// the Worker API at a fixed address the nodes are told, over HTTPS or
+/// plain HTTP beyond loopback only when asked for.
+fn swarm_pool<'t>(r: &mut Reader<'t>, t: &Table<'t>, pool: &PoolConfig, pool_table: &Table<'t>) {
+    let at_mode = |r: &mut Reader<'t>, message: String| r.problem(t, Some("execution_mode"), "execution_mode", message);
     match pool.api_listen {
         None => at_mode(
             r,
@@ -317,15 +351,25 @@ fn swarm_entry<'t>(r: &mut Reader<'t>, t: &Table<'t>, w: &WorkerConfig, pool: &P
             "swarm workers on other hosts must know the Worker API's port: give a fixed one (e.g. \"0.0.0.0:8765\")"
                 .into(),
         ),
-        Some(addr) if !addr.ip().is_loopback() && !pool.api_insecure_http => r.problem(
+        Some(addr) if !addr.ip().is_loopback() && pool.api_tls.is_none() && !pool.api_insecure_http => r.problem(
             pool_table,
             Some("api_listen"),
             "api_listen",
             format!(
-                "{addr} reaches beyond this machine over plain HTTP: the worker API's token would cross the network in clear text; set api_insecure_http = true only on a trusted network (TLS is not built yet)"
+                "{addr} reaches beyond this machine over plain HTTP: the workers' tokens would cross the network in clear text; set api_tls_cert and api_tls_key, or api_insecure_http = true on a trusted network only"
             ),
         ),
         Some(_) => {}
+    }
+    if let (Some(url), Some(_)) = (&pool.api_advertise, &pool.api_tls)
+        && !url.starts_with("https://")
+    {
+        r.problem(
+            pool_table,
+            Some("api_advertise"),
+            "api_advertise",
+            format!("`{url}`: the worker API serves HTTPS (api_tls_cert); advertise an https:// URL"),
+        );
     }
     if pool.api_advertise.is_none() && !r.has(pool_table, "api_advertise") {
         at_mode(

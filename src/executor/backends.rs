@@ -99,6 +99,11 @@ impl Backends {
                 .zip(&modes)
                 .any(|(w, m)| m.kind == ModeKind::Docker && needs_api(protocol, w));
             if needs_api {
+                anyhow::ensure!(
+                    config.pool.api_tls.is_none(),
+                    "{}: [pool] api_tls_cert: HTTPS for the worker API is built for swarm entries; CLM workers in local containers reach it over plain HTTP on this machine: remove api_tls_* or run those entries in swarm mode",
+                    config.path.display()
+                );
                 let started = start_api(config, engine).await?;
                 backends.api = Some(started.endpoint.clone());
                 server = Some(started);
@@ -111,6 +116,7 @@ impl Backends {
             };
             let url = config.pool.api_advertise.clone().unwrap_or_default();
             backends.swarm_api = Some((url, started.tokens.clone()));
+
             server = Some(started);
         }
         let executors = config
@@ -187,6 +193,7 @@ impl Backends {
                     stop_grace: config.pool.stop_timeout,
                     api_url: url.clone(),
                     tokens: tokens.clone(),
+                    ca: config.pool.api_tls_ca.clone(),
                     place_within: config
                         .pool
                         .startup_timeout
@@ -313,5 +320,11 @@ async fn serve_api(config: &Config, reach: api::Reach) -> anyhow::Result<api::Ap
         .await??
         .0;
     let db = Db::new(conn, &pool.db_path, Protocol::Clm);
-    api::start(db, pool.cache_db_path.clone(), token, pool.api_listen, reach).await
+    let tls = match &pool.api_tls {
+        Some(files) => {
+            Some(api::tls_config(files).with_context(|| format!("{}: [pool] api_tls_cert", config.path.display()))?)
+        }
+        None => None,
+    };
+    api::start(db, pool.cache_db_path.clone(), token, pool.api_listen, reach, tls).await
 }

@@ -21,13 +21,15 @@ use anyhow::Context;
 use bollard::Docker;
 use bollard::models::{
     Limit, Mount, MountType, NetworkAttachmentConfig, NodeState, ResourceObject, ServiceSpec, ServiceSpecMode,
-    ServiceSpecModeReplicated, Task, TaskSpec, TaskSpecContainerSpec, TaskSpecPlacement, TaskSpecPlacementPreferences,
-    TaskSpecPlacementSpread, TaskSpecResources, TaskSpecRestartPolicy, TaskSpecRestartPolicyConditionEnum, TaskState,
+    ServiceSpecModeReplicated, Task, TaskSpec, TaskSpecContainerSpec, TaskSpecContainerSpecFile,
+    TaskSpecContainerSpecSecrets, TaskSpecPlacement, TaskSpecPlacementPreferences, TaskSpecPlacementSpread,
+    TaskSpecResources, TaskSpecRestartPolicy, TaskSpecRestartPolicyConditionEnum, TaskState,
 };
 use bollard::query_parameters::{
-    ListNodesOptions, ListServicesOptionsBuilder, ListTasksOptionsBuilder, LogsOptionsBuilder,
-    UpdateServiceOptionsBuilder,
+    ListNodesOptions, ListSecretsOptionsBuilder, ListServicesOptionsBuilder, ListTasksOptionsBuilder,
+    LogsOptionsBuilder, UpdateServiceOptionsBuilder,
 };
+use sha2::Digest;
 use tokio::sync::watch;
 
 use super::Launch;
@@ -51,6 +53,8 @@ pub struct SwarmEngine {
     db_id: String,
     db_path: PathBuf,
     seen: watch::Receiver<Arc<Seen>>,
+    /// The CA's secret, once made.
+    ca: tokio::sync::OnceCell<CaSecret>,
 }
 
 /// One poll: the newest task of each of the pool's services, and the
@@ -116,6 +120,7 @@ impl SwarmEngine {
             db_id,
             db_path: db_path.to_path_buf(),
             seen,
+            ca: tokio::sync::OnceCell::new(),
         })
     }
 
@@ -131,7 +136,44 @@ impl SwarmEngine {
         labels
     }
 
-    /// Removes every service of this pool; returns how many.
+    /// The secret holding `ca` (PEM) and this machine's bundle, made once
+    /// per content (secrets are immutable: a new CA is a new name).
+    pub async fn ca_secret(&self, ca: &Path) -> anyhow::Result<CaSecret> {
+        use base64::Engine;
+        let mut pem =
+            crate::files::read_regular(ca).with_context(|| format!("reading the CA certificate {}", ca.display()))?;
+        anyhow::ensure!(
+            pem.contains("-----BEGIN CERTIFICATE-----"),
+            "{} holds no PEM certificate",
+            ca.display()
+        );
+        if let Ok(system) = std::fs::read_to_string(SYSTEM_BUNDLE) {
+            pem = format!("{pem}\n{system}");
+        }
+        let digest = sha2::Sha256::digest(pem.as_bytes());
+        let hash: String = digest.iter().take(4).map(|b| format!("{b:02x}")).collect();
+        let name = format!("clx-{}-ca-{hash}", self.db_id);
+        if let Ok(found) = self.client.inspect_secret(&name).await
+            && let Some(id) = found.id
+        {
+            return Ok(CaSecret { id, name });
+        }
+        let spec = bollard::models::SecretSpec {
+            name: Some(name.clone()),
+            labels: Some(self.labels(None)),
+            data: Some(base64::engine::general_purpose::STANDARD.encode(pem)),
+            ..Default::default()
+        };
+        let created = self
+            .client
+            .create_secret(spec)
+            .await
+            .with_context(|| format!("creating the secret {name} on {}", self.address))?;
+        Ok(CaSecret { id: created.id, name })
+    }
+
+    /// Removes every service of this pool, then its secrets; returns how
+    /// many services.
     pub async fn remove_pool_services(&self) -> anyhow::Result<usize> {
         let filters = HashMap::from([("label", vec![format!("{LABEL_DB_ID}={}", self.db_id)])]);
         let list = self
@@ -147,7 +189,42 @@ impl SwarmEngine {
                 Err(e) => tracing::warn!(service = id, "removing service: {e}"),
             }
         }
+        self.remove_pool_secrets(&filters).await;
         Ok(n)
+    }
+
+    /// The pool's secrets; one still in use by a task that is stopping is
+    /// tried again for a while.
+    async fn remove_pool_secrets(&self, filters: &HashMap<&str, Vec<String>>) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let opts = ListSecretsOptionsBuilder::default().filters(filters).build();
+            let secrets = match self.client.list_secrets(Some(opts)).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!("listing the pool's secrets on {}: {e}", self.address);
+                    return;
+                }
+            };
+            let mut in_use = 0;
+            for id in secrets.iter().filter_map(|s| s.id.as_deref()) {
+                match self.client.delete_secret(id).await {
+                    Ok(()) => {}
+                    Err(e) if is_not_found(&e) => {}
+                    Err(_) => in_use += 1,
+                }
+            }
+            if in_use == 0 || tokio::time::Instant::now() >= deadline {
+                if in_use > 0 {
+                    tracing::warn!(
+                        secrets = in_use,
+                        "some of the pool's secrets are still in use; left on the swarm"
+                    );
+                }
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
     }
 
     /// Creates the slot's service (after removing one of the same name,
@@ -164,8 +241,18 @@ impl SwarmEngine {
         let row = spec
             .preregistered_row
             .context("a swarm worker needs the row the supervisor registers for it")?;
+        let ca = match &how.ca {
+            Some(path) => Some(
+                self.ca
+                    .get_or_try_init(|| self.ca_secret(path))
+                    .await
+                    .context("[pool] api_tls_ca")?
+                    .clone(),
+            ),
+            None => None,
+        };
         let token = how.tokens.mint(row)?;
-        let service = self.service(spec, how, &name, &token);
+        let service = self.service(spec, how, &name, &token, ca.as_ref());
         let created = match self.client.create_service(service, None).await {
             Ok(c) => c,
             Err(e) => {
@@ -207,8 +294,23 @@ impl SwarmEngine {
     /// The service of one worker: one replica, Swarm's restart policy
     /// `none`, host networking, the CLM container contract, the entry's
     /// placement and resources, labels on service and container.
-    fn service(&self, spec: &Launch, how: &SwarmLaunch, name: &str, token: &str) -> ServiceSpec {
-        let env = docker::clm_env(spec, &how.api_url, token);
+    fn service(&self, spec: &Launch, how: &SwarmLaunch, name: &str, token: &str, ca: Option<&CaSecret>) -> ServiceSpec {
+        let mut env = docker::clm_env(spec, &how.api_url, token);
+        if ca.is_some() {
+            env.push(("SSL_CERT_FILE".into(), CA_FILE.into()));
+        }
+        let secrets = ca.map(|ca| {
+            vec![TaskSpecContainerSpecSecrets {
+                file: Some(TaskSpecContainerSpecFile {
+                    name: Some(CA_FILE.trim_start_matches("/run/secrets/").into()),
+                    uid: Some("0".into()),
+                    gid: Some("0".into()),
+                    mode: Some(0o444),
+                }),
+                secret_id: Some(ca.id.clone()),
+                secret_name: Some(ca.name.clone()),
+            }]
+        });
         let mounts = docker::clm_mounts(spec)
             .into_iter()
             .map(|(host, inside, writable)| Mount {
@@ -232,6 +334,7 @@ impl SwarmEngine {
             user: spec.container_user.clone(),
             mounts: Some(mounts),
             stop_grace_period: Some(how.stop_grace.as_nanos().min(i64::MAX as u128) as i64),
+            secrets,
             init: Some(true),
             ..Default::default()
         };
@@ -275,7 +378,26 @@ pub struct SwarmLaunch {
     /// A task no node took by then ends the attempt as a fault outside
     /// the worker (just before the slot's own `startup_timeout`).
     pub place_within: Duration,
+    /// The API's private CA (`api_tls_ca`), mounted for the workers'
+    /// HTTPS client as a Swarm secret made at the first launch (after the
+    /// takeover's cleanup, which removes the pool's old secrets).
+    pub ca: Option<PathBuf>,
 }
+
+/// A Swarm secret holding the CA bundle workers trust (`SSL_CERT_FILE`).
+#[derive(Debug, Clone)]
+pub struct CaSecret {
+    pub id: String,
+    pub name: String,
+}
+
+/// Where a worker finds the CA bundle (a Swarm secret's file).
+const CA_FILE: &str = "/run/secrets/clx_ca.pem";
+
+/// The system's bundle on this machine: `SSL_CERT_FILE` replaces a
+/// client's bundle, so the secret carries it beside the private CA
+/// (workers may need public HTTPS too).
+const SYSTEM_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
 fn resources(memory_limit: Option<u64>, p: &Placement) -> TaskSpecResources {
     let nanos = |cpus: f64| (cpus * 1e9) as i64;
