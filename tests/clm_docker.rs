@@ -13,7 +13,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::clm::{Clm, clm};
-use common::{Pool, http, stdout, wait_for};
+use common::{Pool, http, stderr, stdout, wait_for};
 
 const IMAGE: &str = "clx-pool/clm-test:1.35.0";
 
@@ -61,8 +61,14 @@ impl Drop for Network {
 /// A `clm` pool on `net` whose sources are in `data/` and whose workspace
 /// anyone may write (the image's own user is 1000).
 fn pool(clm: &Clm, net: &Network, extra: &str, workers: &str) -> Pool {
+    // A Python container can take 15 s to register on a loaded machine.
+    let startup = if extra.contains("startup_timeout") {
+        ""
+    } else {
+        "startup_timeout = \"60s\"\n"
+    };
     let pool = clm.pool_with(
-        &format!("network = \"{}\"\ndata_dir = \"data\"\n{extra}", net.0),
+        &format!("network = \"{}\"\ndata_dir = \"data\"\n{startup}{extra}", net.0),
         workers,
     );
     std::fs::create_dir_all(pool.path("data")).unwrap();
@@ -71,6 +77,19 @@ fn pool(clm: &Clm, net: &Network, extra: &str, workers: &str) -> Pool {
         std::fs::set_permissions(pool.path(dir), std::fs::Permissions::from_mode(0o777)).unwrap();
     }
     pool
+}
+
+/// Starts the pool and waits (up to two minutes) until every container
+/// registered.
+fn start_ready(pool: &mut Pool) {
+    pool.start();
+    let out = pool.cli(&["wait", "--ready", "--timeout", "120s"]);
+    assert!(
+        out.status.success(),
+        "pool did not become ready: {}\n{}",
+        stderr(&out),
+        pool.supervisor_log()
+    );
 }
 
 fn echo_workers(worker_type: &str, count: u32, more: &str) -> String {
@@ -146,7 +165,7 @@ fn clm_containers_register_through_the_api_and_complete_clm_jobs_as_the_host_use
         echo_workers("echo-image-user", 1, "user = \"image\"")
     );
     let mut pool = pool(&clm, &net, "", &workers);
-    pool.start_ready();
+    start_ready(&mut pool);
     assert!(
         pool.supervisor_log().contains("the worker API is up"),
         "{}",
@@ -223,7 +242,7 @@ fn a_killed_busy_container_s_job_completes_on_its_replacement() {
     let Some(clm) = ready() else { return };
     let net = Network::new("kill");
     let mut pool = pool(&clm, &net, "", &echo_workers("echo", 1, ""));
-    pool.start_ready();
+    start_ready(&mut pool);
     let job = add_jobs(&clm, &pool, "echo", 1, "{\"sleep_once\": 60}")[0];
     let row = wait_for("the job to be processing", Duration::from_secs(30), || {
         pool.try_i64(&format!(
@@ -262,7 +281,7 @@ fn a_hung_container_is_replaced_and_its_job_retried() {
     let net = Network::new("hung");
     let workers = echo_workers("echo", 1, "max_job_time = \"3s\"");
     let mut pool = pool(&clm, &net, "check_interval = \"500ms\"\n", &workers);
-    pool.start_ready();
+    start_ready(&mut pool);
     let first = pool.containers();
     let job = add_jobs(&clm, &pool, "echo", 1, "{\"sleep_once\": 120}")[0];
     pool.drained("90s");
@@ -289,7 +308,7 @@ fn requests_without_the_token_or_with_a_bad_body_are_refused_and_change_nothing(
     let Some(clm) = ready() else { return };
     let net = Network::new("auth");
     let mut pool = pool(&clm, &net, "", &echo_workers("echo", 1, ""));
-    pool.start_ready();
+    start_ready(&mut pool);
     let (url, token) = api_of(&pool);
     let api = loopback(port_of(&url));
     // A job no container takes, and a worker row to claim it with.
@@ -381,7 +400,7 @@ fn the_api_is_reachable_beyond_this_machine_only_when_configured() {
     };
     let net = Network::new("reach");
     let mut local = pool(&clm, &net, "", &echo_workers("echo", 1, ""));
-    local.start_ready();
+    start_ready(&mut local);
     let port = port_of(&api_of(&local).0);
     assert_eq!(http(loopback(port), "GET", "/health", &[], b"").unwrap().0, 200);
     assert!(
@@ -403,7 +422,7 @@ fn the_api_is_reachable_beyond_this_machine_only_when_configured() {
     let token_file = "api_token_file = \"token\"\napi_listen = \"0.0.0.0\"\n";
     let mut open = pool(&clm, &net, token_file, &echo_workers("echo", 1, ""));
     std::fs::write(open.path("token"), "the-operators-token\n").unwrap();
-    open.start_ready();
+    start_ready(&mut open);
     let (url, token) = api_of(&open);
     assert_eq!(token, "the-operators-token");
     let there = SocketAddr::new(outside, port_of(&url));

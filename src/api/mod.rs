@@ -13,6 +13,7 @@
 //! beyond this machine needs `[pool] api_token_file` (a generated token
 //! cannot be handed to another machine).
 
+pub mod refusals;
 pub mod routes;
 pub mod tokens;
 
@@ -179,6 +180,7 @@ pub async fn start(
         cache_db,
         token,
         workers: worker_tokens.clone(),
+        refusals: refusals::Refusals::default(),
     });
     let stop = CancellationToken::new();
     let mut tasks = JoinSet::new();
@@ -204,6 +206,11 @@ pub async fn start(
 
 /// One connection: HTTP/1, inside TLS when the API has a certificate.
 async fn serve_one(io: tokio::net::TcpStream, router: axum::Router, tls: Option<tokio_rustls::TlsAcceptor>) {
+    // Every request knows its peer, for the log of refusals and their budget.
+    let router = match io.peer_addr() {
+        Ok(addr) => router.layer(axum::Extension(refusals::Peer(addr))),
+        Err(_) => router,
+    };
     let Some(acceptor) = tls else {
         return crate::listen::http(io, router, LIMITS).await;
     };

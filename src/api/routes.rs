@@ -24,6 +24,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
+use super::refusals::{self, Peer, Refusals, Verdict};
 use super::tokens::{Caller, NotYours, WorkerTokens};
 use crate::db::{self, Db};
 use crate::vocab::{JobStatus, ModeKind, Protocol, WorkerRow, WorkerStatus};
@@ -44,6 +45,8 @@ pub struct ApiState {
     pub token: Arc<str>,
     /// Tokens of single workers (swarm workers).
     pub workers: WorkerTokens,
+    /// Failed authentications per peer.
+    pub refusals: Refusals,
 }
 
 pub fn router(state: ApiState) -> Router {
@@ -160,20 +163,67 @@ async fn require_token(State(state): State<ApiState>, headers: HeaderMap, mut re
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
         .map(|(_, token)| token.trim())
         .filter(|t| !t.is_empty());
+    let peer = req.extensions().get::<Peer>().copied();
     let caller = match presented {
-        Some(t) if same_secret(t, &state.token) => Caller::Pool,
-        Some(t) => match state.workers.row_of(t) {
-            Some(row) => Caller::Worker(row),
-            None => return unauthorized(),
-        },
-        None => return unauthorized(),
+        Some(t) if same_secret(t, &state.token) => Some(Caller::Pool),
+        Some(t) => state.workers.row_of(t).map(Caller::Worker),
+        None => None,
+    };
+    let Some(caller) = caller else {
+        return refuse(&state, peer, req.uri().path(), "without a valid token");
     };
     req.extensions_mut().insert(caller);
-    next.run(req).await
+    let path = req.uri().path().to_string();
+    let response = next.run(req).await;
+    if response.status() == StatusCode::FORBIDDEN
+        && let Some(Peer(addr)) = peer
+    {
+        tracing::warn!(peer = %addr, path, ?caller, "worker API: refused (403): a worker's token named another worker");
+    }
+    response
 }
 
-fn unauthorized() -> Response {
-    ApiError::new(StatusCode::UNAUTHORIZED, "Missing or invalid Worker API token").into_response()
+/// A request without a valid token: 401, logged with its peer, or 429 for
+/// a peer over its budget of refusals.
+fn refuse(state: &ApiState, peer: Option<Peer>, path: &str, why: &str) -> Response {
+    let unauthorized =
+        || ApiError::new(StatusCode::UNAUTHORIZED, "Missing or invalid Worker API token").into_response();
+    let Some(Peer(addr)) = peer else {
+        return unauthorized();
+    };
+    let now = tokio::time::Instant::now();
+    if state.refusals.over_budget(addr.ip(), now) {
+        return too_many();
+    }
+    match state.refusals.record(addr.ip(), now) {
+        Verdict::Refuse => {
+            tracing::warn!(peer = %addr, path, "worker API: refused (401) a request {why}");
+            unauthorized()
+        }
+        Verdict::LastWarning => {
+            tracing::warn!(
+                peer = %addr,
+                path,
+                "worker API: refused (401) a request {why}; {} refusals within {:?}: its further requests without a valid token get 429 until then",
+                refusals::BUDGET,
+                refusals::WINDOW
+            );
+            unauthorized()
+        }
+        Verdict::TooMany => too_many(),
+    }
+}
+
+fn too_many() -> Response {
+    let mut response = ApiError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "Too many requests without a valid Worker API token from this address; try again later",
+    )
+    .into_response();
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("60"));
+    response
 }
 
 fn same_secret(a: &str, b: &str) -> bool {

@@ -44,6 +44,7 @@ fn app() -> Api {
         cache_db: cache_db.clone(),
         token: TOKEN.into(),
         workers: WorkerTokens::default(),
+        refusals: crate::api::refusals::Refusals::default(),
     };
     Api {
         tokens: state.workers.clone(),
@@ -1012,4 +1013,37 @@ async fn a_workers_own_token_acts_only_for_its_row_and_is_refused_once_revoked()
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     let (status, _) = api.post("/api/worker/heartbeat", json!({ "worker_id": mine })).await;
     assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_peer_that_keeps_failing_gets_429_while_valid_tokens_from_it_pass() {
+    use crate::api::refusals::{BUDGET, Peer};
+    let api = app();
+    let w = api.worker("idle");
+    let from = |peer: &str, token: &str| {
+        let mut r = request(
+            Method::POST,
+            "/api/worker/heartbeat",
+            Some(&format!("Bearer {token}")),
+            json!({ "worker_id": w }).to_string(),
+        );
+        r.extensions_mut().insert(Peer(peer.parse().unwrap()));
+        r
+    };
+    for _ in 0..BUDGET {
+        assert_eq!(
+            api.call(from("10.0.0.9:5000", "guess")).await.0,
+            StatusCode::UNAUTHORIZED
+        );
+    }
+    let (status, headers, _) = api.call(from("10.0.0.9:5001", "guess")).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(headers[header::RETRY_AFTER], "60");
+    // A worker on that node with its valid token is never locked out.
+    assert_eq!(api.call(from("10.0.0.9:5002", TOKEN)).await.0, StatusCode::OK);
+    // Another peer still gets a plain 401.
+    assert_eq!(
+        api.call(from("10.0.0.7:5000", "guess")).await.0,
+        StatusCode::UNAUTHORIZED
+    );
 }
