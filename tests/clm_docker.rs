@@ -13,7 +13,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::clm::{Clm, clm};
-use common::{Pool, http, stderr, stdout, wait_for};
+use common::{Pool, http, stdout, wait_for};
 
 const IMAGE: &str = "clx-pool/clm-test:1.35.0";
 
@@ -82,14 +82,7 @@ fn pool(clm: &Clm, net: &Network, extra: &str, workers: &str) -> Pool {
 /// Starts the pool and waits (up to two minutes) until every container
 /// registered.
 fn start_ready(pool: &mut Pool) {
-    pool.start();
-    let out = pool.cli(&["wait", "--ready", "--timeout", "120s"]);
-    assert!(
-        out.status.success(),
-        "pool did not become ready: {}\n{}",
-        stderr(&out),
-        pool.supervisor_log()
-    );
+    pool.start_ready_within("120s");
 }
 
 fn echo_workers(worker_type: &str, count: u32, more: &str) -> String {

@@ -214,13 +214,7 @@ fn add_jobs(clm: &Clm, pool: &Pool, job_type: &str, first: usize, n: usize) {
 }
 
 fn wait_ready(pool: &Pool) {
-    let out = pool.cli(&["wait", "--ready", "--timeout", "120s"]);
-    assert!(
-        out.status.success(),
-        "pool did not become ready: {}\n{}",
-        stderr(&out),
-        pool.supervisor_log()
-    );
+    pool.wait_ready_within("120s");
 }
 
 #[test]

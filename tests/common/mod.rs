@@ -127,8 +127,19 @@ impl Pool {
 
     /// Starts the supervisor and waits until every worker has registered.
     pub fn start_ready(&mut self) {
+        self.start_ready_within("30s");
+    }
+
+    /// Starts the supervisor and waits up to `timeout` until every worker
+    /// has registered (containers take longer on a loaded machine).
+    pub fn start_ready_within(&mut self, timeout: &str) {
         self.start();
-        let out = self.cli(&["wait", "--ready", "--timeout", "30s"]);
+        self.wait_ready_within(timeout);
+    }
+
+    /// Waits up to `timeout` until every worker has registered.
+    pub fn wait_ready_within(&self, timeout: &str) {
+        let out = self.cli(&["wait", "--ready", "--timeout", timeout]);
         assert!(
             out.status.success(),
             "pool did not become ready: {}\n{}",
