@@ -364,6 +364,17 @@ fn a_task_no_node_can_take_cools_the_slot_down_with_swarms_reason() {
         swarm: &swarm,
         db_id: db_id(&pool),
     };
+    // `check` says so before anything starts.
+    let config = pool.config();
+    let check = pool.cli(&["check", "--config", config.to_str().unwrap()]);
+    assert_eq!(check.status.code(), Some(1), "{}", stdout(&check));
+    assert!(
+        stderr(&check).contains(
+            "none of the swarm's 2 node(s) can take its tasks (ready and active, `node.labels.nowhere == 1`)"
+        ),
+        "{}",
+        stderr(&check)
+    );
     pool.start();
     // Two attempts that no node took: then a cool-down, never a give-up.
     let note = wait_for("the slot to cool down", Duration::from_secs(60), || {
@@ -435,6 +446,14 @@ fn a_worker_on_a_lost_node_is_ended_and_replaced_on_a_live_one_and_its_token_ref
         db_id: db_id(&pool),
     };
     let (manager, worker) = (swarm.node_id(&swarm.manager), swarm.node_id(&swarm.worker));
+    let config = pool.config();
+    let check = pool.cli(&["check", "--config", config.to_str().unwrap()]);
+    assert!(check.status.success(), "{}", stderr(&check));
+    assert!(
+        stdout(&check).contains("2 of 2 node(s) can take its tasks"),
+        "{}",
+        stdout(&check)
+    );
     {
         // The first task goes to the worker node.
         let _paused = Paused::new(&swarm, manager.clone());

@@ -8,8 +8,9 @@ use std::path::{Path, PathBuf};
 use crate::config::{Config, WorkerConfig, WorkerProgram};
 use crate::contract::exit;
 use crate::db;
-use crate::executor::docker;
 use crate::executor::plan::{self, Decision};
+use crate::executor::swarm::SwarmEngine;
+use crate::executor::{docker, placement};
 use crate::lock;
 use crate::vocab::{ModeKind, Protocol};
 
@@ -32,7 +33,11 @@ pub async fn run(path: &Path) -> anyhow::Result<i32> {
                 if let Some(why) = why {
                     super::print(&format!("note: workers `{}`: auto mode: {why}", w.worker_type));
                 }
-                if mode.kind == ModeKind::Docker {
+                if mode.kind == ModeKind::Swarm {
+                    if let Some(swarm) = &plan.swarm {
+                        check_swarm_entry(swarm, w, &at, &mut problems).await;
+                    }
+                } else if mode.kind == ModeKind::Docker {
                     super::print(&format!(
                         "ok: workers `{}`: image {} is on this host",
                         w.worker_type,
@@ -254,6 +259,53 @@ fn is_writable(p: &Path) -> bool {
 
 /// Reports whether the pool's docker network exists, is ambiguous, or will
 /// be created by `start`.
+/// A swarm entry: the nodes that can take its tasks (ready, active, its
+/// constraints and reservations), and whether its image is pinned.
+async fn check_swarm_entry(swarm: &SwarmEngine, w: &WorkerConfig, at: &str, problems: &mut Vec<String>) {
+    let nodes = match swarm.nodes().await {
+        Ok(n) => n,
+        Err(e) => return problems.push(format!("{at}: {e:#}")),
+    };
+    let mut fitting = Vec::new();
+    for n in &nodes {
+        match placement::fits(&w.placement, n) {
+            Ok(true) => fitting.push(format!("{} ({}, {})", n.hostname, n.role, &n.id[..n.id.len().min(12)])),
+            Ok(false) => {}
+            Err(e) => return problems.push(format!("{at}: constraints: {e}")),
+        }
+    }
+    if fitting.is_empty() {
+        let mut wants = vec!["ready and active".to_string()];
+        wants.extend(w.placement.constraints.iter().map(|c| format!("`{c}`")));
+        wants.extend(w.placement.cpu_reservation.map(|c| format!("{c} free CPUs")));
+        wants.extend(
+            w.placement
+                .memory_reservation
+                .map(|m| format!("{} free memory", crate::config::format_size(m))),
+        );
+        problems.push(format!(
+            "{at}: none of the swarm's {} node(s) can take its tasks ({})",
+            nodes.len(),
+            wants.join(", ")
+        ));
+    } else {
+        super::print(&format!(
+            "ok: workers `{}`: {} of {} node(s) can take its tasks: {}",
+            w.worker_type,
+            fitting.len(),
+            nodes.len(),
+            fitting.join(", ")
+        ));
+    }
+    let image = w.image.as_deref().unwrap_or("");
+    if !image.contains("@sha256:") {
+        super::print(&format!(
+            "note: workers `{}`: image {image} is not pinned by digest (name@sha256:…): nodes may run different builds of it",
+            w.worker_type
+        ));
+    }
+}
+
 async fn check_network(client: &bollard::Docker, network: &str, problems: &mut Vec<String>) {
     if docker::is_predefined_network(network) {
         return;

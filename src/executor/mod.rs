@@ -5,6 +5,7 @@
 pub mod backends;
 pub mod direct;
 pub mod docker;
+pub mod placement;
 pub mod plan;
 pub mod swarm;
 

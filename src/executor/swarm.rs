@@ -34,6 +34,7 @@ use tokio::sync::watch;
 
 use super::Launch;
 use super::docker::{self, LABEL_DB, LABEL_DB_ID, LABEL_SLOT, LABEL_TYPE, is_not_found};
+use super::placement::NodeFacts;
 use crate::api::tokens::WorkerTokens;
 use crate::config::{Placement, WorkerProgram};
 use crate::logs::{self, Tail};
@@ -170,6 +171,42 @@ impl SwarmEngine {
             .await
             .with_context(|| format!("creating the secret {name} on {}", self.address))?;
         Ok(CaSecret { id: created.id, name })
+    }
+
+    /// What placement looks at on each node of the swarm.
+    pub async fn nodes(&self) -> anyhow::Result<Vec<NodeFacts>> {
+        use bollard::models::{NodeSpecAvailabilityEnum, NodeSpecRoleEnum};
+        let nodes = self
+            .client
+            .list_nodes(None::<ListNodesOptions>)
+            .await
+            .with_context(|| format!("listing the swarm's nodes on {}", self.address))?;
+        Ok(nodes
+            .into_iter()
+            .map(|n| {
+                let spec = n.spec.unwrap_or_default();
+                let desc = n.description.unwrap_or_default();
+                let platform = desc.platform.unwrap_or_default();
+                let resources = desc.resources.unwrap_or_default();
+                let ready = n.status.and_then(|s| s.state) == Some(NodeState::READY);
+                let active = spec.availability == Some(NodeSpecAvailabilityEnum::ACTIVE);
+                NodeFacts {
+                    id: n.id.unwrap_or_default(),
+                    hostname: desc.hostname.unwrap_or_default(),
+                    role: match spec.role {
+                        Some(NodeSpecRoleEnum::MANAGER) => "manager".into(),
+                        _ => "worker".into(),
+                    },
+                    os: platform.os.unwrap_or_default(),
+                    arch: platform.architecture.unwrap_or_default(),
+                    labels: spec.labels.unwrap_or_default(),
+                    engine_labels: desc.engine.and_then(|e| e.labels).unwrap_or_default(),
+                    schedulable: ready && active,
+                    nano_cpus: resources.nano_cpus.unwrap_or(0),
+                    memory_bytes: resources.memory_bytes.unwrap_or(0),
+                }
+            })
+            .collect())
     }
 
     /// Removes every service of this pool, then its secrets; returns how
