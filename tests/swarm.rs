@@ -105,6 +105,34 @@ impl Swarm {
             .to_string()
     }
 
+    /// A running task's token, as its container reads it from its secret
+    /// (never in the service's environment).
+    fn token_of(&self, task: &(String, String, String)) -> String {
+        let (service, node, container) = task;
+        let env = Swarm::docker(
+            &self.manager,
+            &[
+                "service",
+                "inspect",
+                "-f",
+                "{{.Spec.TaskTemplate.ContainerSpec.Env}}",
+                service,
+            ],
+        );
+        assert!(
+            !env.contains("CLM_API_TOKEN"),
+            "a token in the service's environment: {env}"
+        );
+        let host = if *node == self.node_id(&self.manager) {
+            &self.manager
+        } else {
+            &self.worker
+        };
+        let token = Swarm::docker(host, &["exec", container, "cat", "/run/secrets/clm_api_token"]);
+        assert_eq!(token.trim().len(), 64, "the token secret of {service}: {token:?}");
+        token.trim().to_string()
+    }
+
     fn node_id(&self, host: &str) -> String {
         Swarm::docker(host, &["info", "-f", "{{.Swarm.NodeID}}"])
             .trim()
@@ -265,11 +293,11 @@ fn swarm_slots_run_clm_jobs_on_both_nodes_replace_a_killed_task_and_stop_leaves_
     }
 
     // Each worker has a token of its own, bound to its row.
-    let token_of = |name: &str| swarm.service_env(name, "CLM_API_TOKEN");
+    // (Delivered as a Swarm secret, read into CLM_API_TOKEN by a wrapper.)
     let row_of = |name: &str| swarm.service_env(name, "CLM_WORKER_ID");
     let (w_name, m_name) = (&tasks[1].0, &tasks[0].0);
-    let (old_token, old_row) = (token_of(w_name), row_of(w_name));
-    assert_ne!(old_token, token_of(m_name));
+    let (old_token, old_row) = (swarm.token_of(&tasks[1]), row_of(w_name));
+    assert_ne!(old_token, swarm.token_of(&tasks[0]));
     assert_eq!(heartbeat(port, &old_token, &old_row), 200);
     assert_eq!(
         heartbeat(port, &old_token, &row_of(m_name)),
@@ -314,6 +342,9 @@ fn swarm_slots_run_clm_jobs_on_both_nodes_replace_a_killed_task_and_stop_leaves_
         "services left: {:?}",
         swarm.services(&pool)
     );
+    let label = format!("label=clx-pool.db-id={}", db_id(&pool));
+    let secrets = Swarm::docker(&swarm.manager, &["secret", "ls", "-q", "--filter", &label]);
+    assert_eq!(secrets.trim(), "", "the workers' token secrets are gone");
     wait_for(
         "the tasks' containers to be removed on both nodes",
         Duration::from_secs(60),
@@ -464,7 +495,7 @@ fn a_worker_on_a_lost_node_is_ended_and_replaced_on_a_live_one_and_its_token_ref
     assert_eq!(tasks.len(), 1);
     assert_eq!(tasks[0].1, worker, "{tasks:?}");
     let (token, row) = (
-        swarm.service_env(&tasks[0].0, "CLM_API_TOKEN"),
+        swarm.token_of(&tasks[0]),
         swarm.service_env(&tasks[0].0, "CLM_WORKER_ID"),
     );
     let frozen = Frozen(pid.trim().parse().unwrap());
@@ -568,7 +599,7 @@ fn the_worker_api_serves_https_and_swarm_workers_trust_its_private_ca() {
     );
     let label = format!("label=clx-pool.db-id={}", db_id(&pool));
     let secrets = || Swarm::docker(&swarm.manager, &["secret", "ls", "-q", "--filter", &label]);
-    assert_eq!(secrets().lines().count(), 1, "the CA's secret");
+    assert_eq!(secrets().lines().count(), 3, "the CA's secret and each worker's token");
     let out = pool.cli(&["stop", "--timeout", "60s"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(swarm.services(&pool).is_empty());

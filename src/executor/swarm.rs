@@ -55,7 +55,11 @@ pub struct SwarmEngine {
     db_path: PathBuf,
     seen: watch::Receiver<Arc<Seen>>,
     /// The CA's secret, once made.
-    ca: tokio::sync::OnceCell<CaSecret>,
+    ca: tokio::sync::OnceCell<Secret>,
+    /// Whether the log said that tokens go into the environment.
+    said_env: std::sync::atomic::AtomicBool,
+    /// Removals of workers' token secrets, which wait for their tasks.
+    cleanups: tokio_util::task::TaskTracker,
 }
 
 /// One poll: the newest task of each of the pool's services, and the
@@ -122,6 +126,8 @@ impl SwarmEngine {
             db_path: db_path.to_path_buf(),
             seen,
             ca: tokio::sync::OnceCell::new(),
+            said_env: std::sync::atomic::AtomicBool::new(false),
+            cleanups: tokio_util::task::TaskTracker::new(),
         })
     }
 
@@ -139,7 +145,7 @@ impl SwarmEngine {
 
     /// The secret holding `ca` (PEM) and this machine's bundle, made once
     /// per content (secrets are immutable: a new CA is a new name).
-    pub async fn ca_secret(&self, ca: &Path) -> anyhow::Result<CaSecret> {
+    pub async fn ca_secret(&self, ca: &Path) -> anyhow::Result<Secret> {
         use base64::Engine;
         let mut pem =
             crate::files::read_regular(ca).with_context(|| format!("reading the CA certificate {}", ca.display()))?;
@@ -157,7 +163,7 @@ impl SwarmEngine {
         if let Ok(found) = self.client.inspect_secret(&name).await
             && let Some(id) = found.id
         {
-            return Ok(CaSecret { id, name });
+            return Ok(Secret { id, name });
         }
         let spec = bollard::models::SecretSpec {
             name: Some(name.clone()),
@@ -170,7 +176,7 @@ impl SwarmEngine {
             .create_secret(spec)
             .await
             .with_context(|| format!("creating the secret {name} on {}", self.address))?;
-        Ok(CaSecret { id: created.id, name })
+        Ok(Secret { id: created.id, name })
     }
 
     /// What placement looks at on each node of the swarm.
@@ -289,11 +295,21 @@ impl SwarmEngine {
             None => None,
         };
         let token = how.tokens.mint(row)?;
-        let service = self.service(spec, how, &name, &token, ca.as_ref());
+        let delivery = match self.token_secret(spec, how, row, &token).await {
+            Ok(d) => d,
+            Err(e) => {
+                how.tokens.revoke(row);
+                return Err(e);
+            }
+        };
+        let service = self.service(spec, how, &name, &delivery, ca.as_ref());
         let created = match self.client.create_service(service, None).await {
             Ok(c) => c,
             Err(e) => {
                 how.tokens.revoke(row);
+                if let Delivery::Secret { secret, .. } = &delivery {
+                    self.forget_secret(secret.id.clone());
+                }
                 return Err(anyhow::Error::new(e).context(format!(
                     "creating service {name} from {} on {}",
                     how.image, self.address
@@ -316,6 +332,10 @@ impl SwarmEngine {
         ));
         Ok(SwarmWorker {
             worker_id: spec.worker_id.clone(),
+            token_secret: match delivery {
+                Delivery::Secret { secret, .. } => Some(secret.id),
+                Delivery::Env(_) => None,
+            },
             tail,
             place_by: tokio::time::Instant::now() + how.place_within,
             row,
@@ -331,23 +351,62 @@ impl SwarmEngine {
     /// The service of one worker: one replica, Swarm's restart policy
     /// `none`, host networking, the CLM container contract, the entry's
     /// placement and resources, labels on service and container.
-    fn service(&self, spec: &Launch, how: &SwarmLaunch, name: &str, token: &str, ca: Option<&CaSecret>) -> ServiceSpec {
-        let mut env = docker::clm_env(spec, &how.api_url, token);
+    fn service(
+        &self,
+        spec: &Launch,
+        how: &SwarmLaunch,
+        name: &str,
+        delivery: &Delivery,
+        ca: Option<&Secret>,
+    ) -> ServiceSpec {
+        let in_env = match delivery {
+            Delivery::Env(token) => token.as_str(),
+            Delivery::Secret { .. } => "",
+        };
+        let mut env = docker::clm_env(spec, &how.api_url, in_env);
+        if let Delivery::Secret { .. } = delivery {
+            env.retain(|(k, _)| k != crate::contract::env::CLM_API_TOKEN);
+        }
         if ca.is_some() {
             env.push(("SSL_CERT_FILE".into(), CA_FILE.into()));
         }
-        let secrets = ca.map(|ca| {
-            vec![TaskSpecContainerSpecSecrets {
-                file: Some(TaskSpecContainerSpecFile {
-                    name: Some(CA_FILE.trim_start_matches("/run/secrets/").into()),
-                    uid: Some("0".into()),
-                    gid: Some("0".into()),
-                    mode: Some(0o444),
-                }),
+        let file = |path: &str, owner: (String, String), mode: u32| TaskSpecContainerSpecFile {
+            name: Some(path.trim_start_matches("/run/secrets/").into()),
+            uid: Some(owner.0),
+            gid: Some(owner.1),
+            mode: Some(mode),
+        };
+        let mut secrets = Vec::new();
+        if let Some(ca) = ca {
+            secrets.push(TaskSpecContainerSpecSecrets {
+                file: Some(file(CA_FILE, ("0".into(), "0".into()), 0o444)),
                 secret_id: Some(ca.id.clone()),
                 secret_name: Some(ca.name.clone()),
-            }]
-        });
+            });
+        }
+        let (command, args) = match delivery {
+            Delivery::Secret { secret, argv } => {
+                // Readable only by the task's user, when it is known by number.
+                let (owner, mode) = match spec.container_user.as_deref().and_then(numeric_owner) {
+                    Some(owner) => (owner, 0o400),
+                    None => (("0".into(), "0".into()), 0o444),
+                };
+                secrets.push(TaskSpecContainerSpecSecrets {
+                    file: Some(file(TOKEN_FILE, owner, mode)),
+                    secret_id: Some(secret.id.clone()),
+                    secret_name: Some(secret.name.clone()),
+                });
+                (
+                    Some(vec!["/bin/sh".to_string(), "-c".into(), TOKEN_WRAPPER.into()]),
+                    Some(argv.clone()),
+                )
+            }
+            Delivery::Env(_) => match &spec.program {
+                WorkerProgram::Command(c) if !c.is_empty() => (Some(vec![c[0].clone()]), Some(c[1..].to_vec())),
+                _ => (None, None),
+            },
+        };
+        let secrets = Some(secrets);
         let mounts = docker::clm_mounts(spec)
             .into_iter()
             .map(|(host, inside, writable)| Mount {
@@ -358,10 +417,6 @@ impl SwarmEngine {
                 ..Default::default()
             })
             .collect();
-        let (command, args) = match &spec.program {
-            WorkerProgram::Command(c) if !c.is_empty() => (Some(vec![c[0].clone()]), Some(c[1..].to_vec())),
-            _ => (None, None),
-        };
         let container = TaskSpecContainerSpec {
             image: Some(how.image.clone()),
             labels: Some(self.labels(Some(spec))),
@@ -401,6 +456,95 @@ impl SwarmEngine {
     }
 }
 
+/// How a worker gets its token.
+enum Delivery {
+    /// As a Swarm secret, read into `CLM_API_TOKEN` by a shell that then
+    /// runs `argv`.
+    Secret { secret: Secret, argv: Vec<String> },
+    /// In its environment (when its program cannot be known: an image the
+    /// manager does not have, and no `command`).
+    Env(String),
+}
+
+/// `UID:GID` (or `UID`) as numbers, for a secret's owner.
+fn numeric_owner(user: &str) -> Option<(String, String)> {
+    let (u, g) = user.split_once(':').unwrap_or((user, user));
+    let number = |s: &str| s.parse::<u32>().ok().map(|n| n.to_string());
+    Some((number(u)?, number(g)?))
+}
+
+impl SwarmEngine {
+    /// The worker's token as a secret of its own, and the program the
+    /// wrapper runs: the entry's `command`, or the image's entrypoint and
+    /// command as the manager knows them. Without either, the token goes
+    /// into the environment (said once in the log).
+    async fn token_secret(
+        &self,
+        spec: &Launch,
+        how: &SwarmLaunch,
+        row: WorkerRow,
+        token: &str,
+    ) -> anyhow::Result<Delivery> {
+        use base64::Engine;
+        let argv = match &spec.program {
+            WorkerProgram::Command(c) if !c.is_empty() => Some(c.clone()),
+            _ => self.image_argv(&how.image).await,
+        };
+        let Some(argv) = argv else {
+            if !self.said_env.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                tracing::warn!(
+                    image = %how.image,
+                    "the manager does not have the image, so its entrypoint is unknown: its workers get their tokens in their environment; give `command` (or load the image on the manager) to deliver them as secrets"
+                );
+            }
+            return Ok(Delivery::Env(token.to_string()));
+        };
+        let name = format!("clx-{}-{}-{}-w{}", self.db_id, spec.worker_type, spec.slot, row);
+        let created = self
+            .client
+            .create_secret(bollard::models::SecretSpec {
+                name: Some(name.clone()),
+                labels: Some(self.labels(Some(spec))),
+                data: Some(base64::engine::general_purpose::STANDARD.encode(token)),
+                ..Default::default()
+            })
+            .await
+            .with_context(|| format!("creating the token secret {name} on {}", self.address))?;
+        Ok(Delivery::Secret {
+            secret: Secret { id: created.id, name },
+            argv,
+        })
+    }
+
+    /// The image's entrypoint and command, if the manager has the image.
+    async fn image_argv(&self, image: &str) -> Option<Vec<String>> {
+        let config = self.client.inspect_image(image).await.ok()?.config?;
+        let argv: Vec<String> = config
+            .entrypoint
+            .unwrap_or_default()
+            .into_iter()
+            .chain(config.cmd.unwrap_or_default())
+            .collect();
+        (!argv.is_empty()).then_some(argv)
+    }
+
+    /// Removes a secret once no task uses it any more (its service was
+    /// just removed): tried for a minute in the background.
+    fn forget_secret(&self, id: String) {
+        let client = self.client.clone();
+        self.cleanups.spawn(async move {
+            for _ in 0..120 {
+                match client.delete_secret(&id).await {
+                    Ok(()) => return,
+                    Err(e) if is_not_found(&e) => return,
+                    Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+                }
+            }
+            tracing::debug!(secret = %id, "a worker's token secret is still in use; the pool's stop removes it");
+        });
+    }
+}
+
 /// What a swarm entry's services are made of, beside the [`Launch`].
 #[derive(Debug, Clone)]
 pub struct SwarmLaunch {
@@ -421,15 +565,25 @@ pub struct SwarmLaunch {
     pub ca: Option<PathBuf>,
 }
 
-/// A Swarm secret holding the CA bundle workers trust (`SSL_CERT_FILE`).
+/// A Swarm secret of the pool: the CA bundle workers trust
+/// (`SSL_CERT_FILE`), or one worker's token.
 #[derive(Debug, Clone)]
-pub struct CaSecret {
+pub struct Secret {
     pub id: String,
     pub name: String,
 }
 
 /// Where a worker finds the CA bundle (a Swarm secret's file).
 const CA_FILE: &str = "/run/secrets/clx_ca.pem";
+
+/// Where a worker finds its own token (a Swarm secret's file).
+const TOKEN_FILE: &str = "/run/secrets/clm_api_token";
+
+/// CLM reads its token only from `CLM_API_TOKEN`: the worker's program is
+/// started by a shell that reads the secret into it (`$0 "$@"` is the
+/// image's entrypoint and command, or the entry's `command`).
+const TOKEN_WRAPPER: &str =
+    "CLM_API_TOKEN=\"$(cat /run/secrets/clm_api_token)\" && export CLM_API_TOKEN && exec \"$0\" \"$@\"";
 
 /// The system's bundle on this machine: `SSL_CERT_FILE` replaces a
 /// client's bundle, so the secret carries it beside the private CA
@@ -604,6 +758,8 @@ pub fn unplaced(task: Option<&TaskView>) -> Option<String> {
 /// A started swarm worker: its service, and the verdict once it ended.
 pub struct SwarmWorker {
     pub worker_id: WorkerId,
+    /// The secret holding its token, if it got one.
+    token_secret: Option<String>,
     pub tail: Tail,
     /// When a task no node took ends the attempt.
     place_by: tokio::time::Instant,
@@ -698,9 +854,13 @@ impl SwarmWorker {
         cause
     }
 
-    /// Removes the service, whatever became of its task.
+    /// Removes the service, whatever became of its task, and (once the
+    /// task is gone) its token's secret.
     pub async fn sweep(&self) {
         self.tokens.revoke(self.row);
+        if let Some(id) = &self.token_secret {
+            self.engine.forget_secret(id.clone());
+        }
         if let Err(e) = self.engine.client.delete_service(&self.service_id).await
             && !is_not_found(&e)
         {

@@ -282,9 +282,14 @@ impl Pool {
     /// Kills the supervisor and its guard with SIGKILL: as if the machine
     /// had lost both, so that only the next `start` or `stop` cleans up.
     pub fn kill_supervisor_and_guard(&mut self) {
-        let guard = self.guard_pid();
-        for pid in [guard, self.supervisor_pid()] {
-            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+        use nix::sys::signal::{Signal, kill};
+        let both = [self.guard_pid(), self.supervisor_pid()];
+        // Both frozen first: a supervisor that saw its guard die would start
+        // a new one, and a guard that saw the supervisor die would clean up.
+        for sig in [Signal::SIGSTOP, Signal::SIGKILL] {
+            for pid in both {
+                kill(nix::unistd::Pid::from_raw(pid), sig).unwrap();
+            }
         }
         self.wait_supervisor_exit(Duration::from_secs(5));
     }
