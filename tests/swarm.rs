@@ -281,6 +281,11 @@ fn swarm_slots_run_clm_jobs_on_both_nodes_replace_a_killed_task_and_stop_leaves_
     );
     let stats = stdout(&pool.cli(&["stats"]));
     assert!(stats.contains("swarm"), "{stats}");
+    // Each worker's node, in `stats --workers`.
+    let workers = stdout(&pool.cli(&["stats", "--workers"]));
+    for node in [&manager, &worker] {
+        assert!(workers.contains(&node[..12]), "node {node} in:\n{workers}");
+    }
 
     add_jobs(&clm, &pool, "echo-m", 0, 3);
     add_jobs(&clm, &pool, "echo-w", 0, 3);
@@ -531,28 +536,57 @@ fn a_worker_on_a_lost_node_is_ended_and_replaced_on_a_live_one_and_its_token_ref
     assert!(swarm.services(&pool).is_empty());
 }
 
+/// `openssl ARGS` in `dir`.
+fn openssl(dir: &std::path::Path, args: &str) {
+    let args: Vec<&str> = args.split_whitespace().collect();
+    let out = Command::new("openssl").args(&args).current_dir(dir).output().unwrap();
+    assert!(out.status.success(), "openssl {args:?}: {}", stderr(&out));
+}
+
 /// A private CA and a certificate for 127.0.0.1 signed by it, made with
 /// `openssl` in `dir`: (ca.pem, api.crt, api.key). Both carry what Python
 /// 3.13's strict verification (CLM's images) wants: key usages, a CA's
 /// basic constraints, key identifiers.
 fn private_ca(dir: &std::path::Path) -> (String, String, String) {
-    let run = |args: &str| {
-        let args: Vec<&str> = args.split_whitespace().collect();
-        let out = Command::new("openssl").args(&args).current_dir(dir).output().unwrap();
-        assert!(out.status.success(), "openssl {args:?}: {}", stderr(&out));
-    };
-    let ec = "-newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes";
-    run(&format!(
-        "req -x509 {ec} -days 2 -subj /CN=clx-test-ca -addext basicConstraints=critical,CA:TRUE \
-         -addext keyUsage=critical,keyCertSign,cRLSign -keyout ca.key -out ca.pem"
-    ));
-    run(&format!("req {ec} -subj /CN=127.0.0.1 -keyout api.key -out api.csr"));
+    openssl(
+        dir,
+        "req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=clx-test-ca \
+         -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign \
+         -keyout ca.key -out ca.pem",
+    );
+    issue(dir, "clx-test-api");
+    let path = |f: &str| dir.join(f).to_str().unwrap().to_string();
+    (path("ca.pem"), path("api.crt"), path("api.key"))
+}
+
+/// A new key and certificate for 127.0.0.1 named `cn`, signed by the CA
+/// of `dir`, into api.key and api.crt.
+fn issue(dir: &std::path::Path, cn: &str) {
+    openssl(
+        dir,
+        &format!("req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN={cn} -keyout api.key -out api.csr"),
+    );
     let ext = "subjectAltName = IP:127.0.0.1\nkeyUsage = critical,digitalSignature\n\
                extendedKeyUsage = serverAuth\nsubjectKeyIdentifier = hash\nauthorityKeyIdentifier = keyid,issuer\n";
     std::fs::write(dir.join("api.ext"), ext).unwrap();
-    run("x509 -req -in api.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 -extfile api.ext -out api.crt");
-    let path = |f: &str| dir.join(f).to_str().unwrap().to_string();
-    (path("ca.pem"), path("api.crt"), path("api.key"))
+    openssl(
+        dir,
+        "x509 -req -in api.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 -extfile api.ext -out api.crt",
+    );
+}
+
+/// The subject of the certificate the API at `port` presents.
+fn presented_subject(ca: &str, port: u16) -> String {
+    let out = Command::new("curl")
+        .args(["-sSv", "--cacert", ca, &format!("https://127.0.0.1:{port}/health")])
+        .output()
+        .unwrap();
+    let log = stderr(&out);
+    assert!(stdout(&out).contains("\"status\":\"ok\""), "{}{log}", stdout(&out));
+    log.lines()
+        .find_map(|l| l.trim_start_matches(['*', ' ']).strip_prefix("subject: "))
+        .unwrap_or_else(|| panic!("no subject in curl's log:\n{log}"))
+        .to_string()
 }
 
 #[test]
@@ -587,16 +621,13 @@ fn the_worker_api_serves_https_and_swarm_workers_trust_its_private_ca() {
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     let plain = http(addr, "GET", "/health", &[], b"");
     assert!(!matches!(plain, Ok((200, _))), "{plain:?}");
-    let https = Command::new("curl")
-        .args(["-sS", "--cacert", &ca, &format!("https://127.0.0.1:{port}/health")])
-        .output()
-        .unwrap();
-    assert!(
-        stdout(&https).contains("\"status\":\"ok\""),
-        "{}{}",
-        stdout(&https),
-        stderr(&https)
-    );
+    assert!(presented_subject(&ca, port).contains("CN=clx-test-api"));
+    // A renewed certificate in the same files is served after a reload.
+    issue(&pool.path(""), "clx-test-renewed");
+    let out = pool.cli(&["reload"]);
+    let said = format!("{}{}", stdout(&out), stderr(&out));
+    assert!(said.contains("re-read the worker API's certificate and key"), "{said}");
+    assert!(presented_subject(&ca, port).contains("CN=clx-test-renewed"));
     let label = format!("label=clx-pool.db-id={}", db_id(&pool));
     let secrets = || Swarm::docker(&swarm.manager, &["secret", "ls", "-q", "--filter", &label]);
     assert_eq!(secrets().lines().count(), 3, "the CA's secret and each worker's token");

@@ -70,6 +70,8 @@ pub struct ApiServer {
     pub endpoint: Arc<Endpoint>,
     /// Tokens of single workers, minted by their executor.
     pub tokens: tokens::WorkerTokens,
+    /// Its TLS, which a reload reads again.
+    pub tls: Option<Tls>,
     pub listening: Vec<SocketAddr>,
     stop: CancellationToken,
     tasks: JoinSet<()>,
@@ -145,6 +147,35 @@ pub fn tls_config(tls: &crate::config::ApiTls) -> anyhow::Result<Arc<rustls::Ser
     Ok(Arc::new(config))
 }
 
+/// The Worker API's TLS in force: read from its files at start, read again
+/// by a reload (new connections get the new certificate, open ones keep
+/// theirs); a reload that cannot read them keeps the old one.
+#[derive(Clone)]
+pub struct Tls {
+    files: crate::config::ApiTls,
+    current: Arc<std::sync::RwLock<Arc<rustls::ServerConfig>>>,
+}
+
+impl Tls {
+    pub fn load(files: &crate::config::ApiTls) -> anyhow::Result<Tls> {
+        Ok(Tls {
+            files: files.clone(),
+            current: Arc::new(std::sync::RwLock::new(tls_config(files)?)),
+        })
+    }
+
+    /// Reads the certificate and key again; on failure the old ones stay.
+    pub fn reload(&self) -> anyhow::Result<()> {
+        let fresh = tls_config(&self.files)?;
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = fresh;
+        Ok(())
+    }
+
+    fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        tokio_rustls::TlsAcceptor::from(self.current.read().unwrap_or_else(|e| e.into_inner()).clone())
+    }
+}
+
 /// Where to listen and serve: exactly `listen` when configured; by default
 /// loopback plus the network's gateway on one system-chosen port. With
 /// `tls`, every connection is HTTPS (its handshake within the time a
@@ -155,7 +186,7 @@ pub async fn start(
     token: Arc<str>,
     listen: Option<SocketAddr>,
     reach: Reach,
-    tls: Option<Arc<rustls::ServerConfig>>,
+    tls: Option<Tls>,
 ) -> anyhow::Result<ApiServer> {
     let listeners = match listen {
         Some(addr) => vec![
@@ -184,9 +215,8 @@ pub async fn start(
     });
     let stop = CancellationToken::new();
     let mut tasks = JoinSet::new();
-    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     for listener in listeners {
-        let (router, stop, acceptor) = (router.clone(), stop.clone(), acceptor.clone());
+        let (router, stop, acceptor) = (router.clone(), stop.clone(), tls.clone());
         tasks.spawn(crate::listen::serve(
             listener,
             LIMITS,
@@ -197,6 +227,7 @@ pub async fn start(
     }
     Ok(ApiServer {
         endpoint,
+        tls,
         tokens: worker_tokens,
         listening,
         stop,
@@ -205,13 +236,13 @@ pub async fn start(
 }
 
 /// One connection: HTTP/1, inside TLS when the API has a certificate.
-async fn serve_one(io: tokio::net::TcpStream, router: axum::Router, tls: Option<tokio_rustls::TlsAcceptor>) {
+async fn serve_one(io: tokio::net::TcpStream, router: axum::Router, tls: Option<Tls>) {
     // Every request knows its peer, for the log of refusals and their budget.
     let router = match io.peer_addr() {
         Ok(addr) => router.layer(axum::Extension(refusals::Peer(addr))),
         Err(_) => router,
     };
-    let Some(acceptor) = tls else {
+    let Some(acceptor) = tls.map(|t| t.acceptor()) else {
         return crate::listen::http(io, router, LIMITS).await;
     };
     let peer = io.peer_addr().ok();

@@ -149,7 +149,7 @@ fn workers_table(list: &[WorkerLine]) -> String {
     let mut t = Table::new();
     t.load_preset(comfy_table::presets::NOTHING);
     t.set_header([
-        "ROW", "TYPE", "SLOT", "WORKER", "PID", "STATUS", "JOB", "FOR", "CPU", "MEMORY", "DONE", "FAILED",
+        "ROW", "TYPE", "SLOT", "WORKER", "PID/NODE", "STATUS", "JOB", "FOR", "CPU", "MEMORY", "DONE", "FAILED",
     ]);
     let dash = || "-".to_string();
     for w in list {
@@ -159,7 +159,11 @@ fn workers_table(list: &[WorkerLine]) -> String {
                 w.worker_type.clone(),
                 w.slot.map(|s| s.to_string()).unwrap_or_else(dash),
                 w.worker_id.to_string(),
-                w.pid.map(|p| p.to_string()).unwrap_or_else(dash),
+                match (&w.node, w.pid) {
+                    (Some(node), _) => node.clone(),
+                    (None, Some(p)) => p.to_string(),
+                    (None, None) => dash(),
+                },
                 w.status.to_string(),
                 w.job_id.map(|j| j.to_string()).unwrap_or_else(dash),
             ]

@@ -222,7 +222,11 @@ fn workers_table(list: &[WorkerLine]) -> Table<'static> {
                     w.worker_type,
                     w.slot.map(|s| s.to_string()).unwrap_or_else(dash)
                 ),
-                w.pid.map(|p| p.to_string()).unwrap_or_else(|| w.worker_id.to_string()),
+                match (&w.node, w.pid) {
+                    (Some(node), _) => node.clone(),
+                    (None, Some(p)) => p.to_string(),
+                    (None, None) => w.worker_id.to_string(),
+                },
                 w.status.to_string(),
                 w.job_id.map(|j| j.to_string()).unwrap_or_else(dash),
             ];
@@ -249,7 +253,7 @@ fn workers_table(list: &[WorkerLine]) -> Table<'static> {
     )
     .header(Row::new(vec![
         "SLOT",
-        "PID/CONTAINER",
+        "PID/NODE/ID",
         "STATUS",
         "JOB",
         "FOR",

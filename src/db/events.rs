@@ -38,7 +38,7 @@ pub(super) fn clm_event(conn: &Connection, protocol: Protocol, e: ClmEventRow) -
         e.event,
         e.worker_row,
         e.worker_type,
-        e.execution_mode,
+        e.execution_mode.map(ModeKind::for_clm),
         e.message,
         metadata.to_string()
     ])?;

@@ -102,6 +102,7 @@ impl Fixture {
             worker_row: row,
             worker_id: &id,
             execution_mode: ModeKind::Direct,
+            node: None,
         };
         slots::slot_registered(&self.conn, self.protocol, &registered).unwrap();
         row

@@ -147,7 +147,16 @@ const POOL_MIGRATIONS: &[(&str, &str)] = &[
         "ALTER TABLE clx_pool_supervisor ADD COLUMN ended_uncleanly_at TIMESTAMP;",
         "",
     ),
+    (
+        // 6: where a slot's worker runs when it is not this machine (a swarm
+        // node), for `stats --workers` and `top`.
+        "ALTER TABLE clx_pool_slots ADD COLUMN node TEXT;",
+        "",
+    ),
 ];
+
+/// The first pool version whose slots say where their worker runs.
+pub const SLOT_NODE_VERSION: i64 = 6;
 
 /// CLM 1.35's `SCHEMA_SQL` (`clm/infrastructure/database/schema.py`),
 /// byte for byte: SQLite keeps each `CREATE` statement's text in

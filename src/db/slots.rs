@@ -55,7 +55,7 @@ pub fn slot_launched(
 ) -> rusqlite::Result<()> {
     conn.execute(
         "UPDATE clx_pool_slots SET state = ?6, worker_id = ?3, worker_row = NULL, pid = ?4, proc_start = ?5,
-             note = NULL, updated_at = CURRENT_TIMESTAMP
+             note = NULL, node = NULL, updated_at = CURRENT_TIMESTAMP
          WHERE worker_type = ?1 AND slot = ?2",
         params![
             slot.worker_type,
@@ -75,14 +75,22 @@ pub struct Registered<'a> {
     pub worker_row: WorkerRow,
     pub worker_id: &'a WorkerId,
     pub execution_mode: ModeKind,
+    /// Where it runs when not on this machine (a swarm node).
+    pub node: Option<&'a str>,
 }
 
 pub fn slot_registered(conn: &Connection, protocol: Protocol, r: &Registered) -> rusqlite::Result<()> {
     let tx = conn.unchecked_transaction()?;
     tx.execute(
-        "UPDATE clx_pool_slots SET state = ?4, worker_row = ?3, updated_at = CURRENT_TIMESTAMP
+        "UPDATE clx_pool_slots SET state = ?4, worker_row = ?3, node = ?5, updated_at = CURRENT_TIMESTAMP
          WHERE worker_type = ?1 AND slot = ?2",
-        params![r.slot.worker_type, r.slot.index, r.worker_row, SlotState::Running],
+        params![
+            r.slot.worker_type,
+            r.slot.index,
+            r.worker_row,
+            SlotState::Running,
+            r.node
+        ],
     )?;
     clm_event(
         &tx,
@@ -407,6 +415,7 @@ mod tests {
             worker_row: row,
             worker_id: wid,
             execution_mode: mode.kind,
+            node: None,
         };
         slot_registered(conn, protocol, &r).unwrap();
         row

@@ -346,10 +346,11 @@ mod tests {
             .unwrap();
         assert_eq!(run_started(&conn).unwrap().as_deref(), Some("2024-05-06 07:08:09"));
 
-        // As an older clx-pool left it (before migration 5).
+        // As an older clx-pool left it (before migration 5, and so the later).
         conn.execute_batch(
             "ALTER TABLE clx_pool_supervisor DROP COLUMN ended_uncleanly_at;
-             DELETE FROM clx_pool_schema WHERE version = 5;",
+             ALTER TABLE clx_pool_slots DROP COLUMN node;
+             DELETE FROM clx_pool_schema WHERE version >= 5;",
         )
         .unwrap();
         let r = record(&conn);

@@ -357,6 +357,8 @@ pub struct WorkerLine {
     pub status: WorkerStatus,
     /// Its process (direct mode), from its slot.
     pub pid: Option<i64>,
+    /// The node it runs on (swarm mode), from its slot.
+    pub node: Option<String>,
     pub slot: Option<u32>,
     pub job_id: Option<i64>,
     /// Seconds the current job has run.
@@ -370,13 +372,14 @@ pub struct WorkerLine {
 /// The workers registered since `since` (the run's start; all without it),
 /// dead ones left out unless `dead`.
 pub fn worker_lines(conn: &Connection, since: Option<&str>, dead: bool) -> rusqlite::Result<Vec<WorkerLine>> {
-    let slots = if super::schema::pool_version(conn)? == 0 {
-        "(SELECT NULL AS worker_id, NULL AS pid, NULL AS slot WHERE 0)"
-    } else {
-        "clx_pool_slots"
+    let version = super::schema::pool_version(conn)?;
+    let slots = match version {
+        0 => "(SELECT NULL AS worker_id, NULL AS pid, NULL AS slot, NULL AS node WHERE 0)",
+        v if v < super::schema::SLOT_NODE_VERSION => "(SELECT worker_id, pid, slot, NULL AS node FROM clx_pool_slots)",
+        _ => "clx_pool_slots",
     };
     conn.prepare(&format!(
-        "SELECT w.id, w.worker_type, w.container_id, w.status, s.pid, s.slot,
+        "SELECT w.id, w.worker_type, w.container_id, w.status, s.pid, s.slot, s.node,
                 j.id, unixepoch('now') - unixepoch(j.started_at),
                 w.cpu_usage, w.memory_usage, COALESCE(w.jobs_processed, 0), COALESCE(w.jobs_failed, 0)
          FROM workers w
@@ -393,12 +396,13 @@ pub fn worker_lines(conn: &Connection, since: Option<&str>, dead: bool) -> rusql
             status: r.get(3)?,
             pid: r.get(4)?,
             slot: r.get(5)?,
-            job_id: r.get(6)?,
-            job_seconds: r.get(7)?,
-            cpu_percent: r.get(8)?,
-            memory_mib: r.get(9)?,
-            jobs_done: r.get(10)?,
-            jobs_failed: r.get(11)?,
+            node: r.get(6)?,
+            job_id: r.get(7)?,
+            job_seconds: r.get(8)?,
+            cpu_percent: r.get(9)?,
+            memory_mib: r.get(10)?,
+            jobs_done: r.get(11)?,
+            jobs_failed: r.get(12)?,
         })
     })?
     .collect()
@@ -718,6 +722,7 @@ mod tests {
                 worker_row: by_row,
                 worker_id: &id("by-row"),
                 execution_mode: ModeKind::Direct,
+                node: None,
             },
         )
         .unwrap();
@@ -779,6 +784,51 @@ mod tests {
         conn.execute("UPDATE jobs SET status = 'completed' WHERE id = ?1", [done])
             .unwrap();
         assert_eq!(idle_with_work(&conn).unwrap(), vec![("notebook".to_string(), 2)]);
+    }
+
+    #[test]
+    fn a_swarm_workers_node_is_shown_and_older_pool_tables_read_as_no_node() {
+        let conn = db(Protocol::Clm);
+        let slot = SlotId {
+            worker_type: "echo".into(),
+            index: 0,
+        };
+        let mode = Mode {
+            kind: ModeKind::Swarm,
+            auto: false,
+        };
+        slots::set_slot_state(&conn, &slot, mode, SlotState::Starting, None).unwrap();
+        let wid = WorkerId("swarm-echo-0-1".into());
+        slots::slot_launched(&conn, &slot, &wid, None).unwrap();
+        let row = register(&conn, Protocol::Clm, "echo", wid.as_str()).unwrap();
+        let registered = slots::Registered {
+            slot: &slot,
+            worker_row: row,
+            worker_id: &wid,
+            execution_mode: ModeKind::Swarm,
+            node: Some("build2 (abc123def456)"),
+        };
+        slots::slot_registered(&conn, Protocol::Clm, &registered).unwrap();
+        let lines = worker_lines(&conn, None, false).unwrap();
+        assert_eq!(lines[0].node.as_deref(), Some("build2 (abc123def456)"));
+        assert_eq!(lines[0].pid, None);
+        // CLM's own tables call it a container.
+        let mode: String = conn
+            .query_row(
+                "SELECT execution_mode FROM worker_events ORDER BY id DESC LIMIT 1",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(mode, "docker");
+        // Pool tables from before the node column.
+        conn.execute_batch(
+            "ALTER TABLE clx_pool_slots DROP COLUMN node;
+             DELETE FROM clx_pool_schema WHERE version >= 6;",
+        )
+        .unwrap();
+        let lines = worker_lines(&conn, None, false).unwrap();
+        assert_eq!((lines.len(), lines[0].node.as_deref()), (1, None));
     }
 
     #[test]

@@ -32,6 +32,8 @@ pub struct Backends {
     /// The Worker API as swarm nodes reach it (`api_advertise`), and
     /// where their tokens are minted.
     swarm_api: Option<(String, api::tokens::WorkerTokens)>,
+    /// The Worker API's TLS, read again by a reload.
+    api_tls: Option<api::Tls>,
 }
 
 /// Where a running worker is, for its usage.
@@ -116,6 +118,7 @@ impl Backends {
             };
             let url = config.pool.api_advertise.clone().unwrap_or_default();
             backends.swarm_api = Some((url, started.tokens.clone()));
+            backends.api_tls = started.tls.clone();
 
             server = Some(started);
         }
@@ -237,6 +240,12 @@ impl Backends {
         Ok(out)
     }
 
+    /// Reads the Worker API's certificate and key again (a reload); None
+    /// when it serves plain HTTP.
+    pub fn reload_tls(&self) -> Option<anyhow::Result<()>> {
+        self.api_tls.as_ref().map(api::Tls::reload)
+    }
+
     /// Removes what of this pool outlived its workers in the backends
     /// (containers found by their labels); returns how many.
     pub async fn remove_leftovers(&self) -> anyhow::Result<usize> {
@@ -322,7 +331,7 @@ async fn serve_api(config: &Config, reach: api::Reach) -> anyhow::Result<api::Ap
     let db = Db::new(conn, &pool.db_path, Protocol::Clm);
     let tls = match &pool.api_tls {
         Some(files) => {
-            Some(api::tls_config(files).with_context(|| format!("{}: [pool] api_tls_cert", config.path.display()))?)
+            Some(api::Tls::load(files).with_context(|| format!("{}: [pool] api_tls_cert", config.path.display()))?)
         }
         None => None,
     };

@@ -212,6 +212,15 @@ impl Running {
         }
     }
 
+    /// The node it runs on, when that is not this machine (swarm mode):
+    /// `hostname (node id)`.
+    pub async fn node(&self) -> Option<String> {
+        match self {
+            Running::Swarm(w) => w.node().await,
+            Running::Direct(_) | Running::Docker(_) => None,
+        }
+    }
+
     /// The last lines it printed.
     pub fn tail(&self, lines: usize) -> String {
         match self {

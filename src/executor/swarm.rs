@@ -774,6 +774,37 @@ pub struct SwarmWorker {
 }
 
 impl SwarmWorker {
+    /// The node its task runs on, as `hostname (node id)`, once placed:
+    /// from the last poll, else (a worker that registered before the
+    /// poller saw its task) asked of the manager.
+    pub async fn node(&self) -> Option<String> {
+        let seen = self.engine.seen.borrow().clone();
+        let node = match seen.tasks.get(&self.service_id).and_then(|t| t.node.clone()) {
+            Some(node) => node,
+            None => {
+                let filters = HashMap::from([("service", vec![self.service_id.clone()])]);
+                let opts = ListTasksOptionsBuilder::default().filters(&filters).build();
+                let tasks = self.engine.client.list_tasks(Some(opts)).await.ok()?;
+                tasks.into_iter().filter_map(|t| t.node_id).next()?
+            }
+        };
+        let host = match seen.hostnames.get(&node) {
+            Some(host) => Some(host.clone()),
+            None => self
+                .engine
+                .client
+                .inspect_node(&node)
+                .await
+                .ok()
+                .and_then(|n| n.description?.hostname),
+        };
+        let short = &node[..node.len().min(12)];
+        Some(match host {
+            Some(host) => format!("{host} ({short})"),
+            None => short.to_string(),
+        })
+    }
+
     /// Resolves when the worker has ended, at the poll that shows it.
     /// Cancel-safe.
     pub async fn wait(&mut self) -> EndCause {

@@ -205,6 +205,13 @@ impl Manager {
             let e = entries.remove(t).expect("prepared");
             self.change(t, e, &mut applied).await;
         }
+        match self.backends.reload_tls() {
+            Some(Ok(())) => applied
+                .lines
+                .push("re-read the worker API's certificate and key".into()),
+            Some(Err(e)) => applied.fail(format!("kept the worker API's certificate: {e:#}")),
+            None => {}
+        }
         self.finish_reload(&plan, &current, new, applied)
     }
 

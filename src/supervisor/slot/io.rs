@@ -405,6 +405,7 @@ impl Io for SlotIo {
             self.executor.kind(),
             self.protocol(),
         );
+        let node = worker.node().await;
         self.write("recording the worker's registration", move |c| {
             db::slots::slot_registered(
                 c,
@@ -414,6 +415,7 @@ impl Io for SlotIo {
                     worker_row: row,
                     worker_id: &id,
                     execution_mode: mode,
+                    node: node.as_deref(),
                 },
             )
         })
