@@ -260,6 +260,12 @@ fn swarm_slots_run_clm_jobs_on_both_nodes_replace_a_killed_task_and_stop_leaves_
     };
     pool.start();
     wait_ready(&pool);
+    let log = pool.supervisor_log();
+    assert_eq!(
+        log.matches("preflight: the worker API answers").count(),
+        2,
+        "one per placement: {log}"
+    );
     // One service per slot, one task each, on the node its entry asked for.
     let tasks = swarm.running_tasks(&pool);
     let (manager, worker) = (swarm.node_id(&swarm.manager), swarm.node_id(&swarm.worker));
@@ -635,4 +641,43 @@ fn the_worker_api_serves_https_and_swarm_workers_trust_its_private_ca() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(swarm.services(&pool).is_empty());
     assert_eq!(secrets().trim(), "", "no secret left");
+}
+
+#[test]
+fn start_refuses_a_swarm_pool_whose_nodes_cannot_reach_the_worker_api_and_says_why() {
+    let Some((swarm, clm)) = ready() else { return };
+    let (mut pool, port) = pool(&clm, &swarm, &entry("echo", 2, "node.labels.clx-test == 1"));
+    // The nodes are told a port nobody listens on.
+    let wrong = free_port();
+    let config = std::fs::read_to_string(pool.config()).unwrap().replace(
+        &format!("api_advertise = \"http://127.0.0.1:{port}\""),
+        &format!("api_advertise = \"http://127.0.0.1:{wrong}\""),
+    );
+    std::fs::write(pool.config(), config).unwrap();
+    let _leftovers = Leftovers {
+        swarm: &swarm,
+        db_id: db_id(&pool),
+    };
+    pool.start();
+    assert_eq!(
+        pool.wait_supervisor_exit(Duration::from_secs(120)),
+        1,
+        "{}",
+        pool.supervisor_log()
+    );
+    let log = pool.supervisor_log();
+    assert!(
+        log.contains("workers `echo`: preflight: the preflight task on"),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!(
+            "cannot reach the worker API at http://127.0.0.1:{wrong}/health"
+        )),
+        "{log}"
+    );
+    assert!(
+        swarm.services(&pool).is_empty(),
+        "no worker was started, no preflight left"
+    );
 }

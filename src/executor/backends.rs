@@ -14,10 +14,10 @@ use tracing::{info, warn};
 
 use super::docker::{self, DockerEngine};
 use super::plan::{self, Decision};
-use super::swarm::{SwarmEngine, SwarmLaunch};
+use super::swarm::{Checked, SwarmEngine, SwarmLaunch};
 use super::{Executor, direct};
 use crate::api;
-use crate::config::{Config, WorkerConfig, WorkerProgram};
+use crate::config::{Config, ExecutionMode, WorkerConfig, WorkerProgram};
 use crate::db::{self, Db};
 use crate::vocab::{Mode, ModeKind, Protocol, WorkerId, WorkerRow};
 
@@ -238,6 +238,55 @@ impl Backends {
             out.extend(futures_util::future::join_all(asks).await.into_iter().flatten());
         }
         Ok(out)
+    }
+
+    /// Before any swarm worker starts (after the takeover's cleanup): one
+    /// preflight task per distinct placement of the swarm entries must
+    /// reach the Worker API and read and write the shared workspace. Every
+    /// failure is named, with its entry and the task's words.
+    pub async fn preflight(&self, config: &Config) -> anyhow::Result<()> {
+        let (Some(swarm), Some((url, _))) = (&self.swarm, &self.swarm_api) else {
+            return Ok(());
+        };
+        let mut tried: Vec<(String, Vec<String>, Option<String>)> = Vec::new();
+        let mut failures = Vec::new();
+        for w in config
+            .workers
+            .iter()
+            .filter(|w| w.execution_mode == ExecutionMode::Swarm)
+        {
+            let image = w.image.clone().unwrap_or_default();
+            let user = w.user.docker_user();
+            let key = (image.clone(), w.placement.constraints.clone(), user.clone());
+            if tried.contains(&key) {
+                continue;
+            }
+            tried.push(key);
+            let check = super::swarm::Preflight {
+                image: &image,
+                placement: &w.placement,
+                api_url: url,
+                ca: config.pool.api_tls_ca.as_deref(),
+                workspace: &config.pool.workspace_path,
+                user: user.as_deref(),
+                place_within: config.pool.startup_timeout,
+                finish_within: Duration::from_secs(60),
+            };
+            match swarm.preflight(&check).await {
+                Ok(Checked::Passed(node)) => info!(
+                    worker_type = %w.worker_type,
+                    %node,
+                    "preflight: the worker API answers and the shared workspace is read and written there"
+                ),
+                Ok(Checked::NotPlaced(why)) => warn!(
+                    worker_type = %w.worker_type,
+                    "preflight: no node took its task ({why}); its workers wait (cooling down) until one can"
+                ),
+                Err(why) => failures.push(format!("{}: preflight: {why}", at(config, w))),
+            }
+        }
+        anyhow::ensure!(failures.is_empty(), "{}", failures.join("\n"));
+        Ok(())
     }
 
     /// Reads the Worker API's certificate and key again (a reload); None

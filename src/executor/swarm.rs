@@ -456,6 +456,261 @@ impl SwarmEngine {
     }
 }
 
+/// What a preflight task runs in the entry's image: the Worker API's
+/// `/health` as the workers will reach it (TLS with the CA), then the
+/// nonce file clx-pool wrote into the shared workspace, then an answer
+/// written beside it. Exit 3, 4, 5 say which failed.
+const PREFLIGHT: &str = r#"
+import os, sys, urllib.request
+url = os.environ["CLM_API_URL"].rstrip("/") + "/health"
+try:
+    with urllib.request.urlopen(url, timeout=10) as r:
+        body = r.read().decode()
+    if '"ok"' not in body:
+        raise ValueError("unexpected answer: " + body[:200])
+except Exception as e:
+    print("cannot reach the worker API at %s: %s" % (url, e)); sys.exit(3)
+nonce = os.environ["CLX_NONCE"]
+path = "/workspace/.clx-preflight-" + nonce
+try:
+    got = open(path).read().strip()
+    if got != nonce:
+        raise ValueError("it holds %r" % got)
+except Exception as e:
+    print("cannot read the shared workspace (%s): %s" % (path, e)); sys.exit(4)
+try:
+    with open(path + ".ok", "w") as f:
+        f.write(nonce)
+except Exception as e:
+    print("cannot write the shared workspace (%s.ok): %s" % (path, e)); sys.exit(5)
+print("ok")
+"#;
+
+/// What a preflight checks for one placement of swarm entries.
+pub struct Preflight<'a> {
+    pub image: &'a str,
+    pub placement: &'a Placement,
+    pub api_url: &'a str,
+    pub ca: Option<&'a Path>,
+    /// The workspace on this machine, which every node must see alike.
+    pub workspace: &'a Path,
+    pub user: Option<&'a str>,
+    /// How long the task may wait for a node (`startup_timeout`) …
+    pub place_within: Duration,
+    /// … and then take to start and finish.
+    pub finish_within: Duration,
+}
+
+/// What a preflight found, when nothing failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Checked {
+    /// Its task ran on this node and all was well.
+    Passed(String),
+    /// No node took its task (Swarm's reason): nothing could be checked;
+    /// the entry's workers will cool down until a node can take them.
+    NotPlaced(String),
+}
+
+impl SwarmEngine {
+    /// Runs one task like the entry's workers (image, placement, user,
+    /// host network, the workspace at its path, the CA): it must reach the
+    /// Worker API and read and write the shared workspace. The node it ran
+    /// on, or why not (with the task's own words).
+    pub async fn preflight(&self, p: &Preflight<'_>) -> Result<Checked, String> {
+        let nonce = crate::api::token(None).map_err(|e| format!("{e:#}"))?[..16].to_string();
+        let file = p.workspace.join(format!(".clx-preflight-{nonce}"));
+        let answer = p.workspace.join(format!(".clx-preflight-{nonce}.ok"));
+        std::fs::write(&file, &nonce).map_err(|e| format!("writing {}: {e}", file.display()))?;
+        let outcome = self.run_preflight(p, &nonce).await;
+        let answered = std::fs::read_to_string(&answer).is_ok_and(|a| a.trim() == nonce);
+        for f in [&file, &answer] {
+            if let Err(e) = std::fs::remove_file(f)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::warn!("removing the preflight file {}: {e}", f.display());
+            }
+        }
+        match outcome {
+            Ok(Checked::Passed(node)) if !answered => Err(format!(
+                "on {node} the task wrote its answer, but {} does not show it here: the workspace is not the same folder on that node",
+                answer.display()
+            )),
+            other => other,
+        }
+    }
+
+    /// The preflight task, from creation to removal: the node it ran on,
+    /// or why it failed.
+    async fn run_preflight(&self, p: &Preflight<'_>, nonce: &str) -> Result<Checked, String> {
+        let ca = match p.ca {
+            Some(path) => Some(
+                self.ca
+                    .get_or_try_init(|| self.ca_secret(path))
+                    .await
+                    .map_err(|e| format!("{e:#}"))?
+                    .clone(),
+            ),
+            None => None,
+        };
+        let name = format!("clx-preflight-{}-{nonce}", self.db_id);
+        let spec = self.preflight_service(p, &name, nonce, ca.as_ref());
+        let id = self
+            .client
+            .create_service(spec, None)
+            .await
+            .map_err(|e| format!("creating the preflight service on {}: {e}", self.address))?
+            .id
+            .ok_or("the manager answered without a service id")?;
+        let result = self.await_preflight(&id, p.place_within, p.finish_within).await;
+        let said = self.service_output(&id).await;
+        if let Err(e) = self.client.delete_service(&id).await
+            && !is_not_found(&e)
+        {
+            tracing::warn!(service = %name, "removing the preflight service: {e}");
+        }
+        result.map_err(|why| if said.is_empty() { why } else { format!("{why}: {said}") })
+    }
+
+    fn preflight_service(&self, p: &Preflight<'_>, name: &str, nonce: &str, ca: Option<&Secret>) -> ServiceSpec {
+        let mut env = vec![format!("CLM_API_URL={}", p.api_url), format!("CLX_NONCE={nonce}")];
+        let mut secrets = Vec::new();
+        if let Some(ca) = ca {
+            env.push(format!("SSL_CERT_FILE={CA_FILE}"));
+            secrets.push(TaskSpecContainerSpecSecrets {
+                file: Some(TaskSpecContainerSpecFile {
+                    name: Some(CA_FILE.trim_start_matches("/run/secrets/").into()),
+                    uid: Some("0".into()),
+                    gid: Some("0".into()),
+                    mode: Some(0o444),
+                }),
+                secret_id: Some(ca.id.clone()),
+                secret_name: Some(ca.name.clone()),
+            });
+        }
+        let mut labels = self.labels(None);
+        labels.insert("clx-pool.preflight".into(), nonce.into());
+        ServiceSpec {
+            name: Some(name.into()),
+            labels: Some(labels.clone()),
+            task_template: Some(TaskSpec {
+                container_spec: Some(TaskSpecContainerSpec {
+                    image: Some(p.image.into()),
+                    labels: Some(labels),
+                    command: Some(vec!["python3".into(), "-c".into(), PREFLIGHT.into()]),
+                    env: Some(env),
+                    user: p.user.map(str::to_string),
+                    mounts: Some(vec![Mount {
+                        target: Some("/workspace".into()),
+                        source: Some(p.workspace.display().to_string()),
+                        typ: Some(MountType::BIND),
+                        read_only: Some(false),
+                        ..Default::default()
+                    }]),
+                    secrets: Some(secrets),
+                    ..Default::default()
+                }),
+                restart_policy: Some(TaskSpecRestartPolicy {
+                    condition: Some(TaskSpecRestartPolicyConditionEnum::NONE),
+                    ..Default::default()
+                }),
+                placement: Some(placement(p.placement)),
+                networks: Some(vec![NetworkAttachmentConfig {
+                    target: Some("host".into()),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+            // One replica that is not restarted, not a replicated job: a
+            // job's finished container outlives its removed service.
+            mode: Some(ServiceSpecMode {
+                replicated: Some(ServiceSpecModeReplicated { replicas: Some(1) }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// Waits until the preflight task ended: its node when it exited 0;
+    /// NotPlaced when no node took it within `place_within`.
+    async fn await_preflight(
+        &self,
+        service: &str,
+        place_within: Duration,
+        within: Duration,
+    ) -> Result<Checked, String> {
+        let start = tokio::time::Instant::now();
+        let deadline = start + place_within + within;
+        let filters = HashMap::from([("service", vec![service.to_string()])]);
+        loop {
+            let opts = ListTasksOptionsBuilder::default().filters(&filters).build();
+            let tasks = self.client.list_tasks(Some(opts)).await.unwrap_or_default();
+            if let Some(t) = tasks.iter().filter_map(TaskView::of).next() {
+                if let Some(why) = unplaced(Some(&t))
+                    && tokio::time::Instant::now() >= start + place_within
+                {
+                    return Ok(Checked::NotPlaced(why));
+                }
+                let node = match &t.node {
+                    Some(n) => self.node_name(n).await,
+                    None => "no node".to_string(),
+                };
+                match (t.state, t.exit_code) {
+                    (TaskState::COMPLETE, _) => return Ok(Checked::Passed(node)),
+                    (TaskState::FAILED, Some(code)) => {
+                        return Err(format!("the preflight task on {node} exited with {code}"));
+                    }
+                    (TaskState::FAILED | TaskState::REJECTED | TaskState::SHUTDOWN | TaskState::ORPHANED, _) => {
+                        let why = t.err.or(t.message).unwrap_or_default();
+                        return Err(format!("the preflight task on {node} ended: {why}"));
+                    }
+                    _ if tokio::time::Instant::now() >= deadline => {
+                        let why = t.err.or(t.message).unwrap_or_else(|| t.state.to_string());
+                        return Err(format!(
+                            "the preflight task did not finish within {} ({why})",
+                            humantime::format_duration(within)
+                        ));
+                    }
+                    _ => {}
+                }
+            } else if tokio::time::Instant::now() >= start + place_within {
+                return Ok(Checked::NotPlaced("Swarm has not scheduled its task".into()));
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+
+    /// What a service's tasks printed (its last lines).
+    async fn service_output(&self, service: &str) -> String {
+        let opts = LogsOptionsBuilder::default()
+            .stdout(true)
+            .stderr(true)
+            .follow(false)
+            .build();
+        let mut stream = self.client.service_logs(service, Some(opts));
+        let mut text = String::new();
+        while let Some(Ok(chunk)) = futures_util::StreamExt::next(&mut stream).await {
+            text.push_str(&String::from_utf8_lossy(&chunk.into_bytes()));
+        }
+        let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+        lines[lines.len().saturating_sub(3)..].join(" / ")
+    }
+
+    /// `hostname (node id)` of a node.
+    async fn node_name(&self, node: &str) -> String {
+        let short = &node[..node.len().min(12)];
+        match self
+            .client
+            .inspect_node(node)
+            .await
+            .ok()
+            .and_then(|n| n.description?.hostname)
+        {
+            Some(host) => format!("{host} ({short})"),
+            None => short.to_string(),
+        }
+    }
+}
+
 /// How a worker gets its token.
 enum Delivery {
     /// As a Swarm secret, read into `CLM_API_TOKEN` by a shell that then

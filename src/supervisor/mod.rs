@@ -304,6 +304,9 @@ async fn prepare(config: &Arc<Config>) -> anyhow::Result<Prepared> {
         executors,
         api,
     } = reached;
+    // Swarm workers would fail one by one without the API or the shared
+    // workspace; one task per placement says so first.
+    backends.preflight(config).await?;
     // From here on, if this process dies without stopping the pool, the
     // guard cleans up after it. Nothing of this run started yet: if it
     // cannot start, the guard has nothing to clean up.
