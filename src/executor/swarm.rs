@@ -430,29 +430,13 @@ impl SwarmEngine {
             init: Some(true),
             ..Default::default()
         };
-        ServiceSpec {
-            name: Some(name.to_string()),
-            labels: Some(self.labels(Some(spec))),
-            task_template: Some(TaskSpec {
-                container_spec: Some(container),
-                resources: Some(resources(spec.memory_limit, &how.placement)),
-                restart_policy: Some(TaskSpecRestartPolicy {
-                    condition: Some(TaskSpecRestartPolicyConditionEnum::NONE),
-                    ..Default::default()
-                }),
-                placement: Some(placement(&how.placement)),
-                networks: Some(vec![NetworkAttachmentConfig {
-                    target: Some("host".into()),
-                    ..Default::default()
-                }]),
-                ..Default::default()
-            }),
-            mode: Some(ServiceSpecMode {
-                replicated: Some(ServiceSpecModeReplicated { replicas: Some(1) }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }
+        one_task(
+            name,
+            self.labels(Some(spec)),
+            container,
+            Some(resources(spec.memory_limit, &how.placement)),
+            &how.placement,
+        )
     }
 }
 
@@ -589,45 +573,23 @@ impl SwarmEngine {
         }
         let mut labels = self.labels(None);
         labels.insert("clx-pool.preflight".into(), nonce.into());
-        ServiceSpec {
-            name: Some(name.into()),
+        let container = TaskSpecContainerSpec {
+            image: Some(p.image.into()),
             labels: Some(labels.clone()),
-            task_template: Some(TaskSpec {
-                container_spec: Some(TaskSpecContainerSpec {
-                    image: Some(p.image.into()),
-                    labels: Some(labels),
-                    command: Some(vec!["python3".into(), "-c".into(), PREFLIGHT.into()]),
-                    env: Some(env),
-                    user: p.user.map(str::to_string),
-                    mounts: Some(vec![Mount {
-                        target: Some("/workspace".into()),
-                        source: Some(p.workspace.display().to_string()),
-                        typ: Some(MountType::BIND),
-                        read_only: Some(false),
-                        ..Default::default()
-                    }]),
-                    secrets: Some(secrets),
-                    ..Default::default()
-                }),
-                restart_policy: Some(TaskSpecRestartPolicy {
-                    condition: Some(TaskSpecRestartPolicyConditionEnum::NONE),
-                    ..Default::default()
-                }),
-                placement: Some(placement(p.placement)),
-                networks: Some(vec![NetworkAttachmentConfig {
-                    target: Some("host".into()),
-                    ..Default::default()
-                }]),
+            command: Some(vec!["python3".into(), "-c".into(), PREFLIGHT.into()]),
+            env: Some(env),
+            user: p.user.map(str::to_string),
+            mounts: Some(vec![Mount {
+                target: Some("/workspace".into()),
+                source: Some(p.workspace.display().to_string()),
+                typ: Some(MountType::BIND),
+                read_only: Some(false),
                 ..Default::default()
-            }),
-            // One replica that is not restarted, not a replicated job: a
-            // job's finished container outlives its removed service.
-            mode: Some(ServiceSpecMode {
-                replicated: Some(ServiceSpecModeReplicated { replicas: Some(1) }),
-                ..Default::default()
-            }),
+            }]),
+            secrets: Some(secrets),
             ..Default::default()
-        }
+        };
+        one_task(name, labels, container, None, p.placement)
     }
 
     /// Waits until the preflight task ended: its node when it exited 0;
@@ -844,6 +806,41 @@ const TOKEN_WRAPPER: &str =
 /// client's bundle, so the secret carries it beside the private CA
 /// (workers may need public HTTPS too).
 const SYSTEM_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// A service of one task that Swarm never restarts (clx-pool decides),
+/// on the host's network: a worker, or a preflight. (One replica, not a
+/// replicated job: a job's finished container outlives its service.)
+fn one_task(
+    name: &str,
+    labels: HashMap<String, String>,
+    container: TaskSpecContainerSpec,
+    resources: Option<TaskSpecResources>,
+    p: &Placement,
+) -> ServiceSpec {
+    ServiceSpec {
+        name: Some(name.to_string()),
+        labels: Some(labels),
+        task_template: Some(TaskSpec {
+            container_spec: Some(container),
+            resources,
+            restart_policy: Some(TaskSpecRestartPolicy {
+                condition: Some(TaskSpecRestartPolicyConditionEnum::NONE),
+                ..Default::default()
+            }),
+            placement: Some(placement(p)),
+            networks: Some(vec![NetworkAttachmentConfig {
+                target: Some("host".into()),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        mode: Some(ServiceSpecMode {
+            replicated: Some(ServiceSpecModeReplicated { replicas: Some(1) }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
 
 fn resources(memory_limit: Option<u64>, p: &Placement) -> TaskSpecResources {
     let nanos = |cpus: f64| (cpus * 1e9) as i64;
