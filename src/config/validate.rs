@@ -67,40 +67,7 @@ pub(super) fn config(path: &Path, text: &str, env: &[(String, String)]) -> Resul
         }
         .string("docker_host"),
     };
-    if worker_tables.is_empty() {
-        r.problems.push(Problem {
-            source: Source::File {
-                path: path.to_path_buf(),
-                line: None,
-            },
-            field: "workers".into(),
-            message: "no [[workers]] entry: a pool needs at least one (see docs/config.md)".into(),
-        });
-    }
-    let mut workers = Vec::new();
-    let mut seen_types: BTreeMap<String, usize> = BTreeMap::new();
-    let mut first_swarm = None;
-    for (i, t) in worker_tables.iter().enumerate() {
-        r.unknown_keys(t, WORKER_KEYS);
-        let Some(w) = worker(&mut r, t, pool.heartbeat_timeout, pool.protocol) else {
-            continue;
-        };
-        if let Some(first) = seen_types.insert(w.worker_type.clone(), i) {
-            let message = format!(
-                "`{}` is already configured by workers[{first}]; use one entry per type",
-                w.worker_type
-            );
-            r.problem(t, Some("worker_type"), "worker_type", message);
-        }
-        swarm_entry(&mut r, t, &w, &pool);
-        if w.execution_mode == ExecutionMode::Swarm {
-            first_swarm.get_or_insert(i);
-        }
-        workers.push(w);
-    }
-    if let Some(i) = first_swarm {
-        swarm_pool(&mut r, &worker_tables[i], &pool, &pool_table);
-    }
+    let workers = workers(&mut r, path, &worker_tables, &pool, &pool_table);
     if !r.problems.is_empty() {
         let mut problems = r.problems;
         // In file order; variables after the file.
@@ -116,6 +83,52 @@ pub(super) fn config(path: &Path, text: &str, env: &[(String, String)]) -> Resul
         workers,
         warnings,
     })
+}
+
+/// The `[[workers]]` entries, each checked, then what they need of the
+/// pool together (one type per entry; what swarm entries need of `[pool]`).
+fn workers<'t>(
+    r: &mut Reader<'t>,
+    path: &Path,
+    tables: &[Table<'t>],
+    pool: &PoolConfig,
+    pool_table: &Table<'t>,
+) -> Vec<WorkerConfig> {
+    if tables.is_empty() {
+        r.problems.push(Problem {
+            source: Source::File {
+                path: path.to_path_buf(),
+                line: None,
+            },
+            field: "workers".into(),
+            message: "no [[workers]] entry: a pool needs at least one (see docs/config.md)".into(),
+        });
+    }
+    let mut workers = Vec::new();
+    let mut seen_types: BTreeMap<String, usize> = BTreeMap::new();
+    let mut first_swarm = None;
+    for (i, t) in tables.iter().enumerate() {
+        r.unknown_keys(t, WORKER_KEYS);
+        let Some(w) = worker(r, t, pool.heartbeat_timeout, pool.protocol) else {
+            continue;
+        };
+        if let Some(first) = seen_types.insert(w.worker_type.clone(), i) {
+            let message = format!(
+                "`{}` is already configured by workers[{first}]; use one entry per type",
+                w.worker_type
+            );
+            r.problem(t, Some("worker_type"), "worker_type", message);
+        }
+        swarm_entry(r, t, &w, pool);
+        if w.execution_mode == ExecutionMode::Swarm {
+            first_swarm.get_or_insert(i);
+        }
+        workers.push(w);
+    }
+    if let Some(i) = first_swarm {
+        swarm_pool(r, &tables[i], pool, pool_table);
+    }
+    workers
 }
 
 /// Typed reads of one table, each falling back to its default.

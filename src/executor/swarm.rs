@@ -284,16 +284,7 @@ impl SwarmEngine {
         let row = spec
             .preregistered_row
             .context("a swarm worker needs the row the supervisor registers for it")?;
-        let ca = match &how.ca {
-            Some(path) => Some(
-                self.ca
-                    .get_or_try_init(|| self.ca_secret(path))
-                    .await
-                    .context("[pool] api_tls_ca")?
-                    .clone(),
-            ),
-            None => None,
-        };
+        let ca = self.ca_once(how.ca.as_deref()).await.context("[pool] api_tls_ca")?;
         let token = how.tokens.mint(row)?;
         let delivery = match self.token_secret(spec, how, row, &token).await {
             Ok(d) => d,
@@ -317,19 +308,7 @@ impl SwarmEngine {
             }
         };
         let id = created.id.context("the manager answered without a service id")?;
-        let mut log = logs::open_worker_log(&spec.log_path, spec.log_max_size, spec.log_keep)?;
-        logs::mark(&mut log, &format!("created service {name} ({id}) from {}", how.image));
-        let tail = Tail::default();
-        let follow = LogsOptionsBuilder::default()
-            .follow(true)
-            .stdout(true)
-            .stderr(true)
-            .build();
-        tokio::spawn(docker::drain_logs(
-            self.client.service_logs(&id, Some(follow)),
-            log,
-            tail.clone(),
-        ));
+        let tail = self.follow_output(spec, &name, &id, &how.image)?;
         Ok(SwarmWorker {
             worker_id: spec.worker_id.clone(),
             token_secret: match delivery {
@@ -346,6 +325,31 @@ impl SwarmEngine {
             ever_seen: false,
             exit: None,
         })
+    }
+
+    /// The CA's secret (made once, at the first launch: after the
+    /// takeover's cleanup, which removes the pool's old secrets).
+    async fn ca_once(&self, ca: Option<&Path>) -> anyhow::Result<Option<Secret>> {
+        let Some(path) = ca else { return Ok(None) };
+        Ok(Some(self.ca.get_or_try_init(|| self.ca_secret(path)).await?.clone()))
+    }
+
+    /// Follows a service's output into the slot's log and tail.
+    fn follow_output(&self, spec: &Launch, name: &str, id: &str, image: &str) -> anyhow::Result<Tail> {
+        let mut log = logs::open_worker_log(&spec.log_path, spec.log_max_size, spec.log_keep)?;
+        logs::mark(&mut log, &format!("created service {name} ({id}) from {image}"));
+        let tail = Tail::default();
+        let follow = LogsOptionsBuilder::default()
+            .follow(true)
+            .stdout(true)
+            .stderr(true)
+            .build();
+        tokio::spawn(docker::drain_logs(
+            self.client.service_logs(id, Some(follow)),
+            log,
+            tail.clone(),
+        ));
+        Ok(tail)
     }
 
     /// The service of one worker: one replica, Swarm's restart policy
@@ -370,42 +374,7 @@ impl SwarmEngine {
         if ca.is_some() {
             env.push(("SSL_CERT_FILE".into(), CA_FILE.into()));
         }
-        let file = |path: &str, owner: (String, String), mode: u32| TaskSpecContainerSpecFile {
-            name: Some(path.trim_start_matches("/run/secrets/").into()),
-            uid: Some(owner.0),
-            gid: Some(owner.1),
-            mode: Some(mode),
-        };
-        let mut secrets = Vec::new();
-        if let Some(ca) = ca {
-            secrets.push(TaskSpecContainerSpecSecrets {
-                file: Some(file(CA_FILE, ("0".into(), "0".into()), 0o444)),
-                secret_id: Some(ca.id.clone()),
-                secret_name: Some(ca.name.clone()),
-            });
-        }
-        let (command, args) = match delivery {
-            Delivery::Secret { secret, argv } => {
-                // Readable only by the task's user, when it is known by number.
-                let (owner, mode) = match spec.container_user.as_deref().and_then(numeric_owner) {
-                    Some(owner) => (owner, 0o400),
-                    None => (("0".into(), "0".into()), 0o444),
-                };
-                secrets.push(TaskSpecContainerSpecSecrets {
-                    file: Some(file(TOKEN_FILE, owner, mode)),
-                    secret_id: Some(secret.id.clone()),
-                    secret_name: Some(secret.name.clone()),
-                });
-                (
-                    Some(vec!["/bin/sh".to_string(), "-c".into(), TOKEN_WRAPPER.into()]),
-                    Some(argv.clone()),
-                )
-            }
-            Delivery::Env(_) => match &spec.program {
-                WorkerProgram::Command(c) if !c.is_empty() => (Some(vec![c[0].clone()]), Some(c[1..].to_vec())),
-                _ => (None, None),
-            },
-        };
+        let (secrets, command, args) = secrets_and_program(spec, delivery, ca);
         let secrets = Some(secrets);
         let mounts = docker::clm_mounts(spec)
             .into_iter()
@@ -437,6 +406,52 @@ impl SwarmEngine {
             Some(resources(spec.memory_limit, &how.placement)),
             &how.placement,
         )
+    }
+}
+
+/// A secret as a file in `/run/secrets`.
+fn secret_file(secret: &Secret, path: &str, owner: (String, String), mode: u32) -> TaskSpecContainerSpecSecrets {
+    TaskSpecContainerSpecSecrets {
+        file: Some(TaskSpecContainerSpecFile {
+            name: Some(path.trim_start_matches("/run/secrets/").into()),
+            uid: Some(owner.0),
+            gid: Some(owner.1),
+            mode: Some(mode),
+        }),
+        secret_id: Some(secret.id.clone()),
+        secret_name: Some(secret.name.clone()),
+    }
+}
+
+/// The secrets a worker's task mounts (the CA, its token) and what it
+/// runs: the token wrapper around its program, or its program as is.
+type Program = (
+    Vec<TaskSpecContainerSpecSecrets>,
+    Option<Vec<String>>,
+    Option<Vec<String>>,
+);
+
+fn secrets_and_program(spec: &Launch, delivery: &Delivery, ca: Option<&Secret>) -> Program {
+    let root = || ("0".to_string(), "0".to_string());
+    let mut secrets: Vec<_> = ca
+        .map(|ca| secret_file(ca, CA_FILE, root(), 0o444))
+        .into_iter()
+        .collect();
+    match delivery {
+        Delivery::Secret { secret, argv } => {
+            // Readable only by the task's user, when it is known by number.
+            let (owner, mode) = match spec.container_user.as_deref().and_then(numeric_owner) {
+                Some(owner) => (owner, 0o400),
+                None => (root(), 0o444),
+            };
+            secrets.push(secret_file(secret, TOKEN_FILE, owner, mode));
+            let wrapper = vec!["/bin/sh".to_string(), "-c".into(), TOKEN_WRAPPER.into()];
+            (secrets, Some(wrapper), Some(argv.clone()))
+        }
+        Delivery::Env(_) => match &spec.program {
+            WorkerProgram::Command(c) if !c.is_empty() => (secrets, Some(vec![c[0].clone()]), Some(c[1..].to_vec())),
+            _ => (secrets, None, None),
+        },
     }
 }
 
@@ -526,16 +541,7 @@ impl SwarmEngine {
     /// The preflight task, from creation to removal: the node it ran on,
     /// or why it failed.
     async fn run_preflight(&self, p: &Preflight<'_>, nonce: &str) -> Result<Checked, String> {
-        let ca = match p.ca {
-            Some(path) => Some(
-                self.ca
-                    .get_or_try_init(|| self.ca_secret(path))
-                    .await
-                    .map_err(|e| format!("{e:#}"))?
-                    .clone(),
-            ),
-            None => None,
-        };
+        let ca = self.ca_once(p.ca).await.map_err(|e| format!("{e:#}"))?;
         let name = format!("clx-preflight-{}-{nonce}", self.db_id);
         let spec = self.preflight_service(p, &name, nonce, ca.as_ref());
         let id = self
@@ -560,16 +566,7 @@ impl SwarmEngine {
         let mut secrets = Vec::new();
         if let Some(ca) = ca {
             env.push(format!("SSL_CERT_FILE={CA_FILE}"));
-            secrets.push(TaskSpecContainerSpecSecrets {
-                file: Some(TaskSpecContainerSpecFile {
-                    name: Some(CA_FILE.trim_start_matches("/run/secrets/").into()),
-                    uid: Some("0".into()),
-                    gid: Some("0".into()),
-                    mode: Some(0o444),
-                }),
-                secret_id: Some(ca.id.clone()),
-                secret_name: Some(ca.name.clone()),
-            });
+            secrets.push(secret_file(ca, CA_FILE, ("0".into(), "0".into()), 0o444));
         }
         let mut labels = self.labels(None);
         labels.insert("clx-pool.preflight".into(), nonce.into());
