@@ -273,12 +273,11 @@ impl DockerEngine {
             return Err(anyhow::Error::new(e).context(format!("starting container {name}")));
         }
         let tail = Tail::default();
-        let follow = LogsOptionsBuilder::default()
-            .follow(true)
-            .stdout(true)
-            .stderr(true)
-            .build();
-        tokio::spawn(drain_logs(self.client.logs(&id, Some(follow)), log, tail.clone()));
+        tokio::spawn(drain_logs(
+            self.client.logs(&id, Some(follow_output())),
+            log,
+            tail.clone(),
+        ));
         Ok(DockerWorker {
             short_id: WorkerId(id[..12].to_string()),
             tail,
@@ -433,6 +432,15 @@ pub(super) fn clm_mounts(spec: &Launch) -> Vec<(PathBuf, &'static str, bool)> {
         mounts.push((data.clone(), "/source", writes));
     }
     mounts
+}
+
+/// A container's (or service's) stdout and stderr, followed.
+pub(super) fn follow_output() -> bollard::query_parameters::LogsOptions {
+    LogsOptionsBuilder::default()
+        .follow(true)
+        .stdout(true)
+        .stderr(true)
+        .build()
 }
 
 pub(super) async fn drain_logs(

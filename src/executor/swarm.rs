@@ -339,13 +339,8 @@ impl SwarmEngine {
         let mut log = logs::open_worker_log(&spec.log_path, spec.log_max_size, spec.log_keep)?;
         logs::mark(&mut log, &format!("created service {name} ({id}) from {image}"));
         let tail = Tail::default();
-        let follow = LogsOptionsBuilder::default()
-            .follow(true)
-            .stdout(true)
-            .stderr(true)
-            .build();
         tokio::spawn(docker::drain_logs(
-            self.client.service_logs(id, Some(follow)),
+            self.client.service_logs(id, Some(docker::follow_output())),
             log,
             tail.clone(),
         ));
