@@ -84,3 +84,52 @@ fn check_reports_missing_commands_with_exit_1() {
         stderr(&out)
     );
 }
+
+#[test]
+fn check_says_whether_the_api_certificate_names_the_advertised_host() {
+    let pool = Pool::new(
+        "",
+        &common::sh_workers("copy", 1, "cp \"$CLX_INPUT_FILE\" \"$CLX_OUTPUT_FILE\""),
+    );
+    let openssl = |args: &str| {
+        let out = std::process::Command::new("openssl")
+            .args(args.split_whitespace())
+            .current_dir(pool.path(""))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "openssl {args}: {}", stderr(&out));
+    };
+    openssl(
+        "req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=api \
+         -addext subjectAltName=DNS:build1.example.org,IP:127.0.0.1 -keyout api.key -out api.crt",
+    );
+    let with = |advertise: &str| {
+        let config = std::fs::read_to_string(pool.config()).unwrap();
+        let config = config.replacen(
+            "[pool]\n",
+            &format!(
+                "[pool]\napi_tls_cert = \"api.crt\"\napi_tls_key = \"api.key\"\napi_advertise = \"{advertise}\"\n"
+            ),
+            1,
+        );
+        let path = pool.path(&format!("check-{}.toml", advertise.len()));
+        std::fs::write(&path, config).unwrap();
+        pool.cli(&["check", "--config", path.to_str().unwrap()])
+    };
+    for named in ["https://build1.example.org:8765", "https://127.0.0.1:8765"] {
+        let out = with(named);
+        assert!(out.status.success(), "{named}: {}", stderr(&out));
+        assert!(
+            common::stdout(&out).contains("ok: the worker API's certificate names"),
+            "{}",
+            common::stdout(&out)
+        );
+    }
+    let out = with("https://build2.example.org:8765/");
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("does not name build2.example.org, the host of api_advertise"),
+        "{}",
+        stderr(&out)
+    );
+}

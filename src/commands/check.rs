@@ -58,6 +58,7 @@ pub async fn run(path: &Path) -> anyhow::Result<i32> {
         check_network(&engine.client, &config.pool.network, &mut problems).await;
     }
     check_folders(&config, &mut problems);
+    check_certificate_names(&config, &mut problems);
     if lock::running_supervisor(&config.pool.db_path).is_some() {
         let pid = crate::status::supervisor_pid(&config.pool.db_path)
             .map(|p| p.to_string())
@@ -143,6 +144,42 @@ async fn check_program(w: &WorkerConfig, protocol: Protocol, cwd: &Path, at: &st
             )),
             Err(e) => problems.push(format!("{at}: {what}: `{program} -m {module}` {e}")),
         }
+    }
+}
+
+/// The Worker API's certificate names the host workers are told
+/// (`api_advertise`), as their TLS client will check it.
+fn check_certificate_names(config: &Config, problems: &mut Vec<String>) {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, ServerName};
+    let (Some(tls), Some(url)) = (&config.pool.api_tls, &config.pool.api_advertise) else {
+        return;
+    };
+    let at = format!("{}: [pool] api_tls_cert", config.path.display());
+    let authority = url.split("://").nth(1).unwrap_or(url).split('/').next().unwrap_or("");
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+    };
+    let Ok(name) = ServerName::try_from(host) else {
+        return problems.push(format!(
+            "{at}: api_advertise `{url}` names no host a certificate can name"
+        ));
+    };
+    let leaf = match CertificateDer::pem_file_iter(&tls.cert).and_then(|mut certs| certs.next().transpose()) {
+        Ok(Some(cert)) => cert,
+        Ok(None) => return problems.push(format!("{at}: {} holds no certificate", tls.cert.display())),
+        Err(e) => return problems.push(format!("{at}: reading {}: {e}", tls.cert.display())),
+    };
+    let verdict = webpki::EndEntityCert::try_from(&leaf).and_then(|c| c.verify_is_valid_for_subject_name(&name));
+    match verdict {
+        Ok(()) => super::print(&format!(
+            "ok: the worker API's certificate names {host} (api_advertise)"
+        )),
+        Err(e) => problems.push(format!(
+            "{at}: {} does not name {host}, the host of api_advertise; the workers' TLS would refuse it ({e:?})",
+            tls.cert.display()
+        )),
     }
 }
 
