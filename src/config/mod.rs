@@ -498,26 +498,32 @@ mod tests {
         let p = problems(
             "[pool]\napi_listen = \"127.0.0.1:0\"\n\n[[workers]]\nworker_type = \"w\"\nexecution_mode = \"swarm\"\nimage = \"i\"\njob_command = [\"cp\", \"{input}\", \"{output}\"]\n",
         );
-        let all = p.join("\n");
-        for expected in [
-            ":6: workers[0].execution_mode: execution_mode = \"swarm\" runs CLM workers through the Worker API; set [pool] protocol = \"clm\"",
-            ":8: workers[0].job_command: the built-in worker opens the SQLite database",
-            ":2: pool.api_listen: swarm workers on other hosts must know the Worker API's port",
-            "needs [pool] api_advertise",
-        ] {
-            assert!(all.contains(expected), "missing {expected:?} in:\n{all}");
-        }
+        let says_all = |p: Vec<String>, expected: &[&str]| {
+            let all = p.join("\n");
+            for e in expected {
+                assert!(all.contains(e), "missing {e:?} in:\n{all}");
+            }
+        };
+        says_all(
+            p,
+            &[
+                ":6: workers[0].execution_mode: execution_mode = \"swarm\" runs CLM workers through the Worker API; set [pool] protocol = \"clm\"",
+                ":8: workers[0].job_command: the built-in worker opens the SQLite database",
+                ":2: pool.api_listen: swarm workers on other hosts must know the Worker API's port",
+                "needs [pool] api_advertise",
+            ],
+        );
         let p = problems(
             "[[workers]]\nworker_type = \"w\"\nexecution_mode = \"swarm\"\nconstraints = [\"node.labels.clm\"]\n\n[[workers]]\nworker_type = \"d\"\nexecution_mode = \"docker\"\nimage = \"i\"\nspread = \"node.id\"\n",
         );
-        let all = p.join("\n");
-        for expected in [
-            ":3: workers[0].image: missing; execution_mode = \"swarm\" needs an image",
-            ":4: workers[0].constraints: `node.labels.clm` is not a Swarm constraint",
-            ":10: workers[1].spread: applies to execution_mode = \"swarm\" only",
-        ] {
-            assert!(all.contains(expected), "missing {expected:?} in:\n{all}");
-        }
+        says_all(
+            p,
+            &[
+                ":3: workers[0].image: missing; execution_mode = \"swarm\" needs an image",
+                ":4: workers[0].constraints: `node.labels.clm` is not a Swarm constraint",
+                ":10: workers[1].spread: applies to execution_mode = \"swarm\" only",
+            ],
+        );
         let beyond = problems(
             "[pool]\nprotocol = \"clm\"\napi_listen = \"0.0.0.0:8765\"\napi_token_file = \"t\"\napi_advertise = \"http://b:8765\"\n[[workers]]\nworker_type = \"w\"\nexecution_mode = \"swarm\"\nimage = \"i\"\n",
         );

@@ -384,7 +384,7 @@ pub fn observe(c: &mut Connection) -> rusqlite::Result<Vec<Observed>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::db::fixture::memory_db as db;
+    use crate::db::fixture::{add_job, memory_db as db};
     use crate::db::{schema, workers};
 
     const DIRECT: Mode = Mode {
@@ -423,19 +423,7 @@ mod tests {
 
     /// A job of `job_type` claimed by `row`.
     fn claimed(conn: &mut Connection, protocol: Protocol, job_type: &str, row: WorkerRow) -> i64 {
-        jobs::submit(
-            conn,
-            &jobs::NewJob {
-                job_type,
-                input_file: "in",
-                output_file: "out",
-                content_hash: "h",
-                payload: "{}",
-                priority: 0,
-                max_attempts: 3,
-            },
-        )
-        .unwrap();
+        add_job(conn, job_type, 3);
         let who = jobs::Claimant {
             protocol,
             worker_row: row,

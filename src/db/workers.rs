@@ -78,7 +78,8 @@ pub fn preregister(conn: &Connection, p: &Preregistration) -> rusqlite::Result<W
         params![
             p.worker_type,
             p.container_id,
-            p.execution_mode,
+            // CLM's own table: a swarm task is a container to CLM.
+            p.execution_mode.for_clm(),
             MANAGED_BY_PERSISTENT,
             p.parent_pid,
             WorkerStatus::Created

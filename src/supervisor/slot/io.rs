@@ -247,7 +247,7 @@ impl SlotIo {
                     &db::workers::Preregistration {
                         worker_type: &slot.worker_type,
                         container_id: &id,
-                        execution_mode: mode.for_clm(),
+                        execution_mode: mode,
                         parent_pid: i64::from(std::process::id()),
                     },
                 )
