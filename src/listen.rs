@@ -129,6 +129,90 @@ where
 mod tests {
     use super::*;
 
+    /// An HTTP listener on 127.0.0.1 with small limits, answering `ok` to
+    /// every request; its address, and the token that stops it.
+    async fn small(limits: Limits) -> (std::net::SocketAddr, CancellationToken) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let token = CancellationToken::new();
+        let router = axum::Router::new().route("/", axum::routing::get(|| async { "ok" }));
+        tokio::spawn(serve(listener, limits, token.clone(), "test", move |io| {
+            http(io, router.clone(), limits)
+        }));
+        (addr, token)
+    }
+
+    /// What the server sends back on `stream` until it closes it, read
+    /// within `deadline` (`None`: still open then).
+    async fn answer(stream: &mut tokio::net::TcpStream, deadline: Duration) -> Option<String> {
+        use tokio::io::AsyncReadExt;
+        let mut all = Vec::new();
+        match tokio::time::timeout(deadline, stream.read_to_end(&mut all)).await {
+            Ok(_) => Some(String::from_utf8_lossy(&all).into_owned()),
+            Err(_) => None,
+        }
+    }
+
+    const GET: &[u8] = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+
+    /// A client that sends half its headers and stalls is cut off after
+    /// `request_within`; one that sends them gets its answer.
+    #[tokio::test]
+    async fn a_client_that_stalls_its_headers_is_closed() {
+        use tokio::io::AsyncWriteExt;
+        let limits = Limits {
+            connections: 8,
+            request_within: Duration::from_millis(300),
+            connection_within: Duration::from_secs(60),
+        };
+        let (addr, token) = small(limits).await;
+        let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+        slow.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+        let heard = answer(&mut slow, Duration::from_secs(20)).await;
+        assert!(heard.is_some(), "a stalled request was still open after 20 s");
+        assert!(!heard.unwrap().contains(" 200 "), "a half request was answered");
+        let mut fine = tokio::net::TcpStream::connect(addr).await.unwrap();
+        fine.write_all(GET).await.unwrap();
+        let heard = answer(&mut fine, Duration::from_secs(20)).await.unwrap();
+        assert!(heard.starts_with("HTTP/1.1 200"), "{heard}");
+        token.cancel();
+    }
+
+    /// Past `connections` open at once, a client waits in the backlog
+    /// until one closes, and is served then; a connection that outlives
+    /// `connection_within` is closed.
+    #[tokio::test]
+    async fn connections_over_the_cap_wait_and_none_lives_forever() {
+        use tokio::io::AsyncWriteExt;
+        let limits = Limits {
+            connections: 2,
+            request_within: Duration::from_secs(60),
+            connection_within: Duration::from_secs(2),
+        };
+        let (addr, token) = small(limits).await;
+        let mut idle = Vec::new();
+        for _ in 0..2 {
+            idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        let mut third = tokio::net::TcpStream::connect(addr).await.unwrap();
+        third.write_all(GET).await.unwrap();
+        assert_eq!(
+            answer(&mut third, Duration::from_millis(500)).await,
+            None,
+            "a third connection was served while two were open"
+        );
+        // The idle two reach their time limit; then the third is served.
+        for stream in &mut idle {
+            assert!(
+                answer(stream, Duration::from_secs(30)).await.is_some(),
+                "an idle connection lived on"
+            );
+        }
+        let heard = answer(&mut third, Duration::from_secs(30)).await.unwrap();
+        assert!(heard.starts_with("HTTP/1.1 200"), "{heard}");
+        token.cancel();
+    }
+
     #[test]
     fn failed_accepts_pause_longer_up_to_a_second() {
         let ms = |n| pause_after(n).as_millis();

@@ -6,8 +6,10 @@
 //! (the pool's, or a live one of a single worker: see [`super::tokens`]),
 //! 403 when a worker's own token names another worker's row,
 //! 422 for a body, path or query that does not parse (nothing is written),
-//! 413 for a body over the limit, 404/400 as CLM answers them, 500 when
-//! the database fails.
+//! 413 for a body over the limit, 408 for a body not received within
+//! [`BODY_WITHIN`], 404/400 as CLM answers them, 500 when the database
+//! fails. A handler's own work is never cut short by a deadline: a claim
+//! that took place is answered (see docs/protocol.md, "Limits").
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -35,6 +37,10 @@ pub const JSON_BODY_LIMIT: usize = 1024 * 1024;
 /// Largest gzipped executed notebook accepted, and its size unpacked.
 pub const NOTEBOOK_BODY_LIMIT: usize = 64 * 1024 * 1024;
 pub const NOTEBOOK_UNPACKED_LIMIT: u64 = 256 * 1024 * 1024;
+/// How long a client may take to send a request's body once its headers
+/// are in (they get [`super::LIMITS`]' `request_within`): a stalled upload
+/// holds a connection, not the API.
+pub const BODY_WITHIN: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// What every handler shares.
 #[derive(Clone)]
@@ -123,25 +129,43 @@ impl IntoResponse for ApiError {
 
 type ApiResult = Result<Json<Value>, ApiError>;
 
+/// A request's whole body, received within [`BODY_WITHIN`] (else 408) and
+/// within the route's size limit (else 413); nothing is read by a handler
+/// before it is all in.
+pub struct Timed(Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for Timed {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let read = tokio::time::timeout(BODY_WITHIN, Bytes::from_request(req, state))
+            .await
+            .map_err(|_| {
+                ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    format!("request body not received within {BODY_WITHIN:?}"),
+                )
+            })?;
+        read.map(Timed).map_err(|e| {
+            let status = e.status();
+            if status == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::new(status, format!("request body too large: {}", e.body_text()))
+            } else {
+                ApiError::unprocessable("body", e.body_text())
+            }
+        })
+    }
+}
+
 /// A JSON body: any problem reading or parsing it is a 422 (a body over
-/// the limit a 413), and the handler never runs.
+/// the limit a 413, one too slow a 408), and the handler never runs.
 pub struct Body<T>(T);
 
 impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
-            let status = e.status();
-            if status == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::new(
-                    status,
-                    format!("request body too large (limit {JSON_BODY_LIMIT} bytes)"),
-                )
-            } else {
-                ApiError::unprocessable("body", e.body_text())
-            }
-        })?;
+        let Timed(bytes) = Timed::from_request(req, state).await?;
         serde_json::from_slice(&bytes)
             .map(Body)
             .map_err(|e| ApiError::unprocessable("body", e))
@@ -560,7 +584,7 @@ async fn get_notebook(
 async fn store_notebook(
     State(s): State<ApiState>,
     q: Result<Query<NotebookQuery>, QueryRejection>,
-    body: Bytes,
+    Timed(body): Timed,
 ) -> ApiResult {
     let Query(q) = q.map_err(|e| ApiError::unprocessable("query", e.body_text()))?;
     let json = gunzip(&body)?;

@@ -946,6 +946,43 @@ async fn a_json_body_over_one_mib_is_413_and_writes_nothing() {
     assert_eq!(api.count("workers"), 0);
 }
 
+/// A client that sends its headers and then stalls its body (or sends
+/// part of it) is answered 408 once [`super::BODY_WITHIN`] has passed, on
+/// a JSON route and on the notebook route alike, and nothing is written.
+#[tokio::test(start_paused = true)]
+async fn a_body_that_does_not_arrive_in_time_is_408_and_writes_nothing() {
+    let api = app();
+    let stalled = || {
+        let first = futures_util::stream::iter([Ok::<_, std::io::Error>(Bytes::from_static(b"{\"worker_type\": "))]);
+        HttpBody::from_stream(futures_util::StreamExt::chain(first, futures_util::stream::pending()))
+    };
+    let started = tokio::time::Instant::now();
+    let (status, _, bytes) = api
+        .call(request(
+            Method::POST,
+            "/api/worker/register",
+            Some("Bearer secret"),
+            stalled(),
+        ))
+        .await;
+    assert_eq!(status, StatusCode::REQUEST_TIMEOUT, "{}", json_of(&bytes));
+    assert!(
+        json_of(&bytes)["detail"]
+            .as_str()
+            .unwrap()
+            .contains("not received within"),
+        "{}",
+        json_of(&bytes)
+    );
+    assert_eq!(started.elapsed(), super::BODY_WITHIN);
+    let (status, _, _) = api
+        .call(request(Method::POST, NOTEBOOK, Some("Bearer secret"), stalled()))
+        .await;
+    assert_eq!(status, StatusCode::REQUEST_TIMEOUT);
+    assert_eq!(api.count("workers"), 0);
+    assert!(!api.cache_db.exists(), "the cache database was opened");
+}
+
 #[tokio::test]
 async fn an_executed_notebook_may_be_larger_than_a_json_body() {
     let api = app();
