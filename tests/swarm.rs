@@ -292,6 +292,23 @@ fn swarm_slots_run_clm_jobs_on_both_nodes_replace_a_killed_task_and_stop_leaves_
     for node in [&manager, &worker] {
         assert!(workers.contains(&node[..12]), "node {node} in:\n{workers}");
     }
+    // … and what Swarm says of its task (at its next poll).
+    wait_for("stats to show both tasks running", Duration::from_secs(30), || {
+        let out = pool.cli(&["stats", "--workers", "--json"]);
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        let tasks: Vec<&str> = json["worker_list"]
+            .as_array()?
+            .iter()
+            .map(|w| w["task"].as_str().unwrap_or("none"))
+            .collect();
+        (tasks == ["running", "running"]).then_some(())
+    });
+    let workers = stdout(&pool.cli(&["stats", "--workers"]));
+    let header = workers
+        .lines()
+        .find(|l| l.trim_start().starts_with("ROW"))
+        .unwrap_or_default();
+    assert!(header.trim_end().ends_with("TASK"), "{workers}");
 
     add_jobs(&clm, &pool, "echo-m", 0, 3);
     add_jobs(&clm, &pool, "echo-w", 0, 3);
@@ -418,6 +435,13 @@ fn a_task_no_node_can_take_cools_the_slot_down_with_swarms_reason() {
         stderr(&check)
     );
     pool.start();
+    // While it waits, `stats --workers` says why, in Swarm's words.
+    wait_for("stats to show the task pending", Duration::from_secs(60), || {
+        let out = pool.cli(&["stats", "--workers", "--json"]);
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        let task = json["worker_list"].get(0)?["task"].as_str()?.to_string();
+        task.starts_with("pending: no suitable node").then_some(())
+    });
     // Two attempts that no node took: then a cool-down, never a give-up.
     let note = wait_for("the slot to cool down", Duration::from_secs(60), || {
         let conn = rusqlite::Connection::open(pool.db_path()).ok()?;

@@ -146,11 +146,14 @@ fn workers_table(list: &[WorkerLine]) -> String {
     if list.is_empty() {
         return "workers: none running\n".into();
     }
+    // Swarm workers' tasks get a column of their own, in a pool that has any.
+    let tasks = list.iter().any(|w| w.task.is_some());
     let mut t = Table::new();
     t.load_preset(comfy_table::presets::NOTHING);
-    t.set_header([
+    let header = [
         "ROW", "TYPE", "SLOT", "WORKER", "PID/NODE", "STATUS", "JOB", "FOR", "CPU", "MEMORY", "DONE", "FAILED",
-    ]);
+    ];
+    t.set_header(header.into_iter().chain(tasks.then_some("TASK")));
     let dash = || "-".to_string();
     for w in list {
         t.add_row(
@@ -159,21 +162,37 @@ fn workers_table(list: &[WorkerLine]) -> String {
                 w.worker_type.clone(),
                 w.slot.map(|s| s.to_string()).unwrap_or_else(dash),
                 w.worker_id.to_string(),
-                match (&w.node, w.pid) {
-                    (Some(node), _) => node.clone(),
-                    (None, Some(p)) => p.to_string(),
-                    (None, None) => dash(),
-                },
+                where_cell(w).unwrap_or_else(dash),
                 w.status.to_string(),
                 w.job_id.map(|j| j.to_string()).unwrap_or_else(dash),
             ]
             .into_iter()
             .chain(usage_cells(w))
             .chain([w.jobs_done.to_string(), w.jobs_failed.to_string()])
+            .chain(tasks.then(|| w.task.clone().unwrap_or_else(dash)))
             .collect::<Vec<_>>(),
         );
     }
     format!("{t}\n")
+}
+
+/// Where a worker runs: its swarm node, else its process.
+pub fn where_cell(w: &WorkerLine) -> Option<String> {
+    match (&w.node, w.pid) {
+        (Some(node), _) => Some(node.clone()),
+        (None, Some(p)) => Some(p.to_string()),
+        (None, None) => None,
+    }
+}
+
+/// A worker's status in a word (`top`): its swarm task's state while
+/// that is not `running` (`pending`, `preparing`: the word before Swarm's
+/// reason), else the worker's own.
+pub fn status_cell(w: &WorkerLine) -> String {
+    match w.task.as_deref().map(|t| t.split(':').next().unwrap_or(t)) {
+        Some(state) if state != "running" => state.to_string(),
+        _ => w.status.to_string(),
+    }
 }
 
 /// A worker's current job's age, CPU and memory, as `stats --workers` and

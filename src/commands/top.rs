@@ -222,12 +222,8 @@ fn workers_table(list: &[WorkerLine]) -> Table<'static> {
                     w.worker_type,
                     w.slot.map(|s| s.to_string()).unwrap_or_else(dash)
                 ),
-                match (&w.node, w.pid) {
-                    (Some(node), _) => node.clone(),
-                    (None, Some(p)) => p.to_string(),
-                    (None, None) => w.worker_id.to_string(),
-                },
-                w.status.to_string(),
+                stats::where_cell(w).unwrap_or_else(|| w.worker_id.to_string()),
+                stats::status_cell(w),
                 w.job_id.map(|j| j.to_string()).unwrap_or_else(dash),
             ];
             Row::new(
@@ -243,7 +239,7 @@ fn workers_table(list: &[WorkerLine]) -> Table<'static> {
         [
             Constraint::Length(18),
             Constraint::Length(14),
-            Constraint::Length(8),
+            Constraint::Length(10),
             Constraint::Length(8),
             Constraint::Length(10),
             Constraint::Length(8),

@@ -153,10 +153,19 @@ const POOL_MIGRATIONS: &[(&str, &str)] = &[
         "ALTER TABLE clx_pool_slots ADD COLUMN node TEXT;",
         "",
     ),
+    (
+        // 7: the state of a swarm worker's task as Swarm reports it
+        // (`pending: no suitable node …`, `preparing`, `running`), for
+        // `stats --workers` and `top`.
+        "ALTER TABLE clx_pool_slots ADD COLUMN task TEXT;",
+        "",
+    ),
 ];
 
 /// The first pool version whose slots say where their worker runs.
 pub const SLOT_NODE_VERSION: i64 = 6;
+/// The first pool version whose slots say what Swarm does with their task.
+pub const SLOT_TASK_VERSION: i64 = 7;
 
 /// CLM 1.35's `SCHEMA_SQL` (`clm/infrastructure/database/schema.py`),
 /// byte for byte: SQLite keeps each `CREATE` statement's text in

@@ -55,7 +55,9 @@ pub fn slot_launched(
 ) -> rusqlite::Result<()> {
     conn.execute(
         "UPDATE clx_pool_slots SET state = ?6, worker_id = ?3, worker_row = NULL, pid = ?4, proc_start = ?5,
-             note = NULL, node = NULL, updated_at = CURRENT_TIMESTAMP
+             note = NULL, updated_at = CURRENT_TIMESTAMP,
+             -- where a swarm worker runs may already be written (see write_tasks)
+             node = CASE WHEN worker_id = ?3 THEN node END, task = CASE WHEN worker_id = ?3 THEN task END
          WHERE worker_type = ?1 AND slot = ?2",
         params![
             slot.worker_type,
@@ -67,6 +69,36 @@ pub fn slot_launched(
         ],
     )?;
     Ok(())
+}
+
+/// What Swarm says of one worker's task: its node (`hostname (id)`) and
+/// its state in words.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskLine {
+    pub worker_id: WorkerId,
+    pub node: Option<String>,
+    pub task: String,
+}
+
+/// Writes where swarm workers run and what their tasks do, to the slots
+/// that hold them now; the lines that matched no slot (a worker not yet
+/// recorded as launched, or already replaced) come back, to be tried again.
+pub fn write_tasks(conn: &Connection, lines: &[TaskLine]) -> rusqlite::Result<Vec<WorkerId>> {
+    let tx = conn.unchecked_transaction()?;
+    let mut unmatched = Vec::new();
+    {
+        let mut update = tx.prepare_cached(
+            "UPDATE clx_pool_slots SET node = COALESCE(?2, node), task = ?3, updated_at = CURRENT_TIMESTAMP
+             WHERE worker_id = ?1",
+        )?;
+        for l in lines {
+            if update.execute(params![l.worker_id, l.node, l.task])? == 0 {
+                unmatched.push(l.worker_id.clone());
+            }
+        }
+    }
+    tx.commit()?;
+    Ok(unmatched)
 }
 
 /// A slot's worker registered (or activated its pre-registered row).
@@ -82,7 +114,7 @@ pub struct Registered<'a> {
 pub fn slot_registered(conn: &Connection, protocol: Protocol, r: &Registered) -> rusqlite::Result<()> {
     let tx = conn.unchecked_transaction()?;
     tx.execute(
-        "UPDATE clx_pool_slots SET state = ?4, worker_row = ?3, node = ?5, updated_at = CURRENT_TIMESTAMP
+        "UPDATE clx_pool_slots SET state = ?4, worker_row = ?3, node = COALESCE(?5, node), updated_at = CURRENT_TIMESTAMP
          WHERE worker_type = ?1 AND slot = ?2",
         params![
             r.slot.worker_type,

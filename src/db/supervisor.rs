@@ -350,6 +350,7 @@ mod tests {
         conn.execute_batch(
             "ALTER TABLE clx_pool_supervisor DROP COLUMN ended_uncleanly_at;
              ALTER TABLE clx_pool_slots DROP COLUMN node;
+             ALTER TABLE clx_pool_slots DROP COLUMN task;
              DELETE FROM clx_pool_schema WHERE version >= 5;",
         )
         .unwrap();

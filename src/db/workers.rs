@@ -360,6 +360,8 @@ pub struct WorkerLine {
     pub pid: Option<i64>,
     /// The node it runs on (swarm mode), from its slot.
     pub node: Option<String>,
+    /// What Swarm says its task does (swarm mode), from its slot.
+    pub task: Option<String>,
     pub slot: Option<u32>,
     pub job_id: Option<i64>,
     /// Seconds the current job has run.
@@ -375,12 +377,17 @@ pub struct WorkerLine {
 pub fn worker_lines(conn: &Connection, since: Option<&str>, dead: bool) -> rusqlite::Result<Vec<WorkerLine>> {
     let version = super::schema::pool_version(conn)?;
     let slots = match version {
-        0 => "(SELECT NULL AS worker_id, NULL AS pid, NULL AS slot, NULL AS node WHERE 0)",
-        v if v < super::schema::SLOT_NODE_VERSION => "(SELECT worker_id, pid, slot, NULL AS node FROM clx_pool_slots)",
+        0 => "(SELECT NULL AS worker_id, NULL AS pid, NULL AS slot, NULL AS node, NULL AS task WHERE 0)",
+        v if v < super::schema::SLOT_NODE_VERSION => {
+            "(SELECT worker_id, pid, slot, NULL AS node, NULL AS task FROM clx_pool_slots)"
+        }
+        v if v < super::schema::SLOT_TASK_VERSION => {
+            "(SELECT worker_id, pid, slot, node, NULL AS task FROM clx_pool_slots)"
+        }
         _ => "clx_pool_slots",
     };
     conn.prepare(&format!(
-        "SELECT w.id, w.worker_type, w.container_id, w.status, s.pid, s.slot, s.node,
+        "SELECT w.id, w.worker_type, w.container_id, w.status, s.pid, s.slot, s.node, s.task,
                 j.id, unixepoch('now') - unixepoch(j.started_at),
                 w.cpu_usage, w.memory_usage, COALESCE(w.jobs_processed, 0), COALESCE(w.jobs_failed, 0)
          FROM workers w
@@ -398,12 +405,13 @@ pub fn worker_lines(conn: &Connection, since: Option<&str>, dead: bool) -> rusql
             pid: r.get(4)?,
             slot: r.get(5)?,
             node: r.get(6)?,
-            job_id: r.get(7)?,
-            job_seconds: r.get(8)?,
-            cpu_percent: r.get(9)?,
-            memory_mib: r.get(10)?,
-            jobs_done: r.get(11)?,
-            jobs_failed: r.get(12)?,
+            task: r.get(7)?,
+            job_id: r.get(8)?,
+            job_seconds: r.get(9)?,
+            cpu_percent: r.get(10)?,
+            memory_mib: r.get(11)?,
+            jobs_done: r.get(12)?,
+            jobs_failed: r.get(13)?,
         })
     })?
     .collect()
@@ -787,9 +795,8 @@ mod tests {
         assert_eq!(idle_with_work(&conn).unwrap(), vec![("notebook".to_string(), 2)]);
     }
 
-    #[test]
-    fn a_swarm_workers_node_is_shown_and_older_pool_tables_read_as_no_node() {
-        let conn = db(Protocol::Clm);
+    /// Slot `echo-0` of a swarm entry, starting.
+    fn swarm_slot(conn: &Connection) -> SlotId {
         let slot = SlotId {
             worker_type: "echo".into(),
             index: 0,
@@ -798,7 +805,14 @@ mod tests {
             kind: ModeKind::Swarm,
             auto: false,
         };
-        slots::set_slot_state(&conn, &slot, mode, SlotState::Starting, None).unwrap();
+        slots::set_slot_state(conn, &slot, mode, SlotState::Starting, None).unwrap();
+        slot
+    }
+
+    #[test]
+    fn a_swarm_workers_node_is_shown_and_older_pool_tables_read_as_no_node() {
+        let conn = db(Protocol::Clm);
+        let slot = swarm_slot(&conn);
         let wid = WorkerId("swarm-echo-0-1".into());
         slots::slot_launched(&conn, &slot, &wid, None).unwrap();
         let row = register(&conn, Protocol::Clm, "echo", wid.as_str()).unwrap();
@@ -830,6 +844,65 @@ mod tests {
         .unwrap();
         let lines = worker_lines(&conn, None, false).unwrap();
         assert_eq!((lines.len(), lines[0].node.as_deref()), (1, None));
+    }
+
+    /// What Swarm says of a task reaches the slot that holds its worker,
+    /// also when it is heard before the slot recorded the launch; a line
+    /// for a replaced worker changes nothing; the registration keeps a
+    /// node already known; older pool tables read as no task.
+    #[test]
+    fn a_swarm_workers_task_state_reaches_its_slot_and_only_its_slot() {
+        let conn = db(Protocol::Clm);
+        let slot = swarm_slot(&conn);
+        let line = |id: &str, node: Option<&str>, task: &str| slots::TaskLine {
+            worker_id: WorkerId(id.into()),
+            node: node.map(str::to_string),
+            task: task.into(),
+        };
+        let first = WorkerId("swarm-echo-0-1".into());
+        // Heard before the launch was recorded: tried again later.
+        let pending = [line("swarm-echo-0-1", None, "pending: no suitable node")];
+        assert_eq!(slots::write_tasks(&conn, &pending).unwrap(), vec![first.clone()]);
+        slots::slot_launched(&conn, &slot, &first, None).unwrap();
+        assert_eq!(slots::write_tasks(&conn, &pending).unwrap(), vec![]);
+        let row = register(&conn, Protocol::Clm, "echo", first.as_str()).unwrap();
+        let shown = |conn: &Connection| {
+            let l = worker_lines(conn, None, false).unwrap();
+            (l[0].node.clone(), l[0].task.clone())
+        };
+        assert_eq!(shown(&conn), (None, Some("pending: no suitable node".into())));
+        slots::write_tasks(&conn, &[line("swarm-echo-0-1", Some("build2 (abc)"), "running")]).unwrap();
+        // The launch recorded again for the same worker keeps what was heard.
+        slots::slot_launched(&conn, &slot, &first, None).unwrap();
+        let registered = slots::Registered {
+            slot: &slot,
+            worker_row: row,
+            worker_id: &first,
+            execution_mode: ModeKind::Swarm,
+            node: None,
+        };
+        slots::slot_registered(&conn, Protocol::Clm, &registered).unwrap();
+        assert_eq!(shown(&conn), (Some("build2 (abc)".into()), Some("running".into())));
+        // A replaced worker's last word does not reach its successor.
+        let second = WorkerId("swarm-echo-0-2".into());
+        slots::slot_launched(&conn, &slot, &second, None).unwrap();
+        let stale = [line("swarm-echo-0-1", Some("build2 (abc)"), "failed")];
+        assert_eq!(slots::write_tasks(&conn, &stale).unwrap(), vec![first.clone()]);
+        let (node, task): (Option<String>, Option<String>) = conn
+            .query_row("SELECT node, task FROM clx_pool_slots", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .unwrap();
+        assert_eq!((node, task), (None, None));
+        // Pool tables from before the task column.
+        slots::slot_launched(&conn, &slot, &first, None).unwrap();
+        slots::write_tasks(&conn, &[line("swarm-echo-0-1", Some("build2 (abc)"), "running")]).unwrap();
+        conn.execute_batch(
+            "ALTER TABLE clx_pool_slots DROP COLUMN task;
+             DELETE FROM clx_pool_schema WHERE version >= 7;",
+        )
+        .unwrap();
+        assert_eq!(shown(&conn), (Some("build2 (abc)".into()), None));
     }
 
     #[test]

@@ -216,6 +216,11 @@ impl Backends {
         }
     }
 
+    /// What the swarm manager's poller sees, when swarm entries run.
+    pub fn swarm_tasks(&self) -> Option<tokio::sync::watch::Receiver<Arc<super::swarm::Seen>>> {
+        self.swarm.as_ref().map(|s| s.seen())
+    }
+
     /// CPU seconds and resident bytes of running workers, each from its
     /// backend (containers concurrently: each is a round trip). Workers
     /// that are gone are left out.

@@ -34,6 +34,8 @@ pub const LABEL_DB_ID: &str = "clx-pool.db-id";
 pub const LABEL_DB: &str = "clx-pool.db";
 pub const LABEL_TYPE: &str = "clx-pool.worker-type";
 pub const LABEL_SLOT: &str = "clx-pool.slot";
+/// The worker a swarm task belongs to (its slot holds one at a time).
+pub const LABEL_WORKER: &str = "clx-pool.worker-id";
 
 /// How long to wait for the engine to answer before calling it unreachable.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);

@@ -33,10 +33,11 @@ use sha2::Digest;
 use tokio::sync::watch;
 
 use super::Launch;
-use super::docker::{self, LABEL_DB, LABEL_DB_ID, LABEL_SLOT, LABEL_TYPE, is_not_found};
+use super::docker::{self, LABEL_DB, LABEL_DB_ID, LABEL_SLOT, LABEL_TYPE, LABEL_WORKER, is_not_found};
 use super::placement::NodeFacts;
 use crate::api::tokens::WorkerTokens;
 use crate::config::{Placement, WorkerProgram};
+use crate::db::slots::TaskLine;
 use crate::logs::{self, Tail};
 use crate::vocab::{EndCause, WorkerId, WorkerRow};
 
@@ -77,6 +78,8 @@ pub struct Seen {
 #[derive(Debug, Clone, PartialEq)]
 pub struct TaskView {
     pub id: String,
+    /// The worker it belongs to (its container's label).
+    pub worker: Option<WorkerId>,
     pub node: Option<String>,
     pub state: TaskState,
     pub desired: TaskState,
@@ -139,6 +142,7 @@ impl SwarmEngine {
         if let Some(spec) = spec {
             labels.insert(LABEL_TYPE.to_string(), spec.worker_type.clone());
             labels.insert(LABEL_SLOT.to_string(), spec.slot.to_string());
+            labels.insert(LABEL_WORKER.to_string(), spec.worker_id.to_string());
         }
         labels
     }
@@ -651,17 +655,19 @@ impl SwarmEngine {
 
     /// `hostname (node id)` of a node.
     async fn node_name(&self, node: &str) -> String {
-        let short = &node[..node.len().min(12)];
-        match self
+        let host = self
             .client
             .inspect_node(node)
             .await
             .ok()
-            .and_then(|n| n.description?.hostname)
-        {
-            Some(host) => format!("{host} ({short})"),
-            None => short.to_string(),
-        }
+            .and_then(|n| n.description?.hostname);
+        node_words(node, host.as_ref())
+    }
+
+    /// What the poller sees, for the supervisor to record (see
+    /// [`Seen::task_lines`]).
+    pub fn seen(&self) -> watch::Receiver<Arc<Seen>> {
+        self.seen.clone()
     }
 }
 
@@ -937,6 +943,11 @@ impl TaskView {
         let status = t.status.as_ref()?;
         Some(TaskView {
             id: t.id.clone()?,
+            worker: t
+                .spec
+                .as_ref()
+                .and_then(|s| s.container_spec.as_ref()?.labels.as_ref()?.get(LABEL_WORKER).cloned())
+                .map(WorkerId),
             node: t.node_id.clone(),
             state: status.state?,
             desired: t.desired_state.unwrap_or(TaskState::RUNNING),
@@ -980,6 +991,53 @@ pub fn verdict(task: Option<&TaskView>, seen_before: bool, down: &HashMap<String
                 ))
             })
         }
+    }
+}
+
+impl Seen {
+    /// Where each worker's task runs and what it does, in words, as
+    /// `stats --workers` and `top` show them.
+    pub fn task_lines(&self) -> Vec<TaskLine> {
+        self.tasks
+            .values()
+            .filter_map(|t| {
+                Some(TaskLine {
+                    worker_id: t.worker.clone()?,
+                    node: t.node.as_ref().map(|n| node_words(n, self.hostnames.get(n))),
+                    task: task_words(t),
+                })
+            })
+            .collect()
+    }
+}
+
+/// A node as `hostname (id)`, the id cut to 12 characters as docker
+/// prints it.
+pub fn node_words(id: &str, hostname: Option<&String>) -> String {
+    let short = &id[..id.len().min(12)];
+    match hostname {
+        Some(host) => format!("{host} ({short})"),
+        None => short.to_string(),
+    }
+}
+
+/// A task's state as Swarm names it, with Swarm's reason where the task
+/// waits or ended: `pending: no suitable node (…)`, `preparing`,
+/// `running`, `failed: task: non-zero exit (137)`.
+pub fn task_words(t: &TaskView) -> String {
+    use TaskState as S;
+    let why = t.err.as_deref().filter(|e| !e.is_empty());
+    match (t.state, why) {
+        (S::RUNNING, _) => "running".into(),
+        (
+            S::NEW | S::ALLOCATED | S::PENDING | S::ASSIGNED | S::ACCEPTED | S::PREPARING | S::READY | S::STARTING,
+            None,
+        ) => t.state.to_string(),
+        (state, Some(why)) => format!("{state}: {why}"),
+        (state, None) => match t.exit_code {
+            Some(code) if matches!(state, S::COMPLETE | S::FAILED) => format!("{state}: exit {code}"),
+            _ => state.to_string(),
+        },
     }
 }
 
@@ -1042,11 +1100,7 @@ impl SwarmWorker {
                 .ok()
                 .and_then(|n| n.description?.hostname),
         };
-        let short = &node[..node.len().min(12)];
-        Some(match host {
-            Some(host) => format!("{host} ({short})"),
-            None => short.to_string(),
-        })
+        Some(node_words(&node, host.as_ref()))
     }
 
     /// Resolves when the worker has ended, at the poll that shows it.
@@ -1158,6 +1212,7 @@ mod tests {
     fn task(state: TaskState, desired: TaskState) -> TaskView {
         TaskView {
             id: "t1".into(),
+            worker: Some(WorkerId("swarm-nb-0-1".into())),
             node: Some("n2".into()),
             state,
             desired,
@@ -1257,5 +1312,69 @@ mod tests {
         for placed in [S::ASSIGNED, S::ACCEPTED, S::PREPARING, S::STARTING, S::RUNNING] {
             assert_eq!(unplaced(Some(&task(placed, S::RUNNING))), None, "{placed}");
         }
+    }
+
+    #[test]
+    fn a_tasks_state_is_told_in_swarms_words_with_its_reason() {
+        use TaskState as S;
+        let with = |state, err: Option<&str>, code: Option<i64>| {
+            let mut t = task(state, S::RUNNING);
+            t.err = err.map(str::to_string);
+            t.exit_code = code;
+            t
+        };
+        let cases = [
+            (
+                with(S::PENDING, Some("no suitable node (1/2 nodes)"), None),
+                "pending: no suitable node (1/2 nodes)",
+            ),
+            (with(S::PENDING, None, None), "pending"),
+            (with(S::PREPARING, None, None), "preparing"),
+            (with(S::STARTING, None, None), "starting"),
+            (with(S::RUNNING, Some("stale"), None), "running"),
+            (
+                with(S::FAILED, Some("task: non-zero exit (137)"), Some(137)),
+                "failed: task: non-zero exit (137)",
+            ),
+            (with(S::COMPLETE, None, Some(0)), "complete: exit 0"),
+            (
+                with(S::REJECTED, Some("No such image: nb:1"), None),
+                "rejected: No such image: nb:1",
+            ),
+            (with(S::SHUTDOWN, None, None), "shutdown"),
+        ];
+        for (t, words) in cases {
+            assert_eq!(task_words(&t), words);
+        }
+    }
+
+    #[test]
+    fn task_lines_name_each_worker_with_its_node_and_leave_out_foreign_tasks() {
+        use TaskState as S;
+        let mut mine = task(S::RUNNING, S::RUNNING);
+        mine.node = Some("abcdefghijklmnopqrstuvwxyz".into());
+        let mut unnamed = task(S::PENDING, S::RUNNING);
+        unnamed.worker = None;
+        let mut waiting = task(S::PENDING, S::RUNNING);
+        waiting.worker = Some(WorkerId("swarm-nb-1-2".into()));
+        waiting.node = None;
+        let seen = Seen {
+            tasks: HashMap::from([("s1".into(), mine), ("s2".into(), unnamed), ("s3".into(), waiting)]),
+            hostnames: HashMap::from([("abcdefghijklmnopqrstuvwxyz".into(), "build2".into())]),
+            ..Seen::default()
+        };
+        let mut lines = seen.task_lines();
+        lines.sort_by(|a, b| a.worker_id.as_str().cmp(b.worker_id.as_str()));
+        let shown: Vec<(&str, Option<&str>, &str)> = lines
+            .iter()
+            .map(|l| (l.worker_id.as_str(), l.node.as_deref(), l.task.as_str()))
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                ("swarm-nb-0-1", Some("build2 (abcdefghijkl)"), "running"),
+                ("swarm-nb-1-2", None, "pending"),
+            ]
+        );
     }
 }

@@ -399,6 +399,9 @@ fn start_pool(
     background: &TaskTracker,
 ) -> (mpsc::UnboundedReceiver<Settled>, manage::Manager, JoinHandle<()>) {
     let registry = registry::Registry::spawn(p.db.clone(), p.after_row, token.child_token(), background);
+    if let Some(seen) = p.backends.swarm_tasks() {
+        background.spawn(observe::swarm_tasks::record(p.db.clone(), seen, token.child_token()));
+    }
     let (ready_tx, ready_rx) = mpsc::unbounded_channel();
     let metrics = Arc::new(metrics::Metrics::for_types(
         config.workers.iter().map(|w| w.worker_type.as_str()),
