@@ -520,6 +520,11 @@ fn a_worker_on_a_lost_node_is_ended_and_replaced_on_a_live_one_and_its_token_ref
         "{}",
         stdout(&check)
     );
+    assert!(
+        stdout(&check).contains("ok: workers `echo`: preflight on "),
+        "{}",
+        stdout(&check)
+    );
     {
         // The first task goes to the worker node.
         let _paused = Paused::new(&swarm, manager.clone());
@@ -635,6 +640,21 @@ fn the_worker_api_serves_https_and_swarm_workers_trust_its_private_ca() {
         swarm: &swarm,
         db_id: db_id(&pool),
     };
+    let label = format!("label=clx-pool.db-id={}", db_id(&pool));
+    let secrets = || Swarm::docker(&swarm.manager, &["secret", "ls", "-q", "--filter", &label]);
+    // `check` runs the preflight over HTTPS with the CA (serving /health
+    // itself, as no supervisor runs) and leaves nothing on the swarm.
+    let check = pool.cli(&["check", "--config", pool.config().to_str().unwrap()]);
+    assert!(check.status.success(), "{}{}", stdout(&check), stderr(&check));
+    assert!(
+        stdout(&check).contains(&format!(
+            "the worker API answers at https://127.0.0.1:{port} and the shared workspace is read and written there"
+        )),
+        "{}",
+        stdout(&check)
+    );
+    assert!(swarm.services(&pool).is_empty(), "no preflight service left by check");
+    assert_eq!(secrets().trim(), "", "no CA secret left by check");
     pool.start();
     wait_ready(&pool);
     // CLM's own client (httpx) registered and works over HTTPS, trusting
@@ -658,8 +678,6 @@ fn the_worker_api_serves_https_and_swarm_workers_trust_its_private_ca() {
     let said = format!("{}{}", stdout(&out), stderr(&out));
     assert!(said.contains("re-read the worker API's certificate and key"), "{said}");
     assert!(presented_subject(&ca, port).contains("CN=clx-test-renewed"));
-    let label = format!("label=clx-pool.db-id={}", db_id(&pool));
-    let secrets = || Swarm::docker(&swarm.manager, &["secret", "ls", "-q", "--filter", &label]);
     assert_eq!(secrets().lines().count(), 3, "the CA's secret and each worker's token");
     let out = pool.cli(&["stop", "--timeout", "60s"]);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -682,26 +700,111 @@ fn start_refuses_a_swarm_pool_whose_nodes_cannot_reach_the_worker_api_and_says_w
         swarm: &swarm,
         db_id: db_id(&pool),
     };
+    refused_by_preflight(
+        &mut pool,
+        &swarm,
+        &format!("cannot reach the worker API at http://127.0.0.1:{wrong}/health"),
+    );
+}
+
+/// `check`, then `start`, refuse the pool with the preflight's words:
+/// `check` exits 1, the supervisor exits 1, and no service is left.
+fn refused_by_preflight(pool: &mut Pool, swarm: &Swarm, words: &str) {
+    let check = pool.cli(&["check", "--config", pool.config().to_str().unwrap()]);
+    assert_eq!(check.status.code(), Some(1), "{}", stdout(&check));
+    assert!(swarm.services(pool).is_empty(), "no preflight service left by check");
     pool.start();
     assert_eq!(
-        pool.wait_supervisor_exit(Duration::from_secs(120)),
+        pool.wait_supervisor_exit(Duration::from_secs(180)),
         1,
         "{}",
         pool.supervisor_log()
     );
-    let log = pool.supervisor_log();
+    for said in [stderr(&check), pool.supervisor_log()] {
+        assert!(
+            said.contains("workers `echo`: preflight: the preflight task on"),
+            "{said}"
+        );
+        assert!(said.contains(words), "{said}");
+    }
     assert!(
-        log.contains("workers `echo`: preflight: the preflight task on"),
-        "{log}"
-    );
-    assert!(
-        log.contains(&format!(
-            "cannot reach the worker API at http://127.0.0.1:{wrong}/health"
-        )),
-        "{log}"
-    );
-    assert!(
-        swarm.services(&pool).is_empty(),
+        swarm.services(pool).is_empty(),
         "no worker was started, no preflight left"
     );
+}
+
+/// The pool's volumes on both nodes (`[swarm] files = { nfs = ... }`),
+/// removed when dropped: Swarm never removes them itself.
+struct Volumes<'a> {
+    swarm: &'a Swarm,
+    db_id: String,
+}
+
+impl Volumes<'_> {
+    /// (node, volume name, its driver's options as JSON) of each volume.
+    fn list(&self) -> Vec<(String, String, String)> {
+        let label = format!("label=clx-pool.db-id={}", self.db_id);
+        let mut all = Vec::new();
+        for host in [&self.swarm.manager, &self.swarm.worker] {
+            for name in Swarm::docker(host, &["volume", "ls", "-q", "--filter", &label]).lines() {
+                let options = Swarm::docker(host, &["volume", "inspect", "-f", "{{json .Options}}", name]);
+                all.push((host.clone(), name.to_string(), options.trim().to_string()));
+            }
+        }
+        all
+    }
+}
+
+impl Drop for Volumes<'_> {
+    fn drop(&mut self) {
+        for (host, name, _) in self.list() {
+            Swarm::docker(&host, &["volume", "rm", "-f", &name]);
+        }
+    }
+}
+
+/// `files = { nfs = ... }`: the preflight task gets its workspace as an
+/// NFS volume that Swarm creates on its node (type nfs, the server, the
+/// export path of the workspace); a share no node can mount stops `start`
+/// with the node and Swarm's words, and no service is left.
+#[test]
+fn an_nfs_share_no_node_can_mount_stops_start_at_the_preflight_with_swarms_words() {
+    let Some((swarm, clm)) = ready() else { return };
+    let (mut pool, _) = pool(&clm, &swarm, &entry("echo", 1, "node.labels.clx-test == 1"));
+    let root = pool.path("");
+    let files = format!(
+        "[swarm]\nfiles = {{ nfs = \"127.0.0.9:/clx-nowhere\", options = \"nfsvers=4.1,soft,timeo=10,retrans=1\", mounted_at = {} }}\n",
+        common::toml_str(root.to_str().unwrap())
+    );
+    let config = std::fs::read_to_string(pool.config())
+        .unwrap()
+        .replace("[swarm]\n", &files);
+    std::fs::write(pool.config(), config).unwrap();
+    let _leftovers = Leftovers {
+        swarm: &swarm,
+        db_id: db_id(&pool),
+    };
+    let volumes = Volumes {
+        swarm: &swarm,
+        db_id: db_id(&pool),
+    };
+    // Swarm's own words: what it tried to mount, and why it could not.
+    refused_by_preflight(
+        &mut pool,
+        &swarm,
+        "failed to mount local volume: mount :/clx-nowhere/workspace",
+    );
+    // One volume on each node that ran a preflight task (check's, start's).
+    let made = volumes.list();
+    assert!((1..=2).contains(&made.len()), "{made:?}");
+    for (_, name, options) in &made {
+        assert!(name.starts_with(&format!("clx-{}-workspace-", db_id(&pool))), "{name}");
+        let options: serde_json::Value = serde_json::from_str(options).unwrap();
+        assert_eq!(options["type"], "nfs", "{options}");
+        assert_eq!(options["device"], ":/clx-nowhere/workspace", "{options}");
+        assert_eq!(
+            options["o"], "addr=127.0.0.9,nfsvers=4.1,soft,timeo=10,retrans=1",
+            "{options}"
+        );
+    }
 }

@@ -73,6 +73,11 @@ pub struct ApiServer {
     /// Its TLS, which a reload reads again.
     pub tls: Option<Tls>,
     pub listening: Vec<SocketAddr>,
+    serving: Serving,
+}
+
+/// Listeners serving a router, until stopped.
+pub struct Serving {
     stop: CancellationToken,
     tasks: JoinSet<()>,
 }
@@ -213,6 +218,25 @@ pub async fn start(
         workers: worker_tokens.clone(),
         refusals: refusals::Refusals::default(),
     });
+    Ok(ApiServer {
+        endpoint,
+        serving: serve_all(listeners, router, tls.clone()),
+        tls,
+        tokens: worker_tokens,
+        listening,
+    })
+}
+
+/// Only `/health`, at `listen` (HTTPS with `tls`), for `check`'s preflight
+/// tasks when no supervisor serves the Worker API there.
+pub async fn serve_health(listen: SocketAddr, tls: Option<Tls>) -> anyhow::Result<Serving> {
+    let listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("the worker API's address {listen} (api_listen) cannot be listened on"))?;
+    Ok(serve_all(vec![listener], routes::health_only(), tls))
+}
+
+fn serve_all(listeners: Vec<TcpListener>, router: axum::Router, tls: Option<Tls>) -> Serving {
     let stop = CancellationToken::new();
     let mut tasks = JoinSet::new();
     for listener in listeners {
@@ -225,14 +249,7 @@ pub async fn start(
             move |io| serve_one(io, router.clone(), acceptor.clone()),
         ));
     }
-    Ok(ApiServer {
-        endpoint,
-        tls,
-        tokens: worker_tokens,
-        listening,
-        stop,
-        tasks,
-    })
+    Serving { stop, tasks }
 }
 
 /// One connection: HTTP/1, inside TLS when the API has a certificate.
@@ -300,6 +317,13 @@ async fn bind_local(reach: Reach) -> anyhow::Result<Vec<TcpListener>> {
 }
 
 impl ApiServer {
+    /// Stops listening; requests under way get a moment to finish.
+    pub async fn stop(self) {
+        self.serving.stop().await;
+    }
+}
+
+impl Serving {
     /// Stops listening; requests under way get a moment to finish.
     pub async fn stop(mut self) {
         self.stop.cancel();

@@ -80,6 +80,11 @@ pub fn router(state: ApiState) -> Router {
         .with_state(state)
 }
 
+/// `/health` alone (what `check`'s preflight tasks reach).
+pub fn health_only() -> Router {
+    Router::new().route("/health", get(health))
+}
+
 /// An error in FastAPI's shape.
 #[derive(Debug)]
 pub struct ApiError {

@@ -5,11 +5,13 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::api;
 use crate::config::{Config, WorkerConfig, WorkerProgram};
 use crate::contract::exit;
 use crate::db;
+use crate::executor::backends::preflight_entries;
 use crate::executor::plan::{self, Decision};
-use crate::executor::swarm::SwarmEngine;
+use crate::executor::swarm::{Checked, SwarmEngine};
 use crate::executor::{docker, placement};
 use crate::lock;
 use crate::vocab::{ModeKind, Protocol};
@@ -25,33 +27,7 @@ pub async fn run(path: &Path) -> anyhow::Result<i32> {
         .unwrap_or_else(|| PathBuf::from("."));
     let plan = plan::plan(&config).await;
     let mut problems = Vec::new();
-    for (w, decision) in config.workers.iter().zip(&plan.decisions) {
-        let at = format!("{}:{}: workers `{}`", config.path.display(), w.line, w.worker_type);
-        match decision {
-            Decision::Cannot(why) => problems.push(format!("{at}: {why}")),
-            Decision::Runs { mode, why } => {
-                if let Some(why) = why {
-                    super::print(&format!("note: workers `{}`: auto mode: {why}", w.worker_type));
-                }
-                if mode.kind == ModeKind::Swarm {
-                    if let Some(swarm) = &plan.swarm {
-                        check_swarm_entry(swarm, w, &at, &mut problems).await;
-                    }
-                } else if mode.kind == ModeKind::Docker {
-                    super::print(&format!(
-                        "ok: workers `{}`: image {} is on this host",
-                        w.worker_type,
-                        w.image.as_deref().unwrap_or("")
-                    ));
-                    if protocol == Protocol::Clm && !matches!(w.program, WorkerProgram::JobCommand(_)) {
-                        check_worker_api(&config, &w.worker_type, &mut problems);
-                    }
-                } else {
-                    check_program(w, protocol, &cwd, &at, &mut problems).await;
-                }
-            }
-        }
-    }
+    check_entries(&config, &plan, protocol, &cwd, &mut problems).await;
     if plan.uses_docker()
         && let Some(engine) = &plan.engine
     {
@@ -59,6 +35,9 @@ pub async fn run(path: &Path) -> anyhow::Result<i32> {
     }
     check_folders(&config, &mut problems);
     check_certificate_names(&config, &mut problems);
+    if let Some(swarm) = &plan.swarm {
+        check_preflight(&config, swarm, &mut problems).await;
+    }
     if lock::running_supervisor(&config.pool.db_path).is_some() {
         let pid = crate::status::supervisor_pid(&config.pool.db_path)
             .map(|p| p.to_string())
@@ -81,6 +60,38 @@ pub async fn run(path: &Path) -> anyhow::Result<i32> {
             eprintln!("error: {p}");
         }
         Ok(exit::FAILURE)
+    }
+}
+
+/// Each entry, as its mode needs: a swarm entry's nodes, a docker entry's
+/// image and API, a direct entry's program.
+async fn check_entries(config: &Config, plan: &plan::Plan, protocol: Protocol, cwd: &Path, problems: &mut Vec<String>) {
+    for (w, decision) in config.workers.iter().zip(&plan.decisions) {
+        let at = format!("{}:{}: workers `{}`", config.path.display(), w.line, w.worker_type);
+        match decision {
+            Decision::Cannot(why) => problems.push(format!("{at}: {why}")),
+            Decision::Runs { mode, why } => {
+                if let Some(why) = why {
+                    super::print(&format!("note: workers `{}`: auto mode: {why}", w.worker_type));
+                }
+                if mode.kind == ModeKind::Swarm {
+                    if let Some(swarm) = &plan.swarm {
+                        check_swarm_entry(swarm, w, &at, problems).await;
+                    }
+                } else if mode.kind == ModeKind::Docker {
+                    super::print(&format!(
+                        "ok: workers `{}`: image {} is on this host",
+                        w.worker_type,
+                        w.image.as_deref().unwrap_or("")
+                    ));
+                    if protocol == Protocol::Clm && !matches!(w.program, WorkerProgram::JobCommand(_)) {
+                        check_worker_api(config, &w.worker_type, problems);
+                    }
+                } else {
+                    check_program(w, protocol, cwd, &at, problems).await;
+                }
+            }
+        }
     }
 }
 
@@ -354,5 +365,53 @@ async fn check_network(client: &bollard::Docker, network: &str, problems: &mut V
             "pool.network: {n} docker networks are named {network}, so the name is ambiguous; remove all but one (`docker network ls`)"
         )),
         Err(e) => problems.push(format!("pool.network: {e:#}")),
+    }
+}
+
+/// `start`'s preflight, before anything starts: one task per placement of
+/// the swarm entries must reach the Worker API at `api_advertise` and read
+/// and write the shared workspace. With no supervisor serving the API,
+/// `check` serves its `/health` at `api_listen` while the tasks run; a CA
+/// secret it made is removed afterwards.
+async fn check_preflight(config: &Config, swarm: &SwarmEngine, problems: &mut Vec<String>) {
+    let (Some(url), Some(listen)) = (&config.pool.api_advertise, config.pool.api_listen) else {
+        return;
+    };
+    if !problems.is_empty() {
+        return super::print("note: swarm preflight not run: the problems below come first");
+    }
+    if !config.pool.workspace_path.is_dir() {
+        return super::print(&format!(
+            "note: swarm preflight not run: workspace_path {} does not exist yet (`start` makes it, then runs the preflight)",
+            config.pool.workspace_path.display()
+        ));
+    }
+    let file = config.path.display();
+    let serving = if lock::running_supervisor(&config.pool.db_path).is_some() {
+        None
+    } else {
+        let tls = match config.pool.api_tls.as_ref().map(api::Tls::load).transpose() {
+            Ok(tls) => tls,
+            Err(e) => return problems.push(format!("{file}: {e:#}")),
+        };
+        match api::serve_health(listen, tls).await {
+            Ok(serving) => Some(serving),
+            Err(e) => return problems.push(format!("{file}: swarm preflight: {e:#}")),
+        }
+    };
+    for (w, outcome) in preflight_entries(swarm, url, config).await {
+        let at = format!("{file}:{}: workers `{}`", w.line, w.worker_type);
+        match outcome {
+            Ok(Checked::Passed(node)) => super::print(&format!(
+                "ok: workers `{}`: preflight on {node}: the worker API answers at {url} and the shared workspace is read and written there",
+                w.worker_type
+            )),
+            Ok(Checked::NotPlaced(why)) => problems.push(format!("{at}: preflight: no node took its task ({why})")),
+            Err(why) => problems.push(format!("{at}: preflight: {why}")),
+        }
+    }
+    swarm.remove_made_ca().await;
+    if let Some(serving) = serving {
+        serving.stop().await;
     }
 }

@@ -97,7 +97,7 @@ pub const POOL_KEYS: &[&str] = &[
 ];
 
 /// The keys of `[swarm]`.
-pub const SWARM_KEYS: &[&str] = &["docker_host"];
+pub const SWARM_KEYS: &[&str] = &["docker_host", "files"];
 
 /// The keys of a `[[workers]]` entry.
 pub const WORKER_KEYS: &[&str] = &[

@@ -99,6 +99,47 @@ pub struct SwarmConfig {
     /// A manager's engine (`unix://…`, `tcp://…`); unset, `DOCKER_HOST`
     /// or the local socket.
     pub docker_host: Option<String>,
+    /// How tasks on other nodes see the workspace and data folders.
+    pub files: SwarmFiles,
+}
+
+/// `[swarm] files`: how a swarm task sees `workspace_path` and `data_dir`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum SwarmFiles {
+    /// `"bind"`: every node mounts the shared folder at this machine's
+    /// paths; tasks bind-mount them as docker mode does.
+    #[default]
+    Bind,
+    /// `{ nfs = "server:/export", options = "...", mounted_at = "/path" }`:
+    /// Swarm makes a `local` volume of type NFS on each node that runs a
+    /// task.
+    Nfs(NfsShare),
+}
+
+/// An NFS export that holds the workspace and data folders.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NfsShare {
+    /// The file server's name or address.
+    pub server: String,
+    /// The exported path on the server.
+    pub export: PathBuf,
+    /// Mount options beside `addr=` (`nfsvers=4.1,hard`).
+    pub options: Option<String>,
+    /// Where this machine sees the export (default: the export's own path).
+    pub mounted_at: PathBuf,
+}
+
+impl NfsShare {
+    /// The export's path for a folder of this machine under `mounted_at`,
+    /// or None when the folder is not under it.
+    pub fn device_for(&self, folder: &std::path::Path) -> Option<PathBuf> {
+        let sub = folder.strip_prefix(&self.mounted_at).ok()?;
+        Some(if sub.as_os_str().is_empty() {
+            self.export.clone()
+        } else {
+            self.export.join(sub)
+        })
+    }
 }
 
 /// Where and with what a swarm entry's tasks run: passed to Swarm as
@@ -491,6 +532,49 @@ mod tests {
                 cpu_reservation: Some(0.5),
             }
         );
+    }
+
+    #[test]
+    fn swarm_files_are_bind_mounts_or_an_nfs_share_that_holds_the_folders() {
+        let read = |files: &str| {
+            let text = format!(
+                "[pool]\nprotocol = \"clm\"\nworkspace_path = \"/srv/clm/out\"\ndata_dir = \"/srv/clm/src\"\napi_listen = \"127.0.0.1:8765\"\napi_advertise = \"http://127.0.0.1:8765/\"\n\n[swarm]\n{files}\n\n[[workers]]\nworker_type = \"notebook\"\nexecution_mode = \"swarm\"\nimage = \"clm:1\"\n"
+            );
+            parse(&text)
+        };
+        assert_eq!(read("").unwrap().pool.swarm.files, SwarmFiles::Bind);
+        assert_eq!(read("files = \"bind\"").unwrap().pool.swarm.files, SwarmFiles::Bind);
+        let nfs = read("files = { nfs = \"files.lan:/srv/clm\", options = \"nfsvers=4.1\" }").unwrap();
+        assert_eq!(
+            nfs.pool.swarm.files,
+            SwarmFiles::Nfs(NfsShare {
+                server: "files.lan".into(),
+                export: "/srv/clm".into(),
+                options: Some("nfsvers=4.1".into()),
+                mounted_at: "/srv/clm".into(),
+            })
+        );
+        let elsewhere = read("files = { nfs = \"files.lan:/export\", mounted_at = \"/srv/clm\" }").unwrap();
+        let SwarmFiles::Nfs(share) = elsewhere.pool.swarm.files else {
+            panic!("not nfs")
+        };
+        assert_eq!(share.device_for(Path::new("/srv/clm/out")), Some("/export/out".into()));
+        let problems = |files: &str| {
+            let p: Vec<String> = read(files).unwrap_err().0.iter().map(|p| p.to_string()).collect();
+            p.join("\n")
+        };
+        let p = problems("files = \"nfs\"");
+        assert!(p.contains(":9: swarm.files: `nfs`: expected \"bind\" or {"), "{p}");
+        let p = problems("files = { nfs = \"/srv/clm\" }");
+        assert!(p.contains("expected \"server:/export\""), "{p}");
+        let p = problems("files = { nfs = \"files.lan:/srv/clm\", option = \"hard\" }");
+        assert!(p.contains(":9: swarm.files: expected \"bind\" or {"), "{p}");
+        let p = problems("files = { nfs = \"files.lan:/export/other\" }");
+        assert!(
+            p.contains("[pool] workspace_path /srv/clm/out is not under /export/other, where this machine sees files.lan:/export/other"),
+            "{p}"
+        );
+        assert!(p.contains("[pool] data_dir /srv/clm/src is not under"), "{p}");
     }
 
     #[test]

@@ -13,8 +13,9 @@ use serde::Deserialize;
 use super::defaults::{POOL_KEYS, ROOT_KEYS, SWARM_KEYS, WORKER_KEYS};
 use super::read::{Origin, Reader, Table};
 use super::{
-    ApiTls, Config, ConfigError, ContainerUser, DEFAULTS, ExecutionMode, HungCpu, InheritEnv, Placement, PoolConfig,
-    Problem, RestartConfig, Source, SwarmConfig, WorkerConfig, WorkerProgram, normalize, parse_size, real_path,
+    ApiTls, Config, ConfigError, ContainerUser, DEFAULTS, ExecutionMode, HungCpu, InheritEnv, NfsShare, Placement,
+    PoolConfig, Problem, RestartConfig, Source, SwarmConfig, SwarmFiles, WorkerConfig, WorkerProgram, normalize,
+    parse_size, real_path,
 };
 use crate::contract::env::job as job_env;
 use crate::vocab::Protocol;
@@ -60,12 +61,13 @@ pub(super) fn config(path: &Path, text: &str, env: &[(String, String)]) -> Resul
         .unwrap_or_else(|| PathBuf::from("."));
     r.unknown_keys(&swarm_table, SWARM_KEYS);
     let mut pool = pool(&mut r, &pool_table, &base);
+    let mut swarm_keys = Keys {
+        r: &mut r,
+        t: &swarm_table,
+    };
     pool.swarm = SwarmConfig {
-        docker_host: Keys {
-            r: &mut r,
-            t: &swarm_table,
-        }
-        .string("docker_host"),
+        docker_host: swarm_keys.string("docker_host"),
+        files: swarm_files(&mut swarm_keys, &pool),
     };
     let workers = workers(&mut r, path, &worker_tables, &pool, &pool_table);
     if !r.problems.is_empty() {
@@ -391,6 +393,83 @@ fn swarm_pool<'t>(r: &mut Reader<'t>, t: &Table<'t>, pool: &PoolConfig, pool_tab
                 .into(),
         );
     }
+}
+
+/// `[swarm] files` as written: a word, or an NFS share.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawFiles {
+    Word(String),
+    Nfs(RawNfs),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNfs {
+    nfs: String,
+    options: Option<String>,
+    mounted_at: Option<PathBuf>,
+}
+
+/// `[swarm] files`: `"bind"` (the default) or `{ nfs = "server:/export",
+/// options = "...", mounted_at = "/path" }`, whose export must hold the
+/// workspace and data folders as this machine sees them.
+fn swarm_files(k: &mut Keys, pool: &PoolConfig) -> SwarmFiles {
+    let expect = "\"bind\" or { nfs = \"server:/export\", options = \"nfsvers=4.1\", mounted_at = \"/path\" }";
+    let nfs = match k.r.get::<RawFiles>(k.t, "files", expect).map(|(v, _)| v) {
+        None => return SwarmFiles::Bind,
+        Some(RawFiles::Word(w)) if w == "bind" => return SwarmFiles::Bind,
+        Some(RawFiles::Word(w)) => {
+            k.problem("files", format!("`{w}`: expected {expect}"));
+            return SwarmFiles::Bind;
+        }
+        Some(RawFiles::Nfs(nfs)) => nfs,
+    };
+    let Some((server, export)) = nfs
+        .nfs
+        .split_once(':')
+        .filter(|(server, export)| !server.is_empty() && export.starts_with('/'))
+    else {
+        let message = format!(
+            "nfs = `{}`: expected \"server:/export\" (a host, a colon, an absolute path)",
+            nfs.nfs
+        );
+        k.problem("files", message);
+        return SwarmFiles::Bind;
+    };
+    let share = NfsShare {
+        server: server.to_string(),
+        export: PathBuf::from(export),
+        options: nfs.options.filter(|o| !o.trim().is_empty()),
+        mounted_at: normalize(&nfs.mounted_at.unwrap_or_else(|| PathBuf::from(export))),
+    };
+    if !share.mounted_at.is_absolute() {
+        k.problem(
+            "files",
+            format!(
+                "mounted_at = `{}`: must be an absolute path",
+                share.mounted_at.display()
+            ),
+        );
+    }
+    let folders = [
+        ("workspace_path", Some(&pool.workspace_path)),
+        ("data_dir", pool.data_dir.as_ref()),
+    ];
+    for (key, folder) in folders {
+        if let Some(folder) = folder
+            && share.device_for(folder).is_none()
+        {
+            let message = format!(
+                "[pool] {key} {} is not under {}, where this machine sees {}: swarm tasks could not see it (set mounted_at, or move the folder onto the share)",
+                folder.display(),
+                share.mounted_at.display(),
+                nfs.nfs
+            );
+            k.problem("files", message);
+        }
+    }
+    SwarmFiles::Nfs(share)
 }
 
 /// `metrics_listen`: `"ADDRESS:PORT"` (`"127.0.0.1:9464"`).

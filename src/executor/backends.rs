@@ -197,6 +197,7 @@ impl Backends {
                     api_url: url.clone(),
                     tokens: tokens.clone(),
                     ca: config.pool.api_tls_ca.clone(),
+                    files: config.pool.swarm.files.clone(),
                     place_within: config
                         .pool
                         .startup_timeout
@@ -253,31 +254,9 @@ impl Backends {
         let (Some(swarm), Some((url, _))) = (&self.swarm, &self.swarm_api) else {
             return Ok(());
         };
-        let mut tried: Vec<(String, Vec<String>, Option<String>)> = Vec::new();
         let mut failures = Vec::new();
-        for w in config
-            .workers
-            .iter()
-            .filter(|w| w.execution_mode == ExecutionMode::Swarm)
-        {
-            let image = w.image.clone().unwrap_or_default();
-            let user = w.user.docker_user();
-            let key = (image.clone(), w.placement.constraints.clone(), user.clone());
-            if tried.contains(&key) {
-                continue;
-            }
-            tried.push(key);
-            let check = super::swarm::Preflight {
-                image: &image,
-                placement: &w.placement,
-                api_url: url,
-                ca: config.pool.api_tls_ca.as_deref(),
-                workspace: &config.pool.workspace_path,
-                user: user.as_deref(),
-                place_within: config.pool.startup_timeout,
-                finish_within: Duration::from_secs(60),
-            };
-            match swarm.preflight(&check).await {
+        for (w, outcome) in preflight_entries(swarm, url, config).await {
+            match outcome {
                 Ok(Checked::Passed(node)) => info!(
                     worker_type = %w.worker_type,
                     %node,
@@ -333,6 +312,44 @@ fn needs_api(protocol: Protocol, w: &WorkerConfig) -> bool {
 /// Where an entry is written, for messages.
 fn at(config: &Config, w: &WorkerConfig) -> String {
     format!("{}:{}: workers `{}`", config.path.display(), w.line, w.worker_type)
+}
+
+/// Runs one preflight task per distinct placement (image, constraints,
+/// user) of the swarm entries, against the Worker API at `url`; what each
+/// found, beside the first entry of its placement (`start` and `check`).
+pub async fn preflight_entries<'c>(
+    swarm: &SwarmEngine,
+    url: &str,
+    config: &'c Config,
+) -> Vec<(&'c WorkerConfig, Result<Checked, String>)> {
+    let mut tried: Vec<(String, Vec<String>, Option<String>)> = Vec::new();
+    let mut found = Vec::new();
+    for w in config
+        .workers
+        .iter()
+        .filter(|w| w.execution_mode == ExecutionMode::Swarm)
+    {
+        let image = w.image.clone().unwrap_or_default();
+        let user = w.user.docker_user();
+        let key = (image.clone(), w.placement.constraints.clone(), user.clone());
+        if tried.contains(&key) {
+            continue;
+        }
+        tried.push(key);
+        let check = super::swarm::Preflight {
+            image: &image,
+            placement: &w.placement,
+            api_url: url,
+            ca: config.pool.api_tls_ca.as_deref(),
+            workspace: &config.pool.workspace_path,
+            files: &config.pool.swarm.files,
+            user: user.as_deref(),
+            place_within: config.pool.startup_timeout,
+            finish_within: Duration::from_secs(60),
+        };
+        found.push((w, swarm.preflight(&check).await));
+    }
+    found
 }
 
 /// Starts CLM's Worker API for swarm entries: exactly at `api_listen`

@@ -20,10 +20,10 @@ use std::time::Duration;
 use anyhow::Context;
 use bollard::Docker;
 use bollard::models::{
-    Limit, Mount, MountType, NetworkAttachmentConfig, NodeState, ResourceObject, ServiceSpec, ServiceSpecMode,
-    ServiceSpecModeReplicated, Task, TaskSpec, TaskSpecContainerSpec, TaskSpecContainerSpecFile,
-    TaskSpecContainerSpecSecrets, TaskSpecPlacement, TaskSpecPlacementPreferences, TaskSpecPlacementSpread,
-    TaskSpecResources, TaskSpecRestartPolicy, TaskSpecRestartPolicyConditionEnum, TaskState,
+    Limit, Mount, MountType, MountVolumeOptions, MountVolumeOptionsDriverConfig, NetworkAttachmentConfig, NodeState,
+    ResourceObject, ServiceSpec, ServiceSpecMode, ServiceSpecModeReplicated, Task, TaskSpec, TaskSpecContainerSpec,
+    TaskSpecContainerSpecFile, TaskSpecContainerSpecSecrets, TaskSpecPlacement, TaskSpecPlacementPreferences,
+    TaskSpecPlacementSpread, TaskSpecResources, TaskSpecRestartPolicy, TaskSpecRestartPolicyConditionEnum, TaskState,
 };
 use bollard::query_parameters::{
     ListNodesOptions, ListSecretsOptionsBuilder, ListServicesOptionsBuilder, ListTasksOptionsBuilder,
@@ -36,7 +36,7 @@ use super::Launch;
 use super::docker::{self, LABEL_DB, LABEL_DB_ID, LABEL_SLOT, LABEL_TYPE, LABEL_WORKER, is_not_found};
 use super::placement::NodeFacts;
 use crate::api::tokens::WorkerTokens;
-use crate::config::{Placement, WorkerProgram};
+use crate::config::{Placement, SwarmFiles, WorkerProgram};
 use crate::db::slots::TaskLine;
 use crate::logs::{self, Tail};
 use crate::vocab::{EndCause, WorkerId, WorkerRow};
@@ -61,6 +61,8 @@ pub struct SwarmEngine {
     said_env: std::sync::atomic::AtomicBool,
     /// Removals of workers' token secrets, which wait for their tasks.
     cleanups: tokio_util::task::TaskTracker,
+    /// The CA secret, when this engine made it (not found on the swarm).
+    ca_made: std::sync::Mutex<Option<String>>,
 }
 
 /// One poll: the newest task of each of the pool's services, and the
@@ -131,6 +133,7 @@ impl SwarmEngine {
             ca: tokio::sync::OnceCell::new(),
             said_env: std::sync::atomic::AtomicBool::new(false),
             cleanups: tokio_util::task::TaskTracker::new(),
+            ca_made: std::sync::Mutex::new(None),
         })
     }
 
@@ -180,7 +183,27 @@ impl SwarmEngine {
             .create_secret(spec)
             .await
             .with_context(|| format!("creating the secret {name} on {}", self.address))?;
+        *self.ca_made.lock().unwrap_or_else(|e| e.into_inner()) = Some(created.id.clone());
         Ok(Secret { id: created.id, name })
+    }
+
+    /// Removes the CA secret if this engine made it (`check`: a running
+    /// pool's own stays); a task still stopping holds it for a moment.
+    pub async fn remove_made_ca(&self) {
+        let Some(id) = self.ca_made.lock().unwrap_or_else(|e| e.into_inner()).take() else {
+            return;
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            match self.client.delete_secret(&id).await {
+                Ok(()) => return,
+                Err(e) if is_not_found(&e) => return,
+                Err(e) if tokio::time::Instant::now() >= deadline => {
+                    return tracing::warn!("removing the CA secret {id} on {}: {e}", self.address);
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+            }
+        }
     }
 
     /// What placement looks at on each node of the swarm.
@@ -375,16 +398,7 @@ impl SwarmEngine {
         }
         let (secrets, command, args) = secrets_and_program(spec, delivery, ca);
         let secrets = Some(secrets);
-        let mounts = docker::clm_mounts(spec)
-            .into_iter()
-            .map(|(host, inside, writable)| Mount {
-                target: Some(inside.to_string()),
-                source: Some(host.display().to_string()),
-                typ: Some(MountType::BIND),
-                read_only: Some(!writable),
-                ..Default::default()
-            })
-            .collect();
+        let mounts = mounts(&how.files, &self.db_id, &docker::clm_mounts(spec));
         let container = TaskSpecContainerSpec {
             image: Some(how.image.clone()),
             labels: Some(self.labels(Some(spec))),
@@ -490,8 +504,10 @@ pub struct Preflight<'a> {
     pub placement: &'a Placement,
     pub api_url: &'a str,
     pub ca: Option<&'a Path>,
-    /// The workspace on this machine, which every node must see alike.
+    /// The workspace on this machine, which every node must see alike …
     pub workspace: &'a Path,
+    /// … through the share of `[swarm] files`.
+    pub files: &'a SwarmFiles,
     pub user: Option<&'a str>,
     /// How long the task may wait for a node (`startup_timeout`) …
     pub place_within: Duration,
@@ -575,13 +591,11 @@ impl SwarmEngine {
             command: Some(vec!["python3".into(), "-c".into(), PREFLIGHT.into()]),
             env: Some(env),
             user: p.user.map(str::to_string),
-            mounts: Some(vec![Mount {
-                target: Some("/workspace".into()),
-                source: Some(p.workspace.display().to_string()),
-                typ: Some(MountType::BIND),
-                read_only: Some(false),
-                ..Default::default()
-            }]),
+            mounts: Some(mounts(
+                p.files,
+                &self.db_id,
+                &[(p.workspace.to_path_buf(), "/workspace", true)],
+            )),
             secrets: Some(secrets),
             ..Default::default()
         };
@@ -614,7 +628,7 @@ impl SwarmEngine {
                 };
                 match (t.state, t.exit_code) {
                     (TaskState::COMPLETE, _) => return Ok(Checked::Passed(node)),
-                    (TaskState::FAILED, Some(code)) => {
+                    (TaskState::FAILED, Some(code)) if !failed_to_start(&t) => {
                         return Err(format!("the preflight task on {node} exited with {code}"));
                     }
                     (TaskState::FAILED | TaskState::REJECTED | TaskState::SHUTDOWN | TaskState::ORPHANED, _) => {
@@ -778,6 +792,63 @@ pub struct SwarmLaunch {
     /// HTTPS client as a Swarm secret made at the first launch (after the
     /// takeover's cleanup, which removes the pool's old secrets).
     pub ca: Option<PathBuf>,
+    /// How its task sees the workspace and data folders (`[swarm] files`).
+    pub files: SwarmFiles,
+}
+
+/// A task's mounts of this machine's folders (`(folder, target,
+/// writable)`): bind mounts of the same paths (`files = "bind"`), or
+/// volumes of the `local` driver of type NFS, which Swarm creates on the
+/// node that runs the task. A volume's name carries a hash of its NFS
+/// source, so a changed share is never served by a node's older volume of
+/// the same name (Docker keeps a volume's options for its life).
+pub fn mounts(files: &SwarmFiles, db_id: &str, folders: &[(PathBuf, &str, bool)]) -> Vec<Mount> {
+    folders
+        .iter()
+        .map(|(folder, target, writable)| {
+            let mut mount = Mount {
+                target: Some(target.to_string()),
+                read_only: Some(!writable),
+                ..Default::default()
+            };
+            let device = match files {
+                SwarmFiles::Nfs(share) => share.device_for(folder),
+                SwarmFiles::Bind => None,
+            };
+            match (files, device) {
+                (SwarmFiles::Nfs(share), Some(device)) => {
+                    let o = match &share.options {
+                        Some(options) => format!("addr={},{options}", share.server),
+                        None => format!("addr={}", share.server),
+                    };
+                    let device = format!(":{}", device.display());
+                    let digest = sha2::Sha256::digest(format!("{o}\n{device}").as_bytes());
+                    let hash: String = digest.iter().take(4).map(|b| format!("{b:02x}")).collect();
+                    mount.typ = Some(MountType::VOLUME);
+                    mount.source = Some(format!("clx-{db_id}-{}-{hash}", target.trim_start_matches('/')));
+                    mount.volume_options = Some(MountVolumeOptions {
+                        no_copy: Some(true),
+                        labels: Some(HashMap::from([(LABEL_DB_ID.to_string(), db_id.to_string())])),
+                        driver_config: Some(MountVolumeOptionsDriverConfig {
+                            name: Some("local".into()),
+                            options: Some(HashMap::from([
+                                ("type".to_string(), "nfs".to_string()),
+                                ("o".to_string(), o),
+                                ("device".to_string(), device),
+                            ])),
+                        }),
+                        ..Default::default()
+                    });
+                }
+                // Outside the share (config refuses it): as the folder is.
+                _ => {
+                    mount.typ = Some(MountType::BIND);
+                    mount.source = Some(folder.display().to_string());
+                }
+            }
+            mount
+        })
+        .collect()
 }
 
 /// A Swarm secret of the pool: the CA bundle workers trust
@@ -973,6 +1044,7 @@ pub fn verdict(task: Option<&TaskView>, seen_before: bool, down: &HashMap<String
         EndCause::Unknown(format!("{what}: {why}"))
     };
     match t.state {
+        S::FAILED if failed_to_start(t) => Some(swarm_says("its task could not start")),
         S::COMPLETE | S::FAILED => Some(match t.exit_code {
             Some(code) if code > 128 && code < 160 => EndCause::Signal((code - 128) as i32),
             Some(code) => EndCause::Code(code as i32),
@@ -1039,6 +1111,14 @@ pub fn task_words(t: &TaskView) -> String {
             _ => state.to_string(),
         },
     }
+}
+
+/// Whether a failed task never ran its program (a mount, the image, the
+/// runtime): Swarm then reports an exit code of its own (128), and its
+/// error says what happened; a program that ran and failed is `task:
+/// non-zero exit (N)`.
+fn failed_to_start(t: &TaskView) -> bool {
+    t.err.as_deref().is_some_and(|e| !e.starts_with("task: non-zero exit"))
 }
 
 /// Why a worker's task is not on a node yet (Swarm's message), or None
@@ -1259,6 +1339,25 @@ mod tests {
             ("starting", Some(task(S::STARTING, S::RUNNING)), true, &none, None),
             ("waiting for a node", Some(pending), true, &none, None),
             ("exit 3", Some(exited(3)), true, &none, Some(EndCause::Code(3))),
+            (
+                "exit 3, as Swarm says it",
+                Some(with(exited(3), &|t| t.err = Some("task: non-zero exit (3)".into()))),
+                true,
+                &none,
+                Some(EndCause::Code(3)),
+            ),
+            (
+                "never started: a volume it cannot mount",
+                Some(with(exited(128), &|t| {
+                    t.err = Some("starting container failed: error while mounting volume: no such device".into())
+                })),
+                true,
+                &none,
+                Some(EndCause::Unknown(
+                    "its task could not start: starting container failed: error while mounting volume: no such device"
+                        .into(),
+                )),
+            ),
             ("killed", Some(exited(137)), true, &none, Some(EndCause::Signal(9))),
             (
                 "complete",
@@ -1312,6 +1411,79 @@ mod tests {
         for placed in [S::ASSIGNED, S::ACCEPTED, S::PREPARING, S::STARTING, S::RUNNING] {
             assert_eq!(unplaced(Some(&task(placed, S::RUNNING))), None, "{placed}");
         }
+    }
+
+    #[test]
+    fn folders_are_bind_mounted_or_nfs_volumes_named_by_their_source() {
+        use crate::config::{NfsShare, SwarmFiles};
+        let folders = [
+            (PathBuf::from("/srv/clm/course/output"), "/workspace", true),
+            (PathBuf::from("/srv/clm/course/slides"), "/source", false),
+        ];
+        let bind = mounts(&SwarmFiles::Bind, "db1", &folders);
+        let seen: Vec<_> = bind
+            .iter()
+            .map(|m| (m.typ, m.source.as_deref(), m.target.as_deref(), m.read_only))
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                (
+                    Some(MountType::BIND),
+                    Some("/srv/clm/course/output"),
+                    Some("/workspace"),
+                    Some(false)
+                ),
+                (
+                    Some(MountType::BIND),
+                    Some("/srv/clm/course/slides"),
+                    Some("/source"),
+                    Some(true)
+                ),
+            ]
+        );
+        let share = |options: Option<&str>| {
+            SwarmFiles::Nfs(NfsShare {
+                server: "files.lan".into(),
+                export: "/export/clm".into(),
+                options: options.map(str::to_string),
+                mounted_at: "/srv/clm".into(),
+            })
+        };
+        let nfs = mounts(&share(Some("nfsvers=4.1,hard")), "db1", &folders);
+        let driver = |m: &Mount| {
+            let o = m.volume_options.as_ref().unwrap();
+            assert_eq!(o.no_copy, Some(true), "an empty share is never filled from the image");
+            let d = o.driver_config.as_ref().unwrap();
+            assert_eq!(d.name.as_deref(), Some("local"));
+            let mut opts: Vec<(String, String)> = d.options.clone().unwrap().into_iter().collect();
+            opts.sort();
+            opts
+        };
+        assert_eq!(nfs[0].typ, Some(MountType::VOLUME));
+        assert_eq!(
+            driver(&nfs[0]),
+            [
+                ("device".to_string(), ":/export/clm/course/output".to_string()),
+                ("o".to_string(), "addr=files.lan,nfsvers=4.1,hard".to_string()),
+                ("type".to_string(), "nfs".to_string()),
+            ]
+        );
+        assert_eq!(driver(&nfs[1])[0].1, ":/export/clm/course/slides");
+        assert_eq!(
+            (nfs[1].read_only, nfs[1].target.as_deref()),
+            (Some(true), Some("/source"))
+        );
+        let name = nfs[0].source.clone().unwrap();
+        assert!(name.starts_with("clx-db1-workspace-"), "{name}");
+        // Other options, another volume: a node's old one never serves.
+        let other = mounts(&share(None), "db1", &folders);
+        assert_ne!(other[0].source, nfs[0].source);
+        assert_eq!(driver(&other[0])[1].1, "addr=files.lan");
+        assert_eq!(
+            mounts(&share(Some("nfsvers=4.1,hard")), "db1", &folders)[0].source,
+            nfs[0].source
+        );
     }
 
     #[test]
