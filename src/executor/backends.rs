@@ -292,6 +292,32 @@ impl Backends {
         Ok(n)
     }
 
+    /// Ends the engines' own tasks (followers at once; output drains and
+    /// cleanups after a grace of a few seconds), at the end of a run once
+    /// every worker is gone.
+    pub async fn end(&self) {
+        const GRACE: Duration = Duration::from_secs(5);
+        let docker = async {
+            match &self.docker {
+                Some(engine) => engine.tasks.end(GRACE).await,
+                None => 0,
+            }
+        };
+        let swarm = async {
+            match &self.swarm {
+                Some(engine) => engine.tasks.end(GRACE).await,
+                None => 0,
+            }
+        };
+        let (a, b) = tokio::join!(docker, swarm);
+        if a + b > 0 {
+            warn!(
+                tasks = a + b,
+                "the engines' output drains or cleanups did not end within {GRACE:?}; ended"
+            );
+        }
+    }
+
     /// Like [`Backends::remove_leftovers`], for the end of a run: logged,
     /// never failing the stop.
     pub async fn sweep(&self) {

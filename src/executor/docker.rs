@@ -110,6 +110,8 @@ pub struct DockerEngine {
     db_path: PathBuf,
     deaths: Mutex<HashSet<String>>,
     died: Notify,
+    /// Its event follower and the workers' output drains.
+    pub tasks: super::tasks::EngineTasks,
 }
 
 impl DockerEngine {
@@ -122,9 +124,10 @@ impl DockerEngine {
             db_path: db_path.to_path_buf(),
             deaths: Mutex::new(HashSet::new()),
             died: Notify::new(),
+            tasks: super::tasks::EngineTasks::default(),
         });
         let e = engine.clone();
-        tokio::spawn(async move { e.follow_events().await });
+        engine.tasks.follow(async move { e.follow_events().await });
         engine
     }
 
@@ -275,7 +278,7 @@ impl DockerEngine {
             return Err(anyhow::Error::new(e).context(format!("starting container {name}")));
         }
         let tail = Tail::default();
-        tokio::spawn(drain_logs(
+        self.tasks.spawn(drain_logs(
             self.client.logs(&id, Some(follow_output())),
             log,
             tail.clone(),

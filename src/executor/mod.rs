@@ -8,6 +8,7 @@ pub mod docker;
 pub mod placement;
 pub mod plan;
 pub mod swarm;
+pub mod tasks;
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -31,6 +31,7 @@ use bollard::query_parameters::{
 };
 use sha2::Digest;
 use tokio::sync::watch;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::Launch;
 use super::docker::{self, LABEL_DB, LABEL_DB_ID, LABEL_SLOT, LABEL_TYPE, LABEL_WORKER, is_not_found};
@@ -43,6 +44,9 @@ use crate::vocab::{EndCause, WorkerId, WorkerRow};
 
 /// How often the poller lists the pool's tasks and the swarm's nodes.
 const POLL: Duration = Duration::from_secs(1);
+
+/// How long a worker's output is still drained once the worker is gone.
+const LAST_LINES_WITHIN: Duration = Duration::from_millis(500);
 
 /// How long a connection to the manager may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -59,8 +63,9 @@ pub struct SwarmEngine {
     ca: tokio::sync::OnceCell<Secret>,
     /// Whether the log said that tokens go into the environment.
     said_env: std::sync::atomic::AtomicBool,
-    /// Removals of workers' token secrets, which wait for their tasks.
-    cleanups: tokio_util::task::TaskTracker,
+    /// Its task poller, the workers' output drains, and removals of
+    /// workers' token secrets (which wait for their tasks).
+    pub tasks: super::tasks::EngineTasks,
     /// The CA secret, when this engine made it (not found on the swarm).
     ca_made: std::sync::Mutex<Option<String>>,
 }
@@ -123,7 +128,8 @@ impl SwarmEngine {
     pub fn new(client: Docker, address: String, db_path: &Path) -> Arc<SwarmEngine> {
         let (tx, seen) = watch::channel(Arc::new(Seen::default()));
         let db_id = docker::db_id(db_path);
-        tokio::spawn(poll(client.clone(), db_id.clone(), tx));
+        let tasks = super::tasks::EngineTasks::default();
+        tasks.follow(poll(client.clone(), db_id.clone(), tx));
         Arc::new(SwarmEngine {
             client,
             address,
@@ -132,7 +138,7 @@ impl SwarmEngine {
             seen,
             ca: tokio::sync::OnceCell::new(),
             said_env: std::sync::atomic::AtomicBool::new(false),
-            cleanups: tokio_util::task::TaskTracker::new(),
+            tasks,
             ca_made: std::sync::Mutex::new(None),
         })
     }
@@ -335,8 +341,9 @@ impl SwarmEngine {
             }
         };
         let id = created.id.context("the manager answered without a service id")?;
-        let tail = self.follow_output(spec, &name, &id, &how.image)?;
+        let (tail, output) = self.follow_output(spec, &name, &id, &how.image)?;
         Ok(SwarmWorker {
+            _output: output,
             worker_id: spec.worker_id.clone(),
             token_secret: match delivery {
                 Delivery::Secret { secret, .. } => Some(secret.id),
@@ -362,16 +369,32 @@ impl SwarmEngine {
     }
 
     /// Follows a service's output into the slot's log and tail.
-    fn follow_output(&self, spec: &Launch, name: &str, id: &str, image: &str) -> anyhow::Result<Tail> {
+    /// A service's log stream does not end with the service: the drain
+    /// ends a moment (for the last lines) after the returned guard drops
+    /// with its worker.
+    fn follow_output(&self, spec: &Launch, name: &str, id: &str, image: &str) -> anyhow::Result<(Tail, DropGuard)> {
         let mut log = logs::open_worker_log(&spec.log_path, spec.log_max_size, spec.log_keep)?;
         logs::mark(&mut log, &format!("created service {name} ({id}) from {image}"));
         let tail = Tail::default();
-        tokio::spawn(docker::drain_logs(
+        let ended = CancellationToken::new();
+        let drain = docker::drain_logs(
             self.client.service_logs(id, Some(docker::follow_output())),
             log,
             tail.clone(),
-        ));
-        Ok(tail)
+        );
+        let worker_ended = ended.clone();
+        self.tasks.spawn(async move {
+            tokio::pin!(drain);
+            tokio::select! {
+                _ = &mut drain => {}
+                _ = worker_ended.cancelled() => {
+                    if tokio::time::timeout(LAST_LINES_WITHIN, &mut drain).await.is_err() {
+                        tracing::debug!("a swarm worker's output stream outlived it; closed");
+                    }
+                }
+            }
+        });
+        Ok((tail, ended.drop_guard()))
     }
 
     /// The service of one worker: one replica, Swarm's restart policy
@@ -761,7 +784,7 @@ impl SwarmEngine {
     /// just removed): tried for a minute in the background.
     fn forget_secret(&self, id: String) {
         let client = self.client.clone();
-        self.cleanups.spawn(async move {
+        self.tasks.spawn(async move {
             for _ in 0..120 {
                 match client.delete_secret(&id).await {
                     Ok(()) => return,
@@ -1139,6 +1162,8 @@ pub fn unplaced(task: Option<&TaskView>) -> Option<String> {
 
 /// A started swarm worker: its service, and the verdict once it ended.
 pub struct SwarmWorker {
+    /// Ends its output's drain when it is dropped.
+    _output: DropGuard,
     pub worker_id: WorkerId,
     /// The secret holding its token, if it got one.
     token_secret: Option<String>,

@@ -174,6 +174,7 @@ impl Running {
             }
         }
         sweep_leftovers(&self.config, &self.backends).await;
+        self.backends.end().await;
         // What the workers started and left, without the tags (a cleared
         // environment), was adopted by this child subreaper: it goes too.
         let adopted = procs::end_descendants(Duration::from_secs(5), &[self.guard.pid() as i32]).await;
