@@ -241,6 +241,31 @@ fn add_jobs(clm: &Clm, pool: &Pool, job_type: &str, first: usize, n: usize) {
     }
 }
 
+/// Queues one job of `job_type` that sleeps `seconds` before it writes
+/// its output; its id.
+fn add_sleeping_job(clm: &Clm, pool: &Pool, job_type: &str, name: &str, seconds: u32) -> i64 {
+    let input = pool.path(&format!("data/{name}.txt"));
+    std::fs::write(&input, format!("{name}\n")).unwrap();
+    let output = pool.path(&format!("workspace/out/{name}.txt"));
+    clm.add_job(
+        &pool.db_path(),
+        job_type,
+        &input,
+        &output,
+        &format!("{{\"sleep\": {seconds}}}"),
+    )
+}
+
+/// Waits until job `id` is held by a worker; that worker's row.
+fn held_by(pool: &Pool, id: i64) -> i64 {
+    wait_for(&format!("job {id} to be taken"), Duration::from_secs(60), || {
+        pool.try_i64(&format!(
+            "SELECT COALESCE(MAX(worker_id), 0) FROM jobs WHERE id = {id} AND status = 'processing'"
+        ))
+        .filter(|row| *row > 0)
+    })
+}
+
 fn wait_ready(pool: &Pool) {
     pool.wait_ready_within("120s");
 }
@@ -538,6 +563,10 @@ fn a_worker_on_a_lost_node_is_ended_and_replaced_on_a_live_one_and_its_token_ref
         swarm.token_of(&tasks[0]),
         swarm.service_env(&tasks[0].0, "CLM_WORKER_ID"),
     );
+    // It holds a job when its node is lost (its container keeps running:
+    // only the node's engine is frozen).
+    let job = add_sleeping_job(&clm, &pool, "echo", "held", 40);
+    assert_eq!(held_by(&pool, job).to_string(), row);
     let frozen = Frozen(pid.trim().parse().unwrap());
     common::signal(frozen.0, nix::sys::signal::Signal::SIGSTOP);
     // Swarm marks the node down (about 15 s); the slot ends the worker
@@ -564,8 +593,33 @@ fn a_worker_on_a_lost_node_is_ended_and_replaced_on_a_live_one_and_its_token_ref
     // The replica on the frozen node still runs, but its token is dead.
     assert_eq!(heartbeat(port, &token, &row), 401);
     add_jobs(&clm, &pool, "echo", 0, 2);
-    pool.drained("120s");
+    pool.drained("180s");
+    // The held job went back and was done once, by the new worker; the
+    // zombie's own report (when its sleep ended) was refused.
+    let (status, attempts, by): (String, i64, String) = {
+        let conn = rusqlite::Connection::open(pool.db_path()).unwrap();
+        conn.query_row(
+            &format!("SELECT status, attempts, CAST(worker_id AS TEXT) FROM jobs WHERE id = {job}"),
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .unwrap()
+    };
+    assert_eq!((status.as_str(), attempts), ("completed", 2), "{by}");
+    assert_ne!(by, row, "completed by the replacement");
+    assert_eq!(
+        std::fs::read_to_string(pool.path("workspace/out/held.txt")).unwrap(),
+        "held\n"
+    );
+    // Its engine back, Swarm stops the zombie: one worker, one container.
     drop(frozen);
+    wait_for("the zombie's container to be stopped", Duration::from_secs(90), || {
+        (swarm.containers(&pool).len() == 1).then_some(())
+    });
+    assert_eq!(
+        pool.query_i64("SELECT COUNT(*) FROM jobs WHERE status = 'completed'"),
+        3
+    );
     let out = pool.cli(&["stop", "--timeout", "60s"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(swarm.services(&pool).is_empty());
@@ -807,4 +861,76 @@ fn an_nfs_share_no_node_can_mount_stops_start_at_the_preflight_with_swarms_words
             "{options}"
         );
     }
+}
+
+/// A swarm worker over `max_job_time` is found hung: its token is revoked
+/// (401), its service replaced by a new worker with a row of its own.
+#[test]
+fn a_hung_swarm_worker_is_replaced_and_its_token_refused() {
+    let Some((swarm, clm)) = ready() else { return };
+    let workers = entry("echo", 1, "node.labels.clx-test == 1") + "max_job_time = \"3s\"\n";
+    let (mut pool, port) = pool(&clm, &swarm, &workers);
+    let _leftovers = Leftovers {
+        swarm: &swarm,
+        db_id: db_id(&pool),
+    };
+    pool.start();
+    wait_ready(&pool);
+    let first = swarm.running_tasks(&pool).remove(0);
+    let (token, row) = (swarm.token_of(&first), swarm.service_env(&first.0, "CLM_WORKER_ID"));
+    let job = add_sleeping_job(&clm, &pool, "echo", "stuck", 60);
+    held_by(&pool, job);
+    let cause = wait_for("the worker to be found hung", Duration::from_secs(60), || {
+        pool.query_strings("SELECT cause FROM clx_pool_events WHERE event = 'hung'")
+            .into_iter()
+            .next()
+    });
+    assert!(cause.contains("max_job_time"), "{cause}");
+    assert_eq!(heartbeat(port, &token, &row), 401, "the hung worker's token is revoked");
+    wait_for("a new worker in its place", Duration::from_secs(90), || {
+        let tasks = swarm.running_tasks(&pool);
+        let fresh = tasks.len() == 1 && swarm.service_env(&tasks[0].0, "CLM_WORKER_ID") != row;
+        (fresh && pool.query_i64("SELECT COUNT(*) FROM workers WHERE status IN ('idle', 'busy')") == 1).then_some(())
+    });
+    let out = pool.cli(&["jobs", "cancel", &job.to_string()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = pool.cli(&["stop", "--timeout", "60s"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(swarm.services(&pool).is_empty());
+}
+
+/// `scale` down retires an idle swarm worker first: the busy one keeps
+/// its job to the end, and its service stays.
+#[test]
+fn a_scale_down_retires_the_idle_swarm_worker_and_keeps_the_busy_one() {
+    let Some((swarm, clm)) = ready() else { return };
+    let (mut pool, _) = pool(&clm, &swarm, &entry("echo", 2, "node.labels.clx-test == 1"));
+    let _leftovers = Leftovers {
+        swarm: &swarm,
+        db_id: db_id(&pool),
+    };
+    pool.start();
+    wait_ready(&pool);
+    let job = add_sleeping_job(&clm, &pool, "echo", "long", 15);
+    let busy = held_by(&pool, job).to_string();
+    let out = pool.cli(&["scale", "echo=1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    wait_for("one service left", Duration::from_secs(60), || {
+        (swarm.services(&pool).len() == 1).then_some(())
+    });
+    let kept = swarm.running_tasks(&pool);
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    assert_eq!(
+        swarm.service_env(&kept[0].0, "CLM_WORKER_ID"),
+        busy,
+        "the busy worker stays"
+    );
+    pool.drained("120s");
+    assert_eq!(
+        pool.query_strings(&format!("SELECT status || ' ' || attempts FROM jobs WHERE id = {job}")),
+        vec!["completed 1"]
+    );
+    let out = pool.cli(&["stop", "--timeout", "60s"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(swarm.services(&pool).is_empty());
 }
