@@ -400,6 +400,9 @@ pub enum EndCause {
     /// It never ran, for a reason outside it that may pass (no node of a
     /// swarm could take its task): a fault outside the worker.
     NotPlaced(String),
+    /// Its node could not start it (the image missing there, a mount that
+    /// failed): its program never ran; a fault outside the worker.
+    NotStarted(String),
 }
 
 impl EndCause {
@@ -419,6 +422,7 @@ impl fmt::Display for EndCause {
             EndCause::Oom => write!(f, "was killed by the kernel's OOM killer (out of memory)"),
             EndCause::Unknown(e) => write!(f, "ended ({e})"),
             EndCause::NotPlaced(why) => write!(f, "was never placed ({why})"),
+            EndCause::NotStarted(why) => write!(f, "never started ({why})"),
         }
     }
 }

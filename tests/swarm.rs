@@ -934,3 +934,49 @@ fn a_scale_down_retires_the_idle_swarm_worker_and_keeps_the_busy_one() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(swarm.services(&pool).is_empty());
 }
+
+/// An entry whose image no node has (added by `reload`, after the
+/// preflight): its nodes cannot start its tasks, which is a fault outside
+/// the worker: the slot cools down with Swarm's words, never given up,
+/// and the pool's other workers are untouched.
+#[test]
+fn an_image_no_node_has_cools_the_slot_down_with_swarms_words() {
+    let Some((swarm, clm)) = ready() else { return };
+    let (mut pool, _) = pool(&clm, &swarm, &entry("echo", 1, "node.labels.clx-test == 1"));
+    let _leftovers = Leftovers {
+        swarm: &swarm,
+        db_id: db_id(&pool),
+    };
+    pool.start();
+    wait_ready(&pool);
+    let missing = entry("ghost", 1, "node.labels.clx-test == 1").replace(IMAGE, "clx-pool/no-such-image:1");
+    let config = std::fs::read_to_string(pool.config()).unwrap().replace(
+        "startup_timeout = \"60s\"",
+        "startup_timeout = \"60s\"\nrestart_limit = 2\nrestart_window = \"5m\"\nrestart_cooldown = \"10m\"",
+    ) + &missing;
+    std::fs::write(pool.config(), config).unwrap();
+    let out = pool.cli(&["reload"]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    let note = wait_for("the ghost slot to cool down", Duration::from_secs(120), || {
+        pool.query_strings(
+            "SELECT COALESCE(note, '') FROM clx_pool_slots
+             WHERE worker_type = 'ghost' AND state = 'backoff' AND note LIKE '%fault outside the worker%'",
+        )
+        .into_iter()
+        .next()
+    });
+    assert!(note.contains("never started (its node"), "{note}");
+    assert!(note.contains("no-such-image"), "Swarm's words name the image: {note}");
+    assert_eq!(
+        pool.query_i64("SELECT COUNT(*) FROM clx_pool_slots WHERE state = 'failed'"),
+        0,
+        "never given up"
+    );
+    assert_eq!(
+        pool.query_i64("SELECT COUNT(*) FROM clx_pool_slots WHERE worker_type = 'echo' AND state = 'running'"),
+        1
+    );
+    let out = pool.cli(&["stop", "--timeout", "60s"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(swarm.services(&pool).is_empty());
+}

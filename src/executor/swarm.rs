@@ -1066,14 +1066,18 @@ pub fn verdict(task: Option<&TaskView>, seen_before: bool, down: &HashMap<String
         let why = t.err.as_deref().or(t.message.as_deref()).unwrap_or("no reason given");
         EndCause::Unknown(format!("{what}: {why}"))
     };
+    let node_says = |what: &str| {
+        let why = t.err.as_deref().or(t.message.as_deref()).unwrap_or("no reason given");
+        EndCause::NotStarted(format!("{what}: {why}"))
+    };
     match t.state {
-        S::FAILED if failed_to_start(t) => Some(swarm_says("its task could not start")),
+        S::FAILED if failed_to_start(t) => Some(node_says("its node could not start its task")),
+        S::REJECTED => Some(node_says("its node rejected its task")),
         S::COMPLETE | S::FAILED => Some(match t.exit_code {
             Some(code) if code > 128 && code < 160 => EndCause::Signal((code - 128) as i32),
             Some(code) => EndCause::Code(code as i32),
             None => swarm_says("its task failed"),
         }),
-        S::REJECTED => Some(swarm_says("Swarm rejected its task")),
         S::SHUTDOWN | S::REMOVE | S::ORPHANED => Some(swarm_says(&format!("its task was {}", t.state))),
         _ => {
             if let Some(host) = t.node.as_ref().and_then(|n| down.get(n)) {
@@ -1378,8 +1382,8 @@ mod tests {
                 })),
                 true,
                 &none,
-                Some(EndCause::Unknown(
-                    "its task could not start: starting container failed: error while mounting volume: no such device"
+                Some(EndCause::NotStarted(
+                    "its node could not start its task: starting container failed: error while mounting volume: no such device"
                         .into(),
                 )),
             ),
@@ -1396,8 +1400,8 @@ mod tests {
                 Some(rejected),
                 true,
                 &none,
-                Some(EndCause::Unknown(
-                    "Swarm rejected its task: invalid mount config for type \"bind\"".into(),
+                Some(EndCause::NotStarted(
+                    "its node rejected its task: invalid mount config for type \"bind\"".into(),
                 )),
             ),
             (

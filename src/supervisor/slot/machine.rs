@@ -198,7 +198,7 @@ impl Failure {
         match self {
             Failure::SpawnFailed { outside, .. } => *outside,
             Failure::Died(EndCause::Code(c)) => *c == EndCause::DATABASE_UNAVAILABLE,
-            Failure::Died(EndCause::NotPlaced(_)) => true,
+            Failure::Died(EndCause::NotPlaced(_) | EndCause::NotStarted(_)) => true,
             _ => false,
         }
     }
@@ -875,5 +875,6 @@ mod tests {
         assert!(Failure::Died(EndCause::Code(75)).is_outside_worker());
         assert!(!Failure::Died(EndCause::Code(1)).is_outside_worker());
         assert!(Failure::Died(EndCause::NotPlaced("no suitable node".into())).is_outside_worker());
+        assert!(Failure::Died(EndCause::NotStarted("No such image: nb:1".into())).is_outside_worker());
     }
 }
