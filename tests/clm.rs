@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::clm::{Clm, clm};
+use common::clm::{Clm, clm, copy_dir, find_files};
 use common::{Pool, env_of, kill9, repo_path, stderr, stdout, toml_str, wait_for};
 
 /// `sqlite_master` without clx-pool's own tables: (type, name, sql).
@@ -342,7 +342,10 @@ fn clm_build_reuses_the_pool_and_starts_no_worker_of_its_own() {
     let slots_before = pool.query_strings("SELECT worker_id || ':' || pid FROM clx_pool_slots ORDER BY slot");
     let rows_before = pool.query_strings("SELECT CAST(id AS TEXT) FROM workers ORDER BY id");
     let log_dir = pool.path("clm-logs");
-    let out = clm_build(&clm, &pool, &course, 2).output().unwrap();
+    let out = clm
+        .build(&pool, &course, &pool.path("site"), "direct", 2)
+        .output()
+        .unwrap();
     let log = std::fs::read_to_string(log_dir.join("clm.log")).unwrap_or_default();
     assert!(out.status.success(), "clm build failed: {}\n{log}", stderr(&out));
     assert!(log.contains("Sufficient healthy workers already running"), "{log}");
@@ -422,62 +425,6 @@ fn a_clm_made_database_is_followed_when_unset_and_refused_under_clx() {
         2
     );
     assert_eq!(pool.schema_versions(), vec![11]);
-}
-
-/// `clm build` of the test course on the pool's database with direct
-/// PlantUML workers (its log in `clm-logs` of the pool's folder).
-fn clm_build(clm: &Clm, pool: &Pool, course: &Path, plantuml_workers: u32) -> Command {
-    let mut cmd = Command::new(clm.venv.join("bin/clm"));
-    cmd.arg("--jobs-db-path")
-        .arg(pool.db_path())
-        .arg("--cache-db-path")
-        .arg(pool.path("cache.db"))
-        .arg("build")
-        .arg(course.join("course-specs/course.xml"))
-        .arg("--output-dir")
-        .arg(pool.path("site"))
-        .args([
-            "--workers",
-            "direct",
-            "--plantuml-workers",
-            &plantuml_workers.to_string(),
-        ])
-        .args(["--notebook-workers", "0", "--drawio-workers", "0"])
-        .args(["--no-progress", "--no-color", "--no-env-file", "--log-level", "info"])
-        .envs(clm.env())
-        .env("CLM_LOG_DIR", pool.path("clm-logs"))
-        .env("COLUMNS", "200")
-        .env_remove("CI");
-    cmd
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
-}
-
-fn find_files(dir: &Path, ext: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return out;
-    };
-    for entry in entries.flatten() {
-        let p = entry.path();
-        if p.is_dir() {
-            out.extend(find_files(&p, ext));
-        } else if p.extension().is_some_and(|e| e == ext) {
-            out.push(p.display().to_string());
-        }
-    }
-    out
 }
 
 /// What `clm build` sees of the `reverse` workers when it submits: live
@@ -593,7 +540,8 @@ fn clm_build_completes_while_its_worker_is_killed_again_and_again() {
     let course = pool.path("course");
     copy_dir(&repo_path("tests/fixtures/clm-course"), &course);
     let log_dir = pool.path("clm-logs");
-    let build = clm_build(&clm, &pool, &course, 1)
+    let build = clm
+        .build(&pool, &course, &pool.path("site"), "direct", 1)
         .stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(pool.path("clm-build.err")).unwrap())
         .spawn()

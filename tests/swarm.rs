@@ -980,3 +980,80 @@ fn an_image_no_node_has_cools_the_slot_down_with_swarms_words() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(swarm.services(&pool).is_empty());
 }
+
+/// How many `plantuml` workers CLM 1.35's own discovery counts as healthy
+/// docker workers a build may reuse, as `clm build --workers docker` asks
+/// (`LifecycleManager`: a `DockerWorkerExecutor` when an engine answers
+/// at DOCKER_HOST, whose `is_worker_running` looks for the worker's
+/// container there), with `docker_host` as DOCKER_HOST.
+fn clm_counts_reusable(clm: &Clm, db: &std::path::Path, docker_host: &str) -> i64 {
+    let out = clm.py_env(
+        "import sys\n\
+         from pathlib import Path\n\
+         from clm.infrastructure.workers.discovery import WorkerDiscovery\n\
+         executors = {}\n\
+         try:\n\
+         \x20   import docker\n\
+         \x20   from clm.infrastructure.workers.worker_executor import DockerWorkerExecutor\n\
+         \x20   executors['docker'] = DockerWorkerExecutor(docker_client=docker.from_env(), db_path=Path(sys.argv[1]), workspace_path=Path('/tmp'), data_dir=None, network_name='clm_app_network', log_level='INFO')\n\
+         except Exception as e:\n\
+         \x20   print('no docker executor:', e, file=sys.stderr)\n\
+         d = WorkerDiscovery(Path(sys.argv[1]), executors=executors)\n\
+         print(d.count_healthy_workers('plantuml', execution_mode='docker', reusable_for_session='s'))\n",
+        &[db.to_str().unwrap()],
+        &[("DOCKER_HOST", docker_host)],
+    );
+    stdout(&out)
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("{}{}", stdout(&out), stderr(&out)))
+}
+
+/// A real `clm build --workers docker` and the pool's swarm workers:
+/// CLM counts a docker worker as alive only if it finds its container on
+/// the engine at DOCKER_HOST, which never holds a swarm worker's (they run
+/// on any node), so with an engine at hand it would start workers of its
+/// own. With no engine to ask (DOCKER_HOST naming none), CLM trusts the
+/// heartbeats: the build reuses the pool, starts nothing, and the pool's
+/// workers on the swarm convert its jobs (docs/swarm.md, "clm build").
+#[test]
+fn clm_build_reuses_the_swarm_pool_when_it_has_no_engine_to_ask() {
+    let Some((swarm, clm)) = ready() else { return };
+    let (mut pool, _) = pool(&clm, &swarm, &entry("plantuml", 1, "node.labels.clx-test == 1"));
+    let _leftovers = Leftovers {
+        swarm: &swarm,
+        db_id: db_id(&pool),
+    };
+    common::clm::copy_dir(&common::repo_path("tests/fixtures/clm-course"), &pool.path("data"));
+    pool.start();
+    wait_ready(&pool);
+    assert_eq!(clm_counts_reusable(&clm, &pool.db_path(), &swarm.manager), 0);
+    let nowhere = "unix:///nonexistent/docker.sock";
+    assert_eq!(clm_counts_reusable(&clm, &pool.db_path(), nowhere), 1);
+    let logs = pool.path("clm-logs");
+    let out = clm
+        .build(&pool, &pool.path("data"), &pool.path("workspace/site"), "docker", 1)
+        .env("DOCKER_HOST", nowhere)
+        .output()
+        .unwrap();
+    let log = std::fs::read_to_string(logs.join("clm.log")).unwrap_or_default();
+    assert!(
+        out.status.success(),
+        "clm build failed: {}{}\n{log}",
+        stdout(&out),
+        stderr(&out)
+    );
+    assert!(log.contains("Sufficient healthy workers already running"), "{log}");
+    assert!(!log.contains("Starting managed workers"), "{log}");
+    let pngs = common::clm::find_files(&pool.path("workspace/site"), "png");
+    assert!(pngs.iter().any(|p| p.ends_with("hello.png")), "{pngs:?}");
+    assert_eq!(
+        pool.query_i64(
+            "SELECT COUNT(*) FROM jobs WHERE worker_id IS NULL OR worker_id NOT IN (SELECT worker_row FROM clx_pool_slots)"
+        ),
+        0,
+        "every job ran on the pool's swarm worker"
+    );
+    let out = pool.cli(&["stop", "--timeout", "60s"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+}

@@ -53,15 +53,45 @@ impl Clm {
 
     /// Runs Python code with CLM importable; `args` become sys.argv[1:].
     pub fn py(&self, code: &str, args: &[&str]) -> Output {
+        self.py_env(code, args, &[])
+    }
+
+    /// The same, with more environment variables.
+    pub fn py_env(&self, code: &str, args: &[&str], env: &[(&str, &str)]) -> Output {
         let out = Command::new(self.python())
             .arg("-c")
             .arg(code)
             .args(args)
             .env("PLANTUML_JAR", &self.jar)
+            .envs(env.iter().copied())
             .output()
             .unwrap();
         assert!(out.status.success(), "python failed: {}\n{code}", stderr(&out));
         out
+    }
+
+    /// `clm build` of the course at `course` (its `course-specs/course.xml`)
+    /// into `output`, on the pool's database, asking for `plantuml`
+    /// workers in `mode` (`direct`, `docker`) and no others; CLM's log in
+    /// `clm-logs` of the pool's folder.
+    pub fn build(&self, pool: &Pool, course: &Path, output: &Path, mode: &str, plantuml: u32) -> Command {
+        let mut cmd = Command::new(self.venv.join("bin/clm"));
+        cmd.arg("--jobs-db-path")
+            .arg(pool.db_path())
+            .arg("--cache-db-path")
+            .arg(pool.path("cache.db"))
+            .arg("build")
+            .arg(course.join("course-specs/course.xml"))
+            .arg("--output-dir")
+            .arg(output)
+            .args(["--workers", mode, "--plantuml-workers", &plantuml.to_string()])
+            .args(["--notebook-workers", "0", "--drawio-workers", "0"])
+            .args(["--no-progress", "--no-color", "--no-env-file", "--log-level", "info"])
+            .envs(self.env())
+            .env("CLM_LOG_DIR", pool.path("clm-logs"))
+            .env("COLUMNS", "200")
+            .env_remove("CI");
+        cmd
     }
 
     /// A pool of `protocol = "clm"` with the venv on PATH.
@@ -107,4 +137,35 @@ impl Clm {
             &[db.to_str().unwrap(), input.to_str().unwrap()],
         );
     }
+}
+
+/// Copies a folder tree.
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+/// The files under `dir` (at any depth) whose extension is `ext`.
+pub fn find_files(dir: &Path, ext: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for entry in entries.flatten() {
+        let p = entry.path();
+        if p.is_dir() {
+            out.extend(find_files(&p, ext));
+        } else if p.extension().is_some_and(|e| e == ext) {
+            out.push(p.display().to_string());
+        }
+    }
+    out
 }
