@@ -130,6 +130,9 @@ pub enum Command {
         /// Workspace the relative paths refer to (default: the config's, or the running pool's).
         #[arg(long)]
         workspace: Option<PathBuf>,
+        /// Queue it even if no worker serves its type (a pool that does may come later).
+        #[arg(long)]
+        allow_unserved: bool,
         /// Then wait until the job has finished (exit 0 completed, 1 failed or cancelled or timed out).
         #[arg(long)]
         wait: bool,

@@ -272,37 +272,72 @@ fn wait_times_out_with_exit_1() {
     assert!(stderr(&out).contains("timed out after 200ms"), "{}", stderr(&out));
 }
 
+/// A job type no worker serves (a typo) is refused by `submit` with the
+/// served types and the likeliest one, and nothing is queued; with
+/// `--allow-unserved` it is queued, `wait --jobs` on it ends at once with
+/// exit 1, and `stats --check` calls the pool degraded for it.
 #[test]
-fn submitting_a_type_no_pool_takes_warns_but_queues() {
+fn a_job_type_no_worker_serves_is_refused_unless_asked_and_never_waited_for_silently() {
     let mut pool = Pool::new("", &sh_workers("upper", 1, UPPER));
-    pool.start_ready();
+    std::fs::create_dir_all(pool.path("workspace")).unwrap();
     std::fs::write(pool.path("workspace/x.txt"), "x").unwrap();
     let ws = pool.path("workspace");
-    let out = pool.cli(&[
-        "submit",
-        "lower",
-        "x.txt",
-        "out/x.txt",
-        "--workspace",
-        ws.to_str().unwrap(),
-    ]);
-    assert!(out.status.success(), "{}", stderr(&out));
+    let submit = |pool: &Pool, by: &[&str], ty: &str, extra: &[&str]| {
+        let mut args = vec!["submit", ty, "x.txt", "out/x.txt", "--workspace", ws.to_str().unwrap()];
+        args.extend(by);
+        args.extend(extra);
+        pool.cli(&args)
+    };
+    let config = pool.config();
+    let by_config = ["--config", config.to_str().unwrap()];
+    // Before any pool ran: the config says what is served.
+    let out = submit(&pool, &by_config, "uper", &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(
-        stderr(&out).contains("the running pool has no `lower` workers (it has: upper)"),
+        stderr(&out).contains("no worker serves job type `uper`: the workers of")
+            && stderr(&out).contains("serve `upper`; did you mean `upper`?"),
         "{}",
         stderr(&out)
     );
+    assert!(stderr(&out).contains("--allow-unserved"), "{}", stderr(&out));
+    assert_eq!(pool.query_i64("SELECT COUNT(*) FROM jobs"), 0, "nothing queued");
+    pool.start_ready();
+    // By the database alone: the running pool's types.
+    let out = submit(&pool, &[], "lower", &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("the pool of"), "{}", stderr(&out));
+    assert_eq!(pool.query_i64("SELECT COUNT(*) FROM jobs"), 0, "nothing queued");
     assert_eq!(
-        pool.query_i64("SELECT COUNT(*) FROM jobs WHERE job_type = 'lower' AND status = 'pending'"),
-        1
+        pool.cli(&["stats", "--check"]).status.code(),
+        Some(0),
+        "healthy: nothing unserved is pending"
     );
-    let known = pool.cli(&[
-        "submit",
-        "upper",
-        "x.txt",
-        "out/y.txt",
-        "--workspace",
-        ws.to_str().unwrap(),
-    ]);
+    // Asked for: queued, said, and never waited for in vain.
+    let out = submit(&pool, &[], "lower", &["--allow-unserved"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("queued anyway (--allow-unserved)"),
+        "{}",
+        stderr(&out)
+    );
+    let id = stdout(&out).trim().to_string();
+    let out = pool.cli(&["wait", "--jobs", &id, "--timeout", "10m"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("waiting for a type no worker of the running pool serves (it serves: upper)")
+            && stderr(&out).contains(&format!("job {id} (`lower`)")),
+        "{}",
+        stderr(&out)
+    );
+    let out = pool.cli(&["stats", "--check"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("1 pending job of type `lower`, which no worker of the pool serves"),
+        "{}",
+        stdout(&out)
+    );
+    // A served type is queued without a word.
+    let known = submit(&pool, &[], "upper", &[]);
+    assert!(known.status.success(), "{}", stderr(&known));
     assert!(!stderr(&known).contains("warning"), "{}", stderr(&known));
 }

@@ -90,7 +90,7 @@ fn metrics_are_scraped_during_a_run_and_agree_with_the_database() {
         pool.submit_with("copy", &format!("m{i}.txt"), &[]);
     }
     pool.drained("30s");
-    pool.submit_with("nobody", "waits.txt", &[]);
+    pool.submit_with("nobody", "waits.txt", &["--allow-unserved"]);
     let (pid, _) = pool.slot_worker("copy", 0);
     common::kill9(pid);
     // The death recorded, then both slots running again (until the slot
@@ -175,7 +175,7 @@ fn top_shows_every_worker_of_a_known_pool() {
         ),
     );
     pool.start_ready();
-    pool.submit_with("nobody", "waits.txt", &[]);
+    pool.submit_with("nobody", "waits.txt", &["--allow-unserved"]);
     let snap = snapshot(&pool.db_path(), &mut History::default()).unwrap();
     let mut terminal = Terminal::new(TestBackend::new(120, 40)).unwrap();
     terminal.draw(|f| draw(f, &snap, &mut Ui::default())).unwrap();
@@ -203,7 +203,8 @@ fn top_shows_every_worker_of_a_known_pool() {
         unserved.contains("no workers") && unserved.contains("1 (oldest"),
         "{unserved}"
     );
-    assert!(screen.contains("health: healthy"), "{screen}");
+    // A pending job no worker serves is something wrong now.
+    assert!(screen.contains("health: degraded"), "{screen}");
     assert!(screen.contains("jobs completed per second"), "{screen}");
 
     // Under tmux, on a real terminal: it draws every worker, `r` restarts
@@ -442,7 +443,7 @@ fn stats_json_stats_prometheus_and_top_show_the_same_counts() {
         pool.submit("copy", &format!("c{i}.txt"), "x");
     }
     pool.submit_with("broken", "b.txt", &["--max-attempts", "1"]);
-    pool.submit_with("nobody", "n.txt", &[]);
+    pool.submit_with("nobody", "n.txt", &["--allow-unserved"]);
     // A quiet pool: every job that can finish has finished.
     let want_jobs = [1, 0, 3, 1];
     let json = wait_for("the jobs to finish", Duration::from_secs(60), || {

@@ -136,10 +136,12 @@ async fn jobs_command(cmd: &Command) -> anyhow::Result<i32> {
             max_attempts,
             content_hash,
             workspace,
+            allow_unserved,
             wait,
             timeout,
         } => {
             let id = submit::run(submit::Submit {
+                allow_unserved: *allow_unserved,
                 db,
                 job_type,
                 input,

@@ -21,6 +21,8 @@ pub struct Submit<'a> {
     pub max_attempts: i64,
     pub content_hash: Option<&'a str>,
     pub workspace: Option<&'a Path>,
+    /// Queue it even if no worker serves its type.
+    pub allow_unserved: bool,
 }
 
 pub fn run(s: Submit) -> anyhow::Result<i64> {
@@ -33,6 +35,7 @@ pub fn run(s: Submit) -> anyhow::Result<i64> {
     }
     let wanted = t.config.as_ref().and_then(|c| c.pool.protocol);
     let (conn, _) = db::open(&t.db_path, wanted)?;
+    served(&t, &conn, s.job_type, s.allow_unserved)?;
     let hash = match s.content_hash {
         Some(h) => h.to_string(),
         None => {
@@ -72,7 +75,6 @@ pub fn run(s: Submit) -> anyhow::Result<i64> {
     )
     .with_context(|| format!("queueing the job in {}", t.db_path.display()))?;
     super::print(&id.to_string());
-    warn_if_no_pool_takes(&conn, &t.db_path, s.job_type)?;
     Ok(id)
 }
 
@@ -92,20 +94,43 @@ fn hash_input(path: &Path, payload: &str) -> std::io::Result<String> {
     Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
-/// Queueing a job no running pool can take is allowed (a pool may come
-/// later), but worth a word: it would otherwise wait silently.
-fn warn_if_no_pool_takes(conn: &rusqlite::Connection, db: &Path, job_type: &str) -> anyhow::Result<()> {
-    if crate::lock::running_supervisor(db).is_none() {
+/// A job of a type no worker serves would wait forever: refused (a usage
+/// error, exit 2) with the types that are served and the likeliest one,
+/// unless `allow` (a pool that serves it may come later). The types are
+/// the config's entries when it is given, else those of the database's
+/// pool; a database no pool ever ran on says nothing.
+fn served(t: &super::Target, conn: &rusqlite::Connection, job_type: &str, allow: bool) -> anyhow::Result<()> {
+    let (types, whose) = match &t.config {
+        Some(c) => (
+            c.workers.iter().map(|w| w.worker_type.clone()).collect::<Vec<_>>(),
+            format!("the workers of {}", c.path.display()),
+        ),
+        None => (
+            db::slots::served_types(conn)?,
+            format!("the pool of {}", t.db_path.display()),
+        ),
+    };
+    if types.is_empty() || types.iter().any(|ty| ty == job_type) {
         return Ok(());
     }
-    let types: Vec<String> = db::slots::slots(conn)?.into_iter().map(|s| s.worker_type).collect();
-    if !types.is_empty() && !types.iter().any(|t| t == job_type) {
-        let mut known = types;
-        known.dedup();
-        eprintln!(
-            "warning: the running pool has no `{job_type}` workers (it has: {}); the job waits until one does",
-            known.join(", ")
-        );
+    let known: Vec<&str> = types.iter().map(String::as_str).collect();
+    let hint = crate::config::suggest(job_type, &known)
+        .map(|k| format!("; did you mean `{k}`?"))
+        .unwrap_or_default();
+    let what = format!(
+        "no worker serves job type `{job_type}`: {whose} serve {}{hint}",
+        quoted(&known)
+    );
+    if allow {
+        eprintln!("warning: {what}; queued anyway (--allow-unserved): it waits until a worker of that type runs");
+        return Ok(());
     }
-    Ok(())
+    Err(UsageError(format!(
+        "{what}. Nothing was queued; --allow-unserved queues it anyway (for a pool that will serve it)"
+    ))
+    .into())
+}
+
+fn quoted(types: &[&str]) -> String {
+    types.iter().map(|t| format!("`{t}`")).collect::<Vec<_>>().join(", ")
 }

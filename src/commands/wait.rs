@@ -132,9 +132,13 @@ fn drained(conn: &Connection, protocol: Protocol, all: bool) -> anyhow::Result<L
 
 fn jobs(conn: &Connection, ids: &[i64], db_path: &std::path::Path) -> anyhow::Result<Look> {
     let found = admin::statuses(conn, ids)?;
-    if let Some(missing) = ids.iter().find(|id| !found.iter().any(|(f, _)| f == *id)) {
+    if let Some(missing) = ids.iter().find(|id| !found.iter().any(|(f, _, _)| f == *id)) {
         return Err(UsageError(format!("there is no job {missing} in {}", db_path.display())).into());
     }
+    if let Some(over) = unserved(conn, &found, db_path)? {
+        return Ok(over);
+    }
+    let found: Vec<(i64, JobStatus)> = found.into_iter().map(|(id, s, _)| (id, s)).collect();
     let open = found
         .iter()
         .filter(|(_, s)| matches!(s, JobStatus::Pending | JobStatus::Processing))
@@ -196,4 +200,36 @@ fn ready(conn: &Connection, protocol: Protocol, db_path: &std::path::Path) -> an
             Look::Over(exit::FAILURE, String::new(), vec![err])
         }
     })
+}
+
+/// A pending job of a type no worker of the running pool serves would be
+/// waited for in vain: over at once (exit 1), saying which and why. With
+/// no supervisor running nothing is known yet (a pool may start).
+fn unserved(
+    conn: &Connection,
+    found: &[(i64, JobStatus, String)],
+    db_path: &std::path::Path,
+) -> anyhow::Result<Option<Look>> {
+    if crate::lock::running_supervisor(db_path).is_none() {
+        return Ok(None);
+    }
+    let served = db::slots::served_types(conn)?;
+    let stuck: Vec<String> = found
+        .iter()
+        .filter(|(_, s, ty)| *s == JobStatus::Pending && !served.contains(ty))
+        .map(|(id, _, ty)| format!("  job {id} (`{ty}`)"))
+        .collect();
+    if stuck.is_empty() {
+        return Ok(None);
+    }
+    let mut err = vec![format!(
+        "error: {} waiting for a type no worker of the running pool serves (it serves: {}):",
+        plural(stuck.len(), "job is", "jobs are"),
+        served.join(", ")
+    )];
+    err.extend(stuck);
+    err.push(
+        "(a [[workers]] entry for it and `clx-pool reload` would serve it; `clx-pool jobs cancel ID` drops it)".into(),
+    );
+    Ok(Some(Look::Over(exit::FAILURE, String::new(), err)))
 }

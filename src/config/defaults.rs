@@ -28,6 +28,8 @@ pub struct Defaults {
     pub count: u32,
     pub max_job_time: Duration,
     pub hung_cpu_percent: f64,
+    pub health_window: Duration,
+    pub health_failure_rate: f64,
 }
 
 pub const DEFAULTS: Defaults = Defaults {
@@ -52,6 +54,8 @@ pub const DEFAULTS: Defaults = Defaults {
     count: 1,
     max_job_time: Duration::from_secs(600),
     hung_cpu_percent: 1.0,
+    health_window: Duration::from_secs(300),
+    health_failure_rate: 0.2,
 };
 
 /// What `inherit_env = false` keeps: nothing secret, only what programs
@@ -94,6 +98,8 @@ pub const POOL_KEYS: &[&str] = &[
     "api_tls_cert",
     "api_tls_key",
     "api_tls_ca",
+    "health_window",
+    "health_failure_rate",
 ];
 
 /// The keys of `[swarm]`.

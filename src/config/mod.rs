@@ -8,6 +8,7 @@
 
 mod defaults;
 mod read;
+pub use read::suggest;
 mod validate;
 
 use std::collections::BTreeMap;
@@ -33,6 +34,23 @@ pub struct Config {
     /// Things worth a word that are not errors (an unknown `CLX_POOL_*`
     /// variable); `load` prints them on stderr.
     pub warnings: Vec<String>,
+}
+
+/// When `stats --check` calls a pool degraded for its failed jobs: more
+/// than `failure_rate` of the jobs that finished within `window`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HealthRules {
+    pub window: Duration,
+    pub failure_rate: f64,
+}
+
+impl Default for HealthRules {
+    fn default() -> HealthRules {
+        HealthRules {
+            window: DEFAULTS.health_window,
+            failure_rate: DEFAULTS.health_failure_rate,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -84,6 +102,8 @@ pub struct PoolConfig {
     pub api_tls_ca: Option<PathBuf>,
     /// `[swarm]`: where swarm entries' services are created.
     pub swarm: SwarmConfig,
+    /// `health_window`, `health_failure_rate`.
+    pub health: HealthRules,
 }
 
 /// The Worker API's certificate chain and private key (PEM files).

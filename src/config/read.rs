@@ -287,7 +287,8 @@ pub(super) fn field(table: &Table, key: &str) -> String {
 }
 
 /// The known key closest to `key`, if close enough to be a typo.
-fn suggest<'k>(key: &str, known: &[&'k str]) -> Option<&'k str> {
+/// The known word `key` most likely meant (a prefix, or a near spelling).
+pub fn suggest<'k>(key: &str, known: &[&'k str]) -> Option<&'k str> {
     if let Some(k) = known.iter().find(|k| key.len() >= 4 && k.starts_with(key)) {
         return Some(k);
     }

@@ -13,9 +13,9 @@ use serde::Deserialize;
 use super::defaults::{POOL_KEYS, ROOT_KEYS, SWARM_KEYS, WORKER_KEYS};
 use super::read::{Origin, Reader, Table};
 use super::{
-    ApiTls, Config, ConfigError, ContainerUser, DEFAULTS, ExecutionMode, HungCpu, InheritEnv, NfsShare, Placement,
-    PoolConfig, Problem, RestartConfig, Source, SwarmConfig, SwarmFiles, WorkerConfig, WorkerProgram, normalize,
-    parse_size, real_path,
+    ApiTls, Config, ConfigError, ContainerUser, DEFAULTS, ExecutionMode, HealthRules, HungCpu, InheritEnv, NfsShare,
+    Placement, PoolConfig, Problem, RestartConfig, Source, SwarmConfig, SwarmFiles, WorkerConfig, WorkerProgram,
+    normalize, parse_size, real_path,
 };
 use crate::contract::env::job as job_env;
 use crate::vocab::Protocol;
@@ -289,7 +289,24 @@ fn pool<'t>(r: &mut Reader<'t>, t: &Table<'t>, base: &Path) -> PoolConfig {
         api_tls: api_tls(&mut k, base),
         api_tls_ca: k.path("api_tls_ca", base),
         swarm: SwarmConfig::default(),
+        health: health(&mut k),
     }
+}
+
+/// `health_window` and `health_failure_rate` (a fraction, 0 to 1).
+fn health(k: &mut Keys) -> HealthRules {
+    let window = k.positive("health_window", DEFAULTS.health_window);
+    let failure_rate = match k.r.get::<f64>(k.t, "health_failure_rate", "a fraction such as 0.2") {
+        None => DEFAULTS.health_failure_rate,
+        Some((f, _)) if (0.0..=1.0).contains(&f) => f,
+        Some((f, _)) => {
+            let message =
+                format!("must be a fraction between 0 and 1 (0.2: more than a fifth of the jobs failed), got {f}");
+            k.problem("health_failure_rate", message);
+            DEFAULTS.health_failure_rate
+        }
+    };
+    HealthRules { window, failure_rate }
 }
 
 /// `api_tls_cert` and `api_tls_key`: both or neither.

@@ -45,6 +45,7 @@ impl Fixture {
                 config_path: "/pool.toml",
                 workspace_path: "/ws",
                 expected_workers: 4,
+                health: (300, 0.2),
             },
         )
         .unwrap();

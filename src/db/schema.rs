@@ -160,12 +160,23 @@ const POOL_MIGRATIONS: &[(&str, &str)] = &[
         "ALTER TABLE clx_pool_slots ADD COLUMN task TEXT;",
         "",
     ),
+    (
+        // 8: the run's health rules (`health_window` in seconds,
+        // `health_failure_rate`), for `stats --check` in another process.
+        r#"
+    ALTER TABLE clx_pool_supervisor ADD COLUMN health_window INTEGER;
+    ALTER TABLE clx_pool_supervisor ADD COLUMN health_failure_rate REAL;
+    "#,
+        "",
+    ),
 ];
 
 /// The first pool version whose slots say where their worker runs.
 pub const SLOT_NODE_VERSION: i64 = 6;
 /// The first pool version whose slots say what Swarm does with their task.
 pub const SLOT_TASK_VERSION: i64 = 7;
+/// The first pool version whose supervisor record holds its health rules.
+pub const HEALTH_RULES_VERSION: i64 = 8;
 
 /// CLM 1.35's `SCHEMA_SQL` (`clm/infrastructure/database/schema.py`),
 /// byte for byte: SQLite keeps each `CREATE` statement's text in

@@ -276,6 +276,16 @@ pub fn set_wanted(conn: &mut Connection, wanted: &[(String, u32)]) -> rusqlite::
 }
 
 /// How many workers of each type the pool wants (empty before version 3).
+/// The job types the database's pool serves (its running or last run):
+/// the types of its slots and of its wanted counts.
+pub fn served_types(conn: &Connection) -> rusqlite::Result<Vec<String>> {
+    let mut types: Vec<String> = slots(conn)?.into_iter().map(|s| s.worker_type).collect();
+    types.extend(wanted(conn)?.into_iter().filter(|(_, n)| *n > 0).map(|(t, _)| t));
+    types.sort();
+    types.dedup();
+    Ok(types)
+}
+
 pub fn wanted(conn: &Connection) -> rusqlite::Result<std::collections::BTreeMap<String, i64>> {
     if super::schema::pool_version(conn)? < 3 {
         return Ok(Default::default());

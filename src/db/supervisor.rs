@@ -23,6 +23,8 @@ pub struct SupervisorRecord {
     pub stopped_at: Option<String>,
     /// When the run was found to have ended without stopping its pool.
     pub ended_uncleanly_at: Option<String>,
+    /// The run's health rules: window in seconds, failure rate.
+    pub health: Option<(i64, f64)>,
 }
 
 pub struct NewSupervisor<'a> {
@@ -32,6 +34,8 @@ pub struct NewSupervisor<'a> {
     pub config_path: &'a str,
     pub workspace_path: &'a str,
     pub expected_workers: i64,
+    /// `health_window` (seconds) and `health_failure_rate`.
+    pub health: (i64, f64),
 }
 
 /// Records a new supervisor run and forgets the slots of the previous one.
@@ -51,8 +55,9 @@ pub fn begin_run(conn: &mut Connection, protocol: Protocol, s: &NewSupervisor) -
     )?;
     tx.execute(
         "INSERT OR REPLACE INTO clx_pool_supervisor
-            (id, pid, proc_start, hostname, config_path, workspace_path, state, expected_workers, started_at, ready_at, stopped_at)
-         VALUES (1, ?1, ?2, ?3, ?4, ?5, ?7, ?6, CURRENT_TIMESTAMP, NULL, NULL)",
+            (id, pid, proc_start, hostname, config_path, workspace_path, state, expected_workers, started_at, ready_at,
+             stopped_at, health_window, health_failure_rate)
+         VALUES (1, ?1, ?2, ?3, ?4, ?5, ?7, ?6, CURRENT_TIMESTAMP, NULL, NULL, ?8, ?9)",
         params![
             s.pid,
             s.proc_start,
@@ -60,7 +65,9 @@ pub fn begin_run(conn: &mut Connection, protocol: Protocol, s: &NewSupervisor) -
             s.config_path,
             s.workspace_path,
             s.expected_workers,
-            SupervisorState::Starting
+            SupervisorState::Starting,
+            s.health.0,
+            s.health.1
         ],
     )?;
     tx.execute("DELETE FROM clx_pool_slots", [])?;
@@ -120,15 +127,16 @@ pub fn close_run(conn: &Connection) -> rusqlite::Result<()> {
 }
 
 pub fn supervisor(conn: &Connection) -> rusqlite::Result<Option<SupervisorRecord>> {
-    let unclean = match super::schema::pool_version(conn)? {
+    let (unclean, health) = match super::schema::pool_version(conn)? {
         0 => return Ok(None),
-        1..5 => "NULL",
-        _ => "ended_uncleanly_at",
+        1..5 => ("NULL", "NULL, NULL"),
+        v if v < super::schema::HEALTH_RULES_VERSION => ("ended_uncleanly_at", "NULL, NULL"),
+        _ => ("ended_uncleanly_at", "health_window, health_failure_rate"),
     };
     conn.query_row(
         &format!(
             "SELECT pid, proc_start, hostname, config_path, workspace_path, state, expected_workers,
-                    started_at, ready_at, stopped_at, {unclean} FROM clx_pool_supervisor WHERE id = 1"
+                    started_at, ready_at, stopped_at, {unclean}, {health} FROM clx_pool_supervisor WHERE id = 1"
         ),
         [],
         |r| {
@@ -144,6 +152,10 @@ pub fn supervisor(conn: &Connection) -> rusqlite::Result<Option<SupervisorRecord
                 ready_at: r.get(8)?,
                 stopped_at: r.get(9)?,
                 ended_uncleanly_at: r.get(10)?,
+                health: match (r.get::<_, Option<i64>>(11)?, r.get::<_, Option<f64>>(12)?) {
+                    (Some(w), Some(f)) => Some((w, f)),
+                    _ => None,
+                },
             })
         },
     )
@@ -172,6 +184,7 @@ mod tests {
             config_path: "/etc/pool.toml",
             workspace_path: "/ws",
             expected_workers,
+            health: (300, 0.2),
         }
     }
 
@@ -351,6 +364,8 @@ mod tests {
             "ALTER TABLE clx_pool_supervisor DROP COLUMN ended_uncleanly_at;
              ALTER TABLE clx_pool_slots DROP COLUMN node;
              ALTER TABLE clx_pool_slots DROP COLUMN task;
+             ALTER TABLE clx_pool_supervisor DROP COLUMN health_window;
+             ALTER TABLE clx_pool_supervisor DROP COLUMN health_failure_rate;
              DELETE FROM clx_pool_schema WHERE version >= 5;",
         )
         .unwrap();

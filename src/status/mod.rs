@@ -58,6 +58,10 @@ pub struct Status {
     pub worker_list: Option<Vec<WorkerLine>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub events: Option<Vec<EventRow>>,
+    /// Pending jobs of each type no worker of the running pool serves.
+    pub unserved: BTreeMap<String, i64>,
+    /// The jobs that finished within the health window.
+    pub recent: health::Recent,
     /// Every job in the database by type and status (not only this run's),
     /// with the oldest one's age: the queue.
     #[serde(skip)]
@@ -241,10 +245,24 @@ pub fn build(
         (Liveness::Running(Some(pid)), Some(r)) => r.pid == i64::from(pid),
         _ => false,
     };
+    let queue = db::jobs::counts::by_type(conn)?;
+    let unserved = if running {
+        unserved(&queue, &pools)
+    } else {
+        BTreeMap::new()
+    };
+    let recent = recent(conn, protocol, record.as_ref())?;
+    let signals = health::Signals {
+        pools: &pools,
+        unserved: &unserved,
+        recent,
+    };
     Ok(Status {
         db_path: db_path.display().to_string(),
         protocol,
-        health: health::verdict(&supervisor, &pools, &jobs),
+        health: health::verdict(&supervisor, signals),
+        unserved,
+        recent,
         supervisor,
         workers,
         pools,
@@ -256,8 +274,45 @@ pub fn build(
         } else {
             None
         },
-        queue: db::jobs::counts::by_type(conn)?,
+        queue,
         record_is_current,
+    })
+}
+
+/// Pending jobs of each type no slot of the pool serves.
+fn unserved(queue: &[TypeCount], pools: &BTreeMap<String, PoolStats>) -> BTreeMap<String, i64> {
+    queue
+        .iter()
+        .filter(|c| c.status == JobStatus::Pending && !pools.contains_key(&c.job_type))
+        .map(|c| (c.job_type.clone(), c.count))
+        .collect()
+}
+
+/// The jobs of this run that finished within its health window (the
+/// run's own rules, else the defaults).
+fn recent(
+    conn: &Connection,
+    protocol: Protocol,
+    record: Option<&db::supervisor::SupervisorRecord>,
+) -> rusqlite::Result<health::Recent> {
+    let defaults = crate::config::HealthRules::default();
+    let (window_secs, failure_rate) = record
+        .and_then(|r| r.health)
+        .unwrap_or((defaults.window.as_secs() as i64, defaults.failure_rate));
+    let window_start: String =
+        conn.query_row("SELECT datetime('now', '-' || ?1 || ' seconds')", [window_secs], |r| {
+            r.get(0)
+        })?;
+    let since = match record.map(|r| r.started_at.as_str()) {
+        Some(started) if started > window_start.as_str() => started.to_string(),
+        _ => window_start,
+    };
+    let c = db::jobs::counts::run_counts(conn, protocol, Some(&since))?;
+    Ok(health::Recent {
+        window_secs,
+        completed: c.completed,
+        failed: c.failed,
+        failure_rate,
     })
 }
 

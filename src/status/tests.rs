@@ -47,8 +47,15 @@ fn a_running_pool_is_shown_as_recorded() {
         assert_eq!(s.health.status, HealthStatus::Degraded);
         assert_eq!(
             s.health.reasons,
-            ["1 slot of `upper` waiting to restart", "1 job failed in this run"]
+            [
+                "1 slot of `upper` waiting to restart",
+                "1 pending job of type `nobody`, which no worker of the pool serves",
+                "1 of 3 jobs that finished in the last 5m failed (more than 20%: health_failure_rate)"
+            ],
+            "{protocol}"
         );
+        assert_eq!(s.unserved, BTreeMap::from([("nobody".to_string(), 1)]), "{protocol}");
+        assert_eq!((s.recent.completed, s.recent.failed, s.recent.window_secs), (2, 1, 300));
     }
 }
 
@@ -111,7 +118,9 @@ fn the_json_is_the_documented_shape() {
             "jobs",
             "pools",
             "protocol",
+            "recent",
             "supervisor",
+            "unserved",
             "waiting",
             "workers"
         ]

@@ -344,6 +344,7 @@ async fn begin_run(config: &Config, db: &Db) -> anyhow::Result<WorkerRow> {
         config.total_workers() as i64,
     );
     let protocol = db.protocol();
+    let health = config.pool.health;
     db.call(move |c| {
         db::supervisor::begin_run(
             c,
@@ -355,6 +356,7 @@ async fn begin_run(config: &Config, db: &Db) -> anyhow::Result<WorkerRow> {
                 config_path: &config_path,
                 workspace_path: &workspace,
                 expected_workers: total,
+                health: (health.window.as_secs() as i64, health.failure_rate),
             },
         )?;
         db::workers::max_row(c)

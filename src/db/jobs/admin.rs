@@ -229,15 +229,20 @@ pub fn prune(conn: &Connection, protocol: Protocol, filter: &Filter) -> rusqlite
 }
 
 /// The status (as shown) of each of `ids` that exists.
-pub fn statuses(conn: &Connection, ids: &[i64]) -> rusqlite::Result<Vec<(i64, JobStatus)>> {
+pub fn statuses(conn: &Connection, ids: &[i64]) -> rusqlite::Result<Vec<(i64, JobStatus, String)>> {
     let filter = Filter {
         ids: ids.to_vec(),
         ..Filter::default()
     };
     let (cond, params) = filter.sql("created_at");
-    conn.prepare(&format!("SELECT id, {} FROM jobs WHERE {cond}", shown_status()))?
-        .query_map(params_from_iter(params.iter()), |r| Ok((r.get(0)?, r.get(1)?)))?
-        .collect()
+    conn.prepare(&format!(
+        "SELECT id, {}, job_type FROM jobs WHERE {cond}",
+        shown_status()
+    ))?
+    .query_map(params_from_iter(params.iter()), |r| {
+        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+    })?
+    .collect()
 }
 
 /// The failed jobs of that run (as [`run_counts`] scopes it), newest first.

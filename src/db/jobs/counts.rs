@@ -264,6 +264,7 @@ mod tests {
                 config_path: "/pool.toml",
                 workspace_path: "/ws",
                 expected_workers: 1,
+                health: (300, 0.2),
             },
         )
         .unwrap();
