@@ -66,6 +66,9 @@ pub fn run(cli: Cli) -> i32 {
             } else if let Some(r) = e.downcast_ref::<db::Refused>() {
                 stderr::line(&format!("error: {r}"));
                 contract::exit::USAGE
+            } else if let Some(n) = e.downcast_ref::<db::NoDatabase>() {
+                stderr::line(&format!("error: {n}"));
+                contract::exit::USAGE
             } else if let Some(d) = e.downcast_ref::<worker::DatabaseUnavailable>() {
                 stderr::line(&format!("error: {d}"));
                 contract::exit::DATABASE_UNAVAILABLE

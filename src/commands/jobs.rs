@@ -27,7 +27,7 @@ pub fn run(action: Option<&JobsAction>, list_args: &ListArgs) -> anyhow::Result<
                 job_type: job_type.clone(),
                 ..admin::Filter::default()
             };
-            change(db, "cancelled", |c, p| admin::cancel(c, p, &filter))
+            change(db, ids, "cancelled", |c, p| admin::cancel(c, p, &filter))
         }
         Some(JobsAction::Retry {
             db,
@@ -48,7 +48,7 @@ pub fn run(action: Option<&JobsAction>, list_args: &ListArgs) -> anyhow::Result<
                 statuses,
                 ..admin::Filter::default()
             };
-            change(db, "put back in the queue", |c, p| admin::retry(c, p, &filter))
+            change(db, ids, "put back in the queue", |c, p| admin::retry(c, p, &filter))
         }
         Some(JobsAction::Prune {
             db,
@@ -156,13 +156,24 @@ fn show(args: &DbArgs, id: i64, json: bool) -> anyhow::Result<i32> {
 }
 
 /// Runs a change on the queue and says what it touched.
+/// Job ids it names must exist (an unknown one is a usage error, as for
+/// `wait --jobs` and `jobs show`).
 fn change(
     args: &DbArgs,
+    named: &[i64],
     done: &str,
     f: impl FnOnce(&mut rusqlite::Connection, crate::vocab::Protocol) -> rusqlite::Result<Vec<i64>>,
 ) -> anyhow::Result<i32> {
     let t = target(args)?;
     let (mut conn, protocol) = db::open_existing(&t.db_path)?;
+    let found = if named.is_empty() {
+        Vec::new()
+    } else {
+        admin::statuses(&conn, named)?
+    };
+    if let Some(missing) = named.iter().find(|id| !found.iter().any(|(f, _, _)| f == *id)) {
+        return Err(UsageError(format!("there is no job {missing} in {}", t.db_path.display())).into());
+    }
     let ids = f(&mut conn, protocol)?;
     let list = ids.iter().map(i64::to_string).collect::<Vec<_>>().join(", ");
     match ids.len() {

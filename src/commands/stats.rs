@@ -296,7 +296,16 @@ pub async fn run(args: &DbArgs, o: Options) -> anyhow::Result<i32> {
     }
     let t = target(args)?;
     loop {
-        let s = collect(&t.db_path, o.events, o.workers)?;
+        let s = match collect(&t.db_path, o.events, o.workers) {
+            // A pool without a database is down, in --check's one line.
+            Err(e)
+                if o.check && !o.json && o.watch.is_none() && e.downcast_ref::<crate::db::NoDatabase>().is_some() =>
+            {
+                super::print(&format!("down: {e}"));
+                return Ok(HealthStatus::Down.exit_code());
+            }
+            other => other?,
+        };
         let Some(every) = o.watch else {
             if o.check && !o.json {
                 super::print(&health_line(&s.health).replacen("health:     ", "", 1));

@@ -60,7 +60,7 @@ pub fn open(path: &Path, wanted: Option<Protocol>) -> anyhow::Result<(Connection
     let conn = Connection::open(path).with_context(|| format!("opening the database {}", path.display()))?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
     // Refuse before the first write (switching to WAL is one).
-    let found = schema::detect(&conn).with_context(|| format!("reading the database {}", path.display()))?;
+    let found = detect(&conn, path)?;
     refuse_unless(path, schema::decide(&found, wanted))?;
     set_pragmas(&conn, path)?;
     match schema::prepare(&conn, wanted) {
@@ -82,7 +82,7 @@ pub fn peek(path: &Path) -> anyhow::Result<Option<schema::Found>> {
     match read_only_connection(path)? {
         None => Ok(None),
         Some(conn) => {
-            let found = schema::detect(&conn).with_context(|| format!("reading the database {}", path.display()))?;
+            let found = detect(&conn, path)?;
             Ok(Some(found))
         }
     }
@@ -148,13 +148,38 @@ pub fn open_read_only(path: &Path) -> anyhow::Result<Option<(Connection, Protoco
     let Some(conn) = read_only_connection(path)? else {
         return Ok(None);
     };
-    let found = schema::detect(&conn).with_context(|| format!("reading the database {}", path.display()))?;
+    let found = detect(&conn, path)?;
     let protocol = match found {
         schema::Found::Protocol(p) => p,
         schema::Found::Empty => return Ok(None),
         other => refuse_unless(path, schema::decide(&other, None))?,
     };
     Ok(Some((conn, protocol)))
+}
+
+/// What `conn` holds ([`schema::detect`]); a file that is not SQLite at
+/// all is refused like a database of another kind.
+fn detect(conn: &Connection, path: &Path) -> anyhow::Result<schema::Found> {
+    match schema::detect(conn) {
+        Ok(found) => Ok(found),
+        Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::NotADatabase => Err(Refused {
+            path: path.to_path_buf(),
+            refusal: schema::Refusal::NotSqlite,
+        }
+        .into()),
+        Err(e) => Err(anyhow::Error::new(e).context(format!("reading the database {}", path.display()))),
+    }
+}
+
+/// No job database where one was looked for: a wrong path, or a pool
+/// that never ran (a usage error, exit 2).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "no job database at {} (start a pool first, or point --db / --config / CLX_DB_PATH at the right file)",
+    path.display()
+)]
+pub struct NoDatabase {
+    pub path: PathBuf,
 }
 
 /// [`schema::decide`], with the database named in the refusal.
@@ -185,8 +210,12 @@ fn set_pragmas(conn: &Connection, path: &Path) -> anyhow::Result<()> {
 /// migrating anything (for workers, which never change the schema), and
 /// tells which protocol it serves.
 pub fn open_existing(path: &Path) -> anyhow::Result<(Connection, Protocol)> {
-    open_if_ready(path)?
-        .with_context(|| format!("no job database at {} (no file, or no job tables yet)", path.display()))
+    open_if_ready(path)?.ok_or_else(|| {
+        NoDatabase {
+            path: path.to_path_buf(),
+        }
+        .into()
+    })
 }
 
 /// Like [`open_existing`], but None while the file or its job tables are
@@ -198,7 +227,7 @@ pub fn open_if_ready(path: &Path) -> anyhow::Result<Option<(Connection, Protocol
     regular(path)?;
     let conn = Connection::open(path).with_context(|| format!("opening the database {}", path.display()))?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
-    let found = schema::detect(&conn).with_context(|| format!("reading the database {}", path.display()))?;
+    let found = detect(&conn, path)?;
     let protocol = match found {
         schema::Found::Protocol(p) => p,
         schema::Found::Empty => return Ok(None),
@@ -211,11 +240,11 @@ pub fn open_if_ready(path: &Path) -> anyhow::Result<Option<(Connection, Protocol
 /// [`open_read_only`] for a database that must exist: a missing file (or
 /// one without job tables) is a clear error, not a new empty database.
 pub fn open_for_reading(path: &Path) -> anyhow::Result<(Connection, Protocol)> {
-    open_read_only(path)?.with_context(|| {
-        format!(
-            "no job database at {} (start a pool first, or point --db / --config / CLX_DB_PATH at the right file)",
-            path.display()
-        )
+    open_read_only(path)?.ok_or_else(|| {
+        NoDatabase {
+            path: path.to_path_buf(),
+        }
+        .into()
     })
 }
 

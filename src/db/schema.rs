@@ -241,6 +241,8 @@ pub enum Refusal {
     OtherVersion(Option<i64>),
     #[error("it is not a job database: it has the tables {} but no schema_version", .0.join(", "))]
     Foreign(Vec<String>),
+    #[error("it is not an SQLite database at all (a wrong --db or db_path?)")]
+    NotSqlite,
 }
 
 impl Protocol {
