@@ -3,6 +3,7 @@
 
 pub mod check;
 pub mod colour;
+pub mod completions;
 pub mod control;
 pub mod jobs;
 pub mod logs;
@@ -33,7 +34,7 @@ pub async fn run(cmd: &Command) -> anyhow::Result<i32> {
         Command::Stats { .. } | Command::Top { .. } | Command::Logs { .. } => observing_command(cmd).await,
         Command::Submit { .. } | Command::Wait { .. } | Command::Jobs { .. } => jobs_command(cmd).await,
         Command::Check { config } => check::run(config).await,
-        Command::Completions { shell } => completions(*shell),
+        Command::Completions { shell } => completions::run(*shell),
         Command::Man { out } => man_pages(out),
         Command::Start { .. } | Command::Worker(_) | Command::Guard { .. } => {
             unreachable!("handled by lib::dispatch")
@@ -180,15 +181,6 @@ fn wait_until(ready: bool, jobs: &[i64], all: bool) -> wait::Until {
     } else {
         wait::Until::Drained { all }
     }
-}
-
-/// `completions`: prints the shell's completion script.
-fn completions(shell: clap_complete::Shell) -> anyhow::Result<i32> {
-    let mut cmd = <crate::cli::Cli as clap::CommandFactory>::command();
-    let mut out = Vec::new();
-    clap_complete::generate(shell, &mut cmd, "clx-pool", &mut out);
-    print(String::from_utf8_lossy(&out).trim_end());
-    Ok(exit::OK)
 }
 
 /// `man`: writes the man pages into `out`, creating it if needed.

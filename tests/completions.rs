@@ -1,0 +1,227 @@
+//! `clx-pool completions`: the scripts as the shells run them. Bash's own
+//! completion machinery is driven on the generated script (COMP_WORDS,
+//! COMP_CWORD and the registered function), fish answers `complete -C`,
+//! and zsh's script is checked for what it must not offer. Hidden commands
+//! and options (taken from the CLI definition) are never offered.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use clap::CommandFactory;
+use common::{bin, stderr, stdout};
+
+/// The completion script for `shell`, written into `dir`.
+fn script(shell: &str, dir: &Path) -> PathBuf {
+    let out = Command::new(bin()).args(["completions", shell]).output().unwrap();
+    assert!(out.status.success(), "completions {shell}: {}", stderr(&out));
+    let path = dir.join(format!("clx-pool.{shell}"));
+    std::fs::write(&path, &out.stdout).unwrap();
+    path
+}
+
+/// Sources the bash script, then does what bash does on TAB at the end of
+/// `line`: splits it into COMP_WORDS, sets COMP_CWORD, COMP_LINE and
+/// COMP_POINT and calls the function `complete -p clx-pool` names, with
+/// the command, the current word and the one before it. Prints COMPREPLY,
+/// one word a line.
+const BASH_DRIVER: &str = r#"
+source "$1" || exit 3
+spec=$(complete -p clx-pool) || { echo "nothing registered for clx-pool" >&2; exit 3; }
+fn=${spec#*-F }
+fn=${fn%% *}
+COMP_LINE=$2
+COMP_POINT=${#COMP_LINE}
+read -ra COMP_WORDS <<< "$COMP_LINE"
+[[ $COMP_LINE == *" " ]] && COMP_WORDS+=("")
+COMP_CWORD=$(( ${#COMP_WORDS[@]} - 1 ))
+COMPREPLY=()
+"$fn" clx-pool "${COMP_WORDS[COMP_CWORD]}" "${COMP_WORDS[COMP_CWORD-1]}"
+printf '%s\n' "${COMPREPLY[@]}"
+"#;
+
+/// What bash offers on TAB at the end of `line`.
+fn bash_offers(script: &Path, line: &str) -> Vec<String> {
+    let out = Command::new("bash")
+        .args(["--norc", "--noprofile", "-c", BASH_DRIVER, "driver"])
+        .arg(script)
+        .arg(line)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{line:?}: {}", stderr(&out));
+    stdout(&out)
+        .lines()
+        .filter(|w| !w.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// What fish offers at the end of `line` (the words, without descriptions).
+fn fish_offers(script: &Path, line: &str) -> Vec<String> {
+    let out = Command::new("fish")
+        .arg("--no-config")
+        .arg("-c")
+        .arg("source $argv[1]; and complete -C $argv[2]")
+        .arg(script)
+        .arg(line)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{line:?}: {}", stderr(&out));
+    stdout(&out)
+        .lines()
+        .map(|l| l.split('\t').next().unwrap_or("").to_string())
+        .filter(|w| !w.is_empty())
+        .collect()
+}
+
+/// The CLI's hidden subcommands and hidden options (`--long`), at every level.
+fn hidden() -> (Vec<String>, Vec<String>) {
+    fn walk(cmd: &clap::Command, commands: &mut Vec<String>, options: &mut Vec<String>) {
+        for arg in cmd.get_arguments().filter(|a| a.is_hide_set()) {
+            options.extend(arg.get_long().map(|l| format!("--{l}")));
+        }
+        for sub in cmd.get_subcommands() {
+            if sub.is_hide_set() {
+                commands.push(sub.get_name().to_string());
+            }
+            walk(sub, commands, options);
+        }
+    }
+    let (mut commands, mut options) = (Vec::new(), Vec::new());
+    walk(&clx_pool::cli::Cli::command(), &mut commands, &mut options);
+    assert!(
+        commands.contains(&"guard".to_string()) && options.contains(&"--no-command".to_string()),
+        "the hidden items this test is about: {commands:?} {options:?}"
+    );
+    (commands, options)
+}
+
+/// A shell that is not installed skips its test with a message on a
+/// developer machine, and fails under CI=true, where .ci/run installs it.
+fn have(shell: &str) -> bool {
+    let found = Command::new(shell)
+        .args(["-c", "exit 0"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("{shell} is not installed (.ci/run installs it)");
+        }
+        eprintln!("SKIPPED: {shell} is not installed");
+    }
+    found
+}
+
+fn has_all(offers: &[String], wanted: &[&str]) -> bool {
+    wanted.iter().all(|w| offers.iter().any(|o| o == w))
+}
+
+#[test]
+fn bash_completes_commands_options_and_subcommands_at_every_depth() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = script("bash", dir.path());
+    let (hidden_commands, hidden_options) = hidden();
+
+    // Depth 1: the commands; never an internal one, not even by its prefix.
+    let top = bash_offers(&script, "clx-pool ");
+    assert!(has_all(&top, &["start", "stats", "stop", "jobs", "worker"]), "{top:?}");
+    for name in &hidden_commands {
+        assert!(!top.contains(name), "{name} offered: {top:?}");
+        let typed = bash_offers(&script, &format!("clx-pool {}", &name[..2]));
+        assert!(!typed.contains(name), "{name} offered for its prefix: {typed:?}");
+    }
+
+    // Depth 2: a command's options, and the values of a global one.
+    let stats = bash_offers(&script, "clx-pool stats --");
+    assert!(
+        has_all(&stats, &["--json", "--workers", "--check", "--watch", "--config"]),
+        "{stats:?}"
+    );
+    assert!(stats.iter().all(|o| o.starts_with("--")), "{stats:?}");
+    let colour = bash_offers(&script, "clx-pool stats --color ");
+    assert_eq!(colour, ["auto", "always", "never"]);
+    let worker = bash_offers(&script, "clx-pool worker --");
+    assert!(has_all(&worker, &["--max-jobs", "--poll-interval"]), "{worker:?}");
+    for option in &hidden_options {
+        assert!(!worker.contains(option), "{option} offered: {worker:?}");
+    }
+
+    // Depth 3: a command's subcommands, and a subcommand's options.
+    let jobs = bash_offers(&script, "clx-pool jobs ");
+    assert!(
+        has_all(&jobs, &["list", "show", "cancel", "retry", "prune"]),
+        "{jobs:?}"
+    );
+    let cancel = bash_offers(&script, "clx-pool jobs cancel --");
+    assert!(has_all(&cancel, &["--type", "--all", "--config", "--db"]), "{cancel:?}");
+    assert!(
+        !cancel.contains(&"--failed".to_string()),
+        "retry's option offered to cancel: {cancel:?}"
+    );
+    let help = bash_offers(&script, "clx-pool help ");
+    assert!(help.contains(&"stats".to_string()), "{help:?}");
+    for name in &hidden_commands {
+        assert!(!help.contains(name), "{name} offered after help: {help:?}");
+    }
+}
+
+#[test]
+fn fish_completes_at_every_depth_and_never_offers_hidden_items() {
+    if !have("fish") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let script = script("fish", dir.path());
+    let (hidden_commands, hidden_options) = hidden();
+
+    let top = fish_offers(&script, "clx-pool ");
+    assert!(has_all(&top, &["start", "stats", "stop"]), "{top:?}");
+    for name in &hidden_commands {
+        assert!(!top.contains(name), "{name} offered: {top:?}");
+        let typed = fish_offers(&script, &format!("clx-pool {}", &name[..2]));
+        assert!(!typed.contains(name), "{name} offered for its prefix: {typed:?}");
+    }
+    let stats = fish_offers(&script, "clx-pool stats --");
+    assert!(has_all(&stats, &["--json", "--workers", "--check"]), "{stats:?}");
+    let worker = fish_offers(&script, "clx-pool worker --");
+    assert!(has_all(&worker, &["--max-jobs"]), "{worker:?}");
+    for option in &hidden_options {
+        assert!(!worker.contains(option), "{option} offered: {worker:?}");
+    }
+    let jobs = fish_offers(&script, "clx-pool jobs ");
+    assert!(
+        has_all(&jobs, &["list", "show", "cancel", "retry", "prune"]),
+        "{jobs:?}"
+    );
+    let cancel = fish_offers(&script, "clx-pool jobs cancel --");
+    assert!(has_all(&cancel, &["--type", "--all"]), "{cancel:?}");
+}
+
+#[test]
+fn zsh_script_parses_and_names_no_hidden_item() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = script("zsh", dir.path());
+    let text = std::fs::read_to_string(&script).unwrap();
+    let (hidden_commands, hidden_options) = hidden();
+    for name in &hidden_commands {
+        // A command appears as `'name:about'` in a list and `(name)` as a case.
+        for form in [format!("'{name}:"), format!("({name})"), format!("__subcmd__{name}")] {
+            assert!(!text.contains(&form), "{form} in the zsh script");
+        }
+    }
+    for option in &hidden_options {
+        for form in [format!("'{option}["), format!("'{option}=")] {
+            assert!(!text.contains(&form), "{form} in the zsh script");
+        }
+    }
+    assert!(
+        text.contains("'--workers[") && text.contains("'cancel:"),
+        "the forms looked for are the ones zsh uses"
+    );
+    if !have("zsh") {
+        return;
+    }
+    let out = Command::new("zsh").arg("-n").arg(&script).output().unwrap();
+    assert!(out.status.success(), "zsh -n: {}", stderr(&out));
+}
