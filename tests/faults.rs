@@ -88,7 +88,7 @@ fn reconciliation_puts_back_a_job_whose_worker_is_gone() {
     pool.start_ready();
     // A job left processing by a worker row that no longer exists (as if
     // its end had never been recorded).
-    let job = pool.submit_with("held", "r.txt", &[]);
+    let job = pool.submit_with("held", "r.txt", &["--allow-unserved"]);
     pool.conn()
         .execute(
             "UPDATE jobs SET job_type = 'copy', status = 'processing', worker_id = 9999, attempts = 1,

@@ -276,11 +276,13 @@ pub fn set_wanted(conn: &mut Connection, wanted: &[(String, u32)]) -> rusqlite::
 }
 
 /// How many workers of each type the pool wants (empty before version 3).
-/// The job types the database's pool serves (its running or last run):
-/// the types of its slots and of its wanted counts.
+/// The job types served on the database: those of its pool (the slots and
+/// wanted counts of its running or last run) and of every live worker
+/// (one run by hand beside the pool serves its type too).
 pub fn served_types(conn: &Connection) -> rusqlite::Result<Vec<String>> {
     let mut types: Vec<String> = slots(conn)?.into_iter().map(|s| s.worker_type).collect();
     types.extend(wanted(conn)?.into_iter().filter(|(_, n)| *n > 0).map(|(t, _)| t));
+    types.extend(super::workers::live_types(conn)?);
     types.sort();
     types.dedup();
     Ok(types)

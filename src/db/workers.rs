@@ -349,6 +349,13 @@ pub fn idle_with_work(conn: &Connection) -> rusqlite::Result<Vec<(String, i64)>>
     .collect()
 }
 
+/// The types of the workers alive now (idle or busy), whoever started them.
+pub fn live_types(conn: &Connection) -> rusqlite::Result<Vec<String>> {
+    conn.prepare_cached("SELECT DISTINCT worker_type FROM workers WHERE status IN (?1, ?2)")?
+        .query_map(params![WorkerStatus::Idle, WorkerStatus::Busy], |r| r.get(0))?
+        .collect()
+}
+
 /// One worker of the current run, for `stats --workers`.
 #[derive(Debug, Clone, Serialize)]
 pub struct WorkerLine {
