@@ -7,7 +7,7 @@ IMAGE ?= clx-pool/test:$(VERSION)
 TARGET := x86_64-unknown-linux-gnu
 STATIC_BIN := target/$(TARGET)/release/clx-pool
 
-.PHONY: build run demo test lint fmt clean install docker-image clm-test-image bench bench-quick clm-venv tools-venv
+.PHONY: build run demo test lint fmt clean install deb docker-image clm-test-image bench bench-quick clm-venv tools-venv
 
 build:
 	$(CARGO) build --release
@@ -81,6 +81,14 @@ install: build
 	$(BIN) completions zsh > $(DESTDIR)$(PREFIX)/share/zsh/site-functions/_clx-pool
 	$(BIN) completions fish > $(DESTDIR)$(PREFIX)/share/fish/vendor_completions.d/clx-pool.fish
 	@echo "installed clx-pool, its man pages and completions under $(DESTDIR)$(PREFIX)"
+
+# A Debian package of the release binary, made with dpkg-deb alone
+# (scripts/deb.sh): binary, man pages, completions, the systemd unit
+# template clx-pool@.service and an example pool, for
+# `sudo apt install ./target/deb/clx-pool_<version>_<arch>.deb`.
+DEB_DIR ?= target/deb
+deb: build
+	bash scripts/deb.sh $(BIN) $(DEB_DIR)
 
 lint:
 	$(CARGO) fmt --check
