@@ -124,6 +124,12 @@ fn stopped(dir: &Path) {
 fn recipes() -> (String, String, String) {
     let md = std::fs::read_to_string(repo_path("docs/ci.md")).unwrap();
     let config = blocks(&md, "toml").remove(0);
+    // The config the page shows is the repository's own ci/pool.toml.
+    assert_eq!(
+        std::fs::read_to_string(repo_path("ci/pool.toml")).unwrap(),
+        config,
+        "docs/ci.md shows ci/pool.toml as it is"
+    );
     let yaml = blocks(&md, "yaml");
     assert_eq!(yaml.len(), 2, "a GitHub and a GitLab example");
     (config, yaml[0].clone(), yaml[1].clone())

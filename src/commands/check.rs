@@ -48,11 +48,12 @@ pub async fn run(path: &Path) -> anyhow::Result<i32> {
         ));
     }
     if problems.is_empty() {
+        let plural = crate::status::plural;
         super::print(&format!(
-            "{}: ok ({} workers in {} pools, protocol {protocol})",
+            "{}: ok ({} in {}, protocol {protocol})",
             config.path.display(),
-            config.total_workers(),
-            config.workers.len()
+            plural(i64::from(config.total_workers()), "worker", "workers"),
+            plural(config.workers.len() as i64, "pool", "pools")
         ));
         Ok(exit::OK)
     } else {

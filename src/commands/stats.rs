@@ -12,15 +12,12 @@ use super::target;
 use crate::cli::DbArgs;
 use crate::contract::exit;
 use crate::db::{events::EventRow, workers::WorkerLine};
+use crate::status::plural;
 use crate::status::{self, Detail, Health, HealthStatus, PoolStats, SupervisorStats};
 use crate::vocab::{Protocol, SupervisorState, WorkerStatus};
 
 /// The picture `stats` shows (in every format).
 pub use crate::status::Status as Stats;
-
-fn plural(n: i64, one: &str, many: &str) -> String {
-    format!("{n} {}", if n == 1 { one } else { many })
-}
 
 /// Reads the pool's picture for `stats` (and `top`).
 pub fn collect(db_path: &Path, events: bool, workers: bool) -> anyhow::Result<Stats> {
@@ -111,9 +108,11 @@ fn pools_table(s: &Stats) -> Table {
     types.dedup();
     let mut t = Table::new();
     t.load_preset(comfy_table::presets::NOTHING);
+    // ENDED: workers of this run that have ended (replaced, retired,
+    // stopped), history beside the health verdict, not a sign of trouble.
     t.set_header([
         "TYPE", "MODE", "WANTED", "RUNNING", "STARTING", "BACKOFF", "FAILED", "RESTARTS", "IDLE", "BUSY", "HUNG",
-        "DEAD", "MEMORY",
+        "ENDED", "MEMORY",
     ]);
     let empty = BTreeMap::new();
     for ty in types {

@@ -344,6 +344,7 @@ async fn view(terminal: &mut ratatui::DefaultTerminal, db: &std::path::Path) -> 
     let (mut ui, mut history) = (Ui::default(), History::default());
     let mut snap = snapshot(db, &mut history)?;
     let mut refreshed = Instant::now();
+    let mut acted = false;
     loop {
         terminal.draw(|f| draw(f, &snap, &mut ui))?;
         if event::poll(Duration::from_millis(100))?
@@ -383,8 +384,10 @@ async fn view(terminal: &mut ratatui::DefaultTerminal, db: &std::path::Path) -> 
                 }
                 _ => {}
             }
+            // What a key did shows at once, not at the next second.
+            acted = matches!(key.code, KeyCode::Char('r' | '+' | '-'));
         }
-        if refreshed.elapsed() >= Duration::from_secs(1) {
+        if std::mem::take(&mut acted) || refreshed.elapsed() >= Duration::from_secs(1) {
             // A failed refresh (the file moved, a disk error) is shown and
             // retried; the last picture stays.
             match snapshot(db, &mut history) {

@@ -77,7 +77,7 @@ pub async fn run(args: &DbArgs, until: Until, timeout: Duration) -> anyhow::Resu
 }
 
 fn plural(n: usize, one: &str, many: &str) -> String {
-    format!("{n} {}", if n == 1 { one } else { many })
+    crate::status::plural(n as i64, one, many)
 }
 
 fn failures(rows: &[admin::Listed]) -> Vec<String> {

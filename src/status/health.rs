@@ -34,7 +34,9 @@ pub struct Health {
     pub reasons: Vec<String>,
 }
 
-fn plural(n: i64, one: &str, many: &str) -> String {
+/// `1 job`, `2 jobs`: a count with its noun.
+pub fn plural(n: impl Into<i64>, one: &str, many: &str) -> String {
+    let n = n.into();
     format!("{n} {}", if n == 1 { one } else { many })
 }
 

@@ -23,7 +23,7 @@ use std::path::Path;
 use rusqlite::Connection;
 use serde::Serialize;
 
-pub use health::{Health, HealthStatus};
+pub use health::{Health, HealthStatus, plural};
 pub use line::status_line;
 pub use ready::Ready;
 
