@@ -402,6 +402,7 @@ fn start_pool(
     background: &TaskTracker,
 ) -> (mpsc::UnboundedReceiver<Settled>, manage::Manager, JoinHandle<()>) {
     let registry = registry::Registry::spawn(p.db.clone(), p.after_row, token.child_token(), background);
+    let registrations = registry.registrations();
     if let Some(seen) = p.backends.swarm_tasks() {
         background.spawn(observe::swarm_tasks::record(p.db.clone(), seen, token.child_token()));
     }
@@ -427,6 +428,7 @@ fn start_pool(
         notifier,
         sd: sd.clone(),
         metrics: metrics.clone(),
+        registrations: registrations.clone(),
     };
     let manager = manage::Manager {
         fleet,

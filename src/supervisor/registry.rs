@@ -26,6 +26,8 @@ pub struct Registry {
 struct Inner {
     state: Mutex<State>,
     wake: Notify,
+    /// Told whenever workers registered (the monitor measures them soon).
+    registered: Arc<Notify>,
 }
 
 #[derive(Default)]
@@ -45,11 +47,17 @@ impl Registry {
             inner: Arc::new(Inner {
                 state: Mutex::new(State::default()),
                 wake: Notify::new(),
+                registered: Arc::new(Notify::new()),
             }),
         };
         let r = registry.clone();
         tasks.spawn(async move { r.watch(db, after_row, token).await });
         registry
+    }
+
+    /// Notified (coalesced) whenever workers have registered.
+    pub fn registrations(&self) -> Arc<Notify> {
+        self.inner.registered.clone()
     }
 
     /// Resolves with the worker's row id once `worker_id` has registered.
@@ -112,6 +120,9 @@ impl Registry {
                 .await;
             match looked {
                 Ok((new, activated)) => {
+                    if !new.is_empty() || !activated.is_empty() {
+                        self.inner.registered.notify_one();
+                    }
                     let mut st = self.inner.state.lock().unwrap_or_else(|e| e.into_inner());
                     for (row, cid) in new {
                         last_row = last_row.max(row);

@@ -45,6 +45,8 @@ pub struct Monitor {
     pub sd: SdNotify,
     /// Job durations go into its histogram.
     pub metrics: Arc<super::observe::metrics::Metrics>,
+    /// Told when workers registered.
+    pub registrations: Arc<tokio::sync::Notify>,
 }
 
 /// How often CPU and memory are sampled when no zero-CPU rule needs every
@@ -60,6 +62,10 @@ const PROBE_WAIT: Duration = Duration::from_millis(200);
 /// (a write of the supervisor's own stuck behind a lock): it is no
 /// evidence against a worker.
 const SLOW_LOOK: Duration = Duration::from_secs(1);
+
+/// How soon after workers registered the monitor looks at them (their
+/// memory in `stats`), when its next regular look is later.
+const MEASURE_NEW_WITHIN: Duration = Duration::from_millis(250);
 
 #[derive(Default)]
 struct State {
@@ -138,11 +144,23 @@ impl Monitor {
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut state = State::default();
+        // When the next look is due: new workers bring it forward (their
+        // usage is shown soon), never later (the hung rules keep their pace).
+        let mut scheduled = Instant::now();
         loop {
             tokio::select! {
                 _ = self.token.cancelled() => return,
                 _ = tick.tick() => {}
+                _ = self.registrations.notified() => {
+                    let soon = Instant::now() + MEASURE_NEW_WITHIN;
+                    if soon < scheduled {
+                        tick.reset_at(soon);
+                        scheduled = soon;
+                    }
+                    continue;
+                }
             }
+            scheduled = Instant::now() + every;
             let rules = self.rules();
             match self.tick(&mut state, &rules).await {
                 Ok(()) => self.sd.watchdog_ping(),
