@@ -28,6 +28,12 @@ const WAIT_HELP: &str = "\
 Exit codes: 0 the condition holds; 1 timed out, a job failed or was cancelled (--jobs), a job of the run failed (--drained), a slot was given up (--ready); 2 usage error or an unknown job id.
 On a terminal a progress bar shows counts and an ETA on stderr; on a pipe nothing but the result is printed.";
 
+const INIT_HELP: &str = "\
+Examples:
+  clx-pool init                          # built-in workers (cp, tr) to start from
+  clx-pool init --clm course/            # CLM's workers for `clm build` of that course
+Exit codes: 0 written; 2 the file exists (without --force), COURSE_OR_DB not found, no CLM in the Python looked at.";
+
 #[derive(Debug, Parser)]
 #[command(
     name = "clx-pool",
@@ -174,6 +180,22 @@ pub enum Command {
         /// The pool's config file.
         #[arg(long, short = 'c', value_name = "FILE")]
         config: PathBuf,
+    },
+    /// Write a commented pool.toml for the case at hand (built-in workers, or `--clm` for a course author) and print what to run next.
+    #[command(after_help = INIT_HELP)]
+    Init {
+        /// Where to write it.
+        #[arg(long, short = 'c', value_name = "FILE", default_value = "pool.toml")]
+        config: PathBuf,
+        /// Overwrite the file if it exists.
+        #[arg(long)]
+        force: bool,
+        /// A pool of CLM's workers for `clm build`: on the jobs database of a course folder, its spec file, or a jobs database (default: the current folder's project, as `clm build` finds it).
+        #[arg(long, value_name = "COURSE_OR_DB", num_args = 0..=1, default_missing_value = ".")]
+        clm: Option<PathBuf>,
+        /// With --clm: the Python where CLM is installed (default: the one of `clm` on PATH, else $VIRTUAL_ENV/bin/python).
+        #[arg(long, value_name = "PATH", requires = "clm")]
+        python: Option<PathBuf>,
     },
     /// Change how many workers of types run: `scale upper=4 wordcount=1`.
     #[command(

@@ -33,6 +33,9 @@ pub async fn run(path: &Path) -> anyhow::Result<i32> {
     {
         check_network(&engine.client, &config.pool.network, &mut problems).await;
     }
+    if protocol == Protocol::Clm {
+        note_cache_paths(&config, &plan, &cwd);
+    }
     check_folders(&config, &mut problems);
     check_certificate_names(&config, &mut problems);
     if let Some(swarm) = &plan.swarm {
@@ -155,6 +158,47 @@ async fn check_program(w: &WorkerConfig, protocol: Protocol, cwd: &Path, at: &st
                 w.worker_type
             )),
             Err(e) => problems.push(format!("{at}: {what}: `{program} -m {module}` {e}")),
+        }
+    }
+}
+
+/// Notes where CLM would keep executed notebooks in another file than the
+/// pool's `cache_db_path`, which it does without a word: a `clm build` that
+/// finds `clm_jobs.db` by CLM's default (at its project root) uses
+/// `clm_cache.db` beside it (clm/cli/main.py), and a direct notebook worker
+/// uses `CLM_CACHE_DB_PATH`, else `clm_cache.db` in its working folder.
+fn note_cache_paths(config: &Config, plan: &plan::Plan, cwd: &Path) {
+    use crate::config::{normalize, real_path};
+    const VAR: &str = "CLM_CACHE_DB_PATH";
+    let cache = real_path(config.pool.cache_db_path.clone());
+    let db = &config.pool.db_path;
+    let besides = real_path(db.with_file_name("clm_cache.db"));
+    if db.file_name().is_some_and(|n| n == "clm_jobs.db") && besides != cache {
+        super::print(&format!(
+            "note: a `clm build` that finds {} by CLM's default uses the cache {}, not cache_db_path {}: give it --cache-db-path",
+            db.display(),
+            besides.display(),
+            cache.display()
+        ));
+    }
+    for (w, decision) in config.workers.iter().zip(&plan.decisions) {
+        let direct = matches!(decision, Decision::Runs { mode, .. } if mode.kind == ModeKind::Direct);
+        if w.worker_type != "notebook" || !direct || matches!(w.program, WorkerProgram::JobCommand(_)) {
+            continue;
+        }
+        let (value, from) = match (w.env.get(VAR), std::env::var(VAR).ok().filter(|v| !v.is_empty())) {
+            (Some(v), _) => (v.clone(), "its env"),
+            (None, Some(v)) => (v, "the supervisor's environment"),
+            (None, None) => ("clm_cache.db".to_string(), "CLM's default, in the config's folder"),
+        };
+        let theirs = real_path(normalize(&std::path::absolute(cwd.join(&value)).unwrap_or_default()));
+        if theirs != cache {
+            super::print(&format!(
+                "note: workers `notebook` keep executed notebooks in {} ({VAR} from {from}), not in cache_db_path {}: set env = {{ {VAR} = \"{}\" }}",
+                theirs.display(),
+                cache.display(),
+                cache.display()
+            ));
         }
     }
 }

@@ -5,6 +5,7 @@ pub mod check;
 pub mod colour;
 pub mod completions;
 pub mod control;
+pub mod init;
 pub mod jobs;
 pub mod logs;
 pub mod progress;
@@ -34,6 +35,20 @@ pub async fn run(cmd: &Command) -> anyhow::Result<i32> {
         Command::Stats { .. } | Command::Top { .. } | Command::Logs { .. } => observing_command(cmd).await,
         Command::Submit { .. } | Command::Wait { .. } | Command::Jobs { .. } => jobs_command(cmd).await,
         Command::Check { config } => check::run(config).await,
+        Command::Init {
+            config,
+            force,
+            clm,
+            python,
+        } => {
+            init::run(init::Options {
+                config,
+                force: *force,
+                clm: clm.as_deref(),
+                python: python.as_deref(),
+            })
+            .await
+        }
         Command::Completions { shell } => completions::run(*shell),
         Command::Man { out } => man_pages(out),
         Command::Start { .. } | Command::Worker(_) | Command::Guard { .. } => {

@@ -66,6 +66,17 @@ impl Pool {
         }
     }
 
+    /// A pool folder without a config yet (the test writes one, e.g. with
+    /// `clx-pool init`).
+    pub fn bare() -> Pool {
+        Pool {
+            dir: tempfile::Builder::new().prefix("clx-pool-test-").tempdir().unwrap(),
+            supervisor: None,
+            env: Vec::new(),
+            db: None,
+        }
+    }
+
     /// A pool whose database is `db` (elsewhere: a small file system).
     pub fn with_db(pool_extra: &str, workers: &str, db: &Path) -> Pool {
         let extra = format!("db_path = {}\n{pool_extra}", toml_str(db.to_str().unwrap()));
