@@ -79,7 +79,11 @@ fn every_command_exits_as_documented() {
             (&["wait", "--drained", "--timeout", "300ms", "--db", nodb], 1),
             (&["stop", "--db", nodb], 0),
             (&["scale", "copy=2", "--db", nodb], 1),
+            (&["restart", "copy", "--db", nodb], 1),
             (&["reload", "--db", nodb], 1),
+            (&["logs", "--db", nodb], 2),
+            // Off a terminal `top` says to use `stats --watch`.
+            (&["top", "--db", nodb], 2),
         ],
     );
     // A file that is not a database at all.
@@ -94,6 +98,8 @@ fn every_command_exits_as_documented() {
             (&["wait", "--drained", "--timeout", "1s", "--db", notdb], 2),
             (&["submit", "copy", "x", "y", "--content-hash", "h", "--db", notdb], 2),
             (&["stop", "--db", notdb], 2),
+            (&["jobs", "retry", "--failed", "--db", notdb], 2),
+            (&["scale", "copy=2", "--db", notdb], 1),
         ],
     );
     assert_eq!(
@@ -158,6 +164,9 @@ fn every_command_exits_as_documented() {
             (&["scale", "copy=2"], 1),
             (&["restart", "copy"], 1),
             (&["reload"], 1),
+            (&["logs", "copy"], 0),
+            (&["check", "--config", config], 0),
+            (&["submit", "copy", "x", "y", "--content-hash", "h"], 0),
             (&["stop"], 0),
         ],
     );
