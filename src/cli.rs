@@ -274,6 +274,19 @@ pub enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+    /// For the completion scripts: the job types of the pool (its config's
+    /// entries, else its database's), one per line; nothing on any error.
+    #[command(hide = true, name = "complete-types")]
+    CompleteTypes {
+        #[command(flatten)]
+        db: DbArgs,
+        /// Also the slots (`TYPE-N`).
+        #[arg(long)]
+        slots: bool,
+        /// Put this after each type (`=` for `scale`).
+        #[arg(long, default_value = "")]
+        suffix: String,
+    },
     /// Write the man pages (clx-pool.1 and one per command) into a folder.
     Man {
         /// Where to write them.

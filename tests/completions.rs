@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use clap::CommandFactory;
-use common::{bin, stderr, stdout};
+use common::{COPY, Pool, bin, sh_workers, stderr, stdout};
 
 /// The completion script for `shell`, written into `dir`.
 fn script(shell: &str, dir: &Path) -> PathBuf {
@@ -44,6 +44,7 @@ printf '%s\n' "${COMPREPLY[@]}"
 /// What bash offers on TAB at the end of `line`.
 fn bash_offers(script: &Path, line: &str) -> Vec<String> {
     let out = Command::new("bash")
+        .env("PATH", path_with_bin())
         .args(["--norc", "--noprofile", "-c", BASH_DRIVER, "driver"])
         .arg(script)
         .arg(line)
@@ -57,9 +58,20 @@ fn bash_offers(script: &Path, line: &str) -> Vec<String> {
         .collect()
 }
 
+/// PATH with the tested binary first: the scripts ask `clx-pool
+/// complete-types` for a pool's types.
+fn path_with_bin() -> String {
+    format!(
+        "{}:{}",
+        Path::new(bin()).parent().unwrap().display(),
+        std::env::var("PATH").unwrap_or_default()
+    )
+}
+
 /// What fish offers at the end of `line` (the words, without descriptions).
 fn fish_offers(script: &Path, line: &str) -> Vec<String> {
     let out = Command::new("fish")
+        .env("PATH", path_with_bin())
         .arg("--no-config")
         .arg("-c")
         .arg("source $argv[1]; and complete -C $argv[2]")
@@ -221,4 +233,75 @@ fn zsh_script_parses_and_names_no_hidden_item() {
     }
     let out = Command::new("zsh").arg("-n").arg(&script).output().unwrap();
     assert!(out.status.success(), "zsh -n: {}", stderr(&out));
+}
+
+/// TYPE values come from the pool: `scale` offers `TYPE=`, `restart` and
+/// `logs` its types and slots, `submit` its types as the first word only,
+/// `jobs list --type` its types; from `--config` (its entries) or `--db`
+/// (the running pool), in bash and fish; zsh's helper answers the same.
+#[test]
+fn type_values_come_from_the_pool_named_on_the_line() {
+    let workers = format!("{}\n{}", sh_workers("copy", 2, COPY), sh_workers("upper", 1, COPY));
+    let mut pool = Pool::new("", &workers);
+    pool.start_ready();
+    let (config, db) = (pool.config(), pool.db_path());
+    let (config, db) = (config.to_str().unwrap(), db.to_str().unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let bash = script("bash", dir.path());
+    let offers = |line: &str| bash_offers(&bash, line);
+    let scale = offers(&format!("clx-pool scale --config {config} "));
+    assert!(has_all(&scale, &["copy=", "upper="]), "{scale:?}");
+    let restart = offers(&format!("clx-pool restart --db {db} "));
+    assert!(
+        has_all(&restart, &["copy", "upper", "copy-0", "copy-1", "upper-0"]),
+        "{restart:?}"
+    );
+    let logs = offers(&format!("clx-pool logs --db {db} co"));
+    assert!(
+        has_all(&logs, &["copy", "copy-0", "copy-1"]) && !logs.iter().any(|w| w.starts_with("upper")),
+        "{logs:?}"
+    );
+    let submit = offers(&format!("clx-pool submit --config {config} "));
+    assert!(has_all(&submit, &["copy", "upper"]), "{submit:?}");
+    let input = offers(&format!("clx-pool submit --config {config} copy "));
+    assert!(
+        !input.iter().any(|w| w == "upper"),
+        "the input file is no type: {input:?}"
+    );
+    let by_type = offers(&format!("clx-pool jobs list --db {db} --type "));
+    assert!(has_all(&by_type, &["copy", "upper"]), "{by_type:?}");
+    let options = offers(&format!("clx-pool scale --config {config} --"));
+    assert!(
+        !options.iter().any(|w| w.ends_with('=')),
+        "options stay options: {options:?}"
+    );
+    if have("fish") {
+        let fish = script("fish", dir.path());
+        let scale = fish_offers(&fish, &format!("clx-pool scale --config {config} "));
+        assert!(has_all(&scale, &["copy=", "upper="]), "{scale:?}");
+        let restart = fish_offers(&fish, &format!("clx-pool restart --db {db} "));
+        assert!(has_all(&restart, &["copy", "copy-1", "upper-0"]), "{restart:?}");
+    }
+    if have("zsh") {
+        let zsh = script("zsh", dir.path());
+        let out = Command::new("zsh")
+            .env("PATH", path_with_bin())
+            .args([
+                "-f",
+                "-c",
+                "source $1 2>/dev/null; typeset -A opt_args; opt_args[--db]=$2; _clx_pool_values --slots",
+                "zsh",
+            ])
+            .arg(&zsh)
+            .arg(db)
+            .output()
+            .unwrap();
+        let words: Vec<&str> = std::str::from_utf8(&out.stdout).unwrap().lines().collect();
+        assert_eq!(
+            words,
+            ["copy", "copy-0", "copy-1", "upper", "upper-0"],
+            "{}",
+            stderr(&out)
+        );
+    }
 }

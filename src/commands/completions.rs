@@ -17,15 +17,159 @@ pub fn run(shell: Shell) -> anyhow::Result<i32> {
     Ok(exit::OK)
 }
 
+/// `complete-types`: the pool's job types (and with `slots` its slots,
+/// `TYPE-N`), each followed by `suffix`, one per line, for the scripts'
+/// TYPE values. The types of `--config`'s entries, else those the
+/// database serves; a slot list needs the database. Silent on any error: a
+/// completion never prints one.
+pub fn values(db: &crate::cli::DbArgs, slots: bool, suffix: &str) -> i32 {
+    let Ok(t) = super::target(db) else { return exit::OK };
+    let conn = crate::db::open_read_only(&t.db_path).ok().flatten().map(|(c, _)| c);
+    let mut words: Vec<String> = match (&t.config, &conn) {
+        (Some(c), _) => c.workers.iter().map(|w| w.worker_type.clone()).collect(),
+        (None, Some(conn)) => crate::db::slots::served_types(conn).unwrap_or_default(),
+        (None, None) => Vec::new(),
+    };
+    if slots && let Some(conn) = &conn {
+        let of_pool = crate::db::slots::slots(conn).unwrap_or_default();
+        words.extend(of_pool.iter().map(|s| format!("{}-{}", s.worker_type, s.slot)));
+    }
+    words.sort();
+    words.dedup();
+    for w in words {
+        super::print(&format!("{w}{suffix}"));
+    }
+    exit::OK
+}
+
+/// What each shell's script does beyond clap's: the TYPE values of
+/// `scale` (`TYPE=`), `restart` and `logs` (TYPE or TYPE-N), `submit` (its
+/// first word) and `jobs … --type`, asked of `clx-pool complete-types`
+/// with the line's `--config`/`--db`.
+const BASH_VALUES: &str = r#"
+_clx_pool_values() {
+    local i args=()
+    for ((i = 1; i < ${#COMP_WORDS[@]}; i++)); do
+        case "${COMP_WORDS[i]}" in
+            --config|-c|--db) args+=("${COMP_WORDS[i]}" "${COMP_WORDS[i+1]}") ;;
+            --config=*|--db=*) args+=("${COMP_WORDS[i]}") ;;
+        esac
+    done
+    clx-pool complete-types "${args[@]}" "$@" 2>/dev/null
+}
+
+# How many words the command has taken so far that are not options or
+# their values.
+_clx_pool_positionals() {
+    local i n=0 w
+    for ((i = 2; i < COMP_CWORD; i++)); do
+        w="${COMP_WORDS[i]}"
+        case "$w" in
+            --config|-c|--db|--timeout|--payload|--priority|--max-attempts|--content-hash|--workspace|--lines|-n|--since|--log-dir|--color|--log-level|--type) ((i++)) ;;
+            -*) ;;
+            *) ((n++)) ;;
+        esac
+    done
+    echo "$n"
+}
+
+_clx_pool_with_values() {
+    _clx_pool "$@"
+    local cur="${COMP_WORDS[COMP_CWORD]}" prev="${COMP_WORDS[COMP_CWORD-1]}"
+    [[ "$cur" == -* ]] && return 0
+    if [[ "$prev" == --type ]]; then
+        COMPREPLY=( $(compgen -W "$(_clx_pool_values)" -- "$cur") )
+        return 0
+    fi
+    case "$prev" in
+        --config|-c|--db|--timeout|--payload|--priority|--max-attempts|--content-hash|--workspace|--lines|-n|--since|--log-dir|--color|--log-level) return 0 ;;
+    esac
+    case "${COMP_WORDS[1]}" in
+        scale)
+            COMPREPLY=( $(compgen -W "$(_clx_pool_values --suffix =)" -- "$cur") )
+            compopt -o nospace ;;
+        restart|logs)
+            COMPREPLY=( $(compgen -W "$(_clx_pool_values --slots)" -- "$cur") ) ;;
+        submit)
+            [[ "$(_clx_pool_positionals)" == 0 ]] && COMPREPLY=( $(compgen -W "$(_clx_pool_values)" -- "$cur") ) ;;
+    esac
+    return 0
+}
+"#;
+
+const ZSH_VALUES: &str = r#"
+_clx_pool_values() {
+    local -a args
+    [[ -n ${opt_args[--config]} ]] && args+=(--config ${opt_args[--config]})
+    [[ -n ${opt_args[-c]} ]] && args+=(--config ${opt_args[-c]})
+    [[ -n ${opt_args[--db]} ]] && args+=(--db ${opt_args[--db]})
+    clx-pool complete-types $args "$@" 2>/dev/null
+}
+_clx_pool_types() { local -a v; v=(${(f)"$(_clx_pool_values)"}); compadd -a v }
+_clx_pool_targets() { local -a v; v=(${(f)"$(_clx_pool_values --slots)"}); compadd -a v }
+_clx_pool_counts() { local -a v; v=(${(f)"$(_clx_pool_values)"}); compadd -S '=' -a v }
+"#;
+
+const FISH_VALUES: &str = r#"
+function __clx_pool_values
+    set -l args
+    set -l words (commandline -opc)
+    for i in (seq (count $words))
+        switch $words[$i]
+            case --config -c --db
+                set -a args $words[$i] $words[(math $i + 1)]
+            case '--config=*' '--db=*'
+                set -a args $words[$i]
+        end
+    end
+    clx-pool complete-types $args $argv 2>/dev/null
+end
+complete -c clx-pool -n "__fish_clx_pool_using_subcommand scale" -f -a "(__clx_pool_values --suffix =)"
+complete -c clx-pool -n "__fish_clx_pool_using_subcommand restart" -f -a "(__clx_pool_values --slots)"
+complete -c clx-pool -n "__fish_clx_pool_using_subcommand logs" -f -a "(__clx_pool_values --slots)"
+complete -c clx-pool -n "__fish_clx_pool_using_subcommand submit; and test (count (commandline -opc | string match -v -- '-*')) -eq 2" -f -a "(__clx_pool_values)"
+complete -c clx-pool -n "__fish_seen_subcommand_from jobs" -l type -f -r -a "(__clx_pool_values)"
+"#;
+
 /// The completion script for `shell`, offering every command and option the
 /// user may type and none of the internal ones (`guard`, `worker
 /// --no-command`).
 pub fn script(shell: Shell) -> String {
     let mut cmd = shown(&Cli::command());
     let name = cmd.get_name().to_owned();
-    if shell != Shell::Bash {
-        return generate(shell, &mut cmd, &name);
+    match shell {
+        Shell::Bash => bash(&mut cmd, &name),
+        Shell::Zsh => zsh_with_values(&generate(shell, &mut cmd, &name)),
+        Shell::Fish => generate(shell, &mut cmd, &name) + FISH_VALUES,
+        _ => generate(shell, &mut cmd, &name),
     }
+}
+
+/// zsh: the TYPE arguments complete with the pool's types instead of files.
+fn zsh_with_values(text: &str) -> String {
+    let mut out = String::new();
+    for line in text.lines() {
+        let line = if line.starts_with("'*::counts -- ") {
+            line.replace(":_default'", ":_clx_pool_counts'")
+        } else if line.starts_with("'*::targets -- ") {
+            line.replace(":_default'", ":_clx_pool_targets'")
+        } else if line.starts_with("':job_type -- ") || line.contains("]:TYPE:_default'") {
+            line.replace(":_default'", ":_clx_pool_types'")
+        } else {
+            line.to_string()
+        };
+        out.push_str(&line);
+        out.push('\n');
+    }
+    // The helpers go first: `compdef` at the end runs the script's main
+    // function, which needs them.
+    match out.find("\n_clx-pool() {") {
+        Some(at) => format!("{}{ZSH_VALUES}{}", &out[..at + 1], &out[at + 1..]),
+        None => out + ZSH_VALUES,
+    }
+}
+
+fn bash(cmd: &mut Command, name: &str) -> String {
     // clap_complete's bash generator spells its internal state names two
     // ways when the bin name has a hyphen (`clx__pool__subcmd__stats` in
     // the loop that reads the words, `clx__subcmd__pool__subcmd__stats` in
@@ -33,14 +177,22 @@ pub fn script(shell: Shell) -> String {
     // level ever completed. Under a name without one both agree; only the
     // `complete` lines must then name the real command.
     let inner = name.replace('-', "_");
-    let text = generate(shell, &mut cmd, &inner);
+    let text = generate(Shell::Bash, cmd, &inner);
     let suffix = format!(" {inner}");
-    text.lines()
-        .map(|line| match line.strip_suffix(&suffix) {
-            Some(head) if line.trim_start().starts_with("complete ") => format!("{head} {name}\n"),
-            _ => format!("{line}\n"),
-        })
-        .collect()
+    let mut out = String::from(BASH_VALUES);
+    for line in text.lines() {
+        // `complete -F _clx_pool … clx_pool`: for clx-pool, through the
+        // function that adds the TYPE values.
+        let line = match line.strip_suffix(&suffix) {
+            Some(head) if line.trim_start().starts_with("complete ") => {
+                format!("{} {name}", head.replace("-F _clx_pool ", "-F _clx_pool_with_values "))
+            }
+            _ => line.to_string(),
+        };
+        out.push_str(&line);
+        out.push('\n');
+    }
+    out
 }
 
 fn generate(shell: Shell, cmd: &mut Command, bin_name: &str) -> String {

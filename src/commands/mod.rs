@@ -50,6 +50,7 @@ pub async fn run(cmd: &Command) -> anyhow::Result<i32> {
             .await
         }
         Command::Completions { shell } => completions::run(*shell),
+        Command::CompleteTypes { db, slots, suffix } => Ok(completions::values(db, *slots, suffix)),
         Command::Man { out } => man_pages(out),
         Command::Start { .. } | Command::Worker(_) | Command::Guard { .. } => {
             unreachable!("handled by lib::dispatch")
