@@ -107,6 +107,13 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / HZ
 
 
+def children_cpu_seconds(pid):
+    """CPU of a process's children it has waited for (cutime + cstime)."""
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[13]) + int(fields[14])) / HZ
+
+
 def summary(samples):
     s = sorted(samples)
     p95 = s[min(len(s) - 1, int(round(0.95 * (len(s) - 1))))]
@@ -482,6 +489,38 @@ def throughput_once(workers, jobs, kind):
     return jobs / elapsed
 
 
+def bench_job_cost(jobs):
+    """What one job costs, in CPU: of the built-in worker itself (claim,
+    spawn, wait, report), of the supervisor meanwhile, and of the job
+    command (`cp`, the worker's waited-for children), over `jobs` jobs of
+    one worker."""
+    pool = ClxPool(1, "builtin", job_command=["cp", "{input}", "{output}"]).start()
+    try:
+        pool.connect()
+        poll(lambda: pool.registered() >= 1, 60)
+        with open(os.path.join(pool.dir, "workspace", "in.txt"), "w") as f:
+            f.write("x")
+        poll(lambda: len(pool.worker_pids()) == 1, 60)
+        sup, worker = pool.proc.pid, pool.worker_pids()[0]
+        w0, k0, s0 = cpu_seconds(worker), children_cpu_seconds(worker), cpu_seconds(sup)
+        c = pool.dbc.c
+        c.execute("BEGIN")
+        c.executemany("INSERT INTO jobs (job_type, status, input_file, output_file, content_hash, payload)"
+                      " VALUES ('t', 'pending', 'in.txt', ?, 'h', '{}')", [("out/%d" % i,) for i in range(jobs)])
+        c.execute("COMMIT")
+        poll(lambda: pool.dbc.val("SELECT COUNT(*) FROM jobs WHERE status = 'completed'") == jobs, 600, 0.005)
+        w1, k1, s1 = cpu_seconds(worker), children_cpu_seconds(worker), cpu_seconds(sup)
+    finally:
+        pool.close()
+    how = "utime+stime (cutime+cstime for the command) over %d cp jobs of 1 worker, /proc/<pid>/stat" % jobs
+    record("worker CPU per job", 1, "clx-pool", "ms", [(w1 - w0) / jobs * 1000],
+           "the built-in worker's own CPU per job, beyond the command", how)
+    record("job command CPU per job", 1, "clx-pool", "ms", [(k1 - k0) / jobs * 1000],
+           "the command itself (cp), for comparison", how)
+    record("supervisor CPU per job", 1, "clx-pool", "ms", [(s1 - s0) / jobs * 1000],
+           "the supervisor's CPU while the jobs ran, per job", how)
+
+
 def record_throughput(workers, jobs, kind, rates):
     name = "throughput" if kind == "builtin" else "throughput (queue only)"
     how = "%d jobs inserted in one transaction, then all completed; job_command [cp, {input}, {output}]" % jobs if kind == "builtin" \
@@ -661,6 +700,7 @@ GOALS = {
     ("supervisor peak RSS", 50): ("<= 10 MB", lambda v: v <= 10),
     # Issue 24: what the supervisor alone costs (its shared text pages left out).
     ("supervisor USS", 50): ("<= 5 MB", lambda v: v <= 5),
+    ("worker CPU per job", 1): ("<= 0.25 ms", lambda v: v <= 0.25),
     ("idle DB writes", 50): ("<= 50 /s", lambda v: v <= 50),
     ("throughput", 4): (">= 1000 jobs/s", lambda v: v >= 1000),
     ("pickup latency", 4): ("p50 <= 5 ms", lambda v: v <= 0.005),
@@ -675,6 +715,8 @@ def fmt(v, unit):
         return "%.1f ms" % (v * 1000) if v < 1 else "%.2f s" % v
     if unit == "MB":
         return "%.1f MB" % v
+    if unit == "ms":
+        return "%.3f ms" % v
     if unit == "%":
         return "%.2f %%" % v
     if unit == "ratio":
@@ -831,6 +873,8 @@ def main():
     for n in ([10] if quick else [50, 200]):
         bench_footprint(ClxPool, n, 5 if quick else 30, 2 if quick else 12)
         bench_footprint(Supervisord, n, 5 if quick else 30, 2 if quick else 12)
+    print("== what a job costs")
+    bench_job_cost(500 if quick else 2000)
     print("== throughput")
     for w in ([4] if quick else [1, 4, 8]):
         if w == 4:
