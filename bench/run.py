@@ -489,6 +489,23 @@ def throughput_once(workers, jobs, kind):
     return jobs / elapsed
 
 
+def bench_read_cost(n, reps):
+    """How long `stats` and `stats --prometheus` take on a running pool of
+    n built-in workers (the command's whole run, as a script sees it)."""
+    pool, _ = start_pool(ClxPool, n)
+    try:
+        for args, name in ((["stats"], "stats"), (["stats", "--prometheus"], "stats --prometheus")):
+            samples = []
+            for _ in range(reps):
+                t0 = time.monotonic()
+                subprocess.run([BIN] + args + ["--db", pool.db], check=True, capture_output=True)
+                samples.append(time.monotonic() - t0)
+            record(name, n, "clx-pool", "s", samples, "`clx-pool %s` on a running pool, start to exit" % " ".join(args),
+                   "%d runs, wall time of the process" % reps)
+    finally:
+        pool.close()
+
+
 def bench_job_cost(jobs):
     """What one job costs, in CPU: of the built-in worker itself (claim,
     spawn, wait, report), of the supervisor meanwhile, and of the job
@@ -701,6 +718,11 @@ GOALS = {
     # Issue 24: what the supervisor alone costs (its shared text pages left out).
     ("supervisor USS", 50): ("<= 5 MB", lambda v: v <= 5),
     ("worker CPU per job", 1): ("<= 0.25 ms", lambda v: v <= 0.25),
+    ("start", 1000): ("<= 3 s", lambda v: v <= 3.0),
+    ("pool CPU idle (all processes)", 1000): ("<= 2 %", lambda v: v <= 2.0),
+    ("supervisor USS", 1000): ("<= 25 MB", lambda v: v <= 25),
+    ("stop", 1000): ("<= 1 s", lambda v: v <= 1.0),
+    ("stats", 1000): ("<= 200 ms", lambda v: v <= 0.2),
     ("idle DB writes", 50): ("<= 50 /s", lambda v: v <= 50),
     ("throughput", 4): (">= 1000 jobs/s", lambda v: v >= 1000),
     ("pickup latency", 4): ("p50 <= 5 ms", lambda v: v <= 0.005),
@@ -853,7 +875,7 @@ def main():
     quick = args.quick
 
     print("== start")
-    for n, reps in ([(1, 3), (10, 3)] if quick else [(1, 5), (10, 5), (50, 5), (200, 3)]):
+    for n, reps in ([(1, 3), (10, 3)] if quick else [(1, 5), (10, 5), (50, 5), (200, 3), (1000, 1)]):
         bench_start(ClxPool, n, reps)
         bench_start(Supervisord, n, reps)
     print("== restart")
@@ -863,16 +885,19 @@ def main():
     print("== job recovery")
     bench_recovery(4, 5 if quick else 15)
     print("== stop")
-    for n, reps in ([(10, 3)] if quick else [(10, 3), (50, 3), (200, 2)]):
+    for n, reps in ([(10, 3)] if quick else [(10, 3), (50, 3), (200, 2), (1000, 1)]):
         bench_stop(ClxPool, n, reps)
         bench_stop(Supervisord, n, reps)
     for n in ([10] if quick else [10, 50]):
         bench_stop(ClxPool, n, 1 if quick else 2, "python-ignore-term")
         bench_stop(Supervisord, n, 1 if quick else 2, "python-ignore-term")
     print("== footprint")
-    for n in ([10] if quick else [50, 200]):
+    for n in ([10] if quick else [50, 200, 1000]):
         bench_footprint(ClxPool, n, 5 if quick else 30, 2 if quick else 12)
         bench_footprint(Supervisord, n, 5 if quick else 30, 2 if quick else 12)
+    print("== reading a pool")
+    for n in ([10] if quick else [50, 1000]):
+        bench_read_cost(n, 3 if quick else 5)
     print("== what a job costs")
     bench_job_cost(500 if quick else 2000)
     print("== throughput")
