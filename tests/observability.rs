@@ -476,12 +476,18 @@ fn stats_json_stats_prometheus_and_top_show_the_same_counts() {
     wait_for("top to quit", Duration::from_secs(10), || (!tmux.alive()).then_some(()));
 }
 
-/// New workers' memory is in `stats` soon after they registered, not only
-/// at the monitor's next regular look (`check_interval`, 30 s here).
+/// New workers' memory is in `stats` as soon as the pool is ready (a
+/// process's is read when it registers), not only at the monitor's next
+/// regular look (`check_interval`, 30 s here).
 #[test]
 fn new_workers_are_measured_soon_after_they_register() {
     let mut pool = Pool::new("check_interval = \"30s\"\n", &sh_workers("copy", 2, COPY));
     pool.start_ready();
+    let json: serde_json::Value = serde_json::from_slice(&pool.cli(&["stats", "--json"]).stdout).unwrap();
+    assert!(
+        json["pools"]["copy"]["memory_mib"].as_f64().unwrap() > 0.0,
+        "no memory once ready: {json}"
+    );
     let started = std::time::Instant::now();
     wait_for("the pool's memory in stats", Duration::from_secs(10), || {
         let json: serde_json::Value = serde_json::from_slice(&pool.cli(&["stats", "--json"]).stdout).ok()?;

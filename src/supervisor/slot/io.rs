@@ -406,6 +406,12 @@ impl Io for SlotIo {
             self.protocol(),
         );
         let node = worker.node().await;
+        // A process's memory is known at once (the monitor adds its CPU
+        // later): `stats` need not show `-` for a worker that just came up.
+        let memory_mib = worker
+            .process()
+            .and_then(|p| crate::procs::tree_usage_of(p.pid))
+            .map(|(_, bytes)| bytes as f64 / (1024.0 * 1024.0));
         self.write("recording the worker's registration", move |c| {
             db::slots::slot_registered(
                 c,
@@ -417,7 +423,11 @@ impl Io for SlotIo {
                     execution_mode: mode,
                     node: node.as_deref(),
                 },
-            )
+            )?;
+            match memory_mib {
+                Some(mib) => db::workers::write_usage(c, &[(row, None, mib)]),
+                None => Ok(()),
+            }
         })
         .await;
     }
