@@ -247,7 +247,7 @@ pub fn build(
     };
     let queue = db::jobs::counts::by_type(conn)?;
     let unserved = if running {
-        unserved(&queue, &pools, &db::workers::live_types(conn)?)
+        unserved(&queue, &db::slots::served_types(conn)?)
     } else {
         BTreeMap::new()
     };
@@ -279,12 +279,12 @@ pub fn build(
     })
 }
 
-/// Pending jobs of each type that neither a slot of the pool nor a live
-/// worker (one run by hand) serves.
-fn unserved(queue: &[TypeCount], pools: &BTreeMap<String, PoolStats>, live: &[String]) -> BTreeMap<String, i64> {
+/// Pending jobs of each type nothing serves (`db::slots::served_types`,
+/// the one answer `submit` and `wait --jobs` use too).
+fn unserved(queue: &[TypeCount], served: &[String]) -> BTreeMap<String, i64> {
     queue
         .iter()
-        .filter(|c| c.status == JobStatus::Pending && !pools.contains_key(&c.job_type) && !live.contains(&c.job_type))
+        .filter(|c| c.status == JobStatus::Pending && !served.contains(&c.job_type))
         .map(|c| (c.job_type.clone(), c.count))
         .collect()
 }
