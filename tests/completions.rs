@@ -126,20 +126,32 @@ fn has_all(offers: &[String], wanted: &[&str]) -> bool {
     wanted.iter().all(|w| offers.iter().any(|o| o == w))
 }
 
+/// What a shell offers never names a hidden command, not at the top level
+/// and not for its first letters, nor a hidden option among `worker`'s.
+fn offers_nothing_hidden(offers: impl Fn(&str) -> Vec<String>) {
+    let (hidden_commands, hidden_options) = hidden();
+    let top = offers("clx-pool ");
+    for name in &hidden_commands {
+        assert!(!top.contains(name), "{name} offered: {top:?}");
+        let typed = offers(&format!("clx-pool {}", &name[..2]));
+        assert!(!typed.contains(name), "{name} offered for its prefix: {typed:?}");
+    }
+    let worker = offers("clx-pool worker --");
+    for option in &hidden_options {
+        assert!(!worker.contains(option), "{option} offered: {worker:?}");
+    }
+}
+
 #[test]
 fn bash_completes_commands_options_and_subcommands_at_every_depth() {
     let dir = tempfile::tempdir().unwrap();
     let script = script("bash", dir.path());
-    let (hidden_commands, hidden_options) = hidden();
+    let (hidden_commands, _) = hidden();
+    offers_nothing_hidden(|line| bash_offers(&script, line));
 
-    // Depth 1: the commands; never an internal one, not even by its prefix.
+    // Depth 1: the commands.
     let top = bash_offers(&script, "clx-pool ");
     assert!(has_all(&top, &["start", "stats", "stop", "jobs", "worker"]), "{top:?}");
-    for name in &hidden_commands {
-        assert!(!top.contains(name), "{name} offered: {top:?}");
-        let typed = bash_offers(&script, &format!("clx-pool {}", &name[..2]));
-        assert!(!typed.contains(name), "{name} offered for its prefix: {typed:?}");
-    }
 
     // Depth 2: a command's options, and the values of a global one.
     let stats = bash_offers(&script, "clx-pool stats --");
@@ -152,9 +164,6 @@ fn bash_completes_commands_options_and_subcommands_at_every_depth() {
     assert_eq!(colour, ["auto", "always", "never"]);
     let worker = bash_offers(&script, "clx-pool worker --");
     assert!(has_all(&worker, &["--max-jobs", "--poll-interval"]), "{worker:?}");
-    for option in &hidden_options {
-        assert!(!worker.contains(option), "{option} offered: {worker:?}");
-    }
 
     // Depth 3: a command's subcommands, and a subcommand's options.
     let jobs = bash_offers(&script, "clx-pool jobs ");
@@ -182,22 +191,14 @@ fn fish_completes_at_every_depth_and_never_offers_hidden_items() {
     }
     let dir = tempfile::tempdir().unwrap();
     let script = script("fish", dir.path());
-    let (hidden_commands, hidden_options) = hidden();
+    offers_nothing_hidden(|line| fish_offers(&script, line));
 
     let top = fish_offers(&script, "clx-pool ");
     assert!(has_all(&top, &["start", "stats", "stop"]), "{top:?}");
-    for name in &hidden_commands {
-        assert!(!top.contains(name), "{name} offered: {top:?}");
-        let typed = fish_offers(&script, &format!("clx-pool {}", &name[..2]));
-        assert!(!typed.contains(name), "{name} offered for its prefix: {typed:?}");
-    }
     let stats = fish_offers(&script, "clx-pool stats --");
     assert!(has_all(&stats, &["--json", "--workers", "--check"]), "{stats:?}");
     let worker = fish_offers(&script, "clx-pool worker --");
     assert!(has_all(&worker, &["--max-jobs"]), "{worker:?}");
-    for option in &hidden_options {
-        assert!(!worker.contains(option), "{option} offered: {worker:?}");
-    }
     let jobs = fish_offers(&script, "clx-pool jobs ");
     assert!(
         has_all(&jobs, &["list", "show", "cancel", "retry", "prune"]),

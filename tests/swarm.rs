@@ -43,6 +43,14 @@ impl Swarm {
             .collect()
     }
 
+    /// `clx-pool stop` of the pool succeeds and leaves none of its services.
+    fn stop(&self, pool: &Pool) {
+        let out = pool.cli(&["stop", "--timeout", "60s"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let left = self.services(pool);
+        assert!(left.is_empty(), "services left: {left:?}");
+    }
+
     /// The pool's containers on both nodes.
     fn containers(&self, pool: &Pool) -> Vec<String> {
         let label = format!("label=clx-pool.db-id={}", db_id(pool));
@@ -385,13 +393,7 @@ fn swarm_slots_run_clm_jobs_on_both_nodes_replace_a_killed_task_and_stop_leaves_
         8
     );
 
-    let out = pool.cli(&["stop", "--timeout", "60s"]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    assert!(
-        swarm.services(&pool).is_empty(),
-        "services left: {:?}",
-        swarm.services(&pool)
-    );
+    swarm.stop(&pool);
     let label = format!("label=clx-pool.db-id={}", db_id(&pool));
     let secrets = Swarm::docker(&swarm.manager, &["secret", "ls", "-q", "--filter", &label]);
     assert_eq!(secrets.trim(), "", "the workers' token secrets are gone");
@@ -484,9 +486,7 @@ fn a_task_no_node_can_take_cools_the_slot_down_with_swarms_reason() {
         pool.query_i64("SELECT COUNT(*) FROM clx_pool_slots WHERE state = 'failed'"),
         0
     );
-    let out = pool.cli(&["stop", "--timeout", "60s"]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    assert!(swarm.services(&pool).is_empty());
+    swarm.stop(&pool);
 }
 
 /// Pauses scheduling on a node until dropped.
@@ -617,9 +617,7 @@ fn a_worker_on_a_lost_node_is_ended_and_replaced_on_a_live_one_and_its_token_ref
         pool.query_i64("SELECT COUNT(*) FROM jobs WHERE status = 'completed'"),
         3
     );
-    let out = pool.cli(&["stop", "--timeout", "60s"]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    assert!(swarm.services(&pool).is_empty());
+    swarm.stop(&pool);
 }
 
 /// `openssl ARGS` in `dir`.
@@ -730,9 +728,7 @@ fn the_worker_api_serves_https_and_swarm_workers_trust_its_private_ca() {
     assert!(said.contains("re-read the worker API's certificate and key"), "{said}");
     assert!(presented_subject(&ca, port).contains("CN=clx-test-renewed"));
     assert_eq!(secrets().lines().count(), 3, "the CA's secret and each worker's token");
-    let out = pool.cli(&["stop", "--timeout", "60s"]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    assert!(swarm.services(&pool).is_empty());
+    swarm.stop(&pool);
     assert_eq!(secrets().trim(), "", "no secret left");
 }
 
@@ -891,9 +887,7 @@ fn a_hung_swarm_worker_is_replaced_and_its_token_refused() {
     });
     let out = pool.cli(&["jobs", "cancel", &job.to_string()]);
     assert!(out.status.success(), "{}", stderr(&out));
-    let out = pool.cli(&["stop", "--timeout", "60s"]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    assert!(swarm.services(&pool).is_empty());
+    swarm.stop(&pool);
 }
 
 /// `scale` down retires an idle swarm worker first: the busy one keeps
@@ -927,9 +921,7 @@ fn a_scale_down_retires_the_idle_swarm_worker_and_keeps_the_busy_one() {
         pool.query_strings(&format!("SELECT status || ' ' || attempts FROM jobs WHERE id = {job}")),
         vec!["completed 1"]
     );
-    let out = pool.cli(&["stop", "--timeout", "60s"]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    assert!(swarm.services(&pool).is_empty());
+    swarm.stop(&pool);
 }
 
 /// An entry whose image no node has (added by `reload`, after the
@@ -973,9 +965,7 @@ fn an_image_no_node_has_cools_the_slot_down_with_swarms_words() {
         pool.query_i64("SELECT COUNT(*) FROM clx_pool_slots WHERE worker_type = 'echo' AND state = 'running'"),
         1
     );
-    let out = pool.cli(&["stop", "--timeout", "60s"]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    assert!(swarm.services(&pool).is_empty());
+    swarm.stop(&pool);
 }
 
 /// How many `plantuml` workers CLM 1.35's own discovery counts as healthy
@@ -1051,6 +1041,5 @@ fn clm_build_reuses_the_swarm_pool_when_it_has_no_engine_to_ask() {
         0,
         "every job ran on the pool's swarm worker"
     );
-    let out = pool.cli(&["stop", "--timeout", "60s"]);
-    assert!(out.status.success(), "{}", stderr(&out));
+    swarm.stop(&pool);
 }
