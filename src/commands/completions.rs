@@ -25,11 +25,7 @@ pub fn run(shell: Shell) -> anyhow::Result<i32> {
 pub fn values(db: &crate::cli::DbArgs, slots: bool, suffix: &str) -> i32 {
     let Ok(t) = super::target(db) else { return exit::OK };
     let conn = crate::db::open_read_only(&t.db_path).ok().flatten().map(|(c, _)| c);
-    let mut words: Vec<String> = match (&t.config, &conn) {
-        (Some(c), _) => c.workers.iter().map(|w| w.worker_type.clone()).collect(),
-        (None, Some(conn)) => crate::db::slots::served_types(conn).unwrap_or_default(),
-        (None, None) => Vec::new(),
-    };
+    let mut words = t.served_types(conn.as_ref()).unwrap_or_default();
     if slots && let Some(conn) = &conn {
         let of_pool = crate::db::slots::slots(conn).unwrap_or_default();
         words.extend(of_pool.iter().map(|s| format!("{}-{}", s.worker_type, s.slot)));

@@ -228,6 +228,19 @@ pub struct Target {
     pub config: Option<Config>,
 }
 
+impl Target {
+    /// The job types served: the config's entries when one was named, else
+    /// those the database's pool and live workers serve
+    /// (`db::slots::served_types`; none without a database).
+    pub fn served_types(&self, conn: Option<&rusqlite::Connection>) -> rusqlite::Result<Vec<String>> {
+        match (&self.config, conn) {
+            (Some(c), _) => Ok(c.workers.iter().map(|w| w.worker_type.clone()).collect()),
+            (None, Some(conn)) => crate::db::slots::served_types(conn),
+            (None, None) => Ok(Vec::new()),
+        }
+    }
+}
+
 /// `--config` wins over `--db`, which wins over CLX_DB_PATH (clap folds the
 /// variable into `--db`).
 pub fn target(args: &DbArgs) -> anyhow::Result<Target> {

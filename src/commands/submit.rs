@@ -100,15 +100,10 @@ fn hash_input(path: &Path, payload: &str) -> std::io::Result<String> {
 /// the config's entries when it is given, else those of the database's
 /// pool; a database no pool ever ran on says nothing.
 fn served(t: &super::Target, conn: &rusqlite::Connection, job_type: &str, allow: bool) -> anyhow::Result<()> {
-    let (types, whose) = match &t.config {
-        Some(c) => (
-            c.workers.iter().map(|w| w.worker_type.clone()).collect::<Vec<_>>(),
-            format!("the workers of {}", c.path.display()),
-        ),
-        None => (
-            db::slots::served_types(conn)?,
-            format!("the pool of {}", t.db_path.display()),
-        ),
+    let types = t.served_types(Some(conn))?;
+    let whose = match &t.config {
+        Some(c) => format!("the workers of {}", c.path.display()),
+        None => format!("the pool of {}", t.db_path.display()),
     };
     if types.is_empty() || types.iter().any(|ty| ty == job_type) {
         return Ok(());

@@ -24,6 +24,7 @@ use std::path::{Path, PathBuf};
 
 use super::{shell_word, toml_str};
 use crate::UsageError;
+use crate::commands::check::is_executable;
 
 /// Debian's `plantuml` package puts its jar here (not among CLM's own
 /// default paths).
@@ -318,11 +319,6 @@ fn find_on_path(name: &str, path_var: &OsStr) -> Option<PathBuf> {
         .filter(|d| !d.as_os_str().is_empty())
         .map(|d| d.join(name))
         .find(|p| is_executable(p))
-}
-
-fn is_executable(p: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
 /// The interpreter a pip-installed script names: `#!/venv/bin/python`,
