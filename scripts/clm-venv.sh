@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${CLM_TEST_VENV:-target/clm-venv}
-PACKAGE='coding-academy-lecture-manager[plantuml,docker]==1.35.0'
+PACKAGE=${CLM_PACKAGE:-'coding-academy-lecture-manager[plantuml,docker]==1.35.0'}
 STAMP="$VENV/.clx-pool-installed"
 
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$PACKAGE" ]; then
