@@ -7,7 +7,7 @@ IMAGE ?= clx-pool/test:$(VERSION)
 TARGET := x86_64-unknown-linux-gnu
 STATIC_BIN := target/$(TARGET)/release/clx-pool
 
-.PHONY: build run demo test lint fmt clean install deb docker-image clm-test-image bench bench-quick clm-venv tools-venv
+.PHONY: build run demo test lint fmt clean install deb docker-image clm-test-image bench bench-quick bench-venv clm-venv tools-venv
 
 build:
 	$(CARGO) build --release
@@ -61,13 +61,19 @@ CLM_IMAGE ?= clx-pool/clm-test:1.35.0
 clm-test-image:
 	bash scripts/clm-test-image.sh $(CLM_IMAGE)
 
-# Benchmarks against supervisord (installed into bench/work/venv from PyPI);
-# results in bench/results.json and bench/results.md.
-bench: build
+# Benchmarks against supervisord (installed into bench/work/venv from PyPI)
+# and CLM's own workers (course builds; CLM with its notebook and PlantUML
+# workers in target/bench-venv); results in bench/results.json and
+# bench/results.md.
+bench: build bench-venv
 	python3 bench/run.py
 
-bench-quick: build
+bench-quick: build bench-venv
 	python3 bench/run.py --quick
+
+bench-venv:
+	CLM_TEST_VENV=target/bench-venv CLM_PACKAGE='coding-academy-lecture-manager[notebook,plantuml]==1.35.0' \
+	  bash scripts/clm-venv.sh
 
 # The binary, its man pages and shell completions under PREFIX (DESTDIR
 # for packaging): make install PREFIX=$$HOME/.local

@@ -1,9 +1,12 @@
 #!/usr/bin/env python3
 """clx-pool benchmarks, side by side with supervisord 4.3.
 
-`make bench` (full, under 10 minutes on 2 cores) and `make bench-quick`
-(a smaller set, under 2 minutes) run this with the release binary. Results go
-to bench/results.json and bench/results.md, and the table is printed.
+`make bench` (full, about 35 minutes on 2 cores) and `make bench-quick`
+(a smaller set, about 8 minutes) run this with the release binary. Results go
+to bench/results.json and bench/results.md, and the table is printed. The
+course builds (bench/course.py) run `clm build` of a generated course with
+CLM's own workers and on a warm clx-pool pool, CLM 1.35 from PyPI in
+target/bench-venv (`make bench-venv`).
 
 Every figure comes from the outside: registration and job times from the
 shared SQLite database (the same rows any CLX tool reads), process presence,
@@ -502,8 +505,60 @@ def bench_read_cost(n, reps):
                 samples.append(time.monotonic() - t0)
             record(name, n, "clx-pool", "s", samples, "`clx-pool %s` on a running pool, start to exit" % " ".join(args),
                    "%d runs, wall time of the process" % reps)
+        first, per_frame = [], []
+        for _ in range(reps):
+            f, c = top_frames(pool.db, 10.0)
+            first.append(f)
+            per_frame.append(c)
+        record("top: first frame", n, "clx-pool", "s", first,
+               "`clx-pool top` in a 200x50 terminal: start to its first whole frame on the screen",
+               "%d runs; a pty, until the frame's last box (recent events) is written" % reps)
+        record("top: CPU per refresh", n, "clx-pool", "ms", per_frame,
+               "CPU of `top` per refresh (it reads the pool once a second and redraws)",
+               "%d runs of 10 s each after the first frame, utime+stime / refreshes" % reps)
     finally:
         pool.close()
+
+
+def top_frames(db, seconds):
+    """Runs `clx-pool top` in a pseudo-terminal: seconds to its first whole
+    frame, then its CPU in ms per refresh over `seconds`."""
+    import pty
+    import select
+    import struct
+    import fcntl
+    import termios
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 200, 0, 0))
+    t0 = time.monotonic()
+    proc = subprocess.Popen([BIN, "top", "--db", db], stdin=slave, stdout=slave, stderr=slave, close_fds=True)
+    os.close(slave)
+    seen = b""
+    first = None
+    try:
+        end = t0 + 60
+        while first is None and time.monotonic() < end:
+            if select.select([master], [], [], 0.5)[0]:
+                seen += os.read(master, 65536)
+                if b"recent" in seen and b"events" in seen.split(b"recent", 1)[1][:40]:
+                    first = time.monotonic() - t0
+        if first is None:
+            raise RuntimeError("top drew no frame within 60 s: %r" % seen[-500:])
+        c0, t1 = cpu_seconds(proc.pid), time.monotonic()
+        while time.monotonic() < t1 + seconds:
+            if select.select([master], [], [], 0.2)[0]:
+                os.read(master, 65536)
+        refreshes = time.monotonic() - t1  # one a second
+        per = (cpu_seconds(proc.pid) - c0) / refreshes * 1000
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+    return first, per
 
 
 def bench_job_cost(jobs):
@@ -723,6 +778,8 @@ GOALS = {
     ("supervisor USS", 1000): ("<= 25 MB", lambda v: v <= 25),
     ("stop", 1000): ("<= 1 s", lambda v: v <= 1.0),
     ("stats", 1000): ("<= 200 ms", lambda v: v <= 0.2),
+    ("course build warm pool / clm alone", 2): ("<= 1.0", lambda v: v <= 1.0),
+    ("course build with kills / warm pool", 2): ("<= 1.15", lambda v: v <= 1.15),
     ("idle DB writes", 50): ("<= 50 /s", lambda v: v <= 50),
     ("throughput", 4): (">= 1000 jobs/s", lambda v: v >= 1000),
     ("pickup latency", 4): ("p50 <= 5 ms", lambda v: v <= 0.005),
@@ -849,6 +906,17 @@ How each figure is measured:
   with queue-only workers: claiming is an index lookup
   (`clx_pool_jobs_claim`), so a deep queue costs little; the same run
   without that index shows the sort of every pending job it replaces.
+- *course build* rows: `clm build` of a generated course (8 notebooks
+  that execute code, 2 PlantUML diagrams, CLM's layout and spec file) with
+  CLM 1.35 from PyPI, every round cold (fresh output folder, caches
+  cleared). *clm alone* starts its own workers (1 notebook, 1 plantuml);
+  *warm pool* reuses a running clx-pool pool of the same workers and is
+  checked to start none of its own; *kill -9 every 10 s* kills a random
+  pool worker while the build runs; *clm alone, one kill* kills CLM's own
+  notebook worker once and waits three times the clean median. *course
+  outputs correct* compares each build's file list with the first clean
+  build's.
+- *top* rows run `clx-pool top` in a pseudo-terminal of 200x50.
 - *start (python workers)* runs `tests/workers/clx_protocol_worker.py`,
   a standard-library Python CLX worker, under clx-pool: what a realistic
   Python worker pool costs.
@@ -861,6 +929,19 @@ How each figure is measured:
     print()
     print(table)
     print("\nwritten: bench/%s.json, bench/%s.md" % (stem, stem))
+
+
+def bench_course(rounds, alone_kills):
+    """`clm build` of a generated course, with CLM's own workers and on a
+    warm pool (bench/course.py); skipped with a note without the bench's
+    CLM venv (`make bench-venv`) or PlantUML."""
+    venv = os.path.join(ROOT, "target", "bench-venv")
+    jar = os.environ.get("PLANTUML_JAR", "/usr/share/plantuml/plantuml.jar")
+    if not os.path.exists(os.path.join(venv, ".clx-pool-installed")) or not os.path.exists(jar):
+        print("  skipped: no CLM venv at %s (make bench-venv) or no PlantUML jar at %s" % (venv, jar))
+        return
+    import course
+    course.bench(record, WORK, venv, BIN, jar, rounds, alone_kills)
 
 
 def main():
@@ -925,6 +1006,8 @@ def main():
             pool.close()
         record("start (python workers)", n, "clx-pool", "s", samples,
                "start to all N Python protocol workers registered", "rows in workers, polled every 1 ms")
+    print("== course builds")
+    bench_course(1 if quick else 3, 1 if quick else 2)
     write_reports("quick" if quick else "full", started)
 
 
