@@ -345,9 +345,16 @@ async fn view(terminal: &mut ratatui::DefaultTerminal, db: &std::path::Path) -> 
     let mut snap = snapshot(db, &mut history)?;
     let mut refreshed = Instant::now();
     let mut acted = false;
+    // Drawn when something changed (a refresh, a key, a resize), not at
+    // every wake-up: a frame of a thousand workers costs more than a poll.
+    let mut changed = true;
     loop {
-        terminal.draw(|f| draw(f, &snap, &mut ui))?;
-        if event::poll(Duration::from_millis(100))?
+        if std::mem::take(&mut changed) {
+            terminal.draw(|f| draw(f, &snap, &mut ui))?;
+        }
+        // A key or a resize: drawn again either way.
+        changed = event::poll(Duration::from_millis(100))?;
+        if changed
             && let Event::Key(key) = event::read()?
             && key.kind == KeyEventKind::Press
         {
@@ -395,6 +402,7 @@ async fn view(terminal: &mut ratatui::DefaultTerminal, db: &std::path::Path) -> 
                 Err(e) => ui.problem = Some(format!("refreshing: {e:#}")),
             }
             refreshed = Instant::now();
+            changed = true;
         }
     }
 }
