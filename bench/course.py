@@ -395,7 +395,12 @@ def alone_build_with_a_kill(course, limit):
     took, files, _ = course.build(db, on_start=during, limit=limit)
     if not killed:
         raise RuntimeError("the build ended before its notebook worker could be killed")
-    return took, files
+    c = sqlite3.connect(db, timeout=30)
+    try:
+        states = dict(c.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall())
+    finally:
+        c.close()
+    return took, files, states
 
 
 def bench(record, work, venv, bin_path, jar, rounds, alone_kills):
@@ -431,14 +436,18 @@ def bench(record, work, venv, bin_path, jar, rounds, alone_kills):
         if pool is not None:
             pool.close()
     limit = 3 * sorted(times["alone"])[len(times["alone"]) // 2]
-    finished, alone_kill_times, alone_kill_correct = 0, [], 0
+    finished, alone_kill_times, alone_kill_correct, left = 0, [], 0, []
     for _ in range(alone_kills):
-        took, files = alone_build_with_a_kill(course, limit)
-        print("    clm alone, one kill: %s" % ("%.1f s" % took if took else "not finished in %.0f s" % limit), flush=True)
+        took, files, states = alone_build_with_a_kill(course, limit)
+        jobs = ", ".join("%d %s" % (n, s) for s, n in sorted(states.items()))
+        print("    clm alone, one kill: %s (jobs: %s)" % ("%.1f s" % took if took else "not finished in %.0f s" % limit, jobs),
+              flush=True)
         if took is not None:
             finished += 1
             alone_kill_times.append(took)
             alone_kill_correct += files == course.reference
+        else:
+            left.append(jobs)
     n_files = len(course.reference)
     what = "%d notebooks, %d diagrams, %d output files; CLM 1.35 from PyPI, 1 notebook + 1 plantuml worker" % (
         NOTEBOOKS, DIAGRAMS, n_files)
@@ -465,7 +474,10 @@ def bench(record, work, venv, bin_path, jar, rounds, alone_kills):
            % (n_files, correct["alone"], correct["warm"], correct["kills"], rounds), "file lists under --output-dir")
     record("course build: clm alone, one kill", 2, "clm", "finished", [finished],
            "CLM starting its own workers, its notebook worker killed -9 once 10 s in: %d of %d builds finished within %.0f s "
-           "(3 x its clean median)%s" % (finished, alone_kills, limit,
-                                         ", in %s" % ", ".join("%.1f s" % t for t in alone_kill_times) if alone_kill_times else ""),
+           "(3 x its clean median)%s%s" % (
+               finished, alone_kills, limit,
+               ", in %s (outputs correct in %d)" % (", ".join("%.1f s" % t for t in alone_kill_times), alone_kill_correct)
+               if alone_kill_times else "",
+               "; the jobs of the unfinished ones at the cut-off: %s" % "; ".join(left) if left else ""),
            "%d builds, bounded wait, then the build and its workers killed" % alone_kills)
     shutil.rmtree(course.dir, ignore_errors=True)
