@@ -184,11 +184,12 @@ class Course:
         env.pop("CI", None)
         return env
 
-    def build(self, jobs_db, on_start=None, limit=600.0, cache=None):
+    def build(self, jobs_db, on_start=None, limit=600.0, cache=None, fail_ok=False):
         """One cold `clm build` (a fresh output folder; a fresh cache
         database unless `cache`); returns (seconds or None if cut off at
         `limit`, file list, CLM's output). `on_start(proc, stop)` runs in a
-        thread while the build runs."""
+        thread while the build runs. A build that exits nonzero raises,
+        unless `fail_ok`: then the output starts with "exit N"."""
         self.round += 1
         out = os.path.join(self.dir, "out-%d" % self.round)
         cache = cache or os.path.join(self.dir, "cache-%d.db" % self.round)
@@ -223,6 +224,8 @@ class Course:
                 with open(path, errors="replace") as f:
                     text += f.read()
         if took is not None and proc.returncode != 0:
+            if fail_ok:
+                return took, file_list(out), "exit %s\n%s" % (proc.returncode, text)
             raise RuntimeError("clm build failed (exit %s); its output:\n%s" % (proc.returncode, text[-3000:]))
         return took, file_list(out), text
 
@@ -379,7 +382,8 @@ def warm_build(course, pool, kills, seed):
 
 def alone_build_with_a_kill(course, limit):
     """CLM alone, its notebook worker killed -9 once, KILL_EVERY seconds
-    in; returns (seconds or None when not finished within `limit`, files)."""
+    in; returns (seconds or None when not finished within `limit`, files,
+    job states, CLM's exit status: 0, N when it gave up, None when cut off)."""
     db = os.path.join(course.dir, "alone-kill-%d.db" % (course.round + 1))
     killed = []
 
@@ -392,7 +396,8 @@ def alone_build_with_a_kill(course, limit):
                     os.kill(workers[0], signal.SIGKILL)
                     killed.append(workers[0])
 
-    took, files, _ = course.build(db, on_start=during, limit=limit)
+    took, files, text = course.build(db, on_start=during, limit=limit, fail_ok=True)
+    code = None if took is None else int(text.split()[1]) if text.startswith("exit ") else 0
     if not killed:
         raise RuntimeError("the build ended before its notebook worker could be killed")
     c = sqlite3.connect(db, timeout=30)
@@ -400,7 +405,7 @@ def alone_build_with_a_kill(course, limit):
         states = dict(c.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall())
     finally:
         c.close()
-    return took, files, states
+    return took, files, states, code
 
 
 def bench(record, work, venv, bin_path, jar, rounds, alone_kills):
@@ -438,16 +443,20 @@ def bench(record, work, venv, bin_path, jar, rounds, alone_kills):
     limit = 3 * sorted(times["alone"])[len(times["alone"]) // 2]
     finished, alone_kill_times, alone_kill_correct, left = 0, [], 0, []
     for _ in range(alone_kills):
-        took, files, states = alone_build_with_a_kill(course, limit)
+        took, files, states, code = alone_build_with_a_kill(course, limit)
         jobs = ", ".join("%d %s" % (n, s) for s, n in sorted(states.items()))
-        print("    clm alone, one kill: %s (jobs: %s)" % ("%.1f s" % took if took else "not finished in %.0f s" % limit, jobs),
-              flush=True)
-        if took is not None:
+        if code == 0:
+            outcome = "finished in %.1f s" % took
             finished += 1
             alone_kill_times.append(took)
             alone_kill_correct += files == course.reference
+        elif code is None:
+            outcome = "not finished in %.0f s" % limit
         else:
-            left.append(jobs)
+            outcome = "CLM gave up after %.1f s (exit %d, %d of %d files)" % (took, code, len(files), len(course.reference))
+        if code != 0:
+            left.append("%s, jobs: %s" % (outcome, jobs))
+        print("    clm alone, one kill: %s (jobs: %s)" % (outcome, jobs), flush=True)
     n_files = len(course.reference)
     what = "%d notebooks, %d diagrams, %d output files; CLM 1.35 from PyPI, 1 notebook + 1 plantuml worker" % (
         NOTEBOOKS, DIAGRAMS, n_files)
@@ -478,6 +487,6 @@ def bench(record, work, venv, bin_path, jar, rounds, alone_kills):
                finished, alone_kills, limit,
                ", in %s (outputs correct in %d)" % (", ".join("%.1f s" % t for t in alone_kill_times), alone_kill_correct)
                if alone_kill_times else "",
-               "; the jobs of the unfinished ones at the cut-off: %s" % "; ".join(left) if left else ""),
+               "; the others: %s" % "; ".join(left) if left else ""),
            "%d builds, bounded wait, then the build and its workers killed" % alone_kills)
     shutil.rmtree(course.dir, ignore_errors=True)

@@ -946,7 +946,7 @@ def bench_course(rounds, alone_kills):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="the smaller set (under 2 minutes)")
+    ap.add_argument("--quick", action="store_true", help="the smaller set (about 8 minutes)")
     args = ap.parse_args()
     if not os.path.exists(BIN):
         sys.exit("build first: cargo build --release")
