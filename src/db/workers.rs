@@ -336,7 +336,16 @@ pub fn set_busy(conn: &Connection, row: WorkerRow) -> rusqlite::Result<()> {
 }
 
 /// The idle workers of each type that has pending jobs: (type, how many).
+/// With nothing pending (an idle pool, asked at every commit) one probe of
+/// the jobs' status index answers and no worker row is read; otherwise one
+/// probe per idle worker, however deep the queue.
 pub fn idle_with_work(conn: &Connection) -> rusqlite::Result<Vec<(String, i64)>> {
+    let pending: bool = conn
+        .prepare_cached("SELECT EXISTS (SELECT 1 FROM jobs WHERE status = ?1)")?
+        .query_row(params![JobStatus::Pending], |r| r.get(0))?;
+    if !pending {
+        return Ok(Vec::new());
+    }
     conn.prepare_cached(
         "SELECT w.worker_type, COUNT(*) FROM workers w
          WHERE w.status = ?1

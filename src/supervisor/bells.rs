@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{LazyLock, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rusqlite::Connection;
 use tokio_util::sync::CancellationToken;
@@ -34,6 +34,9 @@ fn bells() -> std::sync::MutexGuard<'static, HashMap<PathBuf, Vec<std::fs::File>
 /// again after these delays until it shows.
 const SETTLE: [u64; 7] = [0, 1, 2, 4, 8, 16, 32];
 
+/// How often the bells are checked for removal (`heal`).
+const HEAL_EVERY: Duration = Duration::from_secs(1);
+
 /// Rings bells until `token` is cancelled.
 pub async fn run(db_path: PathBuf, token: CancellationToken) {
     let Some((conn, _)) = db::open_read_only(&db_path).ok().flatten() else {
@@ -42,13 +45,19 @@ pub async fn run(db_path: PathBuf, token: CancellationToken) {
     };
     let mut wake = Wake::new(&db_path, None);
     let mut seen: Option<i64> = None;
+    let mut healed: Option<Instant> = None;
     loop {
         tokio::select! {
             _ = token.cancelled() => return,
             // A periodic look as well: a change inotify did not report.
             _ = wake.changed(Duration::from_secs(1)) => {}
         }
-        heal();
+        // Every commit wakes this loop (an idle pool's heartbeats too):
+        // the bells are checked once a second, not at each.
+        if healed.is_none_or(|t| t.elapsed() >= HEAL_EVERY) {
+            heal();
+            healed = Some(Instant::now());
+        }
         for delay in SETTLE {
             tokio::time::sleep(Duration::from_millis(delay)).await;
             match look(&conn, &db_path, &mut seen) {
@@ -64,18 +73,21 @@ pub async fn run(db_path: PathBuf, token: CancellationToken) {
 }
 
 /// Rings the bells of the types with pending jobs if the database changed
-/// since the last look; false if it did not change.
+/// since the last look; false if it did not change. One read transaction:
+/// each costs locks on the database's shared memory that every worker's
+/// connection holds too, so their price grows with the pool.
 fn look(conn: &Connection, db_path: &Path, seen: &mut Option<i64>) -> rusqlite::Result<bool> {
-    let version: i64 = conn
-        .prepare_cached("PRAGMA data_version")?
-        .query_row([], |r| r.get(0))?;
+    let tx = conn.unchecked_transaction()?;
+    let version: i64 = tx.prepare_cached("PRAGMA data_version")?.query_row([], |r| r.get(0))?;
     if *seen == Some(version) {
         return Ok(false);
     }
-    *seen = Some(version);
     // One ring per idle worker of each type with pending jobs: busy
     // workers claim their next job as they finish one, nobody to wake.
-    for (t, n) in db::workers::idle_with_work(conn)? {
+    let waiting = db::workers::idle_with_work(&tx)?;
+    tx.commit()?;
+    *seen = Some(version);
+    for (t, n) in waiting {
         ring(&bell_path(db_path, &t), n.clamp(1, MAX_RINGS));
     }
     Ok(true)

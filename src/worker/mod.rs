@@ -353,33 +353,50 @@ impl Worker {
     }
 
     /// Looks for a job (only if something was committed since the last
-    /// look) and keeps the heartbeat fresh.
+    /// look) and keeps the heartbeat fresh, in one transaction: each one
+    /// takes locks that every other connection to the database holds too,
+    /// so an idle pool's cost grows with its size times its transactions.
     fn turn(&mut self) -> anyhow::Result<Turn> {
-        let version: i64 = self
-            .conn
-            .prepare_cached("PRAGMA data_version")?
-            .query_row([], |r| r.get(0))?;
-        if self.nothing_since != Some(version) {
-            let claimant = jobs::Claimant {
-                protocol: self.protocol,
-                worker_row: self.row,
-                execution_mode: self.opts.execution_mode,
-            };
-            match jobs::claim(&mut self.conn, &self.me.worker_type, claimant)? {
-                Some(job) => {
-                    self.nothing_since = None;
-                    return Ok(Turn::Job(job));
-                }
-                None => self.nothing_since = Some(version),
-            }
-        }
-        if self.last_heartbeat.elapsed() >= self.opts.heartbeat_interval {
-            if !db::workers::heartbeat(&self.conn, self.row)? {
+        let beat = self.last_heartbeat.elapsed() >= self.opts.heartbeat_interval;
+        let claimant = jobs::Claimant {
+            protocol: self.protocol,
+            worker_row: self.row,
+            execution_mode: self.opts.execution_mode,
+        };
+        // The heartbeat writes: then the write lock is taken first, as a
+        // read turned write could fail on a commit in between.
+        let behavior = if beat {
+            rusqlite::TransactionBehavior::Immediate
+        } else {
+            rusqlite::TransactionBehavior::Deferred
+        };
+        let tx = self.conn.transaction_with_behavior(behavior)?;
+        let version: i64 = tx.prepare_cached("PRAGMA data_version")?.query_row([], |r| r.get(0))?;
+        let waiting =
+            self.nothing_since != Some(version) && jobs::candidate(&tx, &self.me.worker_type, claimant)?.is_some();
+        let registered = !beat || db::workers::heartbeat(&tx, self.row)?;
+        tx.commit()?;
+        if beat {
+            if !registered {
                 return Ok(Turn::Deregistered);
             }
             self.last_heartbeat = Instant::now();
         }
-        Ok(Turn::Idle)
+        if !waiting {
+            self.nothing_since = Some(version);
+            return Ok(Turn::Idle);
+        }
+        match jobs::claim(&mut self.conn, &self.me.worker_type, claimant)? {
+            Some(job) => {
+                self.nothing_since = None;
+                Ok(Turn::Job(job))
+            }
+            None => {
+                // Another worker took it: look again at the next change.
+                self.nothing_since = Some(version);
+                Ok(Turn::Idle)
+            }
+        }
     }
 
     /// Runs a claimed job and records its outcome; false when the job went

@@ -100,7 +100,7 @@ pub fn claim(conn: &mut Connection, job_type: &str, who: Claimant) -> rusqlite::
     loop {
         let candidate = candidate(conn, job_type, who)?;
         let Some(id) = candidate else { return Ok(None) };
-        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let tx = super::Immediate::begin(conn)?;
         let job = take(&tx, id, worker_row)?;
         tx.commit()?;
         if job.is_some() {
@@ -110,8 +110,9 @@ pub fn claim(conn: &mut Connection, job_type: &str, who: Claimant) -> rusqlite::
     }
 }
 
-/// The candidate job for `who` (none for a worker declared dead).
-fn candidate(conn: &Connection, job_type: &str, who: Claimant) -> rusqlite::Result<Option<i64>> {
+/// The candidate job for `who` (none for a worker declared dead): a read,
+/// for a look inside a transaction of the caller's; `claim` takes it.
+pub fn candidate(conn: &Connection, job_type: &str, who: Claimant) -> rusqlite::Result<Option<i64>> {
     match who.protocol {
         Protocol::Clx => conn
             .prepare_cached(
@@ -228,7 +229,7 @@ pub fn finish_and_claim(
     seconds: f64,
     next: Option<(&str, Claimant)>,
 ) -> rusqlite::Result<(bool, Option<ClaimedJob>)> {
-    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let tx = super::Immediate::begin(conn)?;
     let (status, error) = match outcome {
         Outcome::Completed => (JobStatus::Completed, None),
         Outcome::Failed(e) => (JobStatus::Failed, Some(e)),
