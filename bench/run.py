@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """clx-pool benchmarks, side by side with supervisord 4.3.
 
-`make bench` (full, about 35 minutes on 2 cores) and `make bench-quick`
-(a smaller set, about 8 minutes) run this with the release binary. Results go
+`make bench` (full, about 20 minutes on 2 cores, 35 on a busy one) and `make bench-quick`
+(a smaller set, about 5 minutes) run this with the release binary. Results go
 to bench/results.json and bench/results.md, and the table is printed. The
 course builds (bench/course.py) run `clm build` of a generated course with
 CLM's own workers and on a warm clx-pool pool, CLM 1.35 from PyPI in
@@ -1050,7 +1050,7 @@ def bench_course(rounds, alone_kills):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="the smaller set (about 8 minutes)")
+    ap.add_argument("--quick", action="store_true", help="the smaller set (about 5 minutes)")
     args = ap.parse_args()
     if not os.path.exists(BIN):
         sys.exit("build first: cargo build --release")
