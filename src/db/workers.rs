@@ -803,6 +803,11 @@ mod tests {
         register(&conn, Protocol::Clx, "plantuml", "pu").unwrap();
         let drawio = register(&conn, Protocol::Clx, "drawio", "dr").unwrap();
         set_busy(&conn, drawio).unwrap();
+        assert_eq!(
+            idle_with_work(&conn).unwrap(),
+            vec![],
+            "nothing pending: nobody to wake"
+        );
         submit(&conn, "notebook");
         submit(&conn, "drawio");
         let done = submit(&conn, "plantuml");
