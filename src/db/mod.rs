@@ -355,49 +355,6 @@ pub fn returning_one<T, P: rusqlite::Params>(
     Ok(first)
 }
 
-/// A write transaction begun at once (`BEGIN IMMEDIATE`), as
-/// `rusqlite::Transaction` with `TransactionBehavior::Immediate`, but with
-/// its `BEGIN` and `COMMIT` from the statement cache instead of parsed
-/// again for every job. Dropped without [`Immediate::commit`] (an error
-/// on the way, a failed commit), it rolls back.
-pub struct Immediate<'c> {
-    conn: &'c Connection,
-}
-
-impl<'c> Immediate<'c> {
-    /// `&mut`, as rusqlite's transactions take it: nothing else uses the
-    /// connection meanwhile.
-    pub fn begin(conn: &'c mut Connection) -> rusqlite::Result<Immediate<'c>> {
-        conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
-        Ok(Immediate { conn })
-    }
-
-    pub fn commit(self) -> rusqlite::Result<()> {
-        self.conn.prepare_cached("COMMIT")?.execute([])?;
-        Ok(())
-    }
-}
-
-impl std::ops::Deref for Immediate<'_> {
-    type Target = Connection;
-
-    fn deref(&self) -> &Connection {
-        self.conn
-    }
-}
-
-impl Drop for Immediate<'_> {
-    fn drop(&mut self) {
-        // Committed: autocommit again, nothing to undo. SQLite may also
-        // have rolled back by itself (a full disk).
-        if !self.conn.is_autocommit()
-            && let Err(e) = self.conn.execute_batch("ROLLBACK")
-        {
-            tracing::warn!("rolling back a write transaction: {e}");
-        }
-    }
-}
-
 /// A connection for async code: each call runs on tokio's blocking pool.
 #[derive(Clone)]
 pub struct Db {

@@ -100,7 +100,7 @@ pub fn claim(conn: &mut Connection, job_type: &str, who: Claimant) -> rusqlite::
     loop {
         let candidate = candidate(conn, job_type, who)?;
         let Some(id) = candidate else { return Ok(None) };
-        let tx = super::Immediate::begin(conn)?;
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let job = take(&tx, id, worker_row)?;
         tx.commit()?;
         if job.is_some() {
@@ -229,7 +229,7 @@ pub fn finish_and_claim(
     seconds: f64,
     next: Option<(&str, Claimant)>,
 ) -> rusqlite::Result<(bool, Option<ClaimedJob>)> {
-    let tx = super::Immediate::begin(conn)?;
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let (status, error) = match outcome {
         Outcome::Completed => (JobStatus::Completed, None),
         Outcome::Failed(e) => (JobStatus::Failed, Some(e)),
