@@ -184,12 +184,12 @@ class Course:
         env.pop("CI", None)
         return env
 
-    def build(self, jobs_db, on_start=None, limit=600.0, cache=None, fail_ok=False):
+    def build(self, jobs_db, on_start=None, limit=600.0, cache=None):
         """One cold `clm build` (a fresh output folder; a fresh cache
         database unless `cache`); returns (seconds or None if cut off at
         `limit`, file list, CLM's output). `on_start(proc, stop)` runs in a
-        thread while the build runs. A build that exits nonzero raises,
-        unless `fail_ok`: then the output starts with "exit N"."""
+        thread while the build runs. A build that exits nonzero raises
+        BuildFailed."""
         self.round += 1
         out = os.path.join(self.dir, "out-%d" % self.round)
         cache = cache or os.path.join(self.dir, "cache-%d.db" % self.round)
@@ -224,14 +224,27 @@ class Course:
                 with open(path, errors="replace") as f:
                     text += f.read()
         if took is not None and proc.returncode != 0:
-            if fail_ok:
-                return took, file_list(out), "exit %s\n%s" % (proc.returncode, text)
-            raise RuntimeError("clm build failed (exit %s); its output:\n%s" % (proc.returncode, text[-3000:]))
+            raise BuildFailed(proc.returncode, took, file_list(out), text)
         return took, file_list(out), text
 
 
+class BuildFailed(RuntimeError):
+    """`clm build` exited nonzero: its status, time, files and output."""
+
+    def __init__(self, code, took, files, text):
+        super().__init__("clm build failed (exit %s); its output:\n%s" % (code, text[-3000:]))
+        self.code, self.took, self.files = code, took, files
+
+
 def end_group(proc):
-    """Ends `clm build` and every worker it started (its session)."""
+    """Ends `clm build` and every worker it started: its session, and the
+    processes below it that lead sessions of their own (CLM starts its
+    workers so; killed with the session alone, they lingered ~20 s)."""
+    for pid in descendants(proc.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
@@ -396,8 +409,11 @@ def alone_build_with_a_kill(course, limit):
                     os.kill(workers[0], signal.SIGKILL)
                     killed.append(workers[0])
 
-    took, files, text = course.build(db, on_start=during, limit=limit, fail_ok=True)
-    code = None if took is None else int(text.split()[1]) if text.startswith("exit ") else 0
+    try:
+        took, files, _ = course.build(db, on_start=during, limit=limit)
+        code = None if took is None else 0
+    except BuildFailed as e:
+        took, files, code = e.took, e.files, e.code
     if not killed:
         raise RuntimeError("the build ended before its notebook worker could be killed")
     c = sqlite3.connect(db, timeout=30)
