@@ -380,21 +380,15 @@ def bench_supervisord_at(n, limit, seconds):
             record("start: registered within %d s" % limit, n, pool.tool, "workers", [k],
                    "workers registered when the wait ended", "rows in workers")
             print("  supervisord N=%d: %d of %d registered within %d s" % (n, k, n, limit), flush=True)
-        pid, workers = pool.proc.pid, pool.worker_pids()
-        every = lambda: sum(cpu_or_zero(p) for p in [pid] + workers)
-        a0, t0 = every(), time.monotonic()
+        pid = pool.proc.pid
+        every = [pid] + pool.worker_pids()
+        a0, t0 = cpu_of_all(every), time.monotonic()
         time.sleep(seconds)
-        a1, t1 = every(), time.monotonic()
+        a1, t1 = cpu_of_all(every), time.monotonic()
         record("pool CPU idle (all processes)", n, pool.tool, "%", [(a1 - a0) / (t1 - t0) * 100],
                "CPU of the supervisor and every worker while the pool idles",
                "CPU time of each process's threads over %ds, /proc/<pid>/task/*/schedstat" % seconds)
-        rss = proc_status(pid, "VmHWM")
-        uss, pss = smaps_rollup(pid)
-        record("supervisor peak RSS", n, pool.tool, "MB", [rss / 1e6], "VmHWM of the supervisor process", "/proc/<pid>/status")
-        record("supervisor USS", n, pool.tool, "MB", [uss / 1e6], "private memory of the supervisor",
-               "Private_Clean + Private_Dirty of /proc/<pid>/smaps_rollup")
-        record("supervisor PSS", n, pool.tool, "MB", [pss / 1e6], "its private memory plus its share of shared pages",
-               "Pss of /proc/<pid>/smaps_rollup")
+        record_memory(n, pool.tool, pid, "with the machine saturated")
         t = time.monotonic()
         pool.proc.send_signal(signal.SIGTERM)
         try:
@@ -407,11 +401,28 @@ def bench_supervisord_at(n, limit, seconds):
         pool.close()
 
 
-def cpu_or_zero(pid):
-    try:
-        return cpu_seconds(pid)
-    except OSError:
-        return 0.0
+def cpu_of_all(pids):
+    """The CPU seconds of all `pids` together; one that is gone counts 0."""
+    total = 0.0
+    for pid in pids:
+        try:
+            total += cpu_seconds(pid)
+        except OSError:
+            pass
+    return total
+
+
+def record_memory(n, tool, pid, when):
+    """The supervisor's peak RSS, USS and PSS rows."""
+    rss = proc_status(pid, "VmHWM")
+    uss, pss = smaps_rollup(pid)
+    record("supervisor peak RSS", n, tool, "MB", [rss / 1e6], "VmHWM of the supervisor process",
+           "/proc/<pid>/status %s" % when)
+    record("supervisor USS", n, tool, "MB", [uss / 1e6], "private memory of the supervisor (what it alone costs)",
+           "Private_Clean + Private_Dirty of /proc/<pid>/smaps_rollup %s" % when)
+    record("supervisor PSS", n, tool, "MB", [pss / 1e6],
+           "its private memory plus its share of pages shared with other processes",
+           "Pss of /proc/<pid>/smaps_rollup %s" % when)
 
 
 def bench_start(cls, n, reps, kind="builtin", scenario="start"):
@@ -503,34 +514,15 @@ def bench_footprint(cls, n, seconds, settle):
         # Past start-up: the first heartbeats and usage figures are written.
         time.sleep(settle)
         pid = pool.proc.pid
-        workers = pool.worker_pids()
-
-        def all_cpu():
-            total = 0.0
-            for p in [pid] + workers:
-                try:
-                    total += cpu_seconds(p)
-                except OSError:
-                    pass
-            return total
-
+        every = [pid] + pool.worker_pids()
         w0 = pool.dbc.val("SELECT n FROM bench_writes")
-        c0, a0, t0 = cpu_seconds(pid), all_cpu(), time.monotonic()
+        c0, a0, t0 = cpu_seconds(pid), cpu_of_all(every), time.monotonic()
         time.sleep(seconds)
-        c1, a1, t1 = cpu_seconds(pid), all_cpu(), time.monotonic()
+        c1, a1, t1 = cpu_seconds(pid), cpu_of_all(every), time.monotonic()
         w1 = pool.dbc.val("SELECT n FROM bench_writes")
-        rss = proc_status(pid, "VmHWM")
-        uss, pss = smaps_rollup(pid)
+        record_memory(n, cls.tool, pid, "after %ds idle" % (seconds + settle))
     finally:
         pool.close()
-    record("supervisor peak RSS", n, cls.tool, "MB", [rss / 1e6], "VmHWM of the supervisor process",
-           "/proc/<pid>/status after %ds idle" % (seconds + settle))
-    record("supervisor USS", n, cls.tool, "MB", [uss / 1e6],
-           "private memory of the supervisor (what it alone costs)",
-           "Private_Clean + Private_Dirty of /proc/<pid>/smaps_rollup after %ds idle" % (seconds + settle))
-    record("supervisor PSS", n, cls.tool, "MB", [pss / 1e6],
-           "its private memory plus its share of pages shared with other processes",
-           "Pss of /proc/<pid>/smaps_rollup after %ds idle" % (seconds + settle))
     record("supervisor CPU idle", n, cls.tool, "%", [(c1 - c0) / (t1 - t0) * 100],
            "supervisor CPU while the pool idles", "CPU time of its threads over %ds, /proc/<pid>/task/*/schedstat" % seconds)
     record("pool CPU idle (all processes)", n, cls.tool, "%", [(a1 - a0) / (t1 - t0) * 100],
